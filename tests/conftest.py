@@ -69,3 +69,18 @@ def qa_rows():
 def caplog_info(caplog):
     caplog.set_level(logging.INFO, logger="hf_cachehooks")
     return caplog
+
+
+def pytest_collection_modifyitems(config, items):
+    """`gpu` tests run only where CUDA is available."""
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    if not has_cuda:
+        skip = pytest.mark.skip(reason="needs a CUDA GPU")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)

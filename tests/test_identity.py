@@ -1,0 +1,76 @@
+import copy
+
+import pytest
+import torch
+
+from hf_cachehooks.identity import (
+    effective_generation, files_state, model_identity, params_fingerprint, split_hub_path, tokenizer_identity,
+)
+from tests.conftest import make_llama, make_tokenizer
+
+
+def test_params_fingerprint_sees_any_weight_change():
+    model = make_llama()
+    before = params_fingerprint(model)
+    assert params_fingerprint(copy.deepcopy(model)) == before
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[3, 4] += 1e-6
+    assert params_fingerprint(model) != before
+
+
+def test_model_identity_fields():
+    ident = model_identity(make_llama())
+    assert ident["dtype"] == "float32" and ident["adapter"] is None and ident["class"] == "LlamaForCausalLM"
+    assert model_identity(make_llama(layers=3))["config"] != ident["config"]
+
+
+def test_tokenizer_identity_ignores_runtime_padding_state():
+    tok = make_tokenizer()
+    before = tokenizer_identity(tok)
+    tok(["a b", "a"], padding=True, truncation=True, max_length=4)
+    assert tokenizer_identity(tok) == before
+    assert tokenizer_identity(make_tokenizer(extra_words=["x"]))["vocab"] != before["vocab"]
+    assert tokenizer_identity(make_tokenizer(chat_template="{{ 1 }}"))["chat_template"] != before["chat_template"]
+
+
+def test_effective_generation_merges_and_normalises():
+    defaults = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": 2, "use_cache": True,
+                "max_length": None}
+    greedy = effective_generation(defaults, {"do_sample": False, "max_new_tokens": 32})
+    assert greedy == {"do_sample": False, "eos_token_id": 2, "max_new_tokens": 32, "num_beams": 1,
+                      "repetition_penalty": 1, "length_penalty": 1, "num_return_sequences": 1,
+                      "no_repeat_ngram_size": 0, "num_beam_groups": 1, "diversity_penalty": 0,
+                      "early_stopping": False}
+    # the model's sampling defaults count when the user does not override them
+    sampled = effective_generation(defaults, {"max_new_tokens": 32})
+    assert sampled["temperature"] == 0.6 and sampled["top_p"] == 0.9
+    assert effective_generation({}, {"temperature": 1.0, "do_sample": True}) == \
+        effective_generation({}, {"do_sample": True})
+
+
+def test_split_hub_path(tmp_path, monkeypatch):
+    snap = tmp_path / "hub" / "models--org--name" / "snapshots" / ("c" * 40)
+    assert split_hub_path(str(snap)) == ("org/name", "c" * 40)
+    ref = tmp_path / "hub" / "models--org--other" / "refs" / "main"
+    ref.parent.mkdir(parents=True)
+    ref.write_text("d" * 40)
+    assert split_hub_path("org/other") == ("org/other", "d" * 40)
+    assert split_hub_path("org/absent") == ("org/absent", None)
+
+
+def test_files_state_follows_file_content(tmp_path):
+    model = make_llama()
+    model.save_pretrained(tmp_path / "m")
+    opts = {"dtype": "float32"}
+    first = files_state(str(tmp_path / "m"), opts, tmp_path / "root")
+    assert files_state(str(tmp_path / "m"), opts, tmp_path / "root") == first
+    assert files_state(str(tmp_path / "m"), {"dtype": "bfloat16"}, tmp_path / "root") != first
+    make_llama(seed=1).save_pretrained(tmp_path / "m")
+    assert files_state(str(tmp_path / "m"), opts, tmp_path / "root") != first
+    assert files_state("org/not-downloaded", opts, tmp_path / "root") is None
+
+
+@pytest.mark.gpu
+def test_params_fingerprint_is_device_independent():
+    model = make_llama()
+    assert params_fingerprint(model) == params_fingerprint(copy.deepcopy(model).cuda())
