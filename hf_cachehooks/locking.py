@@ -49,6 +49,7 @@ def lease(path: Path, *, stale_after: float = 60.0, poll: float = 0.05, heartbea
     """Hold the lease at `path` for the duration of the block; yields False when the folder is unwritable."""
     _writable_parent(path)
     me = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
+    waiting = False
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -58,6 +59,9 @@ def lease(path: Path, *, stale_after: float = 60.0, poll: float = 0.05, heartbea
                 with contextlib.suppress(OSError):
                     path.unlink()
                 continue
+            if not waiting:
+                log.info("⏳ Another process is computing this entry (%s); waiting to read its result.", path.name)
+                waiting = True
             time.sleep(poll)
             continue
         except OSError as exc:

@@ -101,19 +101,24 @@ class PredictionCache:
     def examples_dir(self, predictor: Key) -> Path:
         return self.folder / "examples" / predictor.digest[:16]
 
+    def _shards(self, predictor: Key) -> list[dict]:
+        """Readable shards of this predictor, oldest first, so newer predictions win on overlap."""
+        docs = []
+        for shard in self.examples_dir(predictor).glob("*.json"):
+            if shard.name == "predictor.json":
+                continue
+            doc = read_entry(shard)
+            if doc is not None and doc.get("predictor") == predictor.digest:
+                docs.append({**doc, "path": shard})
+        return sorted(docs, key=lambda d: (d.get("created_at", 0), d["path"].name))
+
     def load_examples(self, predictor: Key) -> dict[str, Any]:
         """All fresh per-example predictions for this predictor: {example hash: prediction}."""
         rows: dict[str, Any] = {}
         now = self.clock()
-        for shard in sorted(self.examples_dir(predictor).glob("*.json")):
-            if shard.name == "predictor.json":
-                continue
-            doc = read_entry(shard)
-            if doc is None or doc.get("predictor") != predictor.digest:
-                continue
-            if is_expired(doc.get("created_at", 0), now, self.max_age_days):
-                continue
-            rows.update(doc["rows"])
+        for doc in self._shards(predictor):
+            if not is_expired(doc.get("created_at", 0), now, self.max_age_days):
+                rows.update(doc["rows"])
         return rows
 
     def save_examples(self, predictor: Key, rows: dict[str, Any], name: str) -> bool:
@@ -128,19 +133,15 @@ class PredictionCache:
 
     def compact(self, predictor: Key) -> None:
         """Merge a finished run's many small shards into one, so the next resume reads one file."""
-        shards = [p for p in sorted(self.examples_dir(predictor).glob("*.json")) if p.name != "predictor.json"]
+        shards = self._shards(predictor)
         if len(shards) < 2:
             return
         rows: dict[str, Any] = {}
-        oldest = self.clock()
-        for shard in shards:
-            doc = read_entry(shard)
-            if doc is None or doc.get("predictor") != predictor.digest:
-                continue
+        for doc in shards:
             rows.update(doc["rows"])
-            oldest = min(oldest, doc.get("created_at", oldest))
+        oldest = shards[0].get("created_at", self.clock())  # conservative: the merge expires with its oldest row
         merged = self.examples_dir(predictor) / f"merged-{len(rows)}-{int(oldest)}.json"
         if write_entry(merged, {"predictor": predictor.digest, "created_at": oldest, "rows": rows}):
-            for shard in shards:
-                if shard != merged:
-                    shard.unlink(missing_ok=True)
+            for doc in shards:
+                if doc["path"] != merged:
+                    doc["path"].unlink(missing_ok=True)

@@ -302,3 +302,12 @@ def test_clear_errors_name_the_fix(tiny, qa_rows):
         evaluate_model(model, qa_rows, CFG)
     with pytest.raises(ConfigError, match="task="):
         EvalConfig(task="regression")
+
+
+def test_force_recompute_replaces_per_example_predictions(tiny, qa_rows, monkeypatch):
+    model, tok = tiny
+    evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+    monkeypatch.setattr(runners, "generate", lambda m, t, prompts, c: ["v2"] * len(prompts))
+    evaluate_model(model, qa_rows, CFG.with_(force_recompute=True), tokenizer=tok)
+    subset = evaluate_model(model, qa_rows[:3], CFG, tokenizer=tok)  # served per example after compaction
+    assert subset.cache_status == "partial" and subset.predictions == ["v2"] * 3
