@@ -33,15 +33,32 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _is_stale(lease: Path, stale_after: float) -> bool:
+def _stale(lease: Path, stale_after: float) -> tuple[float, int] | None:
+    """(seconds since the last heartbeat, inode) when the lease is stale, else None."""
     try:
+        st = lease.stat()
+        age = time.time() - st.st_mtime
         info = orjson.loads(lease.read_bytes())
-        age = time.time() - lease.stat().st_mtime
+    except FileNotFoundError:
+        return None
     except (OSError, orjson.JSONDecodeError):
-        return False  # vanished, or being written right now
+        return (age, st.st_ino) if age > stale_after else None  # empty or garbled: its writer died mid-write
     if info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", -1))):
-        return True
-    return age > stale_after
+        return age, st.st_ino
+    return (age, st.st_ino) if age > stale_after else None
+
+
+def _break(lease: Path, inode: int) -> None:
+    """Remove the stale lease with this inode, and only that one (another waiter may have replaced it)."""
+    grave = lease.with_name(f"{lease.name}.stale-{os.getpid()}-{time.time_ns()}")
+    try:
+        os.rename(lease, grave)
+    except OSError:
+        return
+    if grave.stat().st_ino != inode:  # we took a fresh lease by mistake: put it back unless replaced again
+        with contextlib.suppress(OSError):
+            os.link(grave, lease)
+    grave.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -54,10 +71,10 @@ def lease(path: Path, *, stale_after: float = 60.0, poll: float = 0.05, heartbea
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            if _is_stale(path, stale_after):
-                log.warning("Breaking stale cache lock %s (holder gone or silent for %.0fs).", path, stale_after)
-                with contextlib.suppress(OSError):
-                    path.unlink()
+            stale = _stale(path, stale_after)
+            if stale is not None:
+                log.warning("Breaking stale cache lock %s (holder gone, last heartbeat %.1fs ago).", path, stale[0])
+                _break(path, stale[1])
                 continue
             if not waiting:
                 log.info("⏳ Another process is computing this entry (%s); waiting to read its result.", path.name)

@@ -16,9 +16,10 @@ import orjson
 
 from .errors import ConfigError, CorruptEntryError
 from .keys import diff_inputs
-from .store import read_entry, unseal
+from .store import unseal
 
-_NOT_ENTRIES = {"last_miss.json", "predictor.json", "file_hashes.json"}
+_NOT_ENTRIES = {"last_miss.json", "predictor.json", "file_hashes.json"}  # sealed bookkeeping, not results
+_UNSEALED = {"file_hashes.json"}  # a plain JSON memo, rebuilt when unreadable
 _TEMP_GRACE = 3600.0  # a temp file older than this belongs to a dead writer
 
 
@@ -79,10 +80,19 @@ def _kind_dirs(root: Path, kind: str | None) -> list[Path]:
     return [root / k for k in present if kind in (None, k)]
 
 
-def _entry_files(folder: Path) -> Iterator[Path]:
+def _entry_files(folder: Path, bookkeeping: bool = False) -> Iterator[Path]:
+    skip = _UNSEALED if bookkeeping else _NOT_ENTRIES
     for path in sorted(folder.rglob("*.json")):
-        if path.name not in _NOT_ENTRIES and ".locks" not in path.parts:
+        if path.name not in skip and ".locks" not in path.parts:
             yield path
+
+
+def _peek(path: Path) -> dict | None:
+    """Read a sealed file for display; unlike the caches, management never deletes what it cannot read."""
+    try:
+        return unseal(path.read_bytes())
+    except (OSError, CorruptEntryError):
+        return None
 
 
 def list_entries(root: Path, kind: str | None = None) -> list[EntryInfo]:
@@ -92,9 +102,9 @@ def list_entries(root: Path, kind: str | None = None) -> list[EntryInfo]:
         for path in sorted(folder.glob("*.json")):
             if path.name in _NOT_ENTRIES:
                 continue
-            doc = read_entry(path)
+            doc = _peek(path)
             if doc is None:
-                continue
+                continue  # `verify` reports it
             meta = doc.get("metadata", {})
             model = meta.get("model_name") or doc.get("model", {}).get("name", "?")
             infos.append(EntryInfo(folder.name, model, path,
@@ -102,7 +112,7 @@ def list_entries(root: Path, kind: str | None = None) -> list[EntryInfo]:
                                    doc.get("key", {}).get("digest", doc.get("digest", ""))[:12],
                                    meta.get("dataset_size", 0)))
         for shard_dir in sorted((folder / "examples").glob("*")) if (folder / "examples").is_dir() else []:
-            head = read_entry(shard_dir / "predictor.json") or {}
+            head = _peek(shard_dir / "predictor.json") or {}
             stamps = [p.stat().st_mtime for p in shard_dir.glob("*.json")]
             infos.append(EntryInfo(f"{folder.name}/examples", head.get("inputs", {}).get("model", {}).get("name", "?"),
                                    shard_dir, _size(shard_dir), min(stamps, default=0), shard_dir.name[:12], 0))
@@ -123,21 +133,32 @@ def plan_clear(root: Path, kind: str | None = None) -> Plan:
 
 
 def plan_prune(root: Path, older_than: float, now: float | None = None, kind: str | None = None) -> Plan:
-    """Entries and shards created more than `older_than` seconds ago, plus leftovers of dead writers."""
+    """Entries and shards created more than `older_than` seconds ago, plus leftovers of dead writers.
+
+    A shard folder whose shards are all old goes whole, predictor header included.
+    """
     now = time.time() if now is None else now
-    plan = Plan()
+    old: list[Path] = []
     for folder in _kind_dirs(root, kind):
         for path in _entry_files(folder):
-            try:
-                doc = unseal(path.read_bytes())
-            except (OSError, CorruptEntryError):
+            doc = _peek(path)
+            if doc is None:
                 continue  # `verify` reports these
             created = doc.get("metadata", {}).get("created_at", doc.get("created_at"))
             if created is not None and now - created > older_than:
-                plan.add(path)
-        for temp in folder.rglob(".*.tmp"):
-            if now - temp.stat().st_mtime > _TEMP_GRACE:
-                plan.add(temp)
+                old.append(path)
+        old += [t for t in folder.rglob(".*.tmp") if now - t.stat().st_mtime > _TEMP_GRACE]
+    plan = Plan()
+    emptied = set()
+    for path in old:
+        folder = path.parent
+        if folder.parent.name == "examples" and folder not in emptied and all(
+            p in old for p in folder.glob("*.json") if p.name != "predictor.json"
+        ):
+            emptied.add(folder)
+            plan.add(folder)
+        elif folder not in emptied:
+            plan.add(path)
     return plan
 
 
@@ -145,7 +166,7 @@ def verify(root: Path, kind: str | None = None) -> tuple[int, list[tuple[Path, s
     """Check every entry's checksum. Returns (entries checked, [(path, problem)])."""
     checked, problems = 0, []
     for folder in _kind_dirs(root, kind):
-        for path in _entry_files(folder):
+        for path in _entry_files(folder, bookkeeping=True):
             checked += 1
             try:
                 unseal(path.read_bytes())
@@ -162,7 +183,7 @@ def _key_inputs(ref: str, root: Path) -> tuple[str, dict]:
         if len(matches) != 1:
             raise ConfigError(f"{ref!r} names {len(matches)} entries under {root}; give a file path or a longer key.")
         path = matches[0]
-    doc = read_entry(path)
+    doc = _peek(path)
     if doc is None or "key" not in doc:
         raise ConfigError(f"{path} is not a readable cache entry; run `hf-cachehooks verify`.")
     return path.name, doc["key"]["inputs"]
@@ -176,8 +197,7 @@ def explain(root: Path, a: str | None = None, b: str | None = None) -> list[str]
         return [f"{name_a} → {name_b}:"] + ([f"  {c}" for c in changes] or ["  same key inputs"])
     lines = []
     for folder in _kind_dirs(root, None):
-        path = folder / "last_miss.json"
-        doc = read_entry(path)
+        doc = _peek(folder / "last_miss.json")
         if doc is None:
             continue
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(doc["timestamp"]))

@@ -29,7 +29,7 @@ from .keys import hash_bytes
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "outputs/cache"
-_SEAL = b',\n  "checksum": "'
+_SEAL = b'\n  "checksum": "'
 _TAG = b"Signature: 8a477f597d28d172789f06886806bc55\n# Cache folder of hf_cachehooks.\n"
 
 
@@ -41,8 +41,8 @@ def cache_root(explicit: str | os.PathLike | None = None) -> Path:
 def seal(doc: dict) -> bytes:
     """Serialise `doc` as indented JSON with a trailing checksum field."""
     body = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
-    head = body[:-2]  # drop the closing "\n}"
-    return head + _SEAL + hash_bytes(head).encode() + b'"\n}\n'
+    head = body[:-2] if doc else b"{"  # drop the closing "\n}" ("{}" has none)
+    return head + (b"," if doc else b"") + _SEAL + hash_bytes(head).encode() + b'"\n}\n'
 
 
 def unseal(raw: bytes) -> dict:
@@ -50,9 +50,9 @@ def unseal(raw: bytes) -> dict:
     cut = raw.rfind(_SEAL)
     if cut < 0:
         raise CorruptEntryError("no checksum field (truncated or hand-edited)")
-    digest = raw[cut + len(_SEAL) : cut + len(_SEAL) + 32]
-    if hash_bytes(raw[:cut]).encode() != digest:
-        raise CorruptEntryError("checksum mismatch")
+    head = raw[:cut - 1] if raw[cut - 1 : cut] == b"," else raw[:cut]
+    if raw[cut:] != _SEAL + hash_bytes(head).encode() + b'"\n}\n':
+        raise CorruptEntryError("checksum mismatch")  # also catches anything written after the checksum
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -66,6 +66,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a shared team cache must be readable
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
