@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, value in result.metrics.items():
         print(f"  {name:<16} {value:.3f}")
     print(f"  cache entry      {result.path}")
-    print(f"  wall time        {elapsed:.2f}s (model evaluation took {result.metadata['evaluation_time_seconds']:.1f}s)")
+    took = result.metadata["evaluation_time_seconds"]
+    print(f"  wall time        {elapsed:.2f}s (model evaluation took {took:.1f}s)")
     return 0
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Any
 
 from .errors import ConfigError
 from .freshness import SYSTEM_CLOCK, Clock
@@ -73,7 +74,7 @@ class EvalConfig:
 
     def generation_overrides(self) -> dict:
         """The generation settings the user set (None means: keep the model's default)."""
-        wanted = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
+        wanted: dict[str, Any] = {"max_new_tokens": self.max_new_tokens, "do_sample": self.do_sample}
         if self.temperature is not None:
             wanted["temperature"] = self.temperature
         if self.top_p is not None:
@@ -91,6 +92,6 @@ class EvalConfig:
             "system_prompt": self.system_prompt,
         }
 
-    def with_(self, **changes: Any) -> "EvalConfig":
+    def with_(self, **changes: Any) -> EvalConfig:
         """A copy with some fields changed."""
         return replace(self, **changes)

@@ -21,13 +21,18 @@ from .errors import ConfigError
 from .fingerprint import example_hashes, fingerprint_data
 from .freshness import describe_age, iso
 from .identity import (
-    effective_generation, files_state, generation_defaults, model_identity, remember_identity,
-    remembered_identity, tokenizer_identity,
+    effective_generation,
+    files_state,
+    generation_defaults,
+    model_identity,
+    remember_identity,
+    remembered_identity,
+    tokenizer_identity,
 )
 from .keys import Key, make_key
 from .locking import single_flight
 from .metrics import compute_metrics, metric_versions
-from .predictions import PredictionCache, short_name
+from .predictions import PredictionCache
 from .store import cache_root
 
 log = logging.getLogger(__name__)
@@ -172,7 +177,7 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
         metrics = compute_metrics(config.metrics, predictions, references)
         meta = _metadata(name, len(rows), time.time() - started, config, config.clock())
         meta["reused_examples"] = reused
-        doc = {"metadata": meta, "predictions": predictions, "references": references,
+        doc: dict[str, Any] = {"metadata": meta, "predictions": predictions, "references": references,
                "metrics": metrics, "metric_versions": versions}
         path = cache.save_run(key, name, doc)
         cache.compact(predictor)

@@ -7,9 +7,10 @@ say which field changed (`diff_inputs`) and `hf-cachehooks explain` can show it.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import Any, Mapping
+from typing import Any
 
 import orjson
 import xxhash

@@ -6,8 +6,9 @@ added metric is recomputed from cached predictions without predicting again.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from .errors import ConfigError, MissingDependencyError
 from .keys import hash_bytes

@@ -6,8 +6,9 @@ Everything here imports torch/transformers lazily, so a cache hit never pays for
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 from .config import EvalConfig
 

@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from hf_cachehooks.identity import (
-    effective_generation, files_state, model_identity, params_fingerprint, split_hub_path, tokenizer_identity,
+    effective_generation,
+    files_state,
+    model_identity,
+    params_fingerprint,
+    split_hub_path,
+    tokenizer_identity,
 )
 from tests.conftest import make_llama, make_tokenizer
 

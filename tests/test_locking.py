@@ -123,7 +123,7 @@ def test_four_processes_compute_once(tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for p, (out, err) in zip(procs, outs):
+    for p, (_out, err) in zip(procs, outs):
         assert p.returncode == 0, err
     reports = [json.loads(out) for out, _ in outs]
     # They really raced: every worker missed on its first lookup, inside the 1 s compute.
