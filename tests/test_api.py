@@ -7,7 +7,8 @@ import hf_cachehooks
 
 def test_all_is_sorted_and_complete():
     assert hf_cachehooks.__all__ == sorted(hf_cachehooks.__all__)
-    public = {n for n in dir(hf_cachehooks) if not n.startswith("_") and not inspect.ismodule(getattr(hf_cachehooks, n))}
+    names = (n for n in dir(hf_cachehooks) if not n.startswith("_"))
+    public = {n for n in names if not inspect.ismodule(getattr(hf_cachehooks, n))}
     assert public == set(hf_cachehooks.__all__)
 
 
