@@ -79,6 +79,26 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .backends import TransformersBackend
+    from .config import EvalConfig
+    from .runners import load_model
+    from .server import make_server
+
+    loaded = load_model(args.model, EvalConfig(gguf_file=args.gguf_file, model_dtype=args.dtype))
+    backend = TransformersBackend(loaded.model, loaded.tokenizer, use_chat_template=args.chat_template)
+    server = make_server(backend, args.name or args.model, host="127.0.0.1", port=args.port)
+    host, port = server.server_address[:2]
+    print(f"Serving {args.model} at http://{host}:{port}/v1/completions (Ctrl-C to stop)")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-cachehooks", description="Inspect and manage hf_cachehooks caches.")
     parser.add_argument("--cache-dir", help="cache root (default: $HF_CACHEHOOKS_HOME, else outputs/cache)")
@@ -110,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("a", nargs="?", help="entry file or key prefix")
     exp.add_argument("b", nargs="?", help="entry file or key prefix")
     exp.set_defaults(run=cmd_explain)
+
+    serve = sub.add_parser("serve", help="a small OpenAI-compatible completion server on loopback (tests, laptops)")
+    serve.add_argument("--model", required=True, help="model folder or Hub name")
+    serve.add_argument("--gguf-file")
+    serve.add_argument("--dtype", default="float32")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--name", help="model name the server answers to (default: --model)")
+    serve.add_argument("--chat-template", action="store_true", help="wrap each prompt in the chat template")
+    serve.set_defaults(run=cmd_serve)
     return parser
 
 

@@ -57,11 +57,14 @@ def make_server(backend: TransformersBackend, model_name: str, host: str = "127.
                 self._send(400, {"error": {"message": f"bad request: {exc}"}})
                 return
             with lock:
+                self.server.completions_served += 1  # type: ignore[attr-defined]
                 text = backend.complete([prompt], sampling)[0] or ""
             self._send(200, {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
                              "model": model_name, "choices": [{"index": 0, "text": text, "finish_reason": "length"}]})
 
-    return ThreadingHTTPServer((host, port), Handler)
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.completions_served = 0  # type: ignore[attr-defined]
+    return server
 
 
 def serve_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
