@@ -88,8 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     loaded = load_model(args.model, EvalConfig(gguf_file=args.gguf_file, model_dtype=args.dtype))
     backend = TransformersBackend(loaded.model, loaded.tokenizer, use_chat_template=args.chat_template)
     server = make_server(backend, args.name or args.model, host="127.0.0.1", port=args.port)
-    host, port = server.server_address[:2]
-    print(f"Serving {args.model} at http://{host}:{port}/v1/completions (Ctrl-C to stop)")
+    print(f"Serving {args.model} at http://127.0.0.1:{server.server_address[1]}/v1/completions (Ctrl-C to stop)")
     try:
         server.serve_forever()
     except KeyboardInterrupt:
