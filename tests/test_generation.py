@@ -220,3 +220,11 @@ def test_bad_arguments_name_the_fix(cache, backend):
         cache.generate(QUESTIONS, backend, num_samples=9, **SETTINGS)
     with pytest.raises(ConfigError, match="plain folder name"):
         cache.generate(QUESTIONS, backend, num_samples=2, **{**SETTINGS, "prompt_name": "../x"})
+
+
+def test_chat_template_backend_full_texts_start_with_the_rendered_prompt(model_and_tok):
+    model, tok = model_and_tok
+    backend = TransformersBackend(model, tok, use_chat_template=True, system_prompt="yes")
+    gens = GenerationCache("org/Tiny-Chat").generate(QUESTIONS, backend, num_samples=2, **SETTINGS)
+    for question, row in zip(QUESTIONS, gens.full_texts):
+        assert row[0].startswith(f"<|system|> yes <|user|> {question} <|assistant|>")
