@@ -15,9 +15,11 @@ Every write goes to a temp file in the same folder, is fsynced, then renamed ove
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,21 +63,31 @@ def unseal(raw: bytes) -> dict:
     return doc
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file, the new file, or nothing; never half."""
+@contextlib.contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success fsync it and rename it over `path`, else remove it.
+
+    Readers see the old file, the new file, or nothing; never half a file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; a shared team cache must be readable
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600; a shared team cache must be readable
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
+        yield Path(tmp)
+        with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `atomic_target`)."""
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -1,0 +1,256 @@
+"""Filling an activation store: chunked, resumable, and shared out across processes.
+
+Examples are cut into chunks of `shard_size`; chunk c goes to rank c % world_size, so any number of
+processes (torchrun, accelerate launch) fills the same chunks and the shards read back in dataset
+order. A chunk's Arrow file is renamed into place complete and then confirmed by a sealed sidecar; a
+killed run redoes only unconfirmed chunks. Rank 0 writes the manifest last, once every chunk is in.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .activations import _ARROW_TYPE, DTYPES, ActivationStore, chunk_name, explain_mismatch, write_layer_info
+from .errors import ConfigError
+from .extraction import POSITIONS, batches, capture, check_layers, pool
+from .fingerprint import fingerprint_data, hash_file
+from .freshness import iso
+from .identity import model_identity, tokenizer_identity
+from .keys import make_key
+from .store import atomic_target, read_entry, write_entry
+
+log = logging.getLogger(__name__)
+
+
+def load_records(data: Any, text_field: str = "text", label_field: str = "label") -> list[dict]:
+    """Rows from a list, a `Dataset` or a JSON/JSONL file; contrastive pairs become two labelled rows.
+
+    A pair is a record with `positive` and `negative` texts: it yields
+    {text_field: positive, label_field: "positive", "pair": i} and the same for the negative.
+    """
+    from .evaluation import load_rows
+
+    rows = load_rows(data)
+    if rows and "positive" in rows[0] and "negative" in rows[0] and text_field not in rows[0]:
+        rows = [{text_field: r[side], label_field: side, "pair": i} for i, r in enumerate(rows)
+                for side in ("positive", "negative")]
+    if rows and text_field not in rows[0]:
+        raise ConfigError(f"Records have no field {text_field!r} (fields: {', '.join(sorted(rows[0]))}). "
+                          "Set --text-field, or give contrastive pairs with 'positive' and 'negative'.")
+    return rows
+
+
+def _rank_and_world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier(world: int) -> bool:
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        return True
+    return False
+
+
+def _scalar_fields(rows: list[dict], text_field: str) -> list[str]:
+    names = [k for k, v in rows[0].items() if isinstance(v, (str, int, float, bool)) and k != "example_index"]
+    return [k for k in names if all(isinstance(r.get(k), type(rows[0][k])) for r in rows)]
+
+
+def _table(pooled: list, start: int, rows: list[dict], fields: list[str], layers: list[int], dtype: str,
+           hidden: int) -> Any:
+    import pyarrow as pa
+    import torch
+
+    example = torch.cat([p.example + offset for p, offset in pooled]).tolist()  # chunk-relative
+    columns: dict[str, Any] = {"example_index": pa.array([start + e for e in example], pa.int64())}
+    for name in fields:
+        columns[name] = pa.array([rows[start + e][name] for e in example])
+    if pooled[0][0].position is not None:
+        columns["position"] = pa.array(torch.cat([p.position for p, _ in pooled]).tolist(), pa.int32())
+        columns["token_id"] = pa.array(torch.cat([p.token_id for p, _ in pooled]).tolist(), pa.int64())
+    for layer in layers:
+        values = torch.cat([p.layers[layer] for p, _ in pooled]).to(getattr(torch, dtype)).contiguous()
+        flat = (values.view(torch.uint16) if dtype == "bfloat16" else values).reshape(-1).numpy()
+        columns[f"layer_{layer}"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(flat, type=getattr(pa, _ARROW_TYPE[dtype])()), hidden)
+    return pa.table(columns, metadata={"hf_cachehooks.dtype": dtype})
+
+
+def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path, layers: Sequence[int], *,
+                      positions: str = "last", dtype: str = "float16", text_field: str = "text",
+                      label_field: str = "label", use_chat_template: bool = False, system_prompt: str | None = None,
+                      max_length: int | None = None, batch_size: int = 8, shard_size: int = 1024,
+                      force: bool = False, progress: bool = True, wait_timeout: float = 3600.0) -> ActivationStore:
+    """Extract hidden states at `layers` for every record of `data` into `folder`, or open it if done.
+
+    Args:
+        model, tokenizer: any `transformers` causal LM or encoder and its tokenizer.
+        data: records with a text field (and usually a label), or contrastive pairs.
+        folder: the cache folder (the seed's `--output`).
+        layers: layer indices, 0..num_layers (see `architecture`).
+        positions: "last" non-padding token, "first", "mean" over non-padding tokens, or "all" (a row per token).
+        dtype: "float16", "bfloat16" (kept bit-exact) or "float32".
+        batch_size, shard_size: how to run; not in the key, so they may change between runs.
+        force: replace a cache in `folder` that was made from other inputs.
+
+    Returns:
+        The finished `ActivationStore`.
+
+    Raises:
+        ConfigError: bad layers/positions/dtype/fields, or `folder` holds another cache (names what differs).
+    """
+    import torch
+
+    folder = Path(folder)
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not supported. Use one of: {', '.join(DTYPES)}.")
+    if positions not in POSITIONS:
+        raise ConfigError(f"positions={positions!r} is not supported. Use one of: {', '.join(POSITIONS)}.")
+    layers = check_layers(model, layers)
+    rows = load_records(data, text_field, label_field)
+    texts = [str(r[text_field]) for r in rows]
+    if use_chat_template:
+        from .config import EvalConfig
+        from .runners import chat_texts
+
+        texts = chat_texts(texts, tokenizer, EvalConfig(use_chat_template=True, system_prompt=system_prompt))
+    key = make_key("activations", {
+        "model": model_identity(model), "tokenizer": tokenizer_identity(tokenizer),
+        "data": {"fingerprint": fingerprint_data(rows), "n": len(rows), "text_field": text_field,
+                 "label_field": label_field},
+        "layers": layers, "positions": positions, "dtype": dtype, "max_length": max_length,
+        "template": {"chat_template": use_chat_template, "system_prompt": system_prompt},
+    })
+    rank, world = _rank_and_world()
+    manifest = read_entry(folder / "manifest.json")
+    if manifest and manifest.get("complete") and manifest["key"]["digest"] == key.digest:
+        log.info("✅ Loaded activations from cache %s (%d examples, layers %s).", folder, len(rows), layers)
+        return ActivationStore(folder)
+    changes = explain_mismatch(folder, key.inputs)
+    if changes:
+        if not force:
+            raise ConfigError(f"{folder} holds activations made from other inputs ({'; '.join(changes[:5])}). "
+                              "Use another --output, or --force to replace it.")
+        if rank == 0:
+            log.warning("Replacing the activation cache in %s (%s).", folder, "; ".join(changes[:3]))
+            shutil.rmtree(folder)
+        _barrier(world)
+    shard_size = (manifest or read_entry(folder / f"{chunk_name(0)}.json") or {}).get("shard_size", shard_size)
+    chunks = [(c, c * shard_size, min(len(rows), (c + 1) * shard_size))
+              for c in range((len(rows) + shard_size - 1) // shard_size)]
+    mine = [c for c in chunks if c[0] % world == rank and not _chunk_done(folder, c[0], key.digest)]
+    fields = _scalar_fields(rows, text_field)
+    hidden = int(getattr(model.config, "hidden_size", 0) or model.config.n_embd)
+    device = next(model.parameters()).device
+    from tqdm.auto import tqdm
+
+    total = sum(end - start for _, start, end in mine)
+    reused = len(rows) - total if world == 1 else None
+    log.info("🔄 Extracting layers %s (%s, %s) for %d examples%s into %s", layers, positions, dtype, total,
+             f" ({reused} already cached)" if reused else f" on rank {rank}/{world}" if world > 1 else "", folder)
+    with tqdm(total=total, desc=f"Extracting (rank {rank})" if world > 1 else "Extracting", unit="ex",
+              disable=not progress) as bar, torch.no_grad():
+        for chunk, start, end in mine:
+            pooled = []
+            for offset, batch in batches(texts[start:end], tokenizer, batch_size, max_length,
+                                         add_special_tokens=not use_chat_template):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                hidden_states = capture(model, batch, layers)
+                out = pool(hidden_states, batch["attention_mask"], batch["input_ids"], positions)
+                out.layers = {k: v.cpu() for k, v in out.layers.items()}
+                pooled.append((_to_cpu(out), offset))
+                bar.update(batch["input_ids"].shape[0])
+            _write_chunk(folder, chunk, start, end, _table(pooled, start, rows, fields, layers, dtype, hidden),
+                         key, shard_size)
+    if not _barrier(world) and world > 1:
+        _wait_for(lambda: all(_chunk_done(folder, c, key.digest) for c, _, _ in chunks), wait_timeout, folder)
+    if rank == 0:
+        _finish(folder, chunks, rows, fields, label_field, key, layers, positions, dtype, hidden, shard_size)
+    elif not _barrier(world):
+        _wait_for(lambda: (read_entry(folder / "manifest.json") or {}).get("complete"), wait_timeout, folder)
+    _barrier(world)
+    return ActivationStore(folder)
+
+
+def _to_cpu(pooled: Any) -> Any:
+    pooled.example = pooled.example.cpu()
+    if pooled.position is not None:
+        pooled.position, pooled.token_id = pooled.position.cpu(), pooled.token_id.cpu()
+    return pooled
+
+
+def _chunk_done(folder: Path, chunk: int, digest: str) -> bool:
+    side = read_entry(folder / f"{chunk_name(chunk)}.json")
+    if side is None or side["key"]["digest"] != digest:
+        return False
+    path = folder / side["file"]
+    return path.exists() and path.stat().st_size == side["bytes"]
+
+
+def _write_chunk(folder: Path, chunk: int, start: int, end: int, table: Any, key: Any, shard_size: int) -> None:
+    import pyarrow as pa
+
+    name = chunk_name(chunk)
+    with atomic_target(folder / f"{name}.arrow") as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    path = folder / f"{name}.arrow"
+    write_entry(folder / f"{name}.json", {
+        "chunk": chunk, "start": start, "end": end, "rows": table.num_rows, "file": path.name,
+        "bytes": path.stat().st_size, "content_hash": hash_file(path), "shard_size": shard_size,
+        "key": {"digest": key.digest, "inputs": key.inputs}})
+
+
+def _wait_for(ready: Any, timeout: float, folder: Path) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        if time.time() > deadline:
+            raise TimeoutError(f"Other processes did not finish their chunks in {folder} within {timeout:.0f}s.")
+        time.sleep(0.5)
+
+
+def _finish(folder: Path, chunks: list, rows: list[dict], fields: list[str], label_field: str, key: Any,
+            layers: list[int], positions: str, dtype: str, hidden: int, shard_size: int) -> None:
+    import pyarrow as pa
+    from datasets import Features
+
+    sides = [read_entry(folder / f"{chunk_name(c)}.json") for c, _, _ in chunks]
+    schema = pa.ipc.open_stream(pa.memory_map(str(folder / sides[0]["file"]))).schema
+    manifest = {
+        "complete": True, "timestamp": iso(time.time()), "created_at": time.time(), "layers": layers,
+        "num_examples": len(rows), "num_rows": sum(s["rows"] for s in sides), "hidden_size": hidden,
+        "dtype": dtype, "positions": positions, "shard_size": shard_size, "label_field": label_field,
+        "features": Features.from_arrow_schema(schema).to_dict(),
+        "chunks": [{k: s[k] for k in ("file", "rows", "start", "end", "bytes", "content_hash")} for s in sides],
+        "key": {"kind": "activations", "digest": key.digest, "inputs": key.inputs},
+    }
+    examples = [{"index": i, **{f: r[f] for f in fields}} for i, r in enumerate(rows)]
+    write_entry(folder / "metadata.json", {"num_examples": len(rows), "label_field": label_field,
+                                           "examples": examples, "key": manifest["key"]})
+    write_layer_info(folder, manifest)
+    write_entry(folder / "manifest.json", manifest)  # last: its presence means the cache is complete
+    size = sum(s["bytes"] for s in sides)
+    log.info("💾 Cached %d rows × %d layers (%s, %.1f MB) in %s", manifest["num_rows"], len(layers), dtype,
+             size / 1e6, folder)
+
+
+def manifest_text(folder: Path) -> str:
+    """The manifest as pretty JSON (for `info --json`)."""
+    return orjson.dumps(read_entry(folder / "manifest.json"), option=orjson.OPT_INDENT_2).decode()
