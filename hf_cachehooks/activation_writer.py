@@ -231,7 +231,7 @@ def _finish(folder: Path, chunks: list, rows: list[dict], fields: list[str], lab
     import pyarrow as pa
     from datasets import Features
 
-    sides = [read_entry(folder / f"{chunk_name(c)}.json") for c, _, _ in chunks]
+    sides = [read_entry(folder / f"{chunk_name(c)}.json") or {} for c, _, _ in chunks]
     schema = pa.ipc.open_stream(pa.memory_map(str(folder / sides[0]["file"]))).schema
     manifest = {
         "complete": True, "timestamp": iso(time.time()), "created_at": time.time(), "layers": layers,
