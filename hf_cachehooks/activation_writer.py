@@ -183,9 +183,8 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
         _wait_for(lambda: all(_chunk_done(folder, c, key.digest) for c, _, _ in chunks), wait_timeout, folder)
     if rank == 0:
         _finish(folder, chunks, rows, fields, label_field, key, layers, positions, dtype, hidden, shard_size)
-    elif not _barrier(world):
+    if not _barrier(world) and rank != 0:  # every rank passes exactly two barriers
         _wait_for(lambda: (read_entry(folder / "manifest.json") or {}).get("complete"), wait_timeout, folder)
-    _barrier(world)
     return ActivationStore(folder)
 
 
