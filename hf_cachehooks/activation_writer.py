@@ -95,7 +95,7 @@ def _table(pooled: list, start: int, rows: list[dict], fields: list[str], layers
 
 def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path, layers: Sequence[int], *,
                       positions: str = "last", dtype: str = "float16", text_field: str = "text",
-                      label_field: str = "label", use_chat_template: bool = False, system_prompt: str | None = None,
+                      label_field: str | None = None, use_chat_template: bool = False, system_prompt: str | None = None,
                       max_length: int | None = None, batch_size: int = 8, shard_size: int = 1024,
                       force: bool = False, progress: bool = True, wait_timeout: float = 3600.0) -> ActivationStore:
     """Extract hidden states at `layers` for every record of `data` into `folder`, or open it if done.
@@ -106,6 +106,7 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
         folder: the cache folder (the seed's `--output`).
         layers: layer indices, 0..num_layers (see `architecture`).
         positions: "last" non-padding token, "first", "mean" over non-padding tokens, or "all" (a row per token).
+        text_field, label_field: record fields; the label field defaults to "type" when present, else "label".
         dtype: "float16", "bfloat16" (kept bit-exact) or "float32".
         batch_size, shard_size: how to run; not in the key, so they may change between runs.
         force: replace a cache in `folder` that was made from other inputs.
@@ -124,7 +125,9 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
     if positions not in POSITIONS:
         raise ConfigError(f"positions={positions!r} is not supported. Use one of: {', '.join(POSITIONS)}.")
     layers = check_layers(model, layers)
-    rows = load_records(data, text_field, label_field)
+    rows = load_records(data, text_field, label_field or "label")
+    if label_field is None:  # the seed's files call it "type"; most others "label"
+        label_field = "type" if rows and "type" in rows[0] else "label"
     texts = [str(r[text_field]) for r in rows]
     if use_chat_template:
         from .config import EvalConfig

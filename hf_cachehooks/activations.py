@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .errors import ConfigError
+from .errors import ConfigError, CorruptEntryError
 from .keys import diff_inputs
-from .store import read_entry, write_entry
+from .store import read_entry, unseal, write_entry
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,9 @@ class ActivationStore:
         import torch
 
         array = self.numpy(layer)
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if not array.flags.writeable:  # a zero-copy view of the memory map: give torch its own copy
+            array = array.copy()
+        tensor = torch.from_numpy(array)
         return tensor.view(torch.bfloat16) if self.dtype == "bfloat16" else tensor
 
     def column(self, name: str) -> list:
@@ -143,6 +145,25 @@ class ActivationStore:
         from datasets import load_from_disk
 
         return load_from_disk(str(self.folder))
+
+
+def verify_store(folder: str | Path) -> list[str]:
+    """Problems found in an activation cache: unreadable manifest, missing or altered shards."""
+    from .fingerprint import hash_file
+
+    folder = Path(folder)
+    try:
+        manifest = unseal((folder / "manifest.json").read_bytes())  # report, never delete
+    except (OSError, CorruptEntryError) as exc:
+        return [f"{folder / 'manifest.json'}: {exc}"]
+    problems = []
+    for chunk in manifest["chunks"]:
+        path = folder / chunk["file"]
+        if not path.exists():
+            problems.append(f"{path}: missing")
+        elif hash_file(path) != chunk["content_hash"]:
+            problems.append(f"{path}: content does not match the manifest")
+    return problems
 
 
 def _matrix(column: Any, hidden: int) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -67,6 +68,14 @@ def cmd_clear(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    if args.path:
+        from .activations import verify_store
+
+        problems_found = verify_store(args.path)
+        for line in problems_found:
+            print(f"CORRUPT {line}")
+        print(f"{args.path}: {'OK' if not problems_found else f'{len(problems_found)} problem(s)'}")
+        return 1 if problems_found else 0
     checked, problems = management.verify(args.root, args.kind)
     for path, problem in problems:
         print(f"CORRUPT {path}: {problem}")
@@ -99,6 +108,127 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace) -> tuple:
+    """Model and tokenizer for the activation commands (weights are loaded only here)."""
+    import torch
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    auto = AutoModel if args.encoder else AutoModelForCausalLM
+    extra = {"gguf_file": args.gguf_file} if args.gguf_file else {}
+    model = auto.from_pretrained(args.model, dtype=getattr(torch, args.model_dtype), **extra).eval()
+    return model, AutoTokenizer.from_pretrained(args.model, **extra)
+
+
+def _layers(text: str | None) -> list[int] | None:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x] if text else None
+    except ValueError:
+        raise HFCacheHooksError(f"--layers {text!r} must be comma-separated integers, e.g. 10,20,30.") from None
+
+
+def _store(args: argparse.Namespace, layers: list[int] | None):
+    """The cache from --cache, or (the traditional path) one filled from --model on the way."""
+    from .activation_writer import cache_activations
+    from .activations import ActivationStore
+
+    if args.cache:
+        return ActivationStore(args.cache)
+    if not (args.model and args.data and layers):
+        raise HFCacheHooksError("Give --cache DIR, or --model M --data D.json --layers L1,L2 (fills a cache).")
+    model, tokenizer = _load(args)
+    folder = args.root / "activations" / f"{Path(args.model).name}_{Path(args.data).stem}"
+    return cache_activations(model, tokenizer, args.data, folder, layers, positions=args.positions,
+                             dtype=args.dtype, text_field=args.text_field, label_field=args.label_field,
+                             batch_size=args.batch_size, force=True)
+
+
+def cmd_cache_activations(args: argparse.Namespace) -> int:
+    from .activation_writer import cache_activations
+
+    model, tokenizer = _load(args)
+    store = cache_activations(model, tokenizer, args.data, args.output, _layers(args.layers) or [],
+                              positions=args.positions, dtype=args.dtype, text_field=args.text_field,
+                              label_field=args.label_field, use_chat_template=args.chat_template,
+                              system_prompt=args.system_prompt, max_length=args.max_length,
+                              batch_size=args.batch_size, shard_size=args.shard_size, force=args.force)
+    info = store.info()
+    print(f"Cached layers {info['layers']} for {info['num_examples']} examples ({info['dtype']}, "
+          f"{_bytes(info['bytes'])}) in {args.output}")
+    return 0
+
+
+def cmd_generate_vectors(args: argparse.Namespace) -> int:
+    from .probing import generate_vectors
+
+    layers = _layers(args.layers)
+    run = generate_vectors(_store(args, layers), args.output, layers, positive=args.positive)
+    print(f"Vectors written to {run}/normalized_vectors (and raw_vectors)")
+    return 0
+
+
+def cmd_analyze_probe(args: argparse.Namespace) -> int:
+    from .probes import load_vectors
+    from .probing import analyze_probe
+
+    layers = _layers(args.layers)
+    store = _store(args, layers or sorted(load_vectors(args.vectors)))
+    if args.cache and args.data:
+        _check_data(store, args)
+    rows = analyze_probe(store, args.vectors, args.output, layers, visualize=args.visualize)
+    print(f"{'layer':>5}  {'AUROC':>6}  95% interval      n  (positive: {rows[0]['positive']})")
+    for row in rows:
+        print(f"{row['layer']:>5}  {row['auroc']:>6.3f}  [{row['auroc_low']:.3f}, {row['auroc_high']:.3f}]  "
+              f"{row['n']:>5}")
+    print(f"Per-example scores: {args.output}/probe_stats_layer{{L}}.csv" +
+          ("; plots: auroc_by_layer.png, scores_layer{L}.png" if args.visualize else ""))
+    return 0
+
+
+def _check_data(store, args: argparse.Namespace) -> None:
+    from .activation_writer import load_records
+    from .fingerprint import fingerprint_data
+
+    expected = store.key_inputs["data"]["fingerprint"]
+    if fingerprint_data(load_records(args.data, args.text_field, args.label_field or "label")) != expected:
+        raise HFCacheHooksError(f"{args.cache} was not built from {args.data} (data fingerprints differ). "
+                                "Cache that file first, or drop --data.")
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .activations import ActivationStore
+
+    store = ActivationStore(args.folder)
+    info = store.info()
+    key = store.key_inputs
+    lines = [
+        str(args.folder),
+        f"  layers      {', '.join(map(str, info['layers']))}",
+        f"  examples    {info['num_examples']} ({info['rows']} rows, positions={info['positions']})",
+        f"  dtype       {info['dtype']} × {info['hidden_size']}",
+        f"  size        {_bytes(info['bytes'])} in {info['chunks']} shard(s)",
+        f"  model       {info['model']} (weights {key['model'].get('weights', '')[:12]}, {key['model'].get('dtype')})",
+        f"  data        {key['data']['fingerprint'][:24]} ({key['data']['n']} records, "
+        f"text={key['data']['text_field']})",
+        f"  template    {key['template']}",
+        f"  key         {info['key']}   created {info['created']}",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _activation_args(p: argparse.ArgumentParser, model_required: bool) -> None:
+    p.add_argument("--model", required=model_required, help="model folder or Hub name")
+    p.add_argument("--gguf-file")
+    p.add_argument("--model-dtype", default="float32", help="dtype to load the model in")
+    p.add_argument("--encoder", action="store_true", help="load with AutoModel (encoders such as MiniLM)")
+    p.add_argument("--positions", choices=("last", "first", "mean", "all"), default="last")
+    p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
+                   help="storage dtype of the activations")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--label-field", default=None, help="default: 'type' when present, else 'label'")
+    p.add_argument("--batch-size", type=int, default=8)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-cachehooks", description="Inspect and manage hf_cachehooks caches.")
     parser.add_argument("--cache-dir", help="cache root (default: $HF_CACHEHOOKS_HOME, else outputs/cache)")
@@ -123,6 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
     clear.set_defaults(run=cmd_clear)
 
     ver = sub.add_parser("verify", help="check every entry's checksum (exit 1 if any is corrupt)")
+    ver.add_argument("path", nargs="?", help="an activation cache folder (default: the whole cache root)")
     ver.add_argument("--kind")
     ver.set_defaults(run=cmd_verify)
 
@@ -139,12 +270,49 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--name", help="model name the server answers to (default: --model)")
     serve.add_argument("--chat-template", action="store_true", help="wrap each prompt in the chat template")
     serve.set_defaults(run=cmd_serve)
+
+    cache = sub.add_parser("cache-activations", help="extract hidden states at some layers into an Arrow cache")
+    _activation_args(cache, model_required=True)
+    cache.add_argument("--data", required=True, help="JSON/JSONL records (text + label) or contrastive pairs")
+    cache.add_argument("--layers", required=True, help="comma-separated, e.g. 10,20,30")
+    cache.add_argument("--output", required=True)
+    cache.add_argument("--shard-size", type=int, default=1024, help="examples per shard (resume granularity)")
+    cache.add_argument("--chat-template", action="store_true")
+    cache.add_argument("--system-prompt")
+    cache.add_argument("--max-length", type=int)
+    cache.add_argument("--force", action="store_true", help="replace a cache made from other inputs")
+    cache.set_defaults(run=cmd_cache_activations)
+
+    vec = sub.add_parser("generate-vectors", help="difference-of-means vectors per layer from a cache")
+    _activation_args(vec, model_required=False)
+    vec.add_argument("--cache", help="activation cache folder (or --model/--data/--layers to fill one)")
+    vec.add_argument("--data")
+    vec.add_argument("--output", required=True, help="run name; writes RUN_<timestamp>/normalized_vectors/")
+    vec.add_argument("--layers")
+    vec.add_argument("--positive", help="label of the positive class (default: deployment, if present)")
+    vec.set_defaults(run=cmd_generate_vectors)
+
+    ana = sub.add_parser("analyze-probe", help="score a cache with vectors: per-layer AUROC, CSVs, plots")
+    _activation_args(ana, model_required=False)
+    ana.add_argument("--cache", help="activation cache folder (or --model/--data to fill one)")
+    ana.add_argument("--vectors", required=True, help="RUN_<timestamp>/normalized_vectors")
+    ana.add_argument("--data", help="the records the cache was made from (checked)")
+    ana.add_argument("--output", required=True)
+    ana.add_argument("--layers")
+    ana.add_argument("--visualize", action="store_true", help="write PNG plots")
+    ana.set_defaults(run=cmd_analyze_probe)
+
+    info = sub.add_parser("info", help="layers, examples, dtype, size and key inputs of an activation cache")
+    info.add_argument("folder")
+    info.set_defaults(run=cmd_info)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.root = Path(cache_root(args.cache_dir))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
     try:
         return args.run(args)
     except HFCacheHooksError as exc:
