@@ -62,3 +62,23 @@ def test_layer_sweep_generates_once(tmp_path):
     again = run("cache_activations.py", "--layer", "15")
     assert "Found cached generations!" in again and "Loaded 12 cached generations" in again
     assert "No cache found" not in again
+
+
+@pytest.mark.slow
+def test_probe_example_caches_once_then_runs_without_the_model(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    script = MAIN.parent / "probe_eval_awareness.py"
+
+    def run():
+        proc = subprocess.run([sys.executable, str(script), "--layers", "10,30"], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    first = run()
+    assert "(model loaded)" in first and "layer 30:" in first
+    second = run()
+    assert "(from cache, no model)" in second and second.count("Using cached activations") == 2
+    auroc = float(second.split("layer 30:")[1].split()[0])
+    assert auroc > 0.8  # a real trained model separates test-like from user-like prompts
+    assert (tmp_path / "outputs" / "probe_eval_awareness" / "validation" / "auroc_by_layer.png").exists()
