@@ -6,10 +6,10 @@
 
 Step 1 asks SmolLM2-135M-Instruct to answer the QA set under a prompt format (a system prompt), through
 `GenerationCache`: the first run generates, every later run with the same model, format, subject,
-temperature and max_tokens loads. Step 2, per layer, reads the hidden state of the last token of each
-full text (prompt + completion) at that layer and measures how well a difference-of-means direction
-separates math from non-math questions (AUROC). Layer L is `output_hidden_states[L]`: 0 is the
-embeddings, L is the output of decoder block L.
+temperature and max_tokens loads. Step 2 caches the hidden state of the last token of each full text
+(prompt + completion) at the requested layers in an `ActivationStore`, then, per layer, measures from
+the store how well a difference-of-means direction separates math from non-math questions (AUROC).
+Layer L is `output_hidden_states[L]`: 0 is the embeddings, L is the output of decoder block L-1.
 """
 
 from __future__ import annotations
@@ -62,25 +62,6 @@ def cached_generations(args, model, tokenizer):
     return gens, labels
 
 
-def last_token_states(model, tokenizer, texts, layers, batch_size=8):
-    """{layer: (examples, hidden) tensor} of each text's last non-padding token."""
-    import torch
-
-    out = {layer: [] for layer in layers}
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # last position = last real token
-    try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start : start + batch_size], return_tensors="pt", padding=True,
-                              add_special_tokens=False)
-            with torch.no_grad():
-                hidden = model(**batch, output_hidden_states=True).hidden_states  # layers+1 x (b, seq, d)
-            for layer in layers:
-                out[layer].append(hidden[layer][:, -1, :].float())
-    finally:
-        tokenizer.padding_side = side
-    return {layer: torch.cat(chunks) for layer, chunks in out.items()}
-
-
 def auroc(scores, labels):
     """Probability that a random positive scores above a random negative (ties count half)."""
     pos = [s for s, y in zip(scores, labels) if y]
@@ -94,17 +75,22 @@ def auroc(scores, labels):
 def sweep(args, layers):
     import torch
 
+    from hf_cachehooks.activation_writer import cache_activations
+    from hf_cachehooks.store import cache_root
+
     model, tokenizer = load_smollm2()
     gens, labels = cached_generations(args, model, tokenizer)
-    keep = [i for i, row in enumerate(gens.full_texts) if row[0]]
-    texts, labels = [gens.full_texts[i][0] for i in keep], [labels[i] for i in keep]
-    states = last_token_states(model, tokenizer, texts, layers)
-    y = torch.tensor(labels)
-    print(f"\n{'layer':>5}  {'AUROC math vs non-math':>22}  (n={len(texts)}, {int(y.sum())} math)")
+    rows = [{"text": row[0], "subject": "math" if is_math else "nonmath"}
+            for row, is_math in zip(gens.full_texts, labels) if row[0]]
+    # Step 2 reads hidden states from the activation store: extracted once for these texts and layers.
+    folder = cache_root() / "activations" / f"sweep_{args.prompt}_{args.subject}_n{len(rows)}"
+    store = cache_activations(model, tokenizer, rows, folder, layers, label_field="subject", force=True)
+    y = torch.tensor([s == "math" for s in store.column("subject")])
+    print(f"\n{'layer':>5}  {'AUROC math vs non-math':>22}  (n={len(rows)}, {int(y.sum())} math)")
     for layer in layers:
-        x = states[layer]  # (examples, hidden)
+        x = store.layer(layer).float()  # (examples, hidden): the last token of prompt + completion
         direction = x[y].mean(0) - x[~y].mean(0)
-        print(f"{layer:>5}  {auroc((x @ direction).tolist(), labels):>22.3f}")
+        print(f"{layer:>5}  {auroc((x @ direction).tolist(), y.tolist()):>22.3f}")
 
 
 def parser(one_layer: bool = False) -> argparse.ArgumentParser:

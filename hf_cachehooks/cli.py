@@ -167,8 +167,8 @@ def cmd_generate_vectors(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze_probe(args: argparse.Namespace) -> int:
-    from .probes import load_vectors
     from .probing import analyze_probe
+    from .vectors import load_vectors
 
     layers = _layers(args.layers)
     store = _store(args, layers or sorted(load_vectors(args.vectors)))

@@ -23,15 +23,8 @@ import orjson
 
 from .activations import ActivationStore
 from .errors import ConfigError
-from .probes import (
-    SteeringVector,
-    bootstrap_auroc,
-    diff_of_means,
-    load_vectors,
-    project,
-    save_vectors,
-    unit,
-)
+from .probes import bootstrap_auroc, diff_of_means, project, unit
+from .vectors import SteeringVector, load_vectors, save_vectors
 
 log = logging.getLogger(__name__)
 

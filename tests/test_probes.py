@@ -8,8 +8,6 @@ import torch
 from hf_cachehooks.errors import ConfigError, CorruptEntryError
 from hf_cachehooks.probes import (
     LogisticProbe,
-    ProbeMismatchError,
-    SteeringVector,
     _resampled_aurocs,
     auroc,
     bootstrap_auroc,
@@ -17,11 +15,10 @@ from hf_cachehooks.probes import (
     diff_of_means,
     fit_logistic,
     layer_report,
-    load_vectors,
     project,
-    save_vectors,
     unit,
 )
+from hf_cachehooks.vectors import ProbeMismatchError, SteeringVector, load_vectors, save_vectors
 
 SHIFT = 0.8  # best possible AUROC Phi(0.8 / sqrt 2) = 0.714: in-sample scores clear 0.7, held-out ones may not
 STRONG = 1.0  # Phi(1 / sqrt 2) = 0.76: room for held-out and cross-fitted scores to clear 0.7
