@@ -83,7 +83,9 @@ class ActivationStore:
     def select(self, indices: Sequence[int] | np.ndarray) -> ActivationStore:
         """A view of some rows (relative to this view), e.g. the first 10k of 50k or a stratified sample."""
         chosen = np.asarray(indices, dtype=np.int64)
-        return ActivationStore(self.folder, chosen if self.indices is None else self.indices[chosen])
+        view = ActivationStore(self.folder, chosen if self.indices is None else self.indices[chosen])
+        view._tables = self._tables  # share the shards already mapped (None if not opened yet)
+        return view
 
     def tables(self) -> list:
         """The shards as memory-mapped Arrow tables, in dataset order (opened once)."""

@@ -38,10 +38,15 @@ def test_main_baseline_twice_on_smollm2(tmp_path):
     assert "Cleared" in cleared and not any((tmp_path / "outputs" / "cache").glob("predictions/*.json"))
 
 
-def test_full_experiment_place_is_ready(tmp_path):
-    proc = subprocess.run([sys.executable, str(MAIN), "--experiment", "full"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 2 and "Trainer" in proc.stderr
+@pytest.mark.slow
+def test_full_experiment_fine_tunes_once_and_keys_the_cache_on_the_weights(tmp_path):
+    first, _ = _run("--experiment", "full", "--train-steps", "6", cwd=tmp_path)
+    assert "Speed-ups in effect" in first and "adamw_torch_fused  adamw_torch_fused  ✓" in first
+    assert "Steady-state" in first and "cache=miss" in first
+    again, seconds = _run("--experiment", "full", "--train-steps", "6", cwd=tmp_path)
+    assert "Reusing the fine-tuned checkpoint" in again and "cache=hit" in again and seconds < 30
+    other, _ = _run("--experiment", "full", "--train-steps", "7", cwd=tmp_path)  # a new fine-tune: new weights
+    assert "cache=miss" in other and "model.weights" in other
 
 
 @pytest.mark.slow
