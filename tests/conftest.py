@@ -66,6 +66,24 @@ def qa_rows():
 
 
 @pytest.fixture
+def root():
+    """The cache root the autouse fixture set up."""
+    from hf_cachehooks.store import cache_root
+
+    return cache_root()
+
+
+@pytest.fixture
+def cache(root):
+    """A prediction cache in that root, on the real clock, with no expiry."""
+    import time
+
+    from hf_cachehooks.predictions import PredictionCache
+
+    return PredictionCache(root / "predictions", time.time, None)
+
+
+@pytest.fixture
 def caplog_info(caplog):
     caplog.set_level(logging.INFO, logger="hf_cachehooks")
     return caplog

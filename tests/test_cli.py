@@ -7,14 +7,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from hf_cachehooks.cli import main
 from hf_cachehooks.keys import make_key
 from hf_cachehooks.predictions import PredictionCache
-from hf_cachehooks.store import cache_root, write_entry
+from hf_cachehooks.store import write_entry
 
 DAY = 86400.0
 
@@ -33,16 +32,6 @@ def _save(cache: PredictionCache, *, model="org/tiny-a", max_new_tokens=32, n=3,
     path = cache.save_run(key, model, doc)
     assert path is not None
     return key, path
-
-
-@pytest.fixture
-def root() -> Path:
-    return cache_root()
-
-
-@pytest.fixture
-def cache(root) -> PredictionCache:
-    return PredictionCache(root / "predictions", time.time, None)
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ from hf_cachehooks import management
 from hf_cachehooks.errors import ConfigError
 from hf_cachehooks.keys import make_key
 from hf_cachehooks.predictions import PredictionCache
-from hf_cachehooks.store import cache_root, read_entry, write_entry
+from hf_cachehooks.store import read_entry, write_entry
 
 DAY = 86400.0
 
@@ -36,16 +36,6 @@ def _save(cache: PredictionCache, *, model="org/tiny-a", max_new_tokens=32, n=3,
     path = cache.save_run(key, model, _doc(model, n, time.time() - age_days * DAY))
     assert path is not None and path.is_file()
     return key, path
-
-
-@pytest.fixture
-def root() -> Path:
-    return cache_root()
-
-
-@pytest.fixture
-def cache(root) -> PredictionCache:
-    return PredictionCache(root / "predictions", time.time, None)
 
 
 @pytest.fixture
