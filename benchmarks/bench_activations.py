@@ -36,22 +36,22 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import numpy as np
 import torch
+from machine import machine  # benchmarks/machine.py
 
 from hf_cachehooks.activation_writer import _finish, _table, _write_chunk, cache_activations
 from hf_cachehooks.activations import ActivationStore
 from hf_cachehooks.extraction import Pooled, capture, pool
 from hf_cachehooks.keys import make_key
+
+LIBRARIES = ("hf_cachehooks", "torch", "transformers", "datasets", "pyarrow", "numpy", "scikit-learn")
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "bench_activations.json"
@@ -326,22 +326,6 @@ def bench_e2e(tmp: Path, reps: int) -> dict:
 
 # Report ------------------------------------------------------------------------------------------
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    versions = {}
-    for lib in ("hf_cachehooks", "torch", "transformers", "datasets", "pyarrow", "numpy", "scikit-learn"):
-        try:
-            versions[lib] = version(lib)
-        except PackageNotFoundError:
-            versions[lib] = None
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "versions": versions}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10k rows, tiny GPT-2, fewer reps, no SmolLM2")
@@ -406,13 +390,14 @@ def main() -> None:
     for name, value, target, ok in targets:
         print(f"{name:<40} {value:>8.3g}  {target:<9} {'ok' if ok else 'MISSED'}")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "quick": args.quick, "machine": machine(),
+    results = RESULTS.with_name(RESULTS.stem + "_quick.json") if args.quick else RESULTS  # keep full figures
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({
+        "quick": args.quick, "machine": machine(LIBRARIES),
         "targets": [{"name": a, "value": v, "target": t, "met": ok} for a, v, t, ok in targets],
         "storage": storage, "extraction": extraction, "probes": probes, "end_to_end": e2e,
     }, indent=2, default=str) + "\n")
-    print(f"Wrote {RESULTS}")
+    print(f"Wrote {results}")
 
 
 if __name__ == "__main__":

@@ -22,25 +22,24 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import shutil
 import statistics
-import sys
 import tempfile
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import joblib
 from datasets import Dataset
 from datasets.fingerprint import Hasher
+from machine import machine  # benchmarks/machine.py
 from sqlitedict import SqliteDict
 
 from hf_cachehooks.fingerprint import example_hashes, fingerprint_data
 from hf_cachehooks.keys import make_key
 from hf_cachehooks.predictions import PredictionCache
+
+LIBRARIES = ("hf_cachehooks", "orjson", "xxhash", "joblib", "sqlitedict", "datasets", "pyarrow")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_prediction_cache.json"
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -184,17 +183,6 @@ def num(value: float | None) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    libs = ["hf_cachehooks", "orjson", "xxhash", "joblib", "sqlitedict", "datasets", "pyarrow"]
-    return {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "versions": {lib: version(lib) for lib in libs}}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10k rows instead of 100k, fewer repetitions")
@@ -242,12 +230,13 @@ def main() -> None:
           f"save {resume['shards']} shards {resume['ours_save_shards_ms']:.0f} ms, compact "
           f"{resume['ours_compact_ms']:.0f} ms, SqliteDict fill {resume['sqlitedict_fill_ms']:.0f} ms)")
 
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "quick": args.quick, "machine": machine(), "table": table,
+    results = RESULTS.with_name(RESULTS.stem + "_quick.json") if args.quick else RESULTS  # keep full figures
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps({
+        "quick": args.quick, "machine": machine(LIBRARIES), "table": table,
         "run_hit": [hit_1k, hit_10k], "fingerprint": fp, "resume": resume,
     }, indent=2) + "\n")
-    print(f"Wrote {RESULTS}")
+    print(f"Wrote {results}")
 
 
 if __name__ == "__main__":

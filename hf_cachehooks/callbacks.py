@@ -56,6 +56,9 @@ def observe(model: Any, optimizer: Any, args: Any, train_dataloader: Any) -> dic
     except (ImportError, ValueError, AttributeError):
         precision, dynamo = ("bf16" if args.bf16 else "fp16" if args.fp16 else "no"), "unknown"
     defaults = getattr(_unwrap_optimizer(optimizer), "defaults", {}) if optimizer is not None else {}
+    checkpointing = getattr(model, "is_activation_checkpointing", None)  # transformers 5.x name
+    if checkpointing is None:
+        checkpointing = getattr(model, "is_gradient_checkpointing", False)
     return {
         "precision": {"no": "fp32"}.get(str(precision), str(precision)),
         "tf32": torch.backends.cuda.matmul.allow_tf32 if torch.cuda.is_available() else False,
@@ -64,8 +67,7 @@ def observe(model: Any, optimizer: Any, args: Any, train_dataloader: Any) -> dic
         "optimizer": "adamw_torch_fused" if defaults.get("fused") else type(_unwrap_optimizer(optimizer)).__name__
         if optimizer is not None else None,
         "dataloader_num_workers": getattr(train_dataloader, "num_workers", None),
-        "gradient_checkpointing": bool(getattr(model, "is_activation_checkpointing",
-                                               getattr(model, "is_gradient_checkpointing", False))),
+        "gradient_checkpointing": bool(checkpointing),
     }
 
 
