@@ -390,14 +390,14 @@ def main() -> None:
     for name, value, target, ok in targets:
         print(f"{name:<40} {value:>8.3g}  {target:<9} {'ok' if ok else 'MISSED'}")
 
-    results = RESULTS.with_name(RESULTS.stem + "_quick.json") if args.quick else RESULTS  # keep full figures
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({
+    out_path = RESULTS.with_name(RESULTS.stem + "_quick.json") if args.quick else RESULTS  # keep full figures
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({
         "quick": args.quick, "machine": machine(LIBRARIES),
         "targets": [{"name": a, "value": v, "target": t, "met": ok} for a, v, t, ok in targets],
         "storage": storage, "extraction": extraction, "probes": probes, "end_to_end": e2e,
     }, indent=2, default=str) + "\n")
-    print(f"Wrote {results}")
+    print(f"Wrote {out_path}")
 
 
 if __name__ == "__main__":

@@ -230,13 +230,13 @@ def main() -> None:
           f"save {resume['shards']} shards {resume['ours_save_shards_ms']:.0f} ms, compact "
           f"{resume['ours_compact_ms']:.0f} ms, SqliteDict fill {resume['sqlitedict_fill_ms']:.0f} ms)")
 
-    results = RESULTS.with_name(RESULTS.stem + "_quick.json") if args.quick else RESULTS  # keep full figures
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({
+    out_path = RESULTS.with_name(RESULTS.stem + "_quick.json") if args.quick else RESULTS  # keep full figures
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({
         "quick": args.quick, "machine": machine(LIBRARIES), "table": table,
         "run_hit": [hit_1k, hit_10k], "fingerprint": fp, "resume": resume,
     }, indent=2) + "\n")
-    print(f"Wrote {results}")
+    print(f"Wrote {out_path}")
 
 
 if __name__ == "__main__":

@@ -239,9 +239,9 @@ def main() -> None:
                      "32-128), so it computes more padding per step than dynamic padding; tokens/s counts real tokens.")
     print("\n" + "\n".join(f"- {n}" for n in notes) + f"\n(total {total_s:.0f} s)")
 
-    results = RESULTS.with_name(RESULTS.stem + "_quick.json") if args.quick else RESULTS  # keep full figures
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps({
+    out_path = RESULTS.with_name(RESULTS.stem + "_quick.json") if args.quick else RESULTS  # keep full figures
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps({
         "quick": args.quick, "machine": machine(LIBRARIES), "total_s": total_s,
         "setup": {"layers": layers, "hidden": hidden, "heads": heads, "vocab": vocab, "batch": BATCH, "lr": LR,
                   "seed": SEED, "steps": steps, "warmup": args.warmup, "runs": runs, "compile_runs": compile_runs,
@@ -249,7 +249,7 @@ def main() -> None:
         "plan_table": plan_table, "summary": summary, "notes": notes,
         "runs": {arm: [{k: v for k, v in r.items() if k != "plan_table"} for r in rs] for arm, rs in results.items()},
     }, indent=2, default=str) + "\n")
-    print(f"Wrote {results}")
+    print(f"Wrote {out_path}")
 
 
 if __name__ == "__main__":
