@@ -1,0 +1,206 @@
+"""A conversation's bytes on disk: validated ids, the cache settings, and one safetensors file per turn.
+
+Split from `token_cache` (the tiers and eviction) so each stays readable. Never pickle.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import re
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+
+from .errors import ConfigError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+_CONV_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_MANIFEST = "conversation.json"
+_TOUCH = ".last_access"
+_TOUCH_EVERY = 1.0  # seconds between last-access stamps of one conversation: reads stay (nearly) write-free
+_MAX_TURNS = 512  # turns the memory tier holds at most: each mapped turn keeps a file descriptor open
+_GIB = 1024**3
+_SUFFIX = {"none": ".safetensors", "lz4": ".safetensors.lz4", "zstd": ".safetensors.zst"}
+_PACKAGE = {"lz4": "lz4", "zstd": "zstandard"}
+_DTYPES: dict[str, np.dtype] = {"I32": np.dtype("int32"), "F16": np.dtype("float16"), "U16": np.dtype("uint16")}
+_HIDDEN_CODE = {"float16": "F16", "bfloat16": "U16"}  # bf16 travels as its raw 16 bits
+
+
+def validate_conv_id(conv_id: object) -> str:
+    """Return `conv_id` if it is 1-64 characters of [A-Za-z0-9_-]; checked before any path is built.
+
+    Raises:
+        ConfigError: for anything else (path separators, `..`, empty, over-long, NUL, not a string).
+    """
+    if not isinstance(conv_id, str) or not _CONV_ID.fullmatch(conv_id):
+        raise ConfigError(f"Invalid conversation id {conv_id!r}: use 1-64 characters from A-Z, a-z, 0-9, '_' and '-'.")
+    return conv_id
+
+
+@dataclass(frozen=True)
+class TokenCacheConfig:
+    """Sizes, place, codec and lifetimes of the token cache: the seed's `cache:` YAML block as data.
+
+    Example:
+        >>> TokenCacheConfig(memory_max_bytes=256 * 2**20, compression="none").prefetch_range
+        5
+    """
+
+    memory_max_bytes: int = _GIB
+    disk_max_bytes: int = 10 * _GIB
+    directory: str | None = None  # None: <cache root>/conversations, resolved when a TokenCache is made
+    compression: str = "none"  # "none" | "lz4" | "zstd": whole turn files, decoded per turn (fp16 gains 2-9%)
+    prefetch_range: int = 5  # neighbours a client should prefetch on each side of a clicked token
+    memory_ttl_seconds: float | None = 3600
+    disk_ttl_seconds: float | None = 7 * 86400
+
+    def __post_init__(self) -> None:
+        if self.compression not in _SUFFIX:
+            raise ConfigError(f"Unknown compression {self.compression!r}; use one of {', '.join(_SUFFIX)}.")
+        for name in ("memory_max_bytes", "disk_max_bytes", "prefetch_range"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} is {getattr(self, name)}; it must be 0 or more.")
+
+    @classmethod
+    def from_yaml_dict(cls, doc: Mapping[str, Any]) -> TokenCacheConfig:
+        """Read the seed's YAML structure (already parsed): `cache: {memory, disk, prefetch, ttl}`.
+
+        Raises:
+            ConfigError: for an unknown key or eviction policy.
+
+        Example:
+            >>> TokenCacheConfig.from_yaml_dict({"cache": {"disk": {"max_size_gb": 2}}}).disk_max_bytes
+            2147483648
+        """
+        block = doc.get("cache", doc)
+        allowed = {"memory": {"max_size_mb", "eviction_policy"}, "disk": {"max_size_gb", "directory", "compression"},
+                   "prefetch": {"enabled", "range"}, "ttl": {"memory_minutes", "disk_days"}}
+        for section, value in block.items():
+            unknown = set(value or {}) - allowed[section] if section in allowed else {section}
+            if unknown:
+                raise ConfigError(f"Unknown cache setting(s) {sorted(unknown)} in {section!r}; known: {allowed}.")
+        memory, disk = block.get("memory") or {}, block.get("disk") or {}
+        prefetch, ttl = block.get("prefetch") or {}, block.get("ttl") or {}
+        if memory.get("eviction_policy", "lru") != "lru":
+            raise ConfigError(f"eviction_policy {memory['eviction_policy']!r} is not supported; use lru.")
+        minutes, days = ttl.get("memory_minutes", 60), ttl.get("disk_days", 7)
+        return cls(
+            memory_max_bytes=int(memory.get("max_size_mb", 1024) * 2**20),
+            disk_max_bytes=int(disk.get("max_size_gb", 10) * _GIB),
+            directory=None if disk.get("directory") is None else str(disk["directory"]),
+            compression=str(disk.get("compression", "none")),
+            prefetch_range=int(prefetch.get("range", 5)) if prefetch.get("enabled", True) else 0,
+            memory_ttl_seconds=None if minutes is None else float(minutes) * 60,
+            disk_ttl_seconds=None if days is None else float(days) * 86400,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class TokenRecord:
+    """One cached token: its id and, for every layer, the hidden state and the lens's top-k predictions.
+
+    Arrays are read-only views into the cached turn; copy them before changing them.
+    """
+
+    conv_id: str
+    index: int
+    token_id: int
+    topk_ids: np.ndarray  # (layers, k) int32
+    topk_probs: np.ndarray  # (layers, k) float16
+    hidden: np.ndarray  # (layers, hidden) float16, or uint16 bf16 bits when hidden_dtype == "bfloat16"
+    hidden_dtype: str = "float16"
+
+
+class _Corrupt(Exception):
+    """A turn file disagrees with its manifest (truncated, edited, replaced)."""
+
+
+def _codec(name: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]] | None:
+    """(compress, decompress) for a codec name; None for "none"."""
+    try:
+        if name == "lz4":
+            import lz4.frame
+
+            return lz4.frame.compress, lz4.frame.decompress
+        if name == "zstd":
+            import zstandard
+
+            return zstandard.ZstdCompressor(level=3).compress, zstandard.ZstdDecompressor().decompress
+    except ImportError as exc:
+        raise MissingDependencyError(
+            f"compression={name!r} needs {_PACKAGE[name]}: pip install 'hf_cachehooks[compression]' "
+            f"(or pip install {_PACKAGE[name]}), or set compression to none."
+        ) from exc
+    return None
+
+
+def _check_turn(token_ids: Any, hidden: Any, topk_ids: Any, topk_probs: Any) -> tuple[dict[str, np.ndarray], str]:
+    """Read-only contiguous copies in the stored dtypes, and the hidden dtype tag."""
+    hid = np.asarray(hidden)
+    tag = {np.dtype(np.float16): "float16", np.dtype(np.uint16): "bfloat16"}.get(hid.dtype)
+    if tag is None or hid.ndim != 3 or hid.shape[0] == 0:
+        raise ConfigError(f"hidden must be (tokens > 0, layers, hidden) float16, or uint16 holding bfloat16 bits "
+                          f"(tensor.view(torch.uint16).numpy()); got {hid.dtype} {hid.shape}.")
+    t, layers = hid.shape[:2]
+    ids, top, probs = np.asarray(token_ids), np.asarray(topk_ids), np.asarray(topk_probs)
+    if ids.shape != (t,) or top.ndim != 3 or top.shape[:2] != (t, layers) or probs.shape != top.shape:
+        raise ConfigError(f"Shapes disagree: token_ids {ids.shape}, hidden {hid.shape}, topk_ids {top.shape}, "
+                          f"topk_probs {probs.shape}; expected (T,), (T, L, H), (T, L, K), (T, L, K).")
+    if not (np.issubdtype(ids.dtype, np.integer) and np.issubdtype(top.dtype, np.integer)):
+        raise ConfigError(f"token_ids and topk_ids must be integers; got {ids.dtype} and {top.dtype}.")
+    if not np.issubdtype(probs.dtype, np.floating):
+        raise ConfigError(f"topk_probs must be floating point; got {probs.dtype}.")
+    arrays = {"token_ids": np.array(ids, np.int32, order="C"), "hidden": np.array(hid, order="C"),  # own C copies:
+              "topk_ids": np.array(top, np.int32, order="C"),  # safetensors writes raw memory, strides ignored
+              "topk_probs": np.array(probs, np.float16, order="C")}
+    for array in arrays.values():
+        array.setflags(write=False)
+    return arrays, tag
+
+
+def _read_turn(path: Path, doc: dict, turn_no: int, row: int | None) -> dict[str, np.ndarray]:
+    """The whole turn (row None) or a copy of one token's rows (leading dim 1), checked against the manifest.
+
+    An uncompressed turn is memory-mapped, so promoting it costs no copy: its arrays are views of the page
+    cache. Turn files are only ever replaced by rename, never truncated in place, so a checked size stays true.
+    """
+    turn = doc["turns"][turn_no]
+    codec = _codec(turn["compression"])
+    with open(path, "rb") as handle:
+        if (size := os.fstat(handle.fileno()).st_size) != turn["bytes"]:
+            raise _Corrupt(f"{size} bytes, the manifest says {turn['bytes']}")
+        if codec is None:
+            raw: bytes | mmap.mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        else:
+            try:
+                raw = codec[1](handle.read())
+            except Exception as exc:  # each codec raises its own error type
+                raise _Corrupt(f"cannot decompress ({exc})") from exc
+    view, size = memoryview(raw), len(raw)
+    (head_len,) = struct.unpack("<Q", view[:8])  # struct.error / ValueError: the caller's miss
+    header = orjson.loads(bytes(view[8 : 8 + head_len])) if head_len <= min(size - 8, 1 << 20) else None
+    meta = header.get("__metadata__") or {} if isinstance(header, dict) else {}
+    if not isinstance(header, dict) or meta.get("uid") != doc["uid"] or meta.get("turn") != str(turn_no):
+        raise _Corrupt("header missing, or written for another conversation or turn")
+    t, layers, k = turn["count"], doc["layers"], doc["k"]
+    expect = {"token_ids": ("I32", [t]), "hidden": (_HIDDEN_CODE[doc["hidden_dtype"]], [t, layers, doc["hidden"]]),
+              "topk_ids": ("I32", [t, layers, k]), "topk_probs": ("F16", [t, layers, k])}
+    out = {}
+    for name, (code, shape) in expect.items():
+        entry, dtype = header.get(name) or {}, _DTYPES[code]
+        begin, end = (entry.get("data_offsets") or [0, -1])[:2]
+        if (entry.get("dtype") != code or entry.get("shape") != shape or begin < 0
+                or end - begin != dtype.itemsize * int(np.prod(shape)) or 8 + head_len + end > size):
+            raise _Corrupt(f"tensor {name} does not match the manifest ({entry})")
+        array = np.frombuffer(view[8 + head_len + begin : 8 + head_len + end], dtype).reshape(shape)
+        out[name] = array if row is None else array[row : row + 1].copy()  # a copy lets the mapping go
+    return out
