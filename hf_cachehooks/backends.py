@@ -68,29 +68,21 @@ class TransformersBackend:
     def complete(self, prompts: Sequence[str], sampling: Sampling) -> list[str | None]:
         import torch
 
+        from .runners import generate_texts
+
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
+        options: dict[str, Any] = {"max_new_tokens": sampling.max_tokens, "do_sample": sampling.temperature > 0}
+        if sampling.temperature > 0:
+            options["temperature"] = sampling.temperature
+            if sampling.top_p is not None:
+                options["top_p"] = sampling.top_p
         texts = self.render(prompts)
         out: list[str | None] = []
-        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        try:
-            for start in range(0, len(texts), self.batch_size):
-                batch = self.tokenizer(texts[start : start + self.batch_size], return_tensors="pt", padding=True,
-                                       add_special_tokens=not self.use_chat_template).to(self.model.device)
-                options: dict[str, Any] = {"max_new_tokens": sampling.max_tokens,
-                                           "do_sample": sampling.temperature > 0}
-                if sampling.temperature > 0:
-                    options["temperature"] = sampling.temperature
-                    if sampling.top_p is not None:
-                        options["top_p"] = sampling.top_p
-                with torch.no_grad():
-                    ids = self.model.generate(**batch, **options, pad_token_id=self.tokenizer.pad_token_id)
-                new = ids[:, batch["input_ids"].shape[1] :]  # (batch, new_tokens)
-                out += [text or None for text in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
-        finally:
-            self.tokenizer.padding_side = side
+        for start in range(0, len(texts), self.batch_size):
+            batch = generate_texts(self.model, self.tokenizer, texts[start : start + self.batch_size], options,
+                                   add_special_tokens=not self.use_chat_template)
+            out += [text or None for text in batch]
         return out
 
 

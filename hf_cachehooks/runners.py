@@ -63,25 +63,36 @@ def chat_texts(prompts: Sequence[str], tokenizer: Any, config: EvalConfig) -> li
     return texts
 
 
-def generate(model: Any, tokenizer: Any, prompts: Sequence[str], config: EvalConfig) -> list[str]:
-    """Greedy or sampled completions for one batch, left-padded, decoded without the prompt."""
+def generate_texts(model: Any, tokenizer: Any, texts: Sequence[str], options: dict[str, Any],
+                   add_special_tokens: bool = True) -> list[str]:
+    """Completions of already-rendered texts as one left-padded batch, decoded without the prompt.
+
+    Shared by `evaluate_model` and the generation cache's local backend.
+    """
     import torch
 
-    device = _device(model, config)
-    texts = chat_texts(prompts, tokenizer, config) if config.use_chat_template else list(prompts)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # right padding would put pad tokens between prompt and completion
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     try:
-        batch = tokenizer(texts, return_tensors="pt", padding=True,
-                          add_special_tokens=not config.use_chat_template).to(device)
+        batch = tokenizer(list(texts), return_tensors="pt", padding=True,
+                          add_special_tokens=add_special_tokens).to(next(model.parameters()).device)
     finally:
         tokenizer.padding_side = side
     with torch.no_grad():
-        out = model.generate(**batch, **config.generation_overrides(), pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**batch, **options, pad_token_id=tokenizer.pad_token_id)
     new_tokens = out[:, batch["input_ids"].shape[1] :]  # (batch, new_tokens)
-    return [text.strip() for text in tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], config: EvalConfig) -> list[str]:
+    """Greedy or sampled completions for one batch of prompts, stripped."""
+    _device(model, config)
+    texts = chat_texts(prompts, tokenizer, config) if config.use_chat_template else list(prompts)
+    completions = generate_texts(model, tokenizer, texts, config.generation_overrides(),
+                                 add_special_tokens=not config.use_chat_template)
+    return [text.strip() for text in completions]
 
 
 def classify(model: Any, tokenizer: Any, texts: Sequence[str], config: EvalConfig) -> list[int]:
