@@ -1,0 +1,45 @@
+"""Logit lens during generation equals a recompute over the full sequence; turns feed the token cache."""
+
+import numpy as np
+import torch
+
+from hf_cachehooks.lens import generate_turn, lens_topk
+from hf_cachehooks.token_cache import TokenCache
+from hf_cachehooks.token_files import TokenCacheConfig
+from tests.conftest import make_llama, make_tokenizer
+
+
+def _recompute(model, ids, k):
+    with torch.no_grad():
+        hidden = torch.stack(model(input_ids=ids, output_hidden_states=True).hidden_states, dim=2)[0]
+    return hidden, lens_topk(model, hidden, k)
+
+
+def test_lens_from_generation_equals_a_full_recompute():
+    model, tok = make_llama(layers=3), make_tokenizer()
+    ids = tok("what is the capital of france ?", return_tensors="pt")["input_ids"]
+    turn = generate_turn(model, tok, ids, cached_tokens=0, max_new_tokens=5, k=4, do_sample=False)
+    full = torch.cat([ids[0], torch.from_numpy(turn.token_ids[ids.shape[1]:]).long()])[None]
+    hidden, (top_ids, top_probs) = _recompute(model, full, 4)
+    assert turn.hidden.shape == (full.shape[1], 4, 16) and turn.topk_ids.shape == (full.shape[1], 4, 4)
+    assert np.allclose(turn.hidden, hidden.numpy(), atol=1e-2)  # every token, the last one included
+    assert (turn.topk_ids == top_ids.numpy()).mean() > 0.95  # fp noise may swap near-ties
+    assert np.allclose(turn.topk_probs, top_probs.numpy(), atol=1e-3)
+    # the last layer's top-1 is the model's own greedy prediction for the next token
+    assert (turn.topk_ids[ids.shape[1] - 1 : -1, -1, 0] == turn.token_ids[ids.shape[1]:]).all()
+
+
+def test_turns_append_to_the_token_cache_with_continuing_indices(tmp_path):
+    model, tok = make_llama(layers=2), make_tokenizer()
+    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    ids = tok("is the sky blue ?", return_tensors="pt")["input_ids"]
+    first = generate_turn(model, tok, ids, 0, max_new_tokens=3, k=3, do_sample=False)
+    start, end = cache.append_turn("c1", first.token_ids, first.hidden, first.topk_ids, first.topk_probs)
+    history = torch.cat([ids[0], torch.from_numpy(first.token_ids[ids.shape[1]:]).long(),
+                         tok(" yes", return_tensors="pt", add_special_tokens=False)["input_ids"][0]])[None]
+    second = generate_turn(model, tok, history, end, max_new_tokens=3, k=3, do_sample=False)
+    start2, end2 = cache.append_turn("c1", second.token_ids, second.hidden, second.topk_ids, second.topk_probs)
+    assert (start, start2) == (0, end) and end2 == end + len(second.token_ids)
+    record = cache.token("c1", end)  # the first token of the second turn
+    assert record.token_id == int(second.token_ids[0])
+    assert np.array_equal(record.topk_ids, second.topk_ids[0])
