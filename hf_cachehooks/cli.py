@@ -108,6 +108,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat_server(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .chat_server import create_app
+    from .token_cache import TokenCache
+    from .token_files import TokenCacheConfig
+
+    model, tokenizer = _load(args)
+    cache = TokenCache(TokenCacheConfig(directory=args.directory))
+    print(f"Chat API for {args.model} at http://{args.host}:{args.port}/api (cache: {cache.root})")
+    uvicorn.run(create_app(model, tokenizer, cache, k=args.top_k, max_new_tokens=args.max_new_tokens),
+                host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def _load(args: argparse.Namespace) -> tuple:
     """Model and tokenizer for the activation commands (weights are loaded only here)."""
     import torch
@@ -301,6 +316,17 @@ def build_parser() -> argparse.ArgumentParser:
     ana.add_argument("--layers")
     ana.add_argument("--visualize", action="store_true", help="write PNG plots")
     ana.set_defaults(run=cmd_analyze_probe)
+
+    chat = sub.add_parser("chat-server", help="HTTP API over the conversation token cache (logit lens per token)")
+    chat.add_argument("--model", required=True, help="model folder or Hub name")
+    chat.add_argument("--gguf-file")
+    chat.add_argument("--model-dtype", default="float32")
+    chat.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
+    chat.add_argument("--port", type=int, default=8000)
+    chat.add_argument("--directory", help="token cache folder (default: <cache root>/conversations)")
+    chat.add_argument("--top-k", type=int, default=10)
+    chat.add_argument("--max-new-tokens", type=int, default=64)
+    chat.set_defaults(run=cmd_chat_server, encoder=False)
 
     info = sub.add_parser("info", help="layers, examples, dtype, size and key inputs of an activation cache")
     info.add_argument("folder")

@@ -266,6 +266,11 @@ class TokenCache:
 
     # Managing --------------------------------------------------------------------------------------
 
+    def meta(self, conv_id: str) -> dict | None:
+        """The conversation's `meta` (merged over its turns), or None if it is unknown."""
+        doc = self._manifest(validate_conv_id(conv_id))
+        return None if doc is None else dict(doc.get("meta", {}))
+
     def conversations(self) -> list[dict]:
         """One row per conversation: conv_id, tokens, turns, bytes, pinned, last_access, created_at."""
         names = set(self._volatile)

@@ -1,0 +1,119 @@
+"""HTTP API over the conversation token cache (FastAPI, optional extra `server`); binds to 127.0.0.1.
+
+    POST   /api/chat/cached                          {"conversation_id"?, "message", "max_new_tokens"?}
+    GET    /api/cache/token/{conv_id}/{token_idx}?context_size=15
+    GET    /api/cache/status
+    GET    /api/conversations
+    POST   /api/conversations/{conv_id}/pin          {"pinned": true}
+    DELETE /api/conversations/{conv_id}
+
+A malformed conversation id is a 400 before any file is touched; an index out of range is a 404.
+Chat replies are generated with `lens.generate_turn`, so every token's lens is cached as it is made.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from typing import Any
+
+from .errors import ConfigError, MissingDependencyError
+from .lens import generate_turn
+from .token_cache import TokenCache
+from .token_files import validate_conv_id
+
+log = logging.getLogger(__name__)
+
+
+def _record_json(record: Any, tokenizer: Any) -> dict:
+    return {
+        "position": record.index,
+        "token_id": record.token_id,
+        "token": tokenizer.decode([record.token_id]),
+        "layers": [{"layer": layer,
+                    "top_k": [{"token": tokenizer.decode([int(i)]), "token_id": int(i), "prob": float(p)}
+                              for i, p in zip(ids, probs)]}
+                   for layer, (ids, probs) in enumerate(zip(record.topk_ids, record.topk_probs))],
+    }
+
+
+def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_new_tokens: int = 64) -> Any:
+    """The FastAPI app serving one model and its token cache."""
+    try:
+        import torch
+        from fastapi import Body, FastAPI, HTTPException
+    except ImportError as exc:
+        raise MissingDependencyError("The chat server needs FastAPI: pip install 'hf_cachehooks[server]'.") from exc
+
+    app = FastAPI(title="hf_cachehooks conversation cache")
+    generating = threading.Lock()  # one model: one generation at a time
+
+    def checked(conv_id: str) -> str:
+        try:
+            return validate_conv_id(conv_id)
+        except ConfigError as exc:
+            raise HTTPException(400, str(exc)) from None
+
+    @app.post("/api/chat/cached")
+    def chat(body: dict = Body(...)) -> dict:  # noqa: B008 (FastAPI's way to take a JSON body)
+        conv_id = checked(body.get("conversation_id") or uuid.uuid4().hex[:16])
+        message = body.get("message")
+        if not isinstance(message, str) or not message.strip():
+            raise HTTPException(400, "Send {'message': '<text>'} with a non-empty message.")
+        limit = int(body.get("max_new_tokens", max_new_tokens))
+        with generating:
+            messages = (cache.meta(conv_id) or {}).get("messages", [])
+            before = tokenizer.apply_chat_template(messages, tokenize=False) if messages else ""
+            after = tokenizer.apply_chat_template(messages + [{"role": "user", "content": message}],
+                                                  add_generation_prompt=True, tokenize=False)
+            if not after.startswith(before):
+                raise HTTPException(500, "The chat template does not render earlier turns identically.")
+            history = [r.token_id for r in cache.tokens(conv_id, 0, cache.length(conv_id))]
+            new = tokenizer(after[len(before):], add_special_tokens=not messages)["input_ids"]
+            input_ids = torch.tensor([history + list(new)])
+            turn = generate_turn(model, tokenizer, input_ids, len(history), max_new_tokens=limit, k=k,
+                                 do_sample=False)
+            messages = messages + [{"role": "user", "content": message},
+                                   {"role": "assistant", "content": turn.text.strip()}]
+            start, end = cache.append_turn(conv_id, turn.token_ids, turn.hidden, turn.topk_ids, turn.topk_probs,
+                                           meta={"messages": messages})
+        tokens = [{"position": start + i, "token": tokenizer.decode([int(t)])} for i, t in enumerate(turn.token_ids)]
+        return {"conversation_id": conv_id, "response": turn.text.strip(), "cached": True, "turn": [start, end],
+                "tokens": tokens}
+
+    @app.get("/api/cache/token/{conv_id}/{token_idx}")
+    def token(conv_id: str, token_idx: int, context_size: int = 15) -> dict:
+        conv_id = checked(conv_id)
+        record = cache.token(conv_id, token_idx)
+        if record is None:
+            raise HTTPException(404, f"No token {token_idx} in conversation {conv_id!r} "
+                                     f"(it has {cache.length(conv_id)} tokens).")
+        context = cache.tokens(conv_id, max(0, token_idx - max(0, min(context_size, 256))), token_idx)
+        return {"token_position": token_idx, "activations": _record_json(record, tokenizer),
+                "context": [{"position": r.index, "token": tokenizer.decode([r.token_id]),
+                             "prediction": tokenizer.decode([int(r.topk_ids[-1][0])])} for r in context]}
+
+    @app.get("/api/cache/status")
+    def status() -> dict:
+        return cache.status()
+
+    @app.get("/api/conversations")
+    def conversations() -> list:
+        return cache.conversations()
+
+    @app.post("/api/conversations/{conv_id}/pin")
+    def pin(conv_id: str, body: dict = Body(default={"pinned": True})) -> dict:  # noqa: B008
+        conv_id = checked(conv_id)
+        if not cache.pin(conv_id, bool(body.get("pinned", True))):
+            raise HTTPException(404, f"No conversation {conv_id!r}.")
+        return {"conversation_id": conv_id, "pinned": bool(body.get("pinned", True))}
+
+    @app.delete("/api/conversations/{conv_id}")
+    def delete(conv_id: str) -> dict:
+        conv_id = checked(conv_id)
+        if not cache.delete(conv_id):
+            raise HTTPException(404, f"No conversation {conv_id!r}.")
+        return {"conversation_id": conv_id, "deleted": True}
+
+    return app

@@ -1,0 +1,53 @@
+"""The HTTP API over real requests (FastAPI TestClient) on a tiny model: chat, token lens, validation."""
+
+import pytest
+
+pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from hf_cachehooks.chat_server import create_app  # noqa: E402
+from hf_cachehooks.token_cache import TokenCache  # noqa: E402
+from hf_cachehooks.token_files import TokenCacheConfig  # noqa: E402
+from tests.conftest import make_llama, make_tokenizer  # noqa: E402
+
+
+@pytest.fixture
+def client(tmp_path):
+    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    return TestClient(create_app(make_llama(layers=2), make_tokenizer(), cache, k=3, max_new_tokens=4))
+
+
+def test_chat_then_click_a_token_of_an_earlier_turn(client, tmp_path):
+    first = client.post("/api/chat/cached", json={"conversation_id": "c1", "message": "what is the capital ?"})
+    assert first.status_code == 200 and first.json()["turn"][0] == 0
+    end = first.json()["turn"][1]
+    second = client.post("/api/chat/cached", json={"conversation_id": "c1", "message": "is the sky blue ?"})
+    assert second.json()["turn"][0] == end  # indices continue across turns
+    lens = client.get("/api/cache/token/c1/2?context_size=2").json()
+    assert lens["token_position"] == 2 and len(lens["activations"]["layers"]) == 3  # embeddings + 2 blocks
+    assert len(lens["activations"]["layers"][0]["top_k"]) == 3 and [c["position"] for c in lens["context"]] == [0, 1]
+    # a fresh server over the same folder (a restart) serves the same lens
+    restarted = TestClient(create_app(make_llama(layers=2), make_tokenizer(),
+                                      TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv"))), k=3))
+    assert restarted.get("/api/cache/token/c1/2").json()["activations"] == lens["activations"]
+    assert client.get("/api/cache/status").json()["conversations"] == 1
+
+
+@pytest.mark.parametrize("bad", ["..", "a.b", "x" * 65, "a%2Fb"])
+def test_malformed_ids_are_400_and_out_of_range_is_404(client, tmp_path, bad):
+    assert client.get(f"/api/cache/token/{bad}/0").status_code in (400, 404)
+    assert client.post("/api/chat/cached", json={"conversation_id": bad, "message": "yes"}).status_code == 400
+    folder = tmp_path / "conv"
+    assert bad not in ({p.name for p in folder.iterdir()} if folder.exists() else set())  # never reached the disk
+    client.post("/api/chat/cached", json={"conversation_id": "ok", "message": "yes"})
+    assert client.get("/api/cache/token/ok/9999").status_code == 404
+    assert client.get("/api/cache/token/nope/0").status_code == 404
+
+
+def test_pin_list_and_delete(client):
+    client.post("/api/chat/cached", json={"conversation_id": "keep", "message": "yes"})
+    assert client.post("/api/conversations/keep/pin", json={"pinned": True}).json()["pinned"] is True
+    assert [c["pinned"] for c in client.get("/api/conversations").json()] == [True]
+    assert client.delete("/api/conversations/keep").status_code == 200
+    assert client.delete("/api/conversations/keep").status_code == 404
+    assert client.post("/api/chat/cached", json={"message": ""}).status_code == 400
