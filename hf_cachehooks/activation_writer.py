@@ -130,10 +130,9 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
         label_field = "type" if rows and "type" in rows[0] else "label"
     texts = [str(r[text_field]) for r in rows]
     if use_chat_template:
-        from .config import EvalConfig
         from .runners import chat_texts
 
-        texts = chat_texts(texts, tokenizer, EvalConfig(use_chat_template=True, system_prompt=system_prompt))
+        texts = chat_texts(texts, tokenizer, system_prompt)
     key = make_key("activations", {
         "model": model_identity(model), "tokenizer": tokenizer_identity(tokenizer),
         "data": {"fingerprint": fingerprint_data(rows), "n": len(rows), "text_field": text_field,

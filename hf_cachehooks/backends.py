@@ -60,10 +60,9 @@ class TransformersBackend:
         """The exact text the model sees (the `full_texts` start with it)."""
         if not self.use_chat_template:
             return list(prompts)
-        from .config import EvalConfig
         from .runners import chat_texts
 
-        return chat_texts(prompts, self.tokenizer, EvalConfig(use_chat_template=True, system_prompt=self.system_prompt))
+        return chat_texts(prompts, self.tokenizer, self.system_prompt)
 
     def complete(self, prompts: Sequence[str], sampling: Sampling) -> list[str | None]:
         import torch

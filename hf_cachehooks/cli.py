@@ -91,12 +91,10 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from .backends import TransformersBackend
-    from .config import EvalConfig
-    from .runners import load_model
     from .server import make_server
 
-    loaded = load_model(args.model, EvalConfig(gguf_file=args.gguf_file, model_dtype=args.dtype))
-    backend = TransformersBackend(loaded.model, loaded.tokenizer, use_chat_template=args.chat_template)
+    model, tokenizer = _load(args)
+    backend = TransformersBackend(model, tokenizer, use_chat_template=args.chat_template)
     server = make_server(backend, args.name or args.model, host="127.0.0.1", port=args.port)
     print(f"Serving {args.model} at http://127.0.0.1:{server.server_address[1]}/v1/completions (Ctrl-C to stop)")
     try:
@@ -124,7 +122,7 @@ def cmd_chat_server(args: argparse.Namespace) -> int:
 
 
 def _load(args: argparse.Namespace) -> tuple:
-    """Model and tokenizer for the activation commands (weights are loaded only here)."""
+    """Model and tokenizer for the commands that need one (weights are loaded only here)."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -231,11 +229,20 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _activation_args(p: argparse.ArgumentParser, model_required: bool) -> None:
-    p.add_argument("--model", required=model_required, help="model folder or Hub name")
+def _model_args(p: argparse.ArgumentParser, required: bool, dtype_flag: str = "--model-dtype",
+                encoder: bool = True) -> None:
+    """The flags `_load` reads: --model, --gguf-file, the load dtype and (for extraction) --encoder."""
+    p.add_argument("--model", required=required, help="model folder or Hub name")
     p.add_argument("--gguf-file")
-    p.add_argument("--model-dtype", default="float32", help="dtype to load the model in")
-    p.add_argument("--encoder", action="store_true", help="load with AutoModel (encoders such as MiniLM)")
+    p.add_argument(dtype_flag, dest="model_dtype", default="float32", help="dtype to load the model in")
+    if encoder:
+        p.add_argument("--encoder", action="store_true", help="load with AutoModel (encoders such as MiniLM)")
+    else:
+        p.set_defaults(encoder=False)  # generation needs a causal LM
+
+
+def _activation_args(p: argparse.ArgumentParser, model_required: bool) -> None:
+    _model_args(p, model_required)
     p.add_argument("--positions", choices=("last", "first", "mean", "all"), default="last")
     p.add_argument("--dtype", choices=("float16", "bfloat16", "float32"), default="float16",
                    help="storage dtype of the activations")
@@ -278,9 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(run=cmd_explain)
 
     serve = sub.add_parser("serve", help="a small OpenAI-compatible completion server on loopback (tests, laptops)")
-    serve.add_argument("--model", required=True, help="model folder or Hub name")
-    serve.add_argument("--gguf-file")
-    serve.add_argument("--dtype", default="float32")
+    _model_args(serve, required=True, dtype_flag="--dtype", encoder=False)
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--name", help="model name the server answers to (default: --model)")
     serve.add_argument("--chat-template", action="store_true", help="wrap each prompt in the chat template")
@@ -318,15 +323,13 @@ def build_parser() -> argparse.ArgumentParser:
     ana.set_defaults(run=cmd_analyze_probe)
 
     chat = sub.add_parser("chat-server", help="HTTP API over the conversation token cache (logit lens per token)")
-    chat.add_argument("--model", required=True, help="model folder or Hub name")
-    chat.add_argument("--gguf-file")
-    chat.add_argument("--model-dtype", default="float32")
+    _model_args(chat, required=True, encoder=False)
     chat.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
     chat.add_argument("--port", type=int, default=8000)
     chat.add_argument("--directory", help="token cache folder (default: <cache root>/conversations)")
     chat.add_argument("--top-k", type=int, default=10)
     chat.add_argument("--max-new-tokens", type=int, default=64)
-    chat.set_defaults(run=cmd_chat_server, encoder=False)
+    chat.set_defaults(run=cmd_chat_server)
 
     info = sub.add_parser("info", help="layers, examples, dtype, size and key inputs of an activation cache")
     info.add_argument("folder")

@@ -49,7 +49,7 @@ def _device(model: Any, config: EvalConfig) -> Any:
     return next(model.parameters()).device
 
 
-def chat_texts(prompts: Sequence[str], tokenizer: Any, config: EvalConfig) -> list[str]:
+def chat_texts(prompts: Sequence[str], tokenizer: Any, system_prompt: str | None = None) -> list[str]:
     """Wrap prompts in the tokenizer's chat template as one user turn (plus the system prompt)."""
     if not getattr(tokenizer, "chat_template", None):
         from .errors import ConfigError
@@ -57,7 +57,7 @@ def chat_texts(prompts: Sequence[str], tokenizer: Any, config: EvalConfig) -> li
         raise ConfigError("use_chat_template=True but this tokenizer has no chat_template; set it to False.")
     texts = []
     for prompt in prompts:
-        messages = [{"role": "system", "content": config.system_prompt}] if config.system_prompt else []
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
         messages.append({"role": "user", "content": prompt})
         texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
     return texts
@@ -89,7 +89,7 @@ def generate_texts(model: Any, tokenizer: Any, texts: Sequence[str], options: di
 def generate(model: Any, tokenizer: Any, prompts: Sequence[str], config: EvalConfig) -> list[str]:
     """Greedy or sampled completions for one batch of prompts, stripped."""
     _device(model, config)
-    texts = chat_texts(prompts, tokenizer, config) if config.use_chat_template else list(prompts)
+    texts = chat_texts(prompts, tokenizer, config.system_prompt) if config.use_chat_template else list(prompts)
     completions = generate_texts(model, tokenizer, texts, config.generation_overrides(),
                                  add_special_tokens=not config.use_chat_template)
     return [text.strip() for text in completions]
