@@ -3,7 +3,9 @@
     POST   /api/chat/cached                          {"conversation_id"?, "message", "max_new_tokens"?}
     GET    /api/cache/token/{conv_id}/{token_idx}?context_size=15
     GET    /api/cache/status
+    GET    /                                         the web page (hf_cachehooks/web/chat.html, no build step)
     GET    /api/conversations
+    GET    /api/conversations/{conv_id}                 every token (position, text), the turns and the messages
     POST   /api/conversations/{conv_id}/pin          {"pinned": true}
     DELETE /api/conversations/{conv_id}
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, MissingDependencyError
@@ -43,6 +46,7 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
     try:
         import torch
         from fastapi import Body, FastAPI, HTTPException
+        from fastapi.responses import HTMLResponse
     except ImportError as exc:
         raise MissingDependencyError("The chat server needs FastAPI: pip install 'hf_cachehooks[server]'.") from exc
 
@@ -96,7 +100,23 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
 
     @app.get("/api/cache/status")
     def status() -> dict:
-        return cache.status()
+        return {**cache.status(), "prefetch_range": cache.config.prefetch_range}
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> str:
+        return (Path(__file__).parent / "web" / "chat.html").read_text(encoding="utf-8")
+
+    @app.get("/api/conversations/{conv_id}")
+    def conversation(conv_id: str) -> dict:
+        conv_id = checked(conv_id)
+        meta = cache.meta(conv_id)
+        if meta is None:
+            raise HTTPException(404, f"No conversation {conv_id!r}.")
+        texts = tokenizer.batch_decode([[i] for i in cache.token_ids(conv_id).tolist()])
+        row = next((r for r in cache.conversations() if r["conv_id"] == conv_id), {})
+        return {"conversation_id": conv_id, "pinned": bool(row.get("pinned")), "messages": meta.get("messages", []),
+                "turns": [[t["start"], t["start"] + t["count"]] for t in cache.turns(conv_id)],
+                "tokens": [{"position": i, "token": text} for i, text in enumerate(texts)]}
 
     @app.get("/api/conversations")
     def conversations() -> list:

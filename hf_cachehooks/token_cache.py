@@ -233,24 +233,46 @@ class TokenCache:
         return TokenRecord(conv_id, index, int(arrays["token_ids"][row]), arrays["topk_ids"][row],
                            arrays["topk_probs"][row], arrays["hidden"][row], doc["hidden_dtype"])
 
-    def _from_disk(self, conv_id: str, doc: dict, turn_no: int, row: int) -> tuple[dict | None, int]:
+    def _from_disk(self, conv_id: str, doc: dict, turn_no: int, row: int | None) -> tuple[dict | None, int]:
+        """The turn's arrays from disk, promoted to memory; just `row` (as row 0) when the turn could not stay
+        in memory and a row is asked for."""
         turn = doc["turns"][turn_no]
         if turn["file"] is None:
-            return None, row  # a memory-only turn that the memory tier has let go
+            return None, 0  # a memory-only turn that the memory tier has let go
         path = self.root / conv_id / turn["file"]
         whole = turn["count"] * (doc["layers"] * (doc["hidden"] * 2 + doc["k"] * 6) + 4)
         try:
-            if whole > self.config.memory_max_bytes:  # the tier would not keep it: take just this row
+            if whole > self.config.memory_max_bytes and row is not None:  # the tier would not keep it
                 return _read_turn(path, doc, turn_no, row), 0
             arrays = _read_turn(path, doc, turn_no, None)
         except FileNotFoundError:
             log.debug("Turn file %s vanished (conversation deleted meanwhile); a miss.", path)
-            return None, row
+            return None, 0
         except (OSError, ValueError, TypeError, KeyError, struct.error, _Corrupt, MissingDependencyError) as exc:
             log.warning("Cannot read cached turn %s (%s); treating token as a miss.", path, exc)
-            return None, row
+            return None, 0
         self._memory.put((conv_id, doc["uid"], turn_no), arrays)
-        return arrays, row
+        return arrays, row or 0
+
+    def token_ids(self, conv_id: str) -> np.ndarray:
+        """Every token id of the conversation in order (int32; empty when it is unknown or a turn is unreadable).
+
+        Raises:
+            ConfigError: for a malformed conversation id.
+        """
+        validate_conv_id(conv_id)
+        found = self._manifest_and_starts(conv_id)
+        if found is None:
+            return np.zeros(0, np.int32)
+        doc, parts = found[0], []
+        for turn_no in range(len(doc["turns"])):
+            arrays = self._memory.get((conv_id, doc["uid"], turn_no))
+            if arrays is None:
+                arrays, _ = self._from_disk(conv_id, doc, turn_no, None)
+            if arrays is None:
+                return np.zeros(0, np.int32)
+            parts.append(arrays["token_ids"])
+        return np.concatenate(parts) if parts else np.zeros(0, np.int32)
 
     def tokens(self, conv_id: str, start: int, end: int) -> list[TokenRecord]:
         """Tokens in [start, end) that are cached, clipped to the conversation (for context windows)."""
@@ -265,6 +287,11 @@ class TokenCache:
         return 0 if doc is None else int(doc["tokens"])
 
     # Managing --------------------------------------------------------------------------------------
+
+    def turns(self, conv_id: str) -> list[dict]:
+        """The conversation's turns as stored in its manifest (start, count, bytes, file, ...); [] when unknown."""
+        doc = self._manifest(validate_conv_id(conv_id))
+        return [] if doc is None else [dict(t) for t in doc["turns"]]
 
     def meta(self, conv_id: str) -> dict | None:
         """The conversation's `meta` (merged over its turns), or None if it is unknown."""
