@@ -10,7 +10,11 @@
     DELETE /api/conversations/{conv_id}
 
 A malformed conversation id is a 400 before any file is touched; an index out of range is a 404.
-Chat replies are generated with `lens.generate_turn`, so every token's lens is cached as it is made.
+A chat reply is generated with `lens.generate_turn`, which keeps every token's hidden states from the
+generation's own forward passes; the reply returns once they are stored, and a `LensWorker` thread then
+computes and stores the turn's lens from them. A click that comes first gets its token's lens computed on
+the spot (`"lens": "computed"`, tens of ms on a CPU) instead of waiting. The model's KV cache of the most
+recent conversations stays in memory, so a new turn does not run the history again.
 """
 
 from __future__ import annotations
@@ -18,18 +22,19 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, MissingDependencyError
-from .lens import generate_turn
+from .lens import LensWorker, generate_turn
 from .token_cache import TokenCache
 from .token_files import validate_conv_id
 
 log = logging.getLogger(__name__)
 
 
-def _record_json(record: Any, tokenizer: Any) -> dict:
+def _record_json(record: Any, tokenizer: Any, topk_ids: Any, topk_probs: Any) -> dict:
     return {
         "position": record.index,
         "token_id": record.token_id,
@@ -37,12 +42,18 @@ def _record_json(record: Any, tokenizer: Any) -> dict:
         "layers": [{"layer": layer,
                     "top_k": [{"token": tokenizer.decode([int(i)]), "token_id": int(i), "prob": float(p)}
                               for i, p in zip(ids, probs)]}
-                   for layer, (ids, probs) in enumerate(zip(record.topk_ids, record.topk_probs))],
+                   for layer, (ids, probs) in enumerate(zip(topk_ids, topk_probs))],
     }
 
 
-def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_new_tokens: int = 64) -> Any:
-    """The FastAPI app serving one model and its token cache."""
+def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_new_tokens: int = 64,
+               keep_kv: int = 2) -> Any:
+    """The FastAPI app serving one model and its token cache.
+
+    Args:
+        k: lens predictions kept per layer.
+        keep_kv: conversations whose model KV cache stays in memory between turns (0: rerun the history).
+    """
     try:
         import torch
         from fastapi import Body, FastAPI, HTTPException
@@ -52,6 +63,12 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
 
     app = FastAPI(title="hf_cachehooks conversation cache")
     generating = threading.Lock()  # one model: one generation at a time
+    kv: OrderedDict[str, tuple[int, Any]] = OrderedDict()  # conv_id -> (tokens it holds, the model's cache)
+    lens = LensWorker(model, cache, k) if model is not None else None
+    app.state.lens_worker = lens
+    if lens is not None:
+        for conv_id, start, _ in cache.pending_lens():  # turns a stopped server left without a lens
+            lens.submit(conv_id, start)
 
     def checked(conv_id: str) -> str:
         try:
@@ -73,15 +90,24 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
                                                   add_generation_prompt=True, tokenize=False)
             if not after.startswith(before):
                 raise HTTPException(500, "The chat template does not render earlier turns identically.")
-            history = [r.token_id for r in cache.tokens(conv_id, 0, cache.length(conv_id))]
+            history = cache.token_ids(conv_id).tolist()
+            if len(history) != cache.length(conv_id):
+                raise HTTPException(503, f"Conversation {conv_id!r} has turns that can no longer be read "
+                                         "(evicted from memory after a failed disk write); start a new one.")
             new = tokenizer(after[len(before):], add_special_tokens=not messages)["input_ids"]
             input_ids = torch.tensor([history + list(new)])
-            turn = generate_turn(model, tokenizer, input_ids, len(history), max_new_tokens=limit, k=k,
-                                 do_sample=False)
+            held, past = kv.pop(conv_id, (0, None))
+            turn = generate_turn(model, tokenizer, input_ids, len(history), max_new_tokens=limit, k=None,
+                                 past_key_values=past if held == len(history) and history else None, do_sample=False)
             messages = messages + [{"role": "user", "content": message},
                                    {"role": "assistant", "content": turn.text.strip()}]
-            start, end = cache.append_turn(conv_id, turn.token_ids, turn.hidden, turn.topk_ids, turn.topk_probs,
-                                           meta={"messages": messages})
+            start, end = cache.append_turn(conv_id, turn.token_ids, turn.hidden, meta={"messages": messages})
+            if keep_kv > 0:
+                kv[conv_id] = (end, turn.past_key_values)
+                while len(kv) > keep_kv:
+                    kv.popitem(last=False)
+        if lens is not None:
+            lens.submit(conv_id, start)
         tokens = [{"position": start + i, "token": tokenizer.decode([int(t)])} for i, t in enumerate(turn.token_ids)]
         return {"conversation_id": conv_id, "response": turn.text.strip(), "cached": True, "turn": [start, end],
                 "tokens": tokens}
@@ -93,10 +119,19 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
         if record is None:
             raise HTTPException(404, f"No token {token_idx} in conversation {conv_id!r} "
                                      f"(it has {cache.length(conv_id)} tokens).")
+        topk_ids, topk_probs, source = record.topk_ids, record.topk_probs, "cached"
+        if topk_ids is None:
+            if lens is None:
+                raise HTTPException(503, "This token's lens is not computed yet and the server has no model; "
+                                         "start it with the model that wrote the conversation.")
+            topk_ids, topk_probs = lens.for_token(record.hidden, record.hidden_dtype)
+            source = "computed"
         context = cache.tokens(conv_id, max(0, token_idx - max(0, min(context_size, 256))), token_idx)
-        return {"token_position": token_idx, "activations": _record_json(record, tokenizer),
+        return {"token_position": token_idx, "lens": source,
+                "activations": _record_json(record, tokenizer, topk_ids, topk_probs),
                 "context": [{"position": r.index, "token": tokenizer.decode([r.token_id]),
-                             "prediction": tokenizer.decode([int(r.topk_ids[-1][0])])} for r in context]}
+                             "prediction": None if r.topk_ids is None else tokenizer.decode([int(r.topk_ids[-1][0])])}
+                            for r in context]}
 
     @app.get("/api/cache/status")
     def status() -> dict:
@@ -132,6 +167,8 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
     @app.delete("/api/conversations/{conv_id}")
     def delete(conv_id: str) -> dict:
         conv_id = checked(conv_id)
+        with generating:
+            kv.pop(conv_id, None)
         if not cache.delete(conv_id):
             raise HTTPException(404, f"No conversation {conv_id!r}.")
         return {"conversation_id": conv_id, "deleted": True}

@@ -3,10 +3,11 @@
     <directory, default <cache root>/conversations>/
     ├── .locks/<conv_id>.lock         appends to one conversation serialize on this lease
     └── <conv_id>/
-        ├── conversation.json         sealed manifest: turns (start, count, bytes, file), L, H, K, pinned, meta
+        ├── conversation.json         sealed manifest: turns (start, count, files, bytes, k), L, H, pinned, meta
         ├── .last_access              touched by reads; its mtime is the conversation's last access
-        └── turn-00000.safetensors    one turn, contiguous: token_ids (T,), hidden (T, L, H),
-                                      topk_ids (T, L, K), topk_probs (T, L, K)
+        ├── turn-00000.safetensors    one turn, contiguous: token_ids (T,), hidden (T, L, H)
+        └── lens-00000.safetensors    its lens: topk_ids (T, L, K), topk_probs (T, L, K); written with the
+                                      turn or later (add_lens), so a reply need not wait for its lens
 
 A lookup tries a byte-bounded LRU of turns in memory, else memory-maps the token's turn file, checks it
 against the manifest and promotes the turn (no copy: 0.1 ms for an 18 MB turn). Bytes on disk are
@@ -47,6 +48,7 @@ from .token_files import (
     FORMAT_VERSION,
     TokenCacheConfig,
     TokenRecord,
+    _check_lens,
     _check_turn,
     _codec,
     _Corrupt,
@@ -134,14 +136,15 @@ class TokenCache:
 
     # Writing ---------------------------------------------------------------------------------------
 
-    def append_turn(self, conv_id: str, token_ids: Any, hidden: Any, topk_ids: Any, topk_probs: Any,
+    def append_turn(self, conv_id: str, token_ids: Any, hidden: Any, topk_ids: Any = None, topk_probs: Any = None,
                     meta: Mapping[str, Any] | None = None) -> tuple[int, int]:
-        """Store one turn of T new tokens as one file; return its global token range [start, end).
+        """Store one turn of T new tokens contiguously; return its global token range [start, end).
 
         Args:
             token_ids: (T,) integers.
             hidden: (T, layers, hidden) float16, or uint16 holding bfloat16 bits.
-            topk_ids: (T, layers, k) integers; topk_probs: (T, layers, k) floats, stored as float16.
+            topk_ids: (T, layers, k) integers; topk_probs: (T, layers, k) floats, stored as float16. Both may be
+                left out and added later with `add_lens` (until then a token's record has topk_ids None).
             meta: JSON data merged into the conversation's `meta` (model name, ...).
 
         Raises:
@@ -159,28 +162,32 @@ class TokenCache:
             tag_folder(self.root)
         with self._lock_for(conv_id), lease(self.root / ".locks" / f"{conv_id}.lock") as locked:
             now = self._clock()
-            (_, layers, hidden_size), k = arrays["hidden"].shape, arrays["topk_ids"].shape[2]
-            dims = {"layers": layers, "hidden": hidden_size, "k": k, "hidden_dtype": tag}
+            _, layers, hidden_size = arrays["hidden"].shape
+            dims = {"layers": layers, "hidden": hidden_size, "hidden_dtype": tag}
             doc = self._manifest(conv_id) or {"format": FORMAT_VERSION, "conv_id": conv_id, "uid": uuid.uuid4().hex,
                                               "created_at": now, "pinned": False, "tokens": 0, "turns": [], "meta": {},
-                                              **dims}
+                                              "k": None, **dims}
             if {name: doc[name] for name in dims} != dims:
                 raise ConfigError(f"Conversation {conv_id} stores {({name: doc[name] for name in dims})}; this turn "
                                   f"has {dims}. Start a new conversation id for another model.")
             turn_no, start, count = len(doc["turns"]), doc["tokens"], len(arrays["token_ids"])
-            turn = {"file": None, "start": start, "count": count, "bytes": 0, "compression": self.config.compression,
-                    "created_at": now}
+            turn = {"file": None, "start": start, "count": count, "bytes": 0, "lens_file": None, "lens_bytes": 0,
+                    "k": None, "compression": self.config.compression, "created_at": now}
             new = {**doc, "tokens": start + count, "turns": [*doc["turns"], turn], "last_access": now,
                    "meta": {**doc["meta"], **extra, "hidden_dtype": tag}}
+            if "topk_ids" in arrays:
+                new["k"] = turn["k"] = self._check_k(conv_id, doc, arrays["topk_ids"].shape[2])
             if conv_id not in self._volatile:
                 try:
                     if not locked:
                         raise OSError("cannot take the conversation's lock")
-                    turn.update(self._write_turn(conv_id, doc["uid"], turn_no, arrays))
+                    turn.update(self._write_part(conv_id, doc["uid"], turn_no, arrays, lens=False))
+                    if "topk_ids" in arrays:
+                        turn.update(self._write_part(conv_id, doc["uid"], turn_no, arrays, lens=True))
                     if not write_entry(self.root / conv_id / _MANIFEST, new):
                         raise OSError("manifest not written")
                 except OSError as exc:
-                    turn.update(file=None, bytes=0)
+                    turn.update(file=None, bytes=0, lens_file=None, lens_bytes=0)
                     log.warning("Cannot write turn %d of conversation %s under %s (%s); keeping it in memory only.",
                                 turn_no, conv_id, self.root, exc)
             if turn["file"] is None:
@@ -189,17 +196,68 @@ class TokenCache:
         self.evict()
         return start, start + count
 
-    def _write_turn(self, conv_id: str, uid: str, turn_no: int, arrays: dict[str, np.ndarray]) -> dict:
+    def add_lens(self, conv_id: str, start: int, topk_ids: Any, topk_probs: Any) -> bool:
+        """Store the lens of the turn that begins at token `start` (stored earlier without one).
+
+        Returns:
+            False when the conversation or turn is gone (deleted or evicted meanwhile), else True.
+
+        Raises:
+            ConfigError: for shapes unlike the turn's (T, layers, k), or a k unlike the conversation's.
+        """
+        validate_conv_id(conv_id)
+        with self._lock_for(conv_id), lease(self.root / ".locks" / f"{conv_id}.lock") as locked:
+            doc = self._manifest(conv_id)
+            turn_no = next((i for i, t in enumerate(doc["turns"]) if t["start"] == start), None) if doc else None
+            if doc is None or turn_no is None:
+                return False
+            turn = doc["turns"][turn_no]
+            lens = _check_lens(topk_ids, topk_probs, turn["count"], doc["layers"])
+            k = self._check_k(conv_id, doc, lens["topk_ids"].shape[2])
+            new_turn = {**turn, "k": k}
+            if turn["file"] is not None:
+                try:
+                    if not locked:
+                        raise OSError("cannot take the conversation's lock")
+                    new_turn.update(self._write_part(conv_id, doc["uid"], turn_no, lens, lens=True))
+                except OSError as exc:
+                    log.warning("Cannot write the lens of turn %d of conversation %s (%s); it stays in memory.",
+                                turn_no, conv_id, exc)
+            turns = [*doc["turns"][:turn_no], new_turn, *doc["turns"][turn_no + 1 :]]
+            new = {**doc, "k": k, "turns": turns}
+            if conv_id in self._volatile:
+                self._volatile[conv_id] = new
+            elif new_turn["lens_file"] and not write_entry(self.root / conv_id / _MANIFEST, new):
+                log.warning("Cannot update the manifest of conversation %s; the lens of turn %d stays in memory.",
+                            conv_id, turn_no)
+            key = (conv_id, doc["uid"], turn_no)
+            arrays = self._memory.get(key)
+            if arrays is None and new_turn["file"] is not None:
+                arrays, _ = self._from_disk(conv_id, doc, turn_no, None)
+            if arrays is not None:
+                self._memory.put(key, {**arrays, **lens})
+        return True
+
+    def _check_k(self, conv_id: str, doc: dict, k: int) -> int:
+        if doc["k"] not in (None, k):
+            raise ConfigError(f"Conversation {conv_id} keeps top-{doc['k']} lens predictions; this lens has "
+                              f"top-{k}. Use one k per conversation.")
+        return k
+
+    def _write_part(self, conv_id: str, uid: str, turn_no: int, arrays: dict[str, np.ndarray], lens: bool) -> dict:
+        """Write a turn's hidden part or its lens part; return the manifest fields that name it."""
         try:
             from safetensors.numpy import save
         except ImportError as exc:
             raise MissingDependencyError("The token cache writes safetensors: pip install safetensors.") from exc
-        data = save(arrays, metadata={"format": "hf_cachehooks.token_cache", "uid": uid, "turn": str(turn_no)})
+        names = ("topk_ids", "topk_probs") if lens else ("token_ids", "hidden")
+        data = save({n: arrays[n] for n in names}, metadata={"format": "hf_cachehooks.token_cache", "uid": uid,
+                                                              "turn": f"{turn_no}-lens" if lens else str(turn_no)})
         if self._codec is not None:
             data = self._codec[0](data)
-        name = f"turn-{turn_no:05d}{_SUFFIX[self.config.compression]}"
+        name = f"{'lens' if lens else 'turn'}-{turn_no:05d}{_SUFFIX[self.config.compression]}"
         atomic_write(self.root / conv_id / name, data)
-        return {"file": name, "bytes": len(data)}
+        return {"lens_file": name, "lens_bytes": len(data)} if lens else {"file": name, "bytes": len(data)}
 
     # Reading ---------------------------------------------------------------------------------------
 
@@ -230,8 +288,9 @@ class TokenCache:
                 return None
             self._count("disk_hits")
         self._touch(conv_id)
-        return TokenRecord(conv_id, index, int(arrays["token_ids"][row]), arrays["topk_ids"][row],
-                           arrays["topk_probs"][row], arrays["hidden"][row], doc["hidden_dtype"])
+        lens = "topk_ids" in arrays
+        return TokenRecord(conv_id, index, int(arrays["token_ids"][row]), arrays["topk_ids"][row] if lens else None,
+                           arrays["topk_probs"][row] if lens else None, arrays["hidden"][row], doc["hidden_dtype"])
 
     def _from_disk(self, conv_id: str, doc: dict, turn_no: int, row: int | None) -> tuple[dict | None, int]:
         """The turn's arrays from disk, promoted to memory; just `row` (as row 0) when the turn could not stay
@@ -240,11 +299,11 @@ class TokenCache:
         if turn["file"] is None:
             return None, 0  # a memory-only turn that the memory tier has let go
         path = self.root / conv_id / turn["file"]
-        whole = turn["count"] * (doc["layers"] * (doc["hidden"] * 2 + doc["k"] * 6) + 4)
+        whole = turn["count"] * (doc["layers"] * (doc["hidden"] * 2 + (turn["k"] or 0) * 6) + 4)
         try:
             if whole > self.config.memory_max_bytes and row is not None:  # the tier would not keep it
-                return _read_turn(path, doc, turn_no, row), 0
-            arrays = _read_turn(path, doc, turn_no, None)
+                return _read_turn(path.parent, doc, turn_no, row), 0
+            arrays = _read_turn(path.parent, doc, turn_no, None)
         except FileNotFoundError:
             log.debug("Turn file %s vanished (conversation deleted meanwhile); a miss.", path)
             return None, 0
@@ -253,6 +312,22 @@ class TokenCache:
             return None, 0
         self._memory.put((conv_id, doc["uid"], turn_no), arrays)
         return arrays, row or 0
+
+    def turn_arrays(self, conv_id: str, start: int) -> dict[str, np.ndarray] | None:
+        """The whole turn that begins at token `start` (read-only arrays: token_ids, hidden, and topk_ids and
+        topk_probs once its lens is stored), from memory or disk; None when absent or unreadable."""
+        found = self._manifest_and_starts(validate_conv_id(conv_id))
+        if found is None or start not in found[1]:
+            return None
+        doc, turn_no = found[0], found[1].index(start)
+        arrays = self._memory.get((conv_id, doc["uid"], turn_no))
+        return arrays if arrays is not None else self._from_disk(conv_id, doc, turn_no, None)[0]
+
+    def pending_lens(self) -> list[tuple[str, int, int]]:
+        """(conv_id, start, end) of every stored turn still without its lens, oldest conversation first."""
+        rows = sorted(self.conversations(), key=lambda r: r["created_at"])
+        return [(r["conv_id"], t["start"], t["start"] + t["count"]) for r in rows
+                for t in self.turns(r["conv_id"]) if t["k"] is None]
 
     def token_ids(self, conv_id: str) -> np.ndarray:
         """Every token id of the conversation in order (int32; empty when it is unknown or a turn is unreadable).
@@ -308,7 +383,7 @@ class TokenCache:
             doc = self._manifest(conv_id)
             if doc is not None:
                 rows.append({"conv_id": conv_id, "tokens": doc["tokens"], "turns": len(doc["turns"]),
-                             "bytes": sum(t["bytes"] for t in doc["turns"]), "pinned": doc["pinned"],
+                             "bytes": sum(t["bytes"] + t["lens_bytes"] for t in doc["turns"]), "pinned": doc["pinned"],
                              "last_access": self._last_access(conv_id, doc), "created_at": doc["created_at"]})
         return rows
 

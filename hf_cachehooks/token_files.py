@@ -1,4 +1,8 @@
-"""A conversation's bytes on disk: validated ids, the cache settings, and one safetensors file per turn.
+"""A conversation's bytes on disk: validated ids, the cache settings, and per turn two safetensors files.
+
+A turn's `turn-NNNNN.safetensors` holds token_ids (T,) and hidden (T, L, H) and is memory-mapped on read;
+its `lens-NNNNN.safetensors` holds topk_ids and topk_probs (T, L, K), written with the turn or later (the
+chat server computes the lens after the reply) and read whole (it is about 5% of the turn).
 
 Split from `token_cache` (the tiers and eviction) so each stays readable. Never pickle.
 """
@@ -22,7 +26,7 @@ from .errors import ConfigError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _CONV_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MANIFEST = "conversation.json"
 _TOUCH = ".last_access"
@@ -114,8 +118,8 @@ class TokenRecord:
     conv_id: str
     index: int
     token_id: int
-    topk_ids: np.ndarray  # (layers, k) int32
-    topk_probs: np.ndarray  # (layers, k) float16
+    topk_ids: np.ndarray | None  # (layers, k) int32; None while the turn's lens is still being computed
+    topk_probs: np.ndarray | None  # (layers, k) float16; None likewise
     hidden: np.ndarray  # (layers, hidden) float16, or uint16 bf16 bits when hidden_dtype == "bfloat16"
     hidden_dtype: str = "float16"
 
@@ -143,43 +147,72 @@ def _codec(name: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes
     return None
 
 
-def _check_turn(token_ids: Any, hidden: Any, topk_ids: Any, topk_probs: Any) -> tuple[dict[str, np.ndarray], str]:
-    """Read-only contiguous copies in the stored dtypes, and the hidden dtype tag."""
+def _check_turn(token_ids: Any, hidden: Any, topk_ids: Any = None,
+                topk_probs: Any = None) -> tuple[dict[str, np.ndarray], str]:
+    """Read-only contiguous copies in the stored dtypes (the lens arrays only when given), and the hidden dtype tag."""
     hid = np.asarray(hidden)
     tag = {np.dtype(np.float16): "float16", np.dtype(np.uint16): "bfloat16"}.get(hid.dtype)
     if tag is None or hid.ndim != 3 or hid.shape[0] == 0:
         raise ConfigError(f"hidden must be (tokens > 0, layers, hidden) float16, or uint16 holding bfloat16 bits "
                           f"(tensor.view(torch.uint16).numpy()); got {hid.dtype} {hid.shape}.")
-    t, layers = hid.shape[:2]
-    ids, top, probs = np.asarray(token_ids), np.asarray(topk_ids), np.asarray(topk_probs)
-    if ids.shape != (t,) or top.ndim != 3 or top.shape[:2] != (t, layers) or probs.shape != top.shape:
-        raise ConfigError(f"Shapes disagree: token_ids {ids.shape}, hidden {hid.shape}, topk_ids {top.shape}, "
-                          f"topk_probs {probs.shape}; expected (T,), (T, L, H), (T, L, K), (T, L, K).")
-    if not (np.issubdtype(ids.dtype, np.integer) and np.issubdtype(top.dtype, np.integer)):
-        raise ConfigError(f"token_ids and topk_ids must be integers; got {ids.dtype} and {top.dtype}.")
-    if not np.issubdtype(probs.dtype, np.floating):
-        raise ConfigError(f"topk_probs must be floating point; got {probs.dtype}.")
-    arrays = {"token_ids": np.array(ids, np.int32, order="C"), "hidden": np.array(hid, order="C"),  # own C copies:
-              "topk_ids": np.array(top, np.int32, order="C"),  # safetensors writes raw memory, strides ignored
-              "topk_probs": np.array(probs, np.float16, order="C")}
-    for array in arrays.values():
+    ids = np.asarray(token_ids)
+    if ids.shape != hid.shape[:1] or not np.issubdtype(ids.dtype, np.integer):
+        raise ConfigError(f"token_ids must be integers of shape {hid.shape[:1]} (one per row of hidden); "
+                          f"got {ids.dtype} {ids.shape}.")
+    arrays = {"token_ids": np.array(ids, np.int32, order="C"), "hidden": np.array(hid, order="C")}  # own C copies:
+    for array in arrays.values():  # safetensors writes raw memory, strides ignored
         array.setflags(write=False)
+    if (topk_ids is None) != (topk_probs is None):
+        raise ConfigError("Pass both topk_ids and topk_probs, or neither (and add the lens later with add_lens).")
+    if topk_ids is not None:
+        arrays.update(_check_lens(topk_ids, topk_probs, hid.shape[0], hid.shape[1]))
     return arrays, tag
 
 
-def _read_turn(path: Path, doc: dict, turn_no: int, row: int | None) -> dict[str, np.ndarray]:
+def _check_lens(topk_ids: Any, topk_probs: Any, tokens: int, layers: int) -> dict[str, np.ndarray]:
+    """Read-only int32 / float16 copies of a turn's lens, (tokens, layers, k) each."""
+    top, probs = np.asarray(topk_ids), np.asarray(topk_probs)
+    if top.ndim != 3 or top.shape[:2] != (tokens, layers) or top.shape[2] == 0 or probs.shape != top.shape:
+        raise ConfigError(f"topk_ids {top.shape} and topk_probs {probs.shape} must both be (T={tokens}, "
+                          f"L={layers}, K>0), one row per token and layer of the turn.")
+    if not np.issubdtype(top.dtype, np.integer) or not np.issubdtype(probs.dtype, np.floating):
+        raise ConfigError(f"topk_ids must be integers and topk_probs floats; got {top.dtype} and {probs.dtype}.")
+    arrays: dict[str, np.ndarray] = {"topk_ids": np.array(top, np.int32, order="C"),
+                                     "topk_probs": np.array(probs, np.float16, order="C")}
+    for array in arrays.values():
+        array.setflags(write=False)
+    return arrays
+
+
+def _read_turn(folder: Path, doc: dict, turn_no: int, row: int | None) -> dict[str, np.ndarray]:
     """The whole turn (row None) or a copy of one token's rows (leading dim 1), checked against the manifest.
 
-    An uncompressed turn is memory-mapped, so promoting it costs no copy: its arrays are views of the page
-    cache. Turn files are only ever replaced by rename, never truncated in place, so a checked size stays true.
+    Without a lens file yet, the result has no topk_ids / topk_probs.
     """
-    turn = doc["turns"][turn_no]
+    turn, layers = doc["turns"][turn_no], doc["layers"]
+    t, tag = turn["count"], _HIDDEN_CODE[doc["hidden_dtype"]]
+    out = _read_part(folder / turn["file"], turn, turn["bytes"], doc["uid"], f"{turn_no}",
+                     {"token_ids": ("I32", [t]), "hidden": (tag, [t, layers, doc["hidden"]])}, row, mapped=True)
+    if turn.get("lens_file"):
+        shape = [t, layers, turn["k"]]
+        out.update(_read_part(folder / turn["lens_file"], turn, turn["lens_bytes"], doc["uid"], f"{turn_no}-lens",
+                              {"topk_ids": ("I32", shape), "topk_probs": ("F16", shape)}, row, mapped=False))
+    return out
+
+
+def _read_part(path: Path, turn: dict, nbytes: int, uid: str, part: str, expect: dict[str, tuple[str, list[int]]],
+               row: int | None, mapped: bool) -> dict[str, np.ndarray]:
+    """One safetensors file of a turn. Uncompressed and `mapped`, it is memory-mapped, so promoting it costs no
+    copy: its arrays are views of the page cache. Files are only ever replaced by rename, never truncated in
+    place, so a checked size stays true.
+    """
     codec = _codec(turn["compression"])
     with open(path, "rb") as handle:
-        if (size := os.fstat(handle.fileno()).st_size) != turn["bytes"]:
-            raise _Corrupt(f"{size} bytes, the manifest says {turn['bytes']}")
+        if (size := os.fstat(handle.fileno()).st_size) != nbytes:
+            raise _Corrupt(f"{size} bytes, the manifest says {nbytes}")
         if codec is None:
-            raw: bytes | mmap.mmap = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            raw: bytes | mmap.mmap = (mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if mapped
+                                      else handle.read())
         else:
             try:
                 raw = codec[1](handle.read())
@@ -189,11 +222,8 @@ def _read_turn(path: Path, doc: dict, turn_no: int, row: int | None) -> dict[str
     (head_len,) = struct.unpack("<Q", view[:8])  # struct.error / ValueError: the caller's miss
     header = orjson.loads(bytes(view[8 : 8 + head_len])) if head_len <= min(size - 8, 1 << 20) else None
     meta = header.get("__metadata__") or {} if isinstance(header, dict) else {}
-    if not isinstance(header, dict) or meta.get("uid") != doc["uid"] or meta.get("turn") != str(turn_no):
+    if not isinstance(header, dict) or meta.get("uid") != uid or meta.get("turn") != part:
         raise _Corrupt("header missing, or written for another conversation or turn")
-    t, layers, k = turn["count"], doc["layers"], doc["k"]
-    expect = {"token_ids": ("I32", [t]), "hidden": (_HIDDEN_CODE[doc["hidden_dtype"]], [t, layers, doc["hidden"]]),
-              "topk_ids": ("I32", [t, layers, k]), "topk_probs": ("F16", [t, layers, k])}
     out = {}
     for name, (code, shape) in expect.items():
         entry, dtype = header.get(name) or {}, _DTYPES[code]

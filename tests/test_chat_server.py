@@ -1,5 +1,8 @@
 """The HTTP API over real requests (FastAPI TestClient) on a tiny model: chat, token lens, validation."""
 
+import threading
+
+import numpy as np
 import pytest
 
 pytest.importorskip("fastapi")
@@ -51,3 +54,50 @@ def test_pin_list_and_delete(client):
     assert client.delete("/api/conversations/keep").status_code == 200
     assert client.delete("/api/conversations/keep").status_code == 404
     assert client.post("/api/chat/cached", json={"message": ""}).status_code == 400
+
+
+def test_the_reply_does_not_wait_for_the_lens_and_a_click_before_it_is_done_gets_the_same_lens(tmp_path):
+    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    app = create_app(make_llama(layers=2), make_tokenizer(), cache, k=3, max_new_tokens=4)
+    worker, client, gate = app.state.lens_worker, TestClient(app), threading.Event()
+    complete = worker._complete
+    worker._complete = lambda *turn: (gate.wait(30), complete(*turn))  # hold the worker back
+    reply = client.post("/api/chat/cached", json={"conversation_id": "c1", "message": "is the sky blue ?"})
+    assert reply.status_code == 200 and cache.pending_lens() == [("c1", *reply.json()["turn"])]
+    early = client.get("/api/cache/token/c1/1").json()
+    gate.set()
+    assert early["lens"] == "computed"
+    assert worker.wait(30) and cache.pending_lens() == []
+    late = client.get("/api/cache/token/c1/1").json()
+    assert late["lens"] == "cached" and late["activations"] == early["activations"]
+
+
+def test_a_restarted_server_completes_lenses_a_stopped_one_left_pending(tmp_path):
+    from hf_cachehooks.lens import generate_turn
+
+    model, tok = make_llama(layers=2), make_tokenizer()
+    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    turn = generate_turn(model, tok, tok("yes", return_tensors="pt")["input_ids"], 0, max_new_tokens=2, k=None)
+    cache.append_turn("c1", turn.token_ids, turn.hidden)  # the server stopped before its lens was stored
+    app = create_app(model, tok, TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv"))), k=3)
+    assert app.state.lens_worker.wait(30) and cache.pending_lens() == []
+    assert TestClient(app).get("/api/cache/token/c1/0").json()["lens"] == "cached"
+    no_model = TestClient(create_app(None, tok, TokenCache(TokenCacheConfig(directory=str(tmp_path / "other")))))
+    TokenCache(TokenCacheConfig(directory=str(tmp_path / "other"))).append_turn("c2", turn.token_ids, turn.hidden)
+    answer = no_model.get("/api/cache/token/c2/0")
+    assert answer.status_code == 503 and "no model" in answer.json()["detail"]
+
+
+def test_turns_continued_from_the_kept_kv_cache_equal_turns_that_rerun_the_history(tmp_path):
+    def run(keep_kv, folder):
+        cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / folder)))
+        client = TestClient(create_app(make_llama(layers=2), make_tokenizer(), cache, k=3, max_new_tokens=4,
+                                       keep_kv=keep_kv))
+        for message in ("is the sky blue ?", "what is the capital ?", "yes"):
+            client.post("/api/chat/cached", json={"conversation_id": "c", "message": message})
+        return cache
+
+    kept, rerun = run(2, "kept"), run(0, "rerun")
+    assert np.array_equal(kept.token_ids("c"), rerun.token_ids("c"))
+    last = kept.length("c") - 1
+    assert np.allclose(kept.token("c", last).hidden, rerun.token("c", last).hidden, atol=1e-2)

@@ -1,9 +1,10 @@
 """Logit lens during generation equals a recompute over the full sequence; turns feed the token cache."""
 
 import numpy as np
+import pytest
 import torch
 
-from hf_cachehooks.lens import generate_turn, lens_topk
+from hf_cachehooks.lens import LensWorker, generate_turn, lens_topk
 from hf_cachehooks.token_cache import TokenCache
 from hf_cachehooks.token_files import TokenCacheConfig
 from tests.conftest import make_llama, make_tokenizer
@@ -43,3 +44,40 @@ def test_turns_append_to_the_token_cache_with_continuing_indices(tmp_path):
     record = cache.token("c1", end)  # the first token of the second turn
     assert record.token_id == int(second.token_ids[0])
     assert np.array_equal(record.topk_ids, second.topk_ids[0])
+
+
+def test_a_turn_continued_from_its_kv_cache_equals_one_that_reruns_the_history():
+    model, tok = make_llama(layers=2), make_tokenizer()
+    ids = tok("is the sky blue ?", return_tensors="pt")["input_ids"]
+    first = generate_turn(model, tok, ids, 0, max_new_tokens=3, k=None, do_sample=False)
+    assert first.topk_ids is None and first.past_key_values.get_seq_length() == len(first.token_ids)
+    history = torch.cat([torch.from_numpy(first.token_ids).long(),
+                         tok("what is the capital ?", return_tensors="pt", add_special_tokens=False)["input_ids"][0]])
+    cached = len(first.token_ids)
+    reused = generate_turn(model, tok, history[None], cached, max_new_tokens=3, k=3,
+                           past_key_values=first.past_key_values, do_sample=False)
+    rerun = generate_turn(model, tok, history[None], cached, max_new_tokens=3, k=3, do_sample=False)
+    assert np.array_equal(reused.token_ids, rerun.token_ids) and reused.hidden.shape == rerun.hidden.shape
+    assert np.allclose(reused.hidden, rerun.hidden, atol=1e-2)
+    assert reused.past_key_values.get_seq_length() == cached + len(reused.token_ids)
+    with pytest.raises(RuntimeError, match="cached_tokens"):  # a cache that does not hold the history
+        generate_turn(model, tok, history[None], cached - 1, max_new_tokens=2, k=None,
+                      past_key_values=generate_turn(model, tok, ids, 0, max_new_tokens=3, k=None,
+                                                    do_sample=False).past_key_values, do_sample=False)
+
+
+def test_lens_worker_completes_turns_stored_without_a_lens(tmp_path):
+    model, tok = make_llama(layers=2), make_tokenizer()
+    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    ids = tok("is the sky blue ?", return_tensors="pt")["input_ids"]
+    turn = generate_turn(model, tok, ids, 0, max_new_tokens=3, k=None, do_sample=False)
+    start, end = cache.append_turn("c1", turn.token_ids, turn.hidden)
+    worker = LensWorker(model, cache, k=3, chunk=2)  # chunks smaller than the turn
+    on_click = worker.for_token(cache.token("c1", 1).hidden, "float16")
+    worker.submit("c1", start)
+    worker.submit("gone", 0)  # a deleted conversation is skipped, not an error
+    assert worker.wait(30)
+    expected = lens_topk(model, torch.from_numpy(turn.hidden), 3)
+    record = cache.token("c1", 1)
+    assert np.array_equal(record.topk_ids, expected[0][1].numpy()) and cache.pending_lens() == []
+    assert np.array_equal(on_click[0], record.topk_ids) and np.allclose(on_click[1], record.topk_probs)

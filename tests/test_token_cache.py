@@ -97,9 +97,42 @@ def test_turn_files_are_plain_safetensors(folder):
     from safetensors.numpy import load_file
 
     cache_at(folder).append_turn("c", *make_turn(0, 3))
-    loaded = load_file(folder / "c" / "turn-00000.safetensors")
+    loaded = load_file(folder / "c" / "turn-00000.safetensors") | load_file(folder / "c" / "lens-00000.safetensors")
     assert {k: v.shape for k, v in loaded.items()} == {
         "token_ids": (3,), "hidden": (3, L, H), "topk_ids": (3, L, K), "topk_probs": (3, L, K)}
+
+
+def test_a_turn_stored_without_its_lens_gets_it_later_in_memory_and_on_disk(folder):
+    token_ids, hidden, topk_ids, topk_probs = make_turn(0, 4)
+    cache = cache_at(folder)
+    cache.append_turn("c", token_ids, hidden)
+    record = cache.token("c", 2)
+    assert record.topk_ids is None and record.topk_probs is None and record.token_id == token_ids[2]
+    assert cache.pending_lens() == [("c", 0, 4)] and not (folder / "c" / "lens-00000.safetensors").exists()
+    assert cache_at(folder).token("c", 1).topk_ids is None  # a restart sees the same pending turn
+
+    assert cache.add_lens("c", 0, topk_ids, topk_probs) is True
+    check(cache.token("c", 2), 0, 4, 2)  # the memory tier now has the lens
+    assert cache.pending_lens() == []
+    check(cache_at(folder).token("c", 3), 0, 4, 3)  # and so does the disk
+    assert cache.add_lens("c", 99, topk_ids, topk_probs) is False  # no turn starts there
+    assert cache.add_lens("gone", 0, topk_ids, topk_probs) is False
+    with pytest.raises(ConfigError, match="T=4"):
+        cache.add_lens("c", 0, topk_ids[:2], topk_probs[:2])
+    with pytest.raises(ConfigError, match="top-4"):  # one k per conversation
+        cache.append_turn("c", *make_turn(4, 2)[:2], np.zeros((2, L, 5), np.int32), np.zeros((2, L, 5)))
+    with pytest.raises(ConfigError, match="both"):
+        cache.append_turn("c", *make_turn(4, 2)[:3])
+
+
+def test_a_lens_file_from_another_turn_is_a_miss_not_a_wrong_answer(folder, warnings_log):
+    cache = cache_at(folder)
+    cache.append_turn("c", *make_turn(0, 3))
+    cache.append_turn("c", *make_turn(3, 3))
+    lens0, lens1 = folder / "c" / "lens-00000.safetensors", folder / "c" / "lens-00001.safetensors"
+    lens1.write_bytes(lens0.read_bytes())  # same size, the other turn's predictions
+    assert cache_at(folder).token("c", 4) is None
+    assert "another conversation or turn" in warnings_log.text
 
 
 def test_memory_hit_then_disk_hit_after_a_restart(folder):
