@@ -19,12 +19,18 @@ recent conversations stays in memory, so a new turn does not run the history aga
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+import orjson
 
 from .errors import ConfigError, MissingDependencyError
 from .lens import LensWorker, generate_turn
@@ -34,14 +40,14 @@ from .token_files import validate_conv_id
 log = logging.getLogger(__name__)
 
 
-def _record_json(record: Any, tokenizer: Any, topk_ids: Any, topk_probs: Any) -> dict:
+def _record_json(record: Any, text: Callable[[int], str], topk_ids: Any, topk_probs: Any) -> dict:
     return {
         "position": record.index,
         "token_id": record.token_id,
-        "token": tokenizer.decode([record.token_id]),
+        "token": text(record.token_id),
         "layers": [{"layer": layer,
-                    "top_k": [{"token": tokenizer.decode([int(i)]), "token_id": int(i), "prob": float(p)}
-                              for i, p in zip(ids, probs)]}
+                    "top_k": [{"token": text(i), "token_id": i, "prob": p}
+                              for i, p in zip(ids.tolist(), probs.astype(np.float32).tolist())]}
                    for layer, (ids, probs) in enumerate(zip(topk_ids, topk_probs))],
     }
 
@@ -57,11 +63,12 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
     try:
         import torch
         from fastapi import Body, FastAPI, HTTPException
-        from fastapi.responses import HTMLResponse
+        from fastapi.responses import HTMLResponse, Response
     except ImportError as exc:
         raise MissingDependencyError("The chat server needs FastAPI: pip install 'hf_cachehooks[server]'.") from exc
 
     app = FastAPI(title="hf_cachehooks conversation cache")
+    text = functools.lru_cache(maxsize=1 << 17)(lambda token_id: tokenizer.decode([token_id]))  # at most the vocab
     generating = threading.Lock()  # one model: one generation at a time
     kv: OrderedDict[str, tuple[int, Any]] = OrderedDict()  # conv_id -> (tokens it holds, the model's cache)
     lens = LensWorker(model, cache, k) if model is not None else None
@@ -108,17 +115,19 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
                     kv.popitem(last=False)
         if lens is not None:
             lens.submit(conv_id, start)
-        tokens = [{"position": start + i, "token": tokenizer.decode([int(t)])} for i, t in enumerate(turn.token_ids)]
+        tokens = [{"position": start + i, "token": text(t)} for i, t in enumerate(turn.token_ids.tolist())]
         return {"conversation_id": conv_id, "response": turn.text.strip(), "cached": True, "turn": [start, end],
                 "tokens": tokens}
 
     @app.get("/api/cache/token/{conv_id}/{token_idx}")
-    def token(conv_id: str, token_idx: int, context_size: int = 15) -> dict:
+    def token(conv_id: str, token_idx: int, context_size: int = 15) -> Response:
+        began = time.perf_counter()
         conv_id = checked(conv_id)
         record = cache.token(conv_id, token_idx)
         if record is None:
             raise HTTPException(404, f"No token {token_idx} in conversation {conv_id!r} "
                                      f"(it has {cache.length(conv_id)} tokens).")
+        looked_up = time.perf_counter()
         topk_ids, topk_probs, source = record.topk_ids, record.topk_probs, "cached"
         if topk_ids is None:
             if lens is None:
@@ -127,11 +136,14 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
             topk_ids, topk_probs = lens.for_token(record.hidden, record.hidden_dtype)
             source = "computed"
         context = cache.tokens(conv_id, max(0, token_idx - max(0, min(context_size, 256))), token_idx)
-        return {"token_position": token_idx, "lens": source,
-                "activations": _record_json(record, tokenizer, topk_ids, topk_probs),
-                "context": [{"position": r.index, "token": tokenizer.decode([r.token_id]),
-                             "prediction": None if r.topk_ids is None else tokenizer.decode([int(r.topk_ids[-1][0])])}
-                            for r in context]}
+        body = orjson.dumps({
+            "token_position": token_idx, "lens": source,
+            "activations": _record_json(record, text, topk_ids, topk_probs),
+            "context": [{"position": r.index, "token": text(r.token_id),
+                         "prediction": None if r.topk_ids is None else text(int(r.topk_ids[-1][0]))} for r in context]})
+        done = time.perf_counter()
+        timing = f"lookup;dur={(looked_up - began) * 1e3:.3f}, handler;dur={(done - began) * 1e3:.3f}"
+        return Response(body, media_type="application/json", headers={"Server-Timing": timing})
 
     @app.get("/api/cache/status")
     def status() -> dict:

@@ -268,41 +268,55 @@ class TokenCache:
             ConfigError: for a malformed conversation id (a missing one is simply None).
             TypeError: for an index that is not an integer.
         """
-        validate_conv_id(conv_id)
         index = operator.index(index)
-        found = self._manifest_and_starts(conv_id)
-        if found is None or not 0 <= index < found[0]["tokens"]:
+        records = self.tokens(conv_id, index, index + 1)
+        if not records and not 0 <= index < self.length(conv_id):
             self._count("misses")
-            return None
-        doc, starts = found
-        turn_no = bisect.bisect_right(starts, index) - 1
-        row = index - starts[turn_no]
-        key = (conv_id, doc["uid"], turn_no)
-        arrays = self._memory.get(key)
-        if arrays is not None:
-            self._count("memory_hits")
-        else:
-            arrays, row = self._from_disk(conv_id, doc, turn_no, row)
-            if arrays is None:
-                self._count("misses")
-                return None
-            self._count("disk_hits")
-        self._touch(conv_id)
-        lens = "topk_ids" in arrays
-        return TokenRecord(conv_id, index, int(arrays["token_ids"][row]), arrays["topk_ids"][row] if lens else None,
-                           arrays["topk_probs"][row] if lens else None, arrays["hidden"][row], doc["hidden_dtype"])
+        return records[0] if records else None
 
-    def _from_disk(self, conv_id: str, doc: dict, turn_no: int, row: int | None) -> tuple[dict | None, int]:
-        """The turn's arrays from disk, promoted to memory; just `row` (as row 0) when the turn could not stay
-        in memory and a row is asked for."""
+    def tokens(self, conv_id: str, start: int, end: int) -> list[TokenRecord]:
+        """Tokens in [start, end) that are cached, clipped to the conversation (for context windows).
+
+        A turn missing from memory is read once for the whole range, not once per token.
+        """
+        found = self._manifest_and_starts(validate_conv_id(conv_id))
+        if found is None:
+            return []
+        (doc, starts), records = found, []
+        index, end = max(0, operator.index(start)), min(operator.index(end), doc["tokens"])
+        while index < end:
+            turn_no = bisect.bisect_right(starts, index) - 1
+            base = starts[turn_no]
+            first, stop = index - base, min(end, base + doc["turns"][turn_no]["count"]) - base
+            index = base + stop
+            arrays, offset = self._memory.get((conv_id, doc["uid"], turn_no)), 0
+            if arrays is not None:
+                self._count("memory_hits", stop - first)
+            else:
+                arrays, offset = self._from_disk(conv_id, doc, turn_no, slice(first, stop))
+                self._count("misses" if arrays is None else "disk_hits", stop - first)
+                if arrays is None:
+                    continue
+            lens = "topk_ids" in arrays
+            records += [TokenRecord(conv_id, base + row, int(arrays["token_ids"][row - offset]),
+                                    arrays["topk_ids"][row - offset] if lens else None,
+                                    arrays["topk_probs"][row - offset] if lens else None,
+                                    arrays["hidden"][row - offset], doc["hidden_dtype"]) for row in range(first, stop)]
+        if records:
+            self._touch(conv_id)
+        return records
+
+    def _from_disk(self, conv_id: str, doc: dict, turn_no: int, rows: slice | None) -> tuple[dict | None, int]:
+        """The turn's arrays from disk, promoted to memory, and 0; or, when the turn could not stay in memory
+        and `rows` are asked for, copies of just those rows and the turn row the first of them is."""
         turn = doc["turns"][turn_no]
         if turn["file"] is None:
             return None, 0  # a memory-only turn that the memory tier has let go
         path = self.root / conv_id / turn["file"]
         whole = turn["count"] * (doc["layers"] * (doc["hidden"] * 2 + (turn["k"] or 0) * 6) + 4)
         try:
-            if whole > self.config.memory_max_bytes and row is not None:  # the tier would not keep it
-                return _read_turn(path.parent, doc, turn_no, row), 0
+            if whole > self.config.memory_max_bytes and rows is not None:  # the tier would not keep it
+                return _read_turn(path.parent, doc, turn_no, rows), rows.start
             arrays = _read_turn(path.parent, doc, turn_no, None)
         except FileNotFoundError:
             log.debug("Turn file %s vanished (conversation deleted meanwhile); a miss.", path)
@@ -311,7 +325,7 @@ class TokenCache:
             log.warning("Cannot read cached turn %s (%s); treating token as a miss.", path, exc)
             return None, 0
         self._memory.put((conv_id, doc["uid"], turn_no), arrays)
-        return arrays, row or 0
+        return arrays, 0
 
     def turn_arrays(self, conv_id: str, start: int) -> dict[str, np.ndarray] | None:
         """The whole turn that begins at token `start` (read-only arrays: token_ids, hidden, and topk_ids and
@@ -348,12 +362,6 @@ class TokenCache:
                 return np.zeros(0, np.int32)
             parts.append(arrays["token_ids"])
         return np.concatenate(parts) if parts else np.zeros(0, np.int32)
-
-    def tokens(self, conv_id: str, start: int, end: int) -> list[TokenRecord]:
-        """Tokens in [start, end) that are cached, clipped to the conversation (for context windows)."""
-        end = min(end, self.length(conv_id))
-        found = (self.token(conv_id, i) for i in range(max(0, start), end))
-        return [record for record in found if record is not None]
 
     def length(self, conv_id: str) -> int:
         """Number of tokens stored for the conversation (0 when unknown)."""
@@ -466,9 +474,9 @@ class TokenCache:
         with self._guard:
             return self._locks.setdefault(conv_id, threading.Lock())
 
-    def _count(self, name: str) -> None:
+    def _count(self, name: str, n: int = 1) -> None:
         with self._guard:
-            self._stats[name] += 1
+            self._stats[name] += n
 
     def _manifest(self, conv_id: str) -> dict | None:
         found = self._manifest_and_starts(conv_id)

@@ -184,24 +184,24 @@ def _check_lens(topk_ids: Any, topk_probs: Any, tokens: int, layers: int) -> dic
     return arrays
 
 
-def _read_turn(folder: Path, doc: dict, turn_no: int, row: int | None) -> dict[str, np.ndarray]:
-    """The whole turn (row None) or a copy of one token's rows (leading dim 1), checked against the manifest.
+def _read_turn(folder: Path, doc: dict, turn_no: int, rows: slice | None) -> dict[str, np.ndarray]:
+    """The whole turn (rows None) or copies of some tokens' rows, checked against the manifest.
 
     Without a lens file yet, the result has no topk_ids / topk_probs.
     """
     turn, layers = doc["turns"][turn_no], doc["layers"]
     t, tag = turn["count"], _HIDDEN_CODE[doc["hidden_dtype"]]
     out = _read_part(folder / turn["file"], turn, turn["bytes"], doc["uid"], f"{turn_no}",
-                     {"token_ids": ("I32", [t]), "hidden": (tag, [t, layers, doc["hidden"]])}, row, mapped=True)
+                     {"token_ids": ("I32", [t]), "hidden": (tag, [t, layers, doc["hidden"]])}, rows, mapped=True)
     if turn.get("lens_file"):
         shape = [t, layers, turn["k"]]
         out.update(_read_part(folder / turn["lens_file"], turn, turn["lens_bytes"], doc["uid"], f"{turn_no}-lens",
-                              {"topk_ids": ("I32", shape), "topk_probs": ("F16", shape)}, row, mapped=False))
+                              {"topk_ids": ("I32", shape), "topk_probs": ("F16", shape)}, rows, mapped=False))
     return out
 
 
 def _read_part(path: Path, turn: dict, nbytes: int, uid: str, part: str, expect: dict[str, tuple[str, list[int]]],
-               row: int | None, mapped: bool) -> dict[str, np.ndarray]:
+               rows: slice | None, mapped: bool) -> dict[str, np.ndarray]:
     """One safetensors file of a turn. Uncompressed and `mapped`, it is memory-mapped, so promoting it costs no
     copy: its arrays are views of the page cache. Files are only ever replaced by rename, never truncated in
     place, so a checked size stays true.
@@ -210,9 +210,12 @@ def _read_part(path: Path, turn: dict, nbytes: int, uid: str, part: str, expect:
     with open(path, "rb") as handle:
         if (size := os.fstat(handle.fileno()).st_size) != nbytes:
             raise _Corrupt(f"{size} bytes, the manifest says {nbytes}")
-        if codec is None:
-            raw: bytes | mmap.mmap = (mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) if mapped
-                                      else handle.read())
+        if codec is None and mapped:
+            mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+            mapping.madvise(mmap.MADV_RANDOM)  # a click reads one token's rows: no read-ahead of the whole turn
+            raw: bytes | mmap.mmap = mapping
+        elif codec is None:
+            raw = handle.read()
         else:
             try:
                 raw = codec[1](handle.read())
@@ -232,5 +235,5 @@ def _read_part(path: Path, turn: dict, nbytes: int, uid: str, part: str, expect:
                 or end - begin != dtype.itemsize * int(np.prod(shape)) or 8 + head_len + end > size):
             raise _Corrupt(f"tensor {name} does not match the manifest ({entry})")
         array = np.frombuffer(view[8 + head_len + begin : 8 + head_len + end], dtype).reshape(shape)
-        out[name] = array if row is None else array[row : row + 1].copy()  # a copy lets the mapping go
+        out[name] = array if rows is None else array[rows].copy()  # a copy lets the mapping go
     return out

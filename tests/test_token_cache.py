@@ -232,6 +232,21 @@ def test_a_turn_bigger_than_the_memory_tier_is_served_from_disk_and_evicts_nothi
     assert cache.status()["memory_bytes"] == TURN_BYTES(1)
 
 
+def test_a_context_window_across_turns_reads_each_turn_once(folder, monkeypatch):
+    cache = cache_at(folder, memory_max_bytes=TURN_BYTES(4) - 1)  # no 4-token turn fits: rows come from disk
+    for start in (0, 4, 8):
+        cache.append_turn("c", *make_turn(start, 4))
+    reads = []
+    real = token_cache._read_turn
+    monkeypatch.setattr(token_cache, "_read_turn", lambda *a: reads.append(a[2:]) or real(*a))
+    records = cache.tokens("c", 2, 11)
+    assert [r.index for r in records] == list(range(2, 11)) and reads == [(0, slice(2, 4)), (1, slice(0, 4)),
+                                                                           (2, slice(0, 3))]
+    for record in records:
+        check(record, record.index // 4 * 4, 4, record.index)
+    assert cache.tokens("c", -5, 2)[0].index == 0 and cache.tokens("c", 11, 99)[-1].index == 11
+
+
 # Disk tier ---------------------------------------------------------------------------------------
 
 
