@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
 from pathlib import Path
 
 from . import management
-from .errors import HFCacheHooksError
+from .errors import ConfigError, HFCacheHooksError
 from .freshness import describe_age, parse_duration
 from .store import cache_root
 
@@ -113,11 +114,21 @@ def cmd_chat_server(args: argparse.Namespace) -> int:
     from .token_cache import TokenCache
     from .token_files import TokenCacheConfig
 
+    config = TokenCacheConfig()
+    if args.config:
+        import yaml
+
+        try:
+            config = TokenCacheConfig.from_yaml_dict(yaml.safe_load(Path(args.config).read_text()) or {})
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"Cannot read the cache settings {args.config}: {exc}") from exc
+    if args.directory:
+        config = dataclasses.replace(config, directory=args.directory)
     model, tokenizer = _load(args)
-    cache = TokenCache(TokenCacheConfig(directory=args.directory))
-    print(f"Chat API for {args.model} at http://{args.host}:{args.port}/api (cache: {cache.root})")
-    uvicorn.run(create_app(model, tokenizer, cache, k=args.top_k, max_new_tokens=args.max_new_tokens),
-                host=args.host, port=args.port, log_level="warning")
+    cache = TokenCache(config)
+    print(f"Chat page for {args.model} at http://{args.host}:{args.port}/ (API under /api; cache: {cache.root})")
+    uvicorn.run(create_app(model, tokenizer, cache, k=args.top_k, max_new_tokens=args.max_new_tokens,
+                           keep_kv=args.keep_kv), host=args.host, port=args.port, log_level="warning")
     return 0
 
 
@@ -327,6 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
     chat.add_argument("--port", type=int, default=8000)
     chat.add_argument("--directory", help="token cache folder (default: <cache root>/conversations)")
+    chat.add_argument("--config", help="YAML file with the cache block (memory, disk, prefetch, ttl); see README")
+    chat.add_argument("--keep-kv", type=int, default=2,
+                      help="conversations whose model KV cache stays in memory between turns (0: rerun history)")
     chat.add_argument("--top-k", type=int, default=10)
     chat.add_argument("--max-new-tokens", type=int, default=64)
     chat.set_defaults(run=cmd_chat_server)

@@ -101,3 +101,27 @@ def test_turns_continued_from_the_kept_kv_cache_equal_turns_that_rerun_the_histo
     assert np.array_equal(kept.token_ids("c"), rerun.token_ids("c"))
     last = kept.length("c") - 1
     assert np.allclose(kept.token("c", last).hidden, rerun.token("c", last).hidden, atol=1e-2)
+
+
+def test_chat_server_command_reads_the_seed_yaml_and_binds_loopback(tmp_path, monkeypatch, capsys):
+    import uvicorn
+
+    from hf_cachehooks import cli
+
+    model_dir = tmp_path / "tiny"
+    make_llama(layers=2).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    (tmp_path / "cache.yaml").write_text("cache:\n  memory: {max_size_mb: 64}\n  disk: {max_size_gb: 1, directory: "
+                                         f"{tmp_path / 'conv'}}}\n  prefetch: {{range: 3}}\n")
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    assert cli.main(["chat-server", "--model", str(model_dir), "--config", str(tmp_path / "cache.yaml")]) == 0
+    assert served["host"] == "127.0.0.1" and "http://127.0.0.1:8000/" in capsys.readouterr().out
+    client = TestClient(served["app"])
+    status = client.get("/api/cache/status").json()
+    assert (status["memory_limit"], status["disk_limit"], status["prefetch_range"]) == (64 * 2**20, 2**30, 3)
+    client.post("/api/chat/cached", json={"conversation_id": "c", "message": "yes"})
+    assert (tmp_path / "conv" / "c" / "turn-00000.safetensors").is_file()
+    (tmp_path / "bad.yaml").write_text("cache:\n  memory: {max_size: 1}\n")
+    assert cli.main(["chat-server", "--model", str(model_dir), "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "max_size" in capsys.readouterr().err
