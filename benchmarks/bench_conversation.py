@@ -26,13 +26,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import gc
 import importlib.util
 import io
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -43,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from browser_click import serve  # benchmarks/browser_click.py
 from machine import machine  # benchmarks/machine.py
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -127,30 +126,6 @@ def write_conversation(cache: TokenCache, conv_id: str, turns, total: int, desc:
             times.append(timed(cache.append_turn, conv_id, *turn)[0])
             bar.update(len(turn[0]))
     return times
-
-
-@contextlib.contextmanager
-def serving(app):
-    """Run `app` with uvicorn on a free 127.0.0.1 port in a daemon thread; yield its base URL."""
-    import uvicorn
-
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)  # bound here and handed over: no port race
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("uvicorn did not start within 30 s")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 def real_states(model, tok, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -351,7 +326,7 @@ def browser(long: dict, tok, args) -> dict:
     n = long["tokens"]
     positions = click_positions(n, 12 if args.quick else 30, np.random.default_rng(2))
     cache = TokenCache(TokenCacheConfig(directory=str(long["folder"]), memory_max_bytes=BIG))  # a server restart
-    with serving(create_app(None, tok, cache)) as url:
+    with serve(create_app(None, tok, cache)) as url:
         clicks = click_to_render(url, long["conv_id"], positions)
     ms = [c["ms"] for c in clicks]
     out = {"positions": positions, "clicks": clicks, **summary(ms), "target_p99_ms": 100,
@@ -463,7 +438,7 @@ def concurrency(folder: Path, args) -> dict:
                 check_lookup(client, rng)
                 time.sleep(0.001)
 
-    with serving(app) as url:
+    with serve(app) as url:
         start = time.perf_counter()
         chatters = [threading.Thread(target=chatter, args=(i, url)) for i in range(convs)]
         hammers = [threading.Thread(target=hammer, args=(i, url)) for i in range(2)]

@@ -1,7 +1,7 @@
 """HTTP API over the conversation token cache (FastAPI, optional extra `server`); binds to 127.0.0.1.
 
     POST   /api/chat/cached                          {"conversation_id"?, "message", "max_new_tokens"?}
-    GET    /api/cache/token/{conv_id}/{token_idx}?context_size=15
+    GET    /api/cache/token/{conv_id}/{token_idx}?context_size=15[&compute=false]
     GET    /api/cache/status
     GET    /                                         the web page (hf_cachehooks/web/chat.html, no build step)
     GET    /api/conversations
@@ -120,15 +120,22 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
                 "tokens": tokens}
 
     @app.get("/api/cache/token/{conv_id}/{token_idx}")
-    def token(conv_id: str, token_idx: int, context_size: int = 15) -> Response:
+    def token(conv_id: str, token_idx: int, context_size: int = 15, compute: bool = True) -> Response:
         began = time.perf_counter()
         conv_id = checked(conv_id)
         record = cache.token(conv_id, token_idx)
+        if record is None and 0 <= token_idx < cache.length(conv_id):
+            raise HTTPException(503, f"Token {token_idx} of conversation {conv_id!r} is stored but cannot be read "
+                                     "now (its turn file is damaged, or a memory-only turn was evicted after a "
+                                     "failed disk write); the server log names the cause.")
         if record is None:
             raise HTTPException(404, f"No token {token_idx} in conversation {conv_id!r} "
                                      f"(it has {cache.length(conv_id)} tokens).")
         looked_up = time.perf_counter()
         topk_ids, topk_probs, source = record.topk_ids, record.topk_probs, "cached"
+        if topk_ids is None and not compute:  # a prefetch: don't compete with the lens worker
+            return Response(orjson.dumps({"token_position": token_idx, "lens": "pending"}), status_code=202,
+                            media_type="application/json")
         if topk_ids is None:
             if lens is None:
                 raise HTTPException(503, "This token's lens is not computed yet and the server has no model; "

@@ -47,6 +47,16 @@ def test_malformed_ids_are_400_and_out_of_range_is_404(client, tmp_path, bad):
     assert client.get("/api/cache/token/nope/0").status_code == 404
 
 
+def test_a_damaged_turn_is_a_503_with_a_reason_never_another_tokens_data(client, tmp_path):
+    client.post("/api/chat/cached", json={"conversation_id": "c", "message": "yes"})
+    turn = tmp_path / "conv" / "c" / "turn-00000.safetensors"
+    turn.write_bytes(b"x" * 8)  # truncated
+    fresh = TestClient(create_app(make_llama(layers=2), make_tokenizer(),
+                                  TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv"))), k=3))
+    answer = fresh.get("/api/cache/token/c/0")
+    assert answer.status_code == 503 and "cannot be read" in answer.json()["detail"]
+
+
 def test_pin_list_and_delete(client):
     client.post("/api/chat/cached", json={"conversation_id": "keep", "message": "yes"})
     assert client.post("/api/conversations/keep/pin", json={"pinned": True}).json()["pinned"] is True
@@ -64,6 +74,8 @@ def test_the_reply_does_not_wait_for_the_lens_and_a_click_before_it_is_done_gets
     worker._complete = lambda *turn: (gate.wait(30), complete(*turn))  # hold the worker back
     reply = client.post("/api/chat/cached", json={"conversation_id": "c1", "message": "is the sky blue ?"})
     assert reply.status_code == 200 and cache.pending_lens() == [("c1", *reply.json()["turn"])]
+    prefetch = client.get("/api/cache/token/c1/1?compute=false")
+    assert prefetch.status_code == 202 and prefetch.json() == {"token_position": 1, "lens": "pending"}
     early = client.get("/api/cache/token/c1/1").json()
     gate.set()
     assert early["lens"] == "computed"

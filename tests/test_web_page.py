@@ -1,0 +1,185 @@
+"""The web page (hf_cachehooks/web/chat.html) in a real headless browser: Debian's chromium driven by Playwright.
+
+Chat through the page, click a token of an earlier turn, compare the drawn lens with the API's; then a refresh, a
+server restart, prefetching of neighbours, server errors in the status line and a 2,000-token conversation.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+import pytest
+
+if shutil.which("/usr/bin/chromium") is None:
+    pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)", allow_module_level=True)
+pytest.importorskip("playwright.sync_api", reason="needs playwright: pip install 'hf_cachehooks[test]'")
+pytest.importorskip("uvicorn", reason="needs uvicorn: pip install 'hf_cachehooks[server]'")
+pytest.importorskip("fastapi", reason="needs fastapi: pip install 'hf_cachehooks[server]'")
+import httpx  # noqa: E402
+from playwright.sync_api import sync_playwright  # noqa: E402
+
+from benchmarks.browser_click import VIEWPORT, click, launch, open_conversation, send, serve  # noqa: E402
+from hf_cachehooks.chat_server import create_app  # noqa: E402
+from hf_cachehooks.token_cache import TokenCache  # noqa: E402
+from hf_cachehooks.token_files import TokenCacheConfig  # noqa: E402
+from tests.conftest import WORDS, make_llama, make_tokenizer  # noqa: E402
+
+K, LAYERS = 3, 2  # the app's top-k and the tiny model's blocks: the lens has LAYERS + 1 rows of K cells
+
+
+def make_app(directory: Path):
+    cache = TokenCache(TokenCacheConfig(directory=str(directory)))
+    return create_app(make_llama(layers=LAYERS), make_tokenizer(), cache, k=K, max_new_tokens=4), cache
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as playwright:
+        chromium = launch(playwright)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser):
+    context = browser.new_context(viewport=VIEWPORT)  # a fresh context: no localStorage from another test
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda exc: errors.append(str(exc)))
+    yield tab
+    context.close()
+    assert errors == [], f"JavaScript errors on the page: {errors}"
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One server for the read-only tests: (base URL, its TokenCache, a chatted conversation id)."""
+    app, cache = make_app(tmp_path_factory.mktemp("conv"))
+    with serve(app) as url:
+        conv_id = httpx.post(f"{url}/api/chat/cached", json={"message": "what is the capital of france ?"},
+                             timeout=60).json()["conversation_id"]
+        httpx.post(f"{url}/api/chat/cached", json={"conversation_id": conv_id, "message": "is the sky blue ?"},
+                   timeout=60)
+        yield url, cache, conv_id
+
+
+def drawn_lens(page) -> dict:
+    """What the lens panel shows: the position, and per layer row the cells' token texts and probabilities."""
+    return page.evaluate("""() => ({
+        position: Number(document.getElementById('lens-pos').textContent),
+        token: document.querySelector('.lens-tok').dataset.tok,
+        rows: [...document.querySelectorAll('table.lens tbody tr')].map(tr =>
+            [...tr.querySelectorAll('td')].map(td => [td.dataset.tok, Number(td.dataset.prob)])),
+    })""")
+
+
+def api_lens(url: str, conv_id: str, position: int) -> dict:
+    data = httpx.get(f"{url}/api/cache/token/{conv_id}/{position}").raise_for_status().json()
+    return {"position": position, "token": data["activations"]["token"],
+            "rows": [[[c["token"], c["prob"]] for c in layer["top_k"]] for layer in data["activations"]["layers"]]}
+
+
+def assert_same_lens(page, url: str, conv_id: str, position: int) -> None:
+    shown, served = drawn_lens(page), api_lens(url, conv_id, position)
+    assert len(shown["rows"]) == LAYERS + 1 and all(len(row) == K for row in shown["rows"])
+    assert (shown["position"], shown["token"]) == (served["position"], served["token"])
+    assert [[t for t, _ in row] for row in shown["rows"]] == [[t for t, _ in row] for row in served["rows"]]
+    np.testing.assert_allclose([[p for _, p in row] for row in shown["rows"]],
+                               [[p for _, p in row] for row in served["rows"]], rtol=1e-6)
+
+
+def drawn_tokens(page) -> list[str]:
+    return page.eval_on_selector_all("#conv span.tok", "els => els.map(e => e.dataset.pos + ':' + e.textContent)")
+
+
+def test_chat_click_an_earlier_turn_then_refresh_and_restart(page, tmp_path):
+    app, _ = make_app(tmp_path / "conv")
+    with serve(app) as url:
+        open_conversation(page, url)
+        send(page, "what is the capital of france ?")
+        first_turn = page.eval_on_selector_all('#conv .turn[data-turn="0"] span.tok', "els => els.length")
+        page.fill("#msg", "is the sky blue ?")
+        page.press("#msg", "Enter")  # Enter sends too
+        page.wait_for_function("() => document.querySelectorAll('#conv .turn[data-turn]').length === 2 "
+                               "&& !document.getElementById('send').disabled", timeout=60_000)
+        conv_id = parse_qs(urlsplit(page.url).fragment)["c"][0]
+        served = httpx.get(f"{url}/api/conversations/{conv_id}").json()
+        assert [list(t) for t in served["turns"]] == [[0, first_turn], [first_turn, len(served["tokens"])]]
+        assert page.locator("#conv span.tok").count() == len(served["tokens"])
+        assert page.locator("#conv span.tok.sp", has_text="<|user|>").count() == 2  # specials drawn dimmed
+
+        position = 3  # "the", in the first turn
+        hit = click(page, position)
+        assert hit["position"] == position and hit["source"] == "network"
+        assert page.locator(f'#conv span.tok.sel[data-pos="{position}"]').count() == 1
+        assert_same_lens(page, url, conv_id, position)
+        before = drawn_tokens(page)
+
+        page.reload()  # the hash keeps #c=<id>&t=<position>: the page reopens both
+        page.wait_for_selector('body[data-ready="1"]')
+        page.wait_for_function("p => window.hfLastRender && window.hfLastRender.position === p", arg=position)
+        assert drawn_tokens(page) == before
+        assert_same_lens(page, url, conv_id, position)
+        assert click(page, position + 1)["position"] == position + 1
+        assert_same_lens(page, url, conv_id, position + 1)
+
+    app, _ = make_app(tmp_path / "conv")  # a restart: new process state, same folder, another port
+    with serve(app) as url:
+        open_conversation(page, url, conv_id)
+        assert drawn_tokens(page) == before
+        assert click(page, position)["source"] == "network"
+        assert_same_lens(page, url, conv_id, position)
+        assert "error" not in (page.get_attribute("#status", "class") or "")
+
+
+def test_click_prefetches_neighbours_so_the_next_click_is_from_memory(page, shared):
+    url, _, conv_id = shared
+    fetched: list[int] = []
+    page.on("request", lambda r: fetched.append(int(r.url.split("?")[0].rsplit("/", 1)[1]))
+            if "/api/cache/token/" in r.url else None)
+    reach = httpx.get(f"{url}/api/cache/status").json()["prefetch_range"]
+    length = len(httpx.get(f"{url}/api/conversations/{conv_id}").json()["tokens"])
+    open_conversation(page, url, conv_id)
+    p = 6
+    assert click(page, p)["source"] == "network"
+    neighbours = [q for q in range(p - reach, p + reach + 1) if q != p and 0 <= q < length]
+    assert len(neighbours) >= 2 * min(reach, 3)
+    page.wait_for_function("ps => ps.every(q => window.hfLens.has(q))", arg=neighbours, timeout=10_000)
+    assert sorted(set(fetched)) == sorted([p, *neighbours])  # each neighbour asked for; nothing beyond them
+    requests_before = len(fetched)
+    hit = click(page, p + 1)
+    assert hit == {**hit, "position": p + 1, "source": "memory"} and hit["ms"] < 1000
+    assert_same_lens(page, url, conv_id, p + 1)
+    page.keyboard.press("ArrowLeft")  # back to p, also from memory
+    page.wait_for_function("p => window.hfLastRender && window.hfLastRender.position === p", arg=p)
+    assert page.evaluate("() => window.hfLastRender.source") == "memory"
+    assert p + 1 not in fetched[requests_before:] and p not in fetched[requests_before:]
+
+
+def test_server_errors_are_shown_in_the_status_line(page, shared):
+    url, _, _ = shared
+    open_conversation(page, url, "no-such-conversation")
+    status = page.locator("#status")
+    assert "error" in status.get_attribute("class")
+    assert "HTTP 404" in status.inner_text() and "No conversation 'no-such-conversation'" in status.inner_text()
+
+
+def test_a_2000_token_conversation_loads_and_clicks_fast(page, shared):
+    url, cache, _ = shared
+    rng = np.random.default_rng(0)
+    vocab = 4 + len(WORDS)  # ids the tiny tokenizer can decode
+    for _ in range(2):  # two turns of 1,000 tokens, written straight into the server's cache
+        t = 1000
+        ids = rng.integers(4, vocab, size=(t, LAYERS + 1, K)).astype(np.int32)
+        probs = np.sort(rng.random((t, LAYERS + 1, K)), axis=-1)[..., ::-1].astype(np.float16)
+        cache.append_turn("big", rng.integers(4, vocab, size=t).astype(np.int32),
+                          rng.standard_normal((t, LAYERS + 1, 16)).astype(np.float16), ids, probs)
+    open_conversation(page, url, "big")
+    assert page.locator("#conv span.tok").count() == 2000
+    assert page.locator("#conv .turn[data-turn]").count() == 2
+    hit = click(page, 1500)
+    assert hit["position"] == 1500 and hit["ms"] < 1000  # generous: real timings live in benchmarks/
+    assert_same_lens(page, url, "big", 1500)
