@@ -171,7 +171,7 @@ def overhead(model, tok, args, folder: Path) -> dict:
     try:
         plain(), reply(), lens(), inline()  # warm-up
         times: dict[str, list[float]] = {"plain": [], "reply": [], "lens_after_reply": [], "inline_lens": []}
-        for _ in range(1 if args.quick else 3):
+        for _ in range(1 if args.quick else 5):  # alternating arms: load drifts hit both alike
             for name, fn in (("plain", plain), ("reply", reply), ("lens_after_reply", lens), ("inline_lens", inline)):
                 start = time.perf_counter()
                 fn()
