@@ -140,7 +140,7 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
             if lens is None:
                 raise HTTPException(503, "This token's lens is not computed yet and the server has no model; "
                                          "start it with the model that wrote the conversation.")
-            topk_ids, topk_probs = lens.for_token(record.hidden, record.hidden_dtype)
+            topk_ids, topk_probs = lens.for_token(record.hidden)
             source = "computed"
         context = cache.tokens(conv_id, max(0, token_idx - max(0, min(context_size, 256))), token_idx)
         body = orjson.dumps({
@@ -167,7 +167,7 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
         if meta is None:
             raise HTTPException(404, f"No conversation {conv_id!r}.")
         texts = tokenizer.batch_decode([[i] for i in cache.token_ids(conv_id).tolist()])
-        row = next((r for r in cache.conversations() if r["conv_id"] == conv_id), {})
+        row = cache.conversation(conv_id) or {}
         return {"conversation_id": conv_id, "pinned": bool(row.get("pinned")), "messages": meta.get("messages", []),
                 "turns": [[t["start"], t["start"] + t["count"]] for t in cache.turns(conv_id)],
                 "tokens": [{"position": i, "token": text} for i, text in enumerate(texts)]}

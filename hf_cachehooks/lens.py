@@ -125,9 +125,9 @@ class LensWorker:
         with self._done:
             return self._done.wait_for(lambda: self._pending == 0, timeout)
 
-    def for_token(self, hidden: Any, hidden_dtype: str) -> tuple[Any, Any]:
+    def for_token(self, hidden: Any) -> tuple[Any, Any]:
         """Lens of one token's (layers, hidden) states now, for a click that comes before its turn is done."""
-        ids, probs = lens_topk(self.model, as_tensor(hidden, hidden_dtype)[None], self.k)
+        ids, probs = lens_topk(self.model, as_tensor(hidden)[None], self.k)
         return ids[0].numpy(), probs[0].numpy()
 
     def _run(self) -> None:
@@ -148,20 +148,19 @@ class LensWorker:
         arrays = self.cache.turn_arrays(conv_id, start)
         if arrays is None or "topk_ids" in arrays:
             return  # deleted, evicted or done meanwhile
-        hidden = as_tensor(arrays["hidden"], (self.cache.meta(conv_id) or {}).get("hidden_dtype", "float16"))
+        hidden = as_tensor(arrays["hidden"])
         parts = [lens_topk(self.model, hidden[i : i + self.chunk], self.k) for i in range(0, len(hidden), self.chunk)]
         self.cache.add_lens(conv_id, start, torch.cat([p[0] for p in parts]).numpy(),
                             torch.cat([p[1] for p in parts]).numpy())
 
 
-def as_tensor(hidden: Any, hidden_dtype: str) -> Any:
-    """A cached hidden array as a torch tensor: float16, or bfloat16 from its stored uint16 bits."""
+def as_tensor(hidden: Any) -> Any:
+    """A cached hidden array as a torch tensor: float16 stays float16, uint16 (the token cache's stored
+    bfloat16 bits) becomes bfloat16."""
     import numpy as np
     import torch
 
-    array = np.ascontiguousarray(hidden)
-    if hidden_dtype == "bfloat16":
-        return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(array.copy())
+    tensor = torch.from_numpy(np.array(hidden))  # a writable copy: cached arrays are read-only views
+    return tensor.view(torch.bfloat16) if tensor.dtype == torch.uint16 else tensor
 
 

@@ -230,12 +230,9 @@ class TokenCache:
             elif new_turn["lens_file"] and not write_entry(self.root / conv_id / _MANIFEST, new):
                 log.warning("Cannot update the manifest of conversation %s; the lens of turn %d stays in memory.",
                             conv_id, turn_no)
-            key = (conv_id, doc["uid"], turn_no)
-            arrays = self._memory.get(key)
-            if arrays is None and new_turn["file"] is not None:
-                arrays, _ = self._from_disk(conv_id, doc, turn_no, None)
+            arrays = self._whole_turn(conv_id, doc, turn_no)
             if arrays is not None:
-                self._memory.put(key, {**arrays, **lens})
+                self._memory.put((conv_id, doc["uid"], turn_no), {**arrays, **lens})
         return True
 
     def _check_k(self, conv_id: str, doc: dict, k: int) -> int:
@@ -333,7 +330,9 @@ class TokenCache:
         found = self._manifest_and_starts(validate_conv_id(conv_id))
         if found is None or start not in found[1]:
             return None
-        doc, turn_no = found[0], found[1].index(start)
+        return self._whole_turn(conv_id, found[0], found[1].index(start))
+
+    def _whole_turn(self, conv_id: str, doc: dict, turn_no: int) -> dict[str, np.ndarray] | None:
         arrays = self._memory.get((conv_id, doc["uid"], turn_no))
         return arrays if arrays is not None else self._from_disk(conv_id, doc, turn_no, None)[0]
 
@@ -355,9 +354,7 @@ class TokenCache:
             return np.zeros(0, np.int32)
         doc, parts = found[0], []
         for turn_no in range(len(doc["turns"])):
-            arrays = self._memory.get((conv_id, doc["uid"], turn_no))
-            if arrays is None:
-                arrays, _ = self._from_disk(conv_id, doc, turn_no, None)
+            arrays = self._whole_turn(conv_id, doc, turn_no)
             if arrays is None:
                 return np.zeros(0, np.int32)
             parts.append(arrays["token_ids"])
@@ -386,14 +383,16 @@ class TokenCache:
         names = set(self._volatile)
         with contextlib.suppress(OSError):
             names |= {p.name for p in self.root.iterdir() if p.is_dir() and _CONV_ID.fullmatch(p.name)}
-        rows = []
-        for conv_id in sorted(names):
-            doc = self._manifest(conv_id)
-            if doc is not None:
-                rows.append({"conv_id": conv_id, "tokens": doc["tokens"], "turns": len(doc["turns"]),
-                             "bytes": sum(t["bytes"] + t["lens_bytes"] for t in doc["turns"]), "pinned": doc["pinned"],
-                             "last_access": self._last_access(conv_id, doc), "created_at": doc["created_at"]})
-        return rows
+        return [row for row in map(self.conversation, sorted(names)) if row is not None]
+
+    def conversation(self, conv_id: str) -> dict | None:
+        """One conversation's row as `conversations` lists it; None when it is unknown."""
+        doc = self._manifest(validate_conv_id(conv_id))
+        if doc is None:
+            return None
+        return {"conv_id": conv_id, "tokens": doc["tokens"], "turns": len(doc["turns"]),
+                "bytes": sum(t["bytes"] + t["lens_bytes"] for t in doc["turns"]), "pinned": doc["pinned"],
+                "last_access": self._last_access(conv_id, doc), "created_at": doc["created_at"]}
 
     def pin(self, conv_id: str, pinned: bool = True) -> bool:
         """Keep (or stop keeping) a conversation through every eviction; False when it is unknown."""

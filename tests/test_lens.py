@@ -73,7 +73,7 @@ def test_lens_worker_completes_turns_stored_without_a_lens(tmp_path):
     turn = generate_turn(model, tok, ids, 0, max_new_tokens=3, k=None, do_sample=False)
     start, end = cache.append_turn("c1", turn.token_ids, turn.hidden)
     worker = LensWorker(model, cache, k=3, chunk=2)  # chunks smaller than the turn
-    on_click = worker.for_token(cache.token("c1", 1).hidden, "float16")
+    on_click = worker.for_token(cache.token("c1", 1).hidden)
     worker.submit("c1", start)
     worker.submit("gone", 0)  # a deleted conversation is skipped, not an error
     assert worker.wait(30)
@@ -81,3 +81,13 @@ def test_lens_worker_completes_turns_stored_without_a_lens(tmp_path):
     record = cache.token("c1", 1)
     assert np.array_equal(record.topk_ids, expected[0][1].numpy()) and cache.pending_lens() == []
     assert np.array_equal(on_click[0], record.topk_ids) and np.allclose(on_click[1], record.topk_probs)
+
+
+def test_as_tensor_reads_the_token_caches_bf16_bits_back_exactly():
+    from hf_cachehooks.lens import as_tensor
+
+    states = torch.randn(3, 4).to(torch.bfloat16)
+    bits = states.view(torch.uint16).numpy()
+    bits.setflags(write=False)  # as the cache hands them out
+    assert as_tensor(bits).dtype == torch.bfloat16 and torch.equal(as_tensor(bits), states)
+    assert as_tensor(np.ones((2, 3), np.float16)).dtype == torch.float16
