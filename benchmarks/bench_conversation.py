@@ -299,7 +299,12 @@ def lookups(long: dict, tok, args) -> dict:
 # 3. Browser --------------------------------------------------------------------------------------
 
 def click_positions(n: int, count: int, rng: np.random.Generator) -> list[int]:
-    """Old (near 0), new (near n-1), spread, and after each anchor a neighbour of the one before (prefetch)."""
+    """Old (near 0), new (near n-1) and spread anchors; between two anchors, a token a few away from the next one.
+
+    So an anchor is a neighbour of the click just before it (the page may have prefetched it), and every other click
+    goes to the server. The clicks come back to back, as fast as Playwright can make them, so a prefetch often has
+    not finished: most clicks are timed on the server path, the slower one.
+    """
     anchors = [0, n - 1, n // 2, 2, n - 3, n // 4, 3 * n // 4] + [int(i) for i in rng.integers(0, n, count)]
     out: list[int] = []
     for a, b in zip(anchors, anchors[1:]):
@@ -334,6 +339,8 @@ def browser(long: dict, tok, args) -> dict:
            "by_source": {src: summary([c["ms"] for c in clicks if c["source"] == src])
                          for src in sorted({c["source"] for c in clicks})}}
     line(f"click to render, {len(clicks)} clicks over {n:,} tokens", summary(ms), 100)
+    print("  each click (ms, m = page cache, n = server):",
+          " ".join(f"{c['ms']:.0f}{c['source'][0]}" for c in clicks))
     for src, s in out["by_source"].items():
         line(f"  source {src}", s)
     return out

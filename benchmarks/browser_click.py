@@ -3,9 +3,10 @@
     . .venv/bin/activate
     HF_HUB_OFFLINE=1 python benchmarks/browser_click.py --screenshot docs/chat_page.png
 
-The page (hf_cachehooks/web/chat.html) records `performance.now()` at the click and, once the lens table is in
-the DOM and the next frame has been painted, sets `window.hfLastRender = {position, ms, source}`; `source` is
-"memory" when the lens came from the page's own Map (a prefetched neighbour) and "network" otherwise.
+The page (hf_cachehooks/web/chat.html) records `performance.now()` at the click and, once the lens is drawn
+(its canvas and its DOM text) and the next frame has been painted, sets
+`window.hfLastRender = {position, ms, source}`; `source` is "memory" when the lens came from the page's own Map
+(a prefetched neighbour) and "network" otherwise.
 `click_to_render` is imported by bench_conversation.py (with benchmarks/ on sys.path); `serve` and `launch` by
 tests/test_web_page.py. Playwright's own browser download does not work offline: always /usr/bin/chromium.
 """

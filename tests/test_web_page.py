@@ -67,13 +67,23 @@ def shared(tmp_path_factory):
 
 
 def drawn_lens(page) -> dict:
-    """What the lens panel shows: the position, and per layer row the cells' token texts and probabilities."""
+    """What the lens panel shows: the position, and per layer row the canvas cells' token texts and probabilities."""
     return page.evaluate("""() => ({
         position: Number(document.getElementById('lens-pos').textContent),
         token: document.querySelector('.lens-tok').dataset.tok,
-        rows: [...document.querySelectorAll('table.lens tbody tr')].map(tr =>
-            [...tr.querySelectorAll('td')].map(td => [td.dataset.tok, Number(td.dataset.prob)])),
+        rows: window.hfLens.drawn(),
     })""")
+
+
+def cell_colour(page, layer: int, rank: int) -> list[int]:
+    """The RGBA the lens canvas has just left of a cell's text (its shade: no text, no outline there)."""
+    return page.evaluate("""([l, r]) => {
+        const canvas = document.querySelector('canvas.lens'), box = window.hfLens.cellBox(l, r);
+        const scale = canvas.width / canvas.clientWidth;
+        const px = canvas.getContext('2d').getImageData(Math.floor((box.x + 3) * scale),
+                                                        Math.round((box.y + box.h / 2) * scale), 1, 1).data;
+        return [...px];
+    }""", [layer, rank])
 
 
 def api_lens(url: str, conv_id: str, position: int) -> dict:
@@ -89,6 +99,11 @@ def assert_same_lens(page, url: str, conv_id: str, position: int) -> None:
     assert [[t for t, _ in row] for row in shown["rows"]] == [[t for t, _ in row] for row in served["rows"]]
     np.testing.assert_allclose([[p for _, p in row] for row in shown["rows"]],
                                [[p for _, p in row] for row in served["rows"]], rtol=1e-6)
+    for layer, row in enumerate(served["rows"]):  # each cell painted blue with opacity = its probability
+        for rank, (_, prob) in enumerate(row):
+            red, green, blue, alpha = cell_colour(page, layer, rank)
+            assert blue > green > red  # the accent blue (exact channels are rounded at low opacity)
+            assert alpha == pytest.approx(255 * min(1.0, max(0.03, prob)), abs=3)
 
 
 def drawn_tokens(page) -> list[str]:
