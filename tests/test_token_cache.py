@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hf_cachehooks import token_cache
+from hf_cachehooks import memory_tier, token_cache
 from hf_cachehooks.errors import ConfigError, MissingDependencyError
 from hf_cachehooks.store import read_entry
 from hf_cachehooks.token_cache import TokenCache, TokenCacheConfig, validate_conv_id
@@ -211,7 +211,7 @@ def test_memory_tier_stays_under_its_limit_and_evicts_least_recently_used(folder
 
 
 def test_memory_tier_holds_a_bounded_number_of_turns(folder, monkeypatch):
-    monkeypatch.setattr(token_cache, "_MAX_TURNS", 3)  # mapped turns hold file descriptors
+    monkeypatch.setattr(memory_tier, "_MAX_TURNS", 3)  # mapped turns hold file descriptors
     cache = cache_at(folder)
     for n in range(6):
         cache.append_turn("c", *make_turn(n, 1))
