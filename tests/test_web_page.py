@@ -6,6 +6,7 @@ server restart, prefetching of neighbours, server errors in the status line and 
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -131,6 +132,12 @@ def test_chat_click_an_earlier_turn_then_refresh_and_restart(page, tmp_path):
         assert hit["position"] == position and hit["source"] == "network"
         assert page.locator(f'#conv span.tok.sel[data-pos="{position}"]').count() == 1
         assert_same_lens(page, url, conv_id, position)
+        box = page.evaluate(f"() => window.hfLens.cellBox({LAYERS}, 1)")  # hover: the cell's exact figures
+        page.hover("canvas.lens", position={"x": box["x"] + box["w"] / 2, "y": box["y"] + box["h"] / 2})
+        token, prob = api_lens(url, conv_id, position)["rows"][LAYERS][1]
+        title = page.get_attribute("canvas.lens", "title")
+        assert title.startswith(f"layer {LAYERS} · #2: {json.dumps(token, ensure_ascii=False)} · id ")
+        assert f"p={prob:.4f}" in title
         before = drawn_tokens(page)
 
         page.reload()  # the hash keeps #c=<id>&t=<position>: the page reopens both
