@@ -159,10 +159,10 @@ class TokenCache:
         """
         validate_conv_id(conv_id)
         with self._lock_for(conv_id), lease(self.root / ".locks" / f"{conv_id}.lock") as locked:
-            doc = self._manifest(conv_id)
-            turn_no = next((i for i, t in enumerate(doc["turns"]) if t["start"] == start), None) if doc else None
-            if doc is None or turn_no is None:
+            found = self._turn_starting(conv_id, start)
+            if found is None:
                 return False
+            doc, turn_no = found
             turn = doc["turns"][turn_no]
             lens = _check_lens(topk_ids, topk_probs, turn["count"], doc["layers"])
             k = self._check_k(conv_id, doc, lens["topk_ids"].shape[2])
@@ -279,10 +279,8 @@ class TokenCache:
     def turn_arrays(self, conv_id: str, start: int) -> dict[str, np.ndarray] | None:
         """The whole turn that begins at token `start` (read-only arrays: token_ids, hidden, and topk_ids and
         topk_probs once its lens is stored), from memory or disk; None when absent or unreadable."""
-        found = self._manifest_and_starts(validate_conv_id(conv_id))
-        if found is None or start not in found[1]:
-            return None
-        return self._whole_turn(conv_id, found[0], found[1].index(start))
+        found = self._turn_starting(validate_conv_id(conv_id), start)
+        return None if found is None else self._whole_turn(conv_id, *found)
 
     def _whole_turn(self, conv_id: str, doc: dict, turn_no: int) -> dict[str, np.ndarray] | None:
         arrays = self._memory.get((conv_id, doc["uid"], turn_no))
@@ -454,6 +452,13 @@ class TokenCache:
         starts = [t["start"] for t in doc["turns"]]
         self._manifests[conv_id] = (signature, doc, starts)
         return doc, starts
+
+    def _turn_starting(self, conv_id: str, start: int) -> tuple[dict, int] | None:
+        """The manifest and the number of the turn that begins at token `start`; None when there is none."""
+        found = self._manifest_and_starts(conv_id)
+        if found is None or start not in found[1]:
+            return None
+        return found[0], found[1].index(start)
 
     def _touch(self, conv_id: str) -> None:
         now = self._clock()
