@@ -166,11 +166,10 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
         meta = cache.meta(conv_id)
         if meta is None:
             raise HTTPException(404, f"No conversation {conv_id!r}.")
-        texts = tokenizer.batch_decode([[i] for i in cache.token_ids(conv_id).tolist()])
         row = cache.conversation(conv_id) or {}
         return {"conversation_id": conv_id, "pinned": bool(row.get("pinned")), "messages": meta.get("messages", []),
                 "turns": [[t["start"], t["start"] + t["count"]] for t in cache.turns(conv_id)],
-                "tokens": [{"position": i, "token": text} for i, text in enumerate(texts)]}
+                "tokens": [{"position": i, "token": text(t)} for i, t in enumerate(cache.token_ids(conv_id).tolist())]}
 
     @app.get("/api/conversations")
     def conversations() -> list:
