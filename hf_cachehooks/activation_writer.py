@@ -1,15 +1,23 @@
 """Filling an activation store: chunked, resumable, and shared out across processes.
 
+    DIR/                               (the finished layout is drawn in `activations`)
+    ├── data-00000.arrow …             renamed into place complete
+    └── .chunks/data-00000.json …      sealed sidecar per finished chunk: size, xxh3, stamp, key
+
 Examples are cut into chunks of `shard_size`; chunk c goes to rank c % world_size, so any number of
 processes (torchrun, accelerate launch) fills the same chunks and the shards read back in dataset
-order. A chunk's Arrow file is renamed into place complete and then confirmed by a sealed sidecar; a
-killed run redoes only unconfirmed chunks. Rank 0 writes the manifest last, once every chunk is in.
+order. A chunk's Arrow file is renamed into place complete and then confirmed by its sidecar; a
+killed run redoes only unconfirmed chunks. Rank 0 writes the side files, then the manifest last
+(`entry.commit`, listing every file), then deletes `.chunks/`. A store in the way (corrupt, expired,
+or with `force` made from other inputs) is removed through its manifest: only files it lists.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Sequence
@@ -18,14 +26,25 @@ from typing import Any
 
 import orjson
 
-from .activations import _ARROW_TYPE, DTYPES, ActivationStore, chunk_name, explain_mismatch, write_layer_info
-from .errors import ConfigError
+from . import entry
+from .activations import (
+    _ARROW_TYPE,
+    CHUNKS,
+    DTYPES,
+    KIND,
+    MANIFEST,
+    ActivationStore,
+    chunk_name,
+    store_problem,
+    write_layer_info,
+)
+from .errors import ConfigError, CorruptEntryError
 from .extraction import POSITIONS, batches, capture, check_layers, pool
 from .fingerprint import fingerprint_data, hash_file
-from .freshness import iso
+from .freshness import SYSTEM_CLOCK, Clock, describe_age, is_expired, iso
 from .identity import model_identity, tokenizer_identity
-from .keys import make_key
-from .store import atomic_target, read_entry, write_entry
+from .keys import Key, diff_inputs, make_key
+from .store import atomic_target, read_entry, seal, tag_folder, unseal, write_entry
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +116,8 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
                       positions: str = "last", dtype: str = "float16", text_field: str = "text",
                       label_field: str | None = None, use_chat_template: bool = False, system_prompt: str | None = None,
                       max_length: int | None = None, batch_size: int = 8, shard_size: int = 1024,
-                      force: bool = False, progress: bool = True, wait_timeout: float = 3600.0) -> ActivationStore:
+                      force: bool = False, max_age_days: float | None = None, clock: Clock = SYSTEM_CLOCK,
+                      progress: bool = True, wait_timeout: float = 3600.0) -> ActivationStore:
     """Extract hidden states at `layers` for every record of `data` into `folder`, or open it if done.
 
     Args:
@@ -109,13 +129,17 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
         text_field, label_field: record fields; the label field defaults to "type" when present, else "label".
         dtype: "float16", "bfloat16" (kept bit-exact) or "float32".
         batch_size, shard_size: how to run; not in the key, so they may change between runs.
-        force: replace a cache in `folder` that was made from other inputs.
+        force: replace a cache in `folder` that was made from other inputs (only the files it lists go).
+        max_age_days: a store older than this is re-extracted (None: never expires); `clock` gives "now".
 
     Returns:
         The finished `ActivationStore`.
 
     Raises:
         ConfigError: bad layers/positions/dtype/fields, or `folder` holds another cache (names what differs).
+
+    A corrupt store in `folder` (a shard altered, truncated, swapped or missing) is a warning: it is
+    removed and extracted again.
     """
     import torch
 
@@ -141,20 +165,14 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
         "template": {"chat_template": use_chat_template, "system_prompt": system_prompt},
     })
     rank, world = _rank_and_world()
-    manifest = read_entry(folder / "manifest.json")
-    if manifest and manifest.get("complete") and manifest["key"]["digest"] == key.digest:
+    hit = _clear_the_way(folder, key, force, max_age_days, clock(), rank)
+    if hit is not None:
         log.info("✅ Loaded activations from cache %s (%d examples, layers %s).", folder, len(rows), layers)
-        return ActivationStore(folder)
-    changes = explain_mismatch(folder, key.inputs)
-    if changes:
-        if not force:
-            raise ConfigError(f"{folder} holds activations made from other inputs ({'; '.join(changes[:5])}). "
-                              "Use another --output, or --force to replace it.")
-        if rank == 0:
-            log.warning("Replacing the activation cache in %s (%s).", folder, "; ".join(changes[:3]))
-            shutil.rmtree(folder)
-        _barrier(world)
-    shard_size = (manifest or read_entry(folder / f"{chunk_name(0)}.json") or {}).get("shard_size", shard_size)
+        return ActivationStore._of(hit)
+    _barrier(world)  # rank 0 has removed what was in the way
+    if rank == 0:
+        tag_folder(folder)
+    shard_size = (_sidecar(folder, 0) or {}).get("shard_size", shard_size)
     chunks = [(c, c * shard_size, min(len(rows), (c + 1) * shard_size))
               for c in range((len(rows) + shard_size - 1) // shard_size)]
     mine = [c for c in chunks if c[0] % world == rank and not _chunk_done(folder, c[0], key.digest)]
@@ -182,11 +200,12 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
             _write_chunk(folder, chunk, start, end, _table(pooled, start, rows, fields, layers, dtype, hidden),
                          key, shard_size)
     if not _barrier(world) and world > 1:
-        _wait_for(lambda: all(_chunk_done(folder, c, key.digest) for c, _, _ in chunks), wait_timeout, folder)
+        _wait_for(lambda: _finished(folder) or all(_chunk_done(folder, c, key.digest) for c, _, _ in chunks),
+                  wait_timeout, folder)
     if rank == 0:
         _finish(folder, chunks, rows, fields, label_field, key, layers, positions, dtype, hidden, shard_size)
-    if not _barrier(world) and rank != 0:  # every rank passes exactly two barriers
-        _wait_for(lambda: (read_entry(folder / "manifest.json") or {}).get("complete"), wait_timeout, folder)
+    if not _barrier(world) and rank != 0:  # every rank passes the same barriers
+        _wait_for(lambda: _finished(folder), wait_timeout, folder)
     return ActivationStore(folder)
 
 
@@ -197,25 +216,97 @@ def _to_cpu(pooled: Any) -> Any:
     return pooled
 
 
+def _clear_the_way(folder: Path, key: Key, force: bool, max_age_days: float | None, now: float,
+                   rank: int) -> entry.Entry | None:
+    """The finished store for `key` in `folder`, or None after rank 0 removed whatever was in the way.
+
+    Raises:
+        ConfigError: `folder` holds a cache made from other inputs and `force` is off.
+    """
+    found, problem = entry.inspect(folder / MANIFEST, "stamp")  # never deletes: we decide below
+    other = found is not None and found.kind != KIND
+    problem = problem or (None if found is None or other else store_problem(found))
+    changes: list[str] | None = None
+    if problem:
+        log.warning("Corrupt activation cache in %s (%s); removing it and extracting again.", folder, problem)
+    elif found is not None and found.key["digest"] == key.digest and not other:
+        if not is_expired(found.created_at, now, max_age_days):
+            return found
+        log.info("Activation cache %s is %s old (max %s days): expired, extracting again.", folder,
+                 describe_age(now - found.created_at), max_age_days)
+    elif found is not None:
+        changes = [f"it holds a {found.kind} entry"] if other else diff_inputs(found.key["inputs"], key.inputs)
+    else:
+        side = _sidecar(folder, 0)  # a killed run: resume it if it had the same inputs
+        if side is None or side["key"]["digest"] == key.digest:
+            return None
+        changes = diff_inputs(side["key"]["inputs"], key.inputs)
+    if changes is not None:
+        if not force:
+            raise ConfigError(f"{folder} holds activations made from other inputs ({'; '.join(changes[:5])}). "
+                              "Use another --output, or --force to replace it.")
+        log.warning("Replacing the activation cache in %s (%s).", folder, "; ".join(changes[:3]))
+    if rank == 0:
+        _remove_store(folder)
+    return None
+
+
+def _remove_store(folder: Path) -> int:
+    """Delete the store in `folder`: the files its manifest lists, a killed run's shards and `.chunks/`; no others."""
+    chunks = folder / CHUNKS
+    names = [] if chunks.is_symlink() or not chunks.is_dir() else \
+        [f"{p.stem}.arrow" for p in chunks.iterdir() if re.fullmatch(r"data-\d{5}\.json", p.name)]
+    freed = entry.remove_entry(folder / MANIFEST, also=names)  # nothing at all when there is no manifest
+    for name in names:
+        with contextlib.suppress(OSError):
+            freed += (folder / name).stat().st_size
+            (folder / name).unlink()
+    if chunks.is_dir() and not chunks.is_symlink():
+        shutil.rmtree(chunks, ignore_errors=True)
+    return freed
+
+
+def _finished(folder: Path) -> bool:
+    return entry.is_entry_file(folder / MANIFEST)
+
+
+def _sidecar(folder: Path, chunk: int) -> dict | None:
+    """The sealed sidecar of a finished chunk, when it is one (a malformed one reads as absent)."""
+    side = read_entry(folder / CHUNKS / f"{chunk_name(chunk)}.json") or {}
+    key = side.get("key")
+    if not isinstance(key, dict) or not isinstance(key.get("digest"), str) or not isinstance(key.get("inputs"), dict) \
+            or not isinstance(side.get("bytes"), int) or not isinstance(side.get("content_hash"), str) \
+            or not isinstance(side.get("rows"), int):
+        return None
+    return side
+
+
 def _chunk_done(folder: Path, chunk: int, digest: str) -> bool:
-    side = read_entry(folder / f"{chunk_name(chunk)}.json")
+    side = _sidecar(folder, chunk)
     if side is None or side["key"]["digest"] != digest:
         return False
-    path = folder / side["file"]
-    return path.exists() and path.stat().st_size == side["bytes"]
+    path = folder / f"{chunk_name(chunk)}.arrow"
+    try:
+        st = os.stat(path)
+        if st.st_size != side["bytes"]:
+            return False
+        same = side.get("stamp") == [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+        return same or hash_file(path) == side["content_hash"]  # touched since: trust only its content
+    except OSError:
+        return False
 
 
 def _write_chunk(folder: Path, chunk: int, start: int, end: int, table: Any, key: Any, shard_size: int) -> None:
     import pyarrow as pa
 
-    name = chunk_name(chunk)
-    with atomic_target(folder / f"{name}.arrow") as tmp:
+    path = folder / f"{chunk_name(chunk)}.arrow"
+    with atomic_target(path) as tmp:
         with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
-    path = folder / f"{name}.arrow"
-    write_entry(folder / f"{name}.json", {
+    record = entry.file_record(path)
+    write_entry(folder / CHUNKS / f"{chunk_name(chunk)}.json", {
         "chunk": chunk, "start": start, "end": end, "rows": table.num_rows, "file": path.name,
-        "bytes": path.stat().st_size, "content_hash": hash_file(path), "shard_size": shard_size,
+        "bytes": record["bytes"], "content_hash": record["xxh3"], "stamp": record["stamp"], "shard_size": shard_size,
         "key": {"digest": key.digest, "inputs": key.inputs}})
 
 
@@ -227,31 +318,46 @@ def _wait_for(ready: Any, timeout: float, folder: Path) -> None:
         time.sleep(0.5)
 
 
-def _finish(folder: Path, chunks: list, rows: list[dict], fields: list[str], label_field: str, key: Any,
+def _finish(folder: Path, chunks: list, rows: list[dict], fields: list[str], label_field: str, key: Key,
             layers: list[int], positions: str, dtype: str, hidden: int, shard_size: int) -> None:
     import pyarrow as pa
     from datasets import Features
 
-    sides = [read_entry(folder / f"{chunk_name(c)}.json") or {} for c, _, _ in chunks]
-    schema = pa.ipc.open_stream(pa.memory_map(str(folder / sides[0]["file"]))).schema
+    names = [f"{chunk_name(c)}.arrow" for c, _, _ in chunks]
+    sides = [_sidecar(folder, c) or {} for c, _, _ in chunks]
+    schema = pa.ipc.open_stream(pa.memory_map(str(folder / names[0]))).schema
+    now = time.time()
     manifest = {
-        "complete": True, "timestamp": iso(time.time()), "created_at": time.time(), "layers": layers,
+        "complete": True, "timestamp": iso(now), "layers": layers,
         "num_examples": len(rows), "num_rows": sum(s["rows"] for s in sides), "hidden_size": hidden,
         "dtype": dtype, "positions": positions, "shard_size": shard_size, "label_field": label_field,
         "features": Features.from_arrow_schema(schema).to_dict(),
-        "chunks": [{k: s[k] for k in ("file", "rows", "start", "end", "bytes", "content_hash")} for s in sides],
-        "key": {"kind": "activations", "digest": key.digest, "inputs": key.inputs},
+        "chunks": [{"file": name, **{k: s[k] for k in ("rows", "start", "end", "bytes", "content_hash")}}
+                   for name, s in zip(names, sides)],
     }
+    key_doc = {"kind": KIND, "digest": key.digest, "inputs": key.inputs}
+    files = {name: {"bytes": s["bytes"], "xxh3": s["content_hash"], "stamp": s.get("stamp")}
+             for name, s in zip(names, sides)}
     examples = [{"index": i, **{f: r[f] for f in fields}} for i, r in enumerate(rows)]
-    write_entry(folder / "metadata.json", {"num_examples": len(rows), "label_field": label_field,
-                                           "examples": examples, "key": manifest["key"]})
-    write_layer_info(folder, manifest)
-    write_entry(folder / "manifest.json", manifest)  # last: its presence means the cache is complete
+    try:
+        files["metadata.json"] = entry.write_file(folder, "metadata.json", seal(
+            {"num_examples": len(rows), "label_field": label_field, "examples": examples, "key": key_doc}))
+        files.update(write_layer_info(folder, manifest, key_doc))
+    except OSError as exc:
+        log.warning("Cannot write the activation cache in %s (%s); it stays unfinished.", folder, exc)
+        return
+    if not entry.commit(folder / MANIFEST, KIND, key, files, manifest, created_at=now):  # last: the store exists
+        return
+    shutil.rmtree(folder / CHUNKS, ignore_errors=True)
     size = sum(s["bytes"] for s in sides)
     log.info("💾 Cached %d rows × %d layers (%s, %.1f MB) in %s", manifest["num_rows"], len(layers), dtype,
              size / 1e6, folder)
 
 
 def manifest_text(folder: Path) -> str:
-    """The manifest as pretty JSON (for `info --json`)."""
-    return orjson.dumps(read_entry(folder / "manifest.json"), option=orjson.OPT_INDENT_2).decode()
+    """The manifest as pretty JSON (for `info --json`); never deletes anything."""
+    try:
+        doc: Any = unseal((Path(folder) / MANIFEST).read_bytes())
+    except (OSError, CorruptEntryError):
+        doc = None
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()

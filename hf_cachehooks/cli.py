@@ -24,8 +24,10 @@ def _bytes(n: float) -> str:
 
 
 def _print_plan(plan: management.Plan, dry_run: bool, verb: str) -> None:
-    for path in plan.paths:
+    for path in plan.entries:
         print(f"  {path}")
+    for path in plan.leftovers:
+        print(f"  {path}  (left by a dead writer)")
     if dry_run:
         print(f"Would {verb} {len(plan.paths)} item(s), freeing {_bytes(plan.size)}. (dry run: nothing deleted)")
     else:
@@ -33,8 +35,20 @@ def _print_plan(plan: management.Plan, dry_run: bool, verb: str) -> None:
         print(f"{verb.capitalize()}d {len(plan.paths)} item(s), freed {_bytes(plan.size)}.")
 
 
+def _confirmed(plan: management.Plan, args: argparse.Namespace) -> bool:
+    """`clear` deletes only after --yes, or a "y" typed at a terminal."""
+    if args.dry_run or args.yes or not plan.paths:
+        return True
+    question = f"Delete {len(plan.paths)} item(s) ({_bytes(plan.size)}) under {args.root}? [y/N] "
+    if not sys.stdin.isatty():
+        print(f"error: clear would delete {len(plan.paths)} item(s) ({_bytes(plan.size)}) under {args.root}; "
+              "pass --yes to confirm, or --dry-run to list them.", file=sys.stderr)
+        return False
+    return input(question).strip().lower() in ("y", "yes")
+
+
 def cmd_ls(args: argparse.Namespace) -> int:
-    infos = management.list_entries(args.root, args.kind)
+    infos = management.list_entries(args.root, args.kind, bookkeeping=args.all or args.kind is not None)
     if args.format == "json":
         print(management.to_json(infos).decode())
         return 0
@@ -51,7 +65,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 def cmd_du(args: argparse.Namespace) -> int:
     usage = management.disk_usage(args.root)
     for kind, size in usage.items():
-        print(f"{_bytes(size):>10}  {kind}")
+        print(f"{_bytes(size):>10}  {kind}")  # entries of each kind: manifests plus the files they list
     print(f"{_bytes(sum(usage.values())):>10}  total ({args.root})")
     return 0
 
@@ -64,6 +78,9 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_clear(args: argparse.Namespace) -> int:
     plan = management.plan_clear(args.root, args.kind)
+    if not _confirmed(plan, args):
+        print("Nothing deleted.")
+        return 1
     _print_plan(plan, args.dry_run, "remove")
     return 0
 
@@ -174,7 +191,8 @@ def cmd_cache_activations(args: argparse.Namespace) -> int:
                               positions=args.positions, dtype=args.dtype, text_field=args.text_field,
                               label_field=args.label_field, use_chat_template=args.chat_template,
                               system_prompt=args.system_prompt, max_length=args.max_length,
-                              batch_size=args.batch_size, shard_size=args.shard_size, force=args.force)
+                              batch_size=args.batch_size, shard_size=args.shard_size, force=args.force,
+                              max_age_days=args.max_age_days)
     info = store.info()
     print(f"Cached layers {info['layers']} for {info['num_examples']} examples ({info['dtype']}, "
           f"{_bytes(info['bytes'])}) in {args.output}")
@@ -268,24 +286,29 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     ls = sub.add_parser("ls", help="list entries: kind, model, size, age, key")
-    ls.add_argument("--kind")
+    ls.add_argument("--kind", help="an entry kind (predictions, generations, activations, conversation, ...) "
+                    "or a top folder (experiments, conversations, ...)")
+    ls.add_argument("--all", action="store_true", help="also list memos (identity, file-hashes, last-miss)")
     ls.add_argument("--format", choices=("table", "json"), default="table")
     ls.set_defaults(run=cmd_ls)
 
-    sub.add_parser("du", help="bytes used per kind").set_defaults(run=cmd_du)
+    sub.add_parser("du", help="bytes used per entry kind").set_defaults(run=cmd_du)
 
-    prune = sub.add_parser("prune", help="remove entries older than a duration")
+    prune = sub.add_parser("prune", help="remove entries older than a duration (conversations: idle that long; "
+                           "pinned ones stay)")
     prune.add_argument("--older-than", required=True, help="e.g. 7d, 12h, 2w")
-    prune.add_argument("--kind")
-    prune.add_argument("--dry-run", action="store_true")
+    prune.add_argument("--kind", help="only entries of this kind or top folder")
+    prune.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
     prune.set_defaults(run=cmd_prune)
 
-    clear = sub.add_parser("clear", help="remove every entry (of one kind)")
-    clear.add_argument("--kind")
-    clear.add_argument("--dry-run", action="store_true")
+    clear = sub.add_parser("clear", help="remove every entry (of one kind); asks first, or needs --yes")
+    clear.add_argument("--kind", help="only entries of this kind or top folder")
+    clear.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
+    clear.add_argument("--yes", action="store_true", help="delete without asking (scripts, no terminal)")
     clear.set_defaults(run=cmd_clear)
 
-    ver = sub.add_parser("verify", help="check every entry's checksum (exit 1 if any is corrupt)")
+    ver = sub.add_parser("verify", help="hash every file of every entry against its manifest (exit 1 if any "
+                         "is corrupt)")
     ver.add_argument("path", nargs="?", help="an activation cache folder (default: the whole cache root)")
     ver.add_argument("--kind")
     ver.set_defaults(run=cmd_verify)
@@ -312,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--system-prompt")
     cache.add_argument("--max-length", type=int)
     cache.add_argument("--force", action="store_true", help="replace a cache made from other inputs")
+    cache.add_argument("--max-age-days", type=float, default=None,
+                       help="re-extract a store older than this (default: never expires)")
     cache.set_defaults(run=cmd_cache_activations)
 
     vec = sub.add_parser("generate-vectors", help="difference-of-means vectors per layer from a cache")

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 
+from ._version import __version__
 from .config import EvalConfig
 from .errors import ConfigError
 from .fingerprint import example_hashes, fingerprint_data
@@ -211,8 +212,6 @@ def _hit(doc: dict, cache: PredictionCache, key: Key, name: str, config: EvalCon
 
 
 def _metadata(name: str, size: int, seconds: float, config: EvalConfig, now: float) -> dict:
-    from . import __version__
-
     return {
         "model_name": name, "dataset_size": size, "timestamp": iso(now), "created_at": now,
         "evaluation_time_seconds": round(seconds, 3), "batch_size": config.batch_size,

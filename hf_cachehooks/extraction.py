@@ -111,11 +111,10 @@ def pool(hidden: dict[int, Any], mask: Any, input_ids: Any, positions: str) -> P
 
 def batches(texts: Sequence[str], tokenizer: Any, batch_size: int, max_length: int | None = None,
             add_special_tokens: bool = True) -> Iterator[tuple[int, dict]]:
-    """(start index, tokenized batch) over `texts`, padded on the tokenizer's side."""
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    """(start index, tokenized batch) over `texts`, padded on the tokenizer's side (never changing it)."""
+    from .runners import encode_batch
+
     for start in range(0, len(texts), batch_size):
-        enc = tokenizer(list(texts[start : start + batch_size]), return_tensors="pt", padding=True,
-                        truncation=max_length is not None, max_length=max_length,
-                        add_special_tokens=add_special_tokens)
+        enc = encode_batch(tokenizer, texts[start : start + batch_size], truncation=max_length is not None,
+                           max_length=max_length, add_special_tokens=add_special_tokens)
         yield start, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

@@ -2,25 +2,38 @@
 
 A `datasets.Dataset` already carries `_fingerprint` (chained by every transform), so it is reused as is.
 Other data (a list of dicts, a JSON file) is hashed as sorted JSON with xxh3: 100k rows in tens of ms.
-Large files are hashed once and remembered by (size, mtime_ns, inode) in a JSON memo.
+NaN and ±inf are spelled apart from None (JSON has no spelling for them, orjson writes `null`).
+
+Large files are hashed once and remembered by their stat stamp in a memo, a sealed entry of the
+contract (`entry.py`):
+
+    <cache root>/identity/
+    └── file_hashes.json   entry "file-hashes": {"hashes": {abs path: [[size, mtime_ns, inode, ctime_ns], xxh3]}}
+
+`st_ctime_ns` cannot be set from user space, so a file rewritten in place with its size and mtime
+restored (`cp -p`, `rsync --inplace -t`) is hashed again. A corrupt or unsealed memo is rebuilt.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
 import xxhash
 
-from .keys import dumps, hash_bytes
-from .store import atomic_write
+from . import entry
+from .keys import dumps, hash_bytes, nonfinite_name
 
 log = logging.getLogger(__name__)
 _CHUNK = 8 << 20
+_MEMO_KEY = {"kind": "file-hashes", "digest": "file-hashes", "inputs": {}}
+_RACY_NS = 20_000_000  # a file changed within this tick of its hash could keep its stamp: not remembered
 
 
 def fingerprint_data(data: Any) -> str:
@@ -35,11 +48,32 @@ def fingerprint_data(data: Any) -> str:
     existing = getattr(data, "_fingerprint", None)
     if isinstance(existing, str) and existing:
         return "datasets:" + existing
+    options = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
     try:
-        payload = orjson.dumps(data, option=orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY)
+        payload = orjson.dumps(data, option=options)
+        if b"null" in payload:  # None, or a NaN/inf that orjson also wrote as null: spell those apart
+            tagged, found = _tag_nonfinite(data)
+            if found:
+                payload = b"nonfinite:" + orjson.dumps(tagged, option=options)  # never a string's spelling
     except TypeError:
-        payload = dumps(list(data))  # canonical() explains what it cannot hash
+        payload = dumps(list(data))  # canonical() explains what it cannot hash (and spells NaN apart)
     return "rows:" + hash_bytes(payload)
+
+
+def _tag_nonfinite(value: Any) -> tuple[Any, bool]:
+    """`value` with every NaN/±inf float replaced by its `keys.nonfinite_name`; True when there was one."""
+    if isinstance(value, float):
+        return (value, False) if math.isfinite(value) else (nonfinite_name(value), True)
+    if isinstance(value, Mapping):
+        pairs = [(k, _tag_nonfinite(v)) for k, v in value.items()]
+        return {k: v for k, (v, _) in pairs}, any(f for _, (_, f) in pairs)
+    if isinstance(value, (list, tuple)):
+        items = [_tag_nonfinite(v) for v in value]
+        return [v for v, _ in items], any(f for _, f in items)
+    if hasattr(value, "tolist") and getattr(getattr(value, "dtype", None), "kind", None) == "f":  # numpy floats
+        tagged, found = _tag_nonfinite(value.tolist())
+        return (tagged if found else value), found
+    return value, False
 
 
 def example_hashes(texts: Iterable[str]) -> list[str]:
@@ -56,34 +90,40 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def hash_files(paths: Sequence[Path], memo_path: Path | None = None) -> str:
-    """Hash the content of several files (names relative to their folder included).
+def hash_files(paths: Sequence[Path], memo_path: Path | None = None, base: Path | None = None) -> str:
+    """Hash the content of several files, each named by its path relative to `base` (default: its name).
 
-    With `memo_path`, each file's digest is remembered by (size, mtime_ns, inode), so an unchanged
-    70B checkpoint is hashed once, not on every run.
+    With `memo_path`, each file's digest is remembered by its stamp (size, mtime_ns, inode, ctime_ns),
+    so an unchanged 70B checkpoint is hashed once, not on every run.
     """
-    memo: dict[str, Any] = {}
-    if memo_path is not None:
-        try:
-            memo = orjson.loads(memo_path.read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            memo = {}
+    memo = _read_memo(memo_path) if memo_path is not None else {}
     changed = False
     parts = []
     for path in sorted(paths):
         st = os.stat(path)
-        stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
-        known = memo.get(str(Path(path).resolve()))
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+        where = str(Path(path).resolve())
+        known = memo.get(where)
         if known and known[0] == stamp:
             digest = known[1]
         else:
             digest = hash_file(path)
-            memo[str(Path(path).resolve())] = [stamp, digest]
-            changed = True
-        parts.append([Path(path).name, digest])
+            if time.time_ns() - st.st_ctime_ns > _RACY_NS:  # a change in the same tick would keep the stamp
+                memo[where] = [stamp, digest]
+                changed = True
+        parts.append([Path(path).relative_to(base).as_posix() if base is not None else Path(path).name, digest])
     if changed and memo_path is not None:
-        try:
-            atomic_write(memo_path, orjson.dumps(memo))
-        except OSError as exc:
-            log.debug("Cannot save file-hash memo %s: %s", memo_path, exc)
+        entry.commit(memo_path, "file-hashes", _MEMO_KEY, fields={"hashes": memo})
     return hash_bytes(dumps(parts))
+
+
+def _read_memo(memo_path: Path) -> dict[str, list]:
+    """The remembered digests; a corrupt, unsealed or wrongly shaped memo is empty (files are rehashed)."""
+    found = entry.open_entry(memo_path, kind="file-hashes")
+    hashes = found.doc.get("hashes") if found is not None else None
+    if not isinstance(hashes, dict):
+        if found is not None:
+            log.warning("File-hash memo %s has the wrong shape; rehashing.", memo_path)
+        return {}
+    return {path: rec for path, rec in hashes.items()
+            if isinstance(rec, list) and len(rec) == 2 and isinstance(rec[1], str) and isinstance(rec[0], list)}

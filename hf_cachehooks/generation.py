@@ -1,20 +1,29 @@
 """The generation cache: completions keyed by experiment parameters, as in the seed, with partial reuse.
 
-    experiments/{model_short_name}/generations/{prompt_name}/{subject_type}/
-    ├── n200_t1.0_maxtok512_completions.jsonl   {"i", "s", "prompt", "prompt_hash", "completion"} per line
-    ├── n200_t1.0_maxtok512_full_texts.jsonl    {"i", "s", "full_text"} per line (model input + completion)
-    └── n200_t1.0_maxtok512_metadata.json       sealed: parameters, timestamp, key, file checksums
+    experiments/
+    ├── .locks/<key digest>.lock                    single-flight lease while one process generates
+    └── {model_short_name}/generations/{prompt_name}/{subject_type}/
+        ├── n200_t1.0_maxtok512_completions.jsonl   {"i", "s", "prompt", "prompt_hash", "completion"} per line
+        ├── n200_t1.0_maxtok512_full_texts.jsonl    {"i", "s", "full_text"} per line (model input + completion)
+        └── n200_t1.0_maxtok512_metadata.json       the entry's manifest (kind "generations", see `entry`):
+              reserved fields (key, created_at, writer, files: the two JSONL files with bytes + xxh3),
+              then the seed's fields: model, model_short_name, prompt_name, subject_type, temperature,
+              max_tokens, top_p, seed, samples_per_prompt, backend, num_samples, num_rows, timestamp,
+              updated_at
 
 The key is the seed's high-level one (model, prompt format, subject, temperature, max_tokens; top_p,
 seed and samples-per-prompt when set), so the same parameters with different questions still hit,
 with a warning (or a regeneration under `strict=True`). The sample count is not in the key: asking
 for fewer serves a prefix; asking for more generates only the missing ones and grows the entry.
-The metadata file is written last and lists the checksums of the two JSONL files, so an interrupted
-write is never read as an entry. Rows are saved after every chunk, so a killed run loses one chunk.
+The metadata file is written last and lists the sizes and hashes of the two JSONL files, so an
+interrupted write is never read as an entry, and a changed, swapped or malformed file is a warning and
+a regeneration. Rows are saved after every chunk, so a killed run loses one chunk. Two processes that
+miss the same key generate once: the second waits on the lease and then reads the first one's entry.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -24,16 +33,23 @@ from typing import Any
 
 import orjson
 
+from . import entry, locking
 from .backends import Backend, Sampling
 from .errors import ConfigError
 from .fingerprint import example_hashes
-from .freshness import SYSTEM_CLOCK, is_expired, iso
-from .keys import hash_bytes, make_key
+from .freshness import SYSTEM_CLOCK, iso
+from .keys import Key, make_key
 from .predictions import short_name
-from .store import atomic_write, cache_root, read_entry, tag_folder, write_entry
+from .store import cache_root, tag_folder
 
 log = logging.getLogger(__name__)
 _RULE = "=" * 60
+KIND = "generations"
+# the fields each JSONL line holds, and their types
+_LINES = {"_completions.jsonl": {"i": int, "s": int, "prompt": str, "prompt_hash": str, "completion": str},
+          "_full_texts.jsonl": {"i": int, "s": int, "full_text": str}}
+_ROW = {name for fields in _LINES.values() for name in fields}  # a row once both files are read
+_Rows = dict[tuple[int, int], dict]
 
 
 @dataclass(frozen=True)
@@ -120,58 +136,67 @@ class GenerationCache:
         found = [(int(m.group(1)), p) for p in folder.glob("n*_metadata.json") if (m := pattern.match(p.name))]
         return sorted(found, reverse=True)
 
-    def _load(self, meta_path: Path, digest: str) -> tuple[dict, dict[tuple[int, int], dict]] | None:
-        meta = read_entry(meta_path)
-        if meta is None or meta.get("key", {}).get("digest") != digest:
+    def _load(self, meta_path: Path, digest: str) -> tuple[dict, _Rows] | None:
+        """(metadata, rows) of the entry at `meta_path` when it is whole, of this key and fresh; else None."""
+        found = entry.open_entry(meta_path, kind=KIND, digest=digest, max_age_days=self.max_age_days,
+                                 now=self.clock(), check="stamp")
+        if found is None:
             return None
-        if is_expired(meta.get("created_at", 0), self.clock(), self.max_age_days):
-            log.info("Cached generations %s are older than %s days: regenerating.", meta_path.name, self.max_age_days)
+        stem = meta_path.name.removesuffix("_metadata.json")
+        if sorted(found.files) != sorted(stem + suffix for suffix in _LINES):
+            log.warning("Cached generations %s list files %s, not this entry's two JSONL files; regenerating.",
+                        meta_path.name, sorted(found.files))
             return None
-        rows: dict[tuple[int, int], dict] = {}
-        for name, checksum in meta.get("files", {}).items():
-            try:
-                raw = (meta_path.parent / name).read_bytes()
-            except OSError:
-                raw = b""
-            if hash_bytes(raw) != checksum:
-                log.warning("Cached generation file %s is missing or corrupt; ignoring entry %s.", name,
-                            meta_path.name)
-                return None
-            for line in raw.splitlines():
-                row = orjson.loads(line)
-                rows.setdefault((row["i"], row["s"]), {}).update(row)
-        return meta, rows
+        rows: _Rows = {}
+        try:
+            for suffix, fields in _LINES.items():
+                for line in (found.folder / f"{stem}{suffix}").read_bytes().splitlines():
+                    row = orjson.loads(line)
+                    if not isinstance(row, dict) or row.keys() != fields.keys() or \
+                            any(type(row[name]) is not kind for name, kind in fields.items()):
+                        raise ValueError(f"a line of {stem}{suffix} is not {sorted(fields)}")
+                    rows.setdefault((row["i"], row["s"]), {}).update(row)
+        except (OSError, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
+            log.warning("Cached generations %s are unreadable (%s); regenerating.", meta_path.name, exc)
+            return None
+        if any(row.keys() != _ROW for row in rows.values()):
+            log.warning("Cached generations %s: the two JSONL files hold different rows; regenerating.",
+                        meta_path.name)
+            return None
+        return found.doc, rows
+
+    def _lookup(self, folder: Path, tail: str, digest: str) -> tuple[dict, _Rows, Path | None]:
+        """The largest readable entry of this key in `folder`: (metadata, rows, path), or empty."""
+        for _, meta_path in self._entries(folder, tail):
+            loaded = self._load(meta_path, digest)
+            if loaded:
+                return loaded[0], loaded[1], meta_path
+        return {}, {}, None
 
     # Writing ------------------------------------------------------------------------------------
 
-    def _save(self, folder: Path, tail: str, key, rows: dict[tuple[int, int], dict], info: dict) -> Path | None:
+    def _save(self, folder: Path, tail: str, key: Key, rows: _Rows, info: dict) -> Path | None:
         k = info["samples_per_prompt"]
         complete = sum(1 for i in {i for i, _ in rows} if all((i, s) in rows for s in range(k)))
         stem = f"n{complete}{tail}"
         ordered = [rows[ik] for ik in sorted(rows)]
-        completions = b"".join(orjson.dumps({x: r[x] for x in ("i", "s", "prompt", "prompt_hash", "completion")})
-                               + b"\n" for r in ordered)
-        full_texts = b"".join(orjson.dumps({"i": r["i"], "s": r["s"], "full_text": r["full_text"]}) + b"\n"
-                              for r in ordered)
-        files = {f"{stem}_completions.jsonl": completions, f"{stem}_full_texts.jsonl": full_texts}
+        data = {stem + suffix: b"".join(orjson.dumps({x: r[x] for x in fields}) + b"\n" for r in ordered)
+                for suffix, fields in _LINES.items()}
         try:
             tag_folder(self.base)
-            for name, data in files.items():
-                atomic_write(folder / name, data)
+            files = {name: entry.write_file(folder, name, raw) for name, raw in data.items()}
         except OSError as exc:
             log.warning("Cannot save generations under %s (%s); continuing without caching them.", folder, exc)
             return None
-        meta = {**info, "num_samples": complete, "num_rows": len(ordered), "timestamp": iso(self.clock()),
-                "created_at": info.get("created_at") or self.clock(), "updated_at": self.clock(),
-                "files": {name: hash_bytes(data) for name, data in files.items()},
-                "key": {"kind": "generations", "digest": key.digest, "inputs": key.inputs}}
+        now = self.clock()
+        fields = {**info, "num_samples": complete, "num_rows": len(ordered), "timestamp": iso(now), "updated_at": now}
+        created = fields.pop("created_at", None) or now  # an entry that grows keeps its creation time
         meta_path = folder / f"{stem}_metadata.json"
-        if not write_entry(meta_path, meta):
+        if not entry.commit(meta_path, KIND, key, files, fields, created_at=created):
             return None
         for _, older in self._entries(folder, tail):  # the grown entry replaces the smaller one
             if older != meta_path:
-                for suffix in ("_metadata.json", "_completions.jsonl", "_full_texts.jsonl"):
-                    older.with_name(older.name.replace("_metadata.json", suffix)).unlink(missing_ok=True)
+                entry.remove_entry(older)
         return meta_path
 
     # The one call users make ------------------------------------------------------------------------
@@ -198,42 +223,43 @@ class GenerationCache:
         log.info("\n%s\nChecking for cached generations...\n  Model: %s\n  Prompt: %s\n  Subject: %s\n"
                  "  Samples: %d\n  Cache path: %s\n%s", _RULE, self.short, prompt_name, subject_type, n, shown, _RULE)
 
-        loaded, loaded_path = None, None
-        for _, meta_path in [] if force_recompute else self._entries(folder, tail):
-            loaded, loaded_path = self._load(meta_path, key.digest), meta_path
-            if loaded:
-                break
-        meta, rows = loaded if loaded else ({}, {})
         hashes = example_hashes(prompts[:n])
         wanted = [(i, s) for i in range(n) for s in range(samples_per_prompt)]
-        differ = {i for (i, _), row in rows.items() if i < n and row["prompt_hash"] != hashes[i]}
-        if strict and differ:
-            log.info("  strict=True: %d cached prompts differ from yours; regenerating them.", len(differ))
-            rows = {ik: row for ik, row in rows.items() if ik[0] not in differ}
-            differ = set()
-        missing = [ik for ik in wanted if ik not in rows]
-        reused = len(wanted) - len(missing)
-        if force_recompute:
-            log.info("  Force recompute enabled - will generate and save")
-        elif not missing:
-            log.info("\n✓ Found cached generations!\n  Loaded %d cached generations\n  Cached on: %s\n  Model: %s\n"
-                     "  Subject: %s\n%s", reused, meta.get("timestamp", "?"), meta.get("model", "?"),
-                     meta.get("subject_type", subject_type), _RULE)
-        elif reused:
-            log.info("\n✓ Found %d cached generations (cached on %s); generating the other %d\n%s", reused,
-                     meta.get("timestamp", "?"), len(missing), _RULE)
-        else:
-            log.info("  No cache found - will generate and save\n")
-        if differ:
-            log.warning("%d of the %d cached generations served were made from different prompts (the seed's "
-                        "high-level keying); pass strict=True to regenerate them.", len(differ), n)
+        meta, rows, loaded_path = ({}, {}, None) if force_recompute else self._lookup(folder, tail, key.digest)
+        with contextlib.ExitStack() as stack:
+            differ = {i for (i, _), row in rows.items() if i < n and row["prompt_hash"] != hashes[i]}
+            if any(ik not in rows for ik in wanted) or (strict and differ):  # a miss: generate once across processes
+                held = stack.enter_context(locking.lease(self.base / ".locks" / f"{key.digest}.lock"))
+                if held and not force_recompute:  # the holder we waited for may have produced it
+                    meta, rows, loaded_path = self._lookup(folder, tail, key.digest)
+                    differ = {i for (i, _), row in rows.items() if i < n and row["prompt_hash"] != hashes[i]}
+            if strict and differ:
+                log.info("  strict=True: %d cached prompts differ from yours; regenerating them.", len(differ))
+                rows = {ik: row for ik, row in rows.items() if ik[0] not in differ}
+                differ = set()
+            missing = [ik for ik in wanted if ik not in rows]
+            reused = len(wanted) - len(missing)
+            if force_recompute:
+                log.info("  Force recompute enabled - will generate and save")
+            elif not missing:
+                log.info("\n✓ Found cached generations!\n  Loaded %d cached generations\n  Cached on: %s\n  Model: %s\n"
+                         "  Subject: %s\n%s", reused, meta.get("timestamp", "?"), meta.get("model", "?"),
+                         meta.get("subject_type", subject_type), _RULE)
+            elif reused:
+                log.info("\n✓ Found %d cached generations (cached on %s); generating the other %d\n%s", reused,
+                         meta.get("timestamp", "?"), len(missing), _RULE)
+            else:
+                log.info("  No cache found - will generate and save\n")
+            if differ:
+                log.warning("%d of the %d cached generations served were made from different prompts (the seed's "
+                            "high-level keying); pass strict=True to regenerate them.", len(differ), n)
 
-        info = {"model": self.model, "model_short_name": self.short, "prompt_name": prompt_name,
-                "subject_type": subject_type, "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p,
-                "seed": seed, "samples_per_prompt": samples_per_prompt, "backend": getattr(backend, "name", "?"),
-                "created_at": meta.get("created_at")}
-        path = self._generate_missing(missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info) \
-            or loaded_path
+            info = {"model": self.model, "model_short_name": self.short, "prompt_name": prompt_name,
+                    "subject_type": subject_type, "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p,
+                    "seed": seed, "samples_per_prompt": samples_per_prompt, "backend": getattr(backend, "name", "?"),
+                    "created_at": meta.get("created_at")}
+            path = self._generate_missing(missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info) \
+                or loaded_path
         completions = [[rows[(i, s)]["completion"] if (i, s) in rows else None for s in range(samples_per_prompt)]
                        for i in range(n)]
         full_texts = [[rows[(i, s)]["full_text"] if (i, s) in rows else None for s in range(samples_per_prompt)]

@@ -5,7 +5,17 @@ themselves (so an in-memory fine-tune is a new model), dtype, quantisation, arch
 PEFT adapter config. Tokenizer identity: vocabulary, full backend state, special tokens, chat template.
 
 For a model given as a path or Hub name, the identity is remembered against the state of its files
-(content hashes, cached by size/mtime/inode), so a later run knows the key without loading weights.
+(content hashes of the folder, plus `load_kwargs["subfolder"]` when the weights load from there;
+each hash remembered by its stat stamp) and how they are loaded, so a later run knows the key
+without loading weights. Each memo is an entry of the contract (`entry.py`) whose key digest is
+the files state, checked on read, so a memo swapped or copied under another name is never used:
+
+    <cache root>/identity/
+    ├── CACHEDIR.TAG
+    ├── file_hashes.json   entry "file-hashes": content hash per file stamp (see `fingerprint`)
+    └── <state>.json       entry "identity": key {"kind": "identity", "digest": <state>,
+                           "inputs": {"source", "files", "load"}}, and "identity": {model, tokenizer,
+                           generation_defaults} as `model_identity`/`tokenizer_identity` compute them
 """
 
 from __future__ import annotations
@@ -18,8 +28,9 @@ from typing import Any
 
 import orjson
 
+from . import entry
 from .keys import canonical, dumps, hash_bytes
-from .store import read_entry, write_entry
+from .store import tag_folder
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +50,8 @@ _GLOBAL_DEFAULTS = {
     "repetition_penalty": 1.0, "length_penalty": 1.0, "num_return_sequences": 1, "max_length": 20,
     "no_repeat_ngram_size": 0, "num_beam_groups": 1, "diversity_penalty": 0.0, "early_stopping": False,
 }
+_IDENTITY_FIELDS = ("model", "tokenizer", "generation_defaults")
+_state_inputs: dict[str, dict] = {}  # files state -> what it was computed from (the memo's key inputs)
 
 
 def split_hub_path(name_or_path: str) -> tuple[str, str | None]:
@@ -170,14 +183,19 @@ def effective_generation(defaults: Mapping[str, Any], overrides: Mapping[str, An
     return canonical({k: v for k, v in merged.items() if k not in _NOT_OUTPUT and v is not None})
 
 
-def model_files(folder: Path, gguf_file: str | None = None) -> list[Path]:
-    """The files in a model folder that decide its output (one GGUF file when `gguf_file` is given)."""
+def model_files(folder: Path, gguf_file: str | None = None, subfolder: str | None = None) -> list[Path]:
+    """The files in a model folder that decide its output (one GGUF file when `gguf_file` is given).
+
+    With `subfolder` (transformers' `from_pretrained(..., subfolder=...)`), the files of
+    `folder/subfolder` count too: the weights and config load from there, the tokenizer from `folder`.
+    """
+    folders = [folder, folder / subfolder] if subfolder else [folder]
     files = [
-        p for p in folder.iterdir()
+        p for f in folders if f.is_dir() for p in f.iterdir()
         if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES and not p.name.startswith(".")
     ]
     if gguf_file:
-        files = [p for p in files if p.suffix != ".gguf" or p.name == gguf_file]
+        files = [p for p in files if p.suffix != ".gguf" or p.name == Path(gguf_file).name]
     return files
 
 
@@ -198,19 +216,37 @@ def files_state(name_or_path: str, load_options: Mapping[str, Any], root: Path) 
     folder = resolve_local_folder(name_or_path)
     if folder is None:
         return None
-    files = model_files(folder, load_options.get("gguf_file"))
+    load_kwargs = load_options.get("load_kwargs") or {}
+    subfolder = load_kwargs.get("subfolder") if isinstance(load_kwargs, Mapping) else None
+    files = model_files(folder, load_options.get("gguf_file"), str(subfolder) if subfolder else None)
     from .fingerprint import hash_files
 
-    content = hash_files(files, memo_path=root / "identity" / "file_hashes.json")
-    return hash_bytes(dumps({"files": content, "load": dict(load_options)}))
+    content = hash_files(files, memo_path=root / "identity" / "file_hashes.json", base=folder)
+    inputs = {"source": name_or_path, "files": content, "load": canonical(dict(load_options))}
+    state = hash_bytes(dumps({"files": content, "load": dict(load_options)}))
+    _state_inputs[state] = inputs
+    return state
 
 
 def remembered_identity(state: str | None, root: Path) -> dict | None:
-    """The identity recorded for a files state by an earlier run, if any."""
-    return read_entry(root / "identity" / f"{state}.json") if state else None
+    """The identity recorded for this files state by an earlier run, if any (checked to be for `state`)."""
+    if not state:
+        return None
+    found = entry.open_entry(root / "identity" / f"{state}.json", kind="identity", digest=state)
+    identity = found.doc.get("identity") if found is not None else None
+    if found is not None and not (isinstance(identity, dict) and all(
+            isinstance(identity.get(name), dict) or (name == "tokenizer" and identity.get(name) is None)
+            for name in _IDENTITY_FIELDS)):
+        log.warning("Identity memo %s has fields of the wrong shape; removing it and loading the model.", found.path)
+        entry.remove_entry(found.path)
+        return None
+    return identity
 
 
 def remember_identity(state: str | None, identity: dict, root: Path) -> None:
     """Record the identity computed after loading, so the next run can skip the load on a hit."""
     if state:
-        write_entry(root / "identity" / f"{state}.json", identity)
+        folder = root / "identity"
+        tag_folder(folder)
+        key = {"kind": "identity", "digest": state, "inputs": _state_inputs.get(state, {})}
+        entry.commit(folder / f"{state}.json", "identity", key, fields={"identity": identity})

@@ -1,7 +1,9 @@
 """Cache keys: a hash over a canonical serialisation of the key's inputs plus a format version.
 
 The inputs are a nested dict of plain values. They are stored next to every entry so that a miss can
-say which field changed (`diff_inputs`) and `hf-cachehooks explain` can show it.
+say which field changed (`diff_inputs`) and `hf-cachehooks explain` can show it. NaN and ±inf, which
+JSON cannot spell (orjson writes `null`, None's spelling), become {"$float": "nan"}, {"$float": "inf"}
+and {"$float": "-inf"}: never a string's or None's spelling.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ def canonical(value: Any) -> Any:
     """Return `value` as plain JSON data with one spelling per meaning.
 
     Dict keys are strings (sorted at serialisation), tuples become lists, integral floats become
-    ints (`0.0` and `0` are the same temperature), paths become strings. Anything else raises
+    ints (`0.0` and `0` are the same temperature), NaN/±inf become `nonfinite_name` tags (never
+    None's `null`), paths become strings. Anything else raises
     rather than falling back to a repr that could hold a memory address.
     """
     if value is None or isinstance(value, (bool, str)):
@@ -33,9 +36,9 @@ def canonical(value: Any) -> Any:
     if isinstance(value, int):
         return int(value)
     if isinstance(value, float):
-        if math.isfinite(value) and value == int(value):
-            return int(value)
-        return value
+        if not math.isfinite(value):
+            return nonfinite_name(value)
+        return int(value) if value == int(value) else value
     if isinstance(value, Mapping):
         return {str(k): canonical(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -50,6 +53,11 @@ def canonical(value: Any) -> Any:
         f"Cannot use {type(value).__name__} value {value!r:.80} in a cache key. "
         "Pass plain JSON data (str, int, float, bool, list, dict)."
     )
+
+
+def nonfinite_name(value: float) -> dict[str, str]:
+    """How a key spells a float JSON cannot: {"$float": "nan"}, {"$float": "inf"} or {"$float": "-inf"}."""
+    return {"$float": repr(float(value))}
 
 
 def dumps(value: Any) -> bytes:

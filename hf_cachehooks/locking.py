@@ -2,8 +2,10 @@
 
 The lock is a lease file created with O_EXCL holding the owner's host, pid and a heartbeat that a
 background thread refreshes. A lease whose heartbeat is older than `stale_after` seconds, or whose
-owner process is gone on this host, is broken, so a dead holder never blocks anyone for long.
-Locks only avoid duplicate work; correctness comes from atomic writes, so a lost lock is harmless.
+owner process is gone on this host (exited, or a zombie not yet reaped), is broken, so a dead holder
+never blocks anyone for long. A lease of the wrong shape counts as garbled: stale by age alone.
+Locks only avoid duplicate work; correctness comes from atomic writes, so a lost lock is harmless:
+when the lease cannot be written (a full disk), it is removed and the caller computes without it.
 """
 
 from __future__ import annotations
@@ -25,26 +27,37 @@ T = TypeVar("T")
 
 
 def _alive(pid: int) -> bool:
+    """True while `pid` runs on this host; an exited process not yet reaped by its parent (zombie) is dead."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
-        return True
-    return True
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return True  # no /proc (macOS) or it just exited: os.kill said it was there
+    state = stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3]  # "pid (comm) S ...": comm may hold ")"
+    return state not in (b"Z", b"X")
 
 
 def _stale(lease: Path, stale_after: float) -> tuple[float, int] | None:
     """(seconds since the last heartbeat, inode) when the lease is stale, else None."""
     try:
         st = lease.stat()
-        age = time.time() - st.st_mtime
+    except OSError:
+        return None
+    age = time.time() - st.st_mtime
+    try:
         info = orjson.loads(lease.read_bytes())
     except FileNotFoundError:
         return None
     except (OSError, orjson.JSONDecodeError):
-        return (age, st.st_ino) if age > stale_after else None  # empty or garbled: its writer died mid-write
-    if info.get("host") == socket.gethostname() and not _alive(int(info.get("pid", -1))):
+        info = None  # empty or garbled: its writer died mid-write
+    pid = info.get("pid") if isinstance(info, dict) else None
+    if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and info.get("host") == socket.gethostname() \
+            and not _alive(pid):
         return age, st.st_ino
     return (age, st.st_ino) if age > stale_after else None
 
@@ -86,8 +99,15 @@ def lease(path: Path, *, stale_after: float = 60.0, poll: float = 0.05, heartbea
             log.warning("Cannot take cache lock %s (%s); computing without it.", path, exc)
             yield False
             return
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(me)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(me)
+        except OSError as exc:  # a full disk: an empty lease would stall the next run for stale_after
+            with contextlib.suppress(OSError):
+                path.unlink()
+            log.warning("Cannot write cache lock %s (%s); computing without it.", path, exc)
+            yield False
+            return
         break
     stop = threading.Event()
     beat = threading.Thread(target=_beat, args=(path, stop, heartbeat), daemon=True)

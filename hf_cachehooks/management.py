@@ -1,13 +1,17 @@
-"""Look after a cache folder: list, size, prune by age, clear, verify checksums, explain misses.
+"""Look after a cache root over the one entry contract: list, size, prune by age, clear, verify, explain.
 
-Deleting is two steps, as in huggingface_hub: build a `Plan` (what would go, how many bytes), then
-`execute()` it; `--dry-run` prints the plan only.
+Management finds entries by their manifests (`entry.MARK`, the first bytes of every manifest) in
+folders marked as this library's cache: a CACHEDIR.TAG of ours in the folder or in a parent below
+the root. It deletes an entry whole through `entry.remove_entry`, which touches only the files the
+manifest lists, and otherwise only a writer's own leftovers (temp files, lock and trash files of
+dead writers, older than an hour). Deleting is two steps, as in huggingface_hub: build a `Plan`
+(what would go, how many bytes), then `execute()` it; `--dry-run` prints the plan only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,18 +19,18 @@ from pathlib import Path
 
 import orjson
 
-from .errors import ConfigError, CorruptEntryError
-from .keys import diff_inputs, hash_bytes
-from .store import unseal
+from .entry import Entry, entry_size, inspect, is_entry_file, remove_entry
+from .errors import ConfigError
+from .keys import diff_inputs
+from .store import TEMP_SUFFIX, is_tagged
 
-_NOT_ENTRIES = {"last_miss.json", "predictor.json", "file_hashes.json"}  # sealed bookkeeping, not results
-_UNSEALED = {"file_hashes.json"}  # a plain JSON memo, rebuilt when unreadable
-_TEMP_GRACE = 3600.0  # a temp file older than this belongs to a dead writer
+BOOKKEEPING = ("file-hashes", "identity", "last-miss")  # recomputable memos: `ls` shows them only when asked
+_LEFTOVER_GRACE = 3600.0  # a temp, lock or trash file this old belongs to a dead writer (live locks beat every 5 s)
 
 
 @dataclass(frozen=True)
 class EntryInfo:
-    """One cache entry as `ls` shows it."""
+    """One cache entry as `ls` shows it: `path` is its manifest, `size` the bytes of everything it lists."""
 
     kind: str
     model: str
@@ -39,210 +43,232 @@ class EntryInfo:
 
 @dataclass
 class Plan:
-    """Paths a delete would remove, with the bytes it frees. Nothing happens until `execute()`."""
+    """Entries (manifests) and leftover files a delete would remove, with the bytes it frees.
 
-    paths: list[Path] = field(default_factory=list)
+    Nothing happens until `execute()`.
+    """
+
+    entries: list[Path] = field(default_factory=list)
+    leftovers: list[Path] = field(default_factory=list)
     size: int = 0
 
-    def add(self, path: Path) -> None:
-        self.paths.append(path)
-        self.size += _size(path)
+    @property
+    def paths(self) -> list[Path]:
+        return [*self.entries, *self.leftovers]
 
     def execute(self) -> int:
-        """Delete the planned paths; return how many were removed."""
-        removed = 0
-        for path in self.paths:
-            if path.is_dir():
-                shutil.rmtree(path, ignore_errors=True)
-            else:
-                path.unlink(missing_ok=True)
-            removed += 1
-        return removed
+        """Delete the planned entries whole, then the leftovers; return how many items were removed."""
+        for path in self.entries:
+            remove_entry(path)
+        for path in self.leftovers:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        return len(self.entries) + len(self.leftovers)
 
 
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
+def _cache_folders(root: Path) -> Iterator[tuple[Path, list[str]]]:
+    """(folder, file names) of every folder under `root` that lies in a tagged cache folder.
+
+    Hidden folders (locks, trash, a store's chunk sidecars) and links are never entered.
+    """
+    tagged: set[Path] = set()
+    for top, dirs, files in os.walk(root):
+        here = Path(top)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if here in tagged or is_tagged(here):
+            tagged.update(here / d for d in dirs)
+            yield here, sorted(files)
 
 
-def kinds(root: Path) -> list[str]:
-    """The cache folders present under `root` (predictions, experiments, identity, ...)."""
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")) if root.is_dir() else []
+def is_cache(root: Path) -> bool:
+    """True when `root` is, or holds, a folder marked as this library's cache."""
+    return any(True for _ in _cache_folders(root))
 
 
-def _walk(folder: Path, bookkeeping: bool = False) -> Iterator[Path]:
-    """Sealed JSON files under `folder`, skipping locks and per-example shard folders (listed apart)."""
-    skip = _UNSEALED if bookkeeping else _NOT_ENTRIES
-    for top, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if d != ".locks" and (bookkeeping or d != "examples"))
-        for name in sorted(files):
-            if name.endswith(".json") and name not in skip:
-                yield Path(top) / name
+def _manifests(root: Path) -> Iterator[Path]:
+    for folder, files in _cache_folders(root):
+        for name in files:
+            path = folder / name
+            if name.endswith(".json") and not path.is_symlink() and is_entry_file(path):
+                yield path
 
 
-def _peek(path: Path) -> dict | None:
-    """Read a sealed file for display; unlike the caches, management never deletes what it cannot read."""
-    try:
-        return unseal(path.read_bytes())
-    except (OSError, CorruptEntryError):
-        return None
+def _model(doc: dict) -> str:
+    """The model an entry was made with, wherever its kind keeps the name."""
+    inputs = doc["key"]["inputs"]
+    for value in ((doc.get("metadata") or {}).get("model_name"), doc.get("model"), inputs.get("model"),
+                  (doc.get("identity") or {}).get("model"), (doc.get("meta") or {}).get("model")):
+        if isinstance(value, dict):
+            value = value.get("name")
+        if isinstance(value, str) and value:
+            return value
+    return doc.get("conv_id") or "-"
 
 
-def _companions(path: Path, doc: dict) -> list[Path]:
-    """Files an entry lists beside its metadata (the generation cache's JSONL files)."""
-    return [path.parent / name for name in doc.get("files", {})]
+def _count(doc: dict) -> int:
+    for value in ((doc.get("metadata") or {}).get("dataset_size"), doc.get("num_samples"), doc.get("num_examples"),
+                  doc.get("tokens"), len(doc["rows"]) if isinstance(doc.get("rows"), dict) else None):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
 
 
-def _describe(folder: Path, path: Path, doc: dict) -> EntryInfo:
-    meta = doc.get("metadata", {})
-    model = meta.get("model_name") or doc.get("model", "?")
-    if isinstance(model, dict):  # an identity memo
-        model = model.get("name", "?")
-    created = meta.get("created_at") or doc.get("created_at") or path.stat().st_mtime
-    size = _size(path) + sum(_size(p) for p in _companions(path, doc))
-    kind = doc.get("key", {}).get("kind", folder.name)
-    return EntryInfo(kind, str(model), path, size, created, doc.get("key", {}).get("digest", "")[:12],
-                     meta.get("dataset_size") or doc.get("num_samples") or 0)
+def _last_used(found: Entry) -> float:
+    """When an entry was made; a conversation counts from its last access (reading keeps it)."""
+    if found.kind != "conversation":
+        return found.created_at
+    touched = 0.0
+    with contextlib.suppress(OSError):
+        touched = (found.folder / ".last_access").stat().st_mtime
+    last = found.doc.get("last_access")
+    return max(found.created_at, touched, last if isinstance(last, (int, float)) else 0.0)
 
 
-def _entries(root: Path, kind: str | None) -> Iterator[tuple[EntryInfo, dict]]:
-    for folder in (root / k for k in kinds(root)):
-        for path in _walk(folder):
-            doc = _peek(path)
-            if doc is None:
-                continue  # `verify` reports it
-            info = _describe(folder, path, doc)
-            if kind in (None, info.kind, folder.name):
-                yield info, doc
-        for shard_dir in sorted((folder / "examples").glob("*")) if (folder / "examples").is_dir() else []:
-            head = _peek(shard_dir / "predictor.json") or {}
-            stamps = [p.stat().st_mtime for p in shard_dir.glob("*.json")]
-            info = EntryInfo(f"{folder.name}/examples", head.get("inputs", {}).get("model", {}).get("name", "?"),
-                             shard_dir, _size(shard_dir), min(stamps, default=0), shard_dir.name[:12], 0)
-            if kind in (None, info.kind, folder.name):
-                yield info, head
+def _folder_kind(root: Path, path: Path) -> str:
+    return path.relative_to(root).parts[0] if path.parent != root else ""
+
+
+def _entries(root: Path, kind: str | None, bookkeeping: bool = True) -> Iterator[tuple[EntryInfo, Entry]]:
+    """Readable entries (a size check, no hashing: `verify` hashes), filtered by entry kind or top folder."""
+    for path in _manifests(root):
+        found, _ = inspect(path, check="size")
+        if found is None:
+            continue  # `verify` reports it
+        if kind is None and not bookkeeping and found.kind in BOOKKEEPING:
+            continue
+        if kind not in (None, found.kind, _folder_kind(root, path)):
+            continue
+        info = EntryInfo(found.kind, _model(found.doc), path, entry_size(found), _last_used(found),
+                         found.key["digest"][:12], _count(found.doc))
+        yield info, found
 
 
 def _check_kind(root: Path, kind: str | None) -> None:
-    if kind is None or kind in kinds(root):
+    if kind is None:
         return
-    known = sorted(set(kinds(root)) | {info.kind for info, _ in _entries(root, None)})
+    known: set[str] = set()
+    for path in _manifests(root):
+        found, _ = inspect(path, check="size")
+        if found is not None:
+            known |= {found.kind, _folder_kind(root, path)}
     if kind not in known:
-        raise ConfigError(f"No cache kind {kind!r} under {root} (present: {', '.join(known) or 'none'}).")
+        present = ", ".join(sorted(known - {""})) or "none"
+        raise ConfigError(f"No cache kind {kind!r} under {root} (present: {present}).")
 
 
-def list_entries(root: Path, kind: str | None = None) -> list[EntryInfo]:
-    """Every entry (matching a kind or folder name, if given) and per-example shard folder, newest first."""
+def list_entries(root: Path, kind: str | None = None, bookkeeping: bool = False) -> list[EntryInfo]:
+    """Every entry (of one kind or top folder, if given), newest first; memos only with `bookkeeping`."""
     _check_kind(root, kind)
-    return sorted((info for info, _ in _entries(root, kind)), key=lambda e: -e.created_at)
+    return sorted((info for info, _ in _entries(root, kind, bookkeeping)), key=lambda e: -e.created_at)
 
 
 def disk_usage(root: Path) -> dict[str, int]:
-    """Bytes used per cache folder."""
-    return {k: _size(root / k) for k in kinds(root)}
+    """Bytes used per entry kind (manifests and every file they list)."""
+    usage: dict[str, int] = {}
+    for info, _ in _entries(root, None):
+        usage[info.kind] = usage.get(info.kind, 0) + info.size
+    return dict(sorted(usage.items()))
+
+
+def _require_cache(root: Path) -> None:
+    if not is_cache(root):
+        raise ConfigError(f"{root} is not an hf_cachehooks cache (no CACHEDIR.TAG of ours in it or its folders); "
+                          "nothing was deleted. Check --cache-dir or HF_CACHEHOOKS_HOME.")
+
+
+def _leftovers(root: Path, now: float, plan: Plan) -> None:
+    """Temp files of dead writers, and lock and trash files their holders left, older than an hour."""
+    for folder, files in _cache_folders(root):
+        candidates = [folder / n for n in files if n.startswith(".") and (n.endswith(TEMP_SUFFIX) or ".trash-" in n)]
+        candidates += [p for p in (folder / ".locks").glob("*.lock*") if p.is_file() and not p.is_symlink()]
+        for path in candidates:
+            with contextlib.suppress(OSError):
+                st = path.stat()
+                if now - st.st_mtime > _LEFTOVER_GRACE:
+                    plan.leftovers.append(path)
+                    plan.size += st.st_size
 
 
 def plan_clear(root: Path, kind: str | None = None) -> Plan:
-    """Everything (of one folder, or of one entry kind such as `generations`)."""
+    """Every entry (of one kind or top folder), plus dead writers' leftovers when clearing everything.
+
+    Raises:
+        ConfigError: `root` is not a cache of this library, or holds no such kind.
+    """
+    _require_cache(root)
     _check_kind(root, kind)
     plan = Plan()
-    if kind is None or kind in kinds(root):
-        for name in kinds(root):
-            if kind in (None, name):
-                plan.add(root / name)
-        return plan
-    for info, doc in _entries(root, kind):
-        for path in [info.path, *_companions(info.path, doc)]:
-            plan.add(path)
+    for info, _ in _entries(root, kind):
+        plan.entries.append(info.path)
+        plan.size += info.size
+    if kind is None:
+        _leftovers(root, time.time(), plan)
     return plan
 
 
 def plan_prune(root: Path, older_than: float, now: float | None = None, kind: str | None = None) -> Plan:
-    """Entries and shards created more than `older_than` seconds ago, plus leftovers of dead writers.
+    """Entries made (conversations: last used) more than `older_than` seconds ago, and dead writers' leftovers.
 
-    An entry goes with its companion files; a shard folder whose shards are all old goes whole.
+    Pinned conversations stay.
     """
+    _require_cache(root)
     _check_kind(root, kind)
     now = time.time() if now is None else now
     plan = Plan()
-    for info, doc in _entries(root, kind):
-        if info.kind.endswith("/examples"):
-            shards = [(p, _peek(p)) for p in info.path.glob("*.json") if p.name != "predictor.json"]
-            old = [p for p, d in shards if d is not None and now - d.get("created_at", now) > older_than]
-            for path in [info.path] if old and len(old) == len(shards) else old:
-                plan.add(path)
-        elif "key" in doc and now - info.created_at > older_than:
-            for path in [info.path, *_companions(info.path, doc)]:
-                plan.add(path)
-    for name in kinds(root):
-        for temp in (root / name).rglob(".*.tmp"):
-            if now - temp.stat().st_mtime > _TEMP_GRACE:
-                plan.add(temp)
+    for info, found in _entries(root, kind):
+        if now - info.created_at > older_than and not found.doc.get("pinned"):
+            plan.entries.append(info.path)
+            plan.size += info.size
+    _leftovers(root, now, plan)
     return plan
 
 
 def verify(root: Path, kind: str | None = None) -> tuple[int, list[tuple[Path, str]]]:
-    """Check every sealed file's checksum and its companions'. Returns (files checked, [(path, problem)])."""
+    """Hash every file of every entry against its manifest. Returns (entries checked, [(manifest, problem)])."""
     _check_kind(root, kind)
     checked, problems = 0, []
-    for name in kinds(root):
-        whole_folder = kind in (None, name)
-        for path in _walk(root / name, bookkeeping=True):
-            try:
-                doc = unseal(path.read_bytes())
-            except (OSError, CorruptEntryError) as exc:
-                if whole_folder:  # an unreadable file has no kind; report it with its folder
-                    checked += 1
-                    problems.append((path, str(exc)))
-                continue
-            if not whole_folder and doc.get("key", {}).get("kind") != kind:
-                continue
-            checked += 1
-            for companion, digest in doc.get("files", {}).items():
-                try:
-                    ok = hash_bytes((path.parent / companion).read_bytes()) == digest
-                except OSError:
-                    ok = False
-                if not ok:
-                    problems.append((path.parent / companion, f"missing or does not match {path.name}"))
+    for path in _manifests(root):
+        found, problem = inspect(path, check="hash")
+        if found is not None and kind not in (None, found.kind, _folder_kind(root, path)):
+            continue
+        if found is None and kind not in (None, _folder_kind(root, path)):
+            continue
+        checked += 1
+        if problem:
+            problems.append((path, problem))
     return checked, problems
 
 
 def _key_inputs(ref: str, root: Path) -> tuple[str, dict]:
-    """Key inputs of an entry given as a path or a key prefix."""
+    """Key inputs of an entry given as a manifest path or a key prefix."""
     path = Path(ref)
     if not path.is_file():
         matches = [info.path for info, _ in _entries(root, None) if info.key and info.key.startswith(ref[:12])]
         if len(matches) != 1:
             raise ConfigError(f"{ref!r} names {len(matches)} entries under {root}; give a file path or a longer key.")
         path = matches[0]
-    doc = _peek(path)
-    if doc is None or "key" not in doc:
-        raise ConfigError(f"{path} is not a readable cache entry; run `hf-cachehooks verify`.")
-    return path.name, doc["key"]["inputs"]
+    found, problem = inspect(path, check="size")
+    if found is None:
+        raise ConfigError(f"{path} is not a readable cache entry ({problem or 'missing'}); "
+                          "run `hf-cachehooks verify`.")
+    return path.name, found.key["inputs"]
 
 
 def explain(root: Path, a: str | None = None, b: str | None = None) -> list[str]:
-    """Lines saying which key fields differ between entries `a` and `b`, or why the last lookup missed."""
+    """Lines saying which key fields differ between entries `a` and `b`, or why the last lookups missed."""
     if a and b:
         (name_a, inputs_a), (name_b, inputs_b) = _key_inputs(a, root), _key_inputs(b, root)
         changes = diff_inputs(inputs_a, inputs_b)
         return [f"{name_a} → {name_b}:"] + ([f"  {c}" for c in changes] or ["  same key inputs"])
     lines = []
-    for folder in (root / k for k in kinds(root)):
-        doc = _peek(folder / "last_miss.json")
-        if doc is None:
-            continue
-        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(doc["timestamp"]))
-        lines.append(f"Last {doc['kind']} miss ({when}, key {doc['digest'][:12]}): {doc['reason']}")
+    for _, found in _entries(root, "last-miss"):
+        doc = found.doc
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.created_at))
+        lines.append(f"Last {found.key['kind']} miss ({when}, key {found.key['digest'][:12]}): {doc.get('reason')}")
         lines += [f"  {c}" for c in doc.get("changes", [])]
     return lines or [f"No recorded miss under {root}."]
 
 
 def to_json(infos: list[EntryInfo]) -> bytes:
-    """Entries as JSON lines data for `ls --format json`."""
+    """Entries as JSON data for `ls --format json`."""
     return orjson.dumps([{**e.__dict__, "path": str(e.path)} for e in infos], option=orjson.OPT_INDENT_2)

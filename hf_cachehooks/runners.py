@@ -1,6 +1,8 @@
 """Where the model runs: loading a model by path or name, batched generation and classification.
 
-Everything here imports torch/transformers lazily, so a cache hit never pays for them.
+Everything here imports torch/transformers lazily, so a cache hit never pays for them. Nothing here
+changes the caller's tokenizer or model: batches are padded by `encode_batch` (a tokenizer without a
+pad token, like GPT-2's or Llama's, pads with its eos id), never by setting `tokenizer.pad_token`.
 """
 
 from __future__ import annotations
@@ -63,25 +65,58 @@ def chat_texts(prompts: Sequence[str], tokenizer: Any, system_prompt: str | None
     return texts
 
 
+def pad_id(tokenizer: Any) -> int:
+    """The id to pad with: the pad token's, else the eos token's (what generation itself falls back to)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(token_id, int):
+            return token_id
+        if isinstance(token_id, list) and token_id:
+            return int(token_id[0])
+    return 0  # masked out anyway
+
+
+def encode_batch(tokenizer: Any, texts: Sequence[str], *, side: str | None = None, pad: int | None = None,
+                 add_special_tokens: bool = True, truncation: bool = False,
+                 max_length: int | None = None) -> dict[str, Any]:
+    """Tokenize `texts` and pad them into tensors on `side` (default: the tokenizer's), without changing it.
+
+    Gives what `tokenizer(texts, padding=True, return_tensors="pt")` gives when the tokenizer has a pad
+    token; without one it pads with `pad_id` instead of requiring `tokenizer.pad_token = eos`.
+    """
+    import torch
+
+    enc = tokenizer(list(texts), add_special_tokens=add_special_tokens, truncation=truncation,
+                    max_length=max_length)
+    ids = enc["input_ids"]
+    width = max((len(row) for row in ids), default=0)
+    fill = {"input_ids": pad_id(tokenizer) if pad is None else pad, "attention_mask": 0,
+            "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
+    left = (side or tokenizer.padding_side) == "left"
+    out = {}
+    for name, value in fill.items():
+        if name not in enc and name != "attention_mask":
+            continue
+        rows = enc[name] if name in enc else [[1] * len(row) for row in ids]
+        out[name] = torch.tensor([[value] * (width - len(row)) + list(row) if left
+                                  else list(row) + [value] * (width - len(row)) for row in rows],
+                                 dtype=torch.long).reshape(len(rows), width)
+    return out
+
+
 def generate_texts(model: Any, tokenizer: Any, texts: Sequence[str], options: dict[str, Any],
                    add_special_tokens: bool = True) -> list[str]:
     """Completions of already-rendered texts as one left-padded batch, decoded without the prompt.
 
-    Shared by `evaluate_model` and the generation cache's local backend.
+    Left padding, because right padding would put pad tokens between prompt and completion. Shared
+    by `evaluate_model` and the generation cache's local backend.
     """
     import torch
 
-    side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # right padding would put pad tokens between prompt and completion
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    try:
-        batch = tokenizer(list(texts), return_tensors="pt", padding=True,
-                          add_special_tokens=add_special_tokens).to(next(model.parameters()).device)
-    finally:
-        tokenizer.padding_side = side
+    device = next(model.parameters()).device
+    batch = {name: t.to(device) for name, t in
+             encode_batch(tokenizer, texts, side="left", add_special_tokens=add_special_tokens).items()}
     with torch.no_grad():
-        out = model.generate(**batch, **options, pad_token_id=tokenizer.pad_token_id)
+        out = model.generate(**batch, **options, pad_token_id=pad_id(tokenizer))
     new_tokens = out[:, batch["input_ids"].shape[1] :]  # (batch, new_tokens)
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
@@ -96,15 +131,20 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], config: EvalCon
 
 
 def classify(model: Any, tokenizer: Any, texts: Sequence[str], config: EvalConfig) -> list[int]:
-    """Predicted label ids for one batch."""
+    """Predicted label ids for one batch.
+
+    Padded with the model's own pad id, which its classification head looks for to find the last real
+    token. A model without one cannot tell padding apart, so then each text runs alone, unpadded.
+    """
     import torch
 
     device = _device(model, config)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(model.config, "pad_token_id", None) is None:
-        model.config.pad_token_id = tokenizer.pad_token_id
-    batch = tokenizer(list(texts), return_tensors="pt", padding=True, truncation=True).to(device)
-    with torch.no_grad():
-        logits = model(**batch).logits  # (batch, num_labels)
-    return logits.argmax(-1).tolist()
+    model_pad = getattr(model.config, "pad_token_id", None)
+    groups = [list(texts)] if model_pad is not None else [[text] for text in texts]
+    labels: list[int] = []
+    for group in groups:
+        batch = encode_batch(tokenizer, group, pad=model_pad, truncation=True)
+        with torch.no_grad():
+            logits = model(**{name: t.to(device) for name, t in batch.items()}).logits  # (batch, num_labels)
+        labels += logits.argmax(-1).tolist()
+    return labels

@@ -31,6 +31,7 @@ from .keys import hash_bytes
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "outputs/cache"
+TEMP_SUFFIX = ".hfch-tmp"  # a writer's temp file: `prune` removes only these, and only when old
 _SEAL = b'\n  "checksum": "'
 _TAG = b"Signature: 8a477f597d28d172789f06886806bc55\n# Cache folder of hf_cachehooks.\n"
 
@@ -70,7 +71,7 @@ def atomic_target(path: Path) -> Iterator[Path]:
     Readers see the old file, the new file, or nothing; never half a file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.fchmod(fd, 0o644)  # mkstemp makes 0600; a shared team cache must be readable
     os.close(fd)
     try:
@@ -130,6 +131,15 @@ def write_entry(path: Path, doc: dict[str, Any]) -> bool:
         return True
     except OSError as exc:
         log.warning("Cannot write cache entry %s (%s); continuing without caching it.", path, exc)
+        return False
+
+
+def is_tagged(folder: Path) -> bool:
+    """True when `folder` holds this library's CACHEDIR.TAG (written by `tag_folder` on first use)."""
+    try:
+        with open(folder / "CACHEDIR.TAG", "rb") as handle:
+            return handle.read(len(_TAG)) == _TAG
+    except OSError:
         return False
 
 

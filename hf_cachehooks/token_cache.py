@@ -1,17 +1,23 @@
 """Conversation token cache: each token's per-layer hidden state and top-k lens predictions, one click away.
 
     <directory, default <cache root>/conversations>/
+    ├── CACHEDIR.TAG                  marks the folder as this library's cache
     ├── .locks/<conv_id>.lock         appends to one conversation serialize on this lease
-    └── <conv_id>/
-        ├── conversation.json         sealed manifest: turns (start, count, files, bytes, k), L, H, pinned, meta
+    └── <conv_id>/                    one entry of kind "conversation" (see `entry`)
+        ├── conversation.json         sealed manifest, written last: the contract's fields (key digest = the
+        │                             conversation's uid, files: name -> bytes, xxh3, stamp if >= 1 MiB) and its own:
+        │                             format, conv_id, uid, turns (start, count, file, bytes, lens_file, k),
+        │                             tokens, layers, hidden, hidden_dtype, pinned, meta, k, last_access
         ├── .last_access              touched by reads; its mtime is the conversation's last access
         ├── turn-00000.safetensors    one turn, contiguous: token_ids (T,), hidden (T, L, H)
         └── lens-00000.safetensors    its lens: topk_ids (T, L, K), topk_probs (T, L, K); written with the
                                       turn or later (add_lens), so a reply need not wait for its lens
 
 A lookup tries a byte-bounded LRU of turns in memory, else memory-maps the token's turn file, checks it
-against the manifest and promotes the turn (no copy: 0.1 ms for an 18 MB turn). Bytes on disk are
-safetensors and sealed JSON: never pickle.
+against the manifest (size; content hash when under 1 MiB or when its stamp moved) and promotes the turn (no
+copy: 0.1 ms for an 18 MB turn). A manifest naming another conversation (folders swapped) or of the wrong
+shape is a miss with a warning; deleting a conversation removes only the files its manifest lists. Bytes on
+disk are safetensors and sealed JSON: never pickle.
 """
 
 from __future__ import annotations
@@ -21,7 +27,6 @@ import contextlib
 import logging
 import operator
 import os
-import shutil
 import struct
 import threading
 import time
@@ -33,11 +38,12 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .errors import ConfigError, MissingDependencyError
+from . import entry
+from .errors import ConfigError, CorruptEntryError, MissingDependencyError
 from .freshness import Clock, is_expired
 from .locking import lease
 from .memory_tier import MemoryTier
-from .store import atomic_write, cache_root, read_entry, tag_folder, write_entry
+from .store import cache_root, tag_folder, unseal
 from .token_files import (
     _CONV_ID,
     _MANIFEST,
@@ -45,6 +51,7 @@ from .token_files import (
     _TOUCH,
     _TOUCH_EVERY,
     FORMAT_VERSION,
+    KIND,
     TokenCacheConfig,
     TokenRecord,
     _check_lens,
@@ -52,6 +59,7 @@ from .token_files import (
     _codec,
     _Corrupt,
     _read_turn,
+    manifest_problem,
     validate_conv_id,
 )
 
@@ -78,7 +86,7 @@ class TokenCache:
         self._codec = _codec(self.config.compression)  # a missing codec package fails now, not mid-chat
         self._clock = clock
         self._memory = MemoryTier(self.config.memory_max_bytes, self.config.memory_ttl_seconds, clock)
-        self._manifests: dict[str, tuple[tuple, dict, list[int]]] = {}  # conv_id -> (stat, manifest, turn starts)
+        self._manifests: dict[str, tuple[tuple, dict | None, list[int]]] = {}  # conv_id -> (stat, manifest, starts)
         self._volatile: dict[str, dict] = {}  # memory-only conversations (the disk refused a write)
         self._touched: dict[str, float] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -118,7 +126,7 @@ class TokenCache:
             dims = {"layers": layers, "hidden": hidden_size, "hidden_dtype": tag}
             doc = self._manifest(conv_id) or {"format": FORMAT_VERSION, "conv_id": conv_id, "uid": uuid.uuid4().hex,
                                               "created_at": now, "pinned": False, "tokens": 0, "turns": [], "meta": {},
-                                              "k": None, **dims}
+                                              "k": None, "files": {}, **dims}
             if {name: doc[name] for name in dims} != dims:
                 raise ConfigError(f"Conversation {conv_id} stores {({name: doc[name] for name in dims})}; this turn "
                                   f"has {dims}. Start a new conversation id for another model.")
@@ -126,17 +134,19 @@ class TokenCache:
             turn = {"file": None, "start": start, "count": count, "bytes": 0, "lens_file": None, "lens_bytes": 0,
                     "k": None, "compression": self.config.compression, "created_at": now}
             new = {**doc, "tokens": start + count, "turns": [*doc["turns"], turn], "last_access": now,
-                   "meta": {**doc["meta"], **extra, "hidden_dtype": tag}}
+                   "meta": {**doc["meta"], **extra, "hidden_dtype": tag}, "files": dict(doc["files"])}
             if "topk_ids" in arrays:
                 new["k"] = turn["k"] = self._check_k(conv_id, doc, arrays["topk_ids"].shape[2])
             if conv_id not in self._volatile:
                 try:
                     if not locked:
                         raise OSError("cannot take the conversation's lock")
-                    turn.update(self._write_part(conv_id, doc["uid"], turn_no, arrays, lens=False))
+                    if not doc["turns"] and (owner := self._foreign_owner(conv_id)):
+                        raise OSError(f"its folder holds conversation {owner!r:.80}'s manifest; not overwriting it")
+                    turn.update(self._write_part(conv_id, doc["uid"], turn_no, arrays, new["files"], lens=False))
                     if "topk_ids" in arrays:
-                        turn.update(self._write_part(conv_id, doc["uid"], turn_no, arrays, lens=True))
-                    if not write_entry(self.root / conv_id / _MANIFEST, new):
+                        turn.update(self._write_part(conv_id, doc["uid"], turn_no, arrays, new["files"], lens=True))
+                    if not self._commit(conv_id, new):
                         raise OSError("manifest not written")
                 except OSError as exc:
                     turn.update(file=None, bytes=0, lens_file=None, lens_bytes=0)
@@ -166,20 +176,20 @@ class TokenCache:
             turn = doc["turns"][turn_no]
             lens = _check_lens(topk_ids, topk_probs, turn["count"], doc["layers"])
             k = self._check_k(conv_id, doc, lens["topk_ids"].shape[2])
-            new_turn = {**turn, "k": k}
+            new_turn, files = {**turn, "k": k}, dict(doc["files"])
             if turn["file"] is not None:
                 try:
                     if not locked:
                         raise OSError("cannot take the conversation's lock")
-                    new_turn.update(self._write_part(conv_id, doc["uid"], turn_no, lens, lens=True))
+                    new_turn.update(self._write_part(conv_id, doc["uid"], turn_no, lens, files, lens=True))
                 except OSError as exc:
                     log.warning("Cannot write the lens of turn %d of conversation %s (%s); it stays in memory.",
                                 turn_no, conv_id, exc)
             turns = [*doc["turns"][:turn_no], new_turn, *doc["turns"][turn_no + 1 :]]
-            new = {**doc, "k": k, "turns": turns}
+            new = {**doc, "k": k, "turns": turns, "files": files}
             if conv_id in self._volatile:
                 self._volatile[conv_id] = new
-            elif new_turn["lens_file"] and not write_entry(self.root / conv_id / _MANIFEST, new):
+            elif new_turn["lens_file"] and not self._commit(conv_id, new):
                 log.warning("Cannot update the manifest of conversation %s; the lens of turn %d stays in memory.",
                             conv_id, turn_no)
             arrays = self._whole_turn(conv_id, doc, turn_no)
@@ -193,8 +203,13 @@ class TokenCache:
                               f"top-{k}. Use one k per conversation.")
         return k
 
-    def _write_part(self, conv_id: str, uid: str, turn_no: int, arrays: dict[str, np.ndarray], lens: bool) -> dict:
-        """Write a turn's hidden part or its lens part; return the manifest fields that name it."""
+    def _write_part(self, conv_id: str, uid: str, turn_no: int, arrays: dict[str, np.ndarray], files: dict,
+                    lens: bool) -> dict:
+        """Write a turn's hidden part or its lens part, record it in `files`; return the turn fields that name it.
+
+        Raises:
+            OSError: the disk refused it (full, read-only): the caller keeps the turn in memory.
+        """
         try:
             from safetensors.numpy import save
         except ImportError as exc:
@@ -205,7 +220,7 @@ class TokenCache:
         if self._codec is not None:
             data = self._codec[0](data)
         name = f"{'lens' if lens else 'turn'}-{turn_no:05d}{_SUFFIX[self.config.compression]}"
-        atomic_write(self.root / conv_id / name, data)
+        files[name] = entry.write_file(self.root / conv_id, name, data)
         return {"lens_file": name, "lens_bytes": len(data)} if lens else {"file": name, "bytes": len(data)}
 
     # Reading ---------------------------------------------------------------------------------------
@@ -354,10 +369,14 @@ class TokenCache:
             if conv_id in self._volatile:
                 self._volatile[conv_id] = {**doc, "pinned": pinned}
                 return True
-            return write_entry(self.root / conv_id / _MANIFEST, {**doc, "pinned": pinned})
+            return self._commit(conv_id, {**doc, "pinned": pinned})
 
     def delete(self, conv_id: str) -> bool:
-        """Remove a conversation from both tiers; False when it was not there."""
+        """Remove a conversation from both tiers; False when it was not there.
+
+        On disk only its manifest and the files it lists go (a file it does not list stays, and so does a
+        folder holding another conversation's manifest); the folder goes when that left it empty.
+        """
         validate_conv_id(conv_id)
         return self._remove(conv_id, "deleted on request")
 
@@ -408,11 +427,11 @@ class TokenCache:
             self._memory.drop_where(reason, lambda key, _: key[0] == conv_id)
             existed = self._volatile.pop(conv_id, None) is not None
             self._manifests.pop(conv_id, None)
-            grave = self.root / f".trash-{conv_id}-{uuid.uuid4().hex[:8]}"
-            with contextlib.suppress(FileNotFoundError):
-                folder.rename(grave)  # readers see the whole conversation or none of it
-                shutil.rmtree(grave, ignore_errors=True)
-                existed = True
+            path = folder / _MANIFEST  # the disk's entry, also under a memory-only conversation
+            if self._manifest(conv_id) is not None or (path.exists() and self._foreign_owner(conv_id) is None):
+                entry.remove_entry(path)  # manifest renamed away first; then only the files it lists (plain names)
+                self._manifests.pop(conv_id, None)
+                existed = True  # a damaged manifest goes too, but never another conversation's (folders swapped)
         if existed:
             log.info("Token cache removed conversation %s from disk: %s.", conv_id, reason)
         return existed
@@ -445,13 +464,43 @@ class TokenCache:
         signature = (st.st_ino, st.st_mtime_ns, st.st_size)
         cached = self._manifests.get(conv_id)
         if cached is not None and cached[0] == signature:
-            return cached[1], cached[2]
-        doc = read_entry(path)
-        if doc is None or doc.get("format") != FORMAT_VERSION:
+            return None if cached[1] is None else (cached[1], cached[2])
+        doc = self._load(conv_id, path)
+        starts = [] if doc is None else [t["start"] for t in doc["turns"]]
+        self._manifests[conv_id] = (signature, doc, starts)  # a refused manifest is refused once, not per lookup
+        return None if doc is None else (doc, starts)
+
+    def _load(self, conv_id: str, path: Path) -> dict | None:
+        """The manifest at `path` when it is a sound manifest of conversation `conv_id`; else None, logged."""
+        try:
+            doc = unseal(path.read_bytes())
+        except FileNotFoundError:
             return None
-        starts = [t["start"] for t in doc["turns"]]
-        self._manifests[conv_id] = (signature, doc, starts)
-        return doc, starts
+        except (OSError, CorruptEntryError) as exc:
+            log.warning("Cannot read the manifest of conversation %s (%s); treating it as a miss.", conv_id, exc)
+            return None
+        problem = manifest_problem(doc, conv_id)
+        if problem is not None:
+            old = isinstance(doc, dict) and doc.get("hf_cachehooks_entry") is None and "format" in doc
+            log.log(logging.INFO if old else logging.WARNING, "Manifest %s is not served as conversation %s (%s); "
+                    "treating it as a miss.", path, conv_id, problem)
+            return None
+        return doc
+
+    def _foreign_owner(self, conv_id: str) -> str | None:
+        """The id of another conversation whose sound manifest sits in `conv_id`'s folder (folders swapped)."""
+        try:
+            doc = unseal((self.root / conv_id / _MANIFEST).read_bytes())
+        except (OSError, CorruptEntryError):
+            return None
+        other = doc.get("conv_id") if isinstance(doc, dict) and doc.get("kind") == KIND else None
+        return other if isinstance(other, str) and other != conv_id and manifest_problem(doc, other) is None else None
+
+    def _commit(self, conv_id: str, doc: dict) -> bool:
+        """Write `doc` as the conversation's manifest, last, after the files its `files` lists."""
+        key = {"kind": KIND, "digest": doc["uid"], "inputs": {"conv_id": conv_id, "uid": doc["uid"]}}
+        return entry.commit(self.root / conv_id / _MANIFEST, KIND, key, doc["files"], doc,
+                            created_at=doc["created_at"])
 
     def _turn_starting(self, conv_id: str, start: int) -> tuple[dict, int] | None:
         """The manifest and the number of the turn that begins at token `start`; None when there is none."""

@@ -1,8 +1,11 @@
-"""A conversation's bytes on disk: validated ids, the cache settings, and per turn two safetensors files.
+"""A conversation's bytes on disk: validated ids, the cache settings, the manifest's shape, and per turn two
+safetensors files.
 
 A turn's `turn-NNNNN.safetensors` holds token_ids (T,) and hidden (T, L, H) and is memory-mapped on read;
 its `lens-NNNNN.safetensors` holds topk_ids and topk_probs (T, L, K), written with the turn or later (the
-chat server computes the lens after the reply) and read whole (it is about 5% of the turn).
+chat server computes the lens after the reply) and read whole (it is about 5% of the turn). Both are listed
+in the conversation's manifest (an entry of kind "conversation", see `entry`) with size and xxh3, and are
+checked against it on every read from disk: a file that does not match is never served.
 
 Split from `token_cache` (the tiers and eviction) so each stays readable. Never pickle.
 """
@@ -11,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import mmap
-import os
 import re
 import struct
 from collections.abc import Callable, Mapping
@@ -22,11 +24,13 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .errors import ConfigError, MissingDependencyError
+from . import entry
+from .errors import ConfigError, CorruptEntryError, MissingDependencyError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: conversation.json is an entry-contract manifest listing every file
+KIND = "conversation"
 _CONV_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _MANIFEST = "conversation.json"
 _TOUCH = ".last_access"
@@ -184,32 +188,103 @@ def _check_lens(topk_ids: Any, topk_probs: Any, tokens: int, layers: int) -> dic
     return arrays
 
 
-def _read_turn(folder: Path, doc: dict, turn_no: int, rows: slice | None) -> dict[str, np.ndarray]:
-    """The whole turn (rows None) or copies of some tokens' rows, checked against the manifest.
+def manifest_problem(doc: Any, conv_id: str) -> str | None:
+    """Why an unsealed `conversation.json` cannot be served as conversation `conv_id`; None when it can.
 
-    Without a lens file yet, the result has no topk_ids / topk_probs.
+    Checks the contract's fields, this cache's kind and format, that the manifest names this very
+    conversation (a folder renamed or swapped with another holds someone else's manifest), that every
+    turn's files are listed as plain names, and the type of every field a read uses: a resealed manifest
+    of the wrong shape is a miss, never an AttributeError or TypeError.
+    """
+    problem = entry.shape_problem(doc)
+    if problem:
+        return problem
+    if doc["kind"] != KIND or doc.get("format") != FORMAT_VERSION:
+        return f"a {doc['kind']!r} entry of format {doc.get('format')!r}, not a conversation of format {FORMAT_VERSION}"
+    if doc.get("conv_id") != conv_id:
+        return f"it is the manifest of conversation {str(doc.get('conv_id'))!r:.80} (folders renamed or swapped?)"
+    if not isinstance(doc.get("uid"), str) or doc["key"]["digest"] != doc["uid"]:
+        return "its uid does not match its key"
+    if not all(_count(doc.get(n), 1) for n in ("layers", "hidden")) or not _count(doc.get("tokens"), 0) \
+            or doc.get("hidden_dtype") not in _HIDDEN_CODE or not isinstance(doc.get("pinned"), bool) \
+            or not isinstance(doc.get("meta"), dict) or not (doc.get("k") is None or _count(doc["k"], 1)) \
+            or not isinstance(doc.get("turns"), list) or not _number(doc.get("last_access", 0)):
+        return "fields tokens/layers/hidden/hidden_dtype/pinned/meta/k/turns/last_access are missing or mistyped"
+    try:
+        for name in doc["files"]:
+            entry.check_name(name)
+    except CorruptEntryError as exc:
+        return str(exc)
+    start = 0
+    for turn_no, turn in enumerate(doc["turns"]):
+        problem = _turn_problem(turn, start, doc["k"], doc["files"])
+        if problem:
+            return f"turn {turn_no}: {problem}"
+        start += turn["count"]
+    return None if start == doc["tokens"] else f"its turns hold {start} tokens, its tokens field says {doc['tokens']}"
+
+
+def _count(value: Any, least: int) -> bool:
+    return type(value) is int and value >= least
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _turn_problem(turn: Any, start: int, k: int | None, files: dict) -> str | None:
+    if not isinstance(turn, dict) or turn.get("start") != start or not _count(turn.get("count"), 1) \
+            or turn.get("compression") not in _SUFFIX or not _number(turn.get("created_at")) \
+            or turn.get("k") not in (None, k) or (turn.get("lens_file") is not None and turn.get("k") is None):
+        return f"malformed ({str(turn)[:120]})"
+    for name_field, bytes_field in (("file", "bytes"), ("lens_file", "lens_bytes")):
+        name, size = turn.get(name_field), turn.get(bytes_field)
+        if name is None and name_field == "lens_file":
+            continue
+        record = files.get(name) if isinstance(name, str) else None
+        if not isinstance(record, dict) or not _count(size, 0) or record.get("bytes") != size:
+            return f"its {name_field} {str(name)!r:.80} is not listed in the manifest's files with its size"
+    return None
+
+
+def _read_turn(folder: Path, doc: dict, turn_no: int, rows: slice | None) -> dict[str, np.ndarray]:
+    """The whole turn (rows None) or copies of some tokens' rows, each file checked against the manifest.
+
+    Without a lens file yet, or with one that does not check out (logged), the result has no topk_ids /
+    topk_probs: the chat server then computes the lens again, never serves a damaged one.
     """
     turn, layers = doc["turns"][turn_no], doc["layers"]
     t, tag = turn["count"], _HIDDEN_CODE[doc["hidden_dtype"]]
-    out = _read_part(folder / turn["file"], turn, turn["bytes"], doc["uid"], f"{turn_no}",
+    out = _read_part(folder / turn["file"], turn, doc["files"][turn["file"]], doc["uid"], f"{turn_no}",
                      {"token_ids": ("I32", [t]), "hidden": (tag, [t, layers, doc["hidden"]])}, rows, mapped=True)
     if turn.get("lens_file"):
-        shape = [t, layers, turn["k"]]
-        out.update(_read_part(folder / turn["lens_file"], turn, turn["lens_bytes"], doc["uid"], f"{turn_no}-lens",
-                              {"topk_ids": ("I32", shape), "topk_probs": ("F16", shape)}, rows, mapped=False))
+        shape, path = [t, layers, turn["k"]], folder / turn["lens_file"]
+        try:
+            out.update(_read_part(path, turn, doc["files"][turn["lens_file"]], doc["uid"], f"{turn_no}-lens",
+                                  {"topk_ids": ("I32", shape), "topk_probs": ("F16", shape)}, rows, mapped=False))
+        except (OSError, ValueError, TypeError, KeyError, struct.error, _Corrupt) as exc:
+            log.warning("Cannot read the cached lens %s (%s); serving turn %d without it (its lens is computed "
+                        "again).", path, exc, turn_no)
     return out
 
 
-def _read_part(path: Path, turn: dict, nbytes: int, uid: str, part: str, expect: dict[str, tuple[str, list[int]]],
+def _file_problem(path: Path, record: dict) -> str | None:
+    """The contract's per-file check: size always; content hash for files under 1 MiB, or when the file's
+    stamp (inode, mtime_ns, ctime_ns) differs from the one recorded at commit."""
+    return entry.check_file(path.parent, path.name, record, "stamp")
+
+
+def _read_part(path: Path, turn: dict, record: dict, uid: str, part: str, expect: dict[str, tuple[str, list[int]]],
                rows: slice | None, mapped: bool) -> dict[str, np.ndarray]:
-    """One safetensors file of a turn. Uncompressed and `mapped`, it is memory-mapped, so promoting it costs no
-    copy: its arrays are views of the page cache. Files are only ever replaced by rename, never truncated in
-    place, so a checked size stays true.
+    """One safetensors file of a turn, checked against its manifest `record` (size, then content by the
+    contract's rule). Uncompressed and `mapped`, it is memory-mapped, so promoting it costs no copy: its
+    arrays are views of the page cache. Files are only ever replaced by rename, never changed in place, so
+    a file that checked out stays true while mapped.
     """
     codec = _codec(turn["compression"])
-    with open(path, "rb") as handle:
-        if (size := os.fstat(handle.fileno()).st_size) != nbytes:
-            raise _Corrupt(f"{size} bytes, the manifest says {nbytes}")
+    with open(path, "rb") as handle:  # FileNotFoundError: deleted meanwhile, the caller's quiet miss
+        if problem := _file_problem(path, record):
+            raise _Corrupt(problem)
         if codec is None and mapped:
             mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
             mapping.madvise(mmap.MADV_RANDOM)  # a click reads one token's rows: no read-ahead of the whole turn

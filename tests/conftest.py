@@ -37,6 +37,19 @@ def make_tokenizer(extra_words=(), chat_template=CHAT_TEMPLATE):
     return tok
 
 
+def rewrite_in_place(path, data: bytes) -> None:
+    """Overwrite `path` keeping its size, inode and times (what `cp -p` / `rsync --inplace -t` leave)."""
+    import os
+
+    st = os.stat(path)
+    assert len(data) == st.st_size
+    with open(path, "r+b") as handle:
+        handle.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (st.st_size, st.st_mtime_ns, st.st_ino)
+
+
 def make_llama(seed=0, vocab_size=64, layers=2):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -9,7 +9,7 @@ import torch
 
 import hf_cachehooks.activation_writer as writer
 from hf_cachehooks.activation_writer import cache_activations
-from hf_cachehooks.activations import ActivationStore
+from hf_cachehooks.activations import ActivationStore, verify_store
 from hf_cachehooks.errors import ConfigError
 from hf_cachehooks.extraction import batches, capture, pool
 from tests.conftest import make_llama, make_tokenizer
@@ -185,8 +185,8 @@ def test_interrupted_run_resumes_from_complete_chunks(llama, tmp_path, monkeypat
     monkeypatch.setattr(writer, "capture", dying)
     with pytest.raises(KeyboardInterrupt):
         cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
-    names = sorted(p.name for p in (tmp_path / "c").iterdir())
-    assert names == ["data-00000.arrow", "data-00000.json"]  # no partial chunk, no manifest
+    names = sorted(str(p.relative_to(tmp_path / "c")) for p in (tmp_path / "c").rglob("*"))
+    assert names == [".chunks", ".chunks/data-00000.json", "CACHEDIR.TAG", "data-00000.arrow"]  # no partial chunk
     with pytest.raises(ConfigError):
         ActivationStore(tmp_path / "c")
     resumed_calls = []
@@ -195,6 +195,7 @@ def test_interrupted_run_resumes_from_complete_chunks(llama, tmp_path, monkeypat
                               progress=False)
     assert len(resumed_calls) == 4  # chunks 1 and 2 only (13 examples, batches of 4)
     assert torch.equal(store.layer(2), clean.layer(2))
+    assert not (tmp_path / "c" / ".chunks").exists()  # bookkeeping gone once the manifest is in
 
 
 def _rank_main(rank, world, init_file, folder):
@@ -232,3 +233,186 @@ def test_contrastive_pairs_become_labelled_rows(llama, tmp_path):
     pairs = [{"positive": "yes sky blue", "negative": "no sky red"}, {"positive": "paris", "negative": "two"}]
     store = cache_activations(model, tok, pairs, tmp_path / "p", [1], progress=False)
     assert store.column("label") == ["positive", "negative"] * 2 and store.column("pair") == [0, 0, 1, 1]
+
+
+# The entry contract: a store that does not check out is never served -------------------------------------
+
+def _extractions(monkeypatch):
+    """Count forward passes from here on (a re-extraction runs them, a hit does not)."""
+    calls = []
+    real = writer.capture
+    monkeypatch.setattr(writer, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def _flip(path, at=-10):
+    """Flip one byte in place, size and mtime restored (what `cp -p`/`rsync --inplace -t` or bit rot leave)."""
+    st = os.stat(path)
+    with open(path, "r+b") as handle:
+        handle.seek(at, os.SEEK_END)
+        byte = handle.read(1)
+        handle.seek(-1, os.SEEK_CUR)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _swap(a, b):
+    tmp = a.with_name("swap.tmp")
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+
+
+DAMAGE = {
+    "flipped byte": lambda d: _flip(d / "data-00001.arrow"),
+    "swapped shards": lambda d: _swap(d / "data-00000.arrow", d / "data-00001.arrow"),
+    "truncated": lambda d: os.truncate(d / "data-00002.arrow", 100),
+    "garbage": lambda d: (d / "data-00001.arrow").write_bytes(os.urandom((d / "data-00001.arrow").stat().st_size)),
+    "deleted": lambda d: (d / "data-00000.arrow").unlink(),
+    "side file": lambda d: _flip(d / "metadata.json", -40),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_store_is_never_served_and_is_re_extracted(llama, tmp_path, monkeypatch, caplog, damage):
+    model, tok = llama
+    folder = tmp_path / "c"
+    clean = cache_activations(model, tok, records(), folder, [2], shard_size=8, progress=False).layer(2)
+    assert verify_store(folder) == []
+    DAMAGE[damage](folder)
+    before = sorted(p.name for p in folder.iterdir())
+    with pytest.raises(ConfigError, match="corrupt activation cache") as err:
+        store = ActivationStore(folder)  # checks the manifest; each shard is checked as it is mapped
+        store.layer(2)
+        store.to_dataset()  # checks every file `datasets` reads
+    assert "\n" not in str(err.value) and "cache-activations" in str(err.value)  # one line naming the fix
+    assert sorted(p.name for p in folder.iterdir()) == before  # opening for reading deletes nothing
+    assert len(verify_store(folder)) == 1
+    calls = _extractions(monkeypatch)
+    store = cache_activations(model, tok, records(), folder, [2], shard_size=8, progress=False)
+    assert calls and "Corrupt activation cache" in caplog.text
+    assert torch.equal(store.layer(2), clean) and store.column("id") == list(range(21))
+    assert torch.equal(ActivationStore(folder, verify=True).layer(2), clean) and verify_store(folder) == []
+
+
+def _synthetic_store(folder, rows=4096, hidden=128, chunks=2):
+    """A store of `chunks` shards over 1 MiB each (so opening trusts stamps), without a model."""
+    from hf_cachehooks.extraction import Pooled
+    from hf_cachehooks.keys import make_key
+
+    key = make_key("activations", {"model": {"name": "synthetic"}, "n": rows * chunks})
+    data = torch.randn(rows * chunks, hidden)
+    table_rows, spans = [{"label": i % 2} for i in range(rows * chunks)], []
+    for c in range(chunks):
+        start, end = c * rows, (c + 1) * rows
+        pooled = [(Pooled({1: data[start:end]}, torch.arange(rows)), 0)]
+        writer._write_chunk(folder, c, start, end, writer._table(pooled, start, table_rows, ["label"], [1], "float32",
+                                                                 hidden), key, rows)
+        spans.append((c, start, end))
+    writer._finish(folder, spans, table_rows, ["label"], "label", key, [1], "last", "float32", hidden, rows)
+    return data
+
+
+def test_a_big_shard_rewritten_in_place_with_its_mtime_restored_is_refused(tmp_path, monkeypatch):
+    import hf_cachehooks.fingerprint as fingerprint
+
+    folder = tmp_path / "big"
+    data = _synthetic_store(folder)
+    assert (folder / "data-00001.arrow").stat().st_size > 1 << 20
+    hashed = []
+    real = fingerprint.hash_file
+    monkeypatch.setattr(fingerprint, "hash_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    assert torch.equal(ActivationStore(folder).layer(1), data)
+    assert not [name for name in hashed if name.endswith(".arrow")]  # stamps unchanged: shards are not read
+    _flip(folder / "data-00001.arrow", -1000)
+    with pytest.raises(ConfigError, match="data-00001.arrow: content does not match"):
+        ActivationStore(folder).layer(1)
+    assert not (folder / ".chunks").exists()
+
+
+@pytest.mark.parametrize("where", ["files and chunks", "chunks only", "absolute"])
+def test_a_resealed_manifest_naming_a_file_outside_the_store_is_refused(llama, tmp_path, monkeypatch, where):
+    import pyarrow as pa
+
+    import hf_cachehooks.fingerprint as fingerprint
+    from hf_cachehooks.store import seal, unseal
+
+    model, tok = llama
+    folder = tmp_path / "c"
+    clean = cache_activations(model, tok, records(), folder, [2], shard_size=8, progress=False).layer(2)
+    outside = tmp_path / "x.arrow"  # a valid shard, so serving it would "work"
+    outside.write_bytes((folder / "data-00001.arrow").read_bytes())
+    name = str(outside) if where == "absolute" else "../x.arrow"
+    doc = unseal((folder / "manifest.json").read_bytes())
+    doc["chunks"][1]["file"] = name
+    if where != "chunks only":
+        doc["files"][name] = doc["files"].pop("data-00001.arrow")
+    (folder / "manifest.json").write_bytes(seal(doc))
+    touched = []
+    real_map, real_hash = pa.memory_map, fingerprint.hash_file
+    monkeypatch.setattr(pa, "memory_map", lambda p, *a: touched.append(str(p)) or real_map(p, *a))
+    monkeypatch.setattr(fingerprint, "hash_file", lambda p: touched.append(str(p)) or real_hash(p))
+    with pytest.raises(ConfigError, match="corrupt activation cache"):
+        ActivationStore(folder)
+    store = cache_activations(model, tok, records(), folder, [2], shard_size=8, progress=False)
+    assert torch.equal(store.layer(2), clean)
+    assert outside.read_bytes() == (folder / "data-00001.arrow").read_bytes()  # still there, untouched
+    assert not [p for p in touched if os.path.basename(p) == "x.arrow"]  # never opened
+
+
+def test_force_removes_only_what_the_store_lists(llama, tmp_path, monkeypatch):
+    model, tok = llama
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    (folder / "data-00009.arrow").write_text("a user's file that happens to look like a shard")
+    cache_activations(model, tok, records(), folder, [1], shard_size=8, progress=False)
+    assert (folder / "CACHEDIR.TAG").exists() and (folder / "data-00002.arrow").exists()
+    store = cache_activations(model, tok, records(), folder, [1], positions="mean", shard_size=21, force=True,
+                              progress=False)
+    assert store.positions == "mean" and len(store.manifest["chunks"]) == 1
+    assert not (folder / "data-00002.arrow").exists()  # the old store's shards went with it
+    assert (folder / "notes.txt").read_text() == "mine" and (folder / "data-00009.arrow").exists()
+
+
+def test_force_clears_a_killed_run_with_other_inputs(llama, tmp_path, monkeypatch):
+    model, tok = llama
+    folder = tmp_path / "c"
+    real = writer.capture
+    calls = []
+
+    def dying(*args, **kwargs):
+        if len(calls) == 4:  # chunks 0 and 1 done (batches of 4), killed in chunk 2
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "capture", dying)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(model, tok, records(), folder, [1], shard_size=8, batch_size=4, progress=False)
+    assert (folder / ".chunks" / "data-00001.json").exists() and (folder / "data-00001.arrow").exists()
+    monkeypatch.setattr(writer, "capture", real)
+    with pytest.raises(ConfigError, match="positions"):
+        cache_activations(model, tok, records(), folder, [1], positions="mean", progress=False)
+    store = cache_activations(model, tok, records(), folder, [1], positions="mean", shard_size=21, force=True,
+                              progress=False)
+    assert store.positions == "mean" and len(store) == 21
+    assert not (folder / "data-00001.arrow").exists() and not (folder / ".chunks").exists()
+
+
+def test_an_expired_store_is_re_extracted(llama, tmp_path, monkeypatch, caplog):
+    import time
+
+    model, tok = llama
+    folder = tmp_path / "c"
+    first = cache_activations(model, tok, records(), folder, [1], progress=False)
+    later = lambda: time.time() + 3 * 86400  # noqa: E731
+    calls = _extractions(monkeypatch)
+    cache_activations(model, tok, records(), folder, [1], max_age_days=7, clock=later, progress=False)
+    cache_activations(model, tok, records(), folder, [1], clock=later, progress=False)  # no limit: never expires
+    assert calls == []
+    with caplog.at_level("INFO"):
+        again = cache_activations(model, tok, records(), folder, [1], max_age_days=1, clock=later, progress=False)
+    assert calls and "expired" in caplog.text
+    assert torch.equal(again.layer(1), first.layer(1))
+    assert again.manifest["created_at"] > first.manifest["created_at"]

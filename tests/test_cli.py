@@ -11,9 +11,10 @@ import time
 import pytest
 
 from hf_cachehooks.cli import main
+from hf_cachehooks.entry import commit
 from hf_cachehooks.keys import make_key
 from hf_cachehooks.predictions import PredictionCache
-from hf_cachehooks.store import write_entry
+from hf_cachehooks.store import tag_folder
 
 DAY = 86400.0
 
@@ -38,7 +39,9 @@ def _save(cache: PredictionCache, *, model="org/tiny-a", max_new_tokens=32, n=3,
 def populated(root, cache):
     old_key, old = _save(cache, model="org/old-model", n=5, age_days=10)
     new_key, new = _save(cache, model="org/new-model", n=7)
-    assert write_entry(root / "identity" / "memo.json", {"identity": {"x": 1}})
+    tag_folder(root / "identity")
+    assert commit(root / "identity" / "memo.json", "identity", {"kind": "identity", "digest": "memo", "inputs": {}},
+                  fields={"identity": {"model": {"name": "org/new-model"}}})
     return {"old": old, "new": new, "old_key": old_key, "new_key": new_key}
 
 
@@ -82,7 +85,8 @@ def test_ls_table(capsys, root, populated):
     assert new[5].endswith("s")  # seconds old
     assert new[6] == populated["new_key"].short
     assert out.index("org/new-model") < out.index("org/old-model")  # newest first
-    assert out.rstrip().endswith(f"3 entries under {root}")
+    assert out.rstrip().endswith(f"2 entries under {root}")  # the identity memo shows with --all
+    assert run(capsys, "ls", "--all")[1].rstrip().endswith(f"3 entries under {root}")
 
 
 def test_ls_json(capsys, root, populated):
@@ -119,9 +123,10 @@ def test_du(capsys, root, populated):
     kinds = [line.split()[-1] for line in lines[:-1]]
     assert kinds == ["identity", "predictions"]
     assert lines[-1].split()[-2:] == ["total", f"({root})"]
-    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "CACHEDIR.TAG")
     assert " ".join(lines[-1].split()[:2]) == _human(total)
-    predictions = sum(p.stat().st_size for p in (root / "predictions").rglob("*") if p.is_file())
+    predictions = sum(p.stat().st_size for p in (root / "predictions").rglob("*")
+                      if p.is_file() and p.name != "CACHEDIR.TAG")
     assert " ".join(lines[1].split()[:2]) == _human(predictions)
 
 
@@ -172,22 +177,55 @@ def test_prune_bad_duration(capsys, populated):
 def test_clear_kind_dry_run_then_real(capsys, root, populated):
     code, out, _ = run(capsys, "clear", "--kind", "predictions", "--dry-run")
     assert code == 0
-    assert str(root / "predictions") in out
-    assert "Would remove 1 item(s)" in out
+    assert str(populated["old"]) in out and str(populated["new"]) in out
+    assert "Would remove 2 item(s)" in out
     assert populated["old"].exists() and populated["new"].exists()
 
-    code, out, _ = run(capsys, "clear", "--kind", "predictions")
+    code, out, _ = run(capsys, "clear", "--kind", "predictions", "--yes")
     assert code == 0
-    assert "Removed 1 item(s)" in out
-    assert not (root / "predictions").exists()
+    assert "Removed 2 item(s)" in out
+    assert not populated["old"].exists() and not populated["new"].exists()
     assert (root / "identity" / "memo.json").exists()
 
 
-def test_clear_everything(capsys, root, populated):
+def test_clear_needs_yes_without_a_terminal(capsys, root, populated):
+    code, out, err = run(capsys, "clear")
+    assert code == 1
+    assert "pass --yes to confirm" in err and "3 item(s)" in err
+    assert "Nothing deleted." in out
+    assert populated["old"].exists() and populated["new"].exists()
+
+
+@pytest.mark.parametrize(("answer", "deleted"), [("y\n", True), ("\n", False), ("no\n", False)])
+def test_clear_asks_on_a_terminal(capsys, monkeypatch, populated, answer, deleted):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr("sys.stdin", Terminal(answer))
     code, out, _ = run(capsys, "clear")
+    assert "Delete 3 item(s)" in out
+    assert code == (0 if deleted else 1)
+    assert populated["old"].exists() is not deleted
+
+
+def test_clear_everything(capsys, root, populated):
+    code, out, _ = run(capsys, "clear", "--yes")
     assert code == 0
-    assert "Removed 2 item(s)" in out
-    assert [p for p in root.iterdir()] == []
+    assert "Removed 3 item(s)" in out
+    assert {p.name for p in root.rglob("*") if p.is_file()} == {"CACHEDIR.TAG"}
+
+
+def test_clear_refuses_a_folder_that_is_not_a_cache(capsys, tmp_path):
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "train.py").write_text("x = 1\n")
+    code, _, err = run(capsys, "--cache-dir", str(project), "clear", "--yes")
+    assert code == 2
+    assert "not an hf_cachehooks cache" in err
+    assert (project / "src" / "train.py").read_text() == "x = 1\n"
 
 
 def test_clear_unknown_kind(capsys, root, populated):

@@ -2,6 +2,7 @@
 
 import logging
 import pickle
+import threading
 import time
 from pathlib import Path
 
@@ -11,7 +12,8 @@ import hf_cachehooks.generation as generation
 from hf_cachehooks import cli, management
 from hf_cachehooks.backends import TransformersBackend
 from hf_cachehooks.generation import GenerationCache
-from hf_cachehooks.store import cache_root
+from hf_cachehooks.keys import hash_bytes
+from hf_cachehooks.store import cache_root, seal, unseal
 from tests.conftest import make_llama, make_tokenizer
 
 QUESTIONS = [f"what is {a} plus {b} ?" for a in ("two", "four") for b in ("two", "four", "q", "a")]
@@ -60,9 +62,10 @@ def test_seed_layout_and_banners(cache, backend, caplog):
     assert "✓ Found cached generations!" in caplog.text and "Loaded 4 cached generations" in caplog.text
     assert "Cached on:" in caplog.text and "Model: org/Tiny-Chat" in caplog.text
     assert all(ft[0].startswith(q) for ft, q in zip(second.full_texts, QUESTIONS))
-    meta = management._peek(folder / "n4_t0.0_maxtok3_metadata.json")
+    meta = unseal((folder / "n4_t0.0_maxtok3_metadata.json").read_bytes())
     assert {meta[k] for k in ("model", "subject_type", "prompt_name")} == {"org/Tiny-Chat", "all", "50-50"}
-    assert meta["temperature"] == 0 and "timestamp" in meta
+    assert meta["temperature"] == 0 and "timestamp" in meta and meta["num_samples"] == 4
+    assert meta["kind"] == "generations" and sorted(meta["files"]) == names[:2]  # the contract's manifest
 
 
 @pytest.mark.parametrize("change", [
@@ -93,13 +96,15 @@ def test_different_questions_hit_and_warn_strict_regenerates(cache, backend, cap
 
 
 def test_partial_reuse_both_ways(cache, backend):
-    cache.generate(QUESTIONS, backend, num_samples=4, **SETTINGS)
+    created = unseal(Path(cache.generate(QUESTIONS, backend, num_samples=4, **SETTINGS).path).read_bytes())
     fewer = cache.generate(QUESTIONS, backend, num_samples=2, **SETTINGS)
     assert fewer.status == "hit" and len(fewer.completions) == 2 and backend.asked == 4
     more = cache.generate(QUESTIONS, backend, num_samples=8, **SETTINGS)
     assert more.status == "partial" and more.reused == 4 and backend.asked == 8
     folder = Path(more.path).parent
     assert sorted(p.name.split("_")[0] for p in folder.iterdir()) == ["n8"] * 3  # the entry grew, n4 is gone
+    grown = unseal(Path(more.path).read_bytes())
+    assert grown["created_at"] == created["created_at"] and grown["updated_at"] >= created["updated_at"]
     assert cache.generate(QUESTIONS, backend, num_samples=8, **SETTINGS).status == "hit"
 
 
@@ -159,10 +164,10 @@ def test_interrupted_generation_keeps_finished_chunks_and_no_partial_entry(cache
 def test_crash_between_data_and_metadata_is_not_a_hit(cache, backend, monkeypatch):
     first = cache.generate(QUESTIONS, backend, num_samples=2, **SETTINGS)
 
-    def crash(path, doc):
+    def crash(*args, **kwargs):
         raise SystemExit("killed before the metadata was written")
 
-    monkeypatch.setattr(generation, "write_entry", crash)
+    monkeypatch.setattr(generation.entry, "commit", crash)
     with pytest.raises(SystemExit):
         cache.generate(QUESTIONS, backend, num_samples=4, **SETTINGS)
     monkeypatch.undo()
@@ -208,8 +213,11 @@ def test_management_lists_and_prunes_generations(cache, backend, capsys):
     root = cache_root()
     assert management.plan_prune(root, 7 * 86400).paths == []
     plan = management.plan_prune(root, 7 * 86400, now=time.time() + 8 * 86400, kind="generations")
-    assert sorted(p.suffix for p in plan.paths) == [".json", ".jsonl", ".jsonl"]  # metadata and its data files
+    assert [p.name for p in plan.entries] == ["n2_t0.0_maxtok3_metadata.json"]  # one entry, one row
+    folder = plan.entries[0].parent
+    assert plan.size == sum(p.stat().st_size for p in folder.iterdir())  # its true size: metadata + both JSONL
     plan.execute()
+    assert not folder.exists()  # deleted whole
     assert cache.generate(QUESTIONS, backend, num_samples=2, **SETTINGS).status == "miss"
 
 
@@ -228,3 +236,159 @@ def test_chat_template_backend_full_texts_start_with_the_rendered_prompt(model_a
     gens = GenerationCache("org/Tiny-Chat").generate(QUESTIONS, backend, num_samples=2, **SETTINGS)
     for question, row in zip(QUESTIONS, gens.full_texts):
         assert row[0].startswith(f"<|system|> yes <|user|> {question} <|assistant|>")
+
+
+# The entry contract: nothing altered, swapped, malformed or outside the folder is ever served ----------
+
+class Slow:
+    """A fake backend that counts (thread-safely) and takes its time, so two callers overlap."""
+
+    name = "fake"
+
+    def __init__(self, delay=0.0):
+        self.delay, self.asked, self.lock = delay, 0, threading.Lock()
+
+    def render(self, prompts):
+        return [f"<{p}>" for p in prompts]
+
+    def complete(self, prompts, sampling):
+        time.sleep(self.delay)
+        with self.lock:
+            self.asked += len(prompts)
+        return [f"answer to {p}" for p in prompts]
+
+
+def _paths(gens):
+    meta = Path(gens.path)
+    return meta, meta.with_name(meta.name.replace("metadata.json", "completions.jsonl")), \
+        meta.with_name(meta.name.replace("metadata.json", "full_texts.jsonl"))
+
+
+def _reseal(meta, change):
+    """Edit the metadata and seal it again (the seal is an unkeyed hash: anyone can)."""
+    doc = unseal(meta.read_bytes())
+    change(doc)
+    meta.write_bytes(seal(doc))
+
+
+def _record(path):
+    raw = path.read_bytes()
+    return {"bytes": len(raw), "xxh3": hash_bytes(raw)}
+
+
+def test_a_traversal_name_is_refused_and_the_file_outside_is_untouched(cache, caplog):
+    fake = Slow()
+    first = cache.generate(QUESTIONS, fake, num_samples=2, **SETTINGS)
+    meta, _, _ = _paths(first)
+    victim = cache_root().parent / "victim.txt"
+    victim.write_text("precious")
+    name = "../" * (len(meta.parent.relative_to(cache_root().parent).parts)) + "victim.txt"
+    assert (meta.parent / name).resolve() == victim.resolve()
+    _reseal(meta, lambda doc: doc["files"].update({name: _record(victim)}))
+    again = cache.generate(QUESTIONS, fake, num_samples=2, **SETTINGS)
+    assert again.status == "miss" and fake.asked == 4 and "corrupt" in caplog.text.lower()
+    grown = cache.generate(QUESTIONS, fake, num_samples=3, **SETTINGS)  # the grown entry replaces n2
+    assert grown.status == "partial" and victim.read_text() == "precious"
+    assert sorted(p.name.split("_")[0] for p in meta.parent.iterdir()) == ["n3"] * 3
+
+
+@pytest.mark.parametrize("which", [1, 2])
+def test_a_flipped_byte_in_a_jsonl_is_regenerated(cache, which, caplog):
+    fake = Slow()
+    first = cache.generate(QUESTIONS, fake, num_samples=3, **SETTINGS)
+    data = _paths(first)[which]
+    raw = bytearray(data.read_bytes())
+    raw[raw.index(b"answer") + 1] ^= 0x20  # "answer" -> "aNswer", same size
+    data.write_bytes(bytes(raw))
+    again = cache.generate(QUESTIONS, fake, num_samples=3, **SETTINGS)
+    assert again.status == "miss" and fake.asked == 6 and "corrupt" in caplog.text.lower()
+    assert again.completions == first.completions and again.full_texts == first.full_texts
+
+
+@pytest.mark.parametrize("resealed", [False, True])
+def test_swapped_jsonl_files_are_not_served(cache, resealed, caplog):
+    fake = Slow()
+    first = cache.generate(QUESTIONS, fake, num_samples=3, **SETTINGS)
+    meta, completions, full_texts = _paths(first)
+    tmp = completions.with_name("swap")
+    completions.rename(tmp)
+    full_texts.rename(completions)
+    tmp.rename(full_texts)
+    if resealed:  # the manifest is made to match the swapped files: the lines' shape still gives it away
+        _reseal(meta, lambda doc: doc["files"].update({completions.name: _record(completions),
+                                                       full_texts.name: _record(full_texts)}))
+    caplog.clear()
+    again = cache.generate(QUESTIONS, fake, num_samples=3, **SETTINGS)
+    assert again.status == "miss" and fake.asked == 6 and again.completions == first.completions
+    assert "regenerating" in caplog.text or "corrupt" in caplog.text.lower()
+
+
+def _garbage_line(path, line):
+    def change(doc):
+        path.write_bytes(line + b"\n")
+        doc["files"][path.name] = _record(path)
+    return change
+
+
+@pytest.mark.parametrize("damage", ["files: []", "key: null", "created_at: x", "record: 1", "extra file",
+                                    "line: list", "line: i str", "line: missing field", "line: not json",
+                                    "rows differ"])
+def test_wrong_shape_metadata_or_rows_are_a_miss_with_a_warning(cache, damage, caplog):
+    fake = Slow()
+    first = cache.generate(QUESTIONS, fake, num_samples=2, **SETTINGS)
+    meta, completions, full_texts = _paths(first)
+    ok_line = b'{"i":0,"s":0,"prompt":"p","prompt_hash":"h","completion":"c"}'
+    change = {
+        "files: []": lambda doc: doc.update(files=[]),
+        "key: null": lambda doc: doc.update(key=None),
+        "created_at: x": lambda doc: doc.update(created_at="x"),
+        "record: 1": lambda doc: doc["files"].update({completions.name: 1}),
+        "extra file": lambda doc: doc["files"].update({"other.jsonl": _record(full_texts)}),
+        "line: list": _garbage_line(completions, b"[1, 2]"),
+        "line: i str": _garbage_line(completions, ok_line.replace(b'"i":0', b'"i":"0"')),
+        "line: missing field": _garbage_line(full_texts, b'{"i":0,"s":0}'),
+        "line: not json": _garbage_line(full_texts, b"{nope"),
+        "rows differ": _garbage_line(completions, ok_line),  # full_texts has rows 0 and 1, completions row 0
+    }[damage]
+    _reseal(meta, change)
+    caplog.clear()
+    again = cache.generate(QUESTIONS, fake, num_samples=2, **SETTINGS)
+    assert again.status == "miss" and fake.asked == 4 and again.completions == first.completions
+    assert any(r.levelno == logging.WARNING for r in caplog.records)
+
+
+def test_two_callers_missing_the_same_entry_generate_once(caplog):
+    caplog.set_level(logging.INFO, logger="hf_cachehooks")
+    fake = Slow(delay=0.3)
+    results = []
+
+    def run():
+        results.append(GenerationCache("org/Tiny-Chat", chunk_size=2).generate(QUESTIONS, fake, num_samples=4,
+                                                                             **SETTINGS))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert fake.asked == 4  # once per prompt in total, not once per caller
+    assert sorted(r.status for r in results) == ["hit", "miss"]
+    assert results[0].completions == results[1].completions
+    assert "Another process is computing this entry" in caplog.text
+    assert not list((cache_root() / "experiments" / ".locks").iterdir())  # the lease is released
+
+
+def test_an_unwritable_lock_folder_still_generates(cache, monkeypatch):
+    from hf_cachehooks import locking
+
+    real = locking.os.open
+
+    def refuse(path, *args, **kwargs):
+        if str(path).endswith(".lock"):
+            raise PermissionError("read-only lock folder")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(locking.os, "open", refuse)
+    fake = Slow()
+    assert cache.generate(QUESTIONS, fake, num_samples=2, **SETTINGS).status == "miss" and fake.asked == 2
+    assert cache.generate(QUESTIONS, fake, num_samples=2, **SETTINGS).status == "hit" and fake.asked == 2

@@ -1,4 +1,6 @@
 import copy
+import os
+import time
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from hf_cachehooks.identity import (
     split_hub_path,
     tokenizer_identity,
 )
-from tests.conftest import make_llama, make_tokenizer
+from tests.conftest import make_llama, make_tokenizer, rewrite_in_place
 
 
 def test_params_fingerprint_sees_any_weight_change():
@@ -79,3 +81,59 @@ def test_files_state_follows_file_content(tmp_path):
 def test_params_fingerprint_is_device_independent():
     model = make_llama()
     assert params_fingerprint(model) == params_fingerprint(copy.deepcopy(model).cuda())
+
+
+def test_files_state_hashes_the_subfolder_the_weights_load_from(tmp_path):
+    for folder, seed in (("a", 0), ("b", 1)):
+        make_tokenizer().save_pretrained(tmp_path / folder)
+        make_llama(seed=seed).save_pretrained(tmp_path / folder / "final")
+    opts = {"dtype": "float32", "load_kwargs": {"subfolder": "final"}}
+    first = files_state(str(tmp_path / "a"), opts, tmp_path / "root")
+    assert files_state(str(tmp_path / "b"), opts, tmp_path / "root") != first  # same top level, other final/
+    make_llama(seed=2).save_pretrained(tmp_path / "a" / "final")  # retrained
+    assert files_state(str(tmp_path / "a"), opts, tmp_path / "root") != first
+
+
+def test_files_state_sees_a_chat_template_rewritten_with_its_mtime_restored(tmp_path):
+    make_tokenizer(chat_template="{{ 'x' }}").save_pretrained(tmp_path / "m")
+    opts = {"dtype": "float32"}
+    first = files_state(str(tmp_path / "m"), opts, tmp_path / "root")
+    time.sleep(0.05)  # past the file-time tick: the memo now remembers it
+    assert files_state(str(tmp_path / "m"), opts, tmp_path / "root") == first
+    assert "chat_template.jinja" in (tmp_path / "root" / "identity" / "file_hashes.json").read_text()
+    rewrite_in_place(tmp_path / "m" / "chat_template.jinja", b"{{ 'y' }}")
+    assert files_state(str(tmp_path / "m"), opts, tmp_path / "root") != first
+
+
+def test_file_hash_memo_is_a_sealed_entry_and_a_bad_one_is_rebuilt(tmp_path, caplog):
+    from hf_cachehooks.entry import open_entry
+
+    make_tokenizer().save_pretrained(tmp_path / "m")
+    memo = tmp_path / "root" / "identity" / "file_hashes.json"
+    files_state(str(tmp_path / "m"), {}, tmp_path / "root")
+    time.sleep(0.05)
+    first = files_state(str(tmp_path / "m"), {}, tmp_path / "root")
+    found = open_entry(memo, kind="file-hashes")
+    assert found is not None and len(found.doc["hashes"]) == 3
+    for bad in (b"[]", memo.read_bytes().replace(b'"hashes"', b'"hashez"'), b"garbage"):
+        memo.write_bytes(bad)
+        assert files_state(str(tmp_path / "m"), {}, tmp_path / "root") == first
+        assert open_entry(memo, kind="file-hashes") is not None  # rebuilt
+
+
+def test_identity_memo_is_checked_against_its_state(tmp_path, caplog):
+    from hf_cachehooks.entry import open_entry
+    from hf_cachehooks.identity import remember_identity, remembered_identity
+
+    root = tmp_path / "root"
+    ident = {"model": {"name": "m"}, "tokenizer": None, "generation_defaults": {}}
+    remember_identity("aaa", ident, root)
+    remember_identity("bbb", {**ident, "model": {"name": "other"}}, root)
+    assert remembered_identity("aaa", root) == ident
+    assert (root / "identity" / "CACHEDIR.TAG").exists()
+    assert open_entry(root / "identity" / "aaa.json", kind="identity", digest="aaa").key["digest"] == "aaa"
+    os.replace(root / "identity" / "bbb.json", root / "identity" / "aaa.json")  # another state's memo
+    assert remembered_identity("aaa", root) is None
+    remember_identity("aaa", {"model": "x", "tokenizer": None, "generation_defaults": {}}, root)
+    assert remembered_identity("aaa", root) is None  # wrong shape: never served
+    assert not (root / "identity" / "aaa.json").exists()

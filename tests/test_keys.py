@@ -40,3 +40,39 @@ def test_diff_names_dotted_fields():
     new = {"generation": {"max_new_tokens": 64, "do_sample": False}, "model": {"name": "m"}, "extra": 1}
     assert diff_inputs(old, new) == ["extra <absent>→1", "generation.max_new_tokens 32→64"]
     assert flatten({"a": {"b": {"c": 1}}}) == {"a.b.c": 1}
+
+
+# Non-finite floats (NaN, ±inf): JSON spells them like None, keys must not ---------------------------
+
+NONFINITE = [None, float("nan"), float("inf"), float("-inf")]
+
+
+def test_nan_inf_and_none_are_distinct_keys():
+    assert len({make_key("predictions", {"x": value}).digest for value in NONFINITE}) == 4
+    assert canonical([float("nan"), float("-inf")]) == [{"$float": "nan"}, {"$float": "-inf"}]
+    assert make_key("k", {"x": "float:nan"}).digest != make_key("k", {"x": float("nan")}).digest
+    assert make_key("p", {"x": float("nan")}).digest == make_key("p", {"x": float("nan")}).digest  # nan != nan
+
+
+def test_finite_keys_and_fingerprints_keep_their_meaning():
+    """Digests pinned from before non-finite floats were spelled apart: FORMAT_VERSION stays valid."""
+    import numpy as np
+
+    from hf_cachehooks.fingerprint import fingerprint_data
+
+    assert make_key("predictions", {"a": [1.5, None, "x", 2.0, -0.25], "b": {"c": True}}).digest == \
+        "89fcc39d3891da59ac5b76b78cf4281d"
+    assert fingerprint_data([{"q": "x", "a": None, "f": 1.5, "g": 2.0}]) == "rows:fe965469fac3fbb99175ef051bc560e6"
+    assert fingerprint_data(np.array([0.1, 2.0], dtype=np.float32)) == "rows:373ae86374fbf0308fb0e9cffe9e7ac9"
+
+
+def test_fingerprint_data_tells_nan_inf_and_none_apart():
+    import numpy as np
+
+    from hf_cachehooks.fingerprint import fingerprint_data
+
+    rows = [[{"q": "x", "score": value}] for value in NONFINITE]
+    assert len({fingerprint_data(r) for r in rows}) == 4
+    assert fingerprint_data([{"q": "x", "score": "float:nan"}]) != fingerprint_data(rows[1])  # not a string's spelling
+    assert len({fingerprint_data(np.array([v, 1.0])) for v in (np.nan, np.inf, -np.inf)}) == 3
+    assert fingerprint_data([{1: float("nan")}]) != fingerprint_data([{1: None}])  # the canonical() fallback path

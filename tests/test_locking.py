@@ -307,3 +307,79 @@ def test_single_flight_computes_without_a_lock(tmp_path, warnings_log):
 def test_single_flight_under_proc_computes(warnings_log):
     assert single_flight(Path("/proc/hf_cachehooks_ro/k.lock"), lambda: None, lambda: "ok") == "ok"
     assert any("Cannot take cache lock" in r.getMessage() for r in warnings_log.records)
+
+
+# Wrong shapes, zombies and full disks -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", [b"[]", b'"text"', b"7", b"null", *(
+    b'{"host": "%s", "pid": %s}' % (socket.gethostname().encode(), pid)
+    for pid in (b'"x"', b"null", b"true", b"-1", b"0", b"1.5", b"99999999999999999999", b"[1]"))])
+def test_lease_of_the_wrong_shape_is_garbled_stale_by_age(tmp_path, content):
+    from hf_cachehooks.locking import _stale
+
+    path = tmp_path / "k.lock"
+    path.write_bytes(content)
+    assert _stale(path, 60.0) is None  # fresh: its writer may still be alive
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+    assert _stale(path, 60.0) is not None
+    with lease(path, stale_after=60.0) as got:  # broken at once, never a TypeError/ValueError
+        assert got is True
+
+
+def test_zombie_holder_is_dead(tmp_path, warnings_log):
+    """A holder killed but not yet reaped by its parent answers os.kill(pid, 0): /proc says it is a zombie."""
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{proc.pid}/stat").read_bytes().rsplit(b")", 1)[1][1:2] != b"Z":
+            assert time.monotonic() < deadline, "the child never exited"
+            time.sleep(0.01)
+        os.kill(proc.pid, 0)  # still "there"
+        path = tmp_path / "k.lock"
+        _write_lease(path, pid=proc.pid)
+        started = time.monotonic()
+        with lease(path, stale_after=60.0) as got:
+            assert got is True
+        assert time.monotonic() - started < 2.0
+        assert any("Breaking stale cache lock" in r.getMessage() for r in warnings_log.records)
+    finally:
+        proc.wait()
+
+
+class _FullDiskFile:
+    """A file object on a full disk: writes fail with ENOSPC when flushed."""
+
+    def __init__(self, handle):
+        self.handle = handle
+
+    def write(self, data):
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.close()
+
+
+def test_lease_that_cannot_be_written_is_removed_and_not_held(tmp_path, monkeypatch, warnings_log):
+    """ENOSPC: O_EXCL creates the file but its content cannot be written; an empty lease must not stay."""
+    import hf_cachehooks.locking as locking
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(locking.os, "fdopen", lambda fd, *a, **k: _FullDiskFile(real_fdopen(fd, *a, **k)))
+    path = tmp_path / "k.lock"
+    with lease(path) as got:
+        assert got is False
+        assert not path.exists()
+    monkeypatch.undo()
+    assert not path.exists()
+    assert any("Cannot write cache lock" in r.getMessage() for r in warnings_log.records)
+    started = time.monotonic()
+    with lease(path, stale_after=60.0) as got:  # the next run takes it at once
+        assert got is True
+    assert time.monotonic() - started < 1.0

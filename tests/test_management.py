@@ -11,10 +11,11 @@ import orjson
 import pytest
 
 from hf_cachehooks import management
+from hf_cachehooks.entry import commit
 from hf_cachehooks.errors import ConfigError
 from hf_cachehooks.keys import make_key
 from hf_cachehooks.predictions import PredictionCache
-from hf_cachehooks.store import read_entry, write_entry
+from hf_cachehooks.store import tag_folder
 
 DAY = 86400.0
 
@@ -38,28 +39,31 @@ def _save(cache: PredictionCache, *, model="org/tiny-a", max_new_tokens=32, n=3,
     return key, path
 
 
+def _memo(root: Path, name: str = "org_new-model_1234") -> Path:
+    """An identity memo, as evaluate_model remembers one for a model path."""
+    tag_folder(root / "identity")
+    path = root / "identity" / f"{name}.json"
+    assert commit(path, "identity", {"kind": "identity", "digest": name, "inputs": {}},
+                  fields={"identity": {"model": {"name": "org/new-model"}}})
+    return path
+
+
 @pytest.fixture
 def populated(root, cache):
-    """An old run, a fresh run, a per-example shard folder and an identity memo."""
+    """An old run, a fresh run, a per-example shard and an identity memo."""
     old_key, old = _save(cache, model="org/old-model", n=5, age_days=10)
     new_key, new = _save(cache, model="org/new-model", n=7)
     predictor = make_key("predictor", {k: v for k, v in _inputs("org/new-model").items() if k != "data"})
     assert cache.save_examples(predictor, {"h1": "a", "h2": "b"}, "b0001")
-    assert write_entry(root / "identity" / "org_new-model_1234.json", {"identity": {"x": 1}})
     return {"old": old, "new": new, "old_key": old_key, "new_key": new_key, "predictor": predictor,
-            "shards": cache.examples_dir(predictor)}
+            "shard": cache.examples_dir(predictor) / "b0001.json", "memo": _memo(root)}
 
 
 def _files(folder: Path) -> set[Path]:
     return {p for p in folder.rglob("*") if p.is_file()}
 
 
-# kinds / ls / du ---------------------------------------------------------------------------------------
-
-
-def test_kinds(root, populated):
-    assert management.kinds(root) == ["identity", "predictions"]
-    assert management.kinds(root / "missing") == []
+# ls / du -----------------------------------------------------------------------------------------------
 
 
 def test_list_entries(root, populated):
@@ -72,20 +76,20 @@ def test_list_entries(root, populated):
     assert new.key == populated["new_key"].digest[:12]
     assert old.size == populated["old"].stat().st_size > 0
     assert time.time() - old.created_at == pytest.approx(10 * DAY, abs=60)
-    shard = by_path[populated["shards"]]
-    assert shard.kind == "predictions/examples"
-    assert shard.model == "org/new-model"
+    shard = by_path[populated["shard"]]
+    assert (shard.kind, shard.model, shard.examples) == ("example-predictions", "org/new-model", 2)
     assert shard.key == populated["predictor"].digest[:12]
-    assert shard.size == sum(p.stat().st_size for p in populated["shards"].iterdir())
-    # Newest first, and no bookkeeping files listed.
+    # Newest first; memos and the tag are not listed unless asked.
     assert [e.created_at for e in infos] == sorted((e.created_at for e in infos), reverse=True)
     assert infos[-1].path == populated["old"]
-    assert not any(e.path.name in {"last_miss.json", "predictor.json", "CACHEDIR.TAG"} for e in infos)
+    assert populated["memo"] not in by_path
+    assert populated["memo"] in {e.path for e in management.list_entries(root, bookkeeping=True)}
 
 
 def test_list_entries_of_one_kind(root, populated):
     assert {e.kind for e in management.list_entries(root, "identity")} == {"identity"}
-    assert {e.kind for e in management.list_entries(root, "predictions")} == {"predictions", "predictions/examples"}
+    assert {e.kind for e in management.list_entries(root, "predictions")} == {"predictions", "example-predictions"}
+    assert {e.kind for e in management.list_entries(root, "example-predictions")} == {"example-predictions"}
 
 
 def test_list_entries_on_missing_root_is_empty(tmp_path):
@@ -102,11 +106,11 @@ def test_to_json(root, populated):
     assert row["examples"] == 7
 
 
-def test_disk_usage(root, populated):
+def test_disk_usage_counts_every_entry_byte(root, populated):
     usage = management.disk_usage(root)
-    assert set(usage) == {"identity", "predictions"}
-    assert usage["predictions"] == sum(p.stat().st_size for p in _files(root / "predictions"))
-    assert usage["identity"] == sum(p.stat().st_size for p in _files(root / "identity"))
+    assert set(usage) == {"example-predictions", "identity", "predictions"}
+    on_disk = sum(p.stat().st_size for p in _files(root) if p.name != "CACHEDIR.TAG")
+    assert sum(usage.values()) == on_disk
 
 
 # prune / clear -----------------------------------------------------------------------------------------
@@ -116,32 +120,34 @@ def test_plan_prune_selects_only_old_entries(root, populated):
     before = _files(root)
     plan = management.plan_prune(root, 7 * DAY)
     assert plan.paths == [populated["old"]]
-    assert plan.size == populated["old"].stat().st_size
     assert _files(root) == before  # planning deletes nothing
     assert plan.execute() == 1
     assert _files(root) == before - {populated["old"]}
-    assert read_entry(populated["new"]) is not None
+    assert populated["new"] in {e.path for e in management.list_entries(root, "predictions")}
 
 
 def test_plan_prune_uses_now_and_kind(root, populated):
     later = time.time() + 30 * DAY
     everything = set(management.plan_prune(root, 7 * DAY, now=later).paths)
-    # every shard is old, so the shard folder goes whole, predictor header included
-    assert everything == {populated["old"], populated["new"], populated["shards"]}
-    assert management.plan_prune(root, 7 * DAY, now=later, kind="identity").paths == []  # no created_at
+    assert everything == {populated["old"], populated["new"], populated["shard"], populated["memo"]}
+    assert management.plan_prune(root, 7 * DAY, now=later, kind="identity").paths == [populated["memo"]]
 
 
-def test_plan_prune_removes_old_temp_files_of_dead_writers(root, populated):
+def test_plan_prune_removes_only_old_temp_files_of_our_writers(root, populated):
     folder = root / "predictions"
-    dead = folder / ".x.json.abc123.tmp"
-    live = folder / ".y.json.def456.tmp"
-    dead.write_bytes(b"half")
-    live.write_bytes(b"half")
+    dead = folder / ".x.json.abc123.hfch-tmp"
+    live = folder / ".y.json.def456.hfch-tmp"
+    foreign = folder / ".editor-swap.tmp"
+    outside = root / "notes" / ".old.json.abc.hfch-tmp"  # not in a folder marked as ours
+    outside.parent.mkdir()
     stamp = time.time() - 2 * 3600
-    os.utime(dead, (stamp, stamp))
+    for path in (dead, live, foreign, outside):
+        path.write_bytes(b"half")
+        if path is not live:
+            os.utime(path, (stamp, stamp))
     paths = management.plan_prune(root, 7 * DAY).paths
     assert dead in paths
-    assert live not in paths
+    assert live not in paths and foreign not in paths and outside not in paths
 
 
 def test_plan_prune_skips_corrupt_entries(root, populated):
@@ -152,12 +158,38 @@ def test_plan_prune_skips_corrupt_entries(root, populated):
 
 def test_plan_clear(root, populated):
     plan = management.plan_clear(root, "predictions")
-    assert plan.paths == [root / "predictions"]
-    assert plan.size == management.disk_usage(root)["predictions"]
-    assert (root / "predictions").is_dir()
+    assert set(plan.paths) == {populated["old"], populated["new"], populated["shard"]}
+    assert plan.size == sum(p.stat().st_size for p in plan.paths)
     plan.execute()
-    assert management.kinds(root) == ["identity"]
-    assert management.plan_clear(root).paths == [root / "identity"]
+    assert not populated["shard"].parent.exists()  # an emptied entry folder goes with its last entry
+    left = management.plan_clear(root)
+    assert left.paths == [populated["memo"]]
+    left.execute()
+    assert {p.name for p in _files(root)} == {"CACHEDIR.TAG"}
+
+
+def test_clear_on_a_folder_that_is_not_a_cache_deletes_nothing(tmp_path):
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "src" / "train.py").write_text("print('hi')")
+    (project / "data").mkdir()
+    (project / "data" / "rows.json").write_text("[]")
+    before = _files(project)
+    with pytest.raises(ConfigError, match="not an hf_cachehooks cache"):
+        management.plan_clear(project)
+    with pytest.raises(ConfigError, match="not an hf_cachehooks cache"):
+        management.plan_prune(project, 0)
+    assert _files(project) == before
+
+
+def test_entries_in_untagged_folders_are_never_touched(root, populated, tmp_path):
+    stray = root / "mine"
+    stray.mkdir()
+    copy = stray / populated["new"].name
+    copy.write_bytes(populated["new"].read_bytes())  # a manifest of ours, but in a folder not marked as cache
+    assert copy not in {e.path for e in management.list_entries(root)}
+    management.plan_clear(root).execute()
+    assert copy.exists()
 
 
 def test_unknown_kind_names_present_kinds(root, populated):
@@ -165,7 +197,7 @@ def test_unknown_kind_names_present_kinds(root, populated):
         management.plan_clear(root, "nosuch")
     message = str(info.value)
     assert "'nosuch'" in message
-    assert "identity, predictions" in message
+    assert "example-predictions, identity, predictions" in message
 
 
 # verify ------------------------------------------------------------------------------------------------
@@ -173,9 +205,7 @@ def test_unknown_kind_names_present_kinds(root, populated):
 
 def test_verify_clean_cache(root, populated):
     checked, problems = management.verify(root)
-    assert problems == []
-    # old + new runs, one shard, one identity memo
-    assert checked == 5  # 4 entries + the sealed predictor header
+    assert (checked, problems) == (4, [])  # two runs, one shard, one identity memo
 
 
 def test_verify_reports_corrupt_entry(root, populated):
@@ -184,7 +214,7 @@ def test_verify_reports_corrupt_entry(root, populated):
     raw[len(raw) // 2] ^= 0x01
     target.write_bytes(bytes(raw))
     checked, problems = management.verify(root)
-    assert checked == 5  # 4 entries + the sealed predictor header
+    assert checked == 4
     assert [p for p, _ in problems] == [target]
     assert target.exists()  # verify reports, it does not delete
     checked, problems = management.verify(root, "identity")
@@ -224,8 +254,9 @@ def test_explain_last_miss(root, cache, caplog):
     assert lines[0].startswith("Last predictions miss (")
     assert reason in lines[0]
     assert lines[1:] == ["  generation.max_new_tokens 32→64"]
-    # The miss record is not itself an entry.
+    # The miss record is a memo: listed only when asked.
     assert all(e.path.name != "last_miss.json" for e in management.list_entries(root))
+    assert any(e.kind == "last-miss" for e in management.list_entries(root, bookkeeping=True))
     assert not caplog.records
 
 
@@ -236,9 +267,9 @@ def test_listing_never_deletes_a_corrupt_entry(root, populated):
     assert management.verify(root)[1][0][0] == populated["old"]
 
 
-def test_prune_keeps_a_shard_folder_with_fresh_shards(root, cache, populated):
+def test_prune_keeps_fresh_shards(root, cache, populated):
     later = time.time() + 8 * DAY
     PredictionCache(root / "predictions", lambda: later, None).save_examples(populated["predictor"], {"h3": "c"}, "b2")
     paths = management.plan_prune(root, 7 * DAY, now=later + 1).paths
-    assert populated["shards"] not in paths and populated["shards"] / "b0001.json" in paths
-    assert populated["shards"] / "b2.json" not in paths
+    assert populated["shard"] in paths
+    assert populated["shard"].parent / "b2.json" not in paths

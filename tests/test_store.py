@@ -277,7 +277,7 @@ def test_sigkilled_writer_never_leaves_a_partial_entry(tmp_path, caplog):
             child.stdout.close()
         kills += 1
 
-        temps = list(path.parent.glob(".entry.json.*.tmp")) if path.parent.exists() else []
+        temps = list(path.parent.glob(".entry.json.*.hfch-tmp")) if path.parent.exists() else []
         if temps:
             interrupted += 1
             for temp in temps:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import multiprocessing
+import os
 import pickle
+import subprocess
 import sys
 import threading
 import types
@@ -14,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hf_cachehooks import memory_tier, token_cache
+from hf_cachehooks import entry, memory_tier, token_cache
 from hf_cachehooks.errors import ConfigError, MissingDependencyError
-from hf_cachehooks.store import read_entry
+from hf_cachehooks.keys import hash_bytes
+from hf_cachehooks.store import read_entry, seal, unseal
 from hf_cachehooks.token_cache import TokenCache, TokenCacheConfig, validate_conv_id
 
 L, H, K = 3, 8, 4
@@ -125,14 +129,16 @@ def test_a_turn_stored_without_its_lens_gets_it_later_in_memory_and_on_disk(fold
         cache.append_turn("c", *make_turn(4, 2)[:3])
 
 
-def test_a_lens_file_from_another_turn_is_a_miss_not_a_wrong_answer(folder, warnings_log):
+def test_a_lens_file_from_another_turn_is_never_served_the_lens_is_computed_again(folder, warnings_log):
     cache = cache_at(folder)
     cache.append_turn("c", *make_turn(0, 3))
     cache.append_turn("c", *make_turn(3, 3))
     lens0, lens1 = folder / "c" / "lens-00000.safetensors", folder / "c" / "lens-00001.safetensors"
     lens1.write_bytes(lens0.read_bytes())  # same size, the other turn's predictions
-    assert cache_at(folder).token("c", 4) is None
-    assert "another conversation or turn" in warnings_log.text
+    record = cache_at(folder).token("c", 4)
+    assert record.topk_ids is None and record.topk_probs is None  # the chat server computes it on click
+    assert record.token_id == make_turn(3, 3)[0][1]  # the turn's own data is still good
+    assert "lens-00001.safetensors: content does not match the manifest" in warnings_log.text
 
 
 def test_memory_hit_then_disk_hit_after_a_restart(folder):
@@ -384,7 +390,8 @@ def test_a_truncated_or_swapped_turn_file_is_a_warning_and_a_miss(folder, warnin
     assert fresh.token("c", 5) is None
     assert fresh.token("c", 9) is None
     check(fresh.token("c", 2), 0, 4, 2)
-    assert "Cannot read cached turn" in warnings_log.text and "another conversation or turn" in warnings_log.text
+    assert "Cannot read cached turn" in warnings_log.text and "the manifest says" in warnings_log.text
+    assert "content does not match the manifest" in warnings_log.text
     turn1.write_bytes(b"\xff" * 8 + b"{")  # a garbage header of any size: still no exception
     assert cache_at(folder, memory_max_bytes=0).token("c", 5) is None
 
@@ -462,3 +469,266 @@ def test_compressed_turns_round_trip(folder, monkeypatch):
     assert zlib.decompress(path.read_bytes())[8:9] == b"{"  # a compressed safetensors file
     check(cache_at(folder).token("c", 3), 0, 4, 3)
     check(cache_at(folder, memory_max_bytes=0).token("c", 1), 0, 4, 1)
+
+
+# The entry contract: what a demanding user and an attacker try ----------------------------------
+
+
+def reseal(path: Path, change) -> None:
+    """Edit a sealed manifest and seal it again, as anyone can (the seal is an unkeyed hash)."""
+    doc = unseal(path.read_bytes())
+    change(doc)
+    path.write_bytes(seal(doc))
+
+
+def test_the_manifest_is_an_entry_listing_every_turn_and_lens_file(folder):
+    cache = cache_at(folder)
+    cache.append_turn("c", *make_turn(0, 3))
+    cache.append_turn("c", *make_turn(3, 2)[:2])
+    cache.add_lens("c", 3, *make_turn(3, 2)[2:])
+    opened = entry.open_entry(folder / "c" / "conversation.json", kind="conversation", check="hash")
+    assert opened is not None and opened.doc["format"] == 3 and opened.doc["conv_id"] == "c"
+    assert opened.key == {"kind": "conversation", "digest": opened.doc["uid"],
+                          "inputs": {"conv_id": "c", "uid": opened.doc["uid"]}}
+    on_disk = {p.name for p in (folder / "c").iterdir() if not p.name.startswith(".")} - {"conversation.json"}
+    assert set(opened.files) == on_disk == {"turn-00000.safetensors", "lens-00000.safetensors",
+                                            "turn-00001.safetensors", "lens-00001.safetensors"}
+    for name, record in opened.files.items():
+        data = (folder / "c" / name).read_bytes()
+        assert (record["bytes"], record["xxh3"]) == (len(data), hash_bytes(data))
+    assert (folder / "CACHEDIR.TAG").is_file()
+
+
+def test_an_old_format_manifest_is_a_miss(folder, warnings_log):
+    cache_at(folder).append_turn("c", *make_turn(0, 3))
+    reseal(folder / "c" / "conversation.json", lambda doc: doc.update(format=2))
+    fresh = cache_at(folder)
+    assert fresh.token("c", 0) is None and fresh.length("c") == 0 and fresh.conversations() == []
+
+
+def flip_byte(path: Path, keep_times: bool = True) -> None:
+    """Flip one byte in place and put size and mtime back, as `cp -p` or a bit rot would leave them."""
+    st = path.stat()
+    with open(path, "r+b") as handle:
+        handle.seek(st.st_size - 3)
+        byte = handle.read(1)
+        handle.seek(st.st_size - 3)
+        handle.write(bytes([byte[0] ^ 0x01]))
+    if keep_times:
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert path.stat().st_size == st.st_size
+
+
+def test_a_flipped_byte_in_a_turn_file_is_never_served(folder, warnings_log):
+    cache = cache_at(folder)
+    cache.append_turn("c", *make_turn(0, 4))
+    flip_byte(folder / "c" / "turn-00000.safetensors")
+    fresh = cache_at(folder)
+    assert fresh.token("c", 3) is None and fresh.tokens("c", 0, 4) == []
+    assert cache_at(folder, memory_max_bytes=0).token("c", 3) is None  # the rows-only read path too
+    assert "turn-00000.safetensors: content does not match the manifest" in warnings_log.text
+
+
+def test_a_flipped_byte_in_a_lens_file_is_never_served(folder, warnings_log):
+    cache_at(folder).append_turn("c", *make_turn(0, 4))
+    flip_byte(folder / "c" / "lens-00000.safetensors")
+    for fresh in (cache_at(folder), cache_at(folder, memory_max_bytes=0)):
+        record = fresh.token("c", 3)
+        assert record.topk_ids is None and record.topk_probs is None  # recomputed by the chat server, not served
+        np.testing.assert_array_equal(record.hidden, make_turn(0, 4)[1][3])
+    assert "lens-00000.safetensors: content does not match the manifest" in warnings_log.text
+
+
+def test_a_flipped_byte_in_a_big_turn_file_with_its_mtime_restored_is_never_served(folder, warnings_log):
+    t, layers, hidden_size = 520, 4, 256  # a 1 MiB+ turn: checked by its stamp (inode, mtime, ctime), not hashed
+    hidden = np.arange(t * layers * hidden_size, dtype=np.float16).reshape(t, layers, hidden_size)
+    cache_at(folder).append_turn("big", np.arange(t), hidden)
+    path = folder / "big" / "turn-00000.safetensors"
+    assert path.stat().st_size >= entry.HASH_ALWAYS_BELOW
+    np.testing.assert_array_equal(cache_at(folder).token("big", t - 1).hidden, hidden[-1])  # sound: served
+    flip_byte(path)  # same size, same mtime; only st_ctime moved
+    assert cache_at(folder).token("big", t - 1) is None
+    assert "content does not match the manifest" in warnings_log.text
+
+
+def make_conversations(folder: Path, ids=("a", "b"), tokens: int = 40) -> TokenCache:
+    cache = cache_at(folder)
+    for tag, conv_id in enumerate(ids):
+        for start in range(0, tokens, 10):
+            cache.append_turn(conv_id, *make_turn(start, 10, tag=tag))
+    return cache
+
+
+def swap_folders(folder: Path, a: str, b: str) -> None:
+    (folder / a).rename(folder / "swap-tmp")
+    (folder / b).rename(folder / a)
+    (folder / "swap-tmp").rename(folder / b)
+
+
+def test_swapped_conversation_folders_serve_nothing_from_the_wrong_conversation(folder, warnings_log):
+    running = make_conversations(folder)
+    swap_folders(folder, "a", "b")
+    for cache in (running, cache_at(folder), cache_at(folder, memory_max_bytes=0)):
+        for conv_id, tag in (("a", 0), ("b", 1)):
+            served = [cache.token(conv_id, i) for i in range(40)] + cache.tokens(conv_id, 0, 40)
+            assert not any(r is not None and r.token_id // 100_000 != tag for r in served)
+        assert cache.conversations() == []
+    fresh = cache_at(folder)
+    assert [fresh.token(c, i) for c in ("a", "b") for i in range(40)] == [None] * 80
+    assert fresh.length("a") == fresh.length("b") == 0 and len(fresh.token_ids("a")) == 0
+    assert "it is the manifest of conversation 'b' (folders renamed or swapped?)" in warnings_log.text
+
+
+def test_appending_to_or_deleting_a_swapped_folder_leaves_the_other_conversations_files_alone(folder, warnings_log):
+    make_conversations(folder)
+    swap_folders(folder, "a", "b")
+    before = {p.name: p.read_bytes() for p in (folder / "a").iterdir()}  # conversation b's files
+    cache = cache_at(folder)
+    assert cache.append_turn("a", *make_turn(0, 3, tag=7)) == (0, 3)  # a new conversation "a", in memory only
+    check(cache.token("a", 2), 0, 3, 2, tag=7)
+    assert "holds conversation 'b'" in warnings_log.text
+    assert cache.delete("a") is True and cache.token("a", 0) is None
+    assert cache.evict() == []
+    assert {p.name: p.read_bytes() for p in (folder / "a").iterdir()} == before
+
+
+def test_a_turn_file_of_another_conversation_is_never_served(folder, warnings_log):
+    make_conversations(folder, tokens=10)
+    (folder / "a" / "turn-00000.safetensors").write_bytes((folder / "b" / "turn-00000.safetensors").read_bytes())
+    assert cache_at(folder).token("a", 3) is None
+    assert "content does not match the manifest" in warnings_log.text
+
+
+@pytest.mark.parametrize("change", [
+    lambda doc: doc.update(turns="x"),
+    lambda doc: doc.update(turns=[1]),
+    lambda doc: doc.update(turns=[None]),
+    lambda doc: doc.update(tokens="5"),
+    lambda doc: doc.update(layers=None),
+    lambda doc: doc.update(hidden_dtype="float64"),
+    lambda doc: doc.update(pinned="yes"),
+    lambda doc: doc.update(meta=[]),
+    lambda doc: doc.update(k="4"),
+    lambda doc: doc.update(files=[]),
+    lambda doc: doc.update(key=None),
+    lambda doc: doc.update(uid="another"),
+    lambda doc: doc.update(last_access="soon"),
+    lambda doc: doc["turns"][0].update(count=-1),
+    lambda doc: doc["turns"][0].update(start=1),
+    lambda doc: doc["turns"][0].update(file=["turn-00000.safetensors"]),
+    lambda doc: doc["turns"][0].update(file="turn-00009.safetensors"),
+    lambda doc: doc["turns"][0].update(bytes=10),
+    lambda doc: doc["turns"][0].update(k=5),
+    lambda doc: doc["turns"][0].update(compression="rar"),
+    lambda doc: doc["files"].update({"turn-00000.safetensors": "x"}),
+    lambda doc: doc.pop("hidden"),
+], ids=lambda _: "")
+def test_a_resealed_manifest_of_the_wrong_shape_is_a_miss_not_a_crash(folder, warnings_log, change):
+    cache_at(folder).append_turn("c", *make_turn(0, 4))
+    reseal(folder / "c" / "conversation.json", change)
+    fresh = cache_at(folder)
+    assert fresh.token("c", 1) is None and fresh.tokens("c", 0, 4) == [] and fresh.length("c") == 0
+    assert fresh.turns("c") == [] and fresh.meta("c") is None and fresh.conversations() == []
+    assert fresh.turn_arrays("c", 0) is None and fresh.pending_lens() == [] and fresh.evict() == []
+    assert fresh.status()["conversations"] == 0 and fresh.pin("c") is False
+    assert "is not served as conversation c" in warnings_log.text
+
+
+@pytest.mark.parametrize("name", ["../../victim.safetensors", "/abs/victim.safetensors", "sub/victim.safetensors",
+                                  ".hidden.safetensors"])
+def test_a_traversal_name_in_a_resealed_manifest_is_neither_read_nor_deleted(folder, warnings_log, name):
+    cache_at(folder).append_turn("c", *make_turn(0, 4))
+    conv = folder / "c"
+    good = (conv / "turn-00000.safetensors").read_bytes()
+    target = (conv / name) if not name.startswith("/") else Path(name)
+    victim = folder.parent / "victim.safetensors"
+    victim.write_bytes(good)  # the real turn's bytes: served if the name were followed
+    if name == "../../victim.safetensors":
+        assert target.resolve() == victim.resolve()
+
+    def point_at(doc: dict) -> None:
+        doc["files"][name] = doc["files"].pop("turn-00000.safetensors")
+        doc["turns"][0]["file"] = name
+
+    reseal(conv / "conversation.json", point_at)
+    assert cache_at(folder).token("c", 1) is None
+    assert "is not a plain name inside the entry's folder" in warnings_log.text
+    assert cache_at(folder).delete("c") is True  # the damaged manifest goes, and nothing it names
+    assert victim.read_bytes() == good and (conv / "turn-00000.safetensors").read_bytes() == good
+    assert not (conv / "conversation.json").exists()
+
+
+def test_delete_and_eviction_remove_only_the_files_the_manifest_lists(folder):
+    clock = FakeClock()
+    cache = cache_at(folder, clock=clock, disk_ttl_seconds=60)
+    for conv_id in ("c", "d"):
+        cache.append_turn(conv_id, *make_turn(0, 3))
+        cache.append_turn(conv_id, *make_turn(3, 2))
+        (folder / conv_id / "notes.txt").write_text("mine")  # a user's file in the conversation's folder
+        (folder / conv_id / "turn-00099.safetensors").write_bytes(b"not listed")
+    cache.token("c", 0)
+    assert cache.delete("c") is True
+    clock.now += 61
+    assert cache.evict() == ["d"]
+    for conv_id in ("c", "d"):
+        assert sorted(p.name for p in (folder / conv_id).iterdir()) == ["notes.txt", "turn-00099.safetensors"]
+        assert cache.token(conv_id, 0) is None
+    cache.append_turn("e", *make_turn(0, 3))
+    assert cache.delete("e") is True and not (folder / "e").exists()  # nothing else there: the folder goes too
+
+
+def test_delete_leaves_nothing_of_a_conversation_that_was_on_disk_before_a_write_failed(folder, monkeypatch):
+    cache = cache_at(folder)
+    cache.append_turn("c", *make_turn(0, 3))
+    monkeypatch.setattr(entry, "atomic_write", enospc)
+    cache.append_turn("c", *make_turn(3, 2))  # memory only from now on
+    monkeypatch.undo()
+    assert cache.delete("c") is True and not (folder / "c").exists()
+
+
+def enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_a_full_disk_while_writing_keeps_the_turn_in_memory(folder, warnings_log, monkeypatch):
+    monkeypatch.setattr(Path, "write_bytes", enospc)  # every atomic write: turn, lens, manifest, tag
+    cache = cache_at(folder)
+    assert cache.append_turn("c", *make_turn(0, 3)) == (0, 3)
+    assert cache.append_turn("c", *make_turn(3, 2)) == (3, 5)
+    check(cache.token("c", 4), 3, 2, 4)
+    check(cache.token("c", 1), 0, 3, 1)
+    assert cache.length("c") == 5 and "keeping it in memory only" in warnings_log.text
+    assert "No space left on device" in warnings_log.text
+    left = [p.name for p in folder.rglob("*") if p.is_file()]
+    assert not any(n.endswith(".safetensors") or n == "conversation.json" or "tmp" in n or n.endswith(".lock")
+                   for n in left), left
+
+
+@pytest.fixture
+def full_tmpfs(tmp_path):
+    """A 256 KiB tmpfs filled to the last byte (needs root and mount; skipped elsewhere)."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    try:
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], capture_output=True)
+    except OSError:
+        pytest.skip("no mount command")
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        (mount / "conversations").mkdir()
+        with open(mount / "filler", "wb", buffering=0) as handle, pytest.raises(OSError, match="No space left"):
+            while True:
+                handle.write(b"\0" * 4096)
+        yield mount / "conversations"
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+def test_a_real_full_disk_keeps_the_turn_in_memory_and_leaves_no_lock(full_tmpfs, warnings_log):
+    cache = cache_at(full_tmpfs)
+    assert cache.append_turn("c", *make_turn(0, 3)) == (0, 3)  # the lease, then the data writes: all ENOSPC
+    check(cache.token("c", 2), 0, 3, 2)
+    assert "keeping it in memory only" in warnings_log.text
+    assert not list(full_tmpfs.rglob("*.lock")) and not list(full_tmpfs.rglob("*.safetensors"))
+    assert cache.append_turn("c", *make_turn(3, 2)) == (3, 5)  # no stale lock stalls the next append

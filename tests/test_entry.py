@@ -1,0 +1,155 @@
+"""The entry contract itself (hf_cachehooks/entry.py): commit, open, checks, removal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+
+from hf_cachehooks import entry
+from hf_cachehooks.errors import CorruptEntryError
+from hf_cachehooks.keys import make_key
+from hf_cachehooks.store import seal, unseal
+
+KEY = make_key("test", {"a": 1})
+BIG = entry.HASH_ALWAYS_BELOW + 4096
+
+
+def _make(folder, big: bytes = b"x" * BIG, small: bytes = b"small", **fields):
+    files = {"big.bin": entry.write_file(folder, "big.bin", big),
+             "small.txt": entry.write_file(folder, "small.txt", small)}
+    assert entry.commit(folder / "m.json", "test", KEY, files, fields)
+    return folder / "m.json"
+
+
+def test_manifest_schema_starts_with_the_mark_and_lists_every_file(tmp_path):
+    path = _make(tmp_path, extra=5)
+    raw = path.read_bytes()
+    assert raw.startswith(entry.MARK) and entry.is_entry_file(path)
+    doc = unseal(raw)
+    assert list(doc)[:6] == ["hf_cachehooks_entry", "kind", "key", "created_at", "writer", "files"]
+    assert doc["key"] == {"kind": "test", "digest": KEY.digest, "inputs": {"a": 1}}
+    assert doc["writer"]["pid"] == os.getpid() and doc["extra"] == 5
+    assert doc["files"]["big.bin"]["bytes"] == BIG and doc["files"]["small.txt"]["bytes"] == 5
+    assert doc["files"]["big.bin"]["stamp"] and "stamp" not in doc["files"]["small.txt"]  # small: always hashed
+
+
+def test_open_checks_kind_digest_and_expiry(tmp_path, caplog):
+    path = _make(tmp_path)
+    assert entry.open_entry(path, kind="test", digest=KEY.digest).doc["files"]
+    assert entry.open_entry(path, kind="other") is None
+    assert entry.open_entry(path, digest="0" * 32) is None
+    later = time.time() + 3 * 86400
+    assert entry.open_entry(path, max_age_days=2, now=later) is None
+    assert entry.open_entry(path, max_age_days=4, now=later) is not None
+    assert path.exists()  # another kind, key or an expired entry is left alone
+
+
+@pytest.mark.parametrize("target", ["big.bin", "small.txt"])
+def test_a_flipped_byte_with_mtime_restored_is_noticed(tmp_path, caplog, target):
+    path = _make(tmp_path)
+    data = tmp_path / target
+    st = os.stat(data)
+    with open(data, "r+b") as handle:
+        handle.seek(st.st_size // 2)
+        handle.write(b"Y")
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns))
+    caplog.set_level(logging.WARNING, logger="hf_cachehooks")
+    assert entry.open_entry(path) is None
+    assert "content does not match" in caplog.text
+    assert not path.exists() and not data.exists()  # the entry went whole
+
+
+def test_a_copied_entry_is_hashed_once_then_trusted(tmp_path, monkeypatch):
+    path = _make(tmp_path)
+    big = tmp_path / "big.bin"
+    big.write_bytes(big.read_bytes())  # same bytes, new stamp (a copy from another machine)
+    calls = []
+    from hf_cachehooks import fingerprint
+
+    real = fingerprint.hash_file
+    monkeypatch.setattr(fingerprint, "hash_file", lambda p: calls.append(p.name) or real(p))
+    time.sleep(0.03)  # past the file-time tick, so the new stamp may be remembered
+    assert entry.open_entry(path) is not None
+    assert entry.open_entry(path) is not None
+    assert calls.count("big.bin") == 1 and calls.count("small.txt") == 2
+
+
+def test_size_and_hash_checks(tmp_path):
+    path = _make(tmp_path)
+    with open(tmp_path / "big.bin", "ab") as handle:
+        handle.write(b"!")
+    assert "bytes, the manifest says" in entry.inspect(path, check="size")[1]
+    path = _make(tmp_path / "b")
+    assert entry.inspect(path, check="hash")[0] is not None
+    with pytest.raises(ValueError):
+        entry.inspect(path, check="fast")
+
+
+@pytest.mark.parametrize("name", ["../x", "/etc/passwd", "a/b", ".hidden", "..", "", "a\\b", "a\0b", 7, None])
+def test_only_plain_names_are_allowed(name):
+    with pytest.raises(CorruptEntryError):
+        entry.check_name(name)
+
+
+@pytest.mark.parametrize("change", [
+    lambda d: d.update(key=None), lambda d: d.update(files=[]), lambda d: d.update(created_at="x"),
+    lambda d: d.update(kind=3), lambda d: d.pop("hf_cachehooks_entry"), lambda d: d["files"].update(x=[1]),
+    lambda d: d["files"].update({"../../victim.txt": {"bytes": 3, "xxh3": "0" * 32}}),
+])
+def test_a_resealed_manifest_of_the_wrong_shape_is_corrupt(tmp_path, change, caplog):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("abc")
+    folder = tmp_path / "a" / "b"
+    folder.mkdir(parents=True)
+    path = _make(folder)
+    doc = unseal(path.read_bytes())
+    change(doc)
+    path.write_bytes(seal(doc))
+    found, problem = entry.inspect(path)
+    assert found is None and problem
+    assert entry.open_entry(path) is None  # a warning and a miss, never an exception
+    assert victim.read_text() == "abc"
+
+
+def test_a_linked_file_is_never_followed(tmp_path):
+    path = _make(tmp_path)
+    outside = tmp_path.parent / f"{tmp_path.name}-outside.txt"
+    outside.write_bytes(b"small")
+    (tmp_path / "small.txt").unlink()
+    (tmp_path / "small.txt").symlink_to(outside)
+    assert "not a regular file" in entry.inspect(path)[1]
+    entry.remove_entry(path)
+    assert outside.read_bytes() == b"small"
+
+
+def test_remove_deletes_only_listed_files_and_own_bookkeeping(tmp_path):
+    path = _make(tmp_path)
+    (tmp_path / "user-notes.txt").write_text("mine")
+    (tmp_path / ".last_access").write_bytes(b"")
+    freed = entry.remove_entry(path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["user-notes.txt"]
+    assert freed >= BIG + 5
+
+
+def test_remove_of_an_emptied_folder_removes_the_folder(tmp_path):
+    path = _make(tmp_path / "entry")
+    entry.remove_entry(path)
+    assert not (tmp_path / "entry").exists()
+
+
+def test_commit_to_an_unwritable_place_is_false(tmp_path, caplog):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert entry.commit(afile / "m.json", "test", KEY) is False
+    assert "continuing without caching" in caplog.text
+
+
+def test_stamps_are_taken_after_the_file_time_tick(tmp_path):
+    started = time.time_ns()
+    path = _make(tmp_path)
+    doc = unseal(path.read_bytes())
+    ctime = doc["files"]["big.bin"]["stamp"][2]
+    assert time.time_ns() - started >= 0 and path.stat().st_mtime_ns - ctime >= entry._RACY_NS - 5_000_000
