@@ -1,14 +1,12 @@
 """The entry contract's cost on the hit paths: this tree against an earlier commit, side by side in one run.
 
-Measured in alternating subprocesses (earlier, this, earlier, this, ...) so both sides share the
-machine's load:
-
-1. Whole-run hit, `PredictionCache.load_run`, 1k and 10k predictions (the `evaluate_model` hit).
-2. Resume: `PredictionCache.load_examples` over 10 shards of 1,000 per-example predictions.
-3. Opening an entry whose file is 256 MiB, with the default checks (size + stamp) and with
+1. `benchmarks/bench_prediction_cache.py --quick` of the earlier tree and of this one, alternating
+   (earlier, this, earlier, this, ...) so both sides share the machine's load; the median of each row's
+   "ours" figure per side, and their ratio (the `evaluate_model` whole-run hit, fingerprints, resume).
+2. Opening an entry whose file is 256 MiB, with the default checks (size + stamp) and with
    `check="hash"` (what `hf-cachehooks verify` does), as GB/s: the cost of full verification.
 
-Run it from the repository root (OMP_NUM_THREADS=1; no model, no network):
+Run it from the repository root (OMP_NUM_THREADS=1; no model, no network; about 1 minute):
 
     . .venv/bin/activate
     python benchmarks/bench_entry_contract.py                 # against 0f3370d, the last commit before the contract
@@ -35,66 +33,45 @@ RESULTS = REPO / "benchmarks" / "results" / "bench_entry_contract.json"
 BEFORE = "0f3370d"
 
 WORKER = r'''
-import json, random, statistics, sys, tempfile, time
+import json, os, statistics, tempfile, time
 from pathlib import Path
+from hf_cachehooks import entry
 from hf_cachehooks.keys import make_key
-from hf_cachehooks.predictions import PredictionCache
 
-rng = random.Random(0)
-WORDS = "the of and to in is that for energy cell market theorem protein court vector species".split()
-def text(n): return " ".join(rng.choices(WORDS, k=n // 4))[:n]
 def timed(fn, reps):
     out = []
     for _ in range(reps):
         start = time.perf_counter(); fn(); out.append((time.perf_counter() - start) * 1e3)
     return statistics.median(out)
 
-figures = {}
-tmp = Path(tempfile.mkdtemp())
-cache = PredictionCache(tmp / "predictions", clock=time.time, max_age_days=30)
-for n in (1000, 10000):
-    doc = {"metadata": {"model_name": "org/m", "dataset_size": n, "created_at": time.time()},
-           "predictions": [text(200) for _ in range(n)], "references": [rng.choice("ABCD") for _ in range(n)],
-           "metrics": {"accuracy": 0.4}, "metric_versions": {"accuracy": "1"}}
-    key = make_key("predictions", {"model": "org/m", "n": n})
-    cache.save_run(key, "org/m", doc)
-    assert cache.load_run(key, "org/m")["predictions"] == doc["predictions"]
-    figures[f"run_hit_{n}_ms"] = timed(lambda: cache.load_run(key, "org/m"), 40 if n == 1000 else 15)
-predictor = make_key("examples", {"model": "org/m"})
-for s in range(10):
-    cache.save_examples(predictor, {f"{s}-{i}": text(200) for i in range(1000)}, f"b{s}")
-assert len(cache.load_examples(predictor)) == 10000
-figures["resume_10x1000_ms"] = timed(lambda: cache.load_examples(predictor), 15)
-try:
-    from hf_cachehooks import entry
-except ImportError:
-    entry = None
-if entry is not None:
-    folder = tmp / "big"
-    folder.mkdir()
-    data = bytes(rng.getrandbits(8) for _ in range(1 << 20)) * 256  # 256 MiB
-    rec = entry.write_file(folder, "data.bin", data)
-    entry.commit(folder / "m.json", "bench", make_key("bench", {}), {"data.bin": rec})
-    gb = len(data) / 1e9
-    figures["open_256MiB_stamp_ms"] = timed(lambda: entry.inspect(folder / "m.json", check="stamp"), 20)
-    figures["open_256MiB_hash_ms"] = timed(lambda: entry.inspect(folder / "m.json", check="hash"), 5)
-    figures["hash_gb_per_s"] = gb / (figures["open_256MiB_hash_ms"] / 1e3)
+folder = Path(tempfile.mkdtemp())
+data = os.urandom(1 << 20) * 256  # 256 MiB
+rec = entry.write_file(folder, "data.bin", data)
+entry.commit(folder / "m.json", "bench", make_key("bench", {}), {"data.bin": rec})
+figures = {"open_256MiB_stamp_ms": timed(lambda: entry.inspect(folder / "m.json", check="stamp"), 20),
+           "open_256MiB_hash_ms": timed(lambda: entry.inspect(folder / "m.json", check="hash"), 5)}
+figures["hash_gb_per_s"] = len(data) / 1e9 / (figures["open_256MiB_hash_ms"] / 1e3)
+entry.remove_entry(folder / "m.json")
 print(json.dumps(figures))
 '''
 
 
 def export(ref: str, into: Path) -> Path:
-    """The package as it was at `ref`, unpacked into `into` (git archive: no checkout touched)."""
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "hf_cachehooks"], check=True,
+    """The package and benchmarks as they were at `ref`, unpacked into `into` (git archive: no checkout touched)."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "hf_cachehooks", "benchmarks"], check=True,
                              capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
 
 
-def measure(path: Path) -> dict:
-    env = {**os.environ, "PYTHONPATH": str(path), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", WORKER], env=env, check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def bench_predictions(tree: Path, out: Path) -> dict[str, float]:
+    """Run that tree's prediction-cache benchmark (--quick); its "ours" figure per row, in ms."""
+    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run([sys.executable, str(tree / "benchmarks" / "bench_prediction_cache.py"), "--quick"], env=env,
+                   check=True, capture_output=True, cwd=out)
+    table = json.loads((tree / "benchmarks" / "results" / "bench_prediction_cache_quick.json").read_text())["table"]
+    return {row["name"].split(" (vs")[0]: row["ours_ms"] for row in table}
 
 
 def main() -> None:
@@ -102,26 +79,28 @@ def main() -> None:
     parser.add_argument("--before", default=BEFORE, help="git ref of the earlier tree (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="alternating runs per side (default: %(default)s)")
     args = parser.parse_args()
+    runs: dict[str, list[dict]] = {"before": [], "after": []}
     with tempfile.TemporaryDirectory() as tmp:
-        earlier = export(args.before, Path(tmp))
-        runs: dict[str, list[dict]] = {"before": [], "after": []}
+        earlier = export(args.before, Path(tmp) / "before")
         for _ in range(args.rounds):
-            runs["before"].append(measure(earlier))
-            runs["after"].append(measure(REPO))
-    medians = {side: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for side, rs in runs.items()}
+            runs["before"].append(bench_predictions(earlier, Path(tmp)))
+            runs["after"].append(bench_predictions(REPO, Path(tmp)))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", WORKER], env=env, check=True, capture_output=True, text=True)
+        verify = json.loads(out.stdout.strip().splitlines()[-1])
     rows = []
-    print(f"{'hit path':<28} {'before ms':>10} {'after ms':>10} {'after/before':>13}")
-    for name in ("run_hit_1000_ms", "run_hit_10000_ms", "resume_10x1000_ms"):
-        b, a = medians["before"][name], medians["after"][name]
+    print(f"{'bench_prediction_cache --quick (ours)':<40} {'before ms':>10} {'after ms':>10} {'after/before':>13}")
+    for name in runs["before"][0]:
+        b = statistics.median(r[name] for r in runs["before"])
+        a = statistics.median(r[name] for r in runs["after"])
         rows.append({"name": name, "before_ms": b, "after_ms": a, "ratio": a / b})
-        print(f"{name:<28} {b:>10.2f} {a:>10.2f} {a / b:>12.2f}x")
-    after = medians["after"]
-    print(f"open a 256 MiB entry: size+stamp {after['open_256MiB_stamp_ms']:.3f} ms, full hash "
-          f"{after['open_256MiB_hash_ms']:.0f} ms ({after['hash_gb_per_s']:.2f} GB/s, "
-          f"{1 / after['hash_gb_per_s']:.2f} s per GB)")
+        print(f"{name:<40} {b:>10.3f} {a:>10.3f} {a / b:>12.2f}x")
+    print(f"open a 256 MiB entry: size+stamp {verify['open_256MiB_stamp_ms']:.3f} ms, full hash "
+          f"{verify['open_256MiB_hash_ms']:.0f} ms ({verify['hash_gb_per_s']:.2f} GB/s, "
+          f"{1 / verify['hash_gb_per_s']:.2f} s per GB)")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps({"before": args.before, "rounds": args.rounds, "threads": "OMP_NUM_THREADS=1",
-                                   "table": rows, "medians": medians, "runs": runs,
+                                   "table": rows, "verify": verify, "runs": runs,
                                    "machine": machine(("hf_cachehooks", "orjson", "xxhash"))}, indent=2))
     print(f"wrote {RESULTS.relative_to(REPO)}")
 

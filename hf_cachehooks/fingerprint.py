@@ -51,13 +51,34 @@ def fingerprint_data(data: Any) -> str:
     options = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
     try:
         payload = orjson.dumps(data, option=options)
-        if b"null" in payload:  # None, or a NaN/inf that orjson also wrote as null: spell those apart
-            tagged, found = _tag_nonfinite(data)
-            if found:
-                payload = b"nonfinite:" + orjson.dumps(tagged, option=options)  # never a string's spelling
+        # orjson writes NaN and ±inf as null, None's spelling: only data with a null can hold one (a 1-2 GB/s
+        # scan), and only then are the values walked (a cheap check first, the tagged copy only when needed)
+        if b"null" in payload and _has_nonfinite(data):
+            payload = b"nonfinite:" + orjson.dumps(_tag_nonfinite(data)[0], option=options)  # never a string's
     except TypeError:
         payload = dumps(list(data))  # canonical() explains what it cannot hash (and spells NaN apart)
     return "rows:" + hash_bytes(payload)
+
+
+def _has_nonfinite(value: Any) -> bool:
+    """True when `value` (rows of plain data, maybe numpy) holds a NaN or ±inf float anywhere; no copies."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        kind = type(item)
+        if kind is str or kind is int or item is None or kind is bool:
+            continue
+        if kind is float:
+            if item - item != 0.0:  # nan - nan and inf - inf are nan
+                return True
+        elif isinstance(item, Mapping):
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif getattr(getattr(item, "dtype", None), "kind", None) == "f":  # numpy arrays and scalars
+            if _tag_nonfinite(item)[1]:
+                return True
+    return False
 
 
 def _tag_nonfinite(value: Any) -> tuple[Any, bool]:

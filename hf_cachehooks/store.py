@@ -1,16 +1,17 @@
-"""Where cache bytes hit the disk: root resolution, sealed JSON entries and atomic writes.
+"""Where cache bytes hit the disk: root resolution, sealed JSON, atomic writes and the cache tag.
 
     $HF_CACHEHOOKS_HOME (default outputs/cache)/
-    ├── CACHEDIR.TAG                  tells backup tools to skip the folder
-    ├── predictions/                  one folder per cache kind
-    │   ├── SmolLM2_a1b2c3d4e5f6.json one sealed entry per run
-    │   └── examples/<hash16>/*.json  per-example shards (resume, subset reuse)
-    ├── identity/                     memo of model identities per weight-file state
-    └── .locks/                       single-flight leases
+    ├── predictions/    CACHEDIR.TAG + prediction runs and per-example shards
+    ├── identity/       CACHEDIR.TAG + memo of model identities per state of the model files
+    ├── experiments/    CACHEDIR.TAG + the generation cache
+    ├── activations/    activation stores, each folder with its own CACHEDIR.TAG
+    └── conversations/  CACHEDIR.TAG + the conversation token cache
 
-A sealed entry is pretty JSON whose last field is an xxh3 checksum of the bytes before it, so a
-truncated, edited or bit-rotten file is detected; it is logged, removed and treated as a miss.
-Every write goes to a temp file in the same folder, is fsynced, then renamed over the target.
+Every cache writes its entries through the contract in `entry.py`; this module holds the primitives
+under it. Sealed JSON is pretty JSON whose last field is an xxh3 checksum of the bytes before it, so a
+truncated, edited or bit-rotten file is detected. Every write goes to a temp file in the same folder
+(named `.<name>.<random>.hfch-tmp`), is fsynced, then renamed over the target. CACHEDIR.TAG marks a
+folder as this library's cache: the management commands delete nothing anywhere else.
 """
 
 from __future__ import annotations
