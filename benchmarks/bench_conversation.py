@@ -46,9 +46,9 @@ from machine import machine  # benchmarks/machine.py
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from hf_cachehooks.lens import LensWorker, generate_turn
-from hf_cachehooks.token_cache import TokenCache
-from hf_cachehooks.token_files import TokenCacheConfig
+from hf_cachehooks.conversation.cache import TokenCache
+from hf_cachehooks.conversation.files import TokenCacheConfig
+from hf_cachehooks.conversation.lens import LensWorker, generate_turn
 
 LIBRARIES = ("hf_cachehooks", "torch", "transformers", "safetensors", "fastapi", "uvicorn", "lz4", "zstandard",
              "playwright")
@@ -213,7 +213,7 @@ def lookups(long: dict, tok, args) -> dict:
     """cache.token p50/p99 from memory and from disk (warm and cold page cache), then the HTTP handler."""
     from fastapi.testclient import TestClient
 
-    from hf_cachehooks.chat_server import create_app
+    from hf_cachehooks.conversation.app import create_app
 
     cache, folder, cid, n = long["cache"], long["folder"], long["conv_id"], long["tokens"]
     rng = np.random.default_rng(1)
@@ -326,7 +326,7 @@ def browser(long: dict, tok, args) -> dict:
         return {"skipped": f"{', '.join(missing)} not found"}
     from browser_click import click_to_render
 
-    from hf_cachehooks.chat_server import create_app
+    from hf_cachehooks.conversation.app import create_app
 
     n = long["tokens"]
     positions = click_positions(n, 12 if args.quick else 30, np.random.default_rng(2))
@@ -353,7 +353,7 @@ def concurrency(folder: Path, args) -> dict:
     import httpx
 
     sys.path.insert(0, str(ROOT))
-    from hf_cachehooks.chat_server import create_app
+    from hf_cachehooks.conversation.app import create_app
     from tests.conftest import make_llama, make_tokenizer
 
     convs, chats, per_turn = 10, 3, 5 if args.quick else 10

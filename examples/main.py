@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     data = args.data
     if args.limit:
-        from hf_cachehooks.evaluation import load_rows
+        from hf_cachehooks import load_rows
 
         data = load_rows(args.data)[: args.limit]
     config = EvalConfig(
@@ -100,7 +100,7 @@ def run_full(args) -> int:
     """Fine-tune on 30 questions with the speed-ups, then evaluate the other 10 through the cache."""
     from finetune import TEMPLATE, finetune, split
 
-    from hf_cachehooks.training_config import SpeedupConfig
+    from hf_cachehooks.training.config import SpeedupConfig
 
     started = time.perf_counter()
     train_rows, eval_rows = split(args.data)
@@ -123,7 +123,7 @@ def run_full(args) -> int:
 
 
 def _rows(data):
-    from hf_cachehooks.evaluation import load_rows
+    from hf_cachehooks import load_rows
 
     return load_rows(data)
 

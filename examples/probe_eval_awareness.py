@@ -18,10 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-from hf_cachehooks.activation_writer import cache_activations, load_records
-from hf_cachehooks.activations import ActivationStore
+from hf_cachehooks.activations.probing import analyze_probe, generate_vectors
+from hf_cachehooks.activations.store import ActivationStore
+from hf_cachehooks.activations.writer import cache_activations, load_records
 from hf_cachehooks.errors import ConfigError
-from hf_cachehooks.probing import analyze_probe, generate_vectors
 
 HERE = Path(__file__).parent
 

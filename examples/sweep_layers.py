@@ -19,9 +19,9 @@ import logging
 import sys
 from pathlib import Path
 
-from hf_cachehooks.backends import TransformersBackend
-from hf_cachehooks.evaluation import load_rows
-from hf_cachehooks.generation import GenerationCache
+from hf_cachehooks import load_rows
+from hf_cachehooks.generation.backends import TransformersBackend
+from hf_cachehooks.generation.cache import GenerationCache
 
 HERE = Path(__file__).parent
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -75,8 +75,8 @@ def auroc(scores, labels):
 def sweep(args, layers):
     import torch
 
-    from hf_cachehooks.activation_writer import cache_activations
-    from hf_cachehooks.store import cache_root
+    from hf_cachehooks._core.store import cache_root
+    from hf_cachehooks.activations.writer import cache_activations
 
     model, tokenizer = load_smollm2()
     gens, labels = cached_generations(args, model, tokenizer)

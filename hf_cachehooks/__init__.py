@@ -7,29 +7,31 @@ only when a model has to run, so a cache hit stays fast: the names below that ne
 from importlib import import_module as _import_module
 from typing import Any as _Any
 
+from ._core.keys import Key, make_key
+from ._core.rows import load_rows
+from ._core.store import cache_root
 from ._version import __version__ as __version__
-from .config import EvalConfig
 from .errors import ConfigError, CorruptEntryError, HFCacheHooksError, MissingDependencyError
-from .evaluation import EvalResult, evaluate_model
-from .keys import Key, make_key
-from .predictions import PredictionCache
-from .store import cache_root
+from .evaluation.config import EvalConfig
+from .evaluation.predictions import PredictionCache
+from .evaluation.runs import EvalResult, evaluate_model
 
 # name -> module, imported on first use
 _LAZY = {
-    "ActivationStore": "activations",
-    "GenerationCache": "generation",
-    "OpenAIBackend": "backends",
-    "ProbeMismatchError": "vectors",
-    "SpeedupCallback": "callbacks",
-    "SpeedupConfig": "training_config",
-    "SteeringVector": "vectors",
-    "TokenCache": "token_cache",
-    "TokenCacheConfig": "token_files",
-    "TokenRecord": "token_files",
-    "TransformersBackend": "backends",
-    "cache_activations": "activation_writer",
+    "ActivationStore": "activations.store",
+    "GenerationCache": "generation.cache",
+    "OpenAIBackend": "generation.backends",
+    "ProbeMismatchError": "activations.vectors",
+    "SpeedupCallback": "training.callbacks",
+    "SpeedupConfig": "training.config",
+    "SteeringVector": "activations.vectors",
+    "TokenCache": "conversation.cache",
+    "TokenCacheConfig": "conversation.files",
+    "TokenRecord": "conversation.files",
+    "TransformersBackend": "generation.backends",
+    "cache_activations": "activations.writer",
 }
+_LAZY_MODULES = {"speedups": "training.speedups"}  # plan(), load_model(): the Trainer helper, as a namespace
 
 __all__ = [
     "ActivationStore",
@@ -54,11 +56,17 @@ __all__ = [
     "cache_activations",
     "cache_root",
     "evaluate_model",
+    "load_rows",
     "make_key",
+    "speedups",
 ]
 
 
 def __getattr__(name: str) -> _Any:
+    if name in _LAZY_MODULES:
+        value = _import_module(f".{_LAZY_MODULES[name]}", __name__)
+        globals()[name] = value
+        return value
     if name in _LAZY:
         value = getattr(_import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value
@@ -67,4 +75,4 @@ def __getattr__(name: str) -> _Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_LAZY_MODULES))

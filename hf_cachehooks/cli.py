@@ -10,9 +10,9 @@ import time
 from pathlib import Path
 
 from . import management
+from ._core.freshness import describe_age, parse_duration
+from ._core.store import cache_root
 from .errors import ConfigError, HFCacheHooksError
-from .freshness import describe_age, parse_duration
-from .store import cache_root
 
 
 def _bytes(n: float) -> str:
@@ -87,7 +87,7 @@ def cmd_clear(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     if args.path:
-        from .activations import verify_store
+        from .activations.store import verify_store
 
         problems_found = verify_store(args.path)
         for line in problems_found:
@@ -108,8 +108,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .backends import TransformersBackend
-    from .server import make_server
+    from .generation.backends import TransformersBackend
+    from .generation.server import make_server
 
     model, tokenizer = _load(args)
     backend = TransformersBackend(model, tokenizer, use_chat_template=args.chat_template)
@@ -127,9 +127,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_chat_server(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from .chat_server import create_app
-    from .token_cache import TokenCache
-    from .token_files import TokenCacheConfig
+    from .conversation.app import create_app
+    from .conversation.cache import TokenCache
+    from .conversation.files import TokenCacheConfig
 
     config = TokenCacheConfig()
     if args.config:
@@ -169,8 +169,8 @@ def _layers(text: str | None) -> list[int] | None:
 
 def _store(args: argparse.Namespace, layers: list[int] | None):
     """The cache from --cache, or (the traditional path) one filled from --model on the way."""
-    from .activation_writer import cache_activations
-    from .activations import ActivationStore
+    from .activations.store import ActivationStore
+    from .activations.writer import cache_activations
 
     if args.cache:
         return ActivationStore(args.cache)
@@ -184,7 +184,7 @@ def _store(args: argparse.Namespace, layers: list[int] | None):
 
 
 def cmd_cache_activations(args: argparse.Namespace) -> int:
-    from .activation_writer import cache_activations
+    from .activations.writer import cache_activations
 
     model, tokenizer = _load(args)
     store = cache_activations(model, tokenizer, args.data, args.output, _layers(args.layers) or [],
@@ -200,7 +200,7 @@ def cmd_cache_activations(args: argparse.Namespace) -> int:
 
 
 def cmd_generate_vectors(args: argparse.Namespace) -> int:
-    from .probing import generate_vectors
+    from .activations.probing import generate_vectors
 
     layers = _layers(args.layers)
     run = generate_vectors(_store(args, layers), args.output, layers, positive=args.positive)
@@ -209,8 +209,8 @@ def cmd_generate_vectors(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze_probe(args: argparse.Namespace) -> int:
-    from .probing import analyze_probe
-    from .vectors import load_vectors
+    from .activations.probing import analyze_probe
+    from .activations.vectors import load_vectors
 
     layers = _layers(args.layers)
     store = _store(args, layers or sorted(load_vectors(args.vectors)))
@@ -227,8 +227,8 @@ def cmd_analyze_probe(args: argparse.Namespace) -> int:
 
 
 def _check_data(store, args: argparse.Namespace) -> None:
-    from .activation_writer import load_records
-    from .fingerprint import fingerprint_data
+    from ._core.fingerprint import fingerprint_data
+    from .activations.writer import load_records
 
     expected = store.key_inputs["data"]["fingerprint"]
     if fingerprint_data(load_records(args.data, args.text_field, args.label_field or "label")) != expected:
@@ -237,7 +237,7 @@ def _check_data(store, args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .activations import ActivationStore
+    from .activations.store import ActivationStore
 
     store = ActivationStore(args.folder)
     info = store.info()

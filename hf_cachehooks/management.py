@@ -19,10 +19,10 @@ from pathlib import Path
 
 import orjson
 
-from .entry import Entry, entry_size, inspect, is_entry_file, remove_entry
+from ._core.entry import Entry, entry_size, inspect, is_entry_file, remove_entry
+from ._core.keys import diff_inputs
+from ._core.store import TEMP_SUFFIX, is_tagged
 from .errors import ConfigError
-from .keys import diff_inputs
-from .store import TEMP_SUFFIX, is_tagged
 
 BOOKKEEPING = ("file-hashes", "identity", "last-miss")  # recomputable memos: `ls` shows them only when asked
 _LEFTOVER_GRACE = 3600.0  # a temp, lock or trash file this old belongs to a dead writer (live locks beat every 5 s)

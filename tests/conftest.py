@@ -81,7 +81,7 @@ def qa_rows():
 @pytest.fixture
 def root():
     """The cache root the autouse fixture set up."""
-    from hf_cachehooks.store import cache_root
+    from hf_cachehooks._core.store import cache_root
 
     return cache_root()
 
@@ -91,7 +91,7 @@ def cache(root):
     """A prediction cache in that root, on the real clock, with no expiry."""
     import time
 
-    from hf_cachehooks.predictions import PredictionCache
+    from hf_cachehooks.evaluation.predictions import PredictionCache
 
     return PredictionCache(root / "predictions", time.time, None)
 

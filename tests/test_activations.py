@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-import hf_cachehooks.activation_writer as writer
-from hf_cachehooks.activation_writer import cache_activations
-from hf_cachehooks.activations import ActivationStore, verify_store
+import hf_cachehooks.activations.writer as writer
+from hf_cachehooks._models.extraction import batches, capture, pool
+from hf_cachehooks.activations.store import ActivationStore, verify_store
+from hf_cachehooks.activations.writer import cache_activations
 from hf_cachehooks.errors import ConfigError
-from hf_cachehooks.extraction import batches, capture, pool
 from tests.conftest import make_llama, make_tokenizer
 
 WORDS = "what is the capital of france ? paris two plus four yes no blue red green sky".split()
@@ -297,8 +297,8 @@ def test_a_damaged_store_is_never_served_and_is_re_extracted(llama, tmp_path, mo
 
 def _synthetic_store(folder, rows=4096, hidden=128, chunks=2):
     """A store of `chunks` shards over 1 MiB each (so opening trusts stamps), without a model."""
-    from hf_cachehooks.extraction import Pooled
-    from hf_cachehooks.keys import make_key
+    from hf_cachehooks._core.keys import make_key
+    from hf_cachehooks._models.extraction import Pooled
 
     key = make_key("activations", {"model": {"name": "synthetic"}, "n": rows * chunks})
     data = torch.randn(rows * chunks, hidden)
@@ -306,15 +306,15 @@ def _synthetic_store(folder, rows=4096, hidden=128, chunks=2):
     for c in range(chunks):
         start, end = c * rows, (c + 1) * rows
         pooled = [(Pooled({1: data[start:end]}, torch.arange(rows)), 0)]
-        writer._write_chunk(folder, c, start, end, writer._table(pooled, start, table_rows, ["label"], [1], "float32",
-                                                                 hidden), key, rows)
+        table = writer.arrow_table(pooled, start, table_rows, ["label"], [1], "float32", hidden)
+        writer.write_chunk(folder, c, start, end, table, key, rows)
         spans.append((c, start, end))
-    writer._finish(folder, spans, table_rows, ["label"], "label", key, [1], "last", "float32", hidden, rows)
+    writer.finish_store(folder, spans, table_rows, ["label"], "label", key, [1], "last", "float32", hidden, rows)
     return data
 
 
 def test_a_big_shard_rewritten_in_place_with_its_mtime_restored_is_refused(tmp_path, monkeypatch):
-    import hf_cachehooks.fingerprint as fingerprint
+    import hf_cachehooks._core.fingerprint as fingerprint
 
     folder = tmp_path / "big"
     data = _synthetic_store(folder)
@@ -334,8 +334,8 @@ def test_a_big_shard_rewritten_in_place_with_its_mtime_restored_is_refused(tmp_p
 def test_a_resealed_manifest_naming_a_file_outside_the_store_is_refused(llama, tmp_path, monkeypatch, where):
     import pyarrow as pa
 
-    import hf_cachehooks.fingerprint as fingerprint
-    from hf_cachehooks.store import seal, unseal
+    import hf_cachehooks._core.fingerprint as fingerprint
+    from hf_cachehooks._core.store import seal, unseal
 
     model, tok = llama
     folder = tmp_path / "c"

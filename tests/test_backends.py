@@ -5,9 +5,9 @@ import socket
 
 import pytest
 
-from hf_cachehooks.backends import OpenAIBackend, Sampling, ServerError, TransformersBackend
-from hf_cachehooks.generation import GenerationCache
-from hf_cachehooks.server import make_server, serve_in_thread
+from hf_cachehooks.generation.backends import OpenAIBackend, Sampling, ServerError, TransformersBackend
+from hf_cachehooks.generation.cache import GenerationCache
+from hf_cachehooks.generation.server import make_server, serve_in_thread
 from tests.conftest import make_llama, make_tokenizer
 
 PROMPTS = ["what is two plus two ?", "what color is the sky ?", "is the sky green ?", "what is the capital of france ?",

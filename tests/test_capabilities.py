@@ -1,4 +1,7 @@
-"""Device description, probes and speed-up policy (hf_cachehooks/capabilities.py): GPUs as literals, CPU for real."""
+"""Device description, probes and speed-up policy (hf_cachehooks/training/capabilities.py).
+
+GPUs as literals, CPU for real.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,8 @@ from dataclasses import replace
 
 import pytest
 
-from hf_cachehooks import capabilities
-from hf_cachehooks.capabilities import (
+from hf_cachehooks.training import capabilities
+from hf_cachehooks.training.capabilities import (
     DEVICES,
     Availability,
     Decision,
@@ -19,7 +22,7 @@ from hf_cachehooks.capabilities import (
     detect_device,
     probe_availability,
 )
-from hf_cachehooks.training_config import SpeedupConfig
+from hf_cachehooks.training.config import SpeedupConfig
 
 FULL = Availability(flash_attn=True, flash_attn_reason="flash_attn 2.8.3 (forward+backward ran)")
 CPU_LIKE = Availability(flash_attn=False, flash_attn_reason="flash-attention needs a CUDA GPU (this is CPU)",
@@ -367,7 +370,7 @@ def test_compile_on_sm_120_needs_triton_3_3(monkeypatch):
 def test_decide_is_pure_and_probes_import_torch_lazily():
     import subprocess
 
-    code = ("import sys, hf_cachehooks.capabilities as c; "
+    code = ("import sys, hf_cachehooks.training.capabilities as c; "
             "c.decide(c.SpeedupConfig(), c.DEVICES['rtx5090'], c.Availability(True, 'x')); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout

@@ -8,9 +8,9 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from hf_cachehooks.chat_server import create_app  # noqa: E402
-from hf_cachehooks.token_cache import TokenCache  # noqa: E402
-from hf_cachehooks.token_files import TokenCacheConfig  # noqa: E402
+from hf_cachehooks.conversation.app import create_app  # noqa: E402
+from hf_cachehooks.conversation.cache import TokenCache  # noqa: E402
+from hf_cachehooks.conversation.files import TokenCacheConfig  # noqa: E402
 from tests.conftest import make_llama, make_tokenizer  # noqa: E402
 
 
@@ -85,7 +85,7 @@ def test_the_reply_does_not_wait_for_the_lens_and_a_click_before_it_is_done_gets
 
 
 def test_a_restarted_server_completes_lenses_a_stopped_one_left_pending(tmp_path):
-    from hf_cachehooks.lens import generate_turn
+    from hf_cachehooks.conversation.lens import generate_turn
 
     model, tok = make_llama(layers=2), make_tokenizer()
     cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))

@@ -10,11 +10,11 @@ import time
 
 import pytest
 
+from hf_cachehooks._core.entry import commit
+from hf_cachehooks._core.keys import make_key
+from hf_cachehooks._core.store import tag_folder
 from hf_cachehooks.cli import main
-from hf_cachehooks.entry import commit
-from hf_cachehooks.keys import make_key
-from hf_cachehooks.predictions import PredictionCache
-from hf_cachehooks.store import tag_folder
+from hf_cachehooks.evaluation.predictions import PredictionCache
 
 DAY = 86400.0
 

@@ -1,4 +1,4 @@
-"""The entry contract itself (hf_cachehooks/entry.py): commit, open, checks, removal."""
+"""The entry contract itself (hf_cachehooks/_core/entry.py): commit, open, checks, removal."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import time
 
 import pytest
 
-from hf_cachehooks import entry
+from hf_cachehooks._core import entry
+from hf_cachehooks._core.keys import make_key
+from hf_cachehooks._core.store import seal, unseal
 from hf_cachehooks.errors import CorruptEntryError
-from hf_cachehooks.keys import make_key
-from hf_cachehooks.store import seal, unseal
 
 KEY = make_key("test", {"a": 1})
 BIG = entry.HASH_ALWAYS_BELOW + 4096
@@ -67,7 +67,7 @@ def test_a_copied_entry_is_hashed_once_then_trusted(tmp_path, monkeypatch):
     big = tmp_path / "big.bin"
     big.write_bytes(big.read_bytes())  # same bytes, new stamp (a copy from another machine)
     calls = []
-    from hf_cachehooks import fingerprint
+    from hf_cachehooks._core import fingerprint
 
     real = fingerprint.hash_file
     monkeypatch.setattr(fingerprint, "hash_file", lambda p: calls.append(p.name) or real(p))

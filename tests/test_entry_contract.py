@@ -1,4 +1,4 @@
-"""The one entry contract, over all four caches built through their public API (hf_cachehooks/entry.py).
+"""The one entry contract, over all four caches built through their public API (hf_cachehooks/_core/entry.py).
 
 Each kind is built for real (predictions through `evaluate_model`, generations through `GenerationCache`,
 an activation store through `cache_activations`, a conversation through `TokenCache`), then: `ls` size
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 from hf_cachehooks import cli, management
-from hf_cachehooks.entry import inspect
-from hf_cachehooks.store import seal, unseal
+from hf_cachehooks._core.entry import inspect
+from hf_cachehooks._core.store import seal, unseal
 from tests.conftest import make_llama, make_tokenizer
 
 ROWS = [{"question": q, "answer": a} for q, a in

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import hf_cachehooks.runners as runners
+import hf_cachehooks._models.runners as runners
 from hf_cachehooks import EvalConfig, evaluate_model
 from hf_cachehooks.errors import ConfigError
 from tests.conftest import make_llama, make_tokenizer

@@ -1,11 +1,11 @@
-"""Age expiry and durations (hf_cachehooks/freshness.py): a fake clock, never a sleep."""
+"""Age expiry and durations (hf_cachehooks/_core/freshness.py): a fake clock, never a sleep."""
 
 from __future__ import annotations
 
 import pytest
 
+from hf_cachehooks._core.freshness import describe_age, is_expired, iso, parse_duration
 from hf_cachehooks.errors import ConfigError
-from hf_cachehooks.freshness import describe_age, is_expired, iso, parse_duration
 
 DAY = 86400
 T0 = 1_700_000_000.0  # created_at of the entry under test

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
-import hf_cachehooks.generation as generation
+import hf_cachehooks.generation.cache as generation
 from hf_cachehooks import cli, management
-from hf_cachehooks.backends import TransformersBackend
-from hf_cachehooks.generation import GenerationCache
-from hf_cachehooks.keys import hash_bytes
-from hf_cachehooks.store import cache_root, seal, unseal
+from hf_cachehooks._core.keys import hash_bytes
+from hf_cachehooks._core.store import cache_root, seal, unseal
+from hf_cachehooks.generation.backends import TransformersBackend
+from hf_cachehooks.generation.cache import GenerationCache
 from tests.conftest import make_llama, make_tokenizer
 
 QUESTIONS = [f"what is {a} plus {b} ?" for a in ("two", "four") for b in ("two", "four", "q", "a")]
@@ -379,7 +379,7 @@ def test_two_callers_missing_the_same_entry_generate_once(caplog):
 
 
 def test_an_unwritable_lock_folder_still_generates(cache, monkeypatch):
-    from hf_cachehooks import locking
+    from hf_cachehooks._core import locking
 
     real = locking.os.open
 

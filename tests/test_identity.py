@@ -5,7 +5,7 @@ import time
 import pytest
 import torch
 
-from hf_cachehooks.identity import (
+from hf_cachehooks._models.identity import (
     effective_generation,
     files_state,
     model_identity,
@@ -106,7 +106,7 @@ def test_files_state_sees_a_chat_template_rewritten_with_its_mtime_restored(tmp_
 
 
 def test_file_hash_memo_is_a_sealed_entry_and_a_bad_one_is_rebuilt(tmp_path, caplog):
-    from hf_cachehooks.entry import open_entry
+    from hf_cachehooks._core.entry import open_entry
 
     make_tokenizer().save_pretrained(tmp_path / "m")
     memo = tmp_path / "root" / "identity" / "file_hashes.json"
@@ -122,8 +122,8 @@ def test_file_hash_memo_is_a_sealed_entry_and_a_bad_one_is_rebuilt(tmp_path, cap
 
 
 def test_identity_memo_is_checked_against_its_state(tmp_path, caplog):
-    from hf_cachehooks.entry import open_entry
-    from hf_cachehooks.identity import remember_identity, remembered_identity
+    from hf_cachehooks._core.entry import open_entry
+    from hf_cachehooks._models.identity import remember_identity, remembered_identity
 
     root = tmp_path / "root"
     ident = {"model": {"name": "m"}, "tokenizer": None, "generation_defaults": {}}

@@ -3,8 +3,8 @@ import sys
 
 import pytest
 
+from hf_cachehooks._core.keys import canonical, diff_inputs, flatten, make_key
 from hf_cachehooks.errors import ConfigError
-from hf_cachehooks.keys import canonical, diff_inputs, flatten, make_key
 
 
 def test_same_meaning_same_key():
@@ -23,7 +23,7 @@ def test_any_change_changes_key():
 
 
 def test_key_is_stable_across_processes():
-    code = ("from hf_cachehooks.keys import make_key;"
+    code = ("from hf_cachehooks._core.keys import make_key;"
             "print(make_key('predictions', {'b': {1, 2}, 'a': [1.5, None, 'x']}).digest)")
     outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
@@ -58,7 +58,7 @@ def test_finite_keys_and_fingerprints_keep_their_meaning():
     """Digests pinned from before non-finite floats were spelled apart: FORMAT_VERSION stays valid."""
     import numpy as np
 
-    from hf_cachehooks.fingerprint import fingerprint_data
+    from hf_cachehooks._core.fingerprint import fingerprint_data
 
     assert make_key("predictions", {"a": [1.5, None, "x", 2.0, -0.25], "b": {"c": True}}).digest == \
         "89fcc39d3891da59ac5b76b78cf4281d"
@@ -69,7 +69,7 @@ def test_finite_keys_and_fingerprints_keep_their_meaning():
 def test_fingerprint_data_tells_nan_inf_and_none_apart():
     import numpy as np
 
-    from hf_cachehooks.fingerprint import fingerprint_data
+    from hf_cachehooks._core.fingerprint import fingerprint_data
 
     rows = [[{"q": "x", "score": value}] for value in NONFINITE]
     assert len({fingerprint_data(r) for r in rows}) == 4

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from hf_cachehooks.lens import LensWorker, generate_turn, lens_topk
-from hf_cachehooks.token_cache import TokenCache
-from hf_cachehooks.token_files import TokenCacheConfig
+from hf_cachehooks.conversation.cache import TokenCache
+from hf_cachehooks.conversation.files import TokenCacheConfig
+from hf_cachehooks.conversation.lens import LensWorker, generate_turn, lens_topk
 from tests.conftest import make_llama, make_tokenizer
 
 
@@ -84,7 +84,7 @@ def test_lens_worker_completes_turns_stored_without_a_lens(tmp_path):
 
 
 def test_as_tensor_reads_the_token_caches_bf16_bits_back_exactly():
-    from hf_cachehooks.lens import as_tensor
+    from hf_cachehooks.conversation.lens import as_tensor
 
     states = torch.randn(3, 4).to(torch.bfloat16)
     bits = states.view(torch.uint16).numpy()

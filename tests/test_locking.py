@@ -1,4 +1,4 @@
-"""Single-flight leases across processes (hf_cachehooks/locking.py)."""
+"""Single-flight leases across processes (hf_cachehooks/_core/locking.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hf_cachehooks.locking import lease, single_flight
+from hf_cachehooks._core.locking import lease, single_flight
 
 
 @pytest.fixture
@@ -74,8 +74,8 @@ _WORKER = textwrap.dedent(
     """
     import json, os, sys, time
     from pathlib import Path
-    from hf_cachehooks.locking import single_flight
-    from hf_cachehooks.store import read_entry, write_entry
+    from hf_cachehooks._core.locking import single_flight
+    from hf_cachehooks._core.store import read_entry, write_entry
 
     lock, counter, result, go = map(Path, sys.argv[1:5])
     lookups = []
@@ -316,7 +316,7 @@ def test_single_flight_under_proc_computes(warnings_log):
     b'{"host": "%s", "pid": %s}' % (socket.gethostname().encode(), pid)
     for pid in (b'"x"', b"null", b"true", b"-1", b"0", b"1.5", b"99999999999999999999", b"[1]"))])
 def test_lease_of_the_wrong_shape_is_garbled_stale_by_age(tmp_path, content):
-    from hf_cachehooks.locking import _stale
+    from hf_cachehooks._core.locking import _stale
 
     path = tmp_path / "k.lock"
     path.write_bytes(content)
@@ -368,7 +368,7 @@ class _FullDiskFile:
 
 def test_lease_that_cannot_be_written_is_removed_and_not_held(tmp_path, monkeypatch, warnings_log):
     """ENOSPC: O_EXCL creates the file but its content cannot be written; an empty lease must not stay."""
-    import hf_cachehooks.locking as locking
+    import hf_cachehooks._core.locking as locking
 
     real_fdopen = os.fdopen
     monkeypatch.setattr(locking.os, "fdopen", lambda fd, *a, **k: _FullDiskFile(real_fdopen(fd, *a, **k)))

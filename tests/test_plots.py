@@ -4,8 +4,8 @@ import sys
 import numpy as np
 import pytest
 
+from hf_cachehooks.activations.plots import DPI, plot_auroc_by_layer, plot_score_distributions
 from hf_cachehooks.errors import ConfigError, MissingDependencyError
-from hf_cachehooks.plots import DPI, plot_auroc_by_layer, plot_score_distributions
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 ROWS = [

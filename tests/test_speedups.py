@@ -6,10 +6,10 @@ import logging
 import pytest
 import torch
 
-from hf_cachehooks import speedups
-from hf_cachehooks.callbacks import SpeedupCallback
-from hf_cachehooks.capabilities import DEVICES, Availability
-from hf_cachehooks.training_config import SpeedupConfig
+from hf_cachehooks.training import speedups
+from hf_cachehooks.training.callbacks import SpeedupCallback
+from hf_cachehooks.training.capabilities import DEVICES, Availability
+from hf_cachehooks.training.config import SpeedupConfig
 from tests.conftest import make_llama, make_tokenizer
 
 TEXTS = ["what is the capital of france ? paris", "what is two plus two ? four", "is the sky blue ? yes",

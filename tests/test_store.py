@@ -1,4 +1,4 @@
-"""Sealed entries, atomic writes and cache-root resolution (hf_cachehooks/store.py)."""
+"""Sealed entries, atomic writes and cache-root resolution (hf_cachehooks/_core/store.py)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hf_cachehooks import store
+from hf_cachehooks._core import store
+from hf_cachehooks._core.store import cache_root, read_entry, seal, tag_folder, unseal, write_entry
 from hf_cachehooks.errors import CorruptEntryError
-from hf_cachehooks.store import cache_root, read_entry, seal, tag_folder, unseal, write_entry
 
 DOC = {
     "metadata": {"model_name": "org/tiny", "dataset_size": 3, "created_at": 1_700_000_000.5},
@@ -237,7 +237,7 @@ _WRITER = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from hf_cachehooks.store import write_entry
+    from hf_cachehooks._core.store import write_entry
 
     path, n_items = Path(sys.argv[1]), int(sys.argv[2])
     pad = "x" * 80

@@ -1,4 +1,4 @@
-"""Conversation token cache: two tiers, eviction, TTLs, concurrency, corruption (hf_cachehooks/token_cache.py)."""
+"""Conversation token cache (hf_cachehooks/conversation/cache.py): tiers, eviction, TTLs, concurrency, corruption."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hf_cachehooks import entry, memory_tier, token_cache
+from hf_cachehooks._core import entry
+from hf_cachehooks._core.keys import hash_bytes
+from hf_cachehooks._core.store import read_entry, seal, unseal
+from hf_cachehooks.conversation import cache as token_cache
+from hf_cachehooks.conversation import memory as memory_tier
+from hf_cachehooks.conversation.cache import TokenCache, TokenCacheConfig, validate_conv_id
 from hf_cachehooks.errors import ConfigError, MissingDependencyError
-from hf_cachehooks.keys import hash_bytes
-from hf_cachehooks.store import read_entry, seal, unseal
-from hf_cachehooks.token_cache import TokenCache, TokenCacheConfig, validate_conv_id
 
 L, H, K = 3, 8, 4
 TURN_BYTES = lambda t: t * (L * (H * 2 + K * 6) + 4)  # noqa: E731  bytes one turn of t tokens holds in memory
@@ -217,7 +219,7 @@ def test_memory_tier_stays_under_its_limit_and_evicts_least_recently_used(folder
 
 
 def test_memory_tier_holds_a_bounded_number_of_turns(folder, monkeypatch):
-    monkeypatch.setattr(memory_tier, "_MAX_TURNS", 3)  # mapped turns hold file descriptors
+    monkeypatch.setattr(memory_tier, "MAX_TURNS", 3)  # mapped turns hold file descriptors
     cache = cache_at(folder)
     for n in range(6):
         cache.append_turn("c", *make_turn(n, 1))
@@ -243,8 +245,8 @@ def test_a_context_window_across_turns_reads_each_turn_once(folder, monkeypatch)
     for start in (0, 4, 8):
         cache.append_turn("c", *make_turn(start, 4))
     reads = []
-    real = token_cache._read_turn
-    monkeypatch.setattr(token_cache, "_read_turn", lambda *a: reads.append(a[2:]) or real(*a))
+    real = token_cache.read_turn
+    monkeypatch.setattr(token_cache, "read_turn", lambda *a: reads.append(a[2:]) or real(*a))
     records = cache.tokens("c", 2, 11)
     assert [r.index for r in records] == list(range(2, 11)) and reads == [(0, slice(2, 4)), (1, slice(0, 4)),
                                                                            (2, slice(0, 3))]

@@ -1,4 +1,4 @@
-"""The web page (hf_cachehooks/web/chat.html) in a real headless browser: Debian's chromium driven by Playwright.
+"""The web page (hf_cachehooks/conversation/web/chat.html) in a real headless browser (Debian chromium, Playwright).
 
 Chat through the page, click a token of an earlier turn, compare the drawn lens with the API's; then a refresh, a
 server restart, prefetching of neighbours, server errors in the status line and a 2,000-token conversation.
@@ -23,9 +23,9 @@ import httpx  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 from benchmarks.browser_click import VIEWPORT, click, launch, open_conversation, send, serve  # noqa: E402
-from hf_cachehooks.chat_server import create_app  # noqa: E402
-from hf_cachehooks.token_cache import TokenCache  # noqa: E402
-from hf_cachehooks.token_files import TokenCacheConfig  # noqa: E402
+from hf_cachehooks.conversation.app import create_app  # noqa: E402
+from hf_cachehooks.conversation.cache import TokenCache  # noqa: E402
+from hf_cachehooks.conversation.files import TokenCacheConfig  # noqa: E402
 from tests.conftest import WORDS, make_llama, make_tokenizer  # noqa: E402
 
 K, LAYERS = 3, 2  # the app's top-k and the tiny model's blocks: the lens has LAYERS + 1 rows of K cells

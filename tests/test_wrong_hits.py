@@ -144,8 +144,8 @@ def test_tokenizer_without_pad_token_is_not_mutated_so_the_second_run_hits(qa_ro
 
 
 def test_batches_never_mutate_and_match_the_tokenizers_own_padding():
-    from hf_cachehooks.extraction import batches
-    from hf_cachehooks.runners import encode_batch
+    from hf_cachehooks._models.extraction import batches
+    from hf_cachehooks._models.runners import encode_batch
 
     texts = ["what is the capital of france ?", "yes", "two plus"]
     tok = make_tokenizer()
@@ -164,7 +164,7 @@ def test_batches_never_mutate_and_match_the_tokenizers_own_padding():
 def test_classify_without_any_pad_id_changes_neither_model_nor_tokenizer():
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    from hf_cachehooks.runners import classify
+    from hf_cachehooks._models.runners import classify
 
     torch.manual_seed(0)
     model = LlamaForSequenceClassification(LlamaConfig(

@@ -1,0 +1,342 @@
+"""The one entry contract under every cache: data files first, then a sealed manifest that lists them.
+
+    <folder>/
+    ├── <data files>       each written atomically (temp file + rename), never changed in place
+    └── <manifest>.json    sealed JSON written last: its presence *is* the entry
+
+    {"hf_cachehooks_entry": 1,                     always the first field (management finds entries by it)
+     "kind": "predictions",                        predictions | example-predictions | generations |
+                                                   activations | conversation | identity | file-hashes | last-miss
+     "key": {"kind", "digest", "inputs"},          what the entry was made from (`explain` diffs these)
+     "created_at": 1764547200.0,                   epoch seconds; expiry and `prune` read it
+     "writer": {"host", "pid", "version"},
+     "files": {"data-00000.arrow": {"bytes": 123, "xxh3": "…", "stamp": [inode, mtime_ns, ctime_ns]}},
+     …the cache's own fields…,
+     "checksum": "…"}                              xxh3 of everything before it (see `store.seal`)
+
+File names in `files` are plain names inside the manifest's folder; anything else makes the entry
+corrupt. Opening an entry checks the seal, the shape, the expiry and every file's size; a file's
+content is hashed when asked (`check="hash"`, what `verify` does), when it is small, or when its
+stamp differs from the one recorded at commit. A stamp includes `st_ctime_ns`, which user space
+cannot set, so rewriting a file in place (`cp -p`, `rsync --inplace -t`) or flipping one byte is
+always noticed. A corrupt entry is a warning, a removal and a miss, never data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import stat
+import time
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from ..errors import CorruptEntryError
+from .freshness import describe_age, is_expired
+from .keys import Key, hash_bytes
+from .store import atomic_write, unseal, write_entry
+
+log = logging.getLogger(__name__)
+
+ENTRY_FORMAT = 1
+MARK = b'{\n  "hf_cachehooks_entry": 1,'
+CHECKS = ("manifest", "size", "stamp", "hash")  # "manifest": seal, shape and names; the caller checks files
+HASH_ALWAYS_BELOW = 1 << 20  # files under 1 MiB are hashed on every open: cheaper than trusting a stamp
+OWN_HIDDEN = (".last_access", ".chunks")  # bookkeeping a cache keeps inside an entry's own folder
+_RACY_NS = 10_000_000  # file times tick by 1-10 ms (HZ=100 at worst): a stamp is trusted once its tick has passed
+_verified: dict[str, tuple[list[int], str]] = {}  # path -> (stamp, xxh3) hashed in this process
+
+
+@dataclass(frozen=True)
+class Entry:
+    """An opened entry: its manifest path and parsed manifest (`doc`), whose files all checked out."""
+
+    path: Path
+    doc: dict
+
+    @property
+    def kind(self) -> str:
+        return self.doc["kind"]
+
+    @property
+    def key(self) -> dict:
+        return self.doc["key"]
+
+    @property
+    def created_at(self) -> float:
+        return float(self.doc["created_at"])
+
+    @property
+    def files(self) -> dict[str, dict]:
+        return self.doc["files"]
+
+    @property
+    def folder(self) -> Path:
+        return self.path.parent
+
+
+def check_name(name: object) -> str:
+    """Return `name` when it is a plain file name inside an entry's folder.
+
+    Raises:
+        CorruptEntryError: for paths (`../x`, `a/b`, absolute), hidden names, `.`/`..`, NUL or non-strings.
+    """
+    if (not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name
+            or "\0" in name or len(name) > 255):
+        raise CorruptEntryError(f"file name {name!r} is not a plain name inside the entry's folder")
+    return name
+
+
+def _stamp(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def file_record(path: Path, xxh3: str | None = None) -> dict:
+    """The manifest record of a file already written in place: size, content hash and stamp.
+
+    Pass `xxh3` when the caller hashed the bytes it wrote, to skip reading the file back.
+    """
+    from .fingerprint import hash_file
+
+    st = os.stat(path)
+    return {"bytes": st.st_size, "xxh3": xxh3 or hash_file(path), "stamp": _stamp(st)}
+
+
+def write_file(folder: Path, name: str, data: bytes) -> dict:
+    """Write one data file of an entry atomically and return its manifest record.
+
+    Raises:
+        OSError: the folder is not writable (callers turn this into "not cached").
+    """
+    path = Path(folder) / check_name(name)
+    atomic_write(path, data)
+    return file_record(path, hash_bytes(data))
+
+
+def _settle(folder: Path, files: Mapping[str, dict]) -> dict[str, dict]:
+    """Records whose stamps are safe to trust: wait out the file-time tick of the newest big file.
+
+    A change made in the same tick as our write would keep the stamp; once the tick has passed, any
+    change moves `st_ctime_ns`. Small files are always hashed, so only big ones are waited for.
+    """
+    big = [r for r in files.values() if r.get("stamp") and r["bytes"] >= HASH_ALWAYS_BELOW]
+    newest = max((r["stamp"][2] for r in big), default=0)
+    wait = newest + _RACY_NS - time.time_ns()
+    if wait > 0:
+        time.sleep(wait / 1e9)
+    settled = {}
+    for name, rec in files.items():
+        rec = dict(rec)
+        if rec.get("stamp") and rec["bytes"] >= HASH_ALWAYS_BELOW:
+            try:
+                now = _stamp(os.stat(folder / name))
+            except OSError:
+                now = None
+            if now != rec["stamp"]:  # changed since we wrote it: never trust a stamp, hash on every open
+                rec["stamp"] = None
+        else:
+            rec.pop("stamp", None)
+        settled[name] = rec
+    return settled
+
+
+def manifest_doc(kind: str, key: Key | Mapping[str, Any], files: Mapping[str, dict], fields: Mapping[str, Any],
+                 created_at: float) -> dict:
+    """The manifest as a dict: the reserved fields first, then the cache's own `fields`."""
+    if isinstance(key, Key):
+        key = {"kind": key.kind, "digest": key.digest, "inputs": key.inputs}
+    reserved = {"hf_cachehooks_entry": ENTRY_FORMAT, "kind": kind, "key": dict(key), "created_at": created_at,
+                "writer": {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__},
+                "files": {check_name(n): dict(r) for n, r in files.items()}}
+    return {**reserved, **{k: v for k, v in fields.items() if k not in reserved}}
+
+
+def commit(path: Path, kind: str, key: Key | Mapping[str, Any], files: Mapping[str, dict] | None = None,
+           fields: Mapping[str, Any] | None = None, created_at: float | None = None) -> bool:
+    """Write the manifest at `path` last, after the data files its `files` records describe.
+
+    Returns:
+        False (with a warning) when the folder is not writable: the entry then does not exist.
+    """
+    path = Path(path)
+    records = _settle(path.parent, files or {})
+    return write_entry(path, manifest_doc(kind, key, records, fields or {},
+                                          time.time() if created_at is None else created_at))
+
+
+def is_entry_file(path: Path) -> bool:
+    """True when `path` starts like a manifest of this contract (cheap: reads 32 bytes)."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(len(MARK)) == MARK
+    except OSError:
+        return False
+
+
+def trusted(path: str, st: os.stat_result, rec: dict) -> bool:
+    """True when a big file's stat (taken on the open file, say) matches its record: no need to hash it.
+
+    The fast path of `check_file` for a caller that opens the file anyway (the activation store maps it).
+    """
+    return (stat.S_ISREG(st.st_mode) and st.st_size == rec.get("bytes") and st.st_size >= HASH_ALWAYS_BELOW
+            and (rec.get("stamp") == _stamp(st) or _verified.get(path) == (_stamp(st), rec.get("xxh3"))))
+
+
+def check_file(folder: Path, name: str, rec: Any, check: str = "stamp") -> str | None:
+    """Why the file `name` in `folder` does not match its manifest record `rec`, or None when it does."""
+    from .fingerprint import hash_file
+
+    if not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int) or not isinstance(rec.get("xxh3"), str):
+        return f"{name}: malformed file record {rec!r:.80}"
+    path = folder / name
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return f"{name}: missing"
+    except OSError as exc:
+        return f"{name}: {exc}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{name}: not a regular file (a link or folder is never followed)"
+    if st.st_size != rec["bytes"]:
+        return f"{name}: {st.st_size} bytes, the manifest says {rec['bytes']}"
+    stamp = _stamp(st)
+    if check == "size" or (check == "stamp" and st.st_size >= HASH_ALWAYS_BELOW and (
+            rec.get("stamp") == stamp or _verified.get(str(path)) == (stamp, rec["xxh3"]))):
+        return None
+    try:
+        ok = hash_file(path) == rec["xxh3"]
+    except OSError as exc:
+        return f"{name}: {exc}"
+    if not ok:
+        return f"{name}: content does not match the manifest"
+    if time.time_ns() - stamp[2] > _RACY_NS:  # remember only stamps whose tick has passed
+        _verified[str(path)] = (stamp, rec["xxh3"])
+    return None
+
+
+def inspect(path: Path, check: str = "stamp") -> tuple[Entry | None, str | None]:
+    """(entry, None) when the manifest at `path` and its files check out; (None, problem) otherwise.
+
+    A missing manifest is (None, None). Never deletes anything (management reports with it).
+    """
+    if check not in CHECKS:
+        raise ValueError(f"check={check!r}; use one of {CHECKS}")
+    path = Path(path)
+    try:
+        doc = unseal(path.read_bytes())
+    except FileNotFoundError:
+        return None, None
+    except (OSError, CorruptEntryError) as exc:
+        return None, str(exc)
+    problem = shape_problem(doc)
+    if problem:
+        return None, problem
+    try:
+        names = [check_name(name) for name in doc["files"]]
+    except CorruptEntryError as exc:
+        return None, str(exc)
+    for name in names if check != "manifest" else ():
+        problem = check_file(path.parent, name, doc["files"][name], check)
+        if problem:
+            return None, problem
+    return Entry(path, doc), None
+
+
+def shape_problem(doc: Any) -> str | None:
+    """Why a parsed manifest does not have the contract's reserved fields, or None when it does."""
+    if not isinstance(doc, dict) or doc.get("hf_cachehooks_entry") != ENTRY_FORMAT:
+        return "not an entry of this cache format (written by another version, or not a cache file)"
+    key = doc.get("key")
+    if not isinstance(doc.get("kind"), str) or not isinstance(key, dict) or not isinstance(key.get("digest"), str) \
+            or not isinstance(key.get("inputs"), dict) or not isinstance(doc.get("files"), dict) \
+            or not isinstance(doc.get("created_at"), (int, float)) or isinstance(doc.get("created_at"), bool):
+        return "manifest fields kind/key/files/created_at are missing or of the wrong type"
+    return None
+
+
+def open_entry(path: Path, *, kind: str | None = None, digest: str | None = None, max_age_days: float | None = None,
+               now: float | None = None, check: str = "stamp", remove_corrupt: bool = True) -> Entry | None:
+    """The entry at `path` when it exists, checks out, is of `kind` and `digest`, and is not expired; else None.
+
+    A corrupt entry (seal, shape, a file missing, resized or altered, a name outside the folder) is
+    logged and removed (`remove_corrupt`), so the caller recomputes. Another key or an expired entry
+    is left in place: it is someone else's valid data.
+    """
+    entry, problem = inspect(path, check)
+    if problem:
+        log.warning("Corrupt cache entry %s (%s); %s and recomputing.", path, problem,
+                    "removing it" if remove_corrupt else "ignoring it")
+        if remove_corrupt:
+            remove_entry(path)
+        return None
+    if entry is None:
+        return None
+    if kind is not None and entry.kind != kind:
+        log.warning("Cache file %s holds a %s entry, not %s; ignoring it.", path, entry.kind, kind)
+        return None
+    if digest is not None and entry.key["digest"] != digest:
+        log.info("Cache entry %s belongs to another key; ignoring it.", path)
+        return None
+    now = time.time() if now is None else now
+    if is_expired(entry.created_at, now, max_age_days):
+        log.info("Cache entry %s is %s old (max %s days): expired.", path.name, describe_age(now - entry.created_at),
+                 max_age_days)
+        return None
+    return entry
+
+
+def remove_entry(path: Path, also: Iterable[str] = ()) -> int:
+    """Delete an entry whole: rename its manifest away (readers see no entry at once), then its files.
+
+    Only names the manifest lists (checked as plain names), `also`, and the cache's own bookkeeping
+    (`OWN_HIDDEN`) are deleted; the folder goes only if that left it empty. Returns the bytes freed.
+    An unreadable manifest is removed alone: its files are unknown, so nothing else is touched.
+    """
+    import shutil
+
+    path = Path(path)
+    grave = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(path, grave)
+    except OSError:
+        return 0
+    freed = 0
+    try:
+        raw = grave.read_bytes()
+        freed += len(raw)
+        doc = unseal(raw)
+        names = [check_name(n) for n in doc.get("files", {})] if isinstance(doc.get("files"), dict) else []
+    except (OSError, CorruptEntryError, AttributeError):
+        names = []
+    for name in [*names, *also]:
+        with contextlib.suppress(OSError, CorruptEntryError):
+            target = path.parent / check_name(name)
+            freed += target.stat().st_size
+            target.unlink()
+    for name in OWN_HIDDEN:
+        target = path.parent / name
+        if target.is_dir() and not target.is_symlink():
+            freed += sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+            shutil.rmtree(target, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                target.unlink()
+    grave.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        path.parent.rmdir()  # only when empty
+    return freed
+
+
+def entry_size(entry: Entry) -> int:
+    """Bytes on disk of the manifest and every file it lists (what `ls` and `du` show)."""
+    total = 0
+    for path in [entry.path, *(entry.folder / name for name in entry.files)]:
+        with contextlib.suppress(OSError):
+            total += path.stat().st_size
+    return total

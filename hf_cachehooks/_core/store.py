@@ -1,0 +1,155 @@
+"""Where cache bytes hit the disk: root resolution, sealed JSON, atomic writes and the cache tag.
+
+    $HF_CACHEHOOKS_HOME (default outputs/cache)/
+    ├── predictions/    CACHEDIR.TAG + prediction runs and per-example shards
+    ├── identity/       CACHEDIR.TAG + memo of model identities per state of the model files
+    ├── experiments/    CACHEDIR.TAG + the generation cache
+    ├── activations/    activation stores, each folder with its own CACHEDIR.TAG
+    └── conversations/  CACHEDIR.TAG + the conversation token cache
+
+Every cache writes its entries through the contract in `entry.py`; this module holds the primitives
+under it. Sealed JSON is pretty JSON whose last field is an xxh3 checksum of the bytes before it, so a
+truncated, edited or bit-rotten file is detected. Every write goes to a temp file in the same folder
+(named `.<name>.<random>.hfch-tmp`), is fsynced, then renamed over the target. CACHEDIR.TAG marks a
+folder as this library's cache: the management commands delete nothing anywhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..errors import CorruptEntryError
+from .keys import hash_bytes
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = "outputs/cache"
+TEMP_SUFFIX = ".hfch-tmp"  # a writer's temp file: `prune` removes only these, and only when old
+_SEAL = b'\n  "checksum": "'
+_TAG = b"Signature: 8a477f597d28d172789f06886806bc55\n# Cache folder of hf_cachehooks.\n"
+
+
+def cache_root(explicit: str | os.PathLike | None = None) -> Path:
+    """Resolve the cache root now (not at import): argument, else $HF_CACHEHOOKS_HOME, else outputs/cache."""
+    return Path(explicit or os.environ.get("HF_CACHEHOOKS_HOME") or DEFAULT_ROOT)
+
+
+def seal(doc: dict) -> bytes:
+    """Serialise `doc` as indented JSON with a trailing checksum field."""
+    body = orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
+    head = body[:-2] if doc else b"{"  # drop the closing "\n}" ("{}" has none)
+    return head + (b"," if doc else b"") + _SEAL + hash_bytes(head).encode() + b'"\n}\n'
+
+
+def unseal(raw: bytes) -> dict:
+    """Check the checksum and parse; raise CorruptEntryError on any mismatch."""
+    cut = raw.rfind(_SEAL)
+    if cut < 0:
+        raise CorruptEntryError("no checksum field (truncated or hand-edited)")
+    head = raw[:cut - 1] if raw[cut - 1 : cut] == b"," else raw[:cut]
+    if raw[cut:] != _SEAL + hash_bytes(head).encode() + b'"\n}\n':
+        raise CorruptEntryError("checksum mismatch")  # also catches anything written after the checksum
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise CorruptEntryError(f"invalid JSON: {exc}") from exc
+    doc.pop("checksum", None)
+    return doc
+
+
+@contextlib.contextmanager
+def atomic_target(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success fsync it and rename it over `path`, else remove it.
+
+    Readers see the old file, the new file, or nothing; never half a file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    os.fchmod(fd, 0o644)  # mkstemp makes 0600; a shared team cache must be readable
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (see `atomic_target`)."""
+    with atomic_target(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_entry(path: Path) -> dict | None:
+    """Read a sealed entry; None when absent. A corrupt one is logged, removed and read as None."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        log.warning("Cannot read cache entry %s (%s); treating it as a miss.", path, exc)
+        return None
+    try:
+        return unseal(raw)
+    except CorruptEntryError as exc:
+        log.warning("Corrupt cache entry %s (%s); removing it and recomputing.", path, exc)
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        return None
+
+
+def write_entry(path: Path, doc: dict[str, Any]) -> bool:
+    """Seal and atomically write `doc`. An unwritable cache is a warning, never an error."""
+    try:
+        atomic_write(path, seal(doc))
+        return True
+    except OSError as exc:
+        log.warning("Cannot write cache entry %s (%s); continuing without caching it.", path, exc)
+        return False
+
+
+def is_tagged(folder: Path) -> bool:
+    """True when `folder` holds this library's CACHEDIR.TAG (written by `tag_folder` on first use)."""
+    try:
+        with open(folder / "CACHEDIR.TAG", "rb") as handle:
+            return handle.read(len(_TAG)) == _TAG
+    except OSError:
+        return False
+
+
+def tag_folder(folder: Path) -> None:
+    """Create `folder` with a CACHEDIR.TAG in it; an unwritable place is logged, not raised."""
+    tag = folder / "CACHEDIR.TAG"
+    if tag.exists():
+        return
+    try:
+        atomic_write(tag, _TAG)
+    except OSError as exc:
+        log.warning("Cache folder %s is not writable (%s); results will not be cached.", folder, exc)

@@ -1,0 +1,173 @@
+"""Where the model runs: loading a model by path or name, batched generation and classification.
+
+Everything here imports torch/transformers lazily, so a cache hit never pays for them. Nothing here
+changes the caller's tokenizer or model: batches are padded by `encode_batch` (a tokenizer without a
+pad token, like GPT-2's or Llama's, pads with its eos id), never by setting `tokenizer.pad_token`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+log = logging.getLogger(__name__)
+
+
+class LoadSettings(Protocol):
+    """How to load a model by path or name (`EvalConfig` is one)."""
+
+    @property
+    def task(self) -> str: ...
+    @property
+    def model_dtype(self) -> str: ...
+    @property
+    def gguf_file(self) -> str | None: ...
+    @property
+    def load_kwargs(self) -> Mapping[str, Any]: ...
+
+
+class RunSettings(Protocol):
+    """How to run a batch (`EvalConfig` is one): device, chat template, generation settings."""
+
+    @property
+    def device(self) -> str | None: ...
+    @property
+    def use_chat_template(self) -> bool: ...
+    @property
+    def system_prompt(self) -> str | None: ...
+    def generation_overrides(self) -> dict: ...
+
+
+@dataclass
+class Loaded:
+    model: Any
+    tokenizer: Any
+
+
+def load_model(name_or_path: str, config: LoadSettings) -> Loaded:
+    """Load model and tokenizer the way `config` says (dtype, gguf_file, extra kwargs)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    auto = AutoModelForCausalLM if config.task == "generation" else AutoModelForSequenceClassification
+    options = dict(config.load_kwargs)
+    if config.gguf_file:
+        options["gguf_file"] = config.gguf_file
+    log.info("Loading %s ...", name_or_path)
+    model = auto.from_pretrained(name_or_path, dtype=getattr(torch, config.model_dtype), **options)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path, gguf_file=config.gguf_file) if config.gguf_file \
+        else AutoTokenizer.from_pretrained(name_or_path)
+    return Loaded(model.eval(), tokenizer)
+
+
+def load_options(config: LoadSettings) -> dict:
+    """How a path is turned into a model: part of the files-state memo key, not of the cache key."""
+    return {"task": config.task, "dtype": config.model_dtype, "gguf_file": config.gguf_file,
+            "load_kwargs": dict(config.load_kwargs)}
+
+
+def _device(model: Any, config: RunSettings) -> Any:
+    if config.device is not None:
+        model.to(config.device)
+    return next(model.parameters()).device
+
+
+def chat_texts(prompts: Sequence[str], tokenizer: Any, system_prompt: str | None = None) -> list[str]:
+    """Wrap prompts in the tokenizer's chat template as one user turn (plus the system prompt)."""
+    if not getattr(tokenizer, "chat_template", None):
+        from ..errors import ConfigError
+
+        raise ConfigError("use_chat_template=True but this tokenizer has no chat_template; set it to False.")
+    texts = []
+    for prompt in prompts:
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        messages.append({"role": "user", "content": prompt})
+        texts.append(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+    return texts
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The id to pad with: the pad token's, else the eos token's (what generation itself falls back to)."""
+    for token_id in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if isinstance(token_id, int):
+            return token_id
+        if isinstance(token_id, list) and token_id:
+            return int(token_id[0])
+    return 0  # masked out anyway
+
+
+def encode_batch(tokenizer: Any, texts: Sequence[str], *, side: str | None = None, pad: int | None = None,
+                 add_special_tokens: bool = True, truncation: bool = False,
+                 max_length: int | None = None) -> dict[str, Any]:
+    """Tokenize `texts` and pad them into tensors on `side` (default: the tokenizer's), without changing it.
+
+    Gives what `tokenizer(texts, padding=True, return_tensors="pt")` gives when the tokenizer has a pad
+    token; without one it pads with `pad_id` instead of requiring `tokenizer.pad_token = eos`.
+    """
+    import torch
+
+    enc = tokenizer(list(texts), add_special_tokens=add_special_tokens, truncation=truncation,
+                    max_length=max_length)
+    ids = enc["input_ids"]
+    width = max((len(row) for row in ids), default=0)
+    fill = {"input_ids": pad_id(tokenizer) if pad is None else pad, "attention_mask": 0,
+            "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
+    left = (side or tokenizer.padding_side) == "left"
+    out = {}
+    for name, value in fill.items():
+        if name not in enc and name != "attention_mask":
+            continue
+        rows = enc[name] if name in enc else [[1] * len(row) for row in ids]
+        out[name] = torch.tensor([[value] * (width - len(row)) + list(row) if left
+                                  else list(row) + [value] * (width - len(row)) for row in rows],
+                                 dtype=torch.long).reshape(len(rows), width)
+    return out
+
+
+def generate_texts(model: Any, tokenizer: Any, texts: Sequence[str], options: dict[str, Any],
+                   add_special_tokens: bool = True) -> list[str]:
+    """Completions of already-rendered texts as one left-padded batch, decoded without the prompt.
+
+    Left padding, because right padding would put pad tokens between prompt and completion. Shared
+    by `evaluate_model` and the generation cache's local backend.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    batch = {name: t.to(device) for name, t in
+             encode_batch(tokenizer, texts, side="left", add_special_tokens=add_special_tokens).items()}
+    with torch.no_grad():
+        out = model.generate(**batch, **options, pad_token_id=pad_id(tokenizer))
+    new_tokens = out[:, batch["input_ids"].shape[1] :]  # (batch, new_tokens)
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def generate(model: Any, tokenizer: Any, prompts: Sequence[str], config: RunSettings) -> list[str]:
+    """Greedy or sampled completions for one batch of prompts, stripped."""
+    _device(model, config)
+    texts = chat_texts(prompts, tokenizer, config.system_prompt) if config.use_chat_template else list(prompts)
+    completions = generate_texts(model, tokenizer, texts, config.generation_overrides(),
+                                 add_special_tokens=not config.use_chat_template)
+    return [text.strip() for text in completions]
+
+
+def classify(model: Any, tokenizer: Any, texts: Sequence[str], config: RunSettings) -> list[int]:
+    """Predicted label ids for one batch.
+
+    Padded with the model's own pad id, which its classification head looks for to find the last real
+    token. A model without one cannot tell padding apart, so then each text runs alone, unpadded.
+    """
+    import torch
+
+    device = _device(model, config)
+    model_pad = getattr(model.config, "pad_token_id", None)
+    groups = [list(texts)] if model_pad is not None else [[text] for text in texts]
+    labels: list[int] = []
+    for group in groups:
+        batch = encode_batch(tokenizer, group, pad=model_pad, truncation=True)
+        with torch.no_grad():
+            logits = model(**{name: t.to(device) for name, t in batch.items()}).logits  # (batch, num_labels)
+        labels += logits.argmax(-1).tolist()
+    return labels

@@ -1,0 +1,134 @@
+"""The seed's probe workflow as functions: vectors from a cache, then validation with CSVs and plots.
+
+    RUN_<timestamp>/                        generate_vectors
+    ├── normalized_vectors/layer_{L}.safetensors
+    ├── raw_vectors/layer_{L}.safetensors
+    └── summary.json                        per layer: norm, examples, in-sample AUROC
+    VAL/                                    analyze_probe
+    ├── probe_stats_layer{L}.csv            one row per example: index, type (its label), mean_score, text
+    ├── summary.csv, summary.json           AUROC with a bootstrap interval per layer
+    └── auroc_by_layer.png, scores_layer{L}.png   with --visualize
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from ..errors import ConfigError
+from .probes import bootstrap_auroc, diff_of_means, project, unit
+from .store import ActivationStore
+from .vectors import SteeringVector, load_vectors, save_vectors
+
+log = logging.getLogger(__name__)
+
+
+def label_field(store: ActivationStore) -> str:
+    """The cache's label column: the one it was built with, else `type` or `label`."""
+    fields = store.tables()[0].column_names
+    for name in (store.manifest.get("label_field"), "type", "label"):
+        if name and name in fields:
+            return name
+    names = ", ".join(c for c in fields if not c.startswith("layer_"))
+    raise ConfigError(f"The cache has no label column (columns: {names}). Re-run cache-activations with "
+                      "--label-field.")
+
+
+def split_labels(labels: list, positive: str | None) -> tuple[Any, str, str]:
+    """A bool tensor for `labels == positive`, with the positive and negative label names.
+
+    The default positive label is "deployment" when present (the seed's AUROC snippet scores
+    deployment as the positive class), else the larger of exactly two labels.
+    """
+    import torch
+
+    names = sorted({str(v) for v in labels})
+    if positive is None:
+        positive = "deployment" if "deployment" in names else (names[-1] if len(names) == 2 else None)
+    if positive is None or positive not in names or len(names) != 2:
+        raise ConfigError(f"Need exactly two labels with --positive naming one of them (labels: {', '.join(names)}).")
+    negative = next(n for n in names if n != positive)
+    return torch.tensor([str(v) == positive for v in labels]), positive, negative
+
+
+def generate_vectors(store: ActivationStore, output: str | Path, layers: Sequence[int] | None = None,
+                     positive: str | None = None, stamp: str | None = None) -> Path:
+    """Difference-of-means steering vectors (raw and unit-normalized) per layer, from the cache only.
+
+    Returns:
+        The run folder `{output}_{timestamp}` holding `normalized_vectors/` and `raw_vectors/`.
+    """
+    labels = store.column(label_field(store))
+    mask, pos, neg = split_labels(labels, positive)
+    run = Path(f"{output}_{stamp or time.strftime('%Y%m%d_%H%M%S')}")
+    raw, normalized, summary = {}, {}, []
+    for layer in layers or store.layers:
+        x = store.layer(layer)
+        vector = diff_of_means(x, mask)
+        common: dict[str, Any] = dict(layer=layer, hidden_size=store.hidden_size, model=store.model, positive_label=pos,
+                      negative_label=neg, n_examples=len(labels))
+        raw[layer] = SteeringVector(vector=vector, normalized=False, **common)
+        normalized[layer] = SteeringVector(vector=unit(vector), normalized=True, **common)
+        point, low, high = bootstrap_auroc(project(x, vector), mask, n_resamples=200)
+        summary.append({"layer": layer, "norm": float(vector.norm()), "n": len(labels), "n_positive": int(mask.sum()),
+                        "in_sample_auroc": point, "auroc_low": low, "auroc_high": high})
+    save_vectors(normalized, run / "normalized_vectors")
+    save_vectors(raw, run / "raw_vectors")
+    (run / "summary.json").write_bytes(orjson.dumps({"cache": str(store.folder), "positive": pos, "negative": neg,
+                                                     "layers": summary}, option=orjson.OPT_INDENT_2))
+    log.info("Wrote %d vectors (%s − %s) to %s", len(normalized), pos, neg, run)
+    return run
+
+
+def analyze_probe(store: ActivationStore, vectors_folder: str | Path, output: str | Path,
+                  layers: Sequence[int] | None = None, visualize: bool = False, n_resamples: int = 1000) -> list[dict]:
+    """Score every cached example with each layer's vector; write per-layer CSVs, a summary and plots.
+
+    Raises:
+        ProbeMismatchError: the vectors come from another model, hidden size or layer ("cache/probe mismatch").
+        ConfigError: a requested layer has no vector or is not in the cache.
+    """
+    vectors = load_vectors(vectors_folder)
+    wanted = sorted(layers or vectors)
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    labels = store.column(label_field(store))
+    texts = store.column("text") if "text" in store.tables()[0].column_names else [""] * len(labels)
+    index = store.column("example_index")
+    rows, distributions = [], {}
+    for layer in wanted:
+        if layer not in vectors:
+            raise ConfigError(f"No vector for layer {layer} in {vectors_folder} (vectors: "
+                              f"{', '.join(map(str, sorted(vectors)))}).")
+        vector = vectors[layer]
+        vector.check_compatible(store.model, hidden_size=store.hidden_size, layer=layer)
+        scores = project(store.layer(layer), vector.vector).tolist()
+        with open(output / f"probe_stats_layer{layer}.csv", "w", newline="") as handle:
+            out = csv.writer(handle)
+            out.writerow(["index", "type", "mean_score", "text"])
+            out.writerows(zip(index, labels, scores, texts))
+        mask, _, _ = split_labels(labels, vector.positive_label)
+        point, low, high = bootstrap_auroc(scores, mask, n_resamples=n_resamples)
+        rows.append({"layer": layer, "auroc": point, "auroc_low": low, "auroc_high": high, "n": len(labels),
+                     "n_positive": int(mask.sum()), "positive": vector.positive_label})
+        distributions[layer] = {name: [s for s, lab in zip(scores, labels) if str(lab) == name]
+                                for name in sorted({str(v) for v in labels})}
+    with open(output / "summary.csv", "w", newline="") as handle:
+        table = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        table.writeheader()
+        table.writerows(rows)
+    (output / "summary.json").write_bytes(orjson.dumps(rows, option=orjson.OPT_INDENT_2))
+    if visualize:
+        from .plots import plot_auroc_by_layer, plot_score_distributions
+
+        title = f"Probe AUROC by layer ({store.model.get('name')})"
+        plot_auroc_by_layer(rows, output / "auroc_by_layer.png", title=title)
+        for layer, groups in distributions.items():
+            plot_score_distributions(groups, output / f"scores_layer{layer}.png", title=f"Scores at layer {layer}")
+    return rows

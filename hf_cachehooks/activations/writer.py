@@ -1,0 +1,363 @@
+"""Filling an activation store: chunked, resumable, and shared out across processes.
+
+    DIR/                               (the finished layout is drawn in `activations`)
+    ├── data-00000.arrow …             renamed into place complete
+    └── .chunks/data-00000.json …      sealed sidecar per finished chunk: size, xxh3, stamp, key
+
+Examples are cut into chunks of `shard_size`; chunk c goes to rank c % world_size, so any number of
+processes (torchrun, accelerate launch) fills the same chunks and the shards read back in dataset
+order. A chunk's Arrow file is renamed into place complete and then confirmed by its sidecar; a
+killed run redoes only unconfirmed chunks. Rank 0 writes the side files, then the manifest last
+(`entry.commit`, listing every file), then deletes `.chunks/`. A store in the way (corrupt, expired,
+or with `force` made from other inputs) is removed through its manifest: only files it lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .._core import entry
+from .._core.fingerprint import fingerprint_data, hash_file
+from .._core.freshness import SYSTEM_CLOCK, Clock, describe_age, is_expired, iso
+from .._core.keys import Key, diff_inputs, make_key
+from .._core.store import atomic_target, read_entry, seal, tag_folder, unseal, write_entry
+from .._models.extraction import POSITIONS, batches, capture, check_layers, pool
+from .._models.identity import model_identity, tokenizer_identity
+from ..errors import ConfigError, CorruptEntryError
+from .store import (
+    ARROW_TYPE,
+    CHUNKS,
+    DTYPES,
+    KIND,
+    MANIFEST,
+    ActivationStore,
+    chunk_name,
+    store_problem,
+    write_layer_info,
+)
+
+log = logging.getLogger(__name__)
+
+
+def load_records(data: Any, text_field: str = "text", label_field: str = "label") -> list[dict]:
+    """Rows from a list, a `Dataset` or a JSON/JSONL file; contrastive pairs become two labelled rows.
+
+    A pair is a record with `positive` and `negative` texts: it yields
+    {text_field: positive, label_field: "positive", "pair": i} and the same for the negative.
+    """
+    from .._core.rows import load_rows
+
+    rows = load_rows(data)
+    if rows and "positive" in rows[0] and "negative" in rows[0] and text_field not in rows[0]:
+        rows = [{text_field: r[side], label_field: side, "pair": i} for i, r in enumerate(rows)
+                for side in ("positive", "negative")]
+    if rows and text_field not in rows[0]:
+        raise ConfigError(f"Records have no field {text_field!r} (fields: {', '.join(sorted(rows[0]))}). "
+                          "Set --text-field, or give contrastive pairs with 'positive' and 'negative'.")
+    return rows
+
+
+def _rank_and_world() -> tuple[int, int]:
+    try:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank(), dist.get_world_size()
+    except ImportError:
+        pass
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _barrier(world: int) -> bool:
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        return True
+    return False
+
+
+def _scalar_fields(rows: list[dict], text_field: str) -> list[str]:
+    names = [k for k, v in rows[0].items() if isinstance(v, (str, int, float, bool)) and k != "example_index"]
+    return [k for k in names if all(isinstance(r.get(k), type(rows[0][k])) for r in rows)]
+
+
+def arrow_table(pooled: list, start: int, rows: list[dict], fields: list[str], layers: list[int], dtype: str,
+           hidden: int) -> Any:
+    import pyarrow as pa
+    import torch
+
+    example = torch.cat([p.example + offset for p, offset in pooled]).tolist()  # chunk-relative
+    columns: dict[str, Any] = {"example_index": pa.array([start + e for e in example], pa.int64())}
+    for name in fields:
+        columns[name] = pa.array([rows[start + e][name] for e in example])
+    if pooled[0][0].position is not None:
+        columns["position"] = pa.array(torch.cat([p.position for p, _ in pooled]).tolist(), pa.int32())
+        columns["token_id"] = pa.array(torch.cat([p.token_id for p, _ in pooled]).tolist(), pa.int64())
+    for layer in layers:
+        values = torch.cat([p.layers[layer] for p, _ in pooled]).to(getattr(torch, dtype)).contiguous()
+        flat = (values.view(torch.uint16) if dtype == "bfloat16" else values).reshape(-1).numpy()
+        columns[f"layer_{layer}"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(flat, type=getattr(pa, ARROW_TYPE[dtype])()), hidden)
+    return pa.table(columns, metadata={"hf_cachehooks.dtype": dtype})
+
+
+def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path, layers: Sequence[int], *,
+                      positions: str = "last", dtype: str = "float16", text_field: str = "text",
+                      label_field: str | None = None, use_chat_template: bool = False, system_prompt: str | None = None,
+                      max_length: int | None = None, batch_size: int = 8, shard_size: int = 1024,
+                      force: bool = False, max_age_days: float | None = None, clock: Clock = SYSTEM_CLOCK,
+                      progress: bool = True, wait_timeout: float = 3600.0) -> ActivationStore:
+    """Extract hidden states at `layers` for every record of `data` into `folder`, or open it if done.
+
+    Args:
+        model, tokenizer: any `transformers` causal LM or encoder and its tokenizer.
+        data: records with a text field (and usually a label), or contrastive pairs.
+        folder: the cache folder (the seed's `--output`).
+        layers: layer indices, 0..num_layers (see `architecture`).
+        positions: "last" non-padding token, "first", "mean" over non-padding tokens, or "all" (a row per token).
+        text_field, label_field: record fields; the label field defaults to "type" when present, else "label".
+        dtype: "float16", "bfloat16" (kept bit-exact) or "float32".
+        batch_size, shard_size: how to run; not in the key, so they may change between runs.
+        force: replace a cache in `folder` that was made from other inputs (only the files it lists go).
+        max_age_days: a store older than this is re-extracted (None: never expires); `clock` gives "now".
+
+    Returns:
+        The finished `ActivationStore`.
+
+    Raises:
+        ConfigError: bad layers/positions/dtype/fields, or `folder` holds another cache (names what differs).
+
+    A corrupt store in `folder` (a shard altered, truncated, swapped or missing) is a warning: it is
+    removed and extracted again.
+    """
+    import torch
+
+    folder = Path(folder)
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not supported. Use one of: {', '.join(DTYPES)}.")
+    if positions not in POSITIONS:
+        raise ConfigError(f"positions={positions!r} is not supported. Use one of: {', '.join(POSITIONS)}.")
+    layers = check_layers(model, layers)
+    rows = load_records(data, text_field, label_field or "label")
+    if label_field is None:  # the seed's files call it "type"; most others "label"
+        label_field = "type" if rows and "type" in rows[0] else "label"
+    texts = [str(r[text_field]) for r in rows]
+    if use_chat_template:
+        from .._models.runners import chat_texts
+
+        texts = chat_texts(texts, tokenizer, system_prompt)
+    key = make_key("activations", {
+        "model": model_identity(model), "tokenizer": tokenizer_identity(tokenizer),
+        "data": {"fingerprint": fingerprint_data(rows), "n": len(rows), "text_field": text_field,
+                 "label_field": label_field},
+        "layers": layers, "positions": positions, "dtype": dtype, "max_length": max_length,
+        "template": {"chat_template": use_chat_template, "system_prompt": system_prompt},
+    })
+    rank, world = _rank_and_world()
+    hit = _clear_the_way(folder, key, force, max_age_days, clock(), rank)
+    if hit is not None:
+        log.info("✅ Loaded activations from cache %s (%d examples, layers %s).", folder, len(rows), layers)
+        return ActivationStore._of(hit)
+    _barrier(world)  # rank 0 has removed what was in the way
+    if rank == 0:
+        tag_folder(folder)
+    shard_size = (_sidecar(folder, 0) or {}).get("shard_size", shard_size)
+    chunks = [(c, c * shard_size, min(len(rows), (c + 1) * shard_size))
+              for c in range((len(rows) + shard_size - 1) // shard_size)]
+    mine = [c for c in chunks if c[0] % world == rank and not _chunk_done(folder, c[0], key.digest)]
+    fields = _scalar_fields(rows, text_field)
+    hidden = int(getattr(model.config, "hidden_size", 0) or model.config.n_embd)
+    device = next(model.parameters()).device
+    from tqdm.auto import tqdm
+
+    total = sum(end - start for _, start, end in mine)
+    reused = len(rows) - total if world == 1 else None
+    log.info("🔄 Extracting layers %s (%s, %s) for %d examples%s into %s", layers, positions, dtype, total,
+             f" ({reused} already cached)" if reused else f" on rank {rank}/{world}" if world > 1 else "", folder)
+    with tqdm(total=total, desc=f"Extracting (rank {rank})" if world > 1 else "Extracting", unit="ex",
+              disable=not progress) as bar, torch.no_grad():
+        for chunk, start, end in mine:
+            pooled = []
+            for offset, batch in batches(texts[start:end], tokenizer, batch_size, max_length,
+                                         add_special_tokens=not use_chat_template):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                hidden_states = capture(model, batch, layers)
+                out = pool(hidden_states, batch["attention_mask"], batch["input_ids"], positions)
+                out.layers = {k: v.cpu() for k, v in out.layers.items()}
+                pooled.append((_to_cpu(out), offset))
+                bar.update(batch["input_ids"].shape[0])
+            write_chunk(folder, chunk, start, end, arrow_table(pooled, start, rows, fields, layers, dtype, hidden),
+                         key, shard_size)
+    if not _barrier(world) and world > 1:
+        _wait_for(lambda: _finished(folder) or all(_chunk_done(folder, c, key.digest) for c, _, _ in chunks),
+                  wait_timeout, folder)
+    if rank == 0:
+        finish_store(folder, chunks, rows, fields, label_field, key, layers, positions, dtype, hidden, shard_size)
+    if not _barrier(world) and rank != 0:  # every rank passes the same barriers
+        _wait_for(lambda: _finished(folder), wait_timeout, folder)
+    return ActivationStore(folder)
+
+
+def _to_cpu(pooled: Any) -> Any:
+    pooled.example = pooled.example.cpu()
+    if pooled.position is not None:
+        pooled.position, pooled.token_id = pooled.position.cpu(), pooled.token_id.cpu()
+    return pooled
+
+
+def _clear_the_way(folder: Path, key: Key, force: bool, max_age_days: float | None, now: float,
+                   rank: int) -> entry.Entry | None:
+    """The finished store for `key` in `folder`, or None after rank 0 removed whatever was in the way.
+
+    Raises:
+        ConfigError: `folder` holds a cache made from other inputs and `force` is off.
+    """
+    found, problem = entry.inspect(folder / MANIFEST, "stamp")  # never deletes: we decide below
+    other = found is not None and found.kind != KIND
+    problem = problem or (None if found is None or other else store_problem(found))
+    changes: list[str] | None = None
+    if problem:
+        log.warning("Corrupt activation cache in %s (%s); removing it and extracting again.", folder, problem)
+    elif found is not None and found.key["digest"] == key.digest and not other:
+        if not is_expired(found.created_at, now, max_age_days):
+            return found
+        log.info("Activation cache %s is %s old (max %s days): expired, extracting again.", folder,
+                 describe_age(now - found.created_at), max_age_days)
+    elif found is not None:
+        changes = [f"it holds a {found.kind} entry"] if other else diff_inputs(found.key["inputs"], key.inputs)
+    else:
+        side = _sidecar(folder, 0)  # a killed run: resume it if it had the same inputs
+        if side is None or side["key"]["digest"] == key.digest:
+            return None
+        changes = diff_inputs(side["key"]["inputs"], key.inputs)
+    if changes is not None:
+        if not force:
+            raise ConfigError(f"{folder} holds activations made from other inputs ({'; '.join(changes[:5])}). "
+                              "Use another --output, or --force to replace it.")
+        log.warning("Replacing the activation cache in %s (%s).", folder, "; ".join(changes[:3]))
+    if rank == 0:
+        _remove_store(folder)
+    return None
+
+
+def _remove_store(folder: Path) -> int:
+    """Delete the store in `folder`: the files its manifest lists, a killed run's shards and `.chunks/`; no others."""
+    chunks = folder / CHUNKS
+    names = [] if chunks.is_symlink() or not chunks.is_dir() else \
+        [f"{p.stem}.arrow" for p in chunks.iterdir() if re.fullmatch(r"data-\d{5}\.json", p.name)]
+    freed = entry.remove_entry(folder / MANIFEST, also=names)  # nothing at all when there is no manifest
+    for name in names:
+        with contextlib.suppress(OSError):
+            freed += (folder / name).stat().st_size
+            (folder / name).unlink()
+    if chunks.is_dir() and not chunks.is_symlink():
+        shutil.rmtree(chunks, ignore_errors=True)
+    return freed
+
+
+def _finished(folder: Path) -> bool:
+    return entry.is_entry_file(folder / MANIFEST)
+
+
+def _sidecar(folder: Path, chunk: int) -> dict | None:
+    """The sealed sidecar of a finished chunk, when it is one (a malformed one reads as absent)."""
+    side = read_entry(folder / CHUNKS / f"{chunk_name(chunk)}.json") or {}
+    key = side.get("key")
+    if not isinstance(key, dict) or not isinstance(key.get("digest"), str) or not isinstance(key.get("inputs"), dict) \
+            or not isinstance(side.get("bytes"), int) or not isinstance(side.get("content_hash"), str) \
+            or not isinstance(side.get("rows"), int):
+        return None
+    return side
+
+
+def _chunk_done(folder: Path, chunk: int, digest: str) -> bool:
+    side = _sidecar(folder, chunk)
+    if side is None or side["key"]["digest"] != digest:
+        return False
+    path = folder / f"{chunk_name(chunk)}.arrow"
+    try:
+        st = os.stat(path)
+        if st.st_size != side["bytes"]:
+            return False
+        same = side.get("stamp") == [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
+        return same or hash_file(path) == side["content_hash"]  # touched since: trust only its content
+    except OSError:
+        return False
+
+
+def write_chunk(folder: Path, chunk: int, start: int, end: int, table: Any, key: Any, shard_size: int) -> None:
+    import pyarrow as pa
+
+    path = folder / f"{chunk_name(chunk)}.arrow"
+    with atomic_target(path) as tmp:
+        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    record = entry.file_record(path)
+    write_entry(folder / CHUNKS / f"{chunk_name(chunk)}.json", {
+        "chunk": chunk, "start": start, "end": end, "rows": table.num_rows, "file": path.name,
+        "bytes": record["bytes"], "content_hash": record["xxh3"], "stamp": record["stamp"], "shard_size": shard_size,
+        "key": {"digest": key.digest, "inputs": key.inputs}})
+
+
+def _wait_for(ready: Any, timeout: float, folder: Path) -> None:
+    deadline = time.time() + timeout
+    while not ready():
+        if time.time() > deadline:
+            raise TimeoutError(f"Other processes did not finish their chunks in {folder} within {timeout:.0f}s.")
+        time.sleep(0.5)
+
+
+def finish_store(folder: Path, chunks: list, rows: list[dict], fields: list[str], label_field: str, key: Key,
+            layers: list[int], positions: str, dtype: str, hidden: int, shard_size: int) -> None:
+    import pyarrow as pa
+    from datasets import Features
+
+    names = [f"{chunk_name(c)}.arrow" for c, _, _ in chunks]
+    sides = [_sidecar(folder, c) or {} for c, _, _ in chunks]
+    schema = pa.ipc.open_stream(pa.memory_map(str(folder / names[0]))).schema
+    now = time.time()
+    manifest = {
+        "complete": True, "timestamp": iso(now), "layers": layers,
+        "num_examples": len(rows), "num_rows": sum(s["rows"] for s in sides), "hidden_size": hidden,
+        "dtype": dtype, "positions": positions, "shard_size": shard_size, "label_field": label_field,
+        "features": Features.from_arrow_schema(schema).to_dict(),
+        "chunks": [{"file": name, **{k: s[k] for k in ("rows", "start", "end", "bytes", "content_hash")}}
+                   for name, s in zip(names, sides)],
+    }
+    key_doc = {"kind": KIND, "digest": key.digest, "inputs": key.inputs}
+    files = {name: {"bytes": s["bytes"], "xxh3": s["content_hash"], "stamp": s.get("stamp")}
+             for name, s in zip(names, sides)}
+    examples = [{"index": i, **{f: r[f] for f in fields}} for i, r in enumerate(rows)]
+    try:
+        files["metadata.json"] = entry.write_file(folder, "metadata.json", seal(
+            {"num_examples": len(rows), "label_field": label_field, "examples": examples, "key": key_doc}))
+        files.update(write_layer_info(folder, manifest, key_doc))
+    except OSError as exc:
+        log.warning("Cannot write the activation cache in %s (%s); it stays unfinished.", folder, exc)
+        return
+    if not entry.commit(folder / MANIFEST, KIND, key, files, manifest, created_at=now):  # last: the store exists
+        return
+    shutil.rmtree(folder / CHUNKS, ignore_errors=True)
+    size = sum(s["bytes"] for s in sides)
+    log.info("💾 Cached %d rows × %d layers (%s, %.1f MB) in %s", manifest["num_rows"], len(layers), dtype,
+             size / 1e6, folder)
+
+
+def manifest_text(folder: Path) -> str:
+    """The manifest as pretty JSON (for `info --json`); never deletes anything."""
+    try:
+        doc: Any = unseal((Path(folder) / MANIFEST).read_bytes())
+    except (OSError, CorruptEntryError):
+        doc = None
+    return orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode()

@@ -1,0 +1,166 @@
+"""Logit lens during generation: every token's hidden state at every layer and its top-k next-token guesses.
+
+The hidden states come from the generation's own forward passes (`output_hidden_states`), plus one
+single-token pass for the last generated token, which `generate` never feeds back. The lens maps
+layer L's state through the final norm and the unembedding (`architecture` knows where they are);
+the last layer is already normed by transformers, so it only gets the unembedding.
+
+The lens is (layers x vocabulary) multiply-adds per token: for SmolLM2 31 x 576 x 49,152, about 6.5 times
+the model's own forward pass. So the chat server returns a reply as soon as its hidden states are stored
+and computes the lens right after, from those states (`LensWorker`), never from a second model pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from .._models.architecture import locate, unembedding
+from ..errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Turn:
+    """One turn's new tokens, ready for `TokenCache.append_turn` (numpy arrays)."""
+
+    token_ids: Any  # (T,) int32
+    hidden: Any  # (T, L, H) float16
+    topk_ids: Any  # (T, L, K) int32, or None when generated with k=None
+    topk_probs: Any  # (T, L, K) float16, or None likewise
+    text: str
+    past_key_values: Any = None  # the model's cache over the whole conversation, for the next turn
+
+
+def lens_topk(model: Any, hidden: Any, k: int = 10) -> tuple[Any, Any]:
+    """Top-k next-token ids and probabilities per layer for hidden states (T, L, H) of layers 0..L-1.
+
+    Raises:
+        ConfigError: the model has no unembedding (an encoder) or no known final norm.
+    """
+    import torch
+
+    _, blocks, norm = locate(model)
+    head = unembedding(model)
+    if head is None or norm is None:
+        raise ConfigError(f"{type(model).__name__} has no final norm and unembedding to read a logit lens "
+                          "through; use a causal LM (add its layout to hf_cachehooks/_models/architecture.py).")
+    n = len(blocks)
+    with torch.no_grad():
+        states = hidden.to(head.weight.dtype)  # (T, L, H)
+        normed = torch.cat([norm(states[:, :n]), states[:, n:]], dim=1)  # layer n is normed already
+        probs = torch.softmax(head(normed).float(), dim=-1)  # (T, L, vocab)
+        top = probs.topk(k, dim=-1)
+    return top.indices.to(torch.int32), top.values.to(torch.float16)
+
+
+def generate_turn(model: Any, tokenizer: Any, input_ids: Any, cached_tokens: int, max_new_tokens: int = 32,
+                  k: int | None = 10, past_key_values: Any = None, **generate_kwargs: Any) -> Turn:
+    """Generate a reply to `input_ids` (1, S) and return every token from `cached_tokens` on with its states.
+
+    Args:
+        input_ids: the whole conversation so far, tokenized (1, S).
+        cached_tokens: how many of its tokens the cache already holds (their records are not recomputed).
+        k: top-k of the lens computed here; None leaves the lens to the caller (`lens_topk`, `LensWorker`).
+        past_key_values: the previous turn's `Turn.past_key_values`, holding exactly the first
+            `cached_tokens` tokens; the history is then not run again. It is updated in place.
+    """
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             past_key_values=past_key_values, max_new_tokens=max_new_tokens,
+                             output_hidden_states=True, return_dict_in_generate=True,
+                             pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **generate_kwargs)
+        steps = [torch.stack(step, dim=2)[0] for step in out.hidden_states]  # each (tokens, L, H)
+        sequence, cache = out.sequences[0], out.past_key_values
+        if len(sequence) > input_ids.shape[1]:  # generate never feeds back its last token: one more pass
+            last = model(input_ids=sequence[None, -1:], past_key_values=cache, output_hidden_states=True,
+                         use_cache=True)
+            steps.append(torch.stack(last.hidden_states, dim=2)[0])
+            cache = last.past_key_values
+    hidden = torch.cat(steps)
+    hidden = hidden if past_key_values is not None else hidden[cached_tokens:]  # (T, L, H) for the new tokens
+    new_ids = sequence[cached_tokens:]
+    if hidden.shape[0] != len(new_ids):
+        raise RuntimeError(f"Got hidden states for {hidden.shape[0]} tokens, expected {len(new_ids)}: "
+                           f"past_key_values must hold exactly the first cached_tokens={cached_tokens} tokens.")
+    topk_ids, topk_probs = lens_topk(model, hidden, k) if k is not None else (None, None)
+    reply = tokenizer.decode(sequence[input_ids.shape[1]:], skip_special_tokens=True)
+    return Turn(new_ids.to(torch.int32).numpy(), hidden.to(torch.float16).numpy(),
+                None if topk_ids is None else topk_ids.numpy(), None if topk_probs is None else topk_probs.numpy(),
+                reply, cache)
+
+
+class LensWorker:
+    """A background thread that computes the lens of stored turns from their cached hidden states.
+
+    Args:
+        model: the causal LM whose final norm and unembedding read the states.
+        cache: a `TokenCache`; turns are taken with `turn_arrays` and completed with `add_lens`.
+        k: predictions kept per layer.
+        chunk: tokens per matrix product (bounds the (chunk x layers x vocab) logits in memory).
+    """
+
+    def __init__(self, model: Any, cache: Any, k: int = 10, chunk: int = 32) -> None:
+        self.model, self.cache, self.k, self.chunk = model, cache, k, chunk
+        self._queue: queue.Queue[tuple[str, int]] = queue.Queue()
+        self._pending = 0
+        self._done = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="hf_cachehooks-lens", daemon=True)
+        self._thread.start()
+
+    def submit(self, conv_id: str, start: int) -> None:
+        """Queue the turn of `conv_id` that begins at token `start`."""
+        with self._done:
+            self._pending += 1
+        self._queue.put((conv_id, start))
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every queued turn is done; False on timeout."""
+        with self._done:
+            return self._done.wait_for(lambda: self._pending == 0, timeout)
+
+    def for_token(self, hidden: Any) -> tuple[Any, Any]:
+        """Lens of one token's (layers, hidden) states now, for a click that comes before its turn is done."""
+        ids, probs = lens_topk(self.model, as_tensor(hidden)[None], self.k)
+        return ids[0].numpy(), probs[0].numpy()
+
+    def _run(self) -> None:
+        while True:
+            conv_id, start = self._queue.get()
+            try:
+                self._complete(conv_id, start)
+            except Exception:  # a worker that dies silently would leave every later turn without a lens
+                log.exception("Lens of conversation %s from token %d failed; its tokens get the lens on click.",
+                              conv_id, start)
+            with self._done:
+                self._pending -= 1
+                self._done.notify_all()
+
+    def _complete(self, conv_id: str, start: int) -> None:
+        import torch
+
+        arrays = self.cache.turn_arrays(conv_id, start)
+        if arrays is None or "topk_ids" in arrays:
+            return  # deleted, evicted or done meanwhile
+        hidden = as_tensor(arrays["hidden"])
+        parts = [lens_topk(self.model, hidden[i : i + self.chunk], self.k) for i in range(0, len(hidden), self.chunk)]
+        self.cache.add_lens(conv_id, start, torch.cat([p[0] for p in parts]).numpy(),
+                            torch.cat([p[1] for p in parts]).numpy())
+
+
+def as_tensor(hidden: Any) -> Any:
+    """A cached hidden array as a torch tensor: float16 stays float16, uint16 (the token cache's stored
+    bfloat16 bits) becomes bfloat16."""
+    import numpy as np
+    import torch
+
+    tensor = torch.from_numpy(np.array(hidden))  # a writable copy: cached arrays are read-only views
+    return tensor.view(torch.bfloat16) if tensor.dtype == torch.uint16 else tensor
+
+

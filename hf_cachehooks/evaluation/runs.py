@@ -1,0 +1,264 @@
+"""`evaluate_model`: predict once, reuse everywhere, and say why when it cannot.
+
+Flow: resolve identity (without loading weights when the model is a remembered path) -> run key ->
+whole-run hit? -> else, under a single-flight lease, reuse per-example predictions, predict only the
+rest in batches (each batch saved as it finishes), compute metrics, save the run entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._core.fingerprint import example_hashes, fingerprint_data
+from .._core.freshness import describe_age, iso
+from .._core.keys import Key, make_key
+from .._core.locking import single_flight
+from .._core.rows import load_rows
+from .._core.store import cache_root
+from .._models.identity import (
+    effective_generation,
+    files_state,
+    generation_defaults,
+    model_identity,
+    remember_identity,
+    remembered_identity,
+    tokenizer_identity,
+)
+from .._version import __version__
+from ..errors import ConfigError
+from .config import EvalConfig
+from .metrics import compute_metrics, metric_versions
+from .predictions import PredictionCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """What `evaluate_model` returns.
+
+    `cache_status` is "hit" (served from the run entry), "partial" (some examples reused),
+    "miss" (all predicted), "recomputed" (force_recompute) or "disabled".
+    """
+
+    predictions: list
+    references: list
+    metrics: dict
+    metadata: dict
+    cache_status: str
+    key: str | None = None
+    path: str | None = None
+    miss_reason: str | None = None
+    reused: int = 0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def from_cache(self) -> bool:
+        return self.cache_status == "hit"
+
+
+def render_prompts(rows: list[dict], config: EvalConfig) -> list[str]:
+    """The text fed to the model for each row (before any chat template)."""
+    try:
+        if config.prompt_template is not None:
+            return [config.prompt_template.format(**row) for row in rows]
+        return [str(row[config.input_field]) for row in rows]
+    except KeyError as exc:
+        fields = ", ".join(sorted(rows[0])) if rows else "none"
+        raise ConfigError(f"Rows have no field {exc} (fields: {fields}). Fix input_field or prompt_template.") \
+            from None
+
+
+def _references(rows: list[dict], config: EvalConfig) -> list:
+    try:
+        refs = [row[config.reference_field] for row in rows]
+    except KeyError:
+        fields = ", ".join(sorted(rows[0])) if rows else "none"
+        raise ConfigError(f"Rows have no reference field {config.reference_field!r} (fields: {fields}). "
+                          "Set reference_field.") from None
+    if config.task == "classification" and not all(isinstance(r, int) for r in refs):
+        raise ConfigError("Classification references must be int label ids; map label names with "
+                          "model.config.label2id first.")
+    return refs
+
+
+def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, tokenizer: Any = None) -> EvalResult:
+    """Evaluate `model` on `data`, serving repeated work from the prediction cache.
+
+    Args:
+        model: a model object, or a local path / Hub name (then weights are loaded only on a miss).
+        data: a list of dicts, a `datasets.Dataset`, or a .json/.jsonl file of rows.
+        config: an `EvalConfig`; defaults to generation on the `question`/`answer` fields.
+        tokenizer: the model's tokenizer, when `model` is an object.
+
+    Returns:
+        An `EvalResult` with predictions, references, metrics, metadata and `cache_status`.
+
+    Raises:
+        ConfigError: a field, metric or setting is invalid (the message names it and the fix).
+
+    Example:
+        >>> result = evaluate_model("path/to/model", "qa.json", EvalConfig(max_new_tokens=32))
+        >>> result.metrics, result.from_cache
+    """
+    config = config or EvalConfig()
+    rows = load_rows(data)
+    prompts = render_prompts(rows, config)
+    references = _references(rows, config)
+    versions = metric_versions(config.metrics)
+    root = cache_root(config.cache_dir)
+    folder = Path(config.predictions_cache_dir) if config.predictions_cache_dir else root / "predictions"
+    run = _Run(model, tokenizer, config, root)
+
+    if not config.use_prediction_cache:
+        started = time.time()
+        predictions = run.predict(prompts)
+        metrics = compute_metrics(config.metrics, predictions, references)
+        meta = _metadata(run.name, len(rows), time.time() - started, config, config.clock())
+        return EvalResult(predictions, references, metrics, meta, "disabled")
+
+    identity = run.identity()
+    predictor = make_key("predictor", {
+        "model": identity["model"], "tokenizer": identity["tokenizer"],
+        "generation": effective_generation(identity["generation_defaults"], config.generation_overrides())
+        if config.task == "generation" else None,
+        "prompt": config.prompt_spec(),
+    })
+    key = make_key("predictions", {**predictor.inputs, "data": {"fingerprint": fingerprint_data(
+        data if hasattr(data, "_fingerprint") else rows), "n": len(rows)}})
+    cache = PredictionCache(folder, config.clock, config.cache_max_age_days)
+    name = identity["model"]["name"]
+
+    if config.force_recompute:
+        log.info("🔄 Force recompute enabled: predicting %d examples with %s.", len(rows), name)
+    else:
+        doc = cache.load_run(key, name)
+        if doc is not None:
+            return _hit(doc, cache, key, name, config, versions)
+        reason = cache.explain_miss(key)
+        log.info("🔄 No valid cache found for %s (%d examples, key %s): %s.", name, len(rows), key.short, reason)
+
+    def lookup() -> dict | None:
+        return None if config.force_recompute else cache.load_run(key, name)
+
+    def compute() -> dict:
+        started = time.time()
+        hashes = example_hashes(prompts)
+        known = {} if config.force_recompute else cache.load_examples(predictor)
+        todo = [i for i, h in enumerate(hashes) if h not in known]
+        reused = len(rows) - len(todo)
+        if reused and todo:
+            log.info("♻️  Reusing %d cached predictions; predicting the other %d.", reused, len(todo))
+        elif reused:
+            log.info("♻️  All %d predictions found per example; recomputing metrics only.", reused)
+        fresh = run.predict([prompts[i] for i in todo], on_batch=lambda done: cache.save_examples(
+            predictor, {hashes[todo[j]]: p for j, p in done}, f"b{time.time_ns()}-{os.getpid()}"))
+        known.update({hashes[i]: p for i, p in zip(todo, fresh)})
+        predictions = [known[h] for h in hashes]
+        metrics = compute_metrics(config.metrics, predictions, references)
+        meta = _metadata(name, len(rows), time.time() - started, config, config.clock())
+        meta["reused_examples"] = reused
+        doc: dict[str, Any] = {"metadata": meta, "predictions": predictions, "references": references,
+               "metrics": metrics, "metric_versions": versions}
+        path = cache.save_run(key, name, doc)
+        cache.compact(predictor)
+        doc["_status"] = "recomputed" if config.force_recompute else ("partial" if reused else "miss")
+        doc["_path"] = str(path) if path else None
+        log.info("💾 Saved %d predictions to %s.", len(predictions), path or "(not cached: folder not writable)")
+        return doc
+
+    lock = folder / ".locks" / f"{key.digest}.lock"
+    doc = single_flight(lock, lookup, compute, stale_after=config.lock_stale_after)
+    if "_status" not in doc:  # another process computed it while we waited
+        return _hit(doc, cache, key, name, config, versions)
+    return EvalResult(doc["predictions"], doc["references"], doc["metrics"], doc["metadata"], doc["_status"],
+                      key=key.digest, path=doc["_path"], reused=doc["metadata"]["reused_examples"])
+
+
+def _hit(doc: dict, cache: PredictionCache, key: Key, name: str, config: EvalConfig,
+         versions: dict) -> EvalResult:
+    meta = doc["metadata"]
+    age = describe_age(config.clock() - meta.get("created_at", 0))
+    if doc.get("metric_versions") != versions:
+        log.info("📏 Metrics changed (%s → %s): recomputing from %d cached predictions.",
+                 ",".join(doc.get("metric_versions", {})), ",".join(versions), len(doc["predictions"]))
+        doc["metrics"] = compute_metrics(config.metrics, doc["predictions"], doc["references"])
+        doc["metric_versions"] = versions
+        cache.save_run(key, name, {k: v for k, v in doc.items() if k != "key"})
+    log.info("✅ Loaded predictions from cache: %s (%d examples, %s old, saved ≈%.0fs).",
+             cache.run_path(key, name).name, len(doc["predictions"]), age, meta.get("evaluation_time_seconds", 0))
+    return EvalResult(doc["predictions"], doc["references"], doc["metrics"], meta, "hit",
+                      key=key.digest, path=str(cache.run_path(key, name)))
+
+
+def _metadata(name: str, size: int, seconds: float, config: EvalConfig, now: float) -> dict:
+    return {
+        "model_name": name, "dataset_size": size, "timestamp": iso(now), "created_at": now,
+        "evaluation_time_seconds": round(seconds, 3), "batch_size": config.batch_size,
+        "device": config.device, "hf_cachehooks_version": __version__,
+    }
+
+
+class _Run:
+    """The model side of one evaluation: identity on demand, loading only when predicting."""
+
+    def __init__(self, model: Any, tokenizer: Any, config: EvalConfig, root: Path) -> None:
+        self.source = model
+        self.is_path = isinstance(model, (str, os.PathLike))
+        self.model = None if self.is_path else model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.root = root
+        self.name = str(model) if self.is_path else type(model).__name__
+
+    def _ensure_loaded(self) -> None:
+        if self.model is None:
+            from .._models.runners import load_model
+
+            loaded = load_model(str(self.source), self.config)
+            self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        if self.tokenizer is None:
+            raise ConfigError("This model needs its tokenizer: call evaluate_model(model, data, config, "
+                              "tokenizer=tokenizer).")
+
+    def _identity_of_objects(self) -> dict:
+        self._ensure_loaded()
+        return {"model": model_identity(self.model), "tokenizer": tokenizer_identity(self.tokenizer),
+                "generation_defaults": generation_defaults(self.model)}
+
+    def identity(self) -> dict:
+        if not self.is_path:
+            return self._identity_of_objects()
+        from .._models.runners import load_options
+
+        state = files_state(str(self.source), load_options(self.config), self.root)
+        found = remembered_identity(state, self.root)
+        if found is None:
+            found = self._identity_of_objects()
+            remember_identity(state, found, self.root)
+        return found
+
+    def predict(self, prompts: list[str], on_batch=None) -> list:
+        if not prompts:
+            return []
+        self._ensure_loaded()
+        from tqdm.auto import tqdm
+
+        from .._models.runners import classify, generate
+
+        step = generate if self.config.task == "generation" else classify
+        size = self.config.batch_size
+        out: list = []
+        with tqdm(total=len(prompts), desc=f"Predicting ({self.config.task})", unit="ex") as bar:
+            for start in range(0, len(prompts), size):
+                batch = step(self.model, self.tokenizer, prompts[start : start + size], self.config)
+                if on_batch is not None:
+                    on_batch(list(enumerate(batch, start)))
+                out.extend(batch)
+                bar.update(len(batch))
+        return out

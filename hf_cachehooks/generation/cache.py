@@ -1,0 +1,299 @@
+"""The generation cache: completions keyed by experiment parameters, as in the seed, with partial reuse.
+
+    experiments/
+    ├── .locks/<key digest>.lock                    single-flight lease while one process generates
+    └── {model_short_name}/generations/{prompt_name}/{subject_type}/
+        ├── n200_t1.0_maxtok512_completions.jsonl   {"i", "s", "prompt", "prompt_hash", "completion"} per line
+        ├── n200_t1.0_maxtok512_full_texts.jsonl    {"i", "s", "full_text"} per line (model input + completion)
+        └── n200_t1.0_maxtok512_metadata.json       the entry's manifest (kind "generations", see `entry`):
+              reserved fields (key, created_at, writer, files: the two JSONL files with bytes + xxh3),
+              then the seed's fields: model, model_short_name, prompt_name, subject_type, temperature,
+              max_tokens, top_p, seed, samples_per_prompt, backend, num_samples, num_rows, timestamp,
+              updated_at
+
+The key is the seed's high-level one (model, prompt format, subject, temperature, max_tokens; top_p,
+seed and samples-per-prompt when set), so the same parameters with different questions still hit,
+with a warning (or a regeneration under `strict=True`). The sample count is not in the key: asking
+for fewer serves a prefix; asking for more generates only the missing ones and grows the entry.
+The metadata file is written last and lists the sizes and hashes of the two JSONL files, so an
+interrupted write is never read as an entry, and a changed, swapped or malformed file is a warning and
+a regeneration. Rows are saved after every chunk, so a killed run loses one chunk. Two processes that
+miss the same key generate once: the second waits on the lease and then reads the first one's entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .._core import entry, locking
+from .._core.fingerprint import example_hashes
+from .._core.freshness import SYSTEM_CLOCK, iso
+from .._core.keys import Key, make_key
+from .._core.rows import short_name
+from .._core.store import cache_root, tag_folder
+from ..errors import ConfigError
+from .backends import Backend, Sampling
+
+log = logging.getLogger(__name__)
+_RULE = "=" * 60
+KIND = "generations"
+# the fields each JSONL line holds, and their types
+_LINES = {"_completions.jsonl": {"i": int, "s": int, "prompt": str, "prompt_hash": str, "completion": str},
+          "_full_texts.jsonl": {"i": int, "s": int, "full_text": str}}
+_ROW = {name for fields in _LINES.values() for name in fields}  # a row once both files are read
+_Rows = dict[tuple[int, int], dict]
+
+
+@dataclass(frozen=True)
+class Generations:
+    """What `GenerationCache.generate` returns (one row per prompt, one column per sample).
+
+    `prompts` are the prompts the completions were made from: on a hit with different questions they
+    are the cached ones, as the seed intends. A failed or empty completion is `None` (never cached).
+    """
+
+    prompts: list[str]
+    completions: list[list[str | None]]
+    full_texts: list[list[str | None]]
+    status: str  # "hit" | "partial" | "miss"
+    path: str
+    reused: int
+    generated: int
+    prompts_differ: int
+
+    @property
+    def first_samples(self) -> list[str | None]:
+        """Sample 0 of every prompt: the list the seed's single-sample code expects."""
+        return [row[0] for row in self.completions]
+
+
+class GenerationCache:
+    """Completions for one model, stored under `experiments_dir` as the seed lays them out.
+
+    Args:
+        model: the full model name (recorded in metadata), e.g. "HuggingFaceTB/SmolLM2-135M-Instruct".
+        model_short_name: the folder name; defaults to the last part of `model`.
+        experiments_dir: the seed's `experiments/` folder; default `<cache root>/experiments`.
+        max_age_days: older entries are misses (None: never expire).
+        chunk_size: prompts generated between two saves.
+
+    Example:
+        >>> cache = GenerationCache("HuggingFaceTB/SmolLM2-135M-Instruct")
+        >>> gens = cache.generate(prompts, backend, prompt_name="50-50", subject_type="all",
+        ...                       num_samples=200, temperature=1.0, max_tokens=512)
+    """
+
+    def __init__(self, model: str, model_short_name: str | None = None, experiments_dir: str | Path | None = None,
+                 max_age_days: float | None = None, chunk_size: int = 64,
+                 clock: Callable[[], float] = SYSTEM_CLOCK) -> None:
+        self.model = model
+        self.short = model_short_name or short_name(model)
+        self.base = Path(experiments_dir) if experiments_dir else cache_root() / "experiments"
+        self.max_age_days = max_age_days
+        self.chunk_size = chunk_size
+        self.clock = clock
+
+    def folder(self, prompt_name: str, subject_type: str) -> Path:
+        for label, value in (("prompt_name", prompt_name), ("subject_type", subject_type)):
+            if not value or "/" in value or value.startswith("."):
+                raise ConfigError(f"{label}={value!r} must be a plain folder name such as '50-50' or 'all'.")
+        return self.base / self.short / "generations" / prompt_name / subject_type
+
+    @staticmethod
+    def stem_tail(sampling: Sampling, samples_per_prompt: int) -> str:
+        """The file-name part after n{N}: `_t1.0_maxtok512` plus `_topp0.9`, `_seed42`, `_k4` when set."""
+        tail = f"_t{float(sampling.temperature)}_maxtok{sampling.max_tokens}"
+        if sampling.top_p is not None:
+            tail += f"_topp{float(sampling.top_p)}"
+        if sampling.seed is not None:
+            tail += f"_seed{sampling.seed}"
+        if samples_per_prompt != 1:
+            tail += f"_k{samples_per_prompt}"
+        return tail
+
+    def key_inputs(self, prompt_name: str, subject_type: str, sampling: Sampling, samples_per_prompt: int) -> dict:
+        inputs: dict[str, Any] = {"model": self.short, "prompt_name": prompt_name, "subject_type": subject_type,
+                                  "temperature": sampling.temperature, "max_tokens": sampling.max_tokens}
+        for name, value in (("top_p", sampling.top_p), ("seed", sampling.seed)):
+            if value is not None:
+                inputs[name] = value
+        if samples_per_prompt != 1:
+            inputs["samples_per_prompt"] = samples_per_prompt
+        return inputs
+
+    # Reading ------------------------------------------------------------------------------------
+
+    def _entries(self, folder: Path, tail: str) -> list[tuple[int, Path]]:
+        pattern = re.compile(rf"^n(\d+){re.escape(tail)}_metadata\.json$")
+        found = [(int(m.group(1)), p) for p in folder.glob("n*_metadata.json") if (m := pattern.match(p.name))]
+        return sorted(found, reverse=True)
+
+    def _load(self, meta_path: Path, digest: str) -> tuple[dict, _Rows] | None:
+        """(metadata, rows) of the entry at `meta_path` when it is whole, of this key and fresh; else None."""
+        found = entry.open_entry(meta_path, kind=KIND, digest=digest, max_age_days=self.max_age_days,
+                                 now=self.clock(), check="stamp")
+        if found is None:
+            return None
+        stem = meta_path.name.removesuffix("_metadata.json")
+        if sorted(found.files) != sorted(stem + suffix for suffix in _LINES):
+            log.warning("Cached generations %s list files %s, not this entry's two JSONL files; regenerating.",
+                        meta_path.name, sorted(found.files))
+            return None
+        rows: _Rows = {}
+        try:
+            for suffix, fields in _LINES.items():
+                for line in (found.folder / f"{stem}{suffix}").read_bytes().splitlines():
+                    row = orjson.loads(line)
+                    if not isinstance(row, dict) or row.keys() != fields.keys() or \
+                            any(type(row[name]) is not kind for name, kind in fields.items()):
+                        raise ValueError(f"a line of {stem}{suffix} is not {sorted(fields)}")
+                    rows.setdefault((row["i"], row["s"]), {}).update(row)
+        except (OSError, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
+            log.warning("Cached generations %s are unreadable (%s); regenerating.", meta_path.name, exc)
+            return None
+        if any(row.keys() != _ROW for row in rows.values()):
+            log.warning("Cached generations %s: the two JSONL files hold different rows; regenerating.",
+                        meta_path.name)
+            return None
+        return found.doc, rows
+
+    def _lookup(self, folder: Path, tail: str, digest: str) -> tuple[dict, _Rows, Path | None]:
+        """The largest readable entry of this key in `folder`: (metadata, rows, path), or empty."""
+        for _, meta_path in self._entries(folder, tail):
+            loaded = self._load(meta_path, digest)
+            if loaded:
+                return loaded[0], loaded[1], meta_path
+        return {}, {}, None
+
+    # Writing ------------------------------------------------------------------------------------
+
+    def _save(self, folder: Path, tail: str, key: Key, rows: _Rows, info: dict) -> Path | None:
+        k = info["samples_per_prompt"]
+        complete = sum(1 for i in {i for i, _ in rows} if all((i, s) in rows for s in range(k)))
+        stem = f"n{complete}{tail}"
+        ordered = [rows[ik] for ik in sorted(rows)]
+        data = {stem + suffix: b"".join(orjson.dumps({x: r[x] for x in fields}) + b"\n" for r in ordered)
+                for suffix, fields in _LINES.items()}
+        try:
+            tag_folder(self.base)
+            files = {name: entry.write_file(folder, name, raw) for name, raw in data.items()}
+        except OSError as exc:
+            log.warning("Cannot save generations under %s (%s); continuing without caching them.", folder, exc)
+            return None
+        now = self.clock()
+        fields = {**info, "num_samples": complete, "num_rows": len(ordered), "timestamp": iso(now), "updated_at": now}
+        created = fields.pop("created_at", None) or now  # an entry that grows keeps its creation time
+        meta_path = folder / f"{stem}_metadata.json"
+        if not entry.commit(meta_path, KIND, key, files, fields, created_at=created):
+            return None
+        for _, older in self._entries(folder, tail):  # the grown entry replaces the smaller one
+            if older != meta_path:
+                entry.remove_entry(older)
+        return meta_path
+
+    # The one call users make ------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[str], backend: Backend, *, prompt_name: str, subject_type: str = "all",
+                 num_samples: int | None = None, temperature: float = 1.0, max_tokens: int = 512,
+                 top_p: float | None = None, seed: int | None = None, samples_per_prompt: int = 1,
+                 strict: bool = False, force_recompute: bool = False) -> Generations:
+        """Completions for the first `num_samples` prompts, served from the cache where it can.
+
+        Raises:
+            ConfigError: fewer prompts than `num_samples`, or a bad folder name.
+        """
+        n = len(prompts) if num_samples is None else num_samples
+        if n > len(prompts):
+            raise ConfigError(f"num_samples={n} but only {len(prompts)} prompts were given.")
+        if samples_per_prompt < 1:
+            raise ConfigError(f"samples_per_prompt={samples_per_prompt} must be at least 1.")
+        sampling = Sampling(temperature=temperature, max_tokens=max_tokens, top_p=top_p, seed=seed)
+        folder = self.folder(prompt_name, subject_type)
+        tail = self.stem_tail(sampling, samples_per_prompt)
+        key = make_key("generations", self.key_inputs(prompt_name, subject_type, sampling, samples_per_prompt))
+        shown = folder / f"n{n}{tail}"
+        log.info("\n%s\nChecking for cached generations...\n  Model: %s\n  Prompt: %s\n  Subject: %s\n"
+                 "  Samples: %d\n  Cache path: %s\n%s", _RULE, self.short, prompt_name, subject_type, n, shown, _RULE)
+
+        hashes = example_hashes(prompts[:n])
+        wanted = [(i, s) for i in range(n) for s in range(samples_per_prompt)]
+        meta, rows, loaded_path = ({}, {}, None) if force_recompute else self._lookup(folder, tail, key.digest)
+        with contextlib.ExitStack() as stack:
+            differ = {i for (i, _), row in rows.items() if i < n and row["prompt_hash"] != hashes[i]}
+            if any(ik not in rows for ik in wanted) or (strict and differ):  # a miss: generate once across processes
+                held = stack.enter_context(locking.lease(self.base / ".locks" / f"{key.digest}.lock"))
+                if held and not force_recompute:  # the holder we waited for may have produced it
+                    meta, rows, loaded_path = self._lookup(folder, tail, key.digest)
+                    differ = {i for (i, _), row in rows.items() if i < n and row["prompt_hash"] != hashes[i]}
+            if strict and differ:
+                log.info("  strict=True: %d cached prompts differ from yours; regenerating them.", len(differ))
+                rows = {ik: row for ik, row in rows.items() if ik[0] not in differ}
+                differ = set()
+            missing = [ik for ik in wanted if ik not in rows]
+            reused = len(wanted) - len(missing)
+            if force_recompute:
+                log.info("  Force recompute enabled - will generate and save")
+            elif not missing:
+                log.info("\n✓ Found cached generations!\n  Loaded %d cached generations\n  Cached on: %s\n  Model: %s\n"
+                         "  Subject: %s\n%s", reused, meta.get("timestamp", "?"), meta.get("model", "?"),
+                         meta.get("subject_type", subject_type), _RULE)
+            elif reused:
+                log.info("\n✓ Found %d cached generations (cached on %s); generating the other %d\n%s", reused,
+                         meta.get("timestamp", "?"), len(missing), _RULE)
+            else:
+                log.info("  No cache found - will generate and save\n")
+            if differ:
+                log.warning("%d of the %d cached generations served were made from different prompts (the seed's "
+                            "high-level keying); pass strict=True to regenerate them.", len(differ), n)
+
+            info = {"model": self.model, "model_short_name": self.short, "prompt_name": prompt_name,
+                    "subject_type": subject_type, "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p,
+                    "seed": seed, "samples_per_prompt": samples_per_prompt, "backend": getattr(backend, "name", "?"),
+                    "created_at": meta.get("created_at")}
+            path = self._generate_missing(missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info) \
+                or loaded_path
+        completions = [[rows[(i, s)]["completion"] if (i, s) in rows else None for s in range(samples_per_prompt)]
+                       for i in range(n)]
+        full_texts = [[rows[(i, s)]["full_text"] if (i, s) in rows else None for s in range(samples_per_prompt)]
+                      for i in range(n)]
+        served = [rows[(i, 0)]["prompt"] if (i, 0) in rows else prompts[i] for i in range(n)]
+        status = "hit" if not missing else ("partial" if reused else "miss")
+        return Generations(served, completions, full_texts, status, str(path or shown), reused,
+                           len(missing), len(differ))
+
+    def _generate_missing(self, missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info):
+        path = None
+        failed = 0
+        by_sample: dict[int, list[int]] = {}
+        for i, s in missing:
+            by_sample.setdefault(s, []).append(i)
+        for s, indices in sorted(by_sample.items()):
+            # a distinct, reproducible seed per (sample index, chunk), so k samples never collapse into one
+            for start in range(0, len(indices), self.chunk_size):
+                chunk = indices[start : start + self.chunk_size]
+                this = Sampling(sampling.temperature, sampling.max_tokens, sampling.top_p,
+                                None if sampling.seed is None else sampling.seed + 1_000_003 * s + chunk[0])
+                rendered = backend.render([prompts[i] for i in chunk])
+                texts = backend.complete([prompts[i] for i in chunk], this)
+                for i, text, shown in zip(chunk, texts, rendered):
+                    if not text:  # failed or empty: never cached
+                        failed += 1
+                        continue
+                    rows[(i, s)] = {"i": i, "s": s, "prompt": prompts[i], "prompt_hash": hashes[i],
+                                    "completion": text, "full_text": shown + text}
+                path = self._save(folder, tail, key, rows, info) or path
+        if missing:
+            if failed:
+                log.warning("  %d generations failed or came back empty; they were not cached (re-run to retry).",
+                            failed)
+            log.info("  💾 Saving generations to cache: %s\n  ✓ Cached %d generations", path, len(rows))
+        return path
+

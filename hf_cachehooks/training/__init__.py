@@ -1,0 +1,1 @@
+"""Trainer speed-ups: settings, device capabilities, the plan, and the verifying callback."""
