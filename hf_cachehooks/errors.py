@@ -1,10 +1,15 @@
-"""Exceptions raised by hf_cachehooks.
+"""Exceptions raised by hf_cachehooks, all in one tree (importing this module imports nothing heavy).
 
     HFCacheHooksError
-    ├── ConfigError (ValueError)        a bad setting; the message names the value and the fix
-    ├── CorruptEntryError (ValueError)  a cache file failed its checksum (callers turn it into a miss)
-    └── MissingDependencyError (ImportError)  an optional extra is not installed
+    ├── ConfigError (ValueError)             a bad setting; the message names the value and the fix
+    ├── CorruptEntryError (ValueError)       a cache file failed its checksum (callers turn it into a miss)
+    ├── ProbeMismatchError (ValueError)      a probe or vector used on another model, hidden size or layer
+    ├── MissingDependencyError (ImportError) an optional extra is not installed; the message names it
+    ├── ServerError (ConnectionError)        every completion server failed; the message names each one
+    ├── WaitTimeoutError (TimeoutError)      other processes did not finish their share of the work in time
+    └── KVCacheMismatchError (RuntimeError)  past_key_values do not hold the tokens the caller said they do
 
+Each class also subclasses the built-in it resembles, so `except ValueError:` and friends keep working.
 A cache miss is never an exception.
 """
 
@@ -21,5 +26,21 @@ class CorruptEntryError(HFCacheHooksError, ValueError):
     """A cache entry is truncated, edited or fails its checksum."""
 
 
+class ProbeMismatchError(HFCacheHooksError, ValueError):
+    """A probe or steering vector was trained on a different model, hidden size or layer than its use."""
+
+
 class MissingDependencyError(HFCacheHooksError, ImportError):
-    """An optional dependency is missing."""
+    """An optional dependency is missing: `pip install 'hf_cachehooks[<extra>]'` fixes it."""
+
+
+class ServerError(HFCacheHooksError, ConnectionError):
+    """Every completion server failed; the message names each one and its last error."""
+
+
+class WaitTimeoutError(HFCacheHooksError, TimeoutError):
+    """Other processes sharing the work did not finish their part within the timeout."""
+
+
+class KVCacheMismatchError(HFCacheHooksError, RuntimeError):
+    """The `past_key_values` passed in do not hold exactly the tokens the caller said are cached."""

@@ -113,9 +113,9 @@ def test_dtype_round_trip_is_bit_exact(llama, tmp_path, dtype):
 def test_store_layout_fields_and_datasets_compatibility(llama, tmp_path):
     model, tok = llama
     store = cache_activations(model, tok, records(), tmp_path / "c", [1, 2], progress=False, shard_size=8)
-    info = json.load(open(tmp_path / "c" / "layer_info.json"))  # the seed's integrity snippet
+    info = json.loads((tmp_path / "c" / "layer_info.json").read_text())  # the integrity check users run
     assert info["layers"] == [1, 2] and info["num_examples"] == 21
-    meta = json.load(open(tmp_path / "c" / "metadata.json"))
+    meta = json.loads((tmp_path / "c" / "metadata.json").read_text())
     assert meta["examples"][4] == {"index": 4, "text": records()[4]["text"], "type": "testing", "id": 4}
     assert store.column("type") == [r["type"] for r in records()]
     ds = store.to_dataset()

@@ -1,8 +1,17 @@
+import ast
 import inspect
+import re
 import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 import hf_cachehooks
+from hf_cachehooks import errors
+from hf_cachehooks._core.extras import EXTRAS, missing_dependency, requires_extras
+
+CFG = hf_cachehooks.EvalConfig(max_new_tokens=4, batch_size=2, metrics=("exact_match",))
 
 
 def test_all_is_sorted_and_complete():
@@ -24,3 +33,139 @@ def test_errors_subclass_the_builtins_they_resemble():
     assert issubclass(hf_cachehooks.ConfigError, ValueError)
     assert issubclass(hf_cachehooks.MissingDependencyError, ImportError)
     assert issubclass(hf_cachehooks.CorruptEntryError, hf_cachehooks.HFCacheHooksError)
+
+
+def test_every_exception_lives_in_the_tree_the_errors_docstring_draws():
+    classes = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, BaseException)]
+    assert len(classes) >= 7
+    for cls in classes:
+        assert issubclass(cls, hf_cachehooks.HFCacheHooksError), cls
+        assert getattr(hf_cachehooks, cls.__name__) is cls, f"{cls.__name__} is not exported from the root"
+        assert re.search(rf"\b{cls.__name__}\b", errors.__doc__), f"{cls.__name__} is missing from the drawn tree"
+        if cls is not hf_cachehooks.HFCacheHooksError:  # each also subclasses the built-in it resembles
+            assert [b for b in cls.__mro__ if b.__module__ == "builtins" and b not in (Exception, BaseException,
+                                                                                      object)], cls
+
+
+def test_no_module_defines_an_exception_outside_the_tree():
+    """A public exception class anywhere else must derive from one in errors.py (ServerError once did not)."""
+    ours = {name for name, c in vars(errors).items() if isinstance(c, type)}
+    pkg = Path(hf_cachehooks.__file__).parent
+    outside = []
+    for path in pkg.rglob("*.py"):
+        if path.name == "errors.py":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+                bases = {b.id if isinstance(b, ast.Name) else getattr(b, "attr", "") for b in node.bases}
+                if any(b.endswith(("Error", "Exception")) for b in bases) and not bases & ours:
+                    outside.append(f"{path.relative_to(pkg)}:{node.name}")
+    assert not outside
+
+
+def test_moved_exceptions_still_import_from_their_old_modules():
+    from hf_cachehooks.activations.vectors import ProbeMismatchError
+    from hf_cachehooks.generation.backends import ServerError
+
+    assert ProbeMismatchError is hf_cachehooks.ProbeMismatchError is errors.ProbeMismatchError
+    assert ServerError is hf_cachehooks.ServerError is errors.ServerError
+    assert issubclass(ServerError, ConnectionError) and issubclass(ProbeMismatchError, ValueError)
+
+
+def test_catching_an_error_never_imports_torch():
+    code = ("import sys, hf_cachehooks\n"
+            "try:\n    raise hf_cachehooks.ProbeMismatchError('x')\n"
+            "except (hf_cachehooks.ProbeMismatchError, hf_cachehooks.ServerError, hf_cachehooks.WaitTimeoutError,"
+            " hf_cachehooks.KVCacheMismatchError):\n    pass\n"
+            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_the_readme_names_import_from_the_root():
+    from hf_cachehooks.generation.backends import Sampling
+    from hf_cachehooks.generation.cache import Generations
+
+    assert hf_cachehooks.Sampling is Sampling and hf_cachehooks.Generations is Generations
+    assert {"Sampling", "Generations", "ServerError", "EvalResult"} <= set(hf_cachehooks.__all__)
+
+
+def test_every_lazy_name_is_visible_to_type_checkers():
+    """Each lazy name (and namespace) is imported under `if TYPE_CHECKING:`, so it is not `Any` to mypy."""
+    tree = ast.parse(Path(hf_cachehooks.__file__).read_text())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.unparse(n.test))
+    seen = {a.asname or a.name for n in block.body if isinstance(n, ast.ImportFrom) for a in n.names}
+    assert seen == set(hf_cachehooks._LAZY) | set(hf_cachehooks._LAZY_MODULES)
+
+
+# A missing extra is the project's own error, naming the install command ------------------------------------
+
+
+def test_each_extras_entry_names_an_extra_that_installs_it():
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    distributions = {"yaml": "pyyaml"}
+    transitive = {"yaml"}  # pyyaml arrives with transformers (the models extra); no extra lists it
+    for module, extra in EXTRAS.items():
+        names = {re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0].lower() for req in extras[extra]}
+        assert module in transitive or distributions.get(module, module) in names, (module, extra)
+
+
+def test_missing_dependency_names_the_module_and_the_extra():
+    error = missing_dependency(ModuleNotFoundError("No module named 'lz4'", name="lz4.frame"), "The lz4 codec")
+    assert isinstance(error, hf_cachehooks.MissingDependencyError) and isinstance(error, ImportError)
+    assert str(error) == "The lz4 codec needs lz4: pip install 'hf_cachehooks[compression]'"
+    assert missing_dependency(ModuleNotFoundError("No module named 'x'", name="not_ours"), "X") is None
+    assert missing_dependency(ImportError("cannot import name 'y'"), "X") is None  # not a missing module
+
+
+def test_requires_extras_converts_only_the_modules_an_extra_provides(monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now raises ModuleNotFoundError
+    with pytest.raises(hf_cachehooks.MissingDependencyError, match=r"^Reading needs pyarrow: pip install "
+                       r"'hf_cachehooks\[activations\]'$") as info:
+        with requires_extras("Reading"):
+            import pyarrow  # noqa: F401
+    assert isinstance(info.value.__cause__, ModuleNotFoundError)
+    monkeypatch.setitem(sys.modules, "not_an_extra", None)
+    with pytest.raises(ModuleNotFoundError) as other, requires_extras("Reading"):
+        import not_an_extra  # noqa: F401
+    assert not isinstance(other.value, hf_cachehooks.MissingDependencyError)
+
+
+def test_a_lazy_name_without_its_extra_says_which_extra_to_install():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import hf_cachehooks\n"
+            "try:\n    hf_cachehooks.SteeringVector\n"
+            "except hf_cachehooks.MissingDependencyError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "hf_cachehooks.SteeringVector needs torch: pip install 'hf_cachehooks[models]'"
+
+
+def test_evaluating_a_model_path_without_the_models_extra_names_it(tmp_path, monkeypatch, qa_rows):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(hf_cachehooks.MissingDependencyError, match=r"needs transformers: pip install "
+                       r"'hf_cachehooks\[models\]'"):
+        hf_cachehooks.evaluate_model(str(folder), qa_rows, CFG)
+
+
+# EvalResult ---------------------------------------------------------------------------------------------------
+
+
+def test_miss_reason_says_why_the_run_entry_was_not_served(tiny, qa_rows):
+    model, tok = tiny
+    first = hf_cachehooks.evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+    assert (first.cache_status, first.miss_reason) == ("miss", "no earlier entry in this cache")
+    hit = hf_cachehooks.evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+    assert (hit.cache_status, hit.miss_reason) == ("hit", None)
+    changed = hf_cachehooks.evaluate_model(model, qa_rows, CFG.with_(max_new_tokens=5), tokenizer=tok)
+    assert changed.cache_status == "miss" and changed.miss_reason is not None
+    assert "differs in" in changed.miss_reason and "generation.max_new_tokens 4→5" in changed.miss_reason
+    forced = hf_cachehooks.evaluate_model(model, qa_rows, CFG.with_(force_recompute=True), tokenizer=tok)
+    assert (forced.cache_status, forced.miss_reason) == ("recomputed", "force_recompute is set")
+    off = hf_cachehooks.evaluate_model(model, qa_rows, CFG.with_(use_prediction_cache=False), tokenizer=tok)
+    assert (off.cache_status, off.miss_reason) == ("disabled", None)
+    assert not hasattr(first, "extra")

@@ -5,7 +5,8 @@ import socket
 
 import pytest
 
-from hf_cachehooks.generation.backends import OpenAIBackend, Sampling, ServerError, TransformersBackend
+from hf_cachehooks.errors import ServerError
+from hf_cachehooks.generation.backends import OpenAIBackend, Sampling, TransformersBackend
 from hf_cachehooks.generation.cache import GenerationCache
 from hf_cachehooks.generation.server import make_server, serve_in_thread
 from tests.conftest import make_llama, make_tokenizer
@@ -87,5 +88,6 @@ def test_server_rejects_bad_requests(servers):
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=10)
     assert err.value.code == 400
+    err.value.close()  # the error holds the response's socket
     with urllib.request.urlopen(_url(servers[0]) + "/v1/models", timeout=10) as response:
         assert json.loads(response.read())["data"][0]["id"] == "tiny"

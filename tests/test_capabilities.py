@@ -12,17 +12,9 @@ from dataclasses import replace
 import pytest
 
 from hf_cachehooks.training import capabilities
-from hf_cachehooks.training.capabilities import (
-    DEVICES,
-    Availability,
-    Decision,
-    Device,
-    decide,
-    decisions_table,
-    detect_device,
-    probe_availability,
-)
+from hf_cachehooks.training.capabilities import Availability, Decision, decide, decisions_table, probe_availability
 from hf_cachehooks.training.config import SpeedupConfig
+from hf_cachehooks.training.devices import DEVICES, Device, detect_device
 
 FULL = Availability(flash_attn=True, flash_attn_reason="flash_attn 2.8.3 (forward+backward ran)")
 CPU_LIKE = Availability(flash_attn=False, flash_attn_reason="flash-attention needs a CUDA GPU (this is CPU)",
@@ -370,8 +362,8 @@ def test_compile_on_sm_120_needs_triton_3_3(monkeypatch):
 def test_decide_is_pure_and_probes_import_torch_lazily():
     import subprocess
 
-    code = ("import sys, hf_cachehooks.training.capabilities as c; "
-            "c.decide(c.SpeedupConfig(), c.DEVICES['rtx5090'], c.Availability(True, 'x')); "
+    code = ("import sys, hf_cachehooks.training.capabilities as c, hf_cachehooks.training.devices as d; "
+            "c.decide(c.SpeedupConfig(), d.DEVICES['rtx5090'], c.Availability(True, 'x')); "
             "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -317,3 +317,203 @@ def test_python_dash_m(root, populated, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "predictions" in result.stdout
     assert f"total ({root})" in result.stdout
+
+
+# global options, durations, names, help -----------------------------------------------------------------
+
+
+def test_cache_dir_after_the_command_and_it_wins_over_one_before(capsys, tmp_path, populated):
+    other = tmp_path / "elsewhere"
+    code, out, _ = run(capsys, "ls", "--cache-dir", str(other))
+    assert code == 0 and out.rstrip().endswith(f"0 entries under {other}")
+    code, out, _ = run(capsys, "--cache-dir", str(tmp_path / "first"), "du", "--cache-dir", str(other))
+    assert code == 0 and f"total ({other})" in out
+    code, out, _ = run(capsys, "--cache-dir", str(other), "ls")  # before still works, not reset by the command
+    assert out.rstrip().endswith(f"0 entries under {other}")
+
+
+def test_prune_needs_a_unit(capsys, populated):
+    code, out, err = run(capsys, "prune", "--older-than", "7")
+    assert code == 2
+    assert err.startswith("error: ") and "'7' has no unit" in err and "7d" in err
+    assert err.count("\n") == 1  # one line
+    assert populated["old"].exists() and populated["new"].exists()
+
+
+def test_dtype_means_storage_and_model_dtype_means_load():
+    from hf_cachehooks.cli import build_parser
+
+    parser = build_parser()
+    args = parser.parse_args(["cache-activations", "--model", "m", "--data", "d", "--layers", "1", "--output", "o",
+                              "--dtype", "bfloat16", "--model-dtype", "float16"])
+    assert (args.dtype, args.model_dtype) == ("bfloat16", "float16")
+    for command in ("serve", "chat-server"):
+        assert parser.parse_args([command, "--model", "m", "--model-dtype", "bfloat16"]).model_dtype == "bfloat16"
+        assert parser.parse_args([command, "--model", "m"]).model_dtype == "float32"
+
+
+def test_serve_dtype_is_a_hidden_deprecated_alias(capsys):
+    from hf_cachehooks.cli import build_parser
+
+    parser = build_parser()
+    assert parser.parse_args(["serve", "--model", "m", "--dtype", "bfloat16"]).model_dtype == "bfloat16"
+    assert "use --model-dtype" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--help"])
+    shown = capsys.readouterr().out
+    assert "--model-dtype" in shown and "--dtype" not in shown.replace("--model-dtype", "")
+
+
+def _subparsers():
+    import argparse
+
+    from hf_cachehooks.cli import build_parser
+
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return [("", parser), *action.choices.items()]
+
+
+def test_every_option_has_help_and_shows_its_default():
+    import argparse
+
+    for name, parser in _subparsers():
+        shown = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help":
+                continue
+            assert action.help, f"{name} {action.option_strings[0]} has no help text"
+            if action.default not in (None, False, argparse.SUPPRESS):
+                assert f"(default: {action.default})" in shown, f"{name} {action.option_strings[0]}"
+
+
+# errors: one line with the fix, never a traceback -----------------------------------------------------
+
+
+def test_verify_a_folder_that_does_not_exist(capsys, tmp_path):
+    code, out, err = run(capsys, "verify", str(tmp_path / "nope"))
+    assert code == 2 and "CORRUPT" not in out + err
+    assert err == f"error: {tmp_path / 'nope'} does not exist. Give an activation cache folder " \
+                  "(cache-activations --output DIR).\n"
+    code, out, err = run(capsys, "--cache-dir", str(tmp_path / "nothing"), "verify")
+    assert code == 2 and "does not exist" in err and "CORRUPT" not in out
+
+
+def test_a_missing_extra_names_the_pip_command(capsys, monkeypatch, root):
+    from hf_cachehooks import cli
+
+    def needs_pyarrow(args):
+        raise ModuleNotFoundError("No module named 'pyarrow'", name="pyarrow")
+
+    monkeypatch.setattr(cli, "cmd_du", needs_pyarrow)
+    code, _, err = run(capsys, "du")
+    assert code == 2 and err == "error: hf-cachehooks du needs pyarrow: pip install 'hf_cachehooks[activations]'\n"
+
+    def our_bug(args):
+        raise ModuleNotFoundError("No module named 'hf_cachehooks.nothing'", name="hf_cachehooks.nothing")
+
+    monkeypatch.setattr(cli, "cmd_du", our_bug)
+    with pytest.raises(ModuleNotFoundError):  # not an extra: a bug keeps its traceback
+        main(["du"])
+
+
+def test_a_missing_user_file_is_one_line(capsys, monkeypatch, root, tmp_path):
+    from hf_cachehooks import cli
+
+    def reads(args):
+        (tmp_path / "gone.json").read_text()
+
+    monkeypatch.setattr(cli, "cmd_du", reads)
+    code, _, err = run(capsys, "du")
+    assert code == 2 and err == f"error: {tmp_path / 'gone.json'}: No such file or directory. Check the path.\n"
+
+
+# cache-activations and friends check their inputs before any model loads -------------------------------
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Any weight load fails the test; the model folder has a config (3 blocks) but no weights at all."""
+    from hf_cachehooks._models import loading
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(loading, "load_model", refuse)
+    monkeypatch.setattr(loading, "load_weights", refuse)
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 16,
+        "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2}))
+    return str(folder)
+
+
+def _data(tmp_path, rows=None, text=None) -> str:
+    path = tmp_path / "data.json"
+    path.write_text(text if text is not None else json.dumps(rows))
+    return str(path)
+
+
+GOOD = [{"text": "a b", "type": "testing"}, {"text": "c d", "type": "deployment"}]
+
+
+@pytest.mark.parametrize("case, extra, message", [
+    ("missing file", None, "no such file"),
+    ("bad json", "[{not json", "is not valid JSON/JSONL"),
+    ("no records", "[]", "holds no records"),
+    ("text field", [{"text": "a"}, {"body": "b"}], "record 1 (and 0 more) has no 'text' field"),
+    ("layers not integers", GOOD, "--layers '1,x' must be comma-separated integers"),
+    ("negative layer", GOOD, "layers count from 0"),
+    ("layer past the model", GOOD, "--layers 9 not in 0..3"),
+    ("label field", GOOD, "not every record has a 'label' field"),
+])
+def test_cache_activations_checks_inputs_before_loading(capsys, tmp_path, no_weights, model_dir, case, extra,
+                                                        message):
+    data = str(tmp_path / "absent.json") if case == "missing file" else \
+        _data(tmp_path, text=extra) if isinstance(extra, str) else _data(tmp_path, rows=extra)
+    layers = {"layers not integers": "1,x", "negative layer": "-1,2", "layer past the model": "1,9"}.get(case, "1,2")
+    argv = ["cache-activations", "--model", model_dir, "--data", data, f"--layers={layers}", "--output", "out"]
+    if case == "label field":
+        argv += ["--label-field", "label"]
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and message in err, err
+    assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_a_model_path_that_is_not_a_folder_is_named(capsys, tmp_path, no_weights):
+    data = _data(tmp_path, GOOD)
+    for command in (["serve"], ["cache-activations", "--data", data, "--layers", "1", "--output", "o"]):
+        code, _, err = run(capsys, *command, "--model", str(tmp_path / "nope"))
+        assert code == 2 and err == f"error: --model {tmp_path / 'nope'}: no such folder. Give a model folder " \
+            "(with --gguf-file FILE for a GGUF model) or a Hub name such as HuggingFaceTB/SmolLM2-135M-Instruct.\n"
+
+
+def test_sizes_must_be_positive(capsys, model_dir, tmp_path, no_weights):
+    with pytest.raises(SystemExit) as info:
+        main(["cache-activations", "--model", model_dir, "--data", _data(tmp_path, GOOD), "--layers", "1",
+              "--output", "o", "--batch-size", "0"])
+    assert info.value.code == 2 and "'0' is not a positive integer" in capsys.readouterr().err
+
+
+def test_generate_vectors_from_a_model_checks_labels_before_loading(capsys, tmp_path, model_dir, no_weights):
+    data = _data(tmp_path, rows=[{"text": "a"}, {"text": "b"}])
+    code, _, err = run(capsys, "generate-vectors", "--model", model_dir, "--data", data, "--layers", "1",
+                       "--output", "run")
+    assert code == 2 and "not every record has a 'type' or 'label' field" in err
+
+
+# examples/main.py ----------------------------------------------------------------------------------------
+
+
+def test_main_example_clear_cache_help_says_it_clears_every_entry():
+    from pathlib import Path
+
+    main_py = Path(__file__).parents[1] / "examples" / "main.py"
+    result = subprocess.run([sys.executable, str(main_py), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0
+    assert "delete every cache entry under the cache root" in " ".join(result.stdout.split())

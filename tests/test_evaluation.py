@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import hf_cachehooks._models.loading as loading
 import hf_cachehooks._models.runners as runners
 from hf_cachehooks import EvalConfig, evaluate_model
 from hf_cachehooks.errors import ConfigError
@@ -265,7 +266,7 @@ def test_path_model_hit_does_not_load_weights(tmp_path, qa_rows, monkeypatch, ca
     def no_load(*args, **kwargs):
         raise AssertionError("weights loaded on a hit")
 
-    monkeypatch.setattr(runners, "load_model", no_load)
+    monkeypatch.setattr(loading, "load_model", no_load)
     second = evaluate_model(str(tmp_path / "tiny"), qa_rows, CFG)
     assert second.from_cache and second.predictions == first.predictions
     # the same weights passed as an object share the entry

@@ -31,6 +31,7 @@ def test_main_baseline_twice_on_smollm2(tmp_path):
     second, seconds = _run("--experiment", "baseline", "--limit", "8", cwd=tmp_path)
     assert "Loaded predictions from cache" in second and "cache=hit" in second
     assert "Loading" not in second  # weights never loaded on the hit
+    assert "served from cache (the original run took" in second and "model evaluation took" not in second
     assert seconds < 10
     forced, _ = _run("--experiment", "baseline", "--limit", "8", "--force-recompute", cwd=tmp_path)
     assert "Force recompute enabled" in forced and "cache=recomputed" in forced

@@ -1,5 +1,7 @@
 """Logit lens during generation equals a recompute over the full sequence; turns feed the token cache."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -91,3 +93,21 @@ def test_as_tensor_reads_the_token_caches_bf16_bits_back_exactly():
     bits.setflags(write=False)  # as the cache hands them out
     assert as_tensor(bits).dtype == torch.bfloat16 and torch.equal(as_tensor(bits), states)
     assert as_tensor(np.ones((2, 3), np.float16)).dtype == torch.float16
+
+
+def test_the_kv_cache_is_passed_under_the_name_the_installed_transformers_takes():
+    from hf_cachehooks.conversation.lens import cache_argument
+
+    class Before:  # transformers releases whose forward takes past_key_values
+        def forward(self, input_ids=None, past_key_values=None, use_cache=None):
+            pass
+
+    assert cache_argument(Before()) == "past_key_values"
+    model, tok = make_llama(), make_tokenizer()
+    ids = tok("what is the capital of france ?", return_tensors="pt")["input_ids"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a deprecated argument name is a FutureWarning
+        first = generate_turn(model, tok, ids, 0, max_new_tokens=2, k=None, do_sample=False)
+        more = torch.cat([torch.from_numpy(first.token_ids).long(), ids[0, -1:]])[None]
+        generate_turn(model, tok, more, len(first.token_ids), max_new_tokens=2, k=None,
+                      past_key_values=first.past_key_values, do_sample=False)

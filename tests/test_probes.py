@@ -17,8 +17,8 @@ from hf_cachehooks.activations.probes import (
     project,
     unit,
 )
-from hf_cachehooks.activations.vectors import ProbeMismatchError, SteeringVector, load_vectors, save_vectors
-from hf_cachehooks.errors import ConfigError, CorruptEntryError
+from hf_cachehooks.activations.vectors import SteeringVector, load_vectors, save_vectors
+from hf_cachehooks.errors import ConfigError, CorruptEntryError, ProbeMismatchError
 
 SHIFT = 0.8  # best possible AUROC Phi(0.8 / sqrt 2) = 0.714: in-sample scores clear 0.7, held-out ones may not
 STRONG = 1.0  # Phi(1 / sqrt 2) = 0.76: room for held-out and cross-fitted scores to clear 0.7

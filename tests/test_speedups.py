@@ -8,8 +8,9 @@ import torch
 
 from hf_cachehooks.training import speedups
 from hf_cachehooks.training.callbacks import SpeedupCallback
-from hf_cachehooks.training.capabilities import DEVICES, Availability
+from hf_cachehooks.training.capabilities import Availability
 from hf_cachehooks.training.config import SpeedupConfig
+from hf_cachehooks.training.devices import DEVICES
 from tests.conftest import make_llama, make_tokenizer
 
 TEXTS = ["what is the capital of france ? paris", "what is two plus two ? four", "is the sky blue ? yes",
@@ -113,10 +114,26 @@ def test_peft_model_with_checkpointing_and_compile_warns_about_graph_breaks(tiny
     assert lora and any(p.abs().sum() > 0 for p in lora)  # the adapter really trained
 
 
-def test_fused_adamw_error_falls_back_to_plain_adamw():
+def test_fused_adamw_error_falls_back_to_plain_adamw(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
     plan = speedups.plan(SpeedupConfig(), available=Availability(flash_attn=False, flash_attn_reason="no GPU",
                                                                  fused_adamw=False, fused_reason="boom"))
     decision = next(d for d in plan.decisions if d.setting == "optimizer")
     assert decision.chosen == "adamw_torch" and "boom" in decision.reason
     assert plan.training_args_kwargs()["optim"] == "adamw_torch"
-    assert torch.optim.AdamW  # untouched
+    args = TrainingArguments(str(tmp_path / "out"), report_to=[], **plan.training_args_kwargs())
+    optimizer, optimizer_kwargs = Trainer.get_optimizer_cls_and_kwargs(args)  # what the Trainer will build
+    assert optimizer is torch.optim.AdamW and "fused" not in optimizer_kwargs
+
+
+def test_load_model_is_the_package_loader_given_the_planned_ladder(tiny_dir, monkeypatch):
+    real, calls = speedups.load_weights, []
+    monkeypatch.setattr(speedups, "load_weights", lambda *a, **k: calls.append(k) or real(*a, **k))
+    plan = speedups.plan(SpeedupConfig(), device=DEVICES["a100"],
+                         available=Availability(flash_attn=True, flash_attn_reason="pretend"))
+    assert speedups.load_model(tiny_dir, plan).dtype == torch.float32  # weights stay fp32 by default
+    assert calls[0]["attn_implementation"] == ("flash_attention_2", "sdpa", "eager")
+    assert speedups.load_model(tiny_dir, plan, dtype="bfloat16").dtype == torch.bfloat16
+    assert plan.attention_used == "sdpa"
+    assert [note.split(":")[0] for note in plan.notes] == ["flash_attention_2 failed"] * 2  # one per load

@@ -12,6 +12,7 @@ import sys
 import threading
 import types
 import zlib
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -441,6 +442,7 @@ def test_from_yaml_dict_reads_the_seed_block():
                                       disk_ttl_seconds=7 * 86400)
     off = TokenCacheConfig.from_yaml_dict({"prefetch": {"enabled": False}, "ttl": {"disk_days": None}})
     assert off.prefetch_range == 0 and off.disk_ttl_seconds is None and off.directory is None
+    assert config.resolved_cache.max_age == timedelta(days=7) and config.memory_ttl == timedelta(hours=1)
     with pytest.raises(ConfigError, match="max_size_tb"):
         TokenCacheConfig.from_yaml_dict({"cache": {"disk": {"max_size_tb": 1}}})
     with pytest.raises(ConfigError, match="brotli"):

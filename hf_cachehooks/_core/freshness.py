@@ -25,11 +25,17 @@ def is_expired(created_at: float, now: float, max_age_days: float | None) -> boo
     return now - created_at > max_age_days * 86400
 
 
-def parse_duration(text: str) -> float:
-    """Parse `7d`, `12h`, `30m`, `2w` or a bare number of days into seconds."""
+def parse_duration(text: str, *, require_unit: bool = False) -> float:
+    """Parse `7d`, `12h`, `30m`, `2w` or a bare number of days into seconds.
+
+    With `require_unit` a bare number is refused (the command line: `7` could be days or seconds).
+    """
     match = _DURATION.match(str(text))
     if not match:
         raise ConfigError(f"Cannot read duration {text!r}. Use a number and a unit, e.g. 7d, 12h, 30m, 2w.")
+    if require_unit and not match.group(2):
+        raise ConfigError(f"Duration {text!r} has no unit. Add one, e.g. {match.group(1)}d (days); "
+                          "also s, m, h, w.")
     return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 

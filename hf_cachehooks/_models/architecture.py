@@ -57,11 +57,24 @@ def num_layers(model: Any) -> int:
 
 
 def hidden_size(model: Any) -> int:
+    """Width of the hidden states (`hidden_size`, GPT-2's `n_embd` or `d_model` in the model's config)."""
     config = model.config
     for name in ("hidden_size", "n_embd", "d_model"):
         if getattr(config, name, None):
             return int(getattr(config, name))
     raise ConfigError(f"Cannot read the hidden size from {type(config).__name__}.")
+
+
+def configured_layers(config: Any) -> int | None:
+    """Number of blocks a model config declares, read before any weights load; None when it does not say.
+
+    Lets a command check `--layers` against 0..n up front; `num_layers` on the loaded model is the authority.
+    """
+    for name in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
 
 
 def unembedding(model: Any) -> Any:

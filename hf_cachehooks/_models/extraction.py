@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigError
-from .architecture import locate
+from .architecture import locate, num_layers
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class _StopForward(Exception):
 
 def check_layers(model: Any, layers: Sequence[int]) -> list[int]:
     """Sorted unique layers, each in 0..num_layers; a bad one raises naming the valid range."""
-    n = len(locate(model)[1])
+    n = num_layers(model)
     bad = [layer for layer in layers if not 0 <= layer <= n]
     if bad or not layers:
         raise ConfigError(f"Layers {bad or list(layers)} are not valid for {type(model).__name__}: use 0..{n} "

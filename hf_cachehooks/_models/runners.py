@@ -1,4 +1,4 @@
-"""Where the model runs: loading a model by path or name, batched generation and classification.
+"""Where the model runs: batched generation and classification (`loading` turns a path into a model).
 
 Everything here imports torch/transformers lazily, so a cache hit never pays for them. Nothing here
 changes the caller's tokenizer or model: batches are padded by `encode_batch` (a tokenizer without a
@@ -8,24 +8,10 @@ pad token, like GPT-2's or Llama's, pads with its eos id), never by setting `tok
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
-
-
-class LoadSettings(Protocol):
-    """How to load a model by path or name (`EvalConfig` is one)."""
-
-    @property
-    def task(self) -> str: ...
-    @property
-    def model_dtype(self) -> str: ...
-    @property
-    def gguf_file(self) -> str | None: ...
-    @property
-    def load_kwargs(self) -> Mapping[str, Any]: ...
 
 
 class RunSettings(Protocol):
@@ -38,34 +24,6 @@ class RunSettings(Protocol):
     @property
     def system_prompt(self) -> str | None: ...
     def generation_overrides(self) -> dict: ...
-
-
-@dataclass
-class Loaded:
-    model: Any
-    tokenizer: Any
-
-
-def load_model(name_or_path: str, config: LoadSettings) -> Loaded:
-    """Load model and tokenizer the way `config` says (dtype, gguf_file, extra kwargs)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    auto = AutoModelForCausalLM if config.task == "generation" else AutoModelForSequenceClassification
-    options = dict(config.load_kwargs)
-    if config.gguf_file:
-        options["gguf_file"] = config.gguf_file
-    log.info("Loading %s ...", name_or_path)
-    model = auto.from_pretrained(name_or_path, dtype=getattr(torch, config.model_dtype), **options)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, gguf_file=config.gguf_file) if config.gguf_file \
-        else AutoTokenizer.from_pretrained(name_or_path)
-    return Loaded(model.eval(), tokenizer)
-
-
-def load_options(config: LoadSettings) -> dict:
-    """How a path is turned into a model: part of the files-state memo key, not of the cache key."""
-    return {"task": config.task, "dtype": config.model_dtype, "gguf_file": config.gguf_file,
-            "load_kwargs": dict(config.load_kwargs)}
 
 
 def _device(model: Any, config: RunSettings) -> Any:

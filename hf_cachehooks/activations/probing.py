@@ -1,4 +1,4 @@
-"""The seed's probe workflow as functions: vectors from a cache, then validation with CSVs and plots.
+"""The probe workflow as functions: vectors from a cache, then validation with CSVs and plots.
 
     RUN_<timestamp>/                        generate_vectors
     ├── normalized_vectors/layer_{L}.safetensors
@@ -43,7 +43,7 @@ def label_field(store: ActivationStore) -> str:
 def split_labels(labels: list, positive: str | None) -> tuple[Any, str, str]:
     """A bool tensor for `labels == positive`, with the positive and negative label names.
 
-    The default positive label is "deployment" when present (the seed's AUROC snippet scores
+    The default positive label is "deployment" when present (the usual AUROC snippet scores
     deployment as the positive class), else the larger of exactly two labels.
     """
     import torch

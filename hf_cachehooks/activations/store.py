@@ -262,7 +262,7 @@ def _matrix(column: Any, hidden: int) -> np.ndarray:
 
 
 def write_layer_info(folder: Path, fields: dict, key: dict) -> dict[str, dict]:
-    """The seed's layer_info.json plus what `datasets.load_from_disk` needs; returns their manifest records.
+    """The layer_info.json probe scripts read, and what `datasets.load_from_disk` needs; returns their records.
 
     Raises:
         OSError: the folder is not writable.

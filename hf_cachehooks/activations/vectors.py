@@ -18,15 +18,12 @@ import torch
 
 from .._core.store import atomic_write
 from ..errors import ConfigError, CorruptEntryError, HFCacheHooksError
+from ..errors import ProbeMismatchError as ProbeMismatchError  # re-exported: it used to live here
 
 log = logging.getLogger(__name__)
 
 VECTOR_FORMAT_VERSION = 1
 _MODEL_KEYS = ("name", "weights")  # identity fields a probe and a cache must agree on
-
-
-class ProbeMismatchError(HFCacheHooksError, ValueError):
-    """A probe or steering vector was trained on a different model, hidden size or layer than its use."""
 
 
 @dataclass(frozen=True, eq=False)

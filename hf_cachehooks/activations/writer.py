@@ -9,7 +9,9 @@ processes (torchrun, accelerate launch) fills the same chunks and the shards rea
 order. A chunk's Arrow file is renamed into place complete and then confirmed by its sidecar; a
 killed run redoes only unconfirmed chunks. Rank 0 writes the side files, then the manifest last
 (`entry.commit`, listing every file), then deletes `.chunks/`. A store in the way (corrupt, expired,
-or with `force` made from other inputs) is removed through its manifest: only files it lists.
+or with `force` made from other inputs) is removed through its manifest: only files it lists. A
+`CacheConfig` passed as `cache` sets expiry (`max_age`), re-extraction of the same inputs
+(`force_recompute`) and the clock.
 """
 
 from __future__ import annotations
@@ -27,13 +29,15 @@ from typing import Any
 import orjson
 
 from .._core import entry
+from .._core.cache_config import CacheConfig, settle
 from .._core.fingerprint import fingerprint_data, hash_file
-from .._core.freshness import SYSTEM_CLOCK, Clock, describe_age, is_expired, iso
+from .._core.freshness import SYSTEM_CLOCK, Clock, describe_age, iso
 from .._core.keys import Key, diff_inputs, make_key
 from .._core.store import atomic_target, read_entry, seal, tag_folder, unseal, write_entry
+from .._models.architecture import hidden_size
 from .._models.extraction import POSITIONS, batches, capture, check_layers, pool
 from .._models.identity import model_identity, tokenizer_identity
-from ..errors import ConfigError, CorruptEntryError
+from ..errors import ConfigError, CorruptEntryError, WaitTimeoutError
 from .store import (
     ARROW_TYPE,
     CHUNKS,
@@ -117,26 +121,34 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
                       label_field: str | None = None, use_chat_template: bool = False, system_prompt: str | None = None,
                       max_length: int | None = None, batch_size: int = 8, shard_size: int = 1024,
                       force: bool = False, max_age_days: float | None = None, clock: Clock = SYSTEM_CLOCK,
-                      progress: bool = True, wait_timeout: float = 3600.0) -> ActivationStore:
+                      progress: bool = True, wait_timeout: float = 3600.0,
+                      cache: CacheConfig | None = None) -> ActivationStore:
     """Extract hidden states at `layers` for every record of `data` into `folder`, or open it if done.
 
     Args:
         model, tokenizer: any `transformers` causal LM or encoder and its tokenizer.
         data: records with a text field (and usually a label), or contrastive pairs.
-        folder: the cache folder (the seed's `--output`).
+        folder: the cache folder (the command's `--output`).
         layers: layer indices, 0..num_layers (see `architecture`).
         positions: "last" non-padding token, "first", "mean" over non-padding tokens, or "all" (a row per token).
         text_field, label_field: record fields; the label field defaults to "type" when present, else "label".
         dtype: "float16", "bfloat16" (kept bit-exact) or "float32".
         batch_size, shard_size: how to run; not in the key, so they may change between runs.
         force: replace a cache in `folder` that was made from other inputs (only the files it lists go).
-        max_age_days: a store older than this is re-extracted (None: never expires); `clock` gives "now".
+        max_age_days, clock: the cache settings as keywords: a store older than `max_age_days` is
+            re-extracted (None: never expires); `clock` gives "now". They build `cache` when it is not given.
+        cache: the settings as one `CacheConfig`: `max_age`, `force_recompute` (extract again even from
+            the same inputs; a store made from other inputs still needs `force`), `enabled=False` (the
+            same: the store is the result, so it is always written) and `clock`. Its `root` is not used:
+            the store lives in `folder` (a `folder` set in the CacheConfig must be that one).
 
     Returns:
         The finished `ActivationStore`.
 
     Raises:
-        ConfigError: bad layers/positions/dtype/fields, or `folder` holds another cache (names what differs).
+        ConfigError: bad layers/positions/dtype/fields, `folder` holds another cache (names what differs), or
+            a keyword disagrees with `cache`.
+        WaitTimeoutError: other ranks did not finish their chunks within `wait_timeout`.
 
     A corrupt store in `folder` (a shard altered, truncated, swapped or missing) is a warning: it is
     removed and extracted again.
@@ -144,13 +156,18 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
     import torch
 
     folder = Path(folder)
+    cache = settle(cache, {"max_age_days": max_age_days, "clock": clock}, {"max_age_days": None, "clock": SYSTEM_CLOCK},
+                   "cache_activations")
+    if cache.folder is not None and Path(cache.folder) != folder:
+        raise ConfigError(f"cache_activations got folder={str(folder)!r} and CacheConfig(folder="
+                          f"{str(cache.folder)!r}); pass the store's folder once, as the folder argument.")
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported. Use one of: {', '.join(DTYPES)}.")
     if positions not in POSITIONS:
         raise ConfigError(f"positions={positions!r} is not supported. Use one of: {', '.join(POSITIONS)}.")
     layers = check_layers(model, layers)
     rows = load_records(data, text_field, label_field or "label")
-    if label_field is None:  # the seed's files call it "type"; most others "label"
+    if label_field is None:  # contrastive-pair files call it "type"; most others "label"
         label_field = "type" if rows and "type" in rows[0] else "label"
     texts = [str(r[text_field]) for r in rows]
     if use_chat_template:
@@ -165,7 +182,7 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
         "template": {"chat_template": use_chat_template, "system_prompt": system_prompt},
     })
     rank, world = _rank_and_world()
-    hit = _clear_the_way(folder, key, force, max_age_days, clock(), rank)
+    hit = _clear_the_way(folder, key, force, cache, rank)
     if hit is not None:
         log.info("✅ Loaded activations from cache %s (%d examples, layers %s).", folder, len(rows), layers)
         return ActivationStore._of(hit)
@@ -177,7 +194,7 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
               for c in range((len(rows) + shard_size - 1) // shard_size)]
     mine = [c for c in chunks if c[0] % world == rank and not _chunk_done(folder, c[0], key.digest)]
     fields = _scalar_fields(rows, text_field)
-    hidden = int(getattr(model.config, "hidden_size", 0) or model.config.n_embd)
+    hidden = hidden_size(model)
     device = next(model.parameters()).device
     from tqdm.auto import tqdm
 
@@ -203,7 +220,8 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
         _wait_for(lambda: _finished(folder) or all(_chunk_done(folder, c, key.digest) for c, _, _ in chunks),
                   wait_timeout, folder)
     if rank == 0:
-        finish_store(folder, chunks, rows, fields, label_field, key, layers, positions, dtype, hidden, shard_size)
+        finish_store(folder, chunks, rows, fields, label_field, key, layers, positions, dtype, hidden, shard_size,
+                     clock=cache.clock)
     if not _barrier(world) and rank != 0:  # every rank passes the same barriers
         _wait_for(lambda: _finished(folder), wait_timeout, folder)
     return ActivationStore(folder)
@@ -216,9 +234,10 @@ def _to_cpu(pooled: Any) -> Any:
     return pooled
 
 
-def _clear_the_way(folder: Path, key: Key, force: bool, max_age_days: float | None, now: float,
-                   rank: int) -> entry.Entry | None:
+def _clear_the_way(folder: Path, key: Key, force: bool, cache: CacheConfig, rank: int) -> entry.Entry | None:
     """The finished store for `key` in `folder`, or None after rank 0 removed whatever was in the way.
+
+    A killed run of the same inputs is resumed, unless `cache` says to recompute.
 
     Raises:
         ConfigError: `folder` holds a cache made from other inputs and `force` is off.
@@ -230,17 +249,23 @@ def _clear_the_way(folder: Path, key: Key, force: bool, max_age_days: float | No
     if problem:
         log.warning("Corrupt activation cache in %s (%s); removing it and extracting again.", folder, problem)
     elif found is not None and found.key["digest"] == key.digest and not other:
-        if not is_expired(found.created_at, now, max_age_days):
+        now = cache.clock()
+        if not cache.reads:
+            log.info("Activation cache %s: %s; extracting again.", folder,
+                     "force_recompute is set" if cache.force_recompute else "the cache is disabled")
+        elif not cache.expired(found.created_at, now):
             return found
-        log.info("Activation cache %s is %s old (max %s days): expired, extracting again.", folder,
-                 describe_age(now - found.created_at), max_age_days)
+        else:
+            log.info("Activation cache %s is %s old (max %s days): expired, extracting again.", folder,
+                     describe_age(now - found.created_at), cache.max_age_days)
     elif found is not None:
         changes = [f"it holds a {found.kind} entry"] if other else diff_inputs(found.key["inputs"], key.inputs)
     else:
         side = _sidecar(folder, 0)  # a killed run: resume it if it had the same inputs
-        if side is None or side["key"]["digest"] == key.digest:
+        if side is None or (side["key"]["digest"] == key.digest and cache.reads):
             return None
-        changes = diff_inputs(side["key"]["inputs"], key.inputs)
+        if side["key"]["digest"] != key.digest:
+            changes = diff_inputs(side["key"]["inputs"], key.inputs)
     if changes is not None:
         if not force:
             raise ConfigError(f"{folder} holds activations made from other inputs ({'; '.join(changes[:5])}). "
@@ -314,19 +339,20 @@ def _wait_for(ready: Any, timeout: float, folder: Path) -> None:
     deadline = time.time() + timeout
     while not ready():
         if time.time() > deadline:
-            raise TimeoutError(f"Other processes did not finish their chunks in {folder} within {timeout:.0f}s.")
+            raise WaitTimeoutError(f"Other processes did not finish their chunks in {folder} within {timeout:.0f}s.")
         time.sleep(0.5)
 
 
 def finish_store(folder: Path, chunks: list, rows: list[dict], fields: list[str], label_field: str, key: Key,
-            layers: list[int], positions: str, dtype: str, hidden: int, shard_size: int) -> None:
+            layers: list[int], positions: str, dtype: str, hidden: int, shard_size: int,
+            clock: Clock = SYSTEM_CLOCK) -> None:
     import pyarrow as pa
     from datasets import Features
 
     names = [f"{chunk_name(c)}.arrow" for c, _, _ in chunks]
     sides = [_sidecar(folder, c) or {} for c, _, _ in chunks]
     schema = pa.ipc.open_stream(pa.memory_map(str(folder / names[0]))).schema
-    now = time.time()
+    now = clock()  # the store's created_at: the same clock its expiry is judged by
     manifest = {
         "complete": True, "timestamp": iso(now), "layers": layers,
         "num_examples": len(rows), "num_rows": sum(s["rows"] for s in sides), "hidden_size": hidden,

@@ -1,6 +1,6 @@
 """Conversation token cache: each token's per-layer hidden state and top-k lens predictions, one click away.
 
-    <directory, default <cache root>/conversations>/
+    <the disk tier's folder: CacheConfig folder, else <cache root>/conversations>/
     ├── CACHEDIR.TAG                  marks the folder as this library's cache
     ├── .locks/<conv_id>.lock         appends to one conversation serialize on this lease
     └── <conv_id>/                    one entry of kind "conversation" (see `entry`)
@@ -29,9 +29,9 @@ import operator
 import os
 import struct
 import threading
-import time
 import uuid
 from collections.abc import Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -39,9 +39,9 @@ import numpy as np
 import orjson
 
 from .._core import entry
-from .._core.freshness import Clock, is_expired
+from .._core.freshness import Clock
 from .._core.locking import lease
-from .._core.store import cache_root, tag_folder, unseal
+from .._core.store import tag_folder, unseal
 from ..errors import ConfigError, CorruptEntryError, MissingDependencyError
 from .files import (
     CONV_ID,
@@ -70,8 +70,8 @@ class TokenCache:
     """Two-tier cache of conversation tokens: memory LRU in front of turn files on disk.
 
     Args:
-        config: sizes, directory, codec and lifetimes.
-        clock: returns epoch seconds; tests pass a fake one.
+        config: sizes, codec, lifetimes and the disk tier's `CacheConfig` (folder, idle limit, lock, clock).
+        clock: returns epoch seconds; tests pass a fake one. Default: the disk tier's CacheConfig clock.
 
     Example:
         >>> cache = TokenCache(TokenCacheConfig(directory="conversations"))  # doctest: +SKIP
@@ -80,12 +80,13 @@ class TokenCache:
         >>> cache.token("chat-1", 7).topk_ids  # (layers, k)  # doctest: +SKIP
     """
 
-    def __init__(self, config: TokenCacheConfig | None = None, clock: Clock = time.time) -> None:
+    def __init__(self, config: TokenCacheConfig | None = None, clock: Clock | None = None) -> None:
         self.config = config or TokenCacheConfig()
-        self.root = Path(self.config.directory) if self.config.directory else cache_root() / "conversations"
+        self._disk = self.config.resolved_cache
+        self.root = self._disk.folder_for("conversations")
         self._codec = codec(self.config.compression)  # a missing codec package fails now, not mid-chat
-        self._clock = clock
-        self._memory = MemoryTier(self.config.memory_max_bytes, self.config.memory_ttl_seconds, clock)
+        self._clock = clock = clock or self._disk.clock
+        self._memory = MemoryTier(self.config.memory_max_bytes, self.config.memory_ttl, clock)
         self._manifests: dict[str, tuple[tuple, dict | None, list[int]]] = {}  # conv_id -> (stat, manifest, starts)
         self._volatile: dict[str, dict] = {}  # memory-only conversations (the disk refused a write)
         self._touched: dict[str, float] = {}
@@ -120,7 +121,7 @@ class TokenCache:
         if not self._tagged:
             self._tagged = True
             tag_folder(self.root)
-        with self._lock_for(conv_id), lease(self.root / ".locks" / f"{conv_id}.lock") as locked:
+        with self._lock_for(conv_id), self._lease(conv_id) as locked:
             now = self._clock()
             _, layers, hidden_size = arrays["hidden"].shape
             dims = {"layers": layers, "hidden": hidden_size, "hidden_dtype": tag}
@@ -168,7 +169,7 @@ class TokenCache:
             ConfigError: for shapes unlike the turn's (T, layers, k), or a k unlike the conversation's.
         """
         validate_conv_id(conv_id)
-        with self._lock_for(conv_id), lease(self.root / ".locks" / f"{conv_id}.lock") as locked:
+        with self._lock_for(conv_id), self._lease(conv_id) as locked:
             found = self._turn_starting(conv_id, start)
             if found is None:
                 return False
@@ -362,7 +363,7 @@ class TokenCache:
     def pin(self, conv_id: str, pinned: bool = True) -> bool:
         """Keep (or stop keeping) a conversation through every eviction; False when it is unknown."""
         validate_conv_id(conv_id)
-        with self._lock_for(conv_id), lease(self.root / ".locks" / f"{conv_id}.lock"):
+        with self._lock_for(conv_id), self._lease(conv_id):
             doc = self._manifest(conv_id)
             if doc is None:
                 return False
@@ -394,7 +395,7 @@ class TokenCache:
             The conversation ids deleted from disk. Pinned ones stay even when that leaves the disk over
             its limit (logged as a warning).
         """
-        now, ttl = self._clock(), self.config.disk_ttl_seconds
+        now, limit = self._clock(), self._disk.max_age or timedelta(0)  # idle implies a max_age
         self._memory.drop_where("expired", lambda _, stored_at: self._memory.stale(stored_at, now))
         rows = sorted((r for r in self.conversations() if r["conv_id"] not in self._volatile),
                       key=lambda r: r["last_access"])
@@ -402,10 +403,10 @@ class TokenCache:
         for r in rows:
             if r["pinned"]:
                 continue
-            idle = is_expired(r["last_access"], now, None if ttl is None else ttl / 86400)
+            idle = self._disk.expired(r["last_access"], now)
             if not idle and total <= self.config.disk_max_bytes:
                 continue
-            reason = (f"idle for {now - r['last_access']:.0f}s (limit {ttl:.0f}s)" if idle else
+            reason = (f"idle for {now - r['last_access']:.0f}s (limit {limit.total_seconds():.0f}s)" if idle else
                       f"least recently used; disk tier {total} bytes > {self.config.disk_max_bytes}")
             if self._remove(r["conv_id"], reason, r["last_access"]):
                 total -= r["bytes"]
@@ -419,7 +420,7 @@ class TokenCache:
         folder = self.root / conv_id
         if conv_id not in self._volatile and not folder.is_dir():
             return False
-        with self._lock_for(conv_id), lease(self.root / ".locks" / f"{conv_id}.lock"):
+        with self._lock_for(conv_id), self._lease(conv_id):
             doc = self._manifest(conv_id)
             if planned_access is not None and (doc is None or doc["pinned"]
                                                or self._last_access(conv_id, doc) != planned_access):
@@ -441,6 +442,10 @@ class TokenCache:
     def _lock_for(self, conv_id: str) -> threading.Lock:
         with self._guard:
             return self._locks.setdefault(conv_id, threading.Lock())
+
+    def _lease(self, conv_id: str) -> contextlib.AbstractContextManager[bool]:
+        """The cross-process lease that serializes writes to one conversation."""
+        return lease(self.root / ".locks" / f"{conv_id}.lock", stale_after=self._disk.stale_after_seconds)
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._guard:

@@ -17,7 +17,8 @@ import mmap
 import re
 import struct
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import orjson
 
 from .._core import entry
+from .._core.cache_config import CacheConfig, settle
 from ..errors import ConfigError, CorruptEntryError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -56,20 +58,41 @@ def validate_conv_id(conv_id: object) -> str:
 
 @dataclass(frozen=True)
 class TokenCacheConfig:
-    """Sizes, place, codec and lifetimes of the token cache: the seed's `cache:` YAML block as data.
+    """Sizes, place, codec and lifetimes of the token cache: the `cache:` YAML block as data.
+
+    Args:
+        memory_max_bytes, disk_max_bytes: the two tiers' size limits.
+        compression: "none", "lz4" or "zstd": whole turn files, decoded per turn (fp16 gains 2-9%).
+        prefetch_range: neighbours a client should prefetch on each side of a clicked token.
+        memory_ttl_seconds: a turn leaves the memory tier this long after it was stored (None: never).
+        directory, disk_ttl_seconds: the disk tier's settings as keywords: its folder (None:
+            `<cache root>/conversations`, resolved when a TokenCache is made) and how long a conversation
+            may sit unread before eviction deletes it (None: never). They build `cache` when it is not given.
+        cache: the disk tier's settings as one `CacheConfig`: `folder` (else `<root>/conversations`),
+            `max_age` (the idle limit), `lock_stale_after` and `clock`. Conversations are stored, not
+            recomputed, so `force_recompute=True` and `enabled=False` are refused. Read `resolved_cache`
+            for the settings in effect; equality compares those, whichever spelling built them.
+
+    Raises:
+        ConfigError: a negative size, an unknown codec, a keyword that disagrees with `cache`, or a
+            `cache` asking to recompute or to be disabled.
 
     Example:
         >>> TokenCacheConfig(memory_max_bytes=256 * 2**20, compression="none").prefetch_range
         5
+        >>> TokenCacheConfig(disk_ttl_seconds=86400) == TokenCacheConfig(cache=CacheConfig(max_age=timedelta(days=1)))
+        True
     """
 
     memory_max_bytes: int = _GIB
     disk_max_bytes: int = 10 * _GIB
-    directory: str | None = None  # None: <cache root>/conversations, resolved when a TokenCache is made
-    compression: str = "none"  # "none" | "lz4" | "zstd": whole turn files, decoded per turn (fp16 gains 2-9%)
-    prefetch_range: int = 5  # neighbours a client should prefetch on each side of a clicked token
+    directory: str | None = field(default=None, compare=False)
+    compression: str = "none"
+    prefetch_range: int = 5
     memory_ttl_seconds: float | None = 3600
-    disk_ttl_seconds: float | None = 7 * 86400
+    disk_ttl_seconds: float | None = field(default=timedelta(days=7).total_seconds(), compare=False)
+    cache: CacheConfig | None = field(default=None, compare=False)
+    resolved_cache: CacheConfig = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.compression not in SUFFIX:
@@ -77,10 +100,23 @@ class TokenCacheConfig:
         for name in ("memory_max_bytes", "disk_max_bytes", "prefetch_range"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} is {getattr(self, name)}; it must be 0 or more.")
+        keywords = {"directory": self.directory, "disk_ttl_seconds": self.disk_ttl_seconds}
+        defaults = {f.name: f.default for f in fields(self) if f.name in keywords}
+        cache = settle(self.cache, keywords, defaults, "TokenCacheConfig")
+        for flag, bad in (("force_recompute", True), ("enabled", False)):
+            if getattr(cache, flag) is bad:
+                raise ConfigError(f"TokenCacheConfig got CacheConfig({flag}={bad}): conversations are stored, not "
+                                  "recomputed; leave it at its default (delete conversations with TokenCache.delete).")
+        object.__setattr__(self, "resolved_cache", cache)
+
+    @property
+    def memory_ttl(self) -> timedelta | None:
+        """`memory_ttl_seconds` as a duration (None: turns never expire from memory)."""
+        return None if self.memory_ttl_seconds is None else timedelta(seconds=self.memory_ttl_seconds)
 
     @classmethod
     def from_yaml_dict(cls, doc: Mapping[str, Any]) -> TokenCacheConfig:
-        """Read the seed's YAML structure (already parsed): `cache: {memory, disk, prefetch, ttl}`.
+        """Read the chat server's YAML structure (already parsed): `cache: {memory, disk, prefetch, ttl}`.
 
         Raises:
             ConfigError: for an unknown key or eviction policy.
@@ -101,14 +137,15 @@ class TokenCacheConfig:
         if memory.get("eviction_policy", "lru") != "lru":
             raise ConfigError(f"eviction_policy {memory['eviction_policy']!r} is not supported; use lru.")
         minutes, days = ttl.get("memory_minutes", 60), ttl.get("disk_days", 7)
+        # the keyword spellings, so `dataclasses.replace(config, directory=...)` (the CLI's --directory) still works
         return cls(
             memory_max_bytes=int(memory.get("max_size_mb", 1024) * 2**20),
             disk_max_bytes=int(disk.get("max_size_gb", 10) * _GIB),
             directory=None if disk.get("directory") is None else str(disk["directory"]),
             compression=str(disk.get("compression", "none")),
             prefetch_range=int(prefetch.get("range", 5)) if prefetch.get("enabled", True) else 0,
-            memory_ttl_seconds=None if minutes is None else float(minutes) * 60,
-            disk_ttl_seconds=None if days is None else float(days) * 86400,
+            memory_ttl_seconds=None if minutes is None else timedelta(minutes=float(minutes)).total_seconds(),
+            disk_ttl_seconds=None if days is None else timedelta(days=float(days)).total_seconds(),
         )
 
 
@@ -128,8 +165,8 @@ class TokenRecord:
     hidden_dtype: str = "float16"
 
 
-class CorruptTurn(Exception):
-    """A turn file disagrees with its manifest (truncated, edited, replaced)."""
+class CorruptTurn(CorruptEntryError):
+    """A turn file disagrees with its manifest (truncated, edited, replaced); always caught: a miss."""
 
 
 def codec(name: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]] | None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._models.architecture import locate, unembedding
-from ..errors import ConfigError
+from ..errors import ConfigError, KVCacheMismatchError
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,18 @@ def lens_topk(model: Any, hidden: Any, k: int = 10) -> tuple[Any, Any]:
     return top.indices.to(torch.int32), top.values.to(torch.float16)
 
 
+def cache_argument(model: Any) -> str:
+    """The name the model's `forward` and `generate` take the KV cache under: `cache` in newer transformers,
+    `past_key_values` before (still accepted there, with a FutureWarning); outputs carry it under the same name."""
+    import inspect
+
+    try:
+        parameters = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # a forward without a readable signature: the name every version accepts
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
 def generate_turn(model: Any, tokenizer: Any, input_ids: Any, cached_tokens: int, max_new_tokens: int = 32,
                   k: int | None = 10, past_key_values: Any = None, **generate_kwargs: Any) -> Turn:
     """Generate a reply to `input_ids` (1, S) and return every token from `cached_tokens` on with its states.
@@ -71,24 +83,24 @@ def generate_turn(model: Any, tokenizer: Any, input_ids: Any, cached_tokens: int
     """
     import torch
 
+    name = cache_argument(model)
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             past_key_values=past_key_values, max_new_tokens=max_new_tokens,
+                             **{name: past_key_values}, max_new_tokens=max_new_tokens,
                              output_hidden_states=True, return_dict_in_generate=True,
                              pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **generate_kwargs)
         steps = [torch.stack(step, dim=2)[0] for step in out.hidden_states]  # each (tokens, L, H)
-        sequence, cache = out.sequences[0], out.past_key_values
+        sequence, cache = out.sequences[0], getattr(out, name)
         if len(sequence) > input_ids.shape[1]:  # generate never feeds back its last token: one more pass
-            last = model(input_ids=sequence[None, -1:], past_key_values=cache, output_hidden_states=True,
-                         use_cache=True)
+            last = model(input_ids=sequence[None, -1:], **{name: cache}, output_hidden_states=True, use_cache=True)
             steps.append(torch.stack(last.hidden_states, dim=2)[0])
-            cache = last.past_key_values
+            cache = getattr(last, name)
     hidden = torch.cat(steps)
     hidden = hidden if past_key_values is not None else hidden[cached_tokens:]  # (T, L, H) for the new tokens
     new_ids = sequence[cached_tokens:]
     if hidden.shape[0] != len(new_ids):
-        raise RuntimeError(f"Got hidden states for {hidden.shape[0]} tokens, expected {len(new_ids)}: "
-                           f"past_key_values must hold exactly the first cached_tokens={cached_tokens} tokens.")
+        raise KVCacheMismatchError(f"Got hidden states for {hidden.shape[0]} tokens, expected {len(new_ids)}: "
+                                   f"past_key_values must hold exactly the first cached_tokens={cached_tokens} tokens.")
     topk_ids, topk_probs = lens_topk(model, hidden, k) if k is not None else (None, None)
     reply = tokenizer.decode(sequence[input_ids.shape[1]:], skip_special_tokens=True)
     return Turn(new_ids.to(torch.int32).numpy(), hidden.to(torch.float16).numpy(),

@@ -10,9 +10,11 @@ import logging
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from datetime import timedelta
 
 import numpy as np
 
+from .._core.cache_config import days
 from .._core.freshness import Clock, is_expired
 from .files import MAX_TURNS
 
@@ -20,10 +22,10 @@ log = logging.getLogger(__name__)
 
 
 class MemoryTier:
-    """Byte-bounded LRU of turns (own arrays or read-only maps of turn files), each dropped `ttl` seconds
-    after it was stored; thread-safe."""
+    """Byte-bounded LRU of turns (own arrays or read-only maps of turn files), each dropped `ttl` after it was
+    stored (None: never); thread-safe."""
 
-    def __init__(self, max_bytes: int, ttl: float | None, clock: Clock) -> None:
+    def __init__(self, max_bytes: int, ttl: timedelta | None, clock: Clock) -> None:
         self.max_bytes, self.ttl, self.clock = max_bytes, ttl, clock
         self.nbytes = 0
         self._slots: OrderedDict[tuple, tuple[dict[str, np.ndarray], int, float]] = OrderedDict()
@@ -60,7 +62,7 @@ class MemoryTier:
                 self._drop(key, reason)
 
     def stale(self, stored_at: float, now: float) -> bool:
-        return is_expired(stored_at, now, None if self.ttl is None else self.ttl / 86400)
+        return is_expired(stored_at, now, days(self.ttl))
 
     def _drop(self, key: tuple, reason: str) -> None:
         self.nbytes -= self._slots.pop(key)[1]

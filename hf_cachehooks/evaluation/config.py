@@ -1,15 +1,26 @@
-"""Settings for `evaluate_model`, named as in the seed's base_config.py (frozen, env read at call time)."""
+"""Settings for `evaluate_model` (frozen; the cache root and $HF_CACHEHOOKS_HOME are read at call time)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Protocol
 
+from .._core.cache_config import CacheConfig, settle
 from .._core.freshness import SYSTEM_CLOCK, Clock
 from ..errors import ConfigError
 
 TASKS = ("generation", "classification")
+# the keyword spellings of the cache settings, mapped onto `cache` by `settle`
+CACHE_KEYWORDS = ("use_prediction_cache", "force_recompute", "cache_max_age_days", "predictions_cache_dir",
+                  "cache_dir", "lock_stale_after", "clock")
+GENERATION_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p")  # and generation_kwargs
+
+
+class HasToDict(Protocol):
+    """Anything with `to_dict()`, such as `transformers.GenerationConfig` (not imported: the root stays light)."""
+
+    def to_dict(self) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -28,14 +39,25 @@ class EvalConfig:
             over the model's own generation_config to form the effective config in the key.
         batch_size, device: how to run; never part of the key.
         model_dtype, gguf_file, load_kwargs: how to load a model given as a path or Hub name.
-        use_prediction_cache, force_recompute, cache_max_age_days, predictions_cache_dir: the seed's
-            cache settings. `predictions_cache_dir=None` means `<cache root>/predictions`, where the
-            root is `cache_dir`, else $HF_CACHEHOOKS_HOME, else `outputs/cache`.
-        clock: time source for expiry (tests pass a fake one).
+        use_prediction_cache, force_recompute, cache_max_age_days, predictions_cache_dir, cache_dir,
+            lock_stale_after (seconds), clock: the prediction cache's settings as keywords; they build
+            `cache` when it is not given. `predictions_cache_dir=None` means `<cache root>/predictions`,
+            where the root is `cache_dir`, else $HF_CACHEHOOKS_HOME, else `outputs/cache`.
+        generation_config: generation settings as a `transformers.GenerationConfig` (only the values it
+            sets away from transformers' defaults count, as in `model.generate`) or a mapping, instead of
+            the five fields above; what it leaves out stays greedy with `max_new_tokens=64`.
+        cache: the prediction cache's settings as one `CacheConfig`, instead of the keywords. Read
+            `resolved_cache` for the settings in effect, whichever way they were given.
+
+    Raises:
+        ConfigError: an unknown task, a bad batch size, a cache keyword that disagrees with `cache`, or a
+            generation field set next to `generation_config`.
 
     Example:
         >>> EvalConfig(prompt_template="Q: {question}\\nA:", max_new_tokens=32).task
         'generation'
+        >>> EvalConfig(cache_max_age_days=7) == EvalConfig(cache=CacheConfig(max_age=timedelta(days=7)))
+        True
     """
 
     task: str = "generation"
@@ -55,13 +77,17 @@ class EvalConfig:
     model_dtype: str = "float32"
     gguf_file: str | None = None
     load_kwargs: Mapping[str, Any] = field(default_factory=dict)
-    use_prediction_cache: bool = True
-    force_recompute: bool = False
-    cache_max_age_days: float | None = 30
-    predictions_cache_dir: str | None = None
-    cache_dir: str | None = None
-    lock_stale_after: float = 60.0
+    # the cache settings as keywords (equality compares `resolved_cache`, whichever spelling built it)
+    use_prediction_cache: bool = field(default=True, compare=False)
+    force_recompute: bool = field(default=False, compare=False)
+    cache_max_age_days: float | None = field(default=30, compare=False)
+    predictions_cache_dir: str | None = field(default=None, compare=False)
+    cache_dir: str | None = field(default=None, compare=False)
+    lock_stale_after: float = field(default=60.0, compare=False)
     clock: Clock = field(default=SYSTEM_CLOCK, compare=False, repr=False)
+    generation_config: Mapping[str, Any] | HasToDict | None = None
+    cache: CacheConfig | None = field(default=None, compare=False)
+    resolved_cache: CacheConfig = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
@@ -71,6 +97,17 @@ class EvalConfig:
         if self.task == "classification" and self.use_chat_template:
             raise ConfigError("use_chat_template=True applies to generation only; set task='generation'.")
         object.__setattr__(self, "metrics", tuple(self.metrics))
+        defaults = {f.name: f.default for f in fields(self) if f.name in CACHE_KEYWORDS}
+        object.__setattr__(self, "resolved_cache", settle(
+            self.cache, {name: getattr(self, name) for name in CACHE_KEYWORDS}, defaults, "EvalConfig"))
+        if self.generation_config is not None:
+            object.__setattr__(self, "generation_config", generation_settings(self.generation_config))
+            changed = [f.name for f in fields(self)
+                       if f.name in GENERATION_FIELDS and getattr(self, f.name) != f.default]
+            changed += ["generation_kwargs"] if self.generation_kwargs else []
+            if changed:
+                raise ConfigError(f"EvalConfig got generation_config and {', '.join(changed)}; put "
+                                  f"{', '.join(changed)} inside generation_config (or drop generation_config).")
 
     def generation_overrides(self) -> dict:
         """The generation settings the user set (None means: keep the model's default)."""
@@ -80,6 +117,8 @@ class EvalConfig:
         if self.top_p is not None:
             wanted["top_p"] = self.top_p
         wanted.update(self.generation_kwargs)
+        if self.generation_config is not None:
+            wanted.update(generation_settings(self.generation_config))
         return wanted
 
     def prompt_spec(self) -> dict:
@@ -95,3 +134,25 @@ class EvalConfig:
     def with_(self, **changes: Any) -> EvalConfig:
         """A copy with some fields changed."""
         return replace(self, **changes)
+
+
+def generation_settings(value: Mapping[str, Any] | HasToDict) -> dict[str, Any]:
+    """Generation settings as a plain dict: a mapping as is, a `GenerationConfig` by the values it sets.
+
+    `to_diff_dict()` is preferred to `to_dict()` where the object has it: a `GenerationConfig` lists every
+    field, and its defaults would override the model's own (transformers' `generate` ignores them too).
+    None values are dropped: None means "keep the model's default", as for `temperature=None`.
+
+    Raises:
+        ConfigError: `value` is neither a mapping nor has `to_dict()`.
+    """
+    if isinstance(value, Mapping):
+        raw = dict(value)
+    else:
+        to_dict = getattr(value, "to_diff_dict", None) or getattr(value, "to_dict", None)
+        if not callable(to_dict):
+            raise ConfigError(f"generation_config={value!r:.80} is neither a mapping nor a transformers "
+                              "GenerationConfig; pass e.g. {'max_new_tokens': 32} or GenerationConfig(...).")
+        raw = dict(to_dict())
+    return {k: v for k, v in raw.items() if v is not None and not str(k).startswith("_")
+            and k != "transformers_version"}

@@ -10,16 +10,16 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._core.extras import requires_extras
 from .._core.fingerprint import example_hashes, fingerprint_data
 from .._core.freshness import describe_age, iso
 from .._core.keys import Key, make_key
 from .._core.locking import single_flight
 from .._core.rows import load_rows
-from .._core.store import cache_root
 from .._models.identity import (
     effective_generation,
     files_state,
@@ -43,7 +43,8 @@ class EvalResult:
     """What `evaluate_model` returns.
 
     `cache_status` is "hit" (served from the run entry), "partial" (some examples reused),
-    "miss" (all predicted), "recomputed" (force_recompute) or "disabled".
+    "miss" (all predicted), "recomputed" (force_recompute) or "disabled". `miss_reason` says why the
+    run entry was not served (e.g. "closest entry ... differs in data.n 40→60"); None on a hit.
     """
 
     predictions: list
@@ -55,7 +56,6 @@ class EvalResult:
     path: str | None = None
     miss_reason: str | None = None
     reused: int = 0
-    extra: dict = field(default_factory=dict)
 
     @property
     def from_cache(self) -> bool:
@@ -111,15 +111,16 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
     prompts = render_prompts(rows, config)
     references = _references(rows, config)
     versions = metric_versions(config.metrics)
-    root = cache_root(config.cache_dir)
-    folder = Path(config.predictions_cache_dir) if config.predictions_cache_dir else root / "predictions"
+    caching = config.resolved_cache  # cache=CacheConfig(...) or the keyword spellings, settled in EvalConfig
+    root = caching.resolve_root()
+    folder = caching.folder_for("predictions")
     run = _Run(model, tokenizer, config, root)
 
-    if not config.use_prediction_cache:
+    if not caching.enabled:
         started = time.time()
         predictions = run.predict(prompts)
         metrics = compute_metrics(config.metrics, predictions, references)
-        meta = _metadata(run.name, len(rows), time.time() - started, config, config.clock())
+        meta = _metadata(run.name, len(rows), time.time() - started, config, caching.clock())
         return EvalResult(predictions, references, metrics, meta, "disabled")
 
     identity = run.identity()
@@ -131,10 +132,11 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
     })
     key = make_key("predictions", {**predictor.inputs, "data": {"fingerprint": fingerprint_data(
         data if hasattr(data, "_fingerprint") else rows), "n": len(rows)}})
-    cache = PredictionCache(folder, config.clock, config.cache_max_age_days)
+    cache = PredictionCache(folder, caching.clock, caching.max_age_days)
     name = identity["model"]["name"]
 
-    if config.force_recompute:
+    reason = "force_recompute is set"
+    if caching.force_recompute:
         log.info("🔄 Force recompute enabled: predicting %d examples with %s.", len(rows), name)
     else:
         doc = cache.load_run(key, name)
@@ -144,12 +146,12 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
         log.info("🔄 No valid cache found for %s (%d examples, key %s): %s.", name, len(rows), key.short, reason)
 
     def lookup() -> dict | None:
-        return None if config.force_recompute else cache.load_run(key, name)
+        return None if caching.force_recompute else cache.load_run(key, name)
 
     def compute() -> dict:
         started = time.time()
         hashes = example_hashes(prompts)
-        known = {} if config.force_recompute else cache.load_examples(predictor)
+        known = {} if caching.force_recompute else cache.load_examples(predictor)
         todo = [i for i, h in enumerate(hashes) if h not in known]
         reused = len(rows) - len(todo)
         if reused and todo:
@@ -161,29 +163,29 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
         known.update({hashes[i]: p for i, p in zip(todo, fresh)})
         predictions = [known[h] for h in hashes]
         metrics = compute_metrics(config.metrics, predictions, references)
-        meta = _metadata(name, len(rows), time.time() - started, config, config.clock())
+        meta = _metadata(name, len(rows), time.time() - started, config, caching.clock())
         meta["reused_examples"] = reused
         doc: dict[str, Any] = {"metadata": meta, "predictions": predictions, "references": references,
                "metrics": metrics, "metric_versions": versions}
         path = cache.save_run(key, name, doc)
         cache.compact(predictor)
-        doc["_status"] = "recomputed" if config.force_recompute else ("partial" if reused else "miss")
+        doc["_status"] = "recomputed" if caching.force_recompute else ("partial" if reused else "miss")
         doc["_path"] = str(path) if path else None
         log.info("💾 Saved %d predictions to %s.", len(predictions), path or "(not cached: folder not writable)")
         return doc
 
     lock = folder / ".locks" / f"{key.digest}.lock"
-    doc = single_flight(lock, lookup, compute, stale_after=config.lock_stale_after)
+    doc = single_flight(lock, lookup, compute, stale_after=caching.stale_after_seconds)
     if "_status" not in doc:  # another process computed it while we waited
         return _hit(doc, cache, key, name, config, versions)
     return EvalResult(doc["predictions"], doc["references"], doc["metrics"], doc["metadata"], doc["_status"],
-                      key=key.digest, path=doc["_path"], reused=doc["metadata"]["reused_examples"])
+                      key=key.digest, path=doc["_path"], miss_reason=reason, reused=doc["metadata"]["reused_examples"])
 
 
 def _hit(doc: dict, cache: PredictionCache, key: Key, name: str, config: EvalConfig,
          versions: dict) -> EvalResult:
     meta = doc["metadata"]
-    age = describe_age(config.clock() - meta.get("created_at", 0))
+    age = describe_age(config.resolved_cache.clock() - meta.get("created_at", 0))
     if doc.get("metric_versions") != versions:
         log.info("📏 Metrics changed (%s → %s): recomputing from %d cached predictions.",
                  ",".join(doc.get("metric_versions", {})), ",".join(versions), len(doc["predictions"]))
@@ -218,10 +220,12 @@ class _Run:
 
     def _ensure_loaded(self) -> None:
         if self.model is None:
-            from .._models.runners import load_model
+            from .._models.loading import load_model
 
-            loaded = load_model(str(self.source), self.config)
-            self.model, self.tokenizer = loaded.model, loaded.tokenizer
+            with requires_extras(f"Evaluating {self.name!r} on a cache miss"):
+                self.model, self.tokenizer = load_model(
+                    str(self.source), head="causal" if self.config.task == "generation" else "classification",
+                    dtype=self.config.model_dtype, gguf_file=self.config.gguf_file, **self.config.load_kwargs)
         if self.tokenizer is None:
             raise ConfigError("This model needs its tokenizer: call evaluate_model(model, data, config, "
                               "tokenizer=tokenizer).")
@@ -234,7 +238,7 @@ class _Run:
     def identity(self) -> dict:
         if not self.is_path:
             return self._identity_of_objects()
-        from .._models.runners import load_options
+        from .._models.loading import load_options
 
         state = files_state(str(self.source), load_options(self.config), self.root)
         found = remembered_identity(state, self.root)
@@ -254,7 +258,8 @@ class _Run:
         step = generate if self.config.task == "generation" else classify
         size = self.config.batch_size
         out: list = []
-        with tqdm(total=len(prompts), desc=f"Predicting ({self.config.task})", unit="ex") as bar:
+        with tqdm(total=len(prompts), desc=f"Predicting ({self.config.task})", unit="ex") as bar, \
+                requires_extras(f"Predicting with {self.name!r}"):
             for start in range(0, len(prompts), size):
                 batch = step(self.model, self.tokenizer, prompts[start : start + size], self.config)
                 if on_batch is not None:

@@ -18,13 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from ..errors import HFCacheHooksError
+from ..errors import ServerError as ServerError  # re-exported: it used to live here
 
 log = logging.getLogger(__name__)
-
-
-class ServerError(HFCacheHooksError, ConnectionError):
-    """Every completion server failed; the message names each one and its last error."""
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The generation cache: completions keyed by experiment parameters, as in the seed, with partial reuse.
+"""The generation cache: completions keyed by experiment parameters (not by the prompts), with partial reuse.
 
     experiments/
     ├── .locks/<key digest>.lock                    single-flight lease while one process generates
@@ -7,11 +7,11 @@
         ├── n200_t1.0_maxtok512_full_texts.jsonl    {"i", "s", "full_text"} per line (model input + completion)
         └── n200_t1.0_maxtok512_metadata.json       the entry's manifest (kind "generations", see `entry`):
               reserved fields (key, created_at, writer, files: the two JSONL files with bytes + xxh3),
-              then the seed's fields: model, model_short_name, prompt_name, subject_type, temperature,
+              then the experiment's fields: model, model_short_name, prompt_name, subject_type, temperature,
               max_tokens, top_p, seed, samples_per_prompt, backend, num_samples, num_rows, timestamp,
               updated_at
 
-The key is the seed's high-level one (model, prompt format, subject, temperature, max_tokens; top_p,
+The key is the experiment's high-level one (model, prompt format, subject, temperature, max_tokens; top_p,
 seed and samples-per-prompt when set), so the same parameters with different questions still hit,
 with a warning (or a regeneration under `strict=True`). The sample count is not in the key: asking
 for fewer serves a prefix; asking for more generates only the missing ones and grows the entry.
@@ -34,11 +34,12 @@ from typing import Any
 import orjson
 
 from .._core import entry, locking
+from .._core.cache_config import CacheConfig, settle
 from .._core.fingerprint import example_hashes
 from .._core.freshness import SYSTEM_CLOCK, iso
 from .._core.keys import Key, make_key
 from .._core.rows import short_name
-from .._core.store import cache_root, tag_folder
+from .._core.store import tag_folder
 from ..errors import ConfigError
 from .backends import Backend, Sampling
 
@@ -57,49 +58,55 @@ class Generations:
     """What `GenerationCache.generate` returns (one row per prompt, one column per sample).
 
     `prompts` are the prompts the completions were made from: on a hit with different questions they
-    are the cached ones, as the seed intends. A failed or empty completion is `None` (never cached).
+    are the cached ones, by design of the high-level key. A failed or empty completion is `None` (never cached).
     """
 
     prompts: list[str]
     completions: list[list[str | None]]
     full_texts: list[list[str | None]]
-    status: str  # "hit" | "partial" | "miss"
-    path: str
+    status: str  # "hit" | "partial" | "miss" | "disabled" (CacheConfig(enabled=False): nothing read or saved)
+    path: str  # the entry's metadata file ("" when disabled)
     reused: int
     generated: int
     prompts_differ: int
 
     @property
     def first_samples(self) -> list[str | None]:
-        """Sample 0 of every prompt: the list the seed's single-sample code expects."""
+        """Sample 0 of every prompt: the list single-sample code expects."""
         return [row[0] for row in self.completions]
 
 
 class GenerationCache:
-    """Completions for one model, stored under `experiments_dir` as the seed lays them out.
+    """Completions for one model, stored under `<cache root>/experiments/` in the layout drawn above.
 
     Args:
         model: the full model name (recorded in metadata), e.g. "HuggingFaceTB/SmolLM2-135M-Instruct".
         model_short_name: the folder name; defaults to the last part of `model`.
-        experiments_dir: the seed's `experiments/` folder; default `<cache root>/experiments`.
-        max_age_days: older entries are misses (None: never expire).
+        experiments_dir, max_age_days, clock: the cache settings as keywords: the `experiments/` folder
+            (default `<cache root>/experiments`), the age after which entries are misses (None: never
+            expire) and the time source. They build `cache` when it is not given.
         chunk_size: prompts generated between two saves.
+        cache: the settings as one `CacheConfig`: `folder` (else `<root>/experiments`), `max_age`,
+            `force_recompute` (for every `generate` call), `enabled`, `lock_stale_after`, `clock`.
+
+    Raises:
+        ConfigError: a keyword disagrees with `cache`.
 
     Example:
-        >>> cache = GenerationCache("HuggingFaceTB/SmolLM2-135M-Instruct")
+        >>> cache = GenerationCache("HuggingFaceTB/SmolLM2-135M-Instruct", cache=CacheConfig(max_age=None))
         >>> gens = cache.generate(prompts, backend, prompt_name="50-50", subject_type="all",
         ...                       num_samples=200, temperature=1.0, max_tokens=512)
     """
 
     def __init__(self, model: str, model_short_name: str | None = None, experiments_dir: str | Path | None = None,
                  max_age_days: float | None = None, chunk_size: int = 64,
-                 clock: Callable[[], float] = SYSTEM_CLOCK) -> None:
+                 clock: Callable[[], float] = SYSTEM_CLOCK, *, cache: CacheConfig | None = None) -> None:
         self.model = model
         self.short = model_short_name or short_name(model)
-        self.base = Path(experiments_dir) if experiments_dir else cache_root() / "experiments"
-        self.max_age_days = max_age_days
+        self.cache = settle(cache, {"experiments_dir": experiments_dir, "max_age_days": max_age_days, "clock": clock},
+                            {"experiments_dir": None, "max_age_days": None, "clock": SYSTEM_CLOCK}, "GenerationCache")
+        self.base = self.cache.folder_for("experiments")
         self.chunk_size = chunk_size
-        self.clock = clock
 
     def folder(self, prompt_name: str, subject_type: str) -> Path:
         for label, value in (("prompt_name", prompt_name), ("subject_type", subject_type)):
@@ -138,8 +145,8 @@ class GenerationCache:
 
     def _load(self, meta_path: Path, digest: str) -> tuple[dict, _Rows] | None:
         """(metadata, rows) of the entry at `meta_path` when it is whole, of this key and fresh; else None."""
-        found = entry.open_entry(meta_path, kind=KIND, digest=digest, max_age_days=self.max_age_days,
-                                 now=self.clock(), check="stamp")
+        found = entry.open_entry(meta_path, kind=KIND, digest=digest, max_age_days=self.cache.max_age_days,
+                                 now=self.cache.clock(), check="stamp")
         if found is None:
             return None
         stem = meta_path.name.removesuffix("_metadata.json")
@@ -188,7 +195,7 @@ class GenerationCache:
         except OSError as exc:
             log.warning("Cannot save generations under %s (%s); continuing without caching them.", folder, exc)
             return None
-        now = self.clock()
+        now = self.cache.clock()
         fields = {**info, "num_samples": complete, "num_rows": len(ordered), "timestamp": iso(now), "updated_at": now}
         created = fields.pop("created_at", None) or now  # an entry that grows keeps its creation time
         meta_path = folder / f"{stem}_metadata.json"
@@ -206,6 +213,8 @@ class GenerationCache:
                  top_p: float | None = None, seed: int | None = None, samples_per_prompt: int = 1,
                  strict: bool = False, force_recompute: bool = False) -> Generations:
         """Completions for the first `num_samples` prompts, served from the cache where it can.
+
+        `force_recompute` (or the cache's own) generates every sample again and replaces the entry.
 
         Raises:
             ConfigError: fewer prompts than `num_samples`, or a bad folder name.
@@ -225,12 +234,17 @@ class GenerationCache:
 
         hashes = example_hashes(prompts[:n])
         wanted = [(i, s) for i in range(n) for s in range(samples_per_prompt)]
-        meta, rows, loaded_path = ({}, {}, None) if force_recompute else self._lookup(folder, tail, key.digest)
+        force_recompute = force_recompute or self.cache.force_recompute
+        enabled = self.cache.enabled
+        reads = enabled and not force_recompute
+        meta, rows, loaded_path = self._lookup(folder, tail, key.digest) if reads else ({}, {}, None)
         with contextlib.ExitStack() as stack:
             differ = {i for (i, _), row in rows.items() if i < n and row["prompt_hash"] != hashes[i]}
-            if any(ik not in rows for ik in wanted) or (strict and differ):  # a miss: generate once across processes
-                held = stack.enter_context(locking.lease(self.base / ".locks" / f"{key.digest}.lock"))
-                if held and not force_recompute:  # the holder we waited for may have produced it
+            # a miss: generate once across processes
+            if enabled and (any(ik not in rows for ik in wanted) or (strict and differ)):
+                held = stack.enter_context(locking.lease(self.base / ".locks" / f"{key.digest}.lock",
+                                                         stale_after=self.cache.stale_after_seconds))
+                if held and reads:  # the holder we waited for may have produced it
                     meta, rows, loaded_path = self._lookup(folder, tail, key.digest)
                     differ = {i for (i, _), row in rows.items() if i < n and row["prompt_hash"] != hashes[i]}
             if strict and differ:
@@ -239,7 +253,9 @@ class GenerationCache:
                 differ = set()
             missing = [ik for ik in wanted if ik not in rows]
             reused = len(wanted) - len(missing)
-            if force_recompute:
+            if not enabled:
+                log.info("  Cache disabled - will generate without saving")
+            elif force_recompute:
                 log.info("  Force recompute enabled - will generate and save")
             elif not missing:
                 log.info("\n✓ Found cached generations!\n  Loaded %d cached generations\n  Cached on: %s\n  Model: %s\n"
@@ -251,25 +267,26 @@ class GenerationCache:
             else:
                 log.info("  No cache found - will generate and save\n")
             if differ:
-                log.warning("%d of the %d cached generations served were made from different prompts (the seed's "
-                            "high-level keying); pass strict=True to regenerate them.", len(differ), n)
+                log.warning("%d of the %d cached generations served were made from different prompts (the key "
+                            "names the experiment, not the prompts); pass strict=True to regenerate them.",
+                            len(differ), n)
 
             info = {"model": self.model, "model_short_name": self.short, "prompt_name": prompt_name,
                     "subject_type": subject_type, "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p,
                     "seed": seed, "samples_per_prompt": samples_per_prompt, "backend": getattr(backend, "name", "?"),
                     "created_at": meta.get("created_at")}
-            path = self._generate_missing(missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info) \
-                or loaded_path
+            path = self._generate_missing(missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info,
+                                          save=enabled) or loaded_path
         completions = [[rows[(i, s)]["completion"] if (i, s) in rows else None for s in range(samples_per_prompt)]
                        for i in range(n)]
         full_texts = [[rows[(i, s)]["full_text"] if (i, s) in rows else None for s in range(samples_per_prompt)]
                       for i in range(n)]
         served = [rows[(i, 0)]["prompt"] if (i, 0) in rows else prompts[i] for i in range(n)]
-        status = "hit" if not missing else ("partial" if reused else "miss")
-        return Generations(served, completions, full_texts, status, str(path or shown), reused,
+        status = "disabled" if not enabled else "hit" if not missing else ("partial" if reused else "miss")
+        return Generations(served, completions, full_texts, status, str(path or shown) if enabled else "", reused,
                            len(missing), len(differ))
 
-    def _generate_missing(self, missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info):
+    def _generate_missing(self, missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info, save):
         path = None
         failed = 0
         by_sample: dict[int, list[int]] = {}
@@ -289,8 +306,9 @@ class GenerationCache:
                         continue
                     rows[(i, s)] = {"i": i, "s": s, "prompt": prompts[i], "prompt_hash": hashes[i],
                                     "completion": text, "full_text": shown + text}
-                path = self._save(folder, tail, key, rows, info) or path
-        if missing:
+                if save:
+                    path = self._save(folder, tail, key, rows, info) or path
+        if missing and save:
             if failed:
                 log.warning("  %d generations failed or came back empty; they were not cached (re-run to retry).",
                             failed)

@@ -1,7 +1,7 @@
-"""Settings for the Trainer speed-ups, shaped like the seed's base_config.py (frozen; env read at call time).
+"""Settings for the Trainer speed-ups: what `from_pretrained` and `TrainingArguments` need (frozen).
 
-One dataclass carries what `from_pretrained` and `TrainingArguments` need plus the seed's prediction-cache
-settings, so one object describes a whole fine-tune-then-evaluate experiment.
+Only training settings live here; the prediction cache of the evaluation after training takes its own
+`CacheConfig` (`EvalConfig(cache=...)`), so every field of this object changes the trained model.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ class SpeedupConfig:
         num_workers: dataloader workers; None picks min(4, CPUs - 1).
         pad_to_multiple_of: pad batches to a multiple of this (None: 64 with compile, 8 on GPU, else off).
         gradient_checkpointing: trade ~20% speed for activation memory.
-        use_prediction_cache, force_recompute, cache_max_age_days, predictions_cache_dir: the seed's cache
-            settings, passed on to `evaluate_model`.
 
     Example:
         >>> SpeedupConfig(torch_compile=True, precision="bf16").optimizer
@@ -50,10 +48,6 @@ class SpeedupConfig:
     num_workers: int | None = None
     pad_to_multiple_of: int | None = None
     gradient_checkpointing: bool = False
-    use_prediction_cache: bool = True
-    force_recompute: bool = False
-    cache_max_age_days: float | None = 30
-    predictions_cache_dir: str | None = None
 
     def __post_init__(self) -> None:
         if self.attn_implementation not in ATTENTION:

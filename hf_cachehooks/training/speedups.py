@@ -16,11 +16,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from .capabilities import Availability, Decision, Device, decide, decisions_table, detect_device, probe_availability
+from .._models.loading import attention_ladder, load_weights
+from .capabilities import Availability, Decision, decide, decisions_table, probe_availability
 from .config import SpeedupConfig
+from .devices import Device, detect_device
 
 log = logging.getLogger(__name__)
-_LADDER = ("flash_attention_2", "sdpa", "eager")
 
 
 @dataclass
@@ -93,25 +94,18 @@ def plan(config: SpeedupConfig | None = None, device: Device | None = None,
     return result
 
 
-def load_model(name_or_path: str, speedup: SpeedupPlan, auto_class: Any = None, **kwargs: Any) -> Any:
-    """`from_pretrained` with the planned attention, stepping down FA2 -> SDPA -> eager on failure.
+def load_model(name_or_path: str, speedup: SpeedupPlan, head: str = "causal", **kwargs: Any) -> Any:
+    """The model alone, with the planned attention, stepping down FA2 -> SDPA -> eager on failure.
 
-    transformers has no automatic fallback from flash_attention_2: it raises ImportError or
-    ValueError. Each failed rung is logged with its reason; `speedup.attention_used` records the winner.
+    A thin call into the package's one loader (`attn_implementation` is the planned rung and every rung
+    below it). Each failed rung is logged and noted in `speedup.notes` with its reason;
+    `speedup.attention_used` records the one that loaded. Weights load in float32 unless `dtype=` says
+    otherwise (mixed precision does the rest).
     """
-    if auto_class is None:
-        from transformers import AutoModelForCausalLM as auto_class
-    wanted = speedup.chosen("attn_implementation")
-    for rung in _LADDER[_LADDER.index(wanted):]:
-        try:
-            model = auto_class.from_pretrained(name_or_path, attn_implementation=rung, **kwargs)
-        except (ImportError, ValueError) as exc:
-            reason = str(exc).splitlines()[0][:200]
-            log.warning("attn_implementation=%s failed (%s); falling back.", rung, reason)
-            speedup.notes.append(f"{rung} failed: {reason}")
-            continue
-        speedup.attention_used = getattr(model.config, "_attn_implementation", rung)
-        if rung != wanted:
-            log.warning("Using attn_implementation=%s instead of %s.", rung, wanted)
-        return model
-    raise ImportError(f"No attention implementation could load {name_or_path}: {'; '.join(speedup.notes)}")
+    def failed(rung: str, reason: str) -> None:
+        speedup.notes.append(f"{rung} failed: {reason}")
+
+    model = load_weights(name_or_path, head=head, attn_implementation=attention_ladder(
+        speedup.chosen("attn_implementation")), on_fallback=failed, **kwargs)
+    speedup.attention_used = getattr(model.config, "_attn_implementation", None)
+    return model

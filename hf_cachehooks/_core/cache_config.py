@@ -1,0 +1,221 @@
+"""One cache vocabulary: `CacheConfig` (where, how long, recompute or not) and the one adapter that maps the
+older keyword spellings onto it.
+
+Every cache takes a `CacheConfig`: `EvalConfig(cache=...)`, `GenerationCache(model, cache=...)`,
+`cache_activations(..., cache=...)` and the token cache's disk tier (`TokenCacheConfig(cache=...)`). The
+keywords they took before (`use_prediction_cache`, `cache_max_age_days`, `predictions_cache_dir`,
+`experiments_dir`, `directory`, `max_age_days`, ...) still work: `settle` turns them into a `CacheConfig`
+here, and only here. Durations are `timedelta`s; `days` is the one conversion to the entry contract's days.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from ..errors import ConfigError
+from .freshness import SYSTEM_CLOCK, is_expired
+from .store import cache_root
+
+_DAY = timedelta(days=1)
+_SECOND = timedelta(seconds=1)
+
+
+def days(age: timedelta | None) -> float | None:
+    """`age` in days, the unit of `is_expired` and the entry contract (None stays None: never expires)."""
+    return None if age is None else age / _DAY
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Where a cache lives, how long its entries stay valid, and whether to use them at all.
+
+    Args:
+        root: the cache root; None reads $HF_CACHEHOOKS_HOME when the cache is used, else `outputs/cache`.
+            Each cache keeps its entries in its own folder under it (`predictions/`, `experiments/`,
+            `conversations/`, ...).
+        folder: one cache's own folder, used instead of `<root>/<its name>` (leave it None when one
+            `CacheConfig` serves several caches). `cache_activations` writes to the folder you pass it.
+        max_age: entries older than this are misses, recomputed and replaced; None: they never expire.
+            The token cache's disk tier deletes a conversation idle for longer than this.
+        force_recompute: ignore what is cached, compute again and replace it.
+        enabled: False computes without reading or writing the cache.
+        lock_stale_after: a single-flight lock whose holder has not written a heartbeat for this long is
+            broken (the holder is taken to be dead).
+        clock: epoch seconds now; tests pass a fake one. Not part of equality.
+
+    Raises:
+        ConfigError: a duration that is negative or not a `timedelta`, or a flag that is not a bool.
+
+    Example:
+        >>> CacheConfig(max_age=timedelta(days=7)).max_age_days
+        7.0
+        >>> CacheConfig(root="/tmp/c").folder_for("predictions").as_posix()
+        '/tmp/c/predictions'
+    """
+
+    root: str | os.PathLike | None = None
+    folder: str | os.PathLike | None = None
+    max_age: timedelta | None = timedelta(days=30)
+    force_recompute: bool = False
+    enabled: bool = True
+    lock_stale_after: timedelta = timedelta(seconds=60)
+    clock: Callable[[], float] = field(default=SYSTEM_CLOCK, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("root", "folder"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, os.PathLike)):
+                raise ConfigError(f"CacheConfig {name}={value!r} is not a path; pass a str or pathlib.Path (or None).")
+            if value == "":
+                raise ConfigError(f"CacheConfig {name}='' is empty; pass a folder, or None for the default.")
+        if self.max_age is not None:
+            _check_duration("max_age", self.max_age, "None (never expires)")
+        _check_duration("lock_stale_after", self.lock_stale_after, "timedelta(seconds=60)")
+        if self.lock_stale_after <= timedelta(0):
+            raise ConfigError(f"CacheConfig lock_stale_after={self.lock_stale_after!r} must be positive, "
+                              "e.g. timedelta(seconds=60).")
+        for name in ("force_recompute", "enabled"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"CacheConfig {name}={getattr(self, name)!r} must be True or False.")
+        if not callable(self.clock):
+            raise ConfigError(f"CacheConfig clock={self.clock!r} is not callable; pass a function returning "
+                              "epoch seconds, e.g. time.time.")
+
+    @property
+    def max_age_days(self) -> float | None:
+        """`max_age` in days (None: never expires), for the entry contract's `is_expired`."""
+        return days(self.max_age)
+
+    @property
+    def stale_after_seconds(self) -> float:
+        """`lock_stale_after` in seconds, for the lock's heartbeat check."""
+        return self.lock_stale_after / _SECOND
+
+    def resolve_root(self) -> Path:
+        """The cache root now: `root`, else $HF_CACHEHOOKS_HOME, else `outputs/cache`."""
+        return cache_root(self.root)
+
+    def folder_for(self, name: str) -> Path:
+        """This cache's folder: `folder` when set, else `<root>/<name>`."""
+        return Path(self.folder) if self.folder is not None else self.resolve_root() / name
+
+    def expired(self, created_at: float, now: float | None = None) -> bool:
+        """True when an entry made at `created_at` (epoch seconds) is older than `max_age` at `now` (default: clock)."""
+        return is_expired(created_at, self.clock() if now is None else now, self.max_age_days)
+
+    @property
+    def reads(self) -> bool:
+        """True when cached entries may be served: enabled and not forced to recompute."""
+        return self.enabled and not self.force_recompute
+
+    @classmethod
+    def from_keywords(cls, **keywords: Any) -> CacheConfig:
+        """A `CacheConfig` from the keyword spellings the caches took before it (see `KEYWORDS`).
+
+        Ages in days (`cache_max_age_days`, `max_age_days`) and seconds (`disk_ttl_seconds`,
+        `lock_stale_after` as a number) become `timedelta`s; None or a negative age never expires.
+
+        Raises:
+            ConfigError: an unknown keyword, or a value of the wrong kind.
+
+        Example:
+            >>> CacheConfig.from_keywords(use_prediction_cache=False, cache_max_age_days=7).enabled
+            False
+        """
+        return cls(**_translate(keywords))
+
+
+def _check_duration(name: str, value: Any, example: str) -> None:
+    if not isinstance(value, timedelta):
+        raise ConfigError(f"CacheConfig {name}={value!r} is not a duration; pass a datetime.timedelta, "
+                          f"e.g. timedelta(days=7), or {example}.")
+    if value < timedelta(0):
+        raise ConfigError(f"CacheConfig {name}={value!r} is negative; pass a positive timedelta, or {example}.")
+
+
+def _age_in(unit: timedelta) -> Callable[[Any], timedelta | None]:
+    def convert(value: Any) -> timedelta | None:
+        if value is None:
+            return None
+        if isinstance(value, timedelta):
+            return None if value < timedelta(0) else value
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"Age {value!r} is not a number; pass a number or None (never expires).")
+        return None if value < 0 else value * unit  # negative: never expires, as before
+    return convert
+
+
+def _seconds(value: Any) -> timedelta:
+    return value if isinstance(value, timedelta) else float(value) * _SECOND
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _path(value: Any) -> Any:
+    return value or None  # "" meant "the default" for these keywords
+
+
+# keyword -> (CacheConfig field, conversion of its value)
+KEYWORDS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
+    "use_prediction_cache": ("enabled", _same),
+    "force_recompute": ("force_recompute", _same),
+    "cache_max_age_days": ("max_age", _age_in(_DAY)),
+    "max_age_days": ("max_age", _age_in(_DAY)),
+    "disk_ttl_seconds": ("max_age", _age_in(_SECOND)),
+    "cache_dir": ("root", _path),
+    "predictions_cache_dir": ("folder", _path),
+    "experiments_dir": ("folder", _path),
+    "directory": ("folder", _path),
+    "lock_stale_after": ("lock_stale_after", _seconds),
+    "clock": ("clock", _same),
+}
+
+
+def _translate(keywords: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in keywords.items():
+        if name not in KEYWORDS:
+            raise ConfigError(f"Unknown cache keyword {name!r}; known: {', '.join(sorted(KEYWORDS))}.")
+        target, convert = KEYWORDS[name]
+        out[target] = convert(value)
+    return out
+
+
+def settle(cache: CacheConfig | None, keywords: Mapping[str, Any], defaults: Mapping[str, Any],
+           owner: str) -> CacheConfig:
+    """The `CacheConfig` in effect: `cache` when given, else the one the keyword spellings describe.
+
+    `keywords` are the values the caller got for its keyword spellings and `defaults` their defaults. With
+    `cache` given, a keyword set away from its default must agree with `cache`: settings live in one place.
+
+    Raises:
+        ConfigError: `cache` is not a CacheConfig, or a keyword disagrees with it (names both and the fix).
+    """
+    if cache is None:
+        return CacheConfig.from_keywords(**keywords)
+    if not isinstance(cache, CacheConfig):
+        raise ConfigError(f"{owner}(cache={cache!r}): pass a hf_cachehooks.CacheConfig, or None.")
+    for name, value in keywords.items():
+        if name in defaults and _equal(value, defaults[name]):
+            continue
+        target, convert = KEYWORDS[name]
+        if not _equal(convert(value), getattr(cache, target)):
+            raise ConfigError(f"{owner} got cache=CacheConfig({target}={getattr(cache, target)!r}) and "
+                              f"{name}={value!r}; set it in one place: CacheConfig({target}={convert(value)!r}), "
+                              f"or drop {name}.")
+    return cache
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if callable(a) or callable(b):
+        return a is b
+    if isinstance(a, os.PathLike) or isinstance(b, os.PathLike):
+        return a is not None and b is not None and Path(a) == Path(b)
+    return bool(a == b)

@@ -1,0 +1,110 @@
+"""The management commands: ls, du, prune, clear (asks first), verify, explain. They print; the library logs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .. import management
+from .._core.freshness import describe_age, parse_duration
+from ..errors import ConfigError
+
+
+def human_bytes(n: float) -> str:
+    """Bytes as the CLI prints them: `512 B`, `1.5 KB`, `3.2 MB`."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def _print_plan(plan: management.Plan, dry_run: bool, verb: str) -> None:
+    for path in plan.entries:
+        print(f"  {path}")
+    for path in plan.leftovers:
+        print(f"  {path}  (left by a dead writer)")
+    if dry_run:
+        print(f"Would {verb} {len(plan.paths)} item(s), freeing {human_bytes(plan.size)}. (dry run: nothing deleted)")
+    else:
+        plan.execute()
+        print(f"{verb.capitalize()}d {len(plan.paths)} item(s), freed {human_bytes(plan.size)}.")
+
+
+def _confirmed(plan: management.Plan, args: argparse.Namespace) -> bool:
+    """`clear` deletes only after --yes, or a "y" typed at a terminal."""
+    if args.dry_run or args.yes or not plan.paths:
+        return True
+    question = f"Delete {len(plan.paths)} item(s) ({human_bytes(plan.size)}) under {args.root}? [y/N] "
+    if not sys.stdin.isatty():
+        print(f"error: clear would delete {len(plan.paths)} item(s) ({human_bytes(plan.size)}) under {args.root}; "
+              "pass --yes to confirm, or --dry-run to list them.", file=sys.stderr)
+        return False
+    return input(question).strip().lower() in ("y", "yes")
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    infos = management.list_entries(args.root, args.kind, bookkeeping=args.all or args.kind is not None)
+    if args.format == "json":
+        print(management.to_json(infos).decode())
+        return 0
+    now = time.time()
+    print(f"{'KIND':<22} {'MODEL':<36} {'EXAMPLES':>8} {'SIZE':>9} {'AGE':>5}  KEY")
+    for e in infos:
+        model = e.model if len(e.model) <= 36 else "…" + e.model[-35:]
+        print(f"{e.kind:<22} {model:<36} {e.examples or '-':>8} {human_bytes(e.size):>9} "
+              f"{describe_age(now - e.created_at):>5}  {e.key}")
+    print(f"{len(infos)} entries under {args.root}")
+    return 0
+
+
+def cmd_du(args: argparse.Namespace) -> int:
+    usage = management.disk_usage(args.root)
+    for kind, size in usage.items():
+        print(f"{human_bytes(size):>10}  {kind}")  # entries of each kind: manifests plus the files they list
+    print(f"{human_bytes(sum(usage.values())):>10}  total ({args.root})")
+    return 0
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    plan = management.plan_prune(args.root, parse_duration(args.older_than, require_unit=True), kind=args.kind)
+    _print_plan(plan, args.dry_run, "remove")
+    return 0
+
+
+def cmd_clear(args: argparse.Namespace) -> int:
+    plan = management.plan_clear(args.root, args.kind)
+    if not _confirmed(plan, args):
+        print("Nothing deleted.")
+        return 1
+    _print_plan(plan, args.dry_run, "remove")
+    return 0
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    folder = Path(args.path) if args.path else args.root
+    if not folder.exists():
+        raise ConfigError(f"{folder} does not exist. Give an activation cache folder (cache-activations --output DIR)."
+                          if args.path else f"No cache at {folder} (the folder does not exist). Point --cache-dir "
+                          "or $HF_CACHEHOOKS_HOME at your cache root.")
+    if args.path:
+        from ..activations.store import verify_store
+
+        problems_found = verify_store(args.path)
+        for line in problems_found:
+            print(f"CORRUPT {line}")
+        print(f"{args.path}: {'OK' if not problems_found else f'{len(problems_found)} problem(s)'}")
+        return 1 if problems_found else 0
+    checked, problems = management.verify(args.root, args.kind)
+    for path, problem in problems:
+        print(f"CORRUPT {path}: {problem}")
+    print(f"{checked} entries checked, {len(problems)} corrupt.")
+    return 1 if problems else 0
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    for line in management.explain(args.root, args.a, args.b):
+        print(line)
+    return 0

@@ -1,0 +1,379 @@
+"""One cache vocabulary: `CacheConfig`, the keyword adapter, and every cache taking it (fake clocks, tiny models)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import hf_cachehooks
+import hf_cachehooks._models.runners as runners
+import hf_cachehooks.activations.writer as writer
+from hf_cachehooks import CacheConfig, EvalConfig, evaluate_model
+from hf_cachehooks._core.cache_config import KEYWORDS, days
+from hf_cachehooks.activations.writer import cache_activations
+from hf_cachehooks.conversation.cache import TokenCache, TokenCacheConfig
+from hf_cachehooks.errors import ConfigError
+from hf_cachehooks.generation.backends import TransformersBackend
+from hf_cachehooks.generation.cache import GenerationCache
+from hf_cachehooks.training.config import SpeedupConfig
+from tests.conftest import make_llama, make_tokenizer
+
+DAY = 86400.0
+T0 = 1_700_000_000.0
+CFG = EvalConfig(max_new_tokens=3, batch_size=2, metrics=("exact_match",))
+QUESTIONS = [f"what is {a} plus {b} ?" for a in ("two", "four") for b in ("two", "four")]
+SETTINGS = {"prompt_name": "p", "subject_type": "all", "temperature": 0.0, "max_tokens": 3}
+
+
+class Clock:
+    def __init__(self, now: float = T0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def predicted(monkeypatch):
+    """Counts examples sent to the model by `evaluate_model`."""
+    count = [0]
+    real = runners.generate
+
+    def counting(model, tokenizer, prompts, config):
+        count[0] += len(prompts)
+        return real(model, tokenizer, prompts, config)
+
+    monkeypatch.setattr(runners, "generate", counting)
+    return count
+
+
+# The object -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("changes, named", [
+    ({"max_age": timedelta(days=-1)}, "max_age=datetime.timedelta(days=-1)"),
+    ({"max_age": 7}, "max_age=7 is not a duration"),
+    ({"lock_stale_after": timedelta(0)}, "lock_stale_after"),
+    ({"lock_stale_after": 60}, "lock_stale_after=60 is not a duration"),
+    ({"force_recompute": "yes"}, "force_recompute='yes'"),
+    ({"enabled": None}, "enabled=None"),
+    ({"root": 3}, "root=3 is not a path"),
+    ({"folder": ""}, "folder='' is empty"),
+])
+def test_bad_values_are_refused_naming_the_value_and_the_fix(changes, named):
+    with pytest.raises(ConfigError) as info:
+        CacheConfig(**changes)
+    assert named in str(info.value) and ("pass" in str(info.value) or "must" in str(info.value))
+
+
+def test_defaults_root_resolution_and_folders(tmp_path, monkeypatch):
+    config = CacheConfig()
+    assert (config.max_age, config.force_recompute, config.enabled) == (timedelta(days=30), False, True)
+    assert config.lock_stale_after == timedelta(seconds=60) and config.stale_after_seconds == 60
+    monkeypatch.setenv("HF_CACHEHOOKS_HOME", str(tmp_path / "later"))  # read when used, not when made
+    assert config.resolve_root() == tmp_path / "later"
+    assert config.folder_for("predictions") == tmp_path / "later" / "predictions"
+    monkeypatch.delenv("HF_CACHEHOOKS_HOME")
+    assert config.resolve_root() == Path("outputs/cache")
+    assert CacheConfig(root=tmp_path, folder="elsewhere").folder_for("predictions") == Path("elsewhere")
+
+
+def test_expiry_is_a_pure_function_of_created_at_now_and_max_age():
+    week = CacheConfig(max_age=timedelta(days=7), clock=Clock(T0 + 7 * DAY + 1))
+    assert week.max_age_days == 7.0 and days(timedelta(hours=12)) == 0.5 and days(None) is None
+    assert not week.expired(T0, T0 + 7 * DAY) and week.expired(T0, T0 + 7 * DAY + 1)
+    assert week.expired(T0)  # now from its clock
+    assert not CacheConfig(max_age=None).expired(0, T0 + 1e9)
+
+
+def test_the_clock_is_not_part_of_equality_and_the_object_is_frozen():
+    assert CacheConfig(clock=Clock()) == CacheConfig() and hash(CacheConfig(clock=Clock())) == hash(CacheConfig())
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        CacheConfig().enabled = False  # type: ignore[misc]
+
+
+def test_from_keywords_maps_every_older_spelling():
+    built = CacheConfig.from_keywords(use_prediction_cache=False, force_recompute=True, cache_max_age_days=0.5,
+                                      cache_dir="root", predictions_cache_dir="preds", lock_stale_after=5)
+    assert built == CacheConfig(root="root", folder="preds", max_age=timedelta(hours=12), force_recompute=True,
+                                enabled=False, lock_stale_after=timedelta(seconds=5))
+    assert CacheConfig.from_keywords(max_age_days=-1).max_age is None  # negative days: never expires, as before
+    assert CacheConfig.from_keywords(disk_ttl_seconds=60).max_age == timedelta(minutes=1)
+    assert CacheConfig.from_keywords(experiments_dir="e").folder == CacheConfig.from_keywords(directory="e").folder
+    assert set(KEYWORDS) >= {"use_prediction_cache", "force_recompute", "cache_max_age_days", "predictions_cache_dir"}
+    with pytest.raises(ConfigError, match="Unknown cache keyword 'max_age_weeks'"):
+        CacheConfig.from_keywords(max_age_weeks=1)
+
+
+def test_the_package_root_exports_it_without_importing_torch():
+    import subprocess
+    import sys
+
+    assert hf_cachehooks.CacheConfig is CacheConfig and "CacheConfig" in hf_cachehooks.__all__
+    code = ("import sys, hf_cachehooks; hf_cachehooks.EvalConfig(cache=hf_cachehooks.CacheConfig(), "
+            "generation_config={'max_new_tokens': 3}); print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+# EvalConfig: one adapter for the keywords ----------------------------------------------------------------
+
+
+def test_eval_config_keywords_and_cache_describe_the_same_settings():
+    by_keywords = EvalConfig(use_prediction_cache=False, cache_max_age_days=7, cache_dir="r", lock_stale_after=5)
+    by_object = EvalConfig(cache=CacheConfig(root="r", max_age=timedelta(days=7), enabled=False,
+                                             lock_stale_after=timedelta(seconds=5)))
+    assert by_keywords.resolved_cache == by_object.resolved_cache and by_keywords == by_object
+    assert by_keywords != EvalConfig(cache_max_age_days=8)
+    assert EvalConfig().resolved_cache == CacheConfig()  # the prediction cache's defaults are CacheConfig's
+
+
+def test_eval_config_replace_re_settles_the_keywords():
+    config = EvalConfig(cache_max_age_days=7)
+    forced = dataclasses.replace(config, force_recompute=True)
+    assert forced.resolved_cache.force_recompute and forced.resolved_cache.max_age == timedelta(days=7)
+    assert config.with_(cache_max_age_days=None).resolved_cache.max_age is None
+    own = EvalConfig(cache=CacheConfig(max_age=None))
+    assert dataclasses.replace(own, batch_size=4).resolved_cache.max_age is None
+    assert dataclasses.replace(own, cache=CacheConfig(enabled=False)).resolved_cache.enabled is False
+
+
+@pytest.mark.parametrize("keyword, value", [
+    ("force_recompute", True), ("use_prediction_cache", False), ("cache_max_age_days", 7),
+    ("predictions_cache_dir", "p"), ("cache_dir", "r"), ("lock_stale_after", 5.0), ("clock", Clock()),
+])
+def test_a_keyword_that_disagrees_with_cache_is_refused(keyword, value):
+    with pytest.raises(ConfigError, match=f"EvalConfig got cache=CacheConfig.*{keyword}=.*set it in one place"):
+        EvalConfig(cache=CacheConfig(), **{keyword: value})
+
+
+def test_a_keyword_that_agrees_with_cache_is_accepted():
+    config = EvalConfig(cache=CacheConfig(force_recompute=True, max_age=timedelta(days=7)), force_recompute=True,
+                        cache_max_age_days=7)
+    assert config.resolved_cache.force_recompute and config.resolved_cache.max_age == timedelta(days=7)
+    with pytest.raises(ConfigError, match="pass a hf_cachehooks.CacheConfig"):
+        EvalConfig(cache={"max_age": 7})  # type: ignore[arg-type]
+
+
+def test_evaluate_model_reads_every_setting_from_the_cache_object(tiny, qa_rows, tmp_path, predicted):
+    model, tok = tiny
+    clock = Clock()
+    cache = CacheConfig(root=tmp_path / "mine", max_age=timedelta(days=2), clock=clock)
+    config = dataclasses.replace(CFG, cache=cache)
+    first = evaluate_model(model, qa_rows, config, tokenizer=tok)
+    assert first.cache_status == "miss" and Path(first.path).is_relative_to(tmp_path / "mine" / "predictions")
+    assert first.metadata["created_at"] == T0  # the object's clock
+    clock.now += 1 * DAY
+    assert evaluate_model(model, qa_rows, config, tokenizer=tok).cache_status == "hit"
+    clock.now += 1.5 * DAY  # 2.5 days old: expired
+    assert evaluate_model(model, qa_rows, config, tokenizer=tok).cache_status in ("miss", "partial")
+    forced = dataclasses.replace(CFG, cache=dataclasses.replace(cache, force_recompute=True))
+    assert evaluate_model(model, qa_rows, forced, tokenizer=tok).cache_status == "recomputed"
+    before = predicted[0]
+    off = dataclasses.replace(CFG, cache=CacheConfig(root=tmp_path / "off", enabled=False))
+    assert evaluate_model(model, qa_rows, off, tokenizer=tok).cache_status == "disabled"
+    assert predicted[0] == before + len(qa_rows) and not (tmp_path / "off").exists()
+
+
+def test_the_keyword_spelling_and_the_object_share_entries(tiny, qa_rows, tmp_path):
+    model, tok = tiny
+    first = evaluate_model(model, qa_rows, CFG.with_(cache_dir=str(tmp_path / "r")), tokenizer=tok)
+    again = evaluate_model(model, qa_rows, dataclasses.replace(CFG, cache=CacheConfig(root=tmp_path / "r")),
+                           tokenizer=tok)
+    assert (first.cache_status, again.cache_status) == ("miss", "hit") and again.path == first.path
+
+
+# EvalConfig: generation_config ------------------------------------------------------------------------
+
+
+class OnlyToDict:
+    def to_dict(self):
+        return {"max_new_tokens": 3, "temperature": None, "_private": 1}
+
+
+def test_generation_config_and_the_fields_give_the_same_key(tiny, qa_rows, predicted):
+    from transformers import GenerationConfig
+
+    model, tok = tiny
+    fields = EvalConfig(max_new_tokens=3, batch_size=2, metrics=("exact_match",))
+    first = evaluate_model(model, qa_rows, fields, tokenizer=tok)
+    spellings = [GenerationConfig(max_new_tokens=3), {"max_new_tokens": 3}, OnlyToDict()]
+    for spelling in spellings:
+        config = EvalConfig(generation_config=spelling, batch_size=2, metrics=("exact_match",))
+        assert config.generation_overrides() == fields.generation_overrides() == {"max_new_tokens": 3,
+                                                                                 "do_sample": False}
+        again = evaluate_model(model, qa_rows, config, tokenizer=tok)
+        assert again.cache_status == "hit" and again.key == first.key
+    assert predicted[0] == len(qa_rows)
+    sampled = EvalConfig(generation_config=GenerationConfig(max_new_tokens=3, do_sample=True, temperature=0.7))
+    assert sampled.generation_overrides() == {"max_new_tokens": 3, "do_sample": True, "temperature": 0.7}
+
+
+def test_generation_config_next_to_a_generation_field_is_refused():
+    with pytest.raises(ConfigError, match="generation_config and max_new_tokens; put max_new_tokens inside"):
+        EvalConfig(generation_config={"max_new_tokens": 3}, max_new_tokens=4)
+    with pytest.raises(ConfigError, match="generation_kwargs"):
+        EvalConfig(generation_config={"max_new_tokens": 3}, generation_kwargs={"num_beams": 2})
+    with pytest.raises(ConfigError, match="neither a mapping nor a transformers GenerationConfig"):
+        EvalConfig(generation_config=42)  # type: ignore[arg-type]
+    kept = EvalConfig(generation_config={"num_beams": 2})
+    assert kept.with_(batch_size=1).generation_overrides()["num_beams"] == 2  # replace keeps it
+
+
+# GenerationCache -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def local_backend():
+    return TransformersBackend(make_llama(), make_tokenizer(), batch_size=4)
+
+
+def test_generation_cache_takes_the_object(local_backend, tmp_path):
+    clock = Clock()
+    cache = GenerationCache("org/Tiny", cache=CacheConfig(folder=tmp_path / "exp", max_age=timedelta(days=7),
+                                                          clock=clock))
+    first = cache.generate(QUESTIONS, local_backend, **SETTINGS)
+    assert first.status == "miss" and Path(first.path).is_relative_to(tmp_path / "exp")
+    clock.now += 6 * DAY
+    assert cache.generate(QUESTIONS, local_backend, **SETTINGS).status == "hit"
+    clock.now += 2 * DAY
+    assert cache.generate(QUESTIONS, local_backend, **SETTINGS).status == "miss"  # 8 days: expired
+    forced = GenerationCache("org/Tiny", cache=CacheConfig(folder=tmp_path / "exp", force_recompute=True, clock=clock))
+    assert forced.generate(QUESTIONS, local_backend, **SETTINGS).status == "miss"
+    keywords = GenerationCache("org/Tiny", experiments_dir=tmp_path / "exp", max_age_days=7, clock=clock)
+    assert keywords.cache == cache.cache and keywords.generate(QUESTIONS, local_backend, **SETTINGS).status == "hit"
+
+
+def test_generation_cache_disabled_writes_nothing(local_backend, tmp_path):
+    off = GenerationCache("org/Tiny", cache=CacheConfig(root=tmp_path / "r", enabled=False))
+    gens = off.generate(QUESTIONS, local_backend, **SETTINGS)
+    assert gens.status == "disabled" and gens.path == "" and all(gens.first_samples)
+    assert not (tmp_path / "r").exists()
+
+
+def test_generation_cache_refuses_a_disagreeing_keyword(tmp_path):
+    with pytest.raises(ConfigError, match="GenerationCache got cache=CacheConfig.*max_age_days=7"):
+        GenerationCache("org/Tiny", max_age_days=7, cache=CacheConfig())
+    default = GenerationCache("org/Tiny")
+    assert default.cache.max_age is None and default.base == Path(os.environ["HF_CACHEHOOKS_HOME"]) / "experiments"
+
+
+# cache_activations ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return make_llama(layers=2), make_tokenizer()
+
+
+def _records():
+    return [{"text": f"what is {w}", "label": i % 2} for i, w in enumerate(("the sky", "a cat", "two", "four"))]
+
+
+@pytest.fixture
+def extractions(monkeypatch):
+    calls = []
+    real = writer.capture
+    monkeypatch.setattr(writer, "capture", lambda *a, **k: calls.append(1) or real(*a, **k))
+    return calls
+
+
+def test_activations_force_recompute_re_extracts_the_same_inputs(llama, tmp_path, extractions, caplog):
+    model, tok = llama
+    folder = tmp_path / "acts"
+    first = cache_activations(model, tok, _records(), folder, [1], progress=False)
+    extractions.clear()
+    assert cache_activations(model, tok, _records(), folder, [1], progress=False).manifest == first.manifest
+    assert extractions == []
+    with caplog.at_level(logging.INFO, logger="hf_cachehooks"):
+        again = cache_activations(model, tok, _records(), folder, [1], progress=False,
+                                  cache=CacheConfig(force_recompute=True))
+    assert extractions and "force_recompute is set" in caplog.text
+    assert again.manifest["key"] == first.manifest["key"]
+    assert again.manifest["created_at"] >= first.manifest["created_at"]
+    other = _records()[:2]
+    with pytest.raises(ConfigError, match="made from other inputs"):  # other inputs still need `force`
+        cache_activations(model, tok, other, folder, [1], progress=False, cache=CacheConfig(force_recompute=True))
+
+
+def test_activations_expire_by_the_object(llama, tmp_path, extractions):
+    model, tok = llama
+    folder = tmp_path / "acts"
+    clock = Clock(T0)
+    cache_activations(model, tok, _records(), folder, [1], progress=False, clock=clock)
+    extractions.clear()
+    clock.now += 3 * DAY
+    week = CacheConfig(max_age=timedelta(days=7), clock=clock)
+    cache_activations(model, tok, _records(), folder, [1], progress=False, cache=week)
+    assert extractions == []
+    cache_activations(model, tok, _records(), folder, [1], progress=False,
+                      cache=dataclasses.replace(week, max_age=timedelta(days=1)))
+    assert extractions
+
+
+def test_activations_refuse_disagreeing_settings(llama, tmp_path):
+    model, tok = llama
+    with pytest.raises(ConfigError, match="cache_activations got cache=CacheConfig.*max_age_days=7"):
+        cache_activations(model, tok, _records(), tmp_path / "a", [1], max_age_days=7, cache=CacheConfig())
+    with pytest.raises(ConfigError, match="pass the store's folder once"):
+        cache_activations(model, tok, _records(), tmp_path / "a", [1], cache=CacheConfig(folder=tmp_path / "b"))
+
+
+# The token cache's disk tier ------------------------------------------------------------------------------
+
+
+def _turn(n=3, layers=2, hidden=4, k=2):
+    return (np.arange(n), np.zeros((n, layers, hidden), np.float16), np.zeros((n, layers, k), np.int32),
+            np.zeros((n, layers, k), np.float32))
+
+
+def test_token_cache_disk_tier_takes_the_object(tmp_path):
+    clock = Clock()
+    config = TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv", max_age=timedelta(seconds=60), clock=clock))
+    cache = TokenCache(config)
+    assert cache.root == tmp_path / "conv"
+    cache.append_turn("a", *_turn())
+    assert (tmp_path / "conv" / "a" / "conversation.json").exists()
+    clock.now += 59
+    assert cache.evict() == []
+    clock.now += 2  # idle 61 s > 60 s: its clock and its max_age
+    assert cache.evict() == ["a"]
+    under_root = TokenCache(TokenCacheConfig(cache=CacheConfig(root=tmp_path / "r")))
+    assert under_root.root == tmp_path / "r" / "conversations"
+
+
+def test_token_cache_keywords_and_the_object_are_one_setting(tmp_path):
+    keywords = TokenCacheConfig(directory=str(tmp_path), disk_ttl_seconds=86400)
+    assert keywords == TokenCacheConfig(cache=CacheConfig(folder=str(tmp_path), max_age=timedelta(days=1)))
+    assert TokenCacheConfig().resolved_cache.max_age == timedelta(days=7)  # the disk tier's default, as before
+    assert TokenCacheConfig(disk_ttl_seconds=None).resolved_cache.max_age is None
+    assert TokenCacheConfig(memory_ttl_seconds=90).memory_ttl == timedelta(seconds=90)
+    with pytest.raises(ConfigError, match="TokenCacheConfig got cache=CacheConfig.*directory="):
+        TokenCacheConfig(directory="x", cache=CacheConfig())
+    for flag in ({"force_recompute": True}, {"enabled": False}):
+        with pytest.raises(ConfigError, match="conversations are stored, not recomputed"):
+            TokenCacheConfig(cache=CacheConfig(**flag))
+
+
+def test_yaml_still_reads_into_the_object():
+    config = TokenCacheConfig.from_yaml_dict({"cache": {"disk": {"directory": "./c"}, "ttl": {"disk_days": 2}}})
+    assert config.resolved_cache.folder == "./c" and config.resolved_cache.max_age == timedelta(days=2)
+    assert TokenCacheConfig.from_yaml_dict({"ttl": {"disk_days": -1}}).resolved_cache.max_age is None
+    moved = dataclasses.replace(config, directory="./d")  # what chat-server --config --directory does
+    assert moved.resolved_cache.folder == "./d" and moved.resolved_cache.max_age == timedelta(days=2)
+
+
+# SpeedupConfig ---------------------------------------------------------------------------------------------
+
+
+def test_speedup_config_holds_training_settings_only():
+    names = {f.name for f in dataclasses.fields(SpeedupConfig)}
+    assert not names & {"use_prediction_cache", "force_recompute", "cache_max_age_days", "predictions_cache_dir"}
+    with pytest.raises(TypeError):
+        SpeedupConfig(use_prediction_cache=True)  # type: ignore[call-arg]
