@@ -209,6 +209,7 @@ def _rank_main(rank, world, init_file, folder):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_store_equal_to_a_single_process_store(tmp_path, monkeypatch):
     import torch.multiprocessing as mp
 

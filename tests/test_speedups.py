@@ -85,6 +85,7 @@ def test_a_setting_ignored_by_the_trainer_is_a_warning_naming_the_fix(tiny_dir, 
     assert any("optimizer: planned" in r.message and r.levelno == logging.WARNING for r in caplog.records)
 
 
+@pytest.mark.slow
 def test_compile_with_aot_eager_is_observed_and_recompiles_counted(tiny_dir, tmp_path):
     plan = speedups.plan(SpeedupConfig(torch_compile=True, torch_compile_backend="aot_eager",
                                        per_device_train_batch_size=4))
@@ -101,6 +102,7 @@ def test_inductor_compile_smoke(tiny_dir, tmp_path):
     assert callback.observed["torch_compile"] is True and trainer.state.global_step == 4
 
 
+@pytest.mark.slow
 def test_peft_model_with_checkpointing_and_compile_warns_about_graph_breaks(tiny_dir, tmp_path):
     peft = pytest.importorskip("peft")
     plan = speedups.plan(SpeedupConfig(torch_compile=True, torch_compile_backend="eager", gradient_checkpointing=True,
