@@ -26,13 +26,11 @@ import bisect
 import contextlib
 import logging
 import operator
-import os
 import struct
 import threading
 import uuid
 from collections.abc import Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -41,26 +39,23 @@ import orjson
 from .._core import entry
 from .._core.freshness import Clock
 from .._core.locking import lease
-from .._core.store import tag_folder, unseal
-from ..errors import ConfigError, CorruptEntryError, MissingDependencyError
+from .._core.store import tag_folder
+from ..errors import ConfigError, MissingDependencyError
 from .files import (
     CONV_ID,
     FORMAT_VERSION,
-    KIND,
     MANIFEST,
     SUFFIX,
-    TOUCH,
-    TOUCH_EVERY,
     CorruptTurn,
     TokenCacheConfig,
     TokenRecord,
     check_lens,
     check_turn,
     codec,
-    manifest_problem,
     read_turn,
     validate_conv_id,
 )
+from .manifests import Manifests
 from .memory import MemoryTier
 
 log = logging.getLogger(__name__)
@@ -87,9 +82,8 @@ class TokenCache:
         self._codec = codec(self.config.compression)  # a missing codec package fails now, not mid-chat
         self._clock = clock = clock or self._disk.clock
         self._memory = MemoryTier(self.config.memory_max_bytes, self.config.memory_ttl, clock)
-        self._manifests: dict[str, tuple[tuple, dict | None, list[int]]] = {}  # conv_id -> (stat, manifest, starts)
+        self._manifests = Manifests(self.root)  # the disk tier's manifests, re-read only when their file changed
         self._volatile: dict[str, dict] = {}  # memory-only conversations (the disk refused a write)
-        self._touched: dict[str, float] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._stats = {"memory_hits": 0, "disk_hits": 0, "misses": 0}
@@ -142,12 +136,12 @@ class TokenCache:
                 try:
                     if not locked:
                         raise OSError("cannot take the conversation's lock")
-                    if not doc["turns"] and (owner := self._foreign_owner(conv_id)):
+                    if not doc["turns"] and (owner := self._manifests.foreign_owner(conv_id)):
                         raise OSError(f"its folder holds conversation {owner!r:.80}'s manifest; not overwriting it")
                     turn.update(self._write_part(conv_id, doc["uid"], turn_no, arrays, new["files"], lens=False))
                     if "topk_ids" in arrays:
                         turn.update(self._write_part(conv_id, doc["uid"], turn_no, arrays, new["files"], lens=True))
-                    if not self._commit(conv_id, new):
+                    if not self._manifests.commit(conv_id, new):
                         raise OSError("manifest not written")
                 except OSError as exc:
                     turn.update(file=None, bytes=0, lens_file=None, lens_bytes=0)
@@ -190,7 +184,7 @@ class TokenCache:
             new = {**doc, "k": k, "turns": turns, "files": files}
             if conv_id in self._volatile:
                 self._volatile[conv_id] = new
-            elif new_turn["lens_file"] and not self._commit(conv_id, new):
+            elif new_turn["lens_file"] and not self._manifests.commit(conv_id, new):
                 log.warning("Cannot update the manifest of conversation %s; the lens of turn %d stays in memory.",
                             conv_id, turn_no)
             arrays = self._whole_turn(conv_id, doc, turn_no)
@@ -358,7 +352,7 @@ class TokenCache:
             return None
         return {"conv_id": conv_id, "tokens": doc["tokens"], "turns": len(doc["turns"]),
                 "bytes": sum(t["bytes"] + t["lens_bytes"] for t in doc["turns"]), "pinned": doc["pinned"],
-                "last_access": self._last_access(conv_id, doc), "created_at": doc["created_at"]}
+                "last_access": self._manifests.last_access(conv_id, doc), "created_at": doc["created_at"]}
 
     def pin(self, conv_id: str, pinned: bool = True) -> bool:
         """Keep (or stop keeping) a conversation through every eviction; False when it is unknown."""
@@ -370,7 +364,7 @@ class TokenCache:
             if conv_id in self._volatile:
                 self._volatile[conv_id] = {**doc, "pinned": pinned}
                 return True
-            return self._commit(conv_id, {**doc, "pinned": pinned})
+            return self._manifests.commit(conv_id, {**doc, "pinned": pinned})
 
     def delete(self, conv_id: str) -> bool:
         """Remove a conversation from both tiers; False when it was not there.
@@ -423,15 +417,16 @@ class TokenCache:
         with self._lock_for(conv_id), self._lease(conv_id):
             doc = self._manifest(conv_id)
             if planned_access is not None and (doc is None or doc["pinned"]
-                                               or self._last_access(conv_id, doc) != planned_access):
+                                               or self._manifests.last_access(conv_id, doc) != planned_access):
                 return False  # used, pinned or removed since eviction planned it
             self._memory.drop_where(reason, lambda key, _: key[0] == conv_id)
             existed = self._volatile.pop(conv_id, None) is not None
-            self._manifests.pop(conv_id, None)
+            self._manifests.forget(conv_id)
             path = folder / MANIFEST  # the disk's entry, also under a memory-only conversation
-            if self._manifest(conv_id) is not None or (path.exists() and self._foreign_owner(conv_id) is None):
+            ours = self._manifest(conv_id) is not None
+            if ours or (path.exists() and self._manifests.foreign_owner(conv_id) is None):
                 entry.remove_entry(path)  # manifest renamed away first; then only the files it lists (plain names)
-                self._manifests.pop(conv_id, None)
+                self._manifests.forget(conv_id)
                 existed = True  # a damaged manifest goes too, but never another conversation's (folders swapped)
         if existed:
             log.info("Token cache removed conversation %s from disk: %s.", conv_id, reason)
@@ -456,56 +451,11 @@ class TokenCache:
         return None if found is None else found[0]
 
     def _manifest_and_starts(self, conv_id: str) -> tuple[dict, list[int]] | None:
-        """The manifest, re-read only when its file changed (another process appended, pinned or deleted)."""
+        """The manifest and its turn starts: a memory-only conversation's, else the disk's (see `Manifests`)."""
         if conv_id in self._volatile:
             memory_only = self._volatile[conv_id]
             return memory_only, [t["start"] for t in memory_only["turns"]]
-        path = self.root / conv_id / MANIFEST
-        try:
-            st = path.stat()
-        except OSError:
-            self._manifests.pop(conv_id, None)
-            return None
-        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._manifests.get(conv_id)
-        if cached is not None and cached[0] == signature:
-            return None if cached[1] is None else (cached[1], cached[2])
-        doc = self._load(conv_id, path)
-        starts = [] if doc is None else [t["start"] for t in doc["turns"]]
-        self._manifests[conv_id] = (signature, doc, starts)  # a refused manifest is refused once, not per lookup
-        return None if doc is None else (doc, starts)
-
-    def _load(self, conv_id: str, path: Path) -> dict | None:
-        """The manifest at `path` when it is a sound manifest of conversation `conv_id`; else None, logged."""
-        try:
-            doc = unseal(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, CorruptEntryError) as exc:
-            log.warning("Cannot read the manifest of conversation %s (%s); treating it as a miss.", conv_id, exc)
-            return None
-        problem = manifest_problem(doc, conv_id)
-        if problem is not None:
-            old = isinstance(doc, dict) and doc.get("hf_cachehooks_entry") is None and "format" in doc
-            log.log(logging.INFO if old else logging.WARNING, "Manifest %s is not served as conversation %s (%s); "
-                    "treating it as a miss.", path, conv_id, problem)
-            return None
-        return doc
-
-    def _foreign_owner(self, conv_id: str) -> str | None:
-        """The id of another conversation whose sound manifest sits in `conv_id`'s folder (folders swapped)."""
-        try:
-            doc = unseal((self.root / conv_id / MANIFEST).read_bytes())
-        except (OSError, CorruptEntryError):
-            return None
-        other = doc.get("conv_id") if isinstance(doc, dict) and doc.get("kind") == KIND else None
-        return other if isinstance(other, str) and other != conv_id and manifest_problem(doc, other) is None else None
-
-    def _commit(self, conv_id: str, doc: dict) -> bool:
-        """Write `doc` as the conversation's manifest, last, after the files its `files` lists."""
-        key = {"kind": KIND, "digest": doc["uid"], "inputs": {"conv_id": conv_id, "uid": doc["uid"]}}
-        return entry.commit(self.root / conv_id / MANIFEST, KIND, key, doc["files"], doc,
-                            created_at=doc["created_at"])
+        return self._manifests.read(conv_id)
 
     def _turn_starting(self, conv_id: str, start: int) -> tuple[dict, int] | None:
         """The manifest and the number of the turn that begins at token `start`; None when there is none."""
@@ -515,19 +465,5 @@ class TokenCache:
         return found[0], found[1].index(start)
 
     def _touch(self, conv_id: str) -> None:
-        now = self._clock()
-        if conv_id in self._volatile or now - self._touched.get(conv_id, -np.inf) < TOUCH_EVERY:
-            return
-        self._touched[conv_id] = now
-        path = self.root / conv_id / TOUCH
-        with contextlib.suppress(OSError):  # the folder may be gone or read-only; never recreate it
-            if not path.exists():
-                path.write_bytes(b"")
-            os.utime(path, (now, now))
-
-    def _last_access(self, conv_id: str, doc: dict) -> float:
-        try:
-            touched = (self.root / conv_id / TOUCH).stat().st_mtime
-        except OSError:
-            touched = 0.0
-        return max(float(doc.get("last_access", doc["created_at"])), touched)
+        if conv_id not in self._volatile:
+            self._manifests.touch(conv_id, self._clock())
