@@ -205,10 +205,9 @@ def check_file(folder: Path, name: str, rec: Any, check: str = "stamp") -> str |
         return f"{name}: not a regular file (a link or folder is never followed)"
     if st.st_size != rec["bytes"]:
         return f"{name}: {st.st_size} bytes, the manifest says {rec['bytes']}"
-    stamp = _stamp(st)
-    if check == "size" or (check == "stamp" and st.st_size >= HASH_ALWAYS_BELOW and (
-            rec.get("stamp") == stamp or _verified.get(str(path)) == (stamp, rec["xxh3"]))):
+    if check == "size" or (check == "stamp" and trusted(str(path), st, rec)):
         return None
+    stamp = _stamp(st)
     try:
         ok = hash_file(path) == rec["xxh3"]
     except OSError as exc:

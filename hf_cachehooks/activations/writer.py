@@ -30,7 +30,7 @@ import orjson
 
 from .._core import entry
 from .._core.cache_config import CacheConfig, settle
-from .._core.fingerprint import fingerprint_data, hash_file
+from .._core.fingerprint import fingerprint_data
 from .._core.freshness import SYSTEM_CLOCK, Clock, describe_age, iso
 from .._core.keys import Key, diff_inputs, make_key
 from .._core.store import atomic_target, read_entry, seal, tag_folder, unseal, write_entry
@@ -310,15 +310,8 @@ def _chunk_done(folder: Path, chunk: int, digest: str) -> bool:
     side = _sidecar(folder, chunk)
     if side is None or side["key"]["digest"] != digest:
         return False
-    path = folder / f"{chunk_name(chunk)}.arrow"
-    try:
-        st = os.stat(path)
-        if st.st_size != side["bytes"]:
-            return False
-        same = side.get("stamp") == [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]
-        return same or hash_file(path) == side["content_hash"]  # touched since: trust only its content
-    except OSError:
-        return False
+    record = {"bytes": side["bytes"], "xxh3": side["content_hash"], "stamp": side.get("stamp")}
+    return entry.check_file(folder, f"{chunk_name(chunk)}.arrow", record) is None  # the contract's own file check
 
 
 def write_chunk(folder: Path, chunk: int, start: int, end: int, table: Any, key: Any, shard_size: int) -> None:

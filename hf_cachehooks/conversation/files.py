@@ -305,12 +305,6 @@ def read_turn(folder: Path, doc: dict, turn_no: int, rows: slice | None) -> dict
     return out
 
 
-def _file_problem(path: Path, record: dict) -> str | None:
-    """The contract's per-file check: size always; content hash for files under 1 MiB, or when the file's
-    stamp (inode, mtime_ns, ctime_ns) differs from the one recorded at commit."""
-    return entry.check_file(path.parent, path.name, record, "stamp")
-
-
 def _read_part(path: Path, turn: dict, record: dict, uid: str, part: str, expect: dict[str, tuple[str, list[int]]],
                rows: slice | None, mapped: bool) -> dict[str, np.ndarray]:
     """One safetensors file of a turn, checked against its manifest `record` (size, then content by the
@@ -320,7 +314,7 @@ def _read_part(path: Path, turn: dict, record: dict, uid: str, part: str, expect
     """
     codecs = codec(turn["compression"])
     with open(path, "rb") as handle:  # FileNotFoundError: deleted meanwhile, the caller's quiet miss
-        if problem := _file_problem(path, record):
+        if problem := entry.check_file(path.parent, path.name, record):  # size; content by the contract's rule
             raise CorruptTurn(problem)
         if codecs is None and mapped:
             mapping = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
@@ -341,11 +335,11 @@ def _read_part(path: Path, turn: dict, record: dict, uid: str, part: str, expect
         raise CorruptTurn("header missing, or written for another conversation or turn")
     out = {}
     for name, (code, shape) in expect.items():
-        entry, dtype = header.get(name) or {}, _DTYPES[code]
-        begin, end = (entry.get("data_offsets") or [0, -1])[:2]
-        if (entry.get("dtype") != code or entry.get("shape") != shape or begin < 0
+        tensor, dtype = header.get(name) or {}, _DTYPES[code]
+        begin, end = (tensor.get("data_offsets") or [0, -1])[:2]
+        if (tensor.get("dtype") != code or tensor.get("shape") != shape or begin < 0
                 or end - begin != dtype.itemsize * int(np.prod(shape)) or 8 + head_len + end > size):
-            raise CorruptTurn(f"tensor {name} does not match the manifest ({entry})")
+            raise CorruptTurn(f"tensor {name} does not match the manifest ({tensor})")
         array = np.frombuffer(view[8 + head_len + begin : 8 + head_len + end], dtype).reshape(shape)
         out[name] = array if rows is None else array[rows].copy()  # a copy lets the mapping go
     return out
