@@ -156,10 +156,17 @@ def _check_kind(root: Path, kind: str | None) -> None:
         raise ConfigError(f"No cache kind {kind!r} under {root} (present: {present}).")
 
 
+def _matching(root: Path, kind: str | None, bookkeeping: bool = True) -> list[tuple[EntryInfo, Entry]]:
+    """`_entries` in one scan; an empty result for a named kind is the unknown-kind error (a second scan only then)."""
+    found = list(_entries(root, kind, bookkeeping))
+    if not found:
+        _check_kind(root, kind)
+    return found
+
+
 def list_entries(root: Path, kind: str | None = None, bookkeeping: bool = False) -> list[EntryInfo]:
     """Every entry (of one kind or top folder, if given), newest first; memos only with `bookkeeping`."""
-    _check_kind(root, kind)
-    return sorted((info for info, _ in _entries(root, kind, bookkeeping)), key=lambda e: -e.created_at)
+    return sorted((info for info, _ in _matching(root, kind, bookkeeping)), key=lambda e: -e.created_at)
 
 
 def disk_usage(root: Path) -> dict[str, int]:
@@ -196,9 +203,8 @@ def plan_clear(root: Path, kind: str | None = None) -> Plan:
         ConfigError: `root` is not a cache of this library, or holds no such kind.
     """
     _require_cache(root)
-    _check_kind(root, kind)
     plan = Plan()
-    for info, _ in _entries(root, kind):
+    for info, _ in _matching(root, kind):
         plan.entries.append(info.path)
         plan.size += info.size
     if kind is None:
@@ -212,10 +218,9 @@ def plan_prune(root: Path, older_than: float, now: float | None = None, kind: st
     Pinned conversations stay.
     """
     _require_cache(root)
-    _check_kind(root, kind)
     now = time.time() if now is None else now
     plan = Plan()
-    for info, found in _entries(root, kind):
+    for info, found in _matching(root, kind):
         if now - info.created_at > older_than and not found.doc.get("pinned"):
             plan.entries.append(info.path)
             plan.size += info.size
