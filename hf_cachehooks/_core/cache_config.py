@@ -19,7 +19,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .freshness import SYSTEM_CLOCK, is_expired
-from .store import cache_root
+from .store import cache_root, local_path
 
 _DAY = timedelta(days=1)
 _SECOND = timedelta(seconds=1)
@@ -102,7 +102,7 @@ class CacheConfig:
 
     def folder_for(self, name: str) -> Path:
         """This cache's folder: `folder` when set, else `<root>/<name>`."""
-        return Path(self.folder) if self.folder is not None else self.resolve_root() / name
+        return local_path(self.folder) if self.folder is not None else self.resolve_root() / name
 
     def expired(self, created_at: float, now: float | None = None) -> bool:
         """True when an entry made at `created_at` (epoch seconds) is older than `max_age` at `now` (default: clock)."""

@@ -38,6 +38,7 @@ from typing import Any
 
 from .._version import __version__
 from ..errors import CorruptEntryError
+from . import remote
 from .freshness import describe_age, is_expired
 from .keys import Key, hash_bytes
 from .store import atomic_write, unseal, write_entry
@@ -166,8 +167,11 @@ def commit(path: Path, kind: str, key: Key | Mapping[str, Any], files: Mapping[s
     """
     path = Path(path)
     records = _settle(path.parent, files or {})
-    return write_entry(path, manifest_doc(kind, key, records, fields or {},
-                                          time.time() if created_at is None else created_at))
+    written = write_entry(path, manifest_doc(kind, key, records, fields or {},
+                                             time.time() if created_at is None else created_at))
+    if written:
+        remote.push(path)  # a root on object storage: files up, then the manifest last (no-op when local)
+    return written
 
 
 def is_entry_file(path: Path) -> bool:
@@ -267,12 +271,13 @@ def open_entry(path: Path, *, kind: str | None = None, digest: str | None = None
     logged and removed (`remove_corrupt`), so the caller recomputes. Another key or an expired entry
     is left in place: it is someone else's valid data.
     """
+    remote.refresh(Path(path), kind)  # a root on object storage: bring the local copy in step (no-op when local)
     entry, problem = inspect(path, check)
     if problem:
         log.warning("Corrupt cache entry %s (%s); %s and recomputing.", path, problem,
                     "removing it" if remove_corrupt else "ignoring it")
         if remove_corrupt:
-            remove_entry(path)
+            remove_entry(path, everywhere=False)
         return None
     if entry is None:
         return None
@@ -290,16 +295,19 @@ def open_entry(path: Path, *, kind: str | None = None, digest: str | None = None
     return entry
 
 
-def remove_entry(path: Path, also: Iterable[str] = ()) -> int:
+def remove_entry(path: Path, also: Iterable[str] = (), *, everywhere: bool = True) -> int:
     """Delete an entry whole: rename its manifest away (readers see no entry at once), then its files.
 
     Only names the manifest lists (checked as plain names), `also`, and the cache's own bookkeeping
     (`OWN_HIDDEN`) are deleted; the folder goes only if that left it empty. Returns the bytes freed.
     An unreadable manifest is removed alone: its files are unknown, so nothing else is touched.
+    In the local copy of a root on object storage, the remote entry goes too unless `everywhere=False`.
     """
     import shutil
 
     path = Path(path)
+    if everywhere:
+        remote.delete(path)
     grave = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")
     try:
         os.rename(path, grave)

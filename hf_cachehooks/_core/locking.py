@@ -22,8 +22,17 @@ from typing import TypeVar
 
 import orjson
 
+from . import remote
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def holder_gone(info: object) -> bool:
+    """True when a lease's `info` ({"host", "pid", ...}) names a process of this host that no longer runs."""
+    pid = info.get("pid") if isinstance(info, dict) else None
+    return isinstance(info, dict) and isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 \
+        and info.get("host") == socket.gethostname() and not _alive(pid)
 
 
 def _alive(pid: int) -> bool:
@@ -55,9 +64,7 @@ def _stale(lease: Path, stale_after: float) -> tuple[float, int] | None:
         return None
     except (OSError, orjson.JSONDecodeError):
         info = None  # empty or garbled: its writer died mid-write
-    pid = info.get("pid") if isinstance(info, dict) else None
-    if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 and info.get("host") == socket.gethostname() \
-            and not _alive(pid):
+    if holder_gone(info):
         return age, st.st_ino
     return (age, st.st_ino) if age > stale_after else None
 
@@ -78,6 +85,13 @@ def _break(lease: Path, inode: int) -> None:
 @contextlib.contextmanager
 def lease(path: Path, *, stale_after: float = 60.0, poll: float = 0.05, heartbeat: float = 5.0) -> Iterator[bool]:
     """Hold the lease at `path` for the duration of the block; yields False when the folder is unwritable."""
+    url = remote.url_of(path)
+    if url is not None:  # a root on object storage: the lease is an object created with a conditional write
+        from .remote_lease import remote_lease
+
+        with remote_lease(url, stale_after=stale_after, poll=poll, heartbeat=heartbeat) as held:
+            yield held
+        return
     _writable_parent(path)
     me = orjson.dumps({"host": socket.gethostname(), "pid": os.getpid(), "since": time.time()})
     waiting = False

@@ -39,7 +39,16 @@ _TAG = b"Signature: 8a477f597d28d172789f06886806bc55\n# Cache folder of hf_cache
 
 def cache_root(explicit: str | os.PathLike | None = None) -> Path:
     """Resolve the cache root now (not at import): argument, else $HF_CACHEHOOKS_HOME, else outputs/cache."""
-    return Path(explicit or os.environ.get("HF_CACHEHOOKS_HOME") or DEFAULT_ROOT)
+    return local_path(explicit or os.environ.get("HF_CACHEHOOKS_HOME") or DEFAULT_ROOT)
+
+
+def local_path(value: str | os.PathLike) -> Path:
+    """`value` as a local folder: a URL (`s3://bucket/prefix`) becomes its local copy (see `remote.py`)."""
+    if isinstance(value, str) and "://" in value and not value.startswith("file://"):
+        from .remote import local_path as copy_of
+
+        return copy_of(value)
+    return Path(value.removeprefix("file://") if isinstance(value, str) else value)
 
 
 def seal(doc: dict) -> bytes:

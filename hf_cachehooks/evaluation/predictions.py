@@ -25,6 +25,7 @@ from typing import Any
 from .._core.entry import commit, inspect, open_entry, remove_entry
 from .._core.freshness import is_expired
 from .._core.keys import Key, diff_inputs
+from .._core.remote import sync_folder
 from .._core.rows import short_name
 from .._core.store import tag_folder
 
@@ -99,6 +100,7 @@ class PredictionCache:
     def _shards(self, predictor: Key) -> list[tuple[Path, dict]]:
         """Readable shards of this predictor, oldest first, so newer predictions win on overlap."""
         docs = []
+        sync_folder(self.examples_dir(predictor), "*.json")  # a root on object storage: list its shards (else no-op)
         for shard in self.examples_dir(predictor).glob("*.json"):
             found = open_entry(shard, kind="example-predictions", digest=predictor.digest)
             if found is not None and isinstance(found.doc.get("rows"), dict):

@@ -33,7 +33,7 @@ from typing import Any
 
 import orjson
 
-from .._core import entry, locking
+from .._core import entry, locking, remote
 from .._core.cache_config import CacheConfig, settle
 from .._core.fingerprint import example_hashes
 from .._core.freshness import SYSTEM_CLOCK, iso
@@ -140,6 +140,7 @@ class GenerationCache:
 
     def _entries(self, folder: Path, tail: str) -> list[tuple[int, Path]]:
         pattern = re.compile(rf"^n(\d+){re.escape(tail)}_metadata\.json$")
+        remote.sync_folder(folder, "n*_metadata.json")  # a root on object storage: list its entries (else no-op)
         found = [(int(m.group(1)), p) for p in folder.glob("n*_metadata.json") if (m := pattern.match(p.name))]
         return sorted(found, reverse=True)
 
