@@ -7,9 +7,6 @@ Endpoint and credentials reach the library only through the standard AWS environ
 from __future__ import annotations
 
 import logging
-import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -57,9 +54,3 @@ def other_machine(monkeypatch, tmp_path: Path, name: str = "copy-b") -> Path:
     folder = tmp_path / name
     monkeypatch.setenv("HF_CACHEHOOKS_LOCAL_COPY", str(folder))
     return folder
-
-
-def run_python(code: str, env: dict[str, str], timeout: float = 120) -> subprocess.CompletedProcess:
-    """Run `code` in a fresh interpreter with this checkout importable and `env` on top of ours."""
-    full = {**os.environ, **env, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, timeout=timeout)
