@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .._core import entry
-from .._core.store import seal
+from .._core import entry, remote
+from .._core.store import local_path, seal
 from ..errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,7 @@ def open_store(folder: Path, check: str = "stamp") -> entry.Entry:
         ConfigError: no finished store in `folder`, or a corrupt one (names the problem and the fix).
     """
     path = folder / MANIFEST
+    remote.refresh(path)  # a store on object storage: fetched whole and verified into the local copy (else no-op)
     found, problem = entry.inspect(path, check)
     if found is None and problem is None:
         raise ConfigError(f"{folder} holds no finished activation cache. Create it with "
@@ -112,7 +113,7 @@ class ActivationStore:
                  verify: bool = False) -> None:
         # By default the shards are checked as they are mapped (one fstat on the open file), so opening
         # costs what it did before the contract; `verify` hashes every file now.
-        self._load(open_store(Path(folder), "hash" if verify else "manifest"), indices)
+        self._load(open_store(local_path(folder), "hash" if verify else "manifest"), indices)
 
     @classmethod
     def _of(cls, found: entry.Entry) -> ActivationStore:

@@ -28,12 +28,12 @@ from typing import Any
 
 import orjson
 
-from .._core import entry
+from .._core import entry, remote
 from .._core.cache_config import CacheConfig, settle
 from .._core.fingerprint import fingerprint_data
 from .._core.freshness import SYSTEM_CLOCK, Clock, describe_age, iso
 from .._core.keys import Key, diff_inputs, make_key
-from .._core.store import atomic_target, read_entry, seal, tag_folder, unseal, write_entry
+from .._core.store import atomic_target, local_path, read_entry, seal, tag_folder, unseal, write_entry
 from .._models.architecture import hidden_size
 from .._models.extraction import POSITIONS, batches, capture, check_layers, pool
 from .._models.identity import model_identity, tokenizer_identity
@@ -155,10 +155,10 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
     """
     import torch
 
-    folder = Path(folder)
+    folder = local_path(folder)  # s3://bucket/acts/run1: extracted into its local copy, uploaded when finished
     cache = settle(cache, {"max_age_days": max_age_days, "clock": clock}, {"max_age_days": None, "clock": SYSTEM_CLOCK},
                    "cache_activations")
-    if cache.folder is not None and Path(cache.folder) != folder:
+    if cache.folder is not None and local_path(cache.folder) != folder:
         raise ConfigError(f"cache_activations got folder={str(folder)!r} and CacheConfig(folder="
                           f"{str(cache.folder)!r}); pass the store's folder once, as the folder argument.")
     if dtype not in DTYPES:
@@ -242,6 +242,7 @@ def _clear_the_way(folder: Path, key: Key, force: bool, cache: CacheConfig, rank
     Raises:
         ConfigError: `folder` holds a cache made from other inputs and `force` is off.
     """
+    remote.refresh(folder / MANIFEST)  # a store on object storage: its finished copy, if any (else no-op)
     found, problem = entry.inspect(folder / MANIFEST, "stamp")  # never deletes: we decide below
     other = found is not None and found.kind != KIND
     problem = problem or (None if found is None or other else store_problem(found))
