@@ -11,7 +11,6 @@ dead writers, older than an hour). Deleting is two steps, as in huggingface_hub:
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,9 +18,10 @@ from pathlib import Path
 
 import orjson
 
+from ._core import remote, remote_sync
 from ._core.entry import Entry, entry_size, inspect, is_entry_file, remove_entry
 from ._core.keys import diff_inputs
-from ._core.store import TEMP_SUFFIX, is_tagged
+from ._core.store import TEMP_SUFFIX, cache_folders
 from .errors import ConfigError
 
 BOOKKEEPING = ("file-hashes", "identity", "last-miss")  # recomputable memos: `ls` shows them only when asked
@@ -66,27 +66,13 @@ class Plan:
         return len(self.entries) + len(self.leftovers)
 
 
-def _cache_folders(root: Path) -> Iterator[tuple[Path, list[str]]]:
-    """(folder, file names) of every folder under `root` that lies in a tagged cache folder.
-
-    Hidden folders (locks, trash, a store's chunk sidecars) and links are never entered.
-    """
-    tagged: set[Path] = set()
-    for top, dirs, files in os.walk(root):
-        here = Path(top)
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        if here in tagged or is_tagged(here):
-            tagged.update(here / d for d in dirs)
-            yield here, sorted(files)
-
-
 def is_cache(root: Path) -> bool:
     """True when `root` is, or holds, a folder marked as this library's cache."""
-    return any(True for _ in _cache_folders(root))
+    return any(True for _ in cache_folders(root))
 
 
 def _manifests(root: Path) -> Iterator[Path]:
-    for folder, files in _cache_folders(root):
+    for folder, files in cache_folders(root):
         for name in files:
             path = folder / name
             if name.endswith(".json") and not path.is_symlink() and is_entry_file(path):
@@ -128,17 +114,31 @@ def _folder_kind(root: Path, path: Path) -> str:
     return path.relative_to(root).parts[0] if path.parent != root else ""
 
 
-def _entries(root: Path, kind: str | None, bookkeeping: bool = True) -> Iterator[tuple[EntryInfo, Entry]]:
-    """Readable entries (a size check, no hashing: `verify` hashes), filtered by entry kind or top folder."""
+def shown(path: Path) -> str:
+    """A path as users know it: the URL for an entry of a remote root (s3://...), else the path."""
+    return remote.url_of(path) or str(path)
+
+
+def _readable(root: Path) -> Iterator[tuple[Entry, int]]:
+    """(entry, size) of every readable entry: a size check, no hashing (`verify` hashes and reports the rest)."""
+    if remote.url_of(root) is not None:  # a remote root: its manifests and object sizes, nothing downloaded
+        yield from ((s.entry, s.size) for s in remote_sync.scan(root) if s.entry is not None)
+        return
     for path in _manifests(root):
         found, _ = inspect(path, check="size")
-        if found is None:
-            continue  # `verify` reports it
+        if found is not None:
+            yield found, entry_size(found)
+
+
+def _entries(root: Path, kind: str | None, bookkeeping: bool = True) -> Iterator[tuple[EntryInfo, Entry]]:
+    """Readable entries (a size check, no hashing: `verify` hashes), filtered by entry kind or top folder."""
+    for found, size in _readable(root):
+        path = found.path
         if kind is None and not bookkeeping and found.kind in BOOKKEEPING:
             continue
         if kind not in (None, found.kind, _folder_kind(root, path)):
             continue
-        info = EntryInfo(found.kind, _model(found.doc), path, entry_size(found), _last_used(found),
+        info = EntryInfo(found.kind, _model(found.doc), path, size, _last_used(found),
                          found.key["digest"][:12], _count(found.doc))
         yield info, found
 
@@ -147,10 +147,8 @@ def _check_kind(root: Path, kind: str | None) -> None:
     if kind is None:
         return
     known: set[str] = set()
-    for path in _manifests(root):
-        found, _ = inspect(path, check="size")
-        if found is not None:
-            known |= {found.kind, _folder_kind(root, path)}
+    for found, _ in _readable(root):
+        known |= {found.kind, _folder_kind(root, found.path)}
     if kind not in known:
         present = ", ".join(sorted(known - {""})) or "none"
         raise ConfigError(f"No cache kind {kind!r} under {root} (present: {present}).")
@@ -178,14 +176,14 @@ def disk_usage(root: Path) -> dict[str, int]:
 
 
 def _require_cache(root: Path) -> None:
-    if not is_cache(root):
+    if not (remote_sync.is_cache(root) if remote.url_of(root) is not None else is_cache(root)):
         raise ConfigError(f"{root} is not an hf_cachehooks cache (no CACHEDIR.TAG of ours in it or its folders); "
                           "nothing was deleted. Check --cache-dir or HF_CACHEHOOKS_HOME.")
 
 
 def _leftovers(root: Path, now: float, plan: Plan) -> None:
     """Temp files of dead writers, and lock and trash files their holders left, older than an hour."""
-    for folder, files in _cache_folders(root):
+    for folder, files in cache_folders(root):  # a remote root's local copy: its own leftovers only
         candidates = [folder / n for n in files if n.startswith(".") and (n.endswith(TEMP_SUFFIX) or ".trash-" in n)]
         candidates += [p for p in (folder / ".locks").glob("*.lock*") if p.is_file() and not p.is_symlink()]
         for path in candidates:
@@ -232,8 +230,11 @@ def verify(root: Path, kind: str | None = None) -> tuple[int, list[tuple[Path, s
     """Hash every file of every entry against its manifest. Returns (entries checked, [(manifest, problem)])."""
     _check_kind(root, kind)
     checked, problems = 0, []
-    for path in _manifests(root):
-        found, problem = inspect(path, check="hash")
+    if remote.url_of(root) is not None:  # every object streamed through xxh3, nothing kept
+        scanned = ((s.path, s.entry, s.problem) for s in remote_sync.scan(root, check="hash"))
+    else:
+        scanned = ((path, *inspect(path, check="hash")) for path in _manifests(root))
+    for path, found, problem in scanned:
         if found is not None and kind not in (None, found.kind, _folder_kind(root, path)):
             continue
         if found is None and kind not in (None, _folder_kind(root, path)):
@@ -276,4 +277,4 @@ def explain(root: Path, a: str | None = None, b: str | None = None) -> list[str]
 
 def to_json(infos: list[EntryInfo]) -> bytes:
     """Entries as JSON data for `ls --format json`."""
-    return orjson.dumps([{**e.__dict__, "path": str(e.path)} for e in infos], option=orjson.OPT_INDENT_2)
+    return orjson.dumps([{**e.__dict__, "path": shown(e.path)} for e in infos], option=orjson.OPT_INDENT_2)

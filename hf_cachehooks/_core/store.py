@@ -153,6 +153,20 @@ def is_tagged(folder: Path) -> bool:
         return False
 
 
+def cache_folders(root: Path) -> Iterator[tuple[Path, list[str]]]:
+    """(folder, file names) of every folder under `root` that lies in a tagged cache folder.
+
+    Hidden folders (locks, trash, a store's chunk sidecars) and links are never entered.
+    """
+    tagged: set[Path] = set()
+    for top, dirs, files in os.walk(root):
+        here = Path(top)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        if here in tagged or is_tagged(here):
+            tagged.update(here / d for d in dirs)
+            yield here, sorted(files)
+
+
 def tag_folder(folder: Path) -> None:
     """Create `folder` with a CACHEDIR.TAG in it; an unwritable place is logged, not raised."""
     tag = folder / "CACHEDIR.TAG"

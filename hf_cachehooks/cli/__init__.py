@@ -11,7 +11,7 @@ from .._core.extras import missing_dependency
 from .._core.store import cache_root
 from .._models.extraction import POSITIONS
 from ..errors import HFCacheHooksError
-from .manage import cmd_clear, cmd_du, cmd_explain, cmd_ls, cmd_prune, cmd_verify
+from .manage import cmd_clear, cmd_du, cmd_explain, cmd_ls, cmd_prune, cmd_pull, cmd_push, cmd_verify
 from .models import (
     MODEL_DTYPES,
     STORAGE_DTYPES,
@@ -124,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
                   cmd_verify)
     ver.add_argument("path", nargs="?", help="an activation cache folder (default: the whole cache root)")
     ver.add_argument("--kind", help="only entries of this kind or top folder; default: all")
+
+    for name, about, run in (
+            ("push", "upload the entries a remote root lacks from the cache root (only what is missing; resumable)",
+             cmd_push),
+            ("pull", "fetch the entries the cache root lacks from a remote root (each verified; resumable)", cmd_pull)):
+        copy = command(name, about, run)
+        copy.add_argument("url", help="the remote root, e.g. s3://bucket/team-cache (endpoint and credentials "
+                          "from the standard environment: AWS_ENDPOINT_URL, AWS_PROFILE, ...)")
+        copy.add_argument("--dry-run", action="store_true", help="list what would be copied; copy nothing")
 
     exp = command("explain", "which key fields differ between two entries, or why the last lookup missed",
                   cmd_explain)

@@ -1,4 +1,5 @@
-"""The management commands: ls, du, prune, clear (asks first), verify, explain. They print; the library logs."""
+"""The management commands: ls, du, prune, clear (asks first), verify, explain, push, pull. They print; the
+library logs. A root given as a URL (s3://bucket/prefix) is managed on the store itself."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import time
 from pathlib import Path
 
 from .. import management
+from .._core import remote, remote_sync
 from .._core.freshness import describe_age, parse_duration
 from ..errors import ConfigError
+from ..management import shown
 
 
 def human_bytes(n: float) -> str:
@@ -23,7 +26,7 @@ def human_bytes(n: float) -> str:
 
 def _print_plan(plan: management.Plan, dry_run: bool, verb: str) -> None:
     for path in plan.entries:
-        print(f"  {path}")
+        print(f"  {shown(path)}")
     for path in plan.leftovers:
         print(f"  {path}  (left by a dead writer)")
     if dry_run:
@@ -37,10 +40,10 @@ def _confirmed(plan: management.Plan, args: argparse.Namespace) -> bool:
     """`clear` deletes only after --yes, or a "y" typed at a terminal."""
     if args.dry_run or args.yes or not plan.paths:
         return True
-    question = f"Delete {len(plan.paths)} item(s) ({human_bytes(plan.size)}) under {args.root}? [y/N] "
+    question = f"Delete {len(plan.paths)} item(s) ({human_bytes(plan.size)}) under {shown(args.root)}? [y/N] "
     if not sys.stdin.isatty():
-        print(f"error: clear would delete {len(plan.paths)} item(s) ({human_bytes(plan.size)}) under {args.root}; "
-              "pass --yes to confirm, or --dry-run to list them.", file=sys.stderr)
+        print(f"error: clear would delete {len(plan.paths)} item(s) ({human_bytes(plan.size)}) under "
+              f"{shown(args.root)}; pass --yes to confirm, or --dry-run to list them.", file=sys.stderr)
         return False
     return input(question).strip().lower() in ("y", "yes")
 
@@ -56,7 +59,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         model = e.model if len(e.model) <= 36 else "…" + e.model[-35:]
         print(f"{e.kind:<22} {model:<36} {e.examples or '-':>8} {human_bytes(e.size):>9} "
               f"{describe_age(now - e.created_at):>5}  {e.key}")
-    print(f"{len(infos)} entries under {args.root}")
+    print(f"{len(infos)} entries under {shown(args.root)}")
     return 0
 
 
@@ -64,7 +67,7 @@ def cmd_du(args: argparse.Namespace) -> int:
     usage = management.disk_usage(args.root)
     for kind, size in usage.items():
         print(f"{human_bytes(size):>10}  {kind}")  # entries of each kind: manifests plus the files they list
-    print(f"{human_bytes(sum(usage.values())):>10}  total ({args.root})")
+    print(f"{human_bytes(sum(usage.values())):>10}  total ({shown(args.root)})")
     return 0
 
 
@@ -85,7 +88,7 @@ def cmd_clear(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     folder = Path(args.path) if args.path else args.root
-    if not folder.exists():
+    if not folder.exists() and remote.url_of(folder) is None:
         raise ConfigError(f"{folder} does not exist. Give an activation cache folder (cache-activations --output DIR)."
                           if args.path else f"No cache at {folder} (the folder does not exist). Point --cache-dir "
                           "or $HF_CACHEHOOKS_HOME at your cache root.")
@@ -99,7 +102,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
         return 1 if problems_found else 0
     checked, problems = management.verify(args.root, args.kind)
     for path, problem in problems:
-        print(f"CORRUPT {path}: {problem}")
+        print(f"CORRUPT {shown(path)}: {problem}")
     print(f"{checked} entries checked, {len(problems)} corrupt.")
     return 1 if problems else 0
 
@@ -108,3 +111,28 @@ def cmd_explain(args: argparse.Namespace) -> int:
     for line in management.explain(args.root, args.a, args.b):
         print(line)
     return 0
+
+
+def _copy_report(done: remote_sync.Copied, verb: str, dry_run: bool) -> int:
+    for rel in done.copied:
+        print(f"  {rel}")
+    for rel, problem in done.skipped:
+        print(f"  SKIPPED {rel}: {problem}")
+    would = "Would copy" if dry_run else f"{verb.capitalize()}ed"
+    print(f"{would} {len(done.copied)} entries ({human_bytes(done.bytes)}); {done.present} already there; "
+          f"{len(done.skipped)} not usable.")
+    return 1 if done.skipped else 0
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    if remote.url_of(args.root) is not None or not remote.is_url(args.url):
+        raise ConfigError("push copies from a local cache root (--cache-dir) to a remote one (a URL such as "
+                          f"s3://bucket/prefix); got --cache-dir {shown(args.root)} and {args.url!r}.")
+    return _copy_report(remote_sync.push(args.root, args.url, args.dry_run), "push", args.dry_run)
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    if remote.url_of(args.root) is not None or not remote.is_url(args.url):
+        raise ConfigError("pull copies from a remote root (a URL such as s3://bucket/prefix) into a local cache "
+                          f"root (--cache-dir); got {args.url!r} and --cache-dir {shown(args.root)}.")
+    return _copy_report(remote_sync.pull(args.url, args.root, args.dry_run), "pull", args.dry_run)
