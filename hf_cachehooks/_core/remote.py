@@ -49,6 +49,8 @@ LOCAL_ONLY = ("file-hashes", "last-miss", "conversation")  # per-machine memos, 
 _SIDE = ".remote"
 _TAG_NAME = "CACHEDIR.TAG"
 _pushed_tags: set[str] = set()
+_JUST_SYNCED_S = 2.0  # a listing's refresh answers the open that follows it, once and only this soon
+_just_synced: dict[str, float] = {}
 
 
 def is_url(value: object) -> bool:
@@ -158,7 +160,13 @@ def refresh(path: Path, kind: str | None = None) -> None:
     url = url_of(path)
     if url is None or kind in LOCAL_ONLY:
         return
-    path = Path(path)
+    synced = _just_synced.pop(os.path.abspath(path), None)
+    if synced is not None and time.monotonic() - synced < _JUST_SYNCED_S:
+        return  # `sync_folder` refreshed it a moment ago, for this very lookup: no second HEAD
+    _refresh(Path(path), url)
+
+
+def _refresh(path: Path, url: str) -> None:
     fs, key = filesystem(url)
     try:
         tag = etag(fs, key)
@@ -276,7 +284,8 @@ def sync_folder(folder: Path, pattern: str) -> None:
         return
     wanted = sorted(n for n in names if fnmatch.fnmatch(n, pattern) and not n.startswith("."))
     for name in wanted:
-        refresh(Path(folder) / name)
+        _refresh(Path(folder) / name, f"{url.rstrip('/')}/{name}")
+        _just_synced[os.path.abspath(Path(folder) / name)] = time.monotonic()
     for path in Path(folder).glob(pattern):
         if path.name not in names and entry.is_entry_file(path):
             drop_local(path)
