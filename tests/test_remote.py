@@ -4,13 +4,16 @@ verified entries, a local read-through copy, and nothing tampered or half-upload
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import pytest
 
 from hf_cachehooks import CacheConfig, GenerationCache
 from hf_cachehooks._core import remote
+from hf_cachehooks._core.keys import make_key
 from hf_cachehooks._core.store import cache_root
+from hf_cachehooks.evaluation.predictions import PredictionCache
 from tests import s3_server
 from tests.s3_server import bucket_fs, other_machine
 
@@ -81,6 +84,35 @@ def test_another_machine_hits_from_the_bucket(s3_root, monkeypatch, tmp_path):
     second = _cache(s3_root).generate(QUESTIONS, backend, **SETTINGS)
     assert (second.status, backend.asked, second.completions) == ("hit", 0, first.completions)
     assert list(copy_b.rglob("n6_t0.0_maxtok3_completions.jsonl"))  # fetched whole into the local copy
+
+
+def test_hf_cachehooks_home_may_be_a_url(s3_root, monkeypatch):
+    monkeypatch.setenv("HF_CACHEHOOKS_HOME", s3_root)
+    GenerationCache("org/Tiny-Chat").generate(QUESTIONS, Echo(), **SETTINGS)
+    assert any(p.endswith("_metadata.json") for p in bucket_fs().find(s3_root))
+
+
+def test_prediction_runs_and_per_example_shards_are_shared(root, monkeypatch, tmp_path):
+    """The prediction cache's two entry kinds, on a local root and on S3 (another machine for S3)."""
+    key, predictor = make_key("predictions", {"n": 3}), make_key("predictor", {"model": "m"})
+    doc = {"metadata": {"created_at": time.time()}, "predictions": ["a", "b"], "references": ["a", "c"], "metrics": {}}
+
+    def cache():
+        return PredictionCache(CacheConfig(root=root).folder_for("predictions"), time.time, None)
+
+    cache().save_run(key, "org/m", doc)
+    cache().save_examples(predictor, {"h1": "a"}, "b1")
+    cache().save_examples(predictor, {"h2": "b"}, "b2")
+    if root.startswith("s3://"):
+        other_machine(monkeypatch, tmp_path)
+    assert cache().load_run(key, "org/m")["predictions"] == ["a", "b"]
+    assert cache().load_examples(predictor) == {"h1": "a", "h2": "b"}
+    cache().compact(predictor)  # two shards merged into one, on the remote as well
+    other_machine(monkeypatch, tmp_path, "copy-c")
+    assert cache().load_examples(predictor) == {"h1": "a", "h2": "b"}
+    if root.startswith("s3://"):
+        shards = [p for p in bucket_fs().find(root) if "/examples/" in p and p.endswith(".json")]
+        assert len(shards) == 1 and "merged-2" in shards[0]
 
 
 def test_an_unchanged_remote_manifest_is_served_from_local_disk(s3_root, monkeypatch):
@@ -166,6 +198,17 @@ def test_an_entry_removed_remotely_is_gone_everywhere(s3_root, monkeypatch, tmp_
     backend = Echo()
     again = _cache(s3_root).generate(QUESTIONS, backend, **SETTINGS)
     assert again.status == "miss" and backend.asked == 6 and Path(grown.path).exists()
+
+
+def test_a_read_only_bucket_keeps_results_in_the_local_copy(s3_root, monkeypatch, caplog):
+    fs = bucket_fs()
+    monkeypatch.setattr(fs, "put_file", lambda *a, **k: (_ for _ in ()).throw(PermissionError("AccessDenied")))
+    with caplog.at_level(logging.WARNING):
+        _cache(s3_root).generate(QUESTIONS, Echo(), **SETTINGS)
+    assert "stays in the local copy only" in caplog.text
+    backend = Echo()
+    assert _cache(s3_root).generate(QUESTIONS, backend, **SETTINGS).status == "hit" and backend.asked == 0
+    assert not [p for p in fs.find(s3_root) if p.endswith("_metadata.json")]
 
 
 def test_an_unreachable_store_serves_the_local_copy(s3_root, monkeypatch, caplog):

@@ -111,6 +111,7 @@ def test_a_silent_holder_on_another_host_is_broken_after_stale_after(s3_root, tm
     assert waited >= 3.0  # not broken by pid, only once its heartbeat was older than stale_after
 
 
+@pytest.mark.slow
 def test_evaluate_model_results_are_shared_through_the_bucket(s3_root, tiny, qa_rows, monkeypatch, tmp_path):
     model, tok = tiny
     config = EvalConfig(max_new_tokens=3, batch_size=2, metrics=("exact_match",), cache=CacheConfig(root=s3_root))

@@ -122,7 +122,7 @@ def etag(fs: Any, path: str) -> str | None:
     """
     fs.invalidate_cache(path)
     info = fs.info(path)
-    for name in ("ETag", "etag", "md5Hash", "content_settings", "mtime"):
+    for name in ("ETag", "etag", "generation", "md5Hash", "mtime"):
         value = info.get(name)
         if value:
             return str(value)
@@ -175,7 +175,7 @@ def _refresh(path: Path, url: str) -> None:
             return  # unchanged: the hit is served from local disk
         raw = fs.cat_file(key)
     except FileNotFoundError:
-        if path.exists():
+        if path.exists() and _side(path).exists():  # it was on the remote once: removed there, so here too
             log.info("Cache entry %s is gone from %s; dropping the local copy.", path.name, url.rsplit("/", 1)[0])
             drop_local(path)
         return
@@ -286,8 +286,8 @@ def sync_folder(folder: Path, pattern: str) -> None:
     for name in wanted:
         _refresh(Path(folder) / name, f"{url.rstrip('/')}/{name}")
         _just_synced[os.path.abspath(Path(folder) / name)] = time.monotonic()
-    for path in Path(folder).glob(pattern):
-        if path.name not in names and entry.is_entry_file(path):
+    for path in Path(folder).glob(pattern):  # removed remotely; one that never got there (no stamp) stays
+        if path.name not in names and _side(path).exists() and entry.is_entry_file(path):
             drop_local(path)
 
 

@@ -59,7 +59,7 @@ def remote_lease(url: str, *, stale_after: float = 60.0, poll: float = 0.05, hea
     waiting = False
     while True:
         try:
-            fs.pipe_file(path, me, mode="create")
+            _create(fs, path, me)
             break
         except FileExistsError:
             age = _stale(fs, path, stale_after)
@@ -89,6 +89,16 @@ def remote_lease(url: str, *, stale_after: float = 60.0, poll: float = 0.05, hea
         beat.join()
         with contextlib.suppress(Exception):
             fs.rm_file(path)
+
+
+def _create(fs: Any, path: str, data: bytes) -> None:
+    """Create the object at `path`, or raise FileExistsError (conditional where the driver can)."""
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except TypeError:  # a driver without the `mode` argument: check, then write (see the module's note)
+        if fs.exists(path):
+            raise FileExistsError(path) from None
+        fs.pipe_file(path, data)
 
 
 def _beat(fs: Any, path: str, me: bytes, stop: threading.Event, every: float) -> None:
