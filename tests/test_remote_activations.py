@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from hf_cachehooks import ActivationStore, cache_activations
+from hf_cachehooks.cli import main
 from hf_cachehooks.errors import ConfigError
 from tests import s3_server
 from tests.conftest import make_llama, make_tokenizer
@@ -36,9 +37,10 @@ def test_a_store_on_s3_is_shared_and_read_from_the_local_copy(llama, s3_root, mo
     assert store.folder.is_relative_to(tmp_path / "copy-b")  # mapped from local disk
     again = cache_activations(model, tok, ROWS, url, [1, 2], progress=False)  # a hit: nothing extracted
     assert torch.equal(again.layer(1), made.layer(1))
+    assert main(["verify", url]) == 0 and main(["info", url]) == 0
 
 
-def test_a_tampered_remote_shard_is_never_served(llama, s3_root, monkeypatch, tmp_path, caplog):
+def test_a_tampered_remote_shard_is_never_served(llama, s3_root, monkeypatch, tmp_path, caplog, capsys):
     model, tok = llama
     url = f"{s3_root}/activations/run1"
     cache_activations(model, tok, ROWS, url, [1], progress=False, shard_size=5)
@@ -51,3 +53,4 @@ def test_a_tampered_remote_shard_is_never_served(llama, s3_root, monkeypatch, tm
     with caplog.at_level(logging.WARNING), pytest.raises(ConfigError, match="holds no finished activation cache"):
         ActivationStore(url)
     assert "data-00001.arrow: content does not match the manifest" in caplog.text
+    assert main(["verify", url]) == 1 and "CORRUPT" in capsys.readouterr().out

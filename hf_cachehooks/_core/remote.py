@@ -186,7 +186,11 @@ def _refresh(path: Path, url: str) -> None:
     if known.get("xxh3") == digest and path.exists():
         _write_side(path, tag, digest)
         return
-    problem = fetch_entry(fs, key, raw, path)
+    try:
+        problem = fetch_entry(fs, key, raw, path)
+    except Exception as exc:  # a store error mid-fetch: files already replaced fail their check on open
+        log.warning("Cannot fetch cache entry %s (%s); using the local copy as it is.", url, exc)
+        return
     if problem:
         log.warning("Remote cache entry %s is not usable (%s); not serving it, recomputing.", url, problem)
         if path.exists():

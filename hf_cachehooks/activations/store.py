@@ -246,8 +246,12 @@ class ActivationStore:
 
 
 def verify_store(folder: str | Path) -> list[str]:
-    """Problems found in an activation cache by hashing every file it lists (empty when healthy)."""
-    folder = Path(folder)
+    """Problems found in an activation cache by hashing every file it lists (empty when healthy).
+
+    A store on object storage (a URL) is fetched into its local copy first: a damaged remote file is reported.
+    """
+    folder = local_path(folder)
+    remote.refresh(folder / MANIFEST)
     found, problem = entry.inspect(folder / MANIFEST, check="hash")  # report, never delete
     if found is None and problem is None:
         return [f"{folder / MANIFEST}: missing (no finished activation cache)"]

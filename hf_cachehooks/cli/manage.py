@@ -87,8 +87,8 @@ def cmd_clear(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    folder = Path(args.path) if args.path else args.root
-    if not folder.exists() and remote.url_of(folder) is None:
+    folder = Path(args.path) if args.path and not remote.is_url(args.path) else args.root
+    if not folder.exists() and remote.url_of(folder) is None and not remote.is_url(args.path):
         raise ConfigError(f"{folder} does not exist. Give an activation cache folder (cache-activations --output DIR)."
                           if args.path else f"No cache at {folder} (the folder does not exist). Point --cache-dir "
                           "or $HF_CACHEHOOKS_HOME at your cache root.")
