@@ -61,6 +61,9 @@ class Plan:
         for path in self.entries:
             remove_entry(path)
         for path in self.leftovers:
+            if remote.url_of(path) is not None:  # a dead writer's lease object on a remote root
+                remote.remove_object(path)
+                continue
             with contextlib.suppress(OSError):
                 path.unlink()
         return len(self.entries) + len(self.leftovers)
@@ -183,6 +186,10 @@ def _require_cache(root: Path) -> None:
 
 def _leftovers(root: Path, now: float, plan: Plan) -> None:
     """Temp files of dead writers, and lock and trash files their holders left, older than an hour."""
+    if remote.url_of(root) is not None:  # the bucket's dead leases; the local copy's own leftovers below
+        for path, size in remote_sync.dead_leases(root, now, _LEFTOVER_GRACE):
+            plan.leftovers.append(path)
+            plan.size += size
     for folder, files in cache_folders(root):  # a remote root's local copy: its own leftovers only
         candidates = [folder / n for n in files if n.startswith(".") and (n.endswith(TEMP_SUFFIX) or ".trash-" in n)]
         candidates += [p for p in (folder / ".locks").glob("*.lock*") if p.is_file() and not p.is_symlink()]

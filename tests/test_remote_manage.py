@@ -74,6 +74,20 @@ def test_prune_and_clear_delete_on_the_bucket(s3_root, capsys):
     assert backend.asked == 1  # gone for every machine, the local copy included
 
 
+def test_prune_removes_a_dead_writers_lease_object(s3_root, capsys, monkeypatch):
+    import hf_cachehooks.management as management
+
+    _fill(s3_root, temperatures=(0.0,))
+    lease = f"{s3_root}/experiments/.locks/0123abcd.lock"
+    bucket_fs().pipe_file(lease, b'{"host": "gone", "pid": 1, "since": 0}')
+    code, out = _cli(capsys, "--cache-dir", s3_root, "prune", "--older-than", "1d")
+    assert "Removed 0 item(s)" in out and bucket_fs().exists(lease)  # written just now: it may be live
+    monkeypatch.setattr(management, "_LEFTOVER_GRACE", -1.0)  # as if an hour had passed
+    code, out = _cli(capsys, "--cache-dir", s3_root, "prune", "--older-than", "1d")
+    assert "0123abcd.lock  (left by a dead writer)" in out and "Removed 1 item(s)" in out
+    assert not bucket_fs().exists(lease)
+
+
 def test_an_untagged_bucket_is_refused(s3_root, capsys):
     bucket_fs().pipe_file(f"{s3_root}/notes.json", b"{}")
     code = main(["--cache-dir", s3_root, "clear", "--yes"])

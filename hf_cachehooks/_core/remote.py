@@ -358,6 +358,15 @@ def delete(path: Path) -> None:
     delete_remote(fs, key, raw)
 
 
+def remove_object(path: Path) -> None:
+    """Delete the one remote object a local-copy path stands for (management's leftovers: dead writers' leases)."""
+    url = url_of(path)
+    if url is not None:
+        fs, key = filesystem(url)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(key)
+
+
 def delete_remote(fs: Any, key: str, raw: bytes) -> int:
     """Delete a remote manifest, then the plain file names it lists; returns the bytes freed (best effort)."""
     base = key.rsplit("/", 1)[0]

@@ -117,6 +117,26 @@ def _stream_hash(fs, key: str) -> str:
     return digest.hexdigest()
 
 
+def dead_leases(root: Path, now: float, grace: float) -> list[tuple[Path, int]]:
+    """(local-copy path, bytes) of lease objects under the remote root last written over `grace` seconds ago.
+
+    A live holder rewrites its lease every few seconds, so one this old belongs to a writer that died.
+    """
+    fs, base = remote.filesystem(root_url(root))
+    base = base.rstrip("/")
+    try:
+        listing = fs.find(base, detail=True)
+    except FileNotFoundError:
+        return []
+    found = []
+    for key, info in listing.items():
+        modified = info.get("LastModified") or info.get("mtime")
+        stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or now)
+        if "/.locks/" in key and key.endswith(".lock") and now - stamp > grace:
+            found.append((root / key[len(base) + 1 :], int(info.get("size") or 0)))
+    return sorted(found)
+
+
 @dataclass
 class Copied:
     """What a push or pull did: entries copied (and their bytes), already there, and not usable (why)."""

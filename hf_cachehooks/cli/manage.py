@@ -28,7 +28,7 @@ def _print_plan(plan: management.Plan, dry_run: bool, verb: str) -> None:
     for path in plan.entries:
         print(f"  {shown(path)}")
     for path in plan.leftovers:
-        print(f"  {path}  (left by a dead writer)")
+        print(f"  {shown(path)}  (left by a dead writer)")
     if dry_run:
         print(f"Would {verb} {len(plan.paths)} item(s), freeing {human_bytes(plan.size)}. (dry run: nothing deleted)")
     else:
