@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .loading import ATTENTION_LADDER, attention_ladder, load_tokenizer, load_weights
+from . import loading  # called through the module, so a test's stand-in for load_weights is seen here
+from .loading import ATTENTION_LADDER, attention_ladder
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def load_planned(
 ) -> tuple[Any, Any, dict]:
     """Load model and tokenizer as `plan` says; return them with what took effect (for the entry's metadata)."""
     fallbacks: list[str] = []
-    model = load_weights(
+    model = loading.load_weights(
         name_or_path,
         head=head,
         dtype=plan.dtype,
@@ -146,7 +147,7 @@ def load_planned(
         model.to(plan.device)
     if plan.compile_decode:
         model.generation_config.cache_implementation = STATIC_CACHE
-    tokenizer = load_tokenizer(name_or_path, gguf_file=gguf_file, **from_pretrained_kwargs)
+    tokenizer = loading.load_tokenizer(name_or_path, gguf_file=gguf_file, **from_pretrained_kwargs)
     took_effect = in_effect(model)
     took_effect.update(attention_fallbacks=fallbacks, notes=list(plan.reasons))
     log.info(
