@@ -138,3 +138,15 @@ def test_a_run_killed_on_two_processes_resumes_on_three(setup, tmp_path):
     assert reused >= CONFIG.batch_size  # at least the batch rank 1 saved before it died
     assert sum(r["generated"] for r in ranks) == len(QUESTIONS) - reused  # only what was missing
     assert all(r["predictions"] == reference and r["status"] == "partial" for r in ranks)
+
+
+def test_distributed_false_evaluates_alone_under_a_launcher(tiny, qa_rows, monkeypatch):
+    """A script that calls evaluate_model on rank 0 only must not wait for ranks that never come."""
+    from hf_cachehooks import EvalConfig, evaluate_model
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    model, tokenizer = tiny
+    result = evaluate_model(model, qa_rows, EvalConfig(max_new_tokens=2, distributed=False), tokenizer=tokenizer)
+    assert result.cache_status == "miss" and len(result.predictions) == len(qa_rows)
+    assert "processes" not in result.metadata

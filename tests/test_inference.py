@@ -106,3 +106,16 @@ def test_generation_backend_loads_with_the_plan(folder):
     backend = TransformersBackend.from_pretrained(str(folder), batch_size=2)
     assert in_effect(backend.model)["dtype"] == "float32" and backend.batch_size == 2
     assert len(backend.complete(["two plus two ?", "is the sky blue ?", "paris ?"], Sampling(0, 3))) == 3
+
+
+@pytest.mark.gpu
+def test_on_a_real_gpu_the_plan_takes_effect(folder, tmp_path):
+    import torch
+
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps([{"question": "what is two plus two ?", "answer": "four"}] * 4))
+    result = evaluate_model(str(folder), str(data), EvalConfig(max_new_tokens=3, metrics=("exact_match",)))
+    load = result.metadata["load"]
+    assert load["device"].startswith("cuda")
+    assert load["dtype"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float32")
+    assert load["attention"] in ("flash_attention_2", "sdpa") and len(result.predictions) == 4

@@ -45,6 +45,9 @@ class EvalConfig:
             failure logged); on CPU nothing changes. What took effect is in `metadata["load"]`.
         compile_decode: on a CUDA GPU, use a static KV cache so transformers compiles the decode step
             (pays on long runs; the first batches pay the compilation). Ignored, with a note, on CPU.
+        distributed: under torchrun / accelerate launch (WORLD_SIZE > 1), shard the examples across the
+            ranks; every rank must then call `evaluate_model`. False evaluates everything in this process
+            (for a script that calls it on rank 0 only).
         use_prediction_cache, force_recompute, cache_max_age_days, predictions_cache_dir, cache_dir,
             lock_stale_after (seconds), clock: the prediction cache's settings as keywords; they build
             `cache` when it is not given. `predictions_cache_dir=None` means `<cache root>/predictions`,
@@ -83,6 +86,7 @@ class EvalConfig:
     model_dtype: str | None = None
     speedups: bool = True
     compile_decode: bool = False
+    distributed: bool = True
     gguf_file: str | None = None
     load_kwargs: Mapping[str, Any] = field(default_factory=dict)
     # the cache settings as keywords (equality compares `resolved_cache`, whichever spelling built it)

@@ -164,7 +164,7 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
         return _save(cache, key, predictor, run, name, [known[h] for h in hashes], references, versions, started,
                      reused)
 
-    world = world_from_env()
+    world = world_from_env() if config.distributed else World()
     if world.size > 1:  # under torchrun / accelerate launch: shard, gather on rank 0, same result everywhere
         return _evaluate_sharded(world, run, cache, key, predictor, name, prompts, references, versions)
 
