@@ -48,6 +48,7 @@ def test_on_a_gpu_bf16_the_ladder_and_this_ranks_device(gpu, monkeypatch):
     assert (plan.device, plan.dtype, plan.compile_decode) == ("cuda:3", "bfloat16", True)
     assert plan.attention == ("flash_attention_2", "sdpa", "eager")
     assert plan_load(speedups=False).attention is None
+    assert plan_load(device="cuda").device == "cuda:3" and plan_load(device="cuda:1").device == "cuda:1"
     fp32 = plan_load(dtype="float32")  # flash-attention needs half precision: start at sdpa, say why
     assert fp32.attention == ("sdpa", "eager") and any("flash_attention_2 needs" in r for r in fp32.reasons)
     gpu(bf16=False)  # e.g. a T4: float32 unless asked

@@ -75,11 +75,10 @@ def _bf16_gpu() -> bool:
 
 def resolve_device(device: str | None) -> str:
     """The device to run on: `device` when given, else this rank's GPU when there is one, else the CPU."""
+    rank_gpu = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
     if device is not None:
-        return device
-    if cuda_present():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-    return "cpu"
+        return rank_gpu if device == "cuda" else device  # under a launcher, plain "cuda" means this rank's GPU
+    return rank_gpu if cuda_present() else "cpu"
 
 
 def resolve_dtype(dtype: str | None, device: str | None) -> str:
@@ -143,6 +142,10 @@ def load_planned(
         on_fallback=lambda rung, reason: fallbacks.append(f"{rung}: {reason}"),
         **from_pretrained_kwargs,
     )
+    if plan.device.startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(plan.device)  # so a later `.to("cuda")` (e.g. EvalConfig.device) stays on this GPU
     if plan.device != "cpu":
         model.to(plan.device)
     if plan.compile_decode:

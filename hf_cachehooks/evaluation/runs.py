@@ -33,7 +33,7 @@ from .._models.inference import LoadPlan, load_planned, plan_load
 from .._version import __version__
 from ..errors import ConfigError
 from .config import EvalConfig
-from .distributed import World, world_from_env
+from .distributed import Collective, World, predict_sharded, world_from_env
 from .metrics import compute_metrics, metric_versions
 from .predictions import PredictionCache
 
@@ -203,8 +203,6 @@ def _result(doc: dict, key: Key, reason: str | None) -> EvalResult:
 def _evaluate_sharded(world: World, run: _Run, cache: PredictionCache, key: Key, predictor: Key, name: str,
                       prompts: list[str], references: list, versions: dict) -> EvalResult:
     """`evaluate_model` on one rank of several: see `distributed.py` for who does what."""
-    from .distributed import Collective, predict_sharded
-
     config = run.config
     force = config.resolved_cache.force_recompute
     comm = Collective(world)
