@@ -267,6 +267,7 @@ def test_path_model_hit_does_not_load_weights(tmp_path, qa_rows, monkeypatch, ca
         raise AssertionError("weights loaded on a hit")
 
     monkeypatch.setattr(loading, "load_model", no_load)
+    monkeypatch.setattr(loading, "load_weights", no_load)  # what the load plan calls
     second = evaluate_model(str(tmp_path / "tiny"), qa_rows, CFG)
     assert second.from_cache and second.predictions == first.predictions
     # the same weights passed as an object share the entry

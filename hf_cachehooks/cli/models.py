@@ -67,11 +67,12 @@ def _check_model(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace) -> tuple:
     """Model and tokenizer for the commands that need one (weights are loaded only here)."""
-    from .._models.loading import load_model
+    from .._models.inference import load_planned, plan_load
 
-    _check_model(args)
-    return load_model(args.model, head="base" if args.encoder else "causal", dtype=args.model_dtype,
-                      gguf_file=args.gguf_file)
+    _check_model(args)  # the load plan: this rank's GPU when there is one, attention ladder there; CPU unchanged
+    model, tokenizer, _ = load_planned(args.model, plan_load(dtype=args.model_dtype),
+                                       head="base" if args.encoder else "causal", gguf_file=args.gguf_file)
+    return model, tokenizer
 
 
 def _check_layers_fit(args: argparse.Namespace, layers: list[int]) -> None:

@@ -39,6 +39,15 @@ class EvalConfig:
             over the model's own generation_config to form the effective config in the key.
         batch_size, device: how to run; never part of the key.
         model_dtype, gguf_file, load_kwargs: how to load a model given as a path or Hub name.
+            `model_dtype=None` picks bfloat16 on a CUDA GPU that supports it, float32 elsewhere (the
+            dtype is always part of the key).
+        speedups: for a model loaded here on a CUDA GPU, try flash_attention_2 -> sdpa -> eager (each
+            failure logged); on CPU nothing changes. What took effect is in `metadata["load"]`.
+        compile_decode: on a CUDA GPU, use a static KV cache so transformers compiles the decode step
+            (pays on long runs; the first batches pay the compilation). Ignored, with a note, on CPU.
+        distributed: under torchrun / accelerate launch (WORLD_SIZE > 1), shard the examples across the
+            ranks; every rank must then call `evaluate_model`. False evaluates everything in this process
+            (for a script that calls it on rank 0 only).
         use_prediction_cache, force_recompute, cache_max_age_days, predictions_cache_dir, cache_dir,
             lock_stale_after (seconds), clock: the prediction cache's settings as keywords; they build
             `cache` when it is not given. `predictions_cache_dir=None` means `<cache root>/predictions`,
@@ -74,7 +83,10 @@ class EvalConfig:
     generation_kwargs: Mapping[str, Any] = field(default_factory=dict)
     batch_size: int = 8
     device: str | None = None
-    model_dtype: str = "float32"
+    model_dtype: str | None = None
+    speedups: bool = True
+    compile_decode: bool = False
+    distributed: bool = True
     gguf_file: str | None = None
     load_kwargs: Mapping[str, Any] = field(default_factory=dict)
     # the cache settings as keywords (equality compares `resolved_cache`, whichever spelling built it)

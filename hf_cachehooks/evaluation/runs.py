@@ -29,9 +29,11 @@ from .._models.identity import (
     remembered_identity,
     tokenizer_identity,
 )
+from .._models.inference import LoadPlan, load_planned, plan_load
 from .._version import __version__
 from ..errors import ConfigError
 from .config import EvalConfig
+from .distributed import Collective, World, predict_sharded, world_from_env
 from .metrics import compute_metrics, metric_versions
 from .predictions import PredictionCache
 
@@ -158,28 +160,73 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
             log.info("♻️  Reusing %d cached predictions; predicting the other %d.", reused, len(todo))
         elif reused:
             log.info("♻️  All %d predictions found per example; recomputing metrics only.", reused)
-        fresh = run.predict([prompts[i] for i in todo], on_batch=lambda done: cache.save_examples(
-            predictor, {hashes[todo[j]]: p for j, p in done}, f"b{time.time_ns()}-{os.getpid()}"))
-        known.update({hashes[i]: p for i, p in zip(todo, fresh)})
-        predictions = [known[h] for h in hashes]
-        metrics = compute_metrics(config.metrics, predictions, references)
-        meta = _metadata(name, len(rows), time.time() - started, config, caching.clock())
-        meta["reused_examples"] = reused
-        doc: dict[str, Any] = {"metadata": meta, "predictions": predictions, "references": references,
-               "metrics": metrics, "metric_versions": versions}
-        path = cache.save_run(key, name, doc)
-        cache.compact(predictor)
-        doc["_status"] = "recomputed" if caching.force_recompute else ("partial" if reused else "miss")
-        doc["_path"] = str(path) if path else None
-        log.info("💾 Saved %d predictions to %s.", len(predictions), path or "(not cached: folder not writable)")
-        return doc
+        known.update(run.predict_cached(prompts, hashes, todo, cache, predictor))
+        return _save(cache, key, predictor, run, name, [known[h] for h in hashes], references, versions, started,
+                     reused)
+
+    world = world_from_env() if config.distributed else World()
+    if world.size > 1:  # under torchrun / accelerate launch: shard, gather on rank 0, same result everywhere
+        return _evaluate_sharded(world, run, cache, key, predictor, name, prompts, references, versions)
 
     lock = folder / ".locks" / f"{key.digest}.lock"
     doc = single_flight(lock, lookup, compute, stale_after=caching.stale_after_seconds)
     if "_status" not in doc:  # another process computed it while we waited
         return _hit(doc, cache, key, name, config, versions)
+    return _result(doc, key, reason)
+
+
+def _save(cache: PredictionCache, key: Key, predictor: Key, run: _Run, name: str, predictions: list,
+          references: list, versions: dict, started: float, reused: int, **extra_meta: Any) -> dict:
+    """Metrics, metadata and the run entry for finished predictions; the doc `evaluate_model` answers from."""
+    config = run.config
+    caching = config.resolved_cache
+    metrics = compute_metrics(config.metrics, predictions, references)
+    meta = _metadata(name, len(predictions), time.time() - started, config, caching.clock())
+    meta.update(reused_examples=reused, **extra_meta)
+    if run.took_effect is not None:
+        meta["load"] = run.took_effect
+    doc: dict[str, Any] = {"metadata": meta, "predictions": predictions, "references": references,
+                           "metrics": metrics, "metric_versions": versions}
+    path = cache.save_run(key, name, doc)
+    cache.compact(predictor)
+    doc["_status"] = "recomputed" if caching.force_recompute else ("partial" if reused else "miss")
+    doc["_path"] = str(path) if path else None
+    log.info("💾 Saved %d predictions to %s.", len(predictions), path or "(not cached: folder not writable)")
+    return doc
+
+
+def _result(doc: dict, key: Key, reason: str | None) -> EvalResult:
     return EvalResult(doc["predictions"], doc["references"], doc["metrics"], doc["metadata"], doc["_status"],
                       key=key.digest, path=doc["_path"], miss_reason=reason, reused=doc["metadata"]["reused_examples"])
+
+
+def _evaluate_sharded(world: World, run: _Run, cache: PredictionCache, key: Key, predictor: Key, name: str,
+                      prompts: list[str], references: list, versions: dict) -> EvalResult:
+    """`evaluate_model` on one rank of several: see `distributed.py` for who does what."""
+    config = run.config
+    force = config.resolved_cache.force_recompute
+    comm = Collective(world)
+    found = None if force else cache.load_run(key, name)
+    if comm.all_true(found is not None) and found is not None:
+        return _hit(found, cache, key, name, config, versions)
+    reason = "force_recompute is set" if force else (cache.explain_miss(key) if world.is_main else None)
+    if world.is_main:
+        log.info("🔄 No valid cache found for %s (%d examples, key %s): %s.", name, len(prompts), key.short, reason)
+    started = time.time()
+    hashes = example_hashes(prompts)
+    known = ({} if force else cache.load_examples(predictor)) if world.is_main else None
+    run.progress = world.is_main
+
+    def predict(positions: list[int]) -> dict[str, Any]:
+        return run.predict_cached(prompts, hashes, positions, cache, predictor, suffix=f"-r{world.rank}")
+
+    merged, reused, timing = predict_sharded(world, comm, prompts, hashes, known, predict)
+    doc = None
+    if merged is not None:
+        doc = _save(cache, key, predictor, run, name, [merged[h] for h in hashes], references, versions, started,
+                    reused, processes={"count": world.size, **timing})
+    doc = comm.broadcast(doc)
+    return _result(doc, key, comm.broadcast(reason))
 
 
 def _hit(doc: dict, cache: PredictionCache, key: Key, name: str, config: EvalConfig,
@@ -217,15 +264,25 @@ class _Run:
         self.config = config
         self.root = root
         self.name = str(model) if self.is_path else type(model).__name__
+        self.progress = True  # a progress bar (rank 0 only, under a launcher)
+        self.took_effect: dict | None = None  # device, dtype, attention, compile: set when this run loads
+        self._plan: LoadPlan | None = None
+
+    @property
+    def plan(self) -> LoadPlan:
+        """How a path is loaded (device, dtype, attention, compile), decided once, before any load."""
+        if self._plan is None:
+            config = self.config
+            self._plan = plan_load(device=config.device, dtype=config.model_dtype, speedups=config.speedups,
+                                   compile_decode=config.compile_decode)
+        return self._plan
 
     def _ensure_loaded(self) -> None:
         if self.model is None:
-            from .._models.loading import load_model
-
             with requires_extras(f"Evaluating {self.name!r} on a cache miss"):
-                self.model, self.tokenizer = load_model(
-                    str(self.source), head="causal" if self.config.task == "generation" else "classification",
-                    dtype=self.config.model_dtype, gguf_file=self.config.gguf_file, **self.config.load_kwargs)
+                self.model, self.tokenizer, self.took_effect = load_planned(
+                    str(self.source), self.plan, head="causal" if self.config.task == "generation"
+                    else "classification", gguf_file=self.config.gguf_file, **self.config.load_kwargs)
         if self.tokenizer is None:
             raise ConfigError("This model needs its tokenizer: call evaluate_model(model, data, config, "
                               "tokenizer=tokenizer).")
@@ -240,12 +297,20 @@ class _Run:
             return self._identity_of_objects()
         from .._models.loading import load_options
 
-        state = files_state(str(self.source), load_options(self.config), self.root)
+        options = {**load_options(self.config), "dtype": self.plan.dtype}  # the dtype is part of the key
+        state = files_state(str(self.source), options, self.root)
         found = remembered_identity(state, self.root)
         if found is None:
             found = self._identity_of_objects()
             remember_identity(state, found, self.root)
         return found
+
+    def predict_cached(self, prompts: list[str], hashes: list[str], positions: list[int], cache: PredictionCache,
+                       predictor: Key, suffix: str = "") -> dict[str, Any]:
+        """Predict the examples at `positions`, saving each batch as a per-example shard as it finishes."""
+        fresh = self.predict([prompts[i] for i in positions], on_batch=lambda done: cache.save_examples(
+            predictor, {hashes[positions[j]]: p for j, p in done}, f"b{time.time_ns()}-{os.getpid()}{suffix}"))
+        return {hashes[i]: p for i, p in zip(positions, fresh)}
 
     def predict(self, prompts: list[str], on_batch=None) -> list:
         if not prompts:
@@ -258,8 +323,8 @@ class _Run:
         step = generate if self.config.task == "generation" else classify
         size = self.config.batch_size
         out: list = []
-        with tqdm(total=len(prompts), desc=f"Predicting ({self.config.task})", unit="ex") as bar, \
-                requires_extras(f"Predicting with {self.name!r}"):
+        with tqdm(total=len(prompts), desc=f"Predicting ({self.config.task})", unit="ex",
+                  disable=not self.progress) as bar, requires_extras(f"Predicting with {self.name!r}"):
             for start in range(0, len(prompts), size):
                 batch = step(self.model, self.tokenizer, prompts[start : start + size], self.config)
                 if on_batch is not None:

@@ -52,6 +52,17 @@ class TransformersBackend:
     system_prompt: str | None = None
     name: str = "transformers"
 
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, *, dtype: str | None = None, compile_decode: bool = False,
+                        gguf_file: str | None = None, **options: Any) -> TransformersBackend:
+        """Load a model folder or Hub name with the inference load plan (`_models/inference.py`: this rank's
+        GPU, bf16 where supported, flash_attention_2 -> sdpa -> eager; on CPU as before), then wrap it."""
+        from .._models.inference import load_planned, plan_load
+
+        model, tokenizer, _ = load_planned(name_or_path, plan_load(dtype=dtype, compile_decode=compile_decode),
+                                           gguf_file=gguf_file)
+        return cls(model, tokenizer, **options)
+
     def render(self, prompts: Sequence[str]) -> list[str]:
         """The exact text the model sees (the `full_texts` start with it)."""
         if not self.use_chat_template:
