@@ -35,8 +35,12 @@ class SpeedupPlan:
     attention_used: str | None = None
     notes: list[str] = field(default_factory=list)
 
+    def decision(self, setting: str) -> Decision:
+        """The decision for one `SpeedupConfig` field, e.g. "torch_compile"."""
+        return next(d for d in self.decisions if d.setting == setting)
+
     def chosen(self, setting: str) -> Any:
-        return next(d.chosen for d in self.decisions if d.setting == setting)
+        return self.decision(setting).chosen
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `from_pretrained` (weights stay fp32; mixed precision does the rest)."""
@@ -78,19 +82,20 @@ class SpeedupPlan:
 
 
 def plan(config: SpeedupConfig | None = None, device: Device | None = None,
-         available: Availability | None = None) -> SpeedupPlan:
+         available: Availability | None = None, announce: bool = True) -> SpeedupPlan:
     """Decide every speed-up for this machine (or a described one) and log the table once.
 
     Args:
         config: what to turn on; defaults to everything the hardware allows.
         device, available: override detection (tests, docs); by default the real machine is probed,
             flash-attention included (a real kernel call, not just an import).
+        announce: log the table at INFO (False: DEBUG, for `SpeedupCallback`, which logs its own table).
     """
     config = config or SpeedupConfig()
     device = device or detect_device()
     available = available or probe_availability(device)
     result = SpeedupPlan(config, device, available, decide(config, device, available))
-    log.info("Speed-up plan for %s:\n%s", device.name, result.table())
+    log.log(logging.INFO if announce else logging.DEBUG, "Speed-up plan for %s:\n%s", device.name, result.table())
     return result
 
 
