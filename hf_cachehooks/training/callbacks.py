@@ -76,8 +76,8 @@ def observe(model: Any, optimizer: Any, args: Any, train_dataloader: Any) -> dic
         "precision": {"no": "fp32"}.get(precision, precision),
         "tf32": tf32_in_effect(),
         "attn_implementation": attention[0] if len(attention) == 1 else ",".join(attention) or None,
-        "torch_compile": (model is not None and is_compiled(model)) or dynamo not in ("NO", "DynamoBackend.NO",
-                                                                                    "unknown"),
+        "torch_compile": (model is not None and is_compiled(model))
+        or dynamo not in ("NO", "DynamoBackend.NO", "unknown"),
         "optimizer": _optimizer_name(optimizer),
         "dataloader_num_workers": getattr(train_dataloader, "num_workers", None),
         "gradient_checkpointing": bool(checkpointing),
@@ -87,16 +87,16 @@ def observe(model: Any, optimizer: Any, args: Any, train_dataloader: Any) -> dic
 
 _FIXES = {
     "precision": "pass plan.training_args_kwargs() to TrainingArguments (bf16/fp16 cannot change after "
-                 "Trainer.__init__)",
+    "Trainer.__init__)",
     "torch_compile": "pass plan.training_args_kwargs() to TrainingArguments (torch_compile is read when the "
-                     "Trainer builds its Accelerator)",
+    "Trainer builds its Accelerator)",
     "optimizer": "set TrainingArguments(optim=...) before the Trainer creates its optimizer",
     "attn_implementation": "load the model with speedups.load_model() or from_pretrained(**plan.model_kwargs())",
     "dataloader_num_workers": "set TrainingArguments(dataloader_num_workers=...) before training starts",
     "gradient_checkpointing": "set TrainingArguments(activation_checkpointing=True)",
     "tf32": "set TrainingArguments(tf32=True) on an Ampere or newer GPU",
     "per_device_train_batch_size": "pass plan.training_args_kwargs() to TrainingArguments (the Trainer keeps the "
-                                   "batch size it was built with)",
+    "batch size it was built with)",
 }
 
 
@@ -114,8 +114,13 @@ class SpeedupCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         >>> trainer = Trainer(model, args, train_dataset=ds, callbacks=[SpeedupCallback()])  # doctest: +SKIP
     """
 
-    def __init__(self, plan: SpeedupPlan | SpeedupConfig | None = None, warmup_steps: int = 3,
-                 report_path: str | Path | None = None, switch: bool = True) -> None:
+    def __init__(
+        self,
+        plan: SpeedupPlan | SpeedupConfig | None = None,
+        warmup_steps: int = 3,
+        report_path: str | Path | None = None,
+        switch: bool = True,
+    ) -> None:
         self.plan = plan if isinstance(plan, SpeedupPlan) else None
         self._built_from_plan = self.plan is not None  # the Trainer was built from it: its batch size counts
         self.config = self.plan.config if self.plan else plan if isinstance(plan, SpeedupConfig) else SpeedupConfig()
@@ -142,11 +147,16 @@ class SpeedupCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         precision, dynamo = _accelerator_state(args)
         half = precision in ("bf16", "fp16") or str(getattr(model, "dtype", "")) in ("torch.bfloat16", "torch.float16")
         inner = _unwrap_optimizer(optimizer)
-        users_own = inner is not None and (inner is _unwrap_optimizer(self._users_optimizer) or not
-                                           _trainer_builds(args, inner))
+        users_own = inner is not None and (
+            inner is _unwrap_optimizer(self._users_optimizer) or not _trainer_builds(args, inner)
+        )
         fused, self._watch = switch_fused_adamw(optimizer, users_own)
-        self.switches = [switch_tf32(plan), switch_attention(model, plan, half),
-                         switch_compile(model, plan, dynamo), fused]
+        self.switches = [
+            switch_tf32(plan),
+            switch_attention(model, plan, half),
+            switch_compile(model, plan, dynamo),
+            fused,
+        ]
         if self._watch is not None:
             self._watch.fused_ran = False
 
@@ -172,18 +182,26 @@ class SpeedupCallback(TrainerCallback):  # type: ignore[misc,valid-type]
                 fix = _FIXES.get(decision.setting, "see the plan table")
                 if switched is not None and switched.reason:
                     fix = f"{switched.reason}; {fix}" if switched.status != "left alone" else switched.reason
-                self.mismatches.append(f"{decision.setting}: planned {planned!r} but {actual!r} is in effect; "
-                                       f"fix: {fix}")
+                self.mismatches.append(
+                    f"{decision.setting}: planned {planned!r} but {actual!r} is in effect; fix: {fix}"
+                )
             rows.append((decision.setting, str(planned), str(actual), "✓" if ok else "✗", how))
         size = self.config.per_device_train_batch_size
         if self._built_from_plan and args.per_device_train_batch_size != size:
-            self.mismatches.append(f"per_device_train_batch_size: planned {size} but "
-                                   f"{args.per_device_train_batch_size} is in effect; fix: "
-                                   f"{_FIXES['per_device_train_batch_size']}")
-        if self.observed["gradient_checkpointing"] and self.observed["torch_compile"] and getattr(
-                model, "peft_config", None):
-            self.mismatches.append("PEFT + gradient checkpointing + torch.compile: expect graph breaks from "
-                                   "requires_grad_() (3 graphs / 5 breaks measured on CPU); consider compile off")
+            self.mismatches.append(
+                f"per_device_train_batch_size: planned {size} but "
+                f"{args.per_device_train_batch_size} is in effect; fix: "
+                f"{_FIXES['per_device_train_batch_size']}"
+            )
+        if (
+            self.observed["gradient_checkpointing"]
+            and self.observed["torch_compile"]
+            and getattr(model, "peft_config", None)
+        ):
+            self.mismatches.append(
+                "PEFT + gradient checkpointing + torch.compile: expect graph breaks from "
+                "requires_grad_() (3 graphs / 5 breaks measured on CPU); consider compile off"
+            )
         if state.is_world_process_zero:
             width = max(len(r[0]) for r in rows)
             lines = [f"{'setting':<{width}}  {'planned':<18} {'in effect':<18}    how"]
@@ -211,8 +229,14 @@ class SpeedupCallback(TrainerCallback):  # type: ignore[misc,valid-type]
             elif problem:
                 if switch.undo is not None:
                     switch.undo()
-                log.warning("%s: switched to %r at train start but %s; put back to %r (process %d)", switch.setting,
-                            switch.after, problem, switch.before, args.process_index)
+                log.warning(
+                    "%s: switched to %r at train start but %s; put back to %r (process %d)",
+                    switch.setting,
+                    switch.after,
+                    problem,
+                    switch.before,
+                    args.process_index,
+                )
                 switch.status, switch.reason, switch.after = "undone", problem, switch.before
             elif self._steps_checked >= CHECK_STEPS:
                 switch.status, switch.reason = "unverified", f"no step showed it in {CHECK_STEPS} steps"
@@ -241,7 +265,8 @@ class SpeedupCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         seconds = sum(steady)
         samples = args.per_device_train_batch_size * args.gradient_accumulation_steps * max(1, args.world_size)
         return {
-            "steady_steps": len(steady), "warmup_steps_excluded": self.warmup_steps,
+            "steady_steps": len(steady),
+            "warmup_steps_excluded": self.warmup_steps,
             "median_step_seconds": statistics.median(steady),
             "samples_per_second": samples * len(steady) / seconds,
             "tokens_per_second": sum(tokens) / seconds if sum(tokens) else None,
@@ -258,11 +283,19 @@ class SpeedupCallback(TrainerCallback):  # type: ignore[misc,valid-type]
         plan = self.plan
         if plan is None:  # train() never began
             return
-        report = {"device": plan.device.name, "throughput": self.throughput(args),
-                  "planned": [d.__dict__ for d in plan.decisions], "observed": self.observed,
-                  "switches": [{"setting": s.setting, "before": s.before, "after": s.after, "status": s.status,
-                                "reason": s.reason} for s in self.switches],
-                  "mismatches": self.mismatches, "attention_used": plan.attention_used, "notes": plan.notes}
+        report = {
+            "device": plan.device.name,
+            "throughput": self.throughput(args),
+            "planned": [d.__dict__ for d in plan.decisions],
+            "observed": self.observed,
+            "switches": [
+                {"setting": s.setting, "before": s.before, "after": s.after, "status": s.status, "reason": s.reason}
+                for s in self.switches
+            ],
+            "mismatches": self.mismatches,
+            "attention_used": plan.attention_used,
+            "notes": plan.notes,
+        }
         entry = {f"speedups/{k}": v for k, v in report["throughput"].items()}
         state.log_history.append({**entry, "step": state.global_step})
         if state.is_world_process_zero:
@@ -271,9 +304,16 @@ class SpeedupCallback(TrainerCallback):  # type: ignore[misc,valid-type]
             path.write_bytes(orjson.dumps(report, option=orjson.OPT_INDENT_2, default=str))
             t = report["throughput"]
             if t.get("steady_steps"):
-                log.info("Steady-state (after %d warm-up steps): %.3f s/step, %.1f samples/s, %s tokens/s, "
-                         "%d recompiles -> %s", self.warmup_steps, t["median_step_seconds"], t["samples_per_second"],
-                         f"{t['tokens_per_second']:.0f}" if t["tokens_per_second"] else "n/a", t["recompiles"], path)
+                log.info(
+                    "Steady-state (after %d warm-up steps): %.3f s/step, %.1f samples/s, %s tokens/s, "
+                    "%d recompiles -> %s",
+                    self.warmup_steps,
+                    t["median_step_seconds"],
+                    t["samples_per_second"],
+                    f"{t['tokens_per_second']:.0f}" if t["tokens_per_second"] else "n/a",
+                    t["recompiles"],
+                    path,
+                )
 
 
 def _trainer_builds(args: Any, optimizer: Any) -> bool:

@@ -81,8 +81,12 @@ class SpeedupPlan:
         return decisions_table(self.decisions)
 
 
-def plan(config: SpeedupConfig | None = None, device: Device | None = None,
-         available: Availability | None = None, announce: bool = True) -> SpeedupPlan:
+def plan(
+    config: SpeedupConfig | None = None,
+    device: Device | None = None,
+    available: Availability | None = None,
+    announce: bool = True,
+) -> SpeedupPlan:
     """Decide every speed-up for this machine (or a described one) and log the table once.
 
     Args:
@@ -107,10 +111,16 @@ def load_model(name_or_path: str, speedup: SpeedupPlan, head: str = "causal", **
     `speedup.attention_used` records the one that loaded. Weights load in float32 unless `dtype=` says
     otherwise (mixed precision does the rest).
     """
+
     def failed(rung: str, reason: str) -> None:
         speedup.notes.append(f"{rung} failed: {reason}")
 
-    model = load_weights(name_or_path, head=head, attn_implementation=attention_ladder(
-        speedup.chosen("attn_implementation")), on_fallback=failed, **kwargs)
+    model = load_weights(
+        name_or_path,
+        head=head,
+        attn_implementation=attention_ladder(speedup.chosen("attn_implementation")),
+        on_fallback=failed,
+        **kwargs,
+    )
     speedup.attention_used = getattr(model.config, "_attn_implementation", None)
     return model

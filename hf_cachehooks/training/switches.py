@@ -55,8 +55,9 @@ def base_model(model: Any) -> Any:
 def attention_in_effect(model: Any) -> set[str]:
     """The implementations the attention modules will read at their next forward (one per config)."""
     configs = {id(c): c for c in (getattr(m, "config", None) for m in base_model(model).modules()) if c is not None}
-    return {str(getattr(c, "_attn_implementation", None)) for c in configs.values()
-            if hasattr(c, "_attn_implementation")}
+    return {
+        str(getattr(c, "_attn_implementation", None)) for c in configs.values() if hasattr(c, "_attn_implementation")
+    }
 
 
 def switch_attention(model: Any, plan: SpeedupPlan, half_precision: bool) -> Switch:
@@ -84,8 +85,13 @@ def switch_attention(model: Any, plan: SpeedupPlan, half_precision: bool) -> Swi
         return Switch("attn_implementation", before, before, "already on" if before == top else "not switched", why)
     setter = getattr(target, "set_attn_implementation", None)
     if setter is None:
-        return Switch("attn_implementation", before, before, "not switched",
-                      f"{type(target).__name__} has no set_attn_implementation")
+        return Switch(
+            "attn_implementation",
+            before,
+            before,
+            "not switched",
+            f"{type(target).__name__} has no set_attn_implementation",
+        )
     for rung in reversed(ladder):
         try:
             setter(rung)
@@ -101,8 +107,7 @@ def switch_attention(model: Any, plan: SpeedupPlan, half_precision: bool) -> Swi
             found = attention_in_effect(target)
             return None if found == {rung} else f"attention modules read {sorted(found)}, not {rung}"
 
-        return Switch("attn_implementation", before, rung, "switched", "; ".join(notes),
-                      check, lambda: setter(before))
+        return Switch("attn_implementation", before, rung, "switched", "; ".join(notes), check, lambda: setter(before))
     return Switch("attn_implementation", before, before, "not switched", "; ".join(notes))
 
 
@@ -124,8 +129,10 @@ def _fused_problem(optimizer: Any) -> str | None:
             return "a param group is differentiable, which fused does not support"
         for p in group["params"]:
             if p.device.type not in devices or str(p.dtype).removeprefix("torch.") not in FUSED_DTYPES or p.is_sparse:
-                return (f"a parameter is {p.dtype} on {p.device}{' (sparse)' if p.is_sparse else ''}; fused AdamW "
-                        f"needs dense {'/'.join(FUSED_DTYPES)} on {'/'.join(sorted(devices))}")
+                return (
+                    f"a parameter is {p.dtype} on {p.device}{' (sparse)' if p.is_sparse else ''}; fused AdamW "
+                    f"needs dense {'/'.join(FUSED_DTYPES)} on {'/'.join(sorted(devices))}"
+                )
     return None
 
 
@@ -221,8 +228,11 @@ def _guarded_backend(name: str, mode: str | None, failures: list[str]) -> Callab
     """The named compiler, but a failure to compile a graph runs that graph eagerly and is recorded."""
     import torch
 
-    real = (torch._TorchCompileInductorWrapper(mode, None, None) if name == "inductor"
-            else torch._TorchCompileWrapper(name, mode, None, None))
+    real = (
+        torch._TorchCompileInductorWrapper(mode, None, None)
+        if name == "inductor"
+        else torch._TorchCompileWrapper(name, mode, None, None)
+    )
 
     def backend(gm: Any, example_inputs: Any) -> Any:
         try:
@@ -288,5 +298,12 @@ def switch_tf32(plan: SpeedupPlan) -> Switch:
         def undo() -> None:
             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
 
-    return Switch("tf32", False, True, "switched", decision.reason,
-                  lambda: None if tf32_in_effect() else "the TF32 flag was reset", undo)
+    return Switch(
+        "tf32",
+        False,
+        True,
+        "switched",
+        decision.reason,
+        lambda: None if tf32_in_effect() else "the TF32 flag was reset",
+        undo,
+    )
