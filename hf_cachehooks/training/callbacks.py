@@ -157,13 +157,12 @@ class SpeedupCallback(TrainerCallback):  # type: ignore[misc,valid-type]
             switch_compile(model, plan, dynamo),
             fused,
         ]
-        if self._watch is not None:
-            self._watch.fused_ran = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         if self.plan is None:
             self.plan = speedups.plan(self.config, announce=False)
         plan = self.plan
+        self.mismatches, self.step_times, self.step_tokens, self._steps_checked = [], [], [], 0  # a new train()
         if self.switch and model is not None:
             self._apply(plan, model, optimizer, args)
         self.observed = observe(model, optimizer, args, train_dataloader)
@@ -176,8 +175,8 @@ class SpeedupCallback(TrainerCallback):  # type: ignore[misc,valid-type]
             switched = by_setting.get(decision.setting)
             ok = _matches(decision.setting, planned, actual)
             how = decision.reason
-            if switched is not None and switched.status in ("switched", "already on"):
-                how = f"{switched.status} by the callback" if switched.status == "switched" else "already on"
+            if switched is not None and switched.status == "switched":
+                how = "switched by the callback"
             elif not ok:
                 fix = _FIXES.get(decision.setting, "see the plan table")
                 if switched is not None and switched.reason:
