@@ -64,6 +64,7 @@ LIBRARIES = ("hf_cachehooks", "torch", "transformers", "accelerate", "datasets")
 MODES = ("plain", "callback", "planned")
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_trainer.json"
 LR, SEED = 5e-4, 42
+FP32_PRECISION = getattr(torch.backends, "fp32_precision", None)  # TF32 off, as at start, before every run
 
 
 class StepTimer(TrainerCallback):
@@ -125,6 +126,8 @@ def make_data(n: int, lo: int, hi: int, vocab: int) -> Dataset:
 
 def run_arm(mode: str, setup: dict, model_dir: str, data: Dataset, tok, out: Path) -> dict:
     torch._dynamo.reset()  # each run compiles from a fresh dynamo state (inductor's disk cache persists)
+    if hasattr(torch.backends, "fp32_precision"):  # TrainingArguments(tf32=True) sets it for the process, for good
+        torch.backends.fp32_precision = FP32_PRECISION
     cuda = setup["device"] == "cuda"
     common = dict(
         output_dir=str(out), max_steps=setup["steps"], learning_rate=LR, seed=SEED, report_to=[], save_strategy="no",

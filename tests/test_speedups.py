@@ -81,6 +81,10 @@ def test_callback_verifies_fused_adamw_and_reports_steady_throughput(tiny_dir, t
     )
     assert callback.observed["precision"] == "fp32" and callback.observed["attn_implementation"] == "sdpa"
     assert callback.mismatches == []
+    assert {s.setting: s.status for s in callback.switches} == {  # planned before: nothing left to switch
+        "tf32": "not switched", "attn_implementation": "already on", "torch_compile": "not switched",
+        "optimizer": "already on",
+    }  # fmt: skip
     assert "Speed-ups in effect" in caplog.text
     report = json.loads((tmp_path / "out" / "speedups_report.json").read_text())
     assert report["throughput"]["steady_steps"] == 4 and report["throughput"]["samples_per_second"] > 0

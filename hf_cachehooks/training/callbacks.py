@@ -145,6 +145,7 @@ class SpeedupCallback(TrainerCallback):  # type: ignore[misc,valid-type]
 
     def _apply(self, plan: SpeedupPlan, model: Any, optimizer: Any, args: Any) -> None:
         precision, dynamo = _accelerator_state(args)
+        dynamo = "TrainingArguments.torch_compile" if getattr(args, "torch_compile", False) else dynamo
         half = precision in ("bf16", "fp16") or str(getattr(model, "dtype", "")) in ("torch.bfloat16", "torch.float16")
         inner = _unwrap_optimizer(optimizer)
         users_own = inner is not None and (
