@@ -46,6 +46,10 @@ class Switch:
     undo: Callable[[], None] | None = field(default=None, repr=False)
 
 
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+
 def base_model(model: Any) -> Any:
     """The transformers model under a PEFT wrapper (the model itself otherwise)."""
     get = getattr(model, "get_base_model", None)
@@ -96,7 +100,7 @@ def switch_attention(model: Any, plan: SpeedupPlan, half_precision: bool) -> Swi
         try:
             setter(rung)
         except (ImportError, ValueError, RuntimeError, KeyError) as exc:  # FA2 absent or no kernel; model lacks sdpa
-            notes.append(f"{rung} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+            notes.append(f"{rung} failed: {_first_line(exc)}")
             continue
         if attention_in_effect(target) != {rung}:
             setter(before)
@@ -238,7 +242,7 @@ def _guarded_backend(name: str, mode: str | None, failures: list[str]) -> Callab
         try:
             return real(gm, example_inputs)
         except Exception as exc:  # no C++ compiler, Triton without this GPU, an unsupported op
-            failures.append(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            failures.append(_first_line(exc))
             return gm.forward
 
     backend.__name__ = f"guarded_{name}"
