@@ -17,6 +17,9 @@ Same random-init Llama (saved once to a temp dir, loaded by every arm), same syn
 Runs alternate (plain, callback, planned, plain, ...). Every arm is timed by the same callback
 (on_step_begin -> on_step_end, perf_counter, with a CUDA synchronize on a GPU); the first `--warmup` steps of
 each run are left out (compilation happens there). Samples/s = batch x steady steps / their summed time.
+Before the Trainer runs, each switch is also timed alone, A and B alternated on one model and one batch:
+forward+backward eager vs sdpa, and `AdamW.step()` plain vs with the param groups' `fused` flag set. On shared
+cores these alternated figures hold up better than whole runs, whose spread can exceed the differences.
 
     HF_HUB_OFFLINE=1 python benchmarks/bench_trainer.py                      # all modes, CPU or the GPU
     HF_HUB_OFFLINE=1 python benchmarks/bench_trainer.py --quick               # 2 layers, 10 steps, 2 runs
@@ -173,6 +176,39 @@ def run_arm(mode: str, setup: dict, model_dir: str, data: Dataset, tok, out: Pat
     return run
 
 
+def components(model_dir: str, data: Dataset, tok, device: str, batch: int, repeats: int) -> dict:
+    """Each switch alone, A and B alternated `repeats` times on one model and one batch (robust to shared cores).
+
+    attention: forward + backward, eager vs sdpa. optimizer: `AdamW.step()` on every parameter with the
+    for-loop/foreach kernel vs the same optimizer with `fused=True` on its param groups.
+    """
+    model = LlamaForCausalLM.from_pretrained(model_dir, attn_implementation="eager").to(device).train()
+    inputs = DataCollatorForLanguageModeling(tok, mlm=False)([data[i] for i in range(batch)])
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=LR)
+    timer = StepTimer(device == "cuda")
+    times: dict[str, list[float]] = {"eager": [], "sdpa": [], "adamw": [], "adamw_fused": []}
+    for _ in range(repeats):
+        for attention in ("eager", "sdpa"):
+            model.set_attn_implementation(attention)
+            t0 = timer._now()
+            model(**inputs).loss.backward()
+            times[attention].append(timer._now() - t0)
+        for name, fused in (("adamw", None), ("adamw_fused", True)):
+            for group in optimizer.param_groups:
+                group["fused"] = fused
+            t0 = timer._now()
+            optimizer.step()
+            times[name].append(timer._now() - t0)
+        optimizer.zero_grad()
+    med = {k: statistics.median(v[1:]) * 1e3 for k, v in times.items()}  # the first of each is warm-up
+    return {
+        "repeats": repeats, "median_ms": med, "forward_backward_eager_over_sdpa": med["eager"] / med["sdpa"],
+        "optimizer_step_plain_over_fused": med["adamw"] / med["adamw_fused"],
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }  # fmt: skip
+
+
 def summarise(runs: list[dict], warmup: int, batch: int) -> dict:
     steady = [s for r in runs for s in r["step_s"][warmup:]]
     intervals = [s for r in runs for s in r["interval_s"][warmup:]]
@@ -229,6 +265,7 @@ def main() -> None:
     try:
         model_dir = make_model_dir(tmp, layers, hidden, heads, vocab, lengths[1])
         data, tok = make_data(setup["sequences"], *lengths, vocab), make_tokenizer(vocab)
+        parts = components(model_dir, data, tok, device, batch, 6 if args.quick else 12)
         for i in range(runs):
             for mode in modes:
                 run = run_arm(mode, setup, model_dir, data, tok, tmp / f"out{i}_{mode}")
@@ -260,13 +297,20 @@ def main() -> None:
             f"{mode:<9} {s['runs']:>4} {s['median_step_ms']:>8.1f} {s['samples_per_s']:>9.1f} {s['tokens_per_s']:>9.0f}"
             f" {s['speedup_over_plain']:>7.2f}x  {e['attention']}, fused={e['fused']}, {e['precision']}"
         )
+    med = parts["median_ms"]
+    print(
+        f"\nEach switch alone, alternated {parts['repeats']} times on one batch ({parts['parameters'] / 1e6:.1f}M"
+        f" parameters):\n  forward+backward  eager {med['eager']:.1f} ms, sdpa {med['sdpa']:.1f} ms"
+        f" ({parts['forward_backward_eager_over_sdpa']:.2f}x)\n  optimizer step    AdamW {med['adamw']:.1f} ms,"
+        f" fused {med['adamw_fused']:.1f} ms ({parts['optimizer_step_plain_over_fused']:.2f}x)"
+    )
     print(f"(total {total_s:.0f} s)")
     suffix = ("_cuda" if device == "cuda" else "") + ("_quick" if args.quick else "")
     out_path = RESULTS.with_name(f"{RESULTS.stem}{suffix}.json")
     out_path.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "quick": args.quick, "machine": machine(LIBRARIES), "device_name": where, "total_s": total_s, "setup": setup,
-        "runs_per_mode": runs, "summary": summary, "runs": results,
+        "runs_per_mode": runs, "summary": summary, "components": parts, "runs": results,
     }  # fmt: skip
     out_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
     print(f"Wrote {out_path}")
