@@ -35,8 +35,12 @@ class SpeedupPlan:
     attention_used: str | None = None
     notes: list[str] = field(default_factory=list)
 
+    def decision(self, setting: str) -> Decision:
+        """The decision for one `SpeedupConfig` field, e.g. "torch_compile"."""
+        return next(d for d in self.decisions if d.setting == setting)
+
     def chosen(self, setting: str) -> Any:
-        return next(d.chosen for d in self.decisions if d.setting == setting)
+        return self.decision(setting).chosen
 
     def model_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for `from_pretrained` (weights stay fp32; mixed precision does the rest)."""
@@ -77,20 +81,25 @@ class SpeedupPlan:
         return decisions_table(self.decisions)
 
 
-def plan(config: SpeedupConfig | None = None, device: Device | None = None,
-         available: Availability | None = None) -> SpeedupPlan:
+def plan(
+    config: SpeedupConfig | None = None,
+    device: Device | None = None,
+    available: Availability | None = None,
+    announce: bool = True,
+) -> SpeedupPlan:
     """Decide every speed-up for this machine (or a described one) and log the table once.
 
     Args:
         config: what to turn on; defaults to everything the hardware allows.
         device, available: override detection (tests, docs); by default the real machine is probed,
             flash-attention included (a real kernel call, not just an import).
+        announce: log the table at INFO (False: DEBUG, for `SpeedupCallback`, which logs its own table).
     """
     config = config or SpeedupConfig()
     device = device or detect_device()
     available = available or probe_availability(device)
     result = SpeedupPlan(config, device, available, decide(config, device, available))
-    log.info("Speed-up plan for %s:\n%s", device.name, result.table())
+    log.log(logging.INFO if announce else logging.DEBUG, "Speed-up plan for %s:\n%s", device.name, result.table())
     return result
 
 
@@ -102,10 +111,16 @@ def load_model(name_or_path: str, speedup: SpeedupPlan, head: str = "causal", **
     `speedup.attention_used` records the one that loaded. Weights load in float32 unless `dtype=` says
     otherwise (mixed precision does the rest).
     """
+
     def failed(rung: str, reason: str) -> None:
         speedup.notes.append(f"{rung} failed: {reason}")
 
-    model = load_weights(name_or_path, head=head, attn_implementation=attention_ladder(
-        speedup.chosen("attn_implementation")), on_fallback=failed, **kwargs)
+    model = load_weights(
+        name_or_path,
+        head=head,
+        attn_implementation=attention_ladder(speedup.chosen("attn_implementation")),
+        on_fallback=failed,
+        **kwargs,
+    )
     speedup.attention_used = getattr(model.config, "_attn_implementation", None)
     return model
