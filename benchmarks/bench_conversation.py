@@ -264,7 +264,7 @@ def lookups(long: dict, tok, args) -> dict:
     print(f"  ({COLD_NOTE})")
 
     for label, c in (("memory", cache), ("disk_row", small)):
-        client = TestClient(create_app(None, tok, c))
+        client = TestClient(create_app(None, tok, c), base_url="http://localhost")
         for context in (15, 0):
             times, inside = [], collections.defaultdict(list)
             for i in rng.integers(0, n, 20 if args.quick else 50):  # warm-up, then timed
