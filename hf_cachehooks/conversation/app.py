@@ -36,7 +36,7 @@ from .cache import TokenCache
 from .chat import ChatService
 from .files import validate_conv_id
 from .lens import LensWorker
-from .views import lens_range, turn_states
+from .views import lens_range, token_text, turn_states
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ def create_app(
     limits = limits or Limits(max_new_tokens=max_new_tokens, max_new_tokens_cap=max(1024, max_new_tokens))
     hosts = (*LOOPBACK, *allow_hosts)
     app = FastAPI(title="hf_cachehooks conversation cache")
-    text = functools.lru_cache(maxsize=1 << 17)(lambda token_id: tokenizer.decode([token_id]))  # at most the vocab
+    text = functools.lru_cache(maxsize=1 << 17)(lambda token_id: token_text(tokenizer, token_id))  # at most the vocab
     chat = ChatService(model, tokenizer, cache, limits, keep_kv)
     lens = LensWorker(model, cache, k) if model is not None else None
     app.state.lens_worker, app.state.chat = lens, chat
@@ -228,6 +228,7 @@ def create_app(
         return {
             **cache.status(),
             "prefetch_range": cache.config.prefetch_range,
+            "top_k": k,
             "lens_queue": [] if lens is None else lens.progress(),
         }
 

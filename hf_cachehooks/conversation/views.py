@@ -8,6 +8,8 @@ came with a later turn, gets its next-token figures computed on the spot (one to
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +21,39 @@ from .files import STATS
 from .lens import LensWorker, next_token_ids
 
 MAX_RANGE = 4096  # positions one request may ask for
+_BYTE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+
+
+def token_text(tokenizer: Any, token_id: int) -> str:
+    """A token's text as the page shows it: its decoded text, or for a byte of a longer character (which decodes
+    to U+FFFD alone) the byte as `<0xNN>` (byte-level BPE, as in GPT-2 and SmolLM2, and SentencePiece byte tokens)."""
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return str(text)
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str) and _BYTE.fullmatch(piece):
+        return f"<0x{piece[3:5].upper()}>"
+    table = _byte_decoder()
+    if isinstance(piece, str) and piece and all(c in table for c in piece):
+        raw = bytes(table[c] for c in piece)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return "".join(f"<0x{b:02X}>" for b in raw)
+    return str(text)
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the character a byte-level BPE vocabulary writes for each byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
 
 
 def lens_range(
@@ -107,6 +142,8 @@ def _turn_with_lens(
         )
     lens.prioritize(conv_id, start)  # whatever this request leaves undone comes next
     ids, probs, stats = lens.readout(arrays["hidden"], next_token_ids(cache, conv_id, start, arrays))
+    if "topk_ids" in arrays:  # a lens stored without its figures keeps its top-k; the figures join it
+        ids, probs = arrays["topk_ids"], arrays["topk_probs"]
     cache.add_lens(conv_id, start, ids, probs, stats)
     computed.extend(range(start, start + len(ids)))
     return {**arrays, "topk_ids": ids, "topk_probs": probs, "stats": stats}
