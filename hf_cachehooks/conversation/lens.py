@@ -54,6 +54,7 @@ def lens_readout(model: Any, hidden: Any, k: int = 10, next_ids: Any = None) -> 
     Raises:
         ConfigError: the model has no unembedding (an encoder) or no known final norm.
     """
+    import numpy as np
     import torch
 
     _, blocks, norm = locate(model)
@@ -69,20 +70,22 @@ def lens_readout(model: Any, hidden: Any, k: int = 10, next_ids: Any = None) -> 
         normed = torch.cat([norm(states[:, :n]), states[:, n:]], dim=1)  # layer n is normed already
         logp = torch.log_softmax(head(normed).float(), dim=-1)  # (T, L, vocab)
         probs = logp.exp()
-        top = probs.topk(k, dim=-1)
+        top = logp.topk(k, dim=-1)  # the same order as the probabilities; only k of them are exponentiated
         entropy = -(probs * logp).sum(-1)  # (T, L)
-        final = logp[:, -1:]
-        kl = (final.exp() * (final - logp)).sum(-1).clamp_min(0)
+        final = probs[:, -1]  # (T, vocab)
+        # KL(final || layer) = sum p_final log p_final - sum p_final log p_layer: a matrix product, no big temporary
+        kl = (-entropy[:, -1:] - torch.einsum("tlv,tv->tl", logp, final)).clamp_min(0)
         nxt = torch.full(entropy.shape, float("nan")), torch.full(entropy.shape, float("nan"))
         if next_ids is not None:
-            wanted = torch.as_tensor(next_ids, dtype=torch.long).reshape(-1)
-            known = wanted >= 0
-            if known.any():
-                chosen = logp[known].gather(-1, wanted[known][:, None, None].expand(-1, logp.shape[1], 1))  # (t, L, 1)
-                nxt[0][known] = chosen[..., 0].exp()
-                nxt[1][known] = (logp[known] > chosen).sum(-1).float()
+            wanted = torch.as_tensor(np.asarray(next_ids, np.int64)).reshape(-1)  # (T,), -1: unknown
+            unknown = wanted < 0
+            if not unknown.all():
+                index = wanted.clamp_min(0)[:, None, None].expand(-1, logp.shape[1], 1)
+                chosen = logp.gather(-1, index)  # (T, L, 1), no copy of the (T, L, vocab) logits
+                nxt = chosen[..., 0].exp(), (logp > chosen).float().sum(-1)  # a float sum: twice a bool one's speed
+                nxt[0][unknown], nxt[1][unknown] = float("nan"), float("nan")
         stats = torch.stack([entropy, kl, *nxt], dim=-1)
-    return top.indices.to(torch.int32), top.values.to(torch.float16), stats
+    return top.indices.to(torch.int32), top.values.exp().to(torch.float16), stats
 
 
 def cache_argument(model: Any) -> str:
@@ -197,6 +200,11 @@ class LensWorker:
         with self._done:
             rows = [] if self._current is None else [dict(zip(("conv_id", "start", "done", "tokens"), self._current))]
             return rows + [{"conv_id": c, "start": s, "done": 0, "tokens": None} for c, s in self._queue]
+
+    def wait_turn(self, conv_id: str, start: int, timeout: float | None = None) -> bool:
+        """If the worker is computing this very turn, wait until it is done; False on timeout."""
+        with self._done:
+            return self._done.wait_for(lambda: self._current is None or self._current[:2] != (conv_id, start), timeout)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until every queued turn is done; False on timeout."""

@@ -140,6 +140,10 @@ def _turn_with_lens(
             "model that wrote the conversation.",
             503,
         )
+    if lens.wait_turn(conv_id, start, timeout=120):  # being computed now: its result, not a second computation
+        arrays = cache.turn_arrays(conv_id, start) or arrays
+        if "topk_ids" in arrays and "stats" in arrays:
+            return arrays
     lens.prioritize(conv_id, start)  # whatever this request leaves undone comes next
     ids, probs, stats = lens.readout(arrays["hidden"], next_token_ids(cache, conv_id, start, arrays))
     if "topk_ids" in arrays:  # a lens stored without its figures keeps its top-k; the figures join it
