@@ -378,6 +378,9 @@ def lens_view(model, tok, ids: np.ndarray, states: np.ndarray, tmp: Path, args) 
            "worker_lens_seconds": lens_s}
     line(f"positions x layers view, {t} tokens x {states.shape[1]} layers, request to painted frame", summary(ms), 150)
     line("  of which drawing the canvas", summary(draw))
+    out["lens_ms_per_token"] = lens_cost(model, states[:32], ids[:32])
+    print("  the lens per token, top-k only vs with the per-layer figures (entropy, KL, next token's p and rank): "
+          f"{out['lens_ms_per_token']['topk_only']:.0f} vs {out['lens_ms_per_token']['with_figures']:.0f} ms")
     pending = TokenCache(TokenCacheConfig(directory=str(tmp / "lens_pending"), memory_max_bytes=BIG))
     pending.append_turn("view", ids[:t], states[:t])
     client = TestClient(create_app(model, tok, pending, k=K), base_url="http://localhost")
@@ -389,6 +392,37 @@ def lens_view(model, tok, ids: np.ndarray, states: np.ndarray, tmp: Path, args) 
           f"or computes it: {out['on_the_spot_computed']} tokens computed by the request): "
           f"{out['on_the_spot_server_ms']:.0f} ms; the worker's lens of the turn alone: {lens_s:.1f} s")
     return out
+
+
+def lens_cost(model, states: np.ndarray, ids: np.ndarray, chunk: int = 8) -> dict:
+    """ms per token of the lens as the worker computes it (chunks of 8), alternating: softmax and top-k only (the
+    lens before its per-layer figures) vs `lens_readout` with them; medians of 3 rounds."""
+    from hf_cachehooks._models.architecture import locate, unembedding
+    from hf_cachehooks.conversation.lens import lens_readout
+
+    _, blocks, norm = locate(model)
+    head, n, hidden = unembedding(model), len(blocks), torch.from_numpy(states)
+    next_ids = np.append(ids[1:], -1)
+
+    def topk_only(h: torch.Tensor) -> None:
+        with torch.no_grad():
+            s = h.to(head.weight.dtype)
+            torch.softmax(head(torch.cat([norm(s[:, :n]), s[:, n:]], dim=1)).float(), dim=-1).topk(K, dim=-1)
+
+    def with_figures(h: torch.Tensor, nxt: np.ndarray) -> None:
+        lens_readout(model, h, K, nxt)
+
+    rounds: dict[str, list[float]] = {"topk_only": [], "with_figures": []}
+    for _ in range(3):
+        for name in rounds:
+            start = time.perf_counter()
+            for i in range(0, len(hidden), chunk):
+                if name == "topk_only":
+                    topk_only(hidden[i : i + chunk])
+                else:
+                    with_figures(hidden[i : i + chunk], next_ids[i : i + chunk])
+            rounds[name].append((time.perf_counter() - start) / len(hidden) * 1e3)
+    return {name: statistics.median(ms) for name, ms in rounds.items()}
 
 
 # 4. Concurrency ----------------------------------------------------------------------------------
