@@ -142,8 +142,16 @@ def test_chat_server_command_reads_the_seed_yaml_and_binds_loopback(tmp_path, mo
     )
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
-    assert cli.main(["chat-server", "--model", str(model_dir), "--config", str(tmp_path / "cache.yaml")]) == 0
-    assert served["host"] == "127.0.0.1" and "http://127.0.0.1:8000/" in capsys.readouterr().out
+    assert cli.main(["chat-server", "--model", str(model_dir), "--config", str(tmp_path / "cache.yaml"),
+                     "--allow-host", "lab.box", "--max-new-tokens", "4", "--max-new-tokens-cap", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert served["host"] == "127.0.0.1" and "http://127.0.0.1:8000/" in printed
+    assert "Loading" in printed and "Model loaded in" in printed and "ready after" in printed  # startup progress
+    assert TestClient(served["app"], base_url="http://lab.box").get("/api/conversations").status_code == 200
+    assert TestClient(served["app"], base_url="http://other.box").get("/api/conversations").status_code == 400
+    too_long = TestClient(served["app"], base_url="http://localhost").post(
+        "/api/chat/cached", json={"message": "yes", "max_new_tokens": 9})
+    assert too_long.status_code == 413 and "--max-new-tokens-cap" in too_long.json()["detail"]
     client = local(served["app"])
     status = client.get("/api/cache/status").json()
     assert (status["memory_limit"], status["disk_limit"], status["prefetch_range"]) == (64 * 2**20, 2**30, 3)
