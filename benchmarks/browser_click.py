@@ -235,6 +235,7 @@ def main() -> None:
                       f"{page.evaluate('() => window.hfLens.conversation()')}):")
                 _report(rows)
                 if args.screenshot:
+                    page.wait_for_function("() => window.hfMap.last !== null", timeout=120_000)  # the turn's view
                     page.mouse.move(0, 0)
                     args.screenshot.parent.mkdir(parents=True, exist_ok=True)
                     page.screenshot(path=str(args.screenshot))
