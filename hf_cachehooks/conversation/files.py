@@ -41,7 +41,16 @@ MAX_TURNS = 512  # turns the memory tier holds at most: each mapped turn keeps a
 _GIB = 1024**3
 SUFFIX = {"none": ".safetensors", "lz4": ".safetensors.lz4", "zstd": ".safetensors.zst"}
 _PACKAGE = {"lz4": "lz4", "zstd": "zstandard"}
-_DTYPES: dict[str, np.dtype] = {"I32": np.dtype("int32"), "F16": np.dtype("float16"), "U16": np.dtype("uint16")}
+_DTYPES: dict[str, np.dtype] = {
+    "I32": np.dtype("int32"),
+    "F16": np.dtype("float16"),
+    "U16": np.dtype("uint16"),
+    "F32": np.dtype("float32"),
+}
+# The lens's per-layer figures stored beside its top-k (a turn's `stats`, (T, L, 4) float32): entropy of the layer's
+# distribution and KL(final layer || this layer), in nats; probability and 0-based rank of the token that came next
+# (NaN for a turn's last token until the next turn exists: the server computes those few on the spot).
+STATS = ("entropy", "kl_to_final", "next_prob", "next_rank")
 _HIDDEN_CODE = {"float16": "F16", "bfloat16": "U16"}  # bf16 travels as its raw 16 bits
 
 
@@ -105,8 +114,10 @@ class TokenCacheConfig:
         cache = settle(self.cache, keywords, defaults, "TokenCacheConfig")
         for flag, bad in (("force_recompute", True), ("enabled", False)):
             if getattr(cache, flag) is bad:
-                raise ConfigError(f"TokenCacheConfig got CacheConfig({flag}={bad}): conversations are stored, not "
-                                  "recomputed; leave it at its default (delete conversations with TokenCache.delete).")
+                raise ConfigError(
+                    f"TokenCacheConfig got CacheConfig({flag}={bad}): conversations are stored, not "
+                    "recomputed; leave it at its default (delete conversations with TokenCache.delete)."
+                )
         object.__setattr__(self, "resolved_cache", cache)
 
     @property
@@ -126,8 +137,12 @@ class TokenCacheConfig:
             2147483648
         """
         block = doc.get("cache", doc)
-        allowed = {"memory": {"max_size_mb", "eviction_policy"}, "disk": {"max_size_gb", "directory", "compression"},
-                   "prefetch": {"enabled", "range"}, "ttl": {"memory_minutes", "disk_days"}}
+        allowed = {
+            "memory": {"max_size_mb", "eviction_policy"},
+            "disk": {"max_size_gb", "directory", "compression"},
+            "prefetch": {"enabled", "range"},
+            "ttl": {"memory_minutes", "disk_days"},
+        }
         for section, value in block.items():
             unknown = set(value or {}) - allowed[section] if section in allowed else {section}
             if unknown:
@@ -163,6 +178,7 @@ class TokenRecord:
     topk_probs: np.ndarray | None  # (layers, k) float16; None likewise
     hidden: np.ndarray  # (layers, hidden) float16, or uint16 bf16 bits when hidden_dtype == "bfloat16"
     hidden_dtype: str = "float16"
+    stats: np.ndarray | None = None  # (layers, 4) float32: entropy, kl_to_final, next_prob, next_rank (see STATS)
 
 
 class CorruptTurn(CorruptEntryError):
@@ -188,18 +204,22 @@ def codec(name: str) -> tuple[Callable[[bytes], bytes], Callable[[bytes], bytes]
     return None
 
 
-def check_turn(token_ids: Any, hidden: Any, topk_ids: Any = None,
-                topk_probs: Any = None) -> tuple[dict[str, np.ndarray], str]:
+def check_turn(
+    token_ids: Any, hidden: Any, topk_ids: Any = None, topk_probs: Any = None
+) -> tuple[dict[str, np.ndarray], str]:
     """Read-only contiguous copies in the stored dtypes (the lens arrays only when given), and the hidden dtype tag."""
     hid = np.asarray(hidden)
     tag = {np.dtype(np.float16): "float16", np.dtype(np.uint16): "bfloat16"}.get(hid.dtype)
     if tag is None or hid.ndim != 3 or hid.shape[0] == 0:
-        raise ConfigError(f"hidden must be (tokens > 0, layers, hidden) float16, or uint16 holding bfloat16 bits "
-                          f"(tensor.view(torch.uint16).numpy()); got {hid.dtype} {hid.shape}.")
+        raise ConfigError(
+            f"hidden must be (tokens > 0, layers, hidden) float16, or uint16 holding bfloat16 bits "
+            f"(tensor.view(torch.uint16).numpy()); got {hid.dtype} {hid.shape}."
+        )
     ids = np.asarray(token_ids)
     if ids.shape != hid.shape[:1] or not np.issubdtype(ids.dtype, np.integer):
-        raise ConfigError(f"token_ids must be integers of shape {hid.shape[:1]} (one per row of hidden); "
-                          f"got {ids.dtype} {ids.shape}.")
+        raise ConfigError(
+            f"token_ids must be integers of shape {hid.shape[:1]} (one per row of hidden); got {ids.dtype} {ids.shape}."
+        )
     arrays = {"token_ids": np.array(ids, np.int32, order="C"), "hidden": np.array(hid, order="C")}  # own C copies:
     for array in arrays.values():  # safetensors writes raw memory, strides ignored
         array.setflags(write=False)
@@ -210,16 +230,29 @@ def check_turn(token_ids: Any, hidden: Any, topk_ids: Any = None,
     return arrays, tag
 
 
-def check_lens(topk_ids: Any, topk_probs: Any, tokens: int, layers: int) -> dict[str, np.ndarray]:
-    """Read-only int32 / float16 copies of a turn's lens, (tokens, layers, k) each."""
+def check_lens(topk_ids: Any, topk_probs: Any, tokens: int, layers: int, stats: Any = None) -> dict[str, np.ndarray]:
+    """Read-only int32 / float16 copies of a turn's lens, (tokens, layers, k) each, and its float32 `stats`
+    (tokens, layers, 4) when given."""
     top, probs = np.asarray(topk_ids), np.asarray(topk_probs)
     if top.ndim != 3 or top.shape[:2] != (tokens, layers) or top.shape[2] == 0 or probs.shape != top.shape:
-        raise ConfigError(f"topk_ids {top.shape} and topk_probs {probs.shape} must both be (T={tokens}, "
-                          f"L={layers}, K>0), one row per token and layer of the turn.")
+        raise ConfigError(
+            f"topk_ids {top.shape} and topk_probs {probs.shape} must both be (T={tokens}, "
+            f"L={layers}, K>0), one row per token and layer of the turn."
+        )
     if not np.issubdtype(top.dtype, np.integer) or not np.issubdtype(probs.dtype, np.floating):
         raise ConfigError(f"topk_ids must be integers and topk_probs floats; got {top.dtype} and {probs.dtype}.")
-    arrays: dict[str, np.ndarray] = {"topk_ids": np.array(top, np.int32, order="C"),
-                                     "topk_probs": np.array(probs, np.float16, order="C")}
+    arrays: dict[str, np.ndarray] = {
+        "topk_ids": np.array(top, np.int32, order="C"),
+        "topk_probs": np.array(probs, np.float16, order="C"),
+    }
+    if stats is not None:
+        figures = np.asarray(stats)
+        if figures.shape != (tokens, layers, len(STATS)) or not np.issubdtype(figures.dtype, np.floating):
+            raise ConfigError(
+                f"stats must be floats of shape (T={tokens}, L={layers}, {len(STATS)}); got "
+                f"{figures.dtype} {figures.shape}."
+            )
+        arrays["stats"] = np.array(figures, np.float32, order="C")
     for array in arrays.values():
         array.setflags(write=False)
     return arrays
@@ -242,10 +275,16 @@ def manifest_problem(doc: Any, conv_id: str) -> str | None:
         return f"it is the manifest of conversation {str(doc.get('conv_id'))!r:.80} (folders renamed or swapped?)"
     if not isinstance(doc.get("uid"), str) or doc["key"]["digest"] != doc["uid"]:
         return "its uid does not match its key"
-    if not all(_count(doc.get(n), 1) for n in ("layers", "hidden")) or not _count(doc.get("tokens"), 0) \
-            or doc.get("hidden_dtype") not in _HIDDEN_CODE or not isinstance(doc.get("pinned"), bool) \
-            or not isinstance(doc.get("meta"), dict) or not (doc.get("k") is None or _count(doc["k"], 1)) \
-            or not isinstance(doc.get("turns"), list) or not _number(doc.get("last_access", 0)):
+    if (
+        not all(_count(doc.get(n), 1) for n in ("layers", "hidden"))
+        or not _count(doc.get("tokens"), 0)
+        or doc.get("hidden_dtype") not in _HIDDEN_CODE
+        or not isinstance(doc.get("pinned"), bool)
+        or not isinstance(doc.get("meta"), dict)
+        or not (doc.get("k") is None or _count(doc["k"], 1))
+        or not isinstance(doc.get("turns"), list)
+        or not _number(doc.get("last_access", 0))
+    ):
         return "fields tokens/layers/hidden/hidden_dtype/pinned/meta/k/turns/last_access are missing or mistyped"
     try:
         for name in doc["files"]:
@@ -270,9 +309,15 @@ def _number(value: Any) -> bool:
 
 
 def _turn_problem(turn: Any, start: int, k: int | None, files: dict) -> str | None:
-    if not isinstance(turn, dict) or turn.get("start") != start or not _count(turn.get("count"), 1) \
-            or turn.get("compression") not in SUFFIX or not _number(turn.get("created_at")) \
-            or turn.get("k") not in (None, k) or (turn.get("lens_file") is not None and turn.get("k") is None):
+    if (
+        not isinstance(turn, dict)
+        or turn.get("start") != start
+        or not _count(turn.get("count"), 1)
+        or turn.get("compression") not in SUFFIX
+        or not _number(turn.get("created_at"))
+        or turn.get("k") not in (None, k)
+        or (turn.get("lens_file") is not None and turn.get("k") is None)
+    ):
         return f"malformed ({str(turn)[:120]})"
     for name_field, bytes_field in (("file", "bytes"), ("lens_file", "lens_bytes")):
         name, size = turn.get(name_field), turn.get(bytes_field)
@@ -292,21 +337,54 @@ def read_turn(folder: Path, doc: dict, turn_no: int, rows: slice | None) -> dict
     """
     turn, layers = doc["turns"][turn_no], doc["layers"]
     t, tag = turn["count"], _HIDDEN_CODE[doc["hidden_dtype"]]
-    out = _read_part(folder / turn["file"], turn, doc["files"][turn["file"]], doc["uid"], f"{turn_no}",
-                     {"token_ids": ("I32", [t]), "hidden": (tag, [t, layers, doc["hidden"]])}, rows, mapped=True)
+    out = _read_part(
+        folder / turn["file"],
+        turn,
+        doc["files"][turn["file"]],
+        doc["uid"],
+        f"{turn_no}",
+        {"token_ids": ("I32", [t]), "hidden": (tag, [t, layers, doc["hidden"]])},
+        rows,
+        mapped=True,
+    )
     if turn.get("lens_file"):
         shape, path = [t, layers, turn["k"]], folder / turn["lens_file"]
+        expect = {"topk_ids": ("I32", shape), "topk_probs": ("F16", shape)}
+        if turn.get("stats") is True:
+            expect["stats"] = ("F32", [t, layers, len(STATS)])
         try:
-            out.update(_read_part(path, turn, doc["files"][turn["lens_file"]], doc["uid"], f"{turn_no}-lens",
-                                  {"topk_ids": ("I32", shape), "topk_probs": ("F16", shape)}, rows, mapped=False))
+            out.update(
+                _read_part(
+                    path,
+                    turn,
+                    doc["files"][turn["lens_file"]],
+                    doc["uid"],
+                    f"{turn_no}-lens",
+                    expect,
+                    rows,
+                    mapped=False,
+                )
+            )
         except (OSError, ValueError, TypeError, KeyError, struct.error, CorruptTurn) as exc:
-            log.warning("Cannot read the cached lens %s (%s); serving turn %d without it (its lens is computed "
-                        "again).", path, exc, turn_no)
+            log.warning(
+                "Cannot read the cached lens %s (%s); serving turn %d without it (its lens is computed again).",
+                path,
+                exc,
+                turn_no,
+            )
     return out
 
 
-def _read_part(path: Path, turn: dict, record: dict, uid: str, part: str, expect: dict[str, tuple[str, list[int]]],
-               rows: slice | None, mapped: bool) -> dict[str, np.ndarray]:
+def _read_part(
+    path: Path,
+    turn: dict,
+    record: dict,
+    uid: str,
+    part: str,
+    expect: dict[str, tuple[str, list[int]]],
+    rows: slice | None,
+    mapped: bool,
+) -> dict[str, np.ndarray]:
     """One safetensors file of a turn, checked against its manifest `record` (size, then content by the
     contract's rule). Uncompressed and `mapped`, it is memory-mapped, so promoting it costs no copy: its
     arrays are views of the page cache. Files are only ever replaced by rename, never changed in place, so
@@ -337,8 +415,13 @@ def _read_part(path: Path, turn: dict, record: dict, uid: str, part: str, expect
     for name, (code, shape) in expect.items():
         tensor, dtype = header.get(name) or {}, _DTYPES[code]
         begin, end = (tensor.get("data_offsets") or [0, -1])[:2]
-        if (tensor.get("dtype") != code or tensor.get("shape") != shape or begin < 0
-                or end - begin != dtype.itemsize * int(np.prod(shape)) or 8 + head_len + end > size):
+        if (
+            tensor.get("dtype") != code
+            or tensor.get("shape") != shape
+            or begin < 0
+            or end - begin != dtype.itemsize * int(np.prod(shape))
+            or 8 + head_len + end > size
+        ):
             raise CorruptTurn(f"tensor {name} does not match the manifest ({tensor})")
         array = np.frombuffer(view[8 + head_len + begin : 8 + head_len + end], dtype).reshape(shape)
         out[name] = array if rows is None else array[rows].copy()  # a copy lets the mapping go

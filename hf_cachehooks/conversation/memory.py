@@ -66,4 +66,4 @@ class MemoryTier:
 
     def _drop(self, key: tuple, reason: str) -> None:
         self.nbytes -= self._slots.pop(key)[1]
-        log.info("Memory tier evicted conversation %s turn %d: %s.", key[0], key[2], reason)
+        log.debug("Memory tier evicted conversation %s turn %d: %s.", key[0], key[2], reason)
