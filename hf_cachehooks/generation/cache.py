@@ -40,7 +40,7 @@ from .._core.freshness import SYSTEM_CLOCK, iso
 from .._core.keys import Key, make_key
 from .._core.rows import short_name
 from .._core.store import tag_folder
-from ..errors import ConfigError
+from ..errors import ConfigError, ServerError
 from .backends import Backend, Sampling
 
 log = logging.getLogger(__name__)
@@ -289,29 +289,58 @@ class GenerationCache:
     def _generate_missing(self, missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info, save):
         path = None
         failed = 0
-        by_sample: dict[int, list[int]] = {}
-        for i, s in missing:
-            by_sample.setdefault(s, []).append(i)
-        for s, indices in sorted(by_sample.items()):
-            # a distinct, reproducible seed per (sample index, chunk), so k samples never collapse into one
-            for start in range(0, len(indices), self.chunk_size):
-                chunk = indices[start : start + self.chunk_size]
-                this = Sampling(sampling.temperature, sampling.max_tokens, sampling.top_p,
-                                None if sampling.seed is None else sampling.seed + 1_000_003 * s + chunk[0])
-                rendered = backend.render([prompts[i] for i in chunk])
-                texts = backend.complete([prompts[i] for i in chunk], this)
-                for i, text, shown in zip(chunk, texts, rendered):
-                    if not text:  # failed or empty: never cached
+        for samples, chunk, this in self._requests(missing, sampling, backend):
+            rendered = backend.render([prompts[i] for i in chunk])
+            try:
+                texts = self._complete(backend, [prompts[i] for i in chunk], this, samples)
+                error = None
+            except ServerError as exc:  # every server is gone: keep what did succeed, then say so
+                texts, error = exc.completions or [[None] * len(samples) for _ in chunk], exc
+            for i, row_texts, shown in zip(chunk, texts, rendered):
+                for s, text in zip(samples, row_texts):
+                    if text is None:  # failed: never cached (an empty string is a real completion)
                         failed += 1
                         continue
                     rows[(i, s)] = {"i": i, "s": s, "prompt": prompts[i], "prompt_hash": hashes[i],
                                     "completion": text, "full_text": shown + text}
-                if save:
-                    path = self._save(folder, tail, key, rows, info) or path
+            if save:
+                path = self._save(folder, tail, key, rows, info) or path
+            if error is not None:
+                raise error
         if missing and save:
             if failed:
-                log.warning("  %d generations failed or came back empty; they were not cached (re-run to retry).",
-                            failed)
+                log.warning("  %d generations failed; they were not cached (re-run to retry).", failed)
             log.info("  💾 Saving generations to cache: %s\n  ✓ Cached %d generations", path, len(rows))
         return path
 
+    def _requests(self, missing, sampling, backend):
+        """(sample indices, prompt chunk, settings) per backend call, each with a distinct reproducible seed.
+
+        A backend with `complete_samples` gets a prompt's missing samples in one call (a server's `n`);
+        otherwise one call per sample index, so k samples never collapse into one.
+        """
+        by_samples: dict[tuple[int, ...], list[int]] = {}
+        if hasattr(backend, "complete_samples"):
+            wanted: dict[int, list[int]] = {}
+            for i, s in missing:
+                wanted.setdefault(i, []).append(s)
+            for i, samples in wanted.items():
+                by_samples.setdefault(tuple(samples), []).append(i)
+        else:
+            for i, s in missing:
+                by_samples.setdefault((s,), []).append(i)
+        for samples, indices in sorted(by_samples.items()):
+            for start in range(0, len(indices), self.chunk_size):
+                chunk = indices[start : start + self.chunk_size]
+                seed = None if sampling.seed is None else sampling.seed + 1_000_003 * samples[0] + chunk[0]
+                yield list(samples), chunk, Sampling(sampling.temperature, sampling.max_tokens, sampling.top_p, seed)
+
+    @staticmethod
+    def _complete(backend, prompts, sampling, samples) -> list[list[str | None]]:
+        if len(samples) > 1:
+            return backend.complete_samples(prompts, sampling, len(samples))
+        try:
+            return [[text] for text in backend.complete(prompts, sampling)]
+        except ServerError as exc:
+            exc.completions = [[text] for text in exc.completions]
+            raise
