@@ -171,6 +171,7 @@ def test_a_prompt_the_server_refuses_fails_alone_with_its_message(scripted, capl
     cache = GenerationCache("org/m")
     first = cache.generate(["a", "long", "b"], backend, prompt_name="p", temperature=0, max_tokens=8)
     assert first.first_samples == ["a", None, "b"] and first.status == "miss"
+    assert list(first.errors) == [1] and "available context size" in first.errors[1]
     assert fake.asked["long"] == 1  # not retried
     assert "exceed_context_size_error" in backend.errors[1] and "available context size" in backend.errors[1]
     assert "available context size" in caplog.text and "moving its prompts" not in caplog.text  # still live

@@ -27,7 +27,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,8 @@ class Generations:
     """What `GenerationCache.generate` returns (one row per prompt, one column per sample).
 
     `prompts` are the prompts the completions were made from: on a hit with different questions they
-    are the cached ones, by design of the high-level key. A failed or empty completion is `None` (never cached).
+    are the cached ones, by design of the high-level key. A failed completion is `None` (never cached); an
+    empty one is "". `errors` maps a prompt's index to the reason the backend gave for its failure, if it gave one.
     """
 
     prompts: list[str]
@@ -69,6 +70,7 @@ class Generations:
     reused: int
     generated: int
     prompts_differ: int
+    errors: dict[int, str] = field(default_factory=dict)
 
     @property
     def first_samples(self) -> list[str | None]:
@@ -275,8 +277,9 @@ class GenerationCache:
                     "subject_type": subject_type, "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p,
                     "seed": seed, "samples_per_prompt": samples_per_prompt, "backend": getattr(backend, "name", "?"),
                     "created_at": meta.get("created_at")}
+            errors: dict[int, str] = {}
             path = self._generate_missing(missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info,
-                                          save=enabled) or loaded_path
+                                          save=enabled, errors=errors) or loaded_path
         completions = [[rows[(i, s)]["completion"] if (i, s) in rows else None for s in range(samples_per_prompt)]
                        for i in range(n)]
         full_texts = [[rows[(i, s)]["full_text"] if (i, s) in rows else None for s in range(samples_per_prompt)]
@@ -284,9 +287,10 @@ class GenerationCache:
         served = [rows[(i, 0)]["prompt"] if (i, 0) in rows else prompts[i] for i in range(n)]
         status = "disabled" if not enabled else "hit" if not missing else ("partial" if reused else "miss")
         return Generations(served, completions, full_texts, status, str(path or shown) if enabled else "", reused,
-                           len(missing), len(differ))
+                           len(missing), len(differ), errors)
 
-    def _generate_missing(self, missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info, save):
+    def _generate_missing(self, missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info, save,
+                          errors):
         path = None
         failed = 0
         for samples, chunk, this in self._requests(missing, sampling, backend):
@@ -296,6 +300,8 @@ class GenerationCache:
                 error = None
             except ServerError as exc:  # every server is gone: keep what did succeed, then say so
                 texts, error = exc.completions or [[None] * len(samples) for _ in chunk], exc
+            for j, why in getattr(backend, "errors", {}).items():  # the backend's index -> the prompt's
+                errors[chunk[j]] = why
             for i, row_texts, shown in zip(chunk, texts, rendered):
                 for s, text in zip(samples, row_texts):
                     if text is None:  # failed: never cached (an empty string is a real completion)
@@ -309,7 +315,8 @@ class GenerationCache:
                 raise error
         if missing and save:
             if failed:
-                log.warning("  %d generations failed; they were not cached (re-run to retry).", failed)
+                log.warning("  %d generations failed; they were not cached (re-run to retry).%s", failed,
+                            "".join(f"\n    prompt {i}: {why}" for i, why in sorted(errors.items())[:5]))
             log.info("  💾 Saving generations to cache: %s\n  ✓ Cached %d generations", path, len(rows))
         return path
 
