@@ -252,3 +252,26 @@ def test_a_crash_inside_generation_is_a_500_json_error(server, monkeypatch):
     reply = httpx.post(server.url + "/v1/completions", json={"model": "tiny", "prompt": "hi"}, timeout=30)
     assert reply.status_code == 500 and "boom" in reply.json()["error"]["message"]
     assert json.loads(reply.text)["error"]["type"] == "server_error"
+
+
+def test_serve_command_builds_the_app_from_its_options(tmp_path, monkeypatch, capsys):
+    import uvicorn
+    from fastapi.testclient import TestClient
+
+    from hf_cachehooks import cli
+
+    model_dir = tmp_path / "tiny"
+    make_llama().save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    served = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
+    argv = ["serve", "--model", str(model_dir), "--name", "tiny", "--port", "8123", "--max-model-len", "32"]
+    assert cli.main(argv) == 0
+    assert (served["host"], served["port"]) == (
+        "127.0.0.1",
+        8123,
+    ) and "http://127.0.0.1:8123/v1" in capsys.readouterr().out
+    client = TestClient(served["app"])
+    assert client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
+    too_long = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 40})
+    assert too_long.status_code == 400 and "32 tokens" in too_long.json()["error"]["message"]
