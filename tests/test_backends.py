@@ -228,3 +228,17 @@ def test_n_samples_and_the_chat_endpoint_against_our_server(servers, local):
     greedy = Sampling(temperature=0, max_tokens=4)
     assert chat.complete(PROMPTS[:3], greedy) == wrapped.complete(PROMPTS[:3], greedy)
     assert chat.render(PROMPTS[:1]) == wrapped.render(PROMPTS[:1])  # full_texts agree across backends
+
+
+def test_entries_of_the_older_stripping_openai_backend_are_misses(scripted, monkeypatch, caplog):
+    from hf_cachehooks.generation import cache as cache_module
+
+    fake = scripted({"q": [(200, {"choices": [{"index": 0, "text": " 4 ", "finish_reason": "stop"}]})]})
+    backend = OpenAIBackend([fake.url], model="m")
+    cache = GenerationCache("org/m")
+    monkeypatch.setattr(cache_module, "_EXACT", {})  # an entry as the stripping version wrote it
+    cache.generate(["q"], backend, prompt_name="p", temperature=0, max_tokens=4)
+    monkeypatch.undo()
+    again = cache.generate(["q"], backend, prompt_name="p", temperature=0, max_tokens=4)
+    assert again.status == "miss" and "older OpenAIBackend" in caplog.text and fake.asked == {"q": 2}
+    assert cache.generate(["q"], backend, prompt_name="p", temperature=0, max_tokens=4).status == "hit"

@@ -8,8 +8,8 @@
         └── n200_t1.0_maxtok512_metadata.json       the entry's manifest (kind "generations", see `entry`):
               reserved fields (key, created_at, writer, files: the two JSONL files with bytes + xxh3),
               then the experiment's fields: model, model_short_name, prompt_name, subject_type, temperature,
-              max_tokens, top_p, seed, samples_per_prompt, backend, num_samples, num_rows, timestamp,
-              updated_at
+              max_tokens, top_p, seed, samples_per_prompt, backend, text_as_returned, num_samples, num_rows,
+              timestamp, updated_at
 
 The key is the experiment's high-level one (model, prompt format, subject, temperature, max_tokens; top_p,
 seed and samples-per-prompt when set), so the same parameters with different questions still hit,
@@ -51,6 +51,9 @@ _LINES = {"_completions.jsonl": {"i": int, "s": int, "prompt": str, "prompt_hash
           "_full_texts.jsonl": {"i": int, "s": int, "full_text": str}}
 _ROW = {name for fields in _LINES.values() for name in fields}  # a row once both files are read
 _Rows = dict[tuple[int, int], dict]
+# Recorded in every entry: completions are stored exactly as the backend returned them. OpenAIBackend used to
+# strip them; its entries without this mark hold other text than it returns now, so they are misses.
+_EXACT = {"text_as_returned": True}
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,10 @@ class GenerationCache:
         found = entry.open_entry(meta_path, kind=KIND, digest=digest, max_age_days=self.cache.max_age_days,
                                  now=self.cache.clock(), check="stamp")
         if found is None:
+            return None
+        if found.doc.get("backend") == "openai" and not found.doc.get("text_as_returned"):
+            log.warning("Cached generations %s were made by an older OpenAIBackend that stripped whitespace from "
+                        "completions; regenerating them as the server returns them.", meta_path.name)
             return None
         stem = meta_path.name.removesuffix("_metadata.json")
         if sorted(found.files) != sorted(stem + suffix for suffix in _LINES):
@@ -276,7 +283,7 @@ class GenerationCache:
             info = {"model": self.model, "model_short_name": self.short, "prompt_name": prompt_name,
                     "subject_type": subject_type, "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p,
                     "seed": seed, "samples_per_prompt": samples_per_prompt, "backend": getattr(backend, "name", "?"),
-                    "created_at": meta.get("created_at")}
+                    "created_at": meta.get("created_at"), **_EXACT}
             errors: dict[int, str] = {}
             path = self._generate_missing(missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info,
                                           save=enabled, errors=errors) or loaded_path
