@@ -36,7 +36,8 @@ def server(local):
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60) as made:
+        yield made
 
 
 def _greedy(client, prompt=PROMPTS[0], **options):
@@ -140,8 +141,8 @@ def test_end_of_sequence_is_finish_reason_stop_and_an_empty_completion(local):
     model.generation_config.eos_token_id = first  # the first token it would write now ends the sequence
     server = _start(TransformersBackend(model, local.tokenizer))
     try:
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
-        choice = _greedy(client).choices[0]
+        with openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0) as client:
+            choice = _greedy(client).choices[0]
         assert (choice.text, choice.finish_reason) == ("", "stop")
     finally:
         server.shutdown()
@@ -267,11 +268,10 @@ def test_serve_command_builds_the_app_from_its_options(tmp_path, monkeypatch, ca
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
     argv = ["serve", "--model", str(model_dir), "--name", "tiny", "--port", "8123", "--max-model-len", "32"]
     assert cli.main(argv) == 0
-    assert (served["host"], served["port"]) == (
-        "127.0.0.1",
-        8123,
-    ) and "http://127.0.0.1:8123/v1" in capsys.readouterr().out
-    client = TestClient(served["app"])
-    assert client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}).status_code == 200
-    too_long = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 40})
+    assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
+    assert "http://127.0.0.1:8123/v1" in capsys.readouterr().out
+    with TestClient(served["app"]) as client:
+        fits = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2})
+        too_long = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 40})
+    assert fits.status_code == 200
     assert too_long.status_code == 400 and "32 tokens" in too_long.json()["error"]["message"]
