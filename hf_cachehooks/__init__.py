@@ -35,7 +35,7 @@ _LAZY = {
     "ActivationStore": "activations.store",
     "GenerationCache": "generation.cache",
     "Generations": "generation.cache",
-    "OpenAIBackend": "generation.backends",
+    "OpenAIBackend": "generation.remote",
     "Sampling": "generation.backends",
     "SpeedupCallback": "training.callbacks",
     "SpeedupConfig": "training.config",
@@ -57,8 +57,9 @@ if _TYPE_CHECKING:  # type checkers see the real classes; at run time __getattr_
     from .activations.writer import cache_activations
     from .conversation.cache import TokenCache
     from .conversation.files import TokenCacheConfig, TokenRecord
-    from .generation.backends import OpenAIBackend, Sampling, TransformersBackend
+    from .generation.backends import Sampling, TransformersBackend
     from .generation.cache import GenerationCache, Generations
+    from .generation.remote import OpenAIBackend
     from .training import speedups
     from .training.callbacks import SpeedupCallback
     from .training.config import SpeedupConfig

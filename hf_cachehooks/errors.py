@@ -35,7 +35,14 @@ class MissingDependencyError(HFCacheHooksError, ImportError):
 
 
 class ServerError(HFCacheHooksError, ConnectionError):
-    """Every completion server failed; the message names each one and its last error."""
+    """Every completion server failed; the message names each one and its last error.
+
+    `completions` holds what succeeded before that (`None` elsewhere), so a caller can still save it.
+    """
+
+    def __init__(self, message: str, completions: list | None = None) -> None:
+        super().__init__(message)
+        self.completions: list = completions or []
 
 
 class WaitTimeoutError(HFCacheHooksError, TimeoutError):

@@ -139,12 +139,19 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("a", nargs="?", help="entry file or key prefix (none: the last miss)")
     exp.add_argument("b", nargs="?", help="entry file or key prefix to compare with")
 
-    serve = command("serve", "a small OpenAI-compatible completion server on loopback (tests, laptops)", cmd_serve)
+    serve = command("serve", "an OpenAI-compatible completion and chat server for a transformers model", cmd_serve)
     _model_args(serve, required=True, encoder=False)
     serve.add_argument("--dtype", dest="model_dtype", action=_Renamed, new="--model-dtype")
-    serve.add_argument("--port", type=int, default=8000, help="port on 127.0.0.1")
-    serve.add_argument("--name", help="model name the server answers to (default: --model)")
-    serve.add_argument("--chat-template", action="store_true", help="wrap each prompt in the chat template")
+    serve.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
+    serve.add_argument("--port", type=int, default=8000, help="port")
+    serve.add_argument("--name", help="model name the server answers to; requests naming another get a 404 "
+                       "(default: --model)")
+    serve.add_argument("--chat-template", action="store_true",
+                       help="wrap each /v1/completions prompt in the chat template (/v1/chat/completions always is)")
+    serve.add_argument("--system-prompt", help="system turn for --chat-template (default: none)")
+    serve.add_argument("--batch-size", type=_positive, default=8, help="sequences decoded together")
+    serve.add_argument("--max-model-len", type=_positive,
+                       help="longest prompt + completion in tokens (default: the model's max_position_embeddings)")
 
     cache = command("cache-activations", "extract hidden states at some layers into an Arrow cache",
                     cmd_cache_activations)

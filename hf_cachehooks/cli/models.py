@@ -17,19 +17,18 @@ STORAGE_DTYPES = ("float16", "bfloat16", "float32")  # activations.store.DTYPES,
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
     from ..generation.backends import TransformersBackend
-    from ..generation.server import make_server
+    from ..generation.server import create_app
 
     model, tokenizer = _load(args)
-    backend = TransformersBackend(model, tokenizer, use_chat_template=args.chat_template)
-    server = make_server(backend, args.name or args.model, host="127.0.0.1", port=args.port)
-    print(f"Serving {args.model} at http://127.0.0.1:{server.server_address[1]}/v1/completions (Ctrl-C to stop)")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
+    backend = TransformersBackend(model, tokenizer, batch_size=args.batch_size, use_chat_template=args.chat_template,
+                                  system_prompt=args.system_prompt)
+    app = create_app(backend, args.name or args.model, max_model_len=args.max_model_len)
+    print(f"Serving {args.model} as {args.name or args.model!r} at http://{args.host}:{args.port}/v1 "
+          "(completions, chat/completions, models; Ctrl-C to stop)")
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 
 

@@ -1,26 +1,17 @@
-"""Where completions come from: local `transformers` generation or OpenAI-compatible servers (vLLM, ...).
+"""Where completions come from: local `transformers` generation here, OpenAI-compatible servers in remote.py.
 
-A backend maps (prompts, settings) to one completion per prompt; `None` marks a failed or empty one,
-which the generation cache never stores. The server backend spreads prompts over several URLs at
-once, retries with exponential backoff, moves a dead server's prompts to the live ones, and names
-every server that failed when none is left.
+A backend maps (prompts, settings) to one completion per prompt, the text exactly as the model produced it
+(an empty string is a valid completion); `None` marks a failure, which the generation cache never stores.
+A backend may also offer `complete_samples(prompts, sampling, n)` (k samples per prompt in one go).
 """
 
 from __future__ import annotations
 
-import json
-import logging
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from ..errors import ServerError as ServerError  # re-exported: it used to live here
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,88 +79,13 @@ class TransformersBackend:
         for start in range(0, len(texts), self.batch_size):
             batch = generate_texts(self.model, self.tokenizer, texts[start : start + self.batch_size], options,
                                    add_special_tokens=not self.use_chat_template)
-            out += [text or None for text in batch]
+            out += batch
         return out
 
 
-@dataclass
-class OpenAIBackend:
-    """`/v1/completions` on one or more OpenAI-compatible servers, queried concurrently.
+def __getattr__(name: str) -> Any:
+    if name == "OpenAIBackend":  # it moved to remote.py; this import path keeps working
+        from .remote import OpenAIBackend
 
-    Args:
-        urls: server base URLs, e.g. ["http://127.0.0.1:8000", "http://127.0.0.1:8001"].
-        model: the model name the servers expect.
-        retries: attempts per request before a server is declared dead.
-        backoff: first retry delay in seconds (doubles each retry).
-        timeout: seconds per HTTP request.
-        workers_per_server: concurrent requests per server.
-    """
-
-    urls: Sequence[str]
-    model: str
-    retries: int = 3
-    backoff: float = 0.5
-    timeout: float = 120.0
-    workers_per_server: int = 4
-    api_key: str | None = None
-    name: str = "openai"
-    _dead: dict[str, str] = field(default_factory=dict, repr=False)
-
-    def render(self, prompts: Sequence[str]) -> list[str]:
-        return list(prompts)
-
-    def _post(self, url: str, prompt: str, sampling: Sampling) -> str | None:
-        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": sampling.max_tokens,
-                                "temperature": sampling.temperature}
-        if sampling.top_p is not None:
-            body["top_p"] = sampling.top_p
-        if sampling.seed is not None:
-            body["seed"] = sampling.seed
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
-        request = urllib.request.Request(url.rstrip("/") + "/v1/completions", data=json.dumps(body).encode(),
-                                         headers=headers, method="POST")
-        with urllib.request.urlopen(request, timeout=self.timeout) as response:
-            text = json.loads(response.read())["choices"][0]["text"]
-        return text.strip() or None
-
-    def _with_retries(self, url: str, prompt: str, sampling: Sampling) -> str | None:
-        delay = self.backoff
-        for attempt in range(1, self.retries + 1):
-            if url in self._dead:
-                raise ConnectionError(self._dead[url])
-            try:
-                return self._post(url, prompt, sampling)
-            except (urllib.error.URLError, OSError, ValueError, KeyError) as exc:
-                if attempt == self.retries:
-                    self._dead[url] = f"{type(exc).__name__}: {exc}"
-                    log.warning("Completion server %s failed %d times (%s); moving its prompts to the others.",
-                                url, attempt, exc)
-                    raise ConnectionError(self._dead[url]) from exc
-                time.sleep(delay)
-                delay *= 2
-        return None
-
-    def complete(self, prompts: Sequence[str], sampling: Sampling) -> list[str | None]:
-        self._dead.clear()
-        results: list[str | None] = [None] * len(prompts)
-        pending = list(range(len(prompts)))
-        log.info("Distributing %d prompts across %d server(s)", len(prompts), len(self.urls))
-        while pending:
-            live = [u for u in self.urls if u not in self._dead]
-            if not live:
-                detail = "; ".join(f"{u}: {why}" for u, why in self._dead.items())
-                raise ServerError(f"All {len(self.urls)} completion server(s) failed ({detail}). "
-                                  "Check that they are running and serve model " + repr(self.model) + ".")
-            with ThreadPoolExecutor(max_workers=len(live) * self.workers_per_server) as pool:
-                futures = {i: pool.submit(self._with_retries, live[n % len(live)], prompts[i], sampling)
-                           for n, i in enumerate(pending)}
-            failed = []
-            for i, future in futures.items():
-                try:
-                    results[i] = future.result()
-                except ConnectionError:
-                    failed.append(i)
-            pending = failed
-        return results
+        return OpenAIBackend
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,8 +8,8 @@
         └── n200_t1.0_maxtok512_metadata.json       the entry's manifest (kind "generations", see `entry`):
               reserved fields (key, created_at, writer, files: the two JSONL files with bytes + xxh3),
               then the experiment's fields: model, model_short_name, prompt_name, subject_type, temperature,
-              max_tokens, top_p, seed, samples_per_prompt, backend, num_samples, num_rows, timestamp,
-              updated_at
+              max_tokens, top_p, seed, samples_per_prompt, backend, text_as_returned, num_samples, num_rows,
+              timestamp, updated_at
 
 The key is the experiment's high-level one (model, prompt format, subject, temperature, max_tokens; top_p,
 seed and samples-per-prompt when set), so the same parameters with different questions still hit,
@@ -27,7 +27,7 @@ import contextlib
 import logging
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from .._core.freshness import SYSTEM_CLOCK, iso
 from .._core.keys import Key, make_key
 from .._core.rows import short_name
 from .._core.store import tag_folder
-from ..errors import ConfigError
+from ..errors import ConfigError, ServerError
 from .backends import Backend, Sampling
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,9 @@ _LINES = {"_completions.jsonl": {"i": int, "s": int, "prompt": str, "prompt_hash
           "_full_texts.jsonl": {"i": int, "s": int, "full_text": str}}
 _ROW = {name for fields in _LINES.values() for name in fields}  # a row once both files are read
 _Rows = dict[tuple[int, int], dict]
+# Recorded in every entry: completions are stored exactly as the backend returned them. OpenAIBackend used to
+# strip them; its entries without this mark hold other text than it returns now, so they are misses.
+_EXACT = {"text_as_returned": True}
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,8 @@ class Generations:
     """What `GenerationCache.generate` returns (one row per prompt, one column per sample).
 
     `prompts` are the prompts the completions were made from: on a hit with different questions they
-    are the cached ones, by design of the high-level key. A failed or empty completion is `None` (never cached).
+    are the cached ones, by design of the high-level key. A failed completion is `None` (never cached); an
+    empty one is "". `errors` maps a prompt's index to the reason the backend gave for its failure, if it gave one.
     """
 
     prompts: list[str]
@@ -69,6 +73,7 @@ class Generations:
     reused: int
     generated: int
     prompts_differ: int
+    errors: dict[int, str] = field(default_factory=dict)
 
     @property
     def first_samples(self) -> list[str | None]:
@@ -149,6 +154,10 @@ class GenerationCache:
         found = entry.open_entry(meta_path, kind=KIND, digest=digest, max_age_days=self.cache.max_age_days,
                                  now=self.cache.clock(), check="stamp")
         if found is None:
+            return None
+        if found.doc.get("backend") == "openai" and not found.doc.get("text_as_returned"):
+            log.warning("Cached generations %s were made by an older OpenAIBackend that stripped whitespace from "
+                        "completions; regenerating them as the server returns them.", meta_path.name)
             return None
         stem = meta_path.name.removesuffix("_metadata.json")
         if sorted(found.files) != sorted(stem + suffix for suffix in _LINES):
@@ -275,9 +284,10 @@ class GenerationCache:
             info = {"model": self.model, "model_short_name": self.short, "prompt_name": prompt_name,
                     "subject_type": subject_type, "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p,
                     "seed": seed, "samples_per_prompt": samples_per_prompt, "backend": getattr(backend, "name", "?"),
-                    "created_at": meta.get("created_at")}
+                    "created_at": meta.get("created_at"), **_EXACT}
+            errors: dict[int, str] = {}
             path = self._generate_missing(missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info,
-                                          save=enabled) or loaded_path
+                                          save=enabled, errors=errors) or loaded_path
         completions = [[rows[(i, s)]["completion"] if (i, s) in rows else None for s in range(samples_per_prompt)]
                        for i in range(n)]
         full_texts = [[rows[(i, s)]["full_text"] if (i, s) in rows else None for s in range(samples_per_prompt)]
@@ -285,34 +295,67 @@ class GenerationCache:
         served = [rows[(i, 0)]["prompt"] if (i, 0) in rows else prompts[i] for i in range(n)]
         status = "disabled" if not enabled else "hit" if not missing else ("partial" if reused else "miss")
         return Generations(served, completions, full_texts, status, str(path or shown) if enabled else "", reused,
-                           len(missing), len(differ))
+                           len(missing), len(differ), errors)
 
-    def _generate_missing(self, missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info, save):
+    def _generate_missing(self, missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info, save,
+                          errors):
         path = None
         failed = 0
-        by_sample: dict[int, list[int]] = {}
-        for i, s in missing:
-            by_sample.setdefault(s, []).append(i)
-        for s, indices in sorted(by_sample.items()):
-            # a distinct, reproducible seed per (sample index, chunk), so k samples never collapse into one
-            for start in range(0, len(indices), self.chunk_size):
-                chunk = indices[start : start + self.chunk_size]
-                this = Sampling(sampling.temperature, sampling.max_tokens, sampling.top_p,
-                                None if sampling.seed is None else sampling.seed + 1_000_003 * s + chunk[0])
-                rendered = backend.render([prompts[i] for i in chunk])
-                texts = backend.complete([prompts[i] for i in chunk], this)
-                for i, text, shown in zip(chunk, texts, rendered):
-                    if not text:  # failed or empty: never cached
+        for samples, chunk, this in self._requests(missing, sampling, backend):
+            rendered = backend.render([prompts[i] for i in chunk])
+            try:
+                texts = self._complete(backend, [prompts[i] for i in chunk], this, samples)
+                error = None
+            except ServerError as exc:  # every server is gone: keep what did succeed, then say so
+                texts, error = exc.completions or [[None] * len(samples) for _ in chunk], exc
+            for j, why in getattr(backend, "errors", {}).items():  # the backend's index -> the prompt's
+                errors[chunk[j]] = why
+            for i, row_texts, shown in zip(chunk, texts, rendered):
+                for s, text in zip(samples, row_texts):
+                    if text is None:  # failed: never cached (an empty string is a real completion)
                         failed += 1
                         continue
                     rows[(i, s)] = {"i": i, "s": s, "prompt": prompts[i], "prompt_hash": hashes[i],
                                     "completion": text, "full_text": shown + text}
-                if save:
-                    path = self._save(folder, tail, key, rows, info) or path
+            if save:
+                path = self._save(folder, tail, key, rows, info) or path
+            if error is not None:
+                raise error
         if missing and save:
             if failed:
-                log.warning("  %d generations failed or came back empty; they were not cached (re-run to retry).",
-                            failed)
+                log.warning("  %d generations failed; they were not cached (re-run to retry).%s", failed,
+                            "".join(f"\n    prompt {i}: {why}" for i, why in sorted(errors.items())[:5]))
             log.info("  💾 Saving generations to cache: %s\n  ✓ Cached %d generations", path, len(rows))
         return path
 
+    def _requests(self, missing, sampling, backend):
+        """(sample indices, prompt chunk, settings) per backend call, each with a distinct reproducible seed.
+
+        A backend with `complete_samples` gets a prompt's missing samples in one call (a server's `n`);
+        otherwise one call per sample index, so k samples never collapse into one.
+        """
+        by_samples: dict[tuple[int, ...], list[int]] = {}
+        if hasattr(backend, "complete_samples"):
+            wanted: dict[int, list[int]] = {}
+            for i, s in missing:
+                wanted.setdefault(i, []).append(s)
+            for i, samples in wanted.items():
+                by_samples.setdefault(tuple(samples), []).append(i)
+        else:
+            for i, s in missing:
+                by_samples.setdefault((s,), []).append(i)
+        for samples, indices in sorted(by_samples.items()):
+            for start in range(0, len(indices), self.chunk_size):
+                chunk = indices[start : start + self.chunk_size]
+                seed = None if sampling.seed is None else sampling.seed + 1_000_003 * samples[0] + chunk[0]
+                yield list(samples), chunk, Sampling(sampling.temperature, sampling.max_tokens, sampling.top_p, seed)
+
+    @staticmethod
+    def _complete(backend, prompts, sampling, samples) -> list[list[str | None]]:
+        if len(samples) > 1:
+            return backend.complete_samples(prompts, sampling, len(samples))
+        try:
+            return [[text] for text in backend.complete(prompts, sampling)]
+        except ServerError as exc:
+            exc.completions = [[text] for text in exc.completions]
+            raise

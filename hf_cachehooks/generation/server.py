@@ -1,74 +1,399 @@
-"""A small OpenAI-compatible completion server around a `transformers` model, for tests and laptops.
+"""An OpenAI-compatible completion server around a `transformers` model (FastAPI, extra `server`).
 
     hf-cachehooks serve --model PATH [--gguf-file F] --port 8000
 
-It answers `POST /v1/completions` (prompt, max_tokens, temperature, top_p, seed) and `GET /v1/models`,
-one request at a time per model; point `OpenAIBackend` (or any OpenAI client) at it. Loopback only.
+`POST /v1/completions` and `POST /v1/chat/completions` with `n`, `stop`, `max_tokens`, `temperature`,
+`top_p`, `seed`, `logprobs` (top-k per token), `echo`, prompt lists (one choice per prompt x n, with
+`index`), `finish_reason`, `usage` and streaming (server-sent events, a chunk per token); `GET /v1/models`.
+Every malformed request gets a 4xx JSON error in OpenAI's shape. One request runs on the model at a time.
 """
 
 from __future__ import annotations
 
 import json
-import logging
+import socket
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import uuid
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from .backends import Sampling, TransformersBackend
+from .backends import TransformersBackend
+from .decoding import Row, Settings, TokenInfo, decode
+from .openai_schema import ChatRequest, CompletionRequest
 
-log = logging.getLogger(__name__)
-
-
-def make_server(backend: TransformersBackend, model_name: str, host: str = "127.0.0.1",
-                port: int = 0) -> ThreadingHTTPServer:
-    """Build (not start) a server; `port=0` picks a free port (see `server.server_address`)."""
-    lock = threading.Lock()
-
-    class Handler(BaseHTTPRequestHandler):
-        def log_message(self, fmt: str, *args: Any) -> None:
-            log.debug("%s " + fmt, self.address_string(), *args)
-
-        def _send(self, status: int, payload: dict) -> None:
-            body = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-            if self.path.rstrip("/") == "/v1/models":
-                self._send(200, {"object": "list", "data": [{"id": model_name, "object": "model"}]})
-            else:
-                self._send(404, {"error": {"message": f"no route {self.path}"}})
-
-        def do_POST(self) -> None:  # noqa: N802
-            if self.path.rstrip("/") != "/v1/completions":
-                self._send(404, {"error": {"message": f"no route {self.path}"}})
-                return
-            try:
-                request = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-                prompt = request["prompt"]
-                sampling = Sampling(temperature=float(request.get("temperature", 1.0)),
-                                    max_tokens=int(request.get("max_tokens", 16)),
-                                    top_p=request.get("top_p"), seed=request.get("seed"))
-            except (ValueError, KeyError) as exc:
-                self._send(400, {"error": {"message": f"bad request: {exc}"}})
-                return
-            with lock:
-                self.server.completions_served += 1  # type: ignore[attr-defined]
-                text = backend.complete([prompt], sampling)[0] or ""
-            self._send(200, {"id": f"cmpl-{time.time_ns()}", "object": "text_completion", "created": int(time.time()),
-                             "model": model_name, "choices": [{"index": 0, "text": text, "finish_reason": "length"}]})
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.completions_served = 0  # type: ignore[attr-defined]
-    return server
+MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
-def serve_in_thread(server: ThreadingHTTPServer) -> threading.Thread:
+def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> Any:
+    from fastapi.responses import JSONResponse
+
+    kind = {404: "NotFoundError", 413: "invalid_request_error"}.get(status, "invalid_request_error")
+    if status >= 500:
+        kind = "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.param, self.code = status, param, code
+
+
+def _completion_logprobs(rows: list[TokenInfo], start: int) -> dict[str, Any]:
+    offsets, at = [], start
+    for token in rows:
+        offsets.append(at)
+        at += len(token.text)
+    return {
+        "tokens": [t.text for t in rows],
+        "token_logprobs": [t.logprob for t in rows],
+        "top_logprobs": [t.top for t in rows],
+        "text_offset": offsets,
+    }
+
+
+def _chat_logprobs(rows: list[TokenInfo]) -> dict[str, Any]:
+    def one(text: str, logprob: float | None) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    return {
+        "content": [
+            {**one(t.text, t.logprob), "top_logprobs": [one(k, v) for k, v in (t.top or {}).items()]} for t in rows
+        ]
+    }
+
+
+class _Engine:
+    """The model, its tokenizer and lock, and the request -> rows step shared by both endpoints."""
+
+    def __init__(self, backend: TransformersBackend, model_name: str, max_model_len: int | None) -> None:
+        self.backend, self.model_name = backend, model_name
+        config = getattr(backend.model, "config", None)
+        self.max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) or 2048
+        self.lock = threading.Lock()
+        self.served = 0
+
+    def check_model(self, name: str) -> None:
+        if name != self.model_name:
+            raise _Refused(
+                404,
+                f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
+                "model",
+                "model_not_found",
+            )
+
+    def budget(self, texts: list[str], wanted: int | None, special: bool) -> int:
+        """max_tokens for these texts (the room left when `wanted` is None); 400 when a prompt does not fit."""
+        longest = max(len(self.backend.tokenizer(t, add_special_tokens=special)["input_ids"]) for t in texts)
+        room = self.max_model_len - longest
+        if wanted is None:
+            wanted = room
+        if longest + wanted > self.max_model_len or room < 0:
+            raise _Refused(
+                400,
+                f"This model's maximum context length is {self.max_model_len} tokens. However, "
+                f"you requested {longest + wanted} tokens ({longest} in the prompt, {wanted} in the "
+                "completion). Please reduce the length of the prompt or completion.",
+                "prompt",
+                "context_length_exceeded",
+            )
+        return wanted
+
+    def run(self, texts: list[str], n: int, settings: Settings, special: bool) -> Iterator[tuple[int, list[Row]]]:
+        """(index of the batch's first row, its rows) after every decoding step; rows are prompts x n."""
+        expanded = [text for text in texts for _ in range(n)]
+        size = max(1, self.backend.batch_size)
+        with self.lock:
+            self.served += len(texts)
+            for start in range(0, len(expanded), size):
+                batch_settings = settings
+                if settings.seed is not None:  # each batch its own reproducible stream
+                    batch_settings = Settings(**{**settings.__dict__, "seed": settings.seed + start})
+                for rows in decode(
+                    self.backend.model,
+                    self.backend.tokenizer,
+                    expanded[start : start + size],
+                    batch_settings,
+                    add_special_tokens=special,
+                ):
+                    yield start, rows
+
+
+def _sse(payload: dict[str, Any] | str) -> bytes:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n".encode()
+
+
+def _usage(rows: list[Row], n: int) -> dict[str, int]:
+    """Token counts; a prompt's tokens count once, not once per sample (each prompt has n rows)."""
+    prompt = sum(row.prompt_tokens for row in rows) // n
+    completion = sum(len(row.ids) for row in rows)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def create_app(backend: TransformersBackend, model_name: str, max_model_len: int | None = None) -> Any:
+    """The FastAPI app serving `backend.model` as `model_name` (`backend.use_chat_template` wraps
+    `/v1/completions` prompts in the chat template; `/v1/chat/completions` always uses it)."""
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import StreamingResponse
+    from starlette.exceptions import HTTPException
+
+    engine = _Engine(backend, model_name, max_model_len)
+    app = FastAPI(title="hf-cachehooks completion server")
+    app.state.engine = engine
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next: Any) -> Any:
+        length = request.headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
+            return _error(
+                413 if length.isdigit() else 400,
+                f"Content-Length {length!r} is not a size up to {MAX_BODY_BYTES} bytes.",
+            )
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> Any:
+        first = exc.errors()[0] if exc.errors() else {}
+        loc = [part for part in first.get("loc", ()) if part != "body"]
+        # a union's branch names (`constrained-str`, `list[...]`) mean nothing to a client: keep field and index
+        where = ".".join(str(part) for part in loc if isinstance(part, int) or part.isidentifier())
+        message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
+        if where.split(".")[0] == "prompt":
+            message = "prompt: must be a non-empty string or a non-empty list of non-empty strings"
+        elif not loc and first.get("type") in ("model_attributes_type", "dict_type"):
+            message = "The body must be a JSON object."
+        if first.get("type") == "json_invalid":
+            message = "The body is not valid JSON."
+        return _error(400, message, where or None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, exc: HTTPException) -> Any:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(_Refused)
+    async def refused(_: Request, exc: _Refused) -> Any:
+        return _error(exc.status, str(exc), exc.param, exc.code)
+
+    @app.exception_handler(Exception)
+    async def crashed(_: Request, exc: Exception) -> Any:
+        return _error(500, f"The server failed on this request: {type(exc).__name__}: {exc}")
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": 0,
+            "owned_by": "hf-cachehooks",
+            "max_model_len": engine.max_model_len,
+        }
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{name:path}")
+    def one_model(name: str) -> dict[str, Any]:
+        engine.check_model(name)
+        return model_card()
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/completions")
+    def completions(body: CompletionRequest) -> Any:
+        engine.check_model(body.model)
+        prompts = body.prompts
+        texts = backend.render(prompts)
+        special = not backend.use_chat_template
+        settings = Settings(
+            max_tokens=engine.budget(texts, body.max_tokens, special),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stops,
+            logprobs=body.logprobs,
+            prompt_logprobs=body.echo and body.logprobs is not None,
+        )
+        head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+        }
+        steps = engine.run(texts, body.n, settings, special)
+        if body.stream:
+            return StreamingResponse(_stream_completions(steps, head, body, settings), media_type="text/event-stream")
+        rows = _last(steps, len(prompts) * body.n)
+        choices = []
+        for index, row in enumerate(rows):
+            prefix = prompts[index // body.n] if body.echo else ""
+            logprobs = None
+            if body.logprobs is not None:
+                logprobs = _completion_logprobs((row.prompt if body.echo else []) + row.tokens, 0)
+            choices.append(
+                {"index": index, "text": prefix + row.text, "logprobs": logprobs, "finish_reason": row.finish_reason}
+            )
+        return {**head, "choices": choices, "usage": _usage(rows, body.n)}
+
+    @app.post("/v1/chat/completions")
+    def chat(body: ChatRequest) -> Any:
+        engine.check_model(body.model)
+        tokenizer = backend.tokenizer
+        if not getattr(tokenizer, "chat_template", None):
+            raise _Refused(400, f"The model `{model_name}` has no chat template; use /v1/completions.", "messages")
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        top = (body.top_logprobs or 0) if body.logprobs else None
+        settings = Settings(
+            max_tokens=engine.budget([text], body.token_limit, False),
+            temperature=body.temperature,
+            top_p=body.top_p,
+            seed=body.seed,
+            stop=body.stops,
+            logprobs=top,
+        )
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
+        steps = engine.run([text], body.n, settings, False)
+        if body.stream:
+            return StreamingResponse(_stream_chat(steps, head, body, settings), media_type="text/event-stream")
+        rows = _last(steps, body.n)
+        choices = [
+            {
+                "index": index,
+                "message": {"role": "assistant", "content": row.text},
+                "logprobs": _chat_logprobs(row.tokens) if body.logprobs else None,
+                "finish_reason": row.finish_reason,
+            }
+            for index, row in enumerate(rows)
+        ]
+        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(rows, body.n)}
+
+    return app
+
+
+def _last(steps: Iterator[tuple[int, list[Row]]], total: int) -> list[Row]:
+    """Run every batch to the end; the finished rows in order."""
+    done: list[Row | None] = [None] * total
+    for start, rows in steps:
+        done[start : start + len(rows)] = rows
+    return [row for row in done if row is not None]
+
+
+def _stream(
+    steps: Iterator[tuple[int, list[Row]]],
+    head: dict[str, Any],
+    n: int,
+    settings: Settings,
+    include_usage: bool,
+    choice: Callable[[int, str, list[TokenInfo], Row], dict[str, Any]],
+) -> Iterator[bytes]:
+    """Server-sent events: a chunk per row whenever it has new text (held back while a stop string may still
+    match) or finishes, then the usage chunk when asked for, then `[DONE]`. `choice` shapes each chunk's choice.
+    """
+    sent_tokens: dict[int, int] = {}  # tokens already sent per row; -1 once the row finished
+    finished: list[Row] = []
+    for start, rows in steps:
+        for offset, row in enumerate(rows):
+            index = start + offset
+            if sent_tokens.get(index, 0) < 0:
+                continue
+            piece = row.delta(settings.stop)
+            if not piece and row.finish_reason is None:
+                continue
+            tokens = row.tokens[sent_tokens.get(index, 0) :]
+            sent_tokens[index] = len(row.tokens)
+            yield _sse({**head, "choices": [choice(index, piece, tokens, row)]})
+            if row.finish_reason is not None:
+                sent_tokens[index] = -1
+                finished.append(row)
+    if include_usage:
+        yield _sse({**head, "choices": [], "usage": _usage(finished, n)})
+    yield _sse("[DONE]")
+
+
+def _stream_completions(
+    steps: Iterator[tuple[int, list[Row]]], head: dict[str, Any], body: CompletionRequest, settings: Settings
+) -> Iterator[bytes]:
+    def choice(index: int, piece: str, tokens: list[TokenInfo], row: Row) -> dict[str, Any]:
+        logprobs = _completion_logprobs(tokens, row.sent - len(piece)) if body.logprobs is not None else None
+        return {"index": index, "text": piece, "logprobs": logprobs, "finish_reason": row.finish_reason}
+
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    yield from _stream(steps, head, body.n, settings, usage, choice)
+
+
+def _stream_chat(
+    steps: Iterator[tuple[int, list[Row]]], head: dict[str, Any], body: ChatRequest, settings: Settings
+) -> Iterator[bytes]:
+    head = {**head, "object": "chat.completion.chunk"}
+    for index in range(body.n):  # OpenAI's first chunk of each choice names the role
+        role = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        yield _sse({**head, "choices": [role]})
+
+    def choice(index: int, piece: str, tokens: list[TokenInfo], row: Row) -> dict[str, Any]:
+        logprobs = _chat_logprobs(tokens) if body.logprobs else None
+        delta = {"content": piece} if piece else {}
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": row.finish_reason}
+
+    usage = body.stream_options is not None and body.stream_options.include_usage
+    yield from _stream(steps, head, body.n, settings, usage, choice)
+
+
+class BackgroundServer:
+    """`create_app` under uvicorn in a daemon thread on a socket bound now (`port=0`: a free one)."""
+
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self.socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.socket.bind((host, port))
+        self.server_address = self.socket.getsockname()
+        self.url = f"http://{self.server_address[0]}:{self.server_address[1]}"
+        self._server: Any = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def completions_served(self) -> int:
+        """Prompts answered so far (a request with three prompts counts three)."""
+        return self.app.state.engine.served
+
+    def start(self) -> threading.Thread:
+        import uvicorn
+
+        self._server = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", timeout_graceful_shutdown=5))
+        self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self.socket]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 30
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the completion server did not start on {self.url}")
+            time.sleep(0.01)
+        return self._thread
+
+    def shutdown(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def server_close(self) -> None:
+        self.socket.close()
+
+
+def make_server(
+    backend: TransformersBackend,
+    model_name: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    max_model_len: int | None = None,
+) -> BackgroundServer:
+    """Build (not start) a server; `port=0` picks a free port (see `server.url`)."""
+    return BackgroundServer(create_app(backend, model_name, max_model_len), host, port)
+
+
+def serve_in_thread(server: BackgroundServer) -> threading.Thread:
     """Run `server` in a daemon thread (stop it with `server.shutdown()`)."""
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return thread
+    return server.start()
