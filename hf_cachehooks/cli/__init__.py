@@ -22,6 +22,7 @@ from .models import (
     cmd_info,
     cmd_serve,
 )
+from .sweep import add_k_sweep_args, cmd_k_sweep
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -180,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="conversations whose model KV cache stays in memory between turns (0: rerun history)")
     chat.add_argument("--top-k", type=_positive, default=10, help="lens candidates shown per token")
     chat.add_argument("--max-new-tokens", type=_positive, default=64, help="longest reply, in tokens")
+
+    sweep = command("k-sweep", "best-of-K and pass@k for several K from one cached sample set per temperature "
+                    "(JSON + PNG)", cmd_k_sweep)
+    _model_args(sweep, required=True, encoder=False)
+    add_k_sweep_args(sweep)
 
     info = command("info", "layers, examples, dtype, size and key inputs of an activation cache", cmd_info)
     info.add_argument("folder", help="an activation cache folder")
