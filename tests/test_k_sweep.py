@@ -268,3 +268,88 @@ def test_cli_second_run_prints_the_hit_and_generates_nothing(capsys, model_path,
     records = json.loads((tmp_path / "out" / "k_sweep.json").read_text())["records"]
     assert {(r["temperature"], r["k"]) for r in records} == {(0.7, 1), (0.7, 2), (1.0, 1), (1.0, 2)}
     assert (tmp_path / "out" / "k_sweep.png").is_file()
+
+
+# under torchrun: the generation is shared out, the cache is the same whatever the process count -------------
+
+WORKER = """
+import json, os, sys
+sys.path.insert(0, {repo!r})
+from tests.test_k_sweep import Counting, sampler, QUESTIONS, ANSWERS
+from hf_cachehooks.sweeps.k_sweep import k_sweep
+model, tok = sampler()
+backend = Counting(model, tok, batch_size=2)
+result = k_sweep(QUESTIONS, ANSWERS, backend, model="org/tiny", ks=(1, 2, 4), temperatures=(0.7,),
+                 metric="contains_answer", max_tokens=3, batch_size=2, bootstrap=100)
+out = {{"records": result.records, "generation": result.generation, "asked": backend.asked}}
+open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json"), "w").write(json.dumps(out))
+"""
+
+
+def _launch(n: int, root, out, repo) -> list[dict]:
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = out / "worker.py"
+    script.write_text(WORKER.format(repo=str(repo), out=str(out)))
+    env = {
+        **os.environ,
+        "HF_CACHEHOOKS_HOME": str(root),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(n),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(repo),
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(n)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_work_and_match_one_process_exactly(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path / "shared-cache"
+    (tmp_path / "out").mkdir()
+    ranks = _launch(2, root, tmp_path / "out", repo)
+    assert ranks[0]["records"] == ranks[1]["records"]  # every rank returns the same result
+    assert ranks[0]["asked"] == 16 and ranks[1]["asked"] == 8  # 4 samples x 3 batches of 2: batches 0, 2 | 1
+    assert ranks[0]["generation"][0]["status"] == "miss"
+
+    def strip(records):
+        return [{k: v for k, v in r.items() if k != "processes"} for r in records]
+
+    model, tok = sampler()
+    alone = Counting(model, tok, batch_size=2)
+    options = {
+        "model": "org/tiny",
+        "ks": (1, 2, 4),
+        "temperatures": (0.7,),
+        "metric": "contains_answer",
+        "max_tokens": 3,
+        "batch_size": 2,
+        "bootstrap": 100,
+    }
+    monkeypatch.setenv("HF_CACHEHOOKS_HOME", str(tmp_path / "fresh"))
+    single = k_sweep(QUESTIONS, ANSWERS, alone, **options)
+    assert alone.asked == 24 and strip(single.records) == strip(ranks[0]["records"])  # the same samples
+    monkeypatch.setenv("HF_CACHEHOOKS_HOME", str(root))
+    hit = k_sweep(QUESTIONS, ANSWERS, alone, **options)
+    assert hit.generated == 0 and alone.asked == 24  # the 2-process set is a full hit for 1 process
