@@ -72,9 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if result.settings["processes"] > 1 and not _is_rank_zero():
         return 0
-    for g in result.generation:
-        what = "cache hit, no generation" if g["status"] == "hit" else f"{g['generated']} samples generated"
-        print(f"T={g['temperature']:g}: {what} ({g['reused']} reused)")
+    print(result.summary())
     print(result.table())
     out = Path(args.output)
     print(f"Results: {result.to_json(out / 'k_sweep.json')}  plot: {result.plot(out / 'k_sweep.png')}")

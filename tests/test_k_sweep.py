@@ -275,12 +275,10 @@ def test_cli_second_run_prints_the_hit_and_generates_nothing(capsys, model_path,
 WORKER = """
 import json, os, sys
 sys.path.insert(0, {repo!r})
-from tests.test_k_sweep import Counting, sampler, QUESTIONS, ANSWERS
-from hf_cachehooks.sweeps.k_sweep import k_sweep
+from tests.test_k_sweep import Counting, sampler, sweep
 model, tok = sampler()
 backend = Counting(model, tok, batch_size=2)
-result = k_sweep(QUESTIONS, ANSWERS, backend, model="org/tiny", ks=(1, 2, 4), temperatures=(0.7,),
-                 metric="contains_answer", max_tokens=3, batch_size=2, bootstrap=100)
+result = sweep(backend, batch_size=2, bootstrap=100)
 out = {{"records": result.records, "generation": result.generation, "asked": backend.asked}}
 open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json"), "w").write(json.dumps(out))
 """
@@ -338,20 +336,12 @@ def test_two_processes_share_the_work_and_match_one_process_exactly(tmp_path, mo
 
     model, tok = sampler()
     alone = Counting(model, tok, batch_size=2)
-    options = {
-        "model": "org/tiny",
-        "ks": (1, 2, 4),
-        "temperatures": (0.7,),
-        "metric": "contains_answer",
-        "max_tokens": 3,
-        "batch_size": 2,
-        "bootstrap": 100,
-    }
+    options = {"batch_size": 2, "bootstrap": 100}  # as the workers
     monkeypatch.setenv("HF_CACHEHOOKS_HOME", str(tmp_path / "fresh"))
-    single = k_sweep(QUESTIONS, ANSWERS, alone, **options)
+    single = sweep(alone, **options)
     assert alone.asked == 24 and strip(single.records) == strip(ranks[0]["records"])  # the same samples
     monkeypatch.setenv("HF_CACHEHOOKS_HOME", str(root))
-    hit = k_sweep(QUESTIONS, ANSWERS, alone, **options)
+    hit = sweep(alone, **options)
     assert hit.generated == 0 and alone.asked == 24  # the 2-process set is a full hit for 1 process
 
 

@@ -98,9 +98,7 @@ def cmd_k_sweep(args: argparse.Namespace) -> int:
     )
     if rank_and_world()[0] != 0:
         return 0
-    for g in result.generation:
-        what = "cache hit, no generation" if g["status"] == "hit" else f"{g['generated']} samples generated"
-        print(f"T={g['temperature']:g}: {what} ({g['reused']} reused) - {g['path']}")
+    print(result.summary())
     print(result.table())
     out = Path(args.output)
     print(f"Results: {result.to_json(out / 'k_sweep.json')}  plot: {result.plot(out / 'k_sweep.png')}")

@@ -104,6 +104,14 @@ class KSweepResult:
         path.write_bytes(orjson.dumps(doc, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
         return path
 
+    def summary(self) -> str:
+        """One line per temperature: a cache hit (no generation) or how many samples were generated."""
+        lines = []
+        for g in self.generation:
+            what = "cache hit, no generation" if g["status"] == "hit" else f"{g['generated']} samples generated"
+            lines.append(f"T={g['temperature']:g}: {what} ({g['reused']} reused)")
+        return "\n".join(lines)
+
     def table(self) -> str:
         """The records as a text table: one row per (temperature, K), both estimators with their intervals."""
         rows: dict[tuple, dict] = {(r["temperature"], r["k"]): {} for r in self.records}
