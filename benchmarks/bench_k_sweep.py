@@ -36,7 +36,8 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PAIRS = REPO / "examples" / "data" / "eval_awareness.json"
 
 OLD_HIT = r"""
-import sys, time
+import logging, sys
+logging.basicConfig(level=logging.INFO, format="%(message)s")
 from hf_cachehooks import cache_activations, load_model
 model, tok = load_model(sys.argv[1], gguf_file=sys.argv[2])
 store = cache_activations(model, tok, sys.argv[3], sys.argv[4], [10, 20], progress=False)
@@ -75,21 +76,44 @@ def k_sweep(args: argparse.Namespace, env: dict) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         scratch, _ = _run([sys.executable, script, *common, *large], Path(tmp), env)
     n = args.questions
-    return {"questions": n, "temperatures": [0.7, 1.0], "max_tokens": 4, "ks_first": [1, 2, 4, 8],
-            "ks_larger": [1, 2, 4, 8, 16], "samples_first": n * 8 * 2, "samples_grow": n * 8 * 2,
-            "first_s": first, "second_s": statistics.median(seconds), "second_runs_s": seconds,
-            "speedup": first / statistics.median(seconds), "grow_to_16_s": grow, "scratch_16_s": scratch,
-            "grow_vs_scratch": scratch / grow}
+    return {
+        "questions": n,
+        "temperatures": [0.7, 1.0],
+        "max_tokens": 4,
+        "ks_first": [1, 2, 4, 8],
+        "ks_larger": [1, 2, 4, 8, 16],
+        "samples_first": n * 8 * 2,
+        "samples_grow": n * 8 * 2,
+        "first_s": first,
+        "second_s": statistics.median(seconds),
+        "second_runs_s": seconds,
+        "speedup": first / statistics.median(seconds),
+        "grow_to_16_s": grow,
+        "scratch_16_s": scratch,
+        "grow_vs_scratch": scratch / grow,
+    }
 
 
 def activations(args: argparse.Namespace, env: dict, folder: str) -> dict:
-    cli = [sys.executable, "-m", "hf_cachehooks.cli"]
+    cli = [sys.executable, "-m", "hf_cachehooks"]
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = work / "pairs.json"
-        data.write_text(json.dumps(json.loads(PAIRS.read_text())[: args.pairs]))
-        argv = [*cli, "cache-activations", "--model", folder, "--gguf-file", GGUF, "--data", str(data),
-                "--layers", "10,20", "--output", "acts"]
+        data.write_text(json.dumps(json.loads(PAIRS.read_text())["data"][: args.pairs]))
+        argv = [
+            *cli,
+            "cache-activations",
+            "--model",
+            folder,
+            "--gguf-file",
+            GGUF,
+            "--data",
+            str(data),
+            "--layers",
+            "10,20",
+            "--output",
+            "acts",
+        ]
         first, out = _run(argv, work, env)
         assert "Cached layers [10, 20]" in out, out[-2000:]
         ours, before = [], []
@@ -100,9 +124,21 @@ def activations(args: argparse.Namespace, env: dict, folder: str) -> dict:
             seconds, out = _run([sys.executable, "-c", OLD_HIT, folder, GGUF, str(data), "acts"], work, env)
             assert "Loaded activations from cache" in out, out[-2000:]
             before.append(seconds)
-    return {"examples": 2 * args.pairs, "layers": [10, 20], "first_s": first, "hit_s": statistics.median(ours),
-            "hit_runs_s": ours, "hit_with_load_s": statistics.median(before), "hit_with_load_runs_s": before,
-            "speedup": statistics.median(before) / statistics.median(ours)}
+    return {
+        "examples": 2 * args.pairs,
+        "layers": [10, 20],
+        "first_s": first,
+        "hit_s": statistics.median(ours),
+        "hit_runs_s": ours,
+        "hit_with_load_s": statistics.median(before),
+        "hit_with_load_runs_s": before,
+        "speedup": statistics.median(before) / statistics.median(ours),
+    }
+
+
+def _save(result: dict) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def main() -> int:
@@ -110,6 +146,12 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3, help="repeats of each repeated row (median reported)")
     parser.add_argument("--questions", type=int, default=8, help="arithmetic questions in the K-sweep")
     parser.add_argument("--pairs", type=int, default=10, help="contrastive pairs for cache-activations")
+    parser.add_argument(
+        "--part",
+        choices=("all", "k-sweep", "activations"),
+        default="all",
+        help="run one part only (the other part's figures stay as they are in the JSON)",
+    )
     args = parser.parse_args()
     import importlib.util
 
@@ -119,21 +161,33 @@ def main() -> int:
     folder = os.path.dirname(spec.origin)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     env.pop("HF_CACHEHOOKS_HOME", None)  # each run's cache: outputs/cache under its own temporary folder
+    result = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    result.update({"threads": "OMP_NUM_THREADS=1", "machine": machine(["torch", "transformers", "matplotlib"])})
     load_before = _load()
-    sweep = k_sweep(args, env)
-    acts = activations(args, env, folder)
-    result = {"k_sweep": sweep, "cache_activations": acts, "load_average": [load_before, _load()],
-              "threads": "OMP_NUM_THREADS=1", "machine": machine(["torch", "transformers", "matplotlib"])}
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"K-sweep, {sweep['questions']} questions x K<=8 x 2 temperatures ({sweep['samples_first']} samples):")
-    print(f"  first run {sweep['first_s']:.1f} s   second run {sweep['second_s']:.2f} s   "
-          f"({sweep['speedup']:.0f}x; runs {', '.join(f'{s:.2f}' for s in sweep['second_runs_s'])})")
-    print(f"  K<=16 after K<=8: {sweep['grow_to_16_s']:.1f} s   K<=16 from an empty cache: "
-          f"{sweep['scratch_16_s']:.1f} s   ({sweep['grow_vs_scratch']:.2f}x)")
-    print(f"cache-activations, {acts['examples']} texts, layers 10,20 of SmolLM2:")
-    print(f"  first run {acts['first_s']:.1f} s   hit without loading {acts['hit_s']:.2f} s   "
-          f"hit after loading the model (before) {acts['hit_with_load_s']:.1f} s   ({acts['speedup']:.0f}x)")
+    if args.part in ("all", "k-sweep"):
+        result["k_sweep"] = {**k_sweep(args, env), "load_average": [load_before, _load()]}
+        _save(result)
+    if args.part in ("all", "activations"):
+        started = _load()
+        result["cache_activations"] = {**activations(args, env, folder), "load_average": [started, _load()]}
+        _save(result)
+    sweep, acts = result.get("k_sweep"), result.get("cache_activations")
+    if sweep:
+        print(f"K-sweep, {sweep['questions']} questions x K<=8 x 2 temperatures ({sweep['samples_first']} samples):")
+        print(
+            f"  first run {sweep['first_s']:.1f} s   second run {sweep['second_s']:.2f} s   "
+            f"({sweep['speedup']:.0f}x; runs {', '.join(f'{s:.2f}' for s in sweep['second_runs_s'])})"
+        )
+        print(
+            f"  K<=16 after K<=8: {sweep['grow_to_16_s']:.1f} s   K<=16 from an empty cache: "
+            f"{sweep['scratch_16_s']:.1f} s   ({sweep['grow_vs_scratch']:.2f}x)"
+        )
+    if acts:
+        print(f"cache-activations, {acts['examples']} texts, layers 10,20 of SmolLM2:")
+        print(
+            f"  first run {acts['first_s']:.1f} s   hit without loading {acts['hit_s']:.2f} s   "
+            f"hit after loading the model (before) {acts['hit_with_load_s']:.1f} s   ({acts['speedup']:.0f}x)"
+        )
     print(f"load average {load_before:.1f} -> {_load():.1f}; wrote {RESULTS.relative_to(REPO)}")
     return 0
 
