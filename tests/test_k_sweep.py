@@ -278,13 +278,14 @@ sys.path.insert(0, {repo!r})
 from tests.test_k_sweep import Counting, sampler, sweep
 model, tok = sampler()
 backend = Counting(model, tok, batch_size=2)
-result = sweep(backend, batch_size=2, bootstrap=100)
+ks = tuple(int(k) for k in os.environ["SWEEP_KS"].split(","))
+result = sweep(backend, ks=ks, batch_size=2, bootstrap=100)
 out = {{"records": result.records, "generation": result.generation, "asked": backend.asked}}
 open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json"), "w").write(json.dumps(out))
 """
 
 
-def _launch(n: int, root, out, repo) -> list[dict]:
+def _launch(n: int, root, out, repo, ks: str = "1,2,4") -> list[dict]:
     import os
     import socket
     import subprocess
@@ -303,6 +304,7 @@ def _launch(n: int, root, out, repo) -> list[dict]:
         "WORLD_SIZE": str(n),
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(repo),
+        "SWEEP_KS": ks,
     }
     procs = [
         subprocess.Popen(
@@ -320,7 +322,7 @@ def _launch(n: int, root, out, repo) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_two_processes_share_the_work_and_match_one_process_exactly(tmp_path, monkeypatch):
+def test_two_and_three_processes_share_the_work_and_match_one_process_exactly(tmp_path, monkeypatch):
     from pathlib import Path
 
     repo = Path(__file__).resolve().parents[1]
@@ -343,6 +345,13 @@ def test_two_processes_share_the_work_and_match_one_process_exactly(tmp_path, mo
     monkeypatch.setenv("HF_CACHEHOOKS_HOME", str(root))
     hit = sweep(alone, **options)
     assert hit.generated == 0 and alone.asked == 24  # the 2-process set is a full hit for 1 process
+
+    grown = _launch(3, root, tmp_path / "out", repo, ks="1,2,4,8")  # 3 processes take the set on to K = 8
+    assert grown[0]["generation"][0]["reused"] == 24 and grown[0]["generation"][0]["generated"] == 24
+    assert [r["asked"] for r in grown] == [8, 8, 8]  # 4 new samples x 3 batches of 2: one batch each
+    monkeypatch.setenv("HF_CACHEHOOKS_HOME", str(tmp_path / "fresh-8"))
+    scratch = sweep(alone, ks=(1, 2, 4, 8), **options)
+    assert strip(scratch.records) == strip(grown[2]["records"])  # grown on 2 then 3 processes = made at once on 1
 
 
 @pytest.mark.slow
