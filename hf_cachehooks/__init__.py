@@ -35,6 +35,8 @@ _LAZY = {
     "ActivationStore": "activations.store",
     "GenerationCache": "generation.cache",
     "Generations": "generation.cache",
+    "KSweepResult": "sweeps.k_sweep",
+    "ModelBackend": "sweeps.k_sweep",
     "OpenAIBackend": "generation.remote",
     "Sampling": "generation.backends",
     "SpeedupCallback": "training.callbacks",
@@ -45,6 +47,8 @@ _LAZY = {
     "TokenRecord": "conversation.files",
     "TransformersBackend": "generation.backends",
     "cache_activations": "activations.writer",
+    "cache_activations_from_path": "activations.paths",
+    "k_sweep": "sweeps.k_sweep",
     "load_model": "_models.loading",
     "load_tokenizer": "_models.loading",
 }
@@ -52,6 +56,7 @@ _LAZY_MODULES = {"speedups": "training.speedups"}  # plan(), load_model(): the T
 
 if _TYPE_CHECKING:  # type checkers see the real classes; at run time __getattr__ imports them on first use
     from ._models.loading import load_model, load_tokenizer
+    from .activations.paths import cache_activations_from_path
     from .activations.store import ActivationStore
     from .activations.vectors import SteeringVector
     from .activations.writer import cache_activations
@@ -60,6 +65,7 @@ if _TYPE_CHECKING:  # type checkers see the real classes; at run time __getattr_
     from .generation.backends import Sampling, TransformersBackend
     from .generation.cache import GenerationCache, Generations
     from .generation.remote import OpenAIBackend
+    from .sweeps.k_sweep import KSweepResult, ModelBackend, k_sweep
     from .training import speedups
     from .training.callbacks import SpeedupCallback
     from .training.config import SpeedupConfig
@@ -74,9 +80,11 @@ __all__ = [
     "GenerationCache",
     "Generations",
     "HFCacheHooksError",
+    "KSweepResult",
     "KVCacheMismatchError",
     "Key",
     "MissingDependencyError",
+    "ModelBackend",
     "OpenAIBackend",
     "PredictionCache",
     "ProbeMismatchError",
@@ -91,8 +99,10 @@ __all__ = [
     "TransformersBackend",
     "WaitTimeoutError",
     "cache_activations",
+    "cache_activations_from_path",
     "cache_root",
     "evaluate_model",
+    "k_sweep",
     "load_model",
     "load_rows",
     "load_tokenizer",

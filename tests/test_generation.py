@@ -70,7 +70,7 @@ def test_seed_layout_and_banners(cache, backend, caplog):
 
 @pytest.mark.parametrize("change", [
     {"prompt_name": "benign"}, {"subject_type": "math"}, {"temperature": 0.7}, {"max_tokens": 4},
-    {"top_p": 0.9}, {"seed": 3}, {"samples_per_prompt": 2},
+    {"top_p": 0.9}, {"seed": 3},
 ])
 def test_each_key_field_misses(cache, backend, change):
     cache.generate(QUESTIONS, backend, num_samples=3, **SETTINGS)
@@ -120,6 +120,26 @@ def test_samples_are_indexed_not_collapsed(cache, backend):
                           **{**SETTINGS, "temperature": 1.5, "max_tokens": 6})
     assert more.generated == empty and more.reused == 6 - empty
     assert all(m == g for mrow, grow in zip(more.completions, gens.completions) for m, g in zip(mrow, grow) if g)
+
+
+def test_more_samples_per_prompt_generate_only_the_new_ones(cache, backend):
+    """samples_per_prompt is not in the key: sample s keeps its seed, so a set of 2 grows to 4 and shrinks to 1."""
+    settings = {**SETTINGS, "temperature": 1.5, "max_tokens": 6, "seed": 0}
+    two = cache.generate(QUESTIONS, backend, num_samples=3, samples_per_prompt=2, **settings)
+    empty = sum(c is None for row in two.completions for c in row)  # a random model may emit only specials
+    four = cache.generate(QUESTIONS, backend, num_samples=3, samples_per_prompt=4, **settings)
+    assert four.status == "partial" and four.reused == 6 - empty and backend.asked == 6 + 6 + empty
+    assert all(f == t for frow, trow in zip(four.completions, two.completions) for f, t in zip(frow, trow) if t)
+    names = [p.name for p in Path(four.path).parent.iterdir()]
+    assert len(names) == 3 and all("_t1.5_maxtok6_seed0_" in name and "_k" not in name for name in names)
+    assert unseal(Path(four.path).read_bytes())["samples_per_prompt"] == 4
+    one = cache.generate(QUESTIONS, backend, num_samples=3, samples_per_prompt=1, **settings)
+    assert one.status == "hit" or one.generated == sum(c is None for c in four.first_samples)
+    fresh = GenerationCache("org/Tiny-Chat", chunk_size=3, experiments_dir=cache.base.parent / "other")
+    direct = fresh.generate(QUESTIONS, backend, num_samples=3, samples_per_prompt=4, **settings)
+    # same seeds: generated at once or grown from 2, sample s of a prompt is the same text
+    assert [row[2:] for row in direct.completions] == [row[2:] for row in four.completions]
+    assert all(d == t for drow, trow in zip(direct.completions, two.completions) for d, t in zip(drow, trow) if t)
 
 
 def test_failed_generations_are_never_cached_and_empty_ones_are(cache, backend, caplog):

@@ -4,7 +4,7 @@
     _core/                     1  keys, the entry contract, bytes on disk, locking, time, fingerprints, rows
     _models/                   2  identity, architecture, loading and batches, hooks
     evaluation/ generation/ activations/ training/ conversation/ management   3  one folder per feature
-    cli, __main__, the package root                                         4
+    sweeps/, cli, __main__, the package root                                4  sweeps compose features
 """
 
 from __future__ import annotations

@@ -71,6 +71,26 @@ def load_records(data: Any, text_field: str = "text", label_field: str = "label"
     return rows
 
 
+def default_label_field(rows: list[dict], label_field: str | None) -> str:
+    """The label field in effect: the one given, else "type" when records have it (contrastive pairs), else "label"."""
+    if label_field is not None:
+        return label_field
+    return "type" if rows and "type" in rows[0] else "label"
+
+
+def activation_key(model: dict, tokenizer: dict | None, rows: list[dict], layers: list[int], *, positions: str,
+                   dtype: str, text_field: str, label_field: str, max_length: int | None, use_chat_template: bool,
+                   system_prompt: str | None) -> Key:
+    """A store's key from model and tokenizer identities: a loaded model's, or the ones remembered for its files."""
+    return make_key("activations", {
+        "model": model, "tokenizer": tokenizer,
+        "data": {"fingerprint": fingerprint_data(rows), "n": len(rows), "text_field": text_field,
+                 "label_field": label_field},
+        "layers": layers, "positions": positions, "dtype": dtype, "max_length": max_length,
+        "template": {"chat_template": use_chat_template, "system_prompt": system_prompt},
+    })
+
+
 def _rank_and_world() -> tuple[int, int]:
     try:
         import torch.distributed as dist
@@ -167,20 +187,15 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
         raise ConfigError(f"positions={positions!r} is not supported. Use one of: {', '.join(POSITIONS)}.")
     layers = check_layers(model, layers)
     rows = load_records(data, text_field, label_field or "label")
-    if label_field is None:  # contrastive-pair files call it "type"; most others "label"
-        label_field = "type" if rows and "type" in rows[0] else "label"
+    label_field = default_label_field(rows, label_field)  # contrastive-pair files call it "type"; most "label"
     texts = [str(r[text_field]) for r in rows]
     if use_chat_template:
         from .._models.runners import chat_texts
 
         texts = chat_texts(texts, tokenizer, system_prompt)
-    key = make_key("activations", {
-        "model": model_identity(model), "tokenizer": tokenizer_identity(tokenizer),
-        "data": {"fingerprint": fingerprint_data(rows), "n": len(rows), "text_field": text_field,
-                 "label_field": label_field},
-        "layers": layers, "positions": positions, "dtype": dtype, "max_length": max_length,
-        "template": {"chat_template": use_chat_template, "system_prompt": system_prompt},
-    })
+    key = activation_key(model_identity(model), tokenizer_identity(tokenizer), rows, layers, positions=positions,
+                         dtype=dtype, text_field=text_field, label_field=label_field, max_length=max_length,
+                         use_chat_template=use_chat_template, system_prompt=system_prompt)
     rank, world = _rank_and_world()
     hit = _clear_the_way(folder, key, force, cache, rank)
     if hit is not None:

@@ -22,6 +22,7 @@ from .models import (
     cmd_info,
     cmd_serve,
 )
+from .sweep import add_k_sweep_args, cmd_k_sweep
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -204,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                       help="a Host name to serve besides localhost, 127.0.0.1 and ::1 (repeatable); requests "
                            "naming any other host are refused, so a web page cannot reach the API by DNS rebinding")
+
+    sweep = command("k-sweep", "best-of-K and pass@k for several K from one cached sample set per temperature "
+                    "(JSON + PNG)", cmd_k_sweep)
+    _model_args(sweep, required=True, encoder=False)
+    add_k_sweep_args(sweep)
 
     info = command("info", "layers, examples, dtype, size and key inputs of an activation cache", cmd_info)
     info.add_argument("folder", help="an activation cache folder")

@@ -99,8 +99,11 @@ def _check_layers_fit(args: argparse.Namespace, layers: list[int]) -> None:
                           f"0 = embeddings, {n} = last block). Pick layers in that range.")
 
 
-def _check_inputs(args: argparse.Namespace, layers: list[int] | None, need_labels: bool) -> None:
-    """Check the data file, its fields and the layers before any model loads (a typo costs no model load)."""
+def _check_inputs(args: argparse.Namespace, layers: list[int] | None, need_labels: bool, fit: bool = True) -> None:
+    """Check the data file, its fields and the layers before any model loads (a typo costs no model load).
+
+    With `fit=False` the layers are not checked against the model's config (the caller does it on a miss).
+    """
     from ..activations.writer import load_records
 
     if not layers:
@@ -126,7 +129,8 @@ def _check_inputs(args: argparse.Namespace, layers: list[int] | None, need_label
     if (args.label_field or need_labels) and not any(all(f in r for r in rows) for f in labels):
         raise ConfigError(f"--data {args.data}: not every record has a {' or '.join(map(repr, labels))} field. "
                           "Fix the file, or set --label-field.")
-    _check_layers_fit(args, layers)
+    if fit:
+        _check_layers_fit(args, layers)
 
 
 def _layers(text: str | None) -> list[int] | None:
@@ -157,17 +161,26 @@ def _store(args: argparse.Namespace, layers: list[int] | None):
 
 
 def cmd_cache_activations(args: argparse.Namespace) -> int:
-    from ..activations.writer import cache_activations
+    """Open the finished store without loading the model when its files are recognised; else load and extract."""
+    from datetime import timedelta
 
-    layers = _layers(args.layers)
-    _check_inputs(args, layers, need_labels=False)
-    model, tokenizer = _load(args)
-    store = cache_activations(model, tokenizer, args.data, args.output, layers or [],
-                              positions=args.positions, dtype=args.dtype, text_field=args.text_field,
-                              label_field=args.label_field, use_chat_template=args.chat_template,
-                              system_prompt=args.system_prompt, max_length=args.max_length,
-                              batch_size=args.batch_size, shard_size=args.shard_size, force=args.force,
-                              max_age_days=args.max_age_days)
+    from .._core.cache_config import CacheConfig
+    from ..activations.paths import cache_activations_from_path, remembered_store
+
+    layers = _layers(args.layers) or []
+    _check_inputs(args, layers, need_labels=False, fit=False)
+    _check_model(args)
+    age = None if args.max_age_days is None else timedelta(days=args.max_age_days)
+    options = {"head": "base" if args.encoder else "causal", "model_dtype": args.model_dtype,
+               "gguf_file": args.gguf_file, "positions": args.positions, "dtype": args.dtype,
+               "text_field": args.text_field, "label_field": args.label_field,
+               "use_chat_template": args.chat_template, "system_prompt": args.system_prompt,
+               "max_length": args.max_length, "cache": CacheConfig(root=args.root, max_age=age)}
+    store = remembered_store(args.model, args.data, args.output, layers, **options)
+    if store is None:
+        _check_layers_fit(args, layers)  # reads the model's config: only when the weights will load anyway
+        store = cache_activations_from_path(args.model, args.data, args.output, layers, batch_size=args.batch_size,
+                                            shard_size=args.shard_size, force=args.force, **options)
     info = store.info()
     print(f"Cached layers {info['layers']} for {info['num_examples']} examples ({info['dtype']}, "
           f"{human_bytes(info['bytes'])}) in {args.output}")

@@ -11,10 +11,11 @@
               max_tokens, top_p, seed, samples_per_prompt, backend, text_as_returned, num_samples, num_rows,
               timestamp, updated_at
 
-The key is the experiment's high-level one (model, prompt format, subject, temperature, max_tokens; top_p,
-seed and samples-per-prompt when set), so the same parameters with different questions still hit,
-with a warning (or a regeneration under `strict=True`). The sample count is not in the key: asking
-for fewer serves a prefix; asking for more generates only the missing ones and grows the entry.
+The key is the experiment's high-level one (model, prompt format, subject, temperature, max_tokens; top_p
+and seed when set), so the same parameters with different questions still hit, with a warning (or a
+regeneration under `strict=True`). Neither the number of prompts nor the samples per prompt is in the
+key (sample s of a prompt has its own seed, whatever the count asked for): asking for fewer serves a
+prefix; asking for more generates only the missing ones and grows the entry.
 The metadata file is written last and lists the sizes and hashes of the two JSONL files, so an
 interrupted write is never read as an entry, and a changed, swapped or malformed file is a warning and
 a regeneration. Rows are saved after every chunk, so a killed run loses one chunk. Two processes that
@@ -121,14 +122,15 @@ class GenerationCache:
 
     @staticmethod
     def stem_tail(sampling: Sampling, samples_per_prompt: int) -> str:
-        """The file-name part after n{N}: `_t1.0_maxtok512` plus `_topp0.9`, `_seed42`, `_k4` when set."""
+        """The file-name part after n{N}: `_t1.0_maxtok512` plus `_topp0.9`, `_seed42` when set.
+
+        `samples_per_prompt` is not in it (nor in the key): an entry grows to more samples per prompt.
+        """
         tail = f"_t{float(sampling.temperature)}_maxtok{sampling.max_tokens}"
         if sampling.top_p is not None:
             tail += f"_topp{float(sampling.top_p)}"
         if sampling.seed is not None:
             tail += f"_seed{sampling.seed}"
-        if samples_per_prompt != 1:
-            tail += f"_k{samples_per_prompt}"
         return tail
 
     def key_inputs(self, prompt_name: str, subject_type: str, sampling: Sampling, samples_per_prompt: int) -> dict:
@@ -137,9 +139,7 @@ class GenerationCache:
         for name, value in (("top_p", sampling.top_p), ("seed", sampling.seed)):
             if value is not None:
                 inputs[name] = value
-        if samples_per_prompt != 1:
-            inputs["samples_per_prompt"] = samples_per_prompt
-        return inputs
+        return inputs  # samples_per_prompt changes no sample: sample s always has the same seed
 
     # Reading ------------------------------------------------------------------------------------
 
@@ -195,6 +195,7 @@ class GenerationCache:
     def _save(self, folder: Path, tail: str, key: Key, rows: _Rows, info: dict) -> Path | None:
         k = info["samples_per_prompt"]
         complete = sum(1 for i in {i for i, _ in rows} if all((i, s) in rows for s in range(k)))
+        info = {**info, "samples_per_prompt": max(s for _, s in rows) + 1}  # the most any prompt has
         stem = f"n{complete}{tail}"
         ordered = [rows[ik] for ik in sorted(rows)]
         data = {stem + suffix: b"".join(orjson.dumps({x: r[x] for x in fields}) + b"\n" for r in ordered)
