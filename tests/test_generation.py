@@ -413,3 +413,22 @@ def test_an_unwritable_lock_folder_still_generates(cache, monkeypatch):
     fake = Slow()
     assert cache.generate(QUESTIONS, fake, num_samples=2, **SETTINGS).status == "miss" and fake.asked == 2
     assert cache.generate(QUESTIONS, fake, num_samples=2, **SETTINGS).status == "hit" and fake.asked == 2
+
+
+def test_chat_formatted_prompts_are_their_own_entry(cache, model_and_tok):
+    """A completion of the chat-wrapped prompt is never served for the plain prompt (or another system prompt)."""
+    model, tok = model_and_tok
+    plain = Counting(model, tok, batch_size=4)
+    chat = Counting(model, tok, batch_size=4, use_chat_template=True)
+    other = Counting(model, tok, batch_size=4, use_chat_template=True, system_prompt="Answer in French.")
+    assert cache.generate(QUESTIONS, plain, num_samples=2, **SETTINGS).status == "miss"
+    as_chat = cache.generate(QUESTIONS, chat, num_samples=2, **SETTINGS)
+    assert as_chat.status == "miss" and chat.asked == 2 and "_chat" in Path(as_chat.path).name
+    assert cache.generate(QUESTIONS, other, num_samples=2, **SETTINGS).status == "miss"
+    assert cache.generate(QUESTIONS, plain, num_samples=2, **SETTINGS).status == "hit"
+    assert cache.generate(QUESTIONS, chat, num_samples=2, **SETTINGS).status == "hit" and chat.asked == 2
+    tok.chat_template = tok.chat_template + " "  # another template: another prompt
+    try:
+        assert cache.generate(QUESTIONS, chat, num_samples=2, **SETTINGS).status == "miss"
+    finally:
+        tok.chat_template = tok.chat_template[:-1]

@@ -141,6 +141,19 @@ class GenerationCache:
                 inputs[name] = value
         return inputs  # samples_per_prompt changes no sample: sample s always has the same seed
 
+    @staticmethod
+    def prompt_format(backend: Backend) -> dict | None:
+        """What the backend wraps around each prompt before the model sees it (chat template, system prompt).
+
+        None for plain prompts. Otherwise it joins the key and the file name (`_chat1a2b3c4d`): a completion of
+        a chat-formatted prompt is never served for the plain one, nor for another template or system prompt.
+        """
+        if not getattr(backend, "use_chat_template", False):
+            return None  # the prompts go to the model as they are (a system prompt is used only with a template)
+        template = getattr(getattr(backend, "tokenizer", None), "chat_template", None)
+        return {"chat_template": template if isinstance(template, str) else True,
+                "system_prompt": getattr(backend, "system_prompt", None)}
+
     # Reading ------------------------------------------------------------------------------------
 
     def _entries(self, folder: Path, tail: str) -> list[tuple[int, Path]]:
@@ -238,7 +251,11 @@ class GenerationCache:
         sampling = Sampling(temperature=temperature, max_tokens=max_tokens, top_p=top_p, seed=seed)
         folder = self.folder(prompt_name, subject_type)
         tail = self.stem_tail(sampling, samples_per_prompt)
-        key = make_key("generations", self.key_inputs(prompt_name, subject_type, sampling, samples_per_prompt))
+        inputs = self.key_inputs(prompt_name, subject_type, sampling, samples_per_prompt)
+        if (prompt_format := self.prompt_format(backend)) is not None:
+            inputs["prompt_format"] = prompt_format
+            tail += "_chat" + make_key("prompt-format", prompt_format).short[:8]
+        key = make_key("generations", inputs)
         shown = folder / f"n{n}{tail}"
         log.info("\n%s\nChecking for cached generations...\n  Model: %s\n  Prompt: %s\n  Subject: %s\n"
                  "  Samples: %d\n  Cache path: %s\n%s", _RULE, self.short, prompt_name, subject_type, n, shown, _RULE)

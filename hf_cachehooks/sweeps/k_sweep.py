@@ -25,7 +25,6 @@ from typing import Any
 import orjson
 
 from .._core.cache_config import CacheConfig
-from .._core.keys import make_key
 from .._core.rows import short_name
 from ..errors import ConfigError
 from ..generation.backends import Backend, Sampling, TransformersBackend
@@ -131,14 +130,6 @@ class KSweepResult:
         from .plots import plot_k_sweep
 
         return plot_k_sweep(self.records, path, title=f"{self.settings['model']} · {self.settings['metric']}")
-
-
-def _format_suffix(backend: Any) -> str:
-    """A short hash of the prompt format the backend applies (chat template, system prompt); "" for none."""
-    chat, system = bool(getattr(backend, "use_chat_template", False)), getattr(backend, "system_prompt", None)
-    if not chat and system is None:
-        return ""
-    return "-" + make_key("prompt-format", {"chat_template": chat, "system_prompt": system}).short[:8]
 
 
 def _model_folder_name(model: str, backend: Any, root: Path) -> str:
@@ -266,7 +257,7 @@ def _sweep(
     generation_cache = GenerationCache(model, _model_folder_name(model, backend, root), cache=cache)
     sharded = ranks.ShardedBackend(backend, batch_size=batch_size, rank=0, world=world)
     n = ks[-1]
-    folder_prompt = prompt_name + _format_suffix(backend)
+    folder_prompt = prompt_name  # the generation cache keys the prompt format (chat template) itself
     settings = {
         "model": model,
         "model_folder": generation_cache.short,
