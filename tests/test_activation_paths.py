@@ -39,7 +39,7 @@ def loads(monkeypatch):
         count = 0
         refuse = False
 
-    real = loading.load_model
+    real = loading.load_weights
 
     def counting(*args, **kwargs):
         if Loads.refuse:
@@ -47,7 +47,7 @@ def loads(monkeypatch):
         Loads.count += 1
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(loading, "load_model", counting)
+    monkeypatch.setattr(loading, "load_weights", counting)
     return Loads
 
 

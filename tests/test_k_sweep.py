@@ -212,7 +212,7 @@ def refuse_loads(monkeypatch):
         raise AssertionError("the model was loaded on a full hit")
 
     def arm():
-        monkeypatch.setattr(loading, "load_model", refuse)
+        monkeypatch.setattr(loading, "load_weights", refuse)
 
     return arm
 

@@ -163,12 +163,13 @@ def cache_activations_from_path(
     )
     if store is not None:
         return store
-    from .._models.loading import load_model
+    from .._models.inference import load_planned, plan_load
 
     root = _settings(options).resolve_root()
     state = files_state(str(model), load_options(head, model_dtype, gguf_file, load_kwargs), root)  # before loading
-    loaded, tokenizer = load_model(
-        str(model), head=head, dtype=model_dtype, gguf_file=gguf_file, **dict(load_kwargs or {})
+    # the same load plan as evaluate_model: this rank's GPU and its attention ladder; on CPU nothing changes
+    loaded, tokenizer, _ = load_planned(
+        str(model), plan_load(dtype=model_dtype), head=head, gguf_file=gguf_file, **dict(load_kwargs or {})
     )
     store = cache_activations(loaded, tokenizer, data, folder, layers, **options)
     inputs = store.key_inputs  # the identities the store was keyed by: remembered, not computed twice

@@ -54,13 +54,10 @@ class ModelBackend:
 
     def loaded(self) -> TransformersBackend:
         if self._backend is None:
-            from .._models.loading import load_model
+            from .._models.inference import load_planned, plan_load
 
-            model, tokenizer = load_model(self.model, dtype=self.model_dtype, gguf_file=self.gguf_file)
-            import torch
-
-            if torch.cuda.is_available():
-                model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+            # evaluate_model's load plan: this rank's GPU, the attention ladder; the dtype is the one keyed
+            model, tokenizer, _ = load_planned(self.model, plan_load(dtype=self.model_dtype), gguf_file=self.gguf_file)
             self.loads += 1
             self._backend = TransformersBackend(
                 model,
