@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import xxhash
 
 from .._core import entry
 from .._core.keys import canonical, dumps, hash_bytes
@@ -38,17 +39,42 @@ log = logging.getLogger(__name__)
 _MODEL_FILE_SUFFIXES = {".safetensors", ".bin", ".gguf", ".json", ".model", ".txt", ".jinja", ".py", ".tiktoken"}
 # Generation settings that never change the generated text.
 _NOT_OUTPUT = {
-    "output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate",
-    "use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
-    "transformers_version", "_from_model_config", "low_memory", "prefill_chunk_size", "max_time",
-    "continuous_batching_config", "return_legacy_cache", "pad_token_id",
+    "output_attentions",
+    "output_hidden_states",
+    "output_scores",
+    "output_logits",
+    "return_dict_in_generate",
+    "use_cache",
+    "cache_implementation",
+    "cache_config",
+    "max_cache_len",
+    "compile_config",
+    "disable_compile",
+    "transformers_version",
+    "_from_model_config",
+    "low_memory",
+    "prefill_chunk_size",
+    "max_time",
+    "continuous_batching_config",
+    "return_legacy_cache",
+    "pad_token_id",
 }
 _SAMPLING_ONLY = {"temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff"}
 # transformers' global defaults: an unset value (None) and its default mean the same generation.
 _GLOBAL_DEFAULTS = {
-    "do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-    "repetition_penalty": 1.0, "length_penalty": 1.0, "num_return_sequences": 1, "max_length": 20,
-    "no_repeat_ngram_size": 0, "num_beam_groups": 1, "diversity_penalty": 0.0, "early_stopping": False,
+    "do_sample": False,
+    "num_beams": 1,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "num_return_sequences": 1,
+    "max_length": 20,
+    "no_repeat_ngram_size": 0,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "early_stopping": False,
 }
 _IDENTITY_FIELDS = ("model", "tokenizer", "generation_defaults")
 _state_inputs: dict[str, dict] = {}  # files state -> what it was computed from (the memo's key inputs)
@@ -133,29 +159,71 @@ def model_identity(model: Any) -> dict:
 
 
 def tokenizer_identity(tokenizer: Any) -> dict | None:
-    """Key inputs for a tokenizer: vocabulary, backend state, special tokens and chat template."""
+    """Key inputs for a tokenizer: backend state (vocabulary included), special tokens and chat template.
+
+    A fast tokenizer is serialised by its backend in one call and that text hashed (about 20 ms for a
+    49k vocabulary), minus the run-time padding/truncation settings; its vocabulary is part of that
+    state, so it is not hashed again. A tokenizer without a backend hashes its `get_vocab()`.
+    """
     if tokenizer is None:
         return None
     backend = getattr(tokenizer, "backend_tokenizer", None)
     template = getattr(tokenizer, "chat_template", None)
     return {
         "class": type(tokenizer).__name__,
-        "vocab": hash_bytes(dumps(sorted(tokenizer.get_vocab().items()))),
+        "vocab": None if backend is not None else hash_bytes(_vocab_bytes(tokenizer.get_vocab())),
         "backend": _backend_hash(backend) if backend is not None else None,
-        "special_tokens": canonical(
-            {k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()}
-        ),
+        "special_tokens": canonical({k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()}),
         "chat_template": hash_bytes(dumps(template)) if template else None,
     }
 
 
+def _vocab_bytes(vocab: Mapping[str, Any]) -> bytes:
+    """Sorted (token, id) pairs as JSON; the same bytes `dumps` gives, without walking them in Python."""
+    pairs = sorted(vocab.items())
+    if all(type(k) is str and type(v) is int for k, v in pairs):
+        return orjson.dumps(pairs)
+    return dumps(pairs)
+
+
+_STATE_HEAD = '{"version":'
+_RUNTIME_FIELDS = ("truncation", "padding")  # set at run time by tokenizer(..., padding=True): never a new token
+
+
 def _backend_hash(backend: Any) -> str:
-    """Hash the fast tokenizer's state minus padding/truncation, which calls like tokenizer(..., padding=True)
-    change at run time without changing any token (datasets #5985, #6179 hit exactly this)."""
-    state = orjson.loads(backend.to_str())
-    state.pop("padding", None)
-    state.pop("truncation", None)
-    return hash_bytes(orjson.dumps(state, option=orjson.OPT_SORT_KEYS))
+    """Hash the fast tokenizer's serialised state minus padding/truncation, which calls like
+    tokenizer(..., padding=True) change at run time without changing any token (datasets #5985, #6179).
+
+    The state is `{"version":…,"truncation":…,"padding":…,"added_tokens":…,…,"model":…}` in this order;
+    the two run-time values are skipped with an exact JSON decoder (they are small), and the rest of
+    the text is hashed as it is, without parsing the vocabulary. Any other layout is parsed in full.
+    """
+    import json
+
+    text = backend.to_str()
+    decoder = json.JSONDecoder()
+    kept = []
+    try:
+        if not text.startswith(_STATE_HEAD):
+            raise ValueError(text[:20])
+        version, at = decoder.raw_decode(text, len(_STATE_HEAD))
+        kept.append(orjson.dumps(version))
+        for name in _RUNTIME_FIELDS:
+            field = f',"{name}":'
+            if not text.startswith(field, at):
+                raise ValueError(name)
+            _, at = decoder.raw_decode(text, at + len(field))
+        if not text.startswith(',"added_tokens":', at):
+            raise ValueError("added_tokens")
+        rest = text[at:].encode()
+    except ValueError:  # another layout: drop the run-time fields from the parsed state
+        state = orjson.loads(text)
+        for name in _RUNTIME_FIELDS:
+            state.pop(name, None)
+        return "parsed:" + hash_bytes(orjson.dumps(state, option=orjson.OPT_SORT_KEYS))
+    digest = xxhash.xxh3_128(b"state:" + b"|".join(kept) + b"|")
+    digest.update(rest)
+    return digest.hexdigest()
 
 
 def generation_defaults(model: Any) -> dict:
@@ -191,7 +259,10 @@ def model_files(folder: Path, gguf_file: str | None = None, subfolder: str | Non
     """
     folders = [folder, folder / subfolder] if subfolder else [folder]
     files = [
-        p for f in folders if f.is_dir() for p in f.iterdir()
+        p
+        for f in folders
+        if f.is_dir()
+        for p in f.iterdir()
         if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES and not p.name.startswith(".")
     ]
     if gguf_file:
@@ -234,9 +305,13 @@ def remembered_identity(state: str | None, root: Path) -> dict | None:
         return None
     found = entry.open_entry(root / "identity" / f"{state}.json", kind="identity", digest=state)
     identity = found.doc.get("identity") if found is not None else None
-    if found is not None and not (isinstance(identity, dict) and all(
+    if found is not None and not (
+        isinstance(identity, dict)
+        and all(
             isinstance(identity.get(name), dict) or (name == "tokenizer" and identity.get(name) is None)
-            for name in _IDENTITY_FIELDS)):
+            for name in _IDENTITY_FIELDS
+        )
+    ):
         log.warning("Identity memo %s has fields of the wrong shape; removing it and loading the model.", found.path)
         entry.remove_entry(found.path)
         return None
