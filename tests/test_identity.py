@@ -36,12 +36,12 @@ def test_tokenizer_identity_ignores_runtime_padding_state():
     before = tokenizer_identity(tok)
     tok(["a b", "a"], padding=True, truncation=True, max_length=4)
     assert tokenizer_identity(tok) == before
-    assert tokenizer_identity(make_tokenizer(extra_words=["x"]))["backend"] != before["backend"]
+    assert tokenizer_identity(make_tokenizer(extra_words=["x"]))["vocab"] != before["vocab"]
     assert tokenizer_identity(make_tokenizer(chat_template="{{ 1 }}"))["chat_template"] != before["chat_template"]
 
 
 def test_tokenizer_identity_is_the_same_for_the_same_state_and_sees_vocab_changes_in_place():
-    from tokenizers import models
+    from tokenizers import models, normalizers
 
     tok = make_tokenizer()
     before = tokenizer_identity(tok)
@@ -51,9 +51,11 @@ def test_tokenizer_identity_is_the_same_for_the_same_state_and_sees_vocab_change
     vocab["paris"], vocab["blue"] = vocab["blue"], vocab["paris"]
     tok.backend_tokenizer.model = models.WordLevel(vocab=vocab, unk_token="<unk>")
     swapped = tokenizer_identity(tok)
-    assert swapped != before and swapped["backend"] != before["backend"]
+    assert swapped["vocab"] != before["vocab"] and swapped["backend"] == before["backend"]
     tok.add_tokens(["zebra"])  # an added token, through the tokenizer itself
-    assert tokenizer_identity(tok)["backend"] not in (before["backend"], swapped["backend"])
+    assert tokenizer_identity(tok)["vocab"] not in (before["vocab"], swapped["vocab"])
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()  # not the vocabulary: the rest of the state
+    assert tokenizer_identity(tok)["backend"] != before["backend"]
     padded = make_tokenizer()
     padded.backend_tokenizer.enable_padding(pad_id=0, pad_token="<pad>")  # set and left on: still no new token
     padded.backend_tokenizer.enable_truncation(max_length=7)
@@ -82,7 +84,8 @@ def test_tokenizer_identity_of_other_layouts_and_slow_tokenizers():
     state = {"model": {"vocab": {"a": 0, "b": 1}}, "padding": None, "version": "1.0"}
     base = tokenizer_identity(Fast(state))
     assert tokenizer_identity(Fast({**state, "padding": {"pad_id": 3}, "truncation": {"max_length": 2}})) == base
-    assert tokenizer_identity(Fast({**state, "model": {"vocab": {"a": 1, "b": 0}}})) != base
+    assert tokenizer_identity(Fast({**state, "model": {"vocab": {"a": 1, "b": 0}}}))["vocab"] != base["vocab"]
+    assert tokenizer_identity(Fast({**state, "decoder": {"type": "BPE"}}))["backend"] != base["backend"]
 
     class Slow:
         special_tokens_map: dict = {}

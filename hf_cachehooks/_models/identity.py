@@ -159,20 +159,25 @@ def model_identity(model: Any) -> dict:
 
 
 def tokenizer_identity(tokenizer: Any) -> dict | None:
-    """Key inputs for a tokenizer: backend state (vocabulary included), special tokens and chat template.
+    """Key inputs for a tokenizer: vocabulary, backend state, special tokens and chat template.
 
-    A fast tokenizer is serialised by its backend in one call and that text hashed (about 20 ms for a
-    49k vocabulary), minus the run-time padding/truncation settings; its vocabulary is part of that
-    state, so it is not hashed again. A tokenizer without a backend hashes its `get_vocab()`.
+    A fast tokenizer is serialised by its backend in one call and that text hashed as it is (about
+    20 ms for a 49k vocabulary), minus the run-time padding/truncation settings: `vocab` covers its
+    model (vocabulary, merges) and added tokens, `backend` the rest (normalizer, pre-tokenizer, ...).
+    A tokenizer without a backend hashes its `get_vocab()`.
     """
     if tokenizer is None:
         return None
     backend = getattr(tokenizer, "backend_tokenizer", None)
     template = getattr(tokenizer, "chat_template", None)
+    if backend is not None:
+        vocab, state = _backend_hashes(backend)
+    else:
+        vocab, state = hash_bytes(_vocab_bytes(tokenizer.get_vocab())), None
     return {
         "class": type(tokenizer).__name__,
-        "vocab": None if backend is not None else hash_bytes(_vocab_bytes(tokenizer.get_vocab())),
-        "backend": _backend_hash(backend) if backend is not None else None,
+        "vocab": vocab,
+        "backend": state,
         "special_tokens": canonical({k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()}),
         "chat_template": hash_bytes(dumps(template)) if template else None,
     }
@@ -186,44 +191,62 @@ def _vocab_bytes(vocab: Mapping[str, Any]) -> bytes:
     return dumps(pairs)
 
 
-_STATE_HEAD = '{"version":'
 _RUNTIME_FIELDS = ("truncation", "padding")  # set at run time by tokenizer(..., padding=True): never a new token
+_SMALL_FIELDS = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
+_VOCAB_FIELDS = ("added_tokens", "model")
 
 
-def _backend_hash(backend: Any) -> str:
-    """Hash the fast tokenizer's serialised state minus padding/truncation, which calls like
-    tokenizer(..., padding=True) change at run time without changing any token (datasets #5985, #6179).
+def _backend_hashes(backend: Any) -> tuple[str, str]:
+    """(vocab, rest) hashes of the fast tokenizer's serialised state, minus padding/truncation, which
+    calls like tokenizer(..., padding=True) change at run time without changing any token (datasets
+    #5985, #6179 hit exactly this).
 
-    The state is `{"version":…,"truncation":…,"padding":…,"added_tokens":…,…,"model":…}` in this order;
-    the two run-time values are skipped with an exact JSON decoder (they are small), and the rest of
-    the text is hashed as it is, without parsing the vocabulary. Any other layout is parsed in full.
+    `to_str()` writes `{"version":…,"truncation":…,"padding":…,"added_tokens":…,"normalizer":…,
+    "pre_tokenizer":…,"post_processor":…,"decoder":…,"model":…}`. Every value but the model's (the big
+    one) is small and read with an exact JSON decoder to find where it ends; the model's text is hashed
+    as it is, never parsed. Any other layout is parsed in full. Every byte of the state but the two
+    run-time values goes into one of the two hashes.
     """
-    import json
-
     text = backend.to_str()
-    decoder = json.JSONDecoder()
-    kept = []
     try:
-        if not text.startswith(_STATE_HEAD):
-            raise ValueError(text[:20])
-        version, at = decoder.raw_decode(text, len(_STATE_HEAD))
-        kept.append(orjson.dumps(version))
-        for name in _RUNTIME_FIELDS:
-            field = f',"{name}":'
-            if not text.startswith(field, at):
-                raise ValueError(name)
-            _, at = decoder.raw_decode(text, at + len(field))
-        if not text.startswith(',"added_tokens":', at):
-            raise ValueError("added_tokens")
-        rest = text[at:].encode()
-    except ValueError:  # another layout: drop the run-time fields from the parsed state
+        spans = _top_level_spans(text)
+    except ValueError:  # another layout: parse it, drop the run-time fields
         state = orjson.loads(text)
         for name in _RUNTIME_FIELDS:
             state.pop(name, None)
-        return "parsed:" + hash_bytes(orjson.dumps(state, option=orjson.OPT_SORT_KEYS))
-    digest = xxhash.xxh3_128(b"state:" + b"|".join(kept) + b"|")
-    digest.update(rest)
-    return digest.hexdigest()
+        vocab = {name: state.pop(name, None) for name in _VOCAB_FIELDS}
+        return tuple(  # type: ignore[return-value]
+            "parsed:" + hash_bytes(orjson.dumps(part, option=orjson.OPT_SORT_KEYS)) for part in (vocab, state)
+        )
+    vocab = xxhash.xxh3_128(b"vocab:")
+    rest = xxhash.xxh3_128(b"state:")
+    for name, (start, end) in spans.items():
+        if name not in _RUNTIME_FIELDS:
+            target = vocab if name in _VOCAB_FIELDS else rest
+            target.update(f"|{name}|".encode())
+            target.update(text[start:end].encode())
+    return vocab.hexdigest(), rest.hexdigest()
+
+
+def _top_level_spans(text: str) -> dict[str, tuple[int, int]]:
+    """{field: (start, end)} of each top-level value in a backend's `to_str()`; ValueError on another layout."""
+    import json
+
+    decoder = json.JSONDecoder()
+    names = ("version", *_RUNTIME_FIELDS, "added_tokens", *_SMALL_FIELDS)
+    spans = {}
+    at = 0
+    for i, name in enumerate(names):
+        field = ("{" if i == 0 else ",") + f'"{name}":'
+        if not text.startswith(field, at):
+            raise ValueError(name)
+        start = at + len(field)
+        _, at = decoder.raw_decode(text, start)
+        spans[name] = (start, at)
+    if not (text.startswith(',"model":', at) and text.endswith("}")):
+        raise ValueError("model")
+    spans["model"] = (at + len(',"model":'), len(text) - 1)  # the last value: hashed to the closing brace
+    return spans
 
 
 def generation_defaults(model: Any) -> dict:
