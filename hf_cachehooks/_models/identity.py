@@ -214,9 +214,10 @@ def _backend_hashes(backend: Any) -> tuple[str, str]:
         state = orjson.loads(text)
         for name in _RUNTIME_FIELDS:
             state.pop(name, None)
-        vocab = {name: state.pop(name, None) for name in _VOCAB_FIELDS}
-        return tuple(  # type: ignore[return-value]
-            "parsed:" + hash_bytes(orjson.dumps(part, option=orjson.OPT_SORT_KEYS)) for part in (vocab, state)
+        words = {name: state.pop(name, None) for name in _VOCAB_FIELDS}
+        options = orjson.OPT_SORT_KEYS
+        return "parsed:" + hash_bytes(orjson.dumps(words, option=options)), "parsed:" + hash_bytes(
+            orjson.dumps(state, option=options)
         )
     vocab = xxhash.xxh3_128(b"vocab:")
     rest = xxhash.xxh3_128(b"state:")
