@@ -282,13 +282,19 @@ def model_files(folder: Path, gguf_file: str | None = None, subfolder: str | Non
     `folder/subfolder` count too: the weights and config load from there, the tokenizer from `folder`.
     """
     folders = [folder, folder / subfolder] if subfolder else [folder]
-    files = [
-        p
-        for f in folders
-        if f.is_dir()
-        for p in f.iterdir()
-        if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES and not p.name.startswith(".")
-    ]
+    files = []
+    for where in folders:
+        try:
+            with os.scandir(where) as found:  # the file type comes with the listing: no stat per file
+                files += [
+                    where / e.name
+                    for e in found
+                    if not e.name.startswith(".")
+                    and os.path.splitext(e.name)[1] in _MODEL_FILE_SUFFIXES
+                    and e.is_file()
+                ]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
     if gguf_file:
         files = [p for p in files if p.suffix != ".gguf" or p.name == Path(gguf_file).name]
     return files
