@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from .._version import __version__
 from ..errors import CorruptEntryError
 from .freshness import describe_age, is_expired
@@ -177,6 +179,44 @@ def is_entry_file(path: Path) -> bool:
             return handle.read(len(MARK)) == MARK
     except OSError:
         return False
+
+
+_HEAD_BYTES = 1 << 12
+_KEY_START = b'\n  "key": '
+_KEY_END = b'\n  },\n  "created_at": '  # the only object closed at the top level's indent right before created_at
+
+
+def read_head(path: Path) -> tuple[str, dict] | None:
+    """(kind, key) of the manifest at `path`, read from its first bytes, without checking the rest.
+
+    For explaining a miss only (which fields differ from the closest entry): never for serving data,
+    which `open_entry` checks whole. A manifest laid out otherwise is parsed whole; None when it is
+    not a readable entry.
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(_HEAD_BYTES)
+            end = raw.find(_KEY_END)
+            if end < 0 and len(raw) == _HEAD_BYTES:  # a key larger than the head: read on
+                raw += handle.read()
+                end = raw.find(_KEY_END)
+    except OSError:
+        return None
+    if not raw.startswith(MARK):
+        return None
+    start = raw.find(_KEY_START, len(MARK))
+    try:
+        if 0 < start < end:
+            kind_line = raw[len(MARK) : start].strip()  # b'"kind": "predictions",'
+            if kind_line.startswith(b'"kind": ') and kind_line.endswith(b","):
+                kind = orjson.loads(kind_line[len(b'"kind": ') : -1])
+                key = orjson.loads(raw[start + len(_KEY_START) : end + 4])
+                if isinstance(kind, str) and isinstance(key, dict):
+                    return kind, key
+        found, _ = inspect(path, check="manifest")
+    except (orjson.JSONDecodeError, ValueError):
+        found, _ = inspect(path, check="manifest")
+    return (found.kind, found.key) if found is not None else None
 
 
 def trusted(path: str, st: os.stat_result, rec: dict) -> bool:
