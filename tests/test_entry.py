@@ -172,3 +172,24 @@ def test_read_head_gives_kind_and_key_without_the_body(tmp_path):
     (tmp_path / "other.json").write_bytes(b'{"a": 1}')
     assert entry.read_head(tmp_path / "other.json") is None
     assert entry.read_head(tmp_path / "missing.json") is None
+
+
+def test_reuse_parses_an_unchanged_manifest_once_and_sees_any_rewrite(tmp_path, monkeypatch, caplog):
+    from tests.conftest import rewrite_in_place
+
+    key = make_key("identity", {"files": "f"})
+    path = tmp_path / "memo.json"
+    assert entry.commit(path, "identity", key, fields={"identity": {"model": {"name": "a"}}})
+    monkeypatch.setattr(entry, "_RACY_NS", 0)  # the file-time tick has passed (tests do not sleep)
+    first = entry.open_entry(path, kind="identity", reuse=True)
+    parsed = []
+    monkeypatch.setattr(entry, "unseal", lambda raw: parsed.append(raw) or unseal(raw))
+    again = entry.open_entry(path, kind="identity", reuse=True)
+    assert again.doc is first.doc and parsed == []  # unchanged: not read again
+    raw = path.read_bytes()
+    rewrite_in_place(path, raw.replace(b'"a"', b'"b"'))  # same size, same mtime: only ctime moves
+    with caplog.at_level(logging.WARNING):
+        assert entry.open_entry(path, kind="identity", reuse=True) is None  # re-read: the seal no longer fits
+    assert parsed and "Corrupt cache entry" in caplog.text
+    assert entry.commit(path, "identity", key, fields={"identity": {"model": {"name": "c"}}})
+    assert entry.open_entry(path, kind="identity", reuse=True).doc["identity"]["model"]["name"] == "c"

@@ -259,16 +259,38 @@ def check_file(folder: Path, name: str, rec: Any, check: str = "stamp") -> str |
     return None
 
 
-def inspect(path: Path, check: str = "stamp") -> tuple[Entry | None, str | None]:
+_parsed: dict[str, tuple[tuple[int, int, int, int], dict]] = {}  # manifest path -> (its stamp, parsed doc)
+
+
+def _read_manifest(path: Path, reuse: bool) -> dict:
+    """Read and unseal a manifest; with `reuse`, a manifest whose stamp is unchanged since this process
+    parsed it is not read again (its ctime moves on any rewrite or rename over it: see `_settle`)."""
+    if not reuse:
+        return unseal(path.read_bytes())
+    with open(path, "rb") as handle:
+        st = os.fstat(handle.fileno())  # the stamp of the very file read
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        known = _parsed.get(str(path))
+        if known is not None and known[0] == stamp:
+            return known[1]
+        doc = unseal(handle.read())
+    if time.time_ns() - st.st_ctime_ns > _RACY_NS:  # remember only stamps whose tick has passed
+        _parsed[str(path)] = (stamp, doc)
+    return doc
+
+
+def inspect(path: Path, check: str = "stamp", reuse: bool = False) -> tuple[Entry | None, str | None]:
     """(entry, None) when the manifest at `path` and its files check out; (None, problem) otherwise.
 
-    A missing manifest is (None, None). Never deletes anything (management reports with it).
+    A missing manifest is (None, None). Never deletes anything (management reports with it). With
+    `reuse`, an unchanged manifest parsed earlier in this process is not parsed again: its `doc` is
+    then shared, so the caller must not change it (small memos that are read on every hit).
     """
     if check not in CHECKS:
         raise ValueError(f"check={check!r}; use one of {CHECKS}")
     path = Path(path)
     try:
-        doc = unseal(path.read_bytes())
+        doc = _read_manifest(path, reuse)
     except FileNotFoundError:
         return None, None
     except (OSError, CorruptEntryError) as exc:
@@ -300,14 +322,15 @@ def shape_problem(doc: Any) -> str | None:
 
 
 def open_entry(path: Path, *, kind: str | None = None, digest: str | None = None, max_age_days: float | None = None,
-               now: float | None = None, check: str = "stamp", remove_corrupt: bool = True) -> Entry | None:
+               now: float | None = None, check: str = "stamp", remove_corrupt: bool = True,
+               reuse: bool = False) -> Entry | None:
     """The entry at `path` when it exists, checks out, is of `kind` and `digest`, and is not expired; else None.
 
     A corrupt entry (seal, shape, a file missing, resized or altered, a name outside the folder) is
     logged and removed (`remove_corrupt`), so the caller recomputes. Another key or an expired entry
-    is left in place: it is someone else's valid data.
+    is left in place: it is someone else's valid data. `reuse`: see `inspect` (the doc is then shared).
     """
-    entry, problem = inspect(path, check)
+    entry, problem = inspect(path, check, reuse)
     if problem:
         log.warning("Corrupt cache entry %s (%s); %s and recomputing.", path, problem,
                     "removing it" if remove_corrupt else "ignoring it")

@@ -150,7 +150,7 @@ def hash_files(paths: Sequence[Path], memo_path: Path | None = None, base: Path 
 
 def _read_memo(memo_path: Path) -> dict[str, list]:
     """The remembered digests; a corrupt, unsealed or wrongly shaped memo is empty (files are rehashed)."""
-    found = entry.open_entry(memo_path, kind="file-hashes")
+    found = entry.open_entry(memo_path, kind="file-hashes", reuse=True)  # read-only below: parsed once per change
     hashes = found.doc.get("hashes") if found is not None else None
     if not isinstance(hashes, dict):
         if found is not None:

@@ -333,7 +333,8 @@ def remembered_identity(state: str | None, root: Path) -> dict | None:
     """The identity recorded for this files state by an earlier run, if any (checked to be for `state`)."""
     if not state:
         return None
-    found = entry.open_entry(root / "identity" / f"{state}.json", kind="identity", digest=state)
+    # parsed once per change of the memo (shared: the identity is only read, and copied into keys)
+    found = entry.open_entry(root / "identity" / f"{state}.json", kind="identity", digest=state, reuse=True)
     identity = found.doc.get("identity") if found is not None else None
     if found is not None and not (
         isinstance(identity, dict)
