@@ -67,10 +67,12 @@ def unseal(raw: bytes) -> dict:
 
 
 @contextlib.contextmanager
-def atomic_target(path: Path) -> Iterator[Path]:
+def atomic_target(path: Path, durable: bool = True, sync_folder: bool | None = None) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`, else remove it.
 
-    Readers see the old file, the new file, or nothing; never half a file.
+    Readers see the old file, the new file, or nothing; never half a file. `durable=False` skips the
+    fsyncs: only for sealed files whose loss or tearing in a power cut reads as absent (a redo).
+    `sync_folder=False` fsyncs the file but not its folder (a later manifest commit syncs the folder).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
@@ -78,18 +80,20 @@ def atomic_target(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        if durable:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable if sync_folder is None else sync_folder:
+        _fsync_dir(path.parent)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     """Write `data` to `path` atomically (see `atomic_target`)."""
-    with atomic_target(path) as tmp:
+    with atomic_target(path, durable) as tmp:
         tmp.write_bytes(data)
 
 
@@ -126,10 +130,10 @@ def read_entry(path: Path) -> dict | None:
         return None
 
 
-def write_entry(path: Path, doc: dict[str, Any]) -> bool:
+def write_entry(path: Path, doc: dict[str, Any], durable: bool = True) -> bool:
     """Seal and atomically write `doc`. An unwritable cache is a warning, never an error."""
     try:
-        atomic_write(path, seal(doc))
+        atomic_write(path, seal(doc), durable)
         return True
     except OSError as exc:
         log.warning("Cannot write cache entry %s (%s); continuing without caching it.", path, exc)
