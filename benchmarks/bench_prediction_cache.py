@@ -2,13 +2,18 @@
 
 Three comparisons, on the same payload for both sides:
 
-1. Whole-run hit (1k and 10k predictions): `PredictionCache.load_run` vs a `joblib.Memory` hit.
+1. Whole-run hit (1k and 10k predictions): `PredictionCache.load_run` vs a `joblib.Memory` hit, diskcache's
+   `memoize` and raw `Cache.get`, and a plain orjson / pickle file of the same doc (the read floor), interleaved.
 2. Fingerprinting 100k MMLU-like rows: `fingerprint_data` vs `joblib.hash` vs `datasets` `Hasher.hash`,
    plus `fingerprint_data` on a `datasets.Dataset` (reuses its `_fingerprint`).
 3. Resuming 100k per-example entries: `load_examples` (100 shards, then compacted) + a lookup of every
-   example hash vs lm-eval-harness's CachingLM pattern (`SqliteDict(autocommit=True)`, `in` + `[]`).
+   example hash vs lm-eval-harness's CachingLM pattern (`SqliteDict(autocommit=True)`, `in` + `[]`) and one
+   `diskcache.Cache.get` per example.
 
-Run it from the repository root (needs `pip install joblib sqlitedict datasets`):
+Timings: medians and nearest-rank p99 (benchmarks/stats.py); the results JSON records the load average at start.
+The public `evaluate_model` hit, identity and explain are in bench_hit_path.py.
+
+Run it from the repository root (needs `pip install 'hf_cachehooks[bench]' datasets`):
 
     . .venv/bin/activate
     HF_HUB_OFFLINE=1 python benchmarks/bench_prediction_cache.py            # full size
@@ -22,24 +27,27 @@ from __future__ import annotations
 
 import argparse
 import json
+import pickle
 import random
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import diskcache
 import joblib
+import orjson
 from datasets import Dataset
 from datasets.fingerprint import Hasher
 from machine import machine  # benchmarks/machine.py
 from sqlitedict import SqliteDict
+from stats import interleaved, summary, timed  # benchmarks/stats.py: one percentile for every table
 
 from hf_cachehooks._core.fingerprint import example_hashes, fingerprint_data
 from hf_cachehooks._core.keys import make_key
 from hf_cachehooks.evaluation.predictions import PredictionCache
 
-LIBRARIES = ("hf_cachehooks", "orjson", "xxhash", "joblib", "sqlitedict", "datasets", "pyarrow")
+LIBRARIES = ("hf_cachehooks", "orjson", "xxhash", "joblib", "diskcache", "sqlitedict", "datasets", "pyarrow")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_prediction_cache.json"
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -51,22 +59,6 @@ rng = random.Random(0)
 def text(n_chars: int) -> str:
     """Random words, cut to `n_chars`: realistic, incompressible-enough strings."""
     return " ".join(rng.choices(WORDS, k=n_chars // 4))[:n_chars]
-
-
-def timed(fn, reps: int) -> list[float]:
-    """Wall times of `reps` calls to `fn`, in ms."""
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return times
-
-
-def summary(times: list[float]) -> dict:
-    ordered = sorted(times)
-    p99 = ordered[min(len(ordered) - 1, round(0.99 * (len(ordered) - 1)))]
-    return {"median_ms": statistics.median(ordered), "p99_ms": p99, "min_ms": ordered[0], "reps": len(ordered)}
 
 
 # 1. Whole-run hit ---------------------------------------------------------------------------------
@@ -97,12 +89,26 @@ def bench_run_hit(tmp: Path, n: int, reps: int) -> dict:
     cache.save_run(key, MODEL, PAYLOADS[n])
     cached = joblib.Memory(tmp / "joblib", verbose=0).cache(run_doc)
     cached(n)  # the miss that fills joblib's cache
+    dc = diskcache.Cache(str(tmp / "diskcache"))
+    memo = dc.memoize()(run_doc)
+    memo(n)  # diskcache's memoize, filled
+    dc.set("run", PAYLOADS[n])  # diskcache.get of the doc: its raw read path (pickle in SQLite or a file)
+    plain_json, plain_pickle = tmp / "plain.json", tmp / "plain.pkl"
+    plain_json.write_bytes(orjson.dumps(PAYLOADS[n]))
+    plain_pickle.write_bytes(pickle.dumps(PAYLOADS[n], protocol=pickle.HIGHEST_PROTOCOL))
 
-    assert cache.load_run(key, MODEL)["predictions"] == cached(n)["predictions"]  # warm-up reads, too
-    ours = summary(timed(lambda: cache.load_run(key, MODEL), reps))
-    alt = summary(timed(lambda: cached(n), reps))
+    assert cache.load_run(key, MODEL)["predictions"] == cached(n)["predictions"] == dc.get("run")["predictions"]
+    out = interleaved({
+        "ours": lambda: cache.load_run(key, MODEL),
+        "joblib_memory": lambda: cached(n),
+        "diskcache_memoize": lambda: memo(n),
+        "diskcache_get": lambda: dc.get("run"),
+        "orjson_file": lambda: orjson.loads(plain_json.read_bytes()),
+        "pickle_file": lambda: pickle.loads(plain_pickle.read_bytes()),  # noqa: S301 (our own file, for timing)
+    }, reps)
+    dc.close()
     size = cache.run_path(key, MODEL).stat().st_size
-    return {"n": n, "entry_bytes": size, "ours": ours, "joblib_memory": alt}
+    return {"n": n, "entry_bytes": size, **out}
 
 
 # 2. Fingerprinting -------------------------------------------------------------------------------
@@ -169,9 +175,23 @@ def bench_resume(tmp: Path, n: int, reps: int) -> dict:
 
     lookup_sqlitedict()  # warm-up
     alt = summary(timed(lookup_sqlitedict, max(1, reps // 2)))
+
+    dc = diskcache.Cache(str(tmp / "diskcache"))  # the strongest key-value peer: one get per example
+    start = time.perf_counter()
+    for h, p in zip(hashes, preds):
+        dc.set(h, p)
+    dc_fill_ms = (time.perf_counter() - start) * 1e3
+
+    def lookup_diskcache() -> None:
+        found = [v for h in hashes if (v := dc.get(h)) is not None]
+        assert len(found) == n
+
+    lookup_diskcache()
+    dc_times = summary(timed(lookup_diskcache, max(1, reps // 2)))
+    dc.close()
     return {"n": n, "shards": -(-n // 1000), "ours_save_shards_ms": save_ms, "ours_compact_ms": compact_ms,
             "ours_100_shards": sharded, "ours_compacted": compacted,
-            "sqlitedict_fill_ms": fill_ms, "sqlitedict": alt}
+            "sqlitedict_fill_ms": fill_ms, "sqlitedict": alt, "diskcache_fill_ms": dc_fill_ms, "diskcache": dc_times}
 
 
 # Report ------------------------------------------------------------------------------------------
@@ -200,11 +220,11 @@ def main() -> None:
 
     k = f"{n_big // 1000}k"
     rows = [  # name, ours, alternative, target for ours (ms)
-        ("run hit 1k, median (vs joblib.Memory)", hit_1k["ours"]["median_ms"], hit_1k["joblib_memory"]["median_ms"], 1),
-        ("run hit 1k, p99 (vs joblib.Memory)", hit_1k["ours"]["p99_ms"], hit_1k["joblib_memory"]["p99_ms"], None),
-        ("run hit 10k, median (vs joblib.Memory)", hit_10k["ours"]["median_ms"],
-         hit_10k["joblib_memory"]["median_ms"], 10),
-        ("run hit 10k, p99 (vs joblib.Memory)", hit_10k["ours"]["p99_ms"], hit_10k["joblib_memory"]["p99_ms"], None),
+        *[(f"run hit {h['n'] // 1000}k, median (vs {peer})", h["ours"]["median_ms"], h[peer]["median_ms"],
+           1 if h["n"] == 1000 else 10)
+          for h in (hit_1k, hit_10k)
+          for peer in ("joblib_memory", "diskcache_memoize", "diskcache_get", "orjson_file", "pickle_file")],
+        ("run hit 1k, p99 (vs diskcache.get)", hit_1k["ours"]["p99_ms"], hit_1k["diskcache_get"]["p99_ms"], None),
         (f"fingerprint {k} rows (vs joblib.hash)", fp["ours_rows"]["median_ms"], fp["joblib_hash"]["median_ms"], 100),
         (f"fingerprint {k} rows (vs datasets Hasher)", fp["ours_rows"]["median_ms"],
          fp["datasets_hasher"]["median_ms"], 100),
@@ -214,18 +234,20 @@ def main() -> None:
          resume["sqlitedict"]["median_ms"], 1500),
         (f"resume {k}, compacted (vs SqliteDict)", resume["ours_compacted"]["median_ms"],
          resume["sqlitedict"]["median_ms"], 1500),
+        (f"resume {k}, compacted (vs diskcache.get)", resume["ours_compacted"]["median_ms"],
+         resume["diskcache"]["median_ms"], 1500),
     ]
     table = [{"name": name, "ours_ms": ours, "alternative_ms": alt,
               "ratio_alt_over_ours": alt / ours if alt is not None else None,
               "target_ms": target, "meets_target": ours <= target if target is not None else None}
              for name, ours, alt, target in rows]
 
-    print(f"\n{'benchmark':<44} {'ours ms':>9} {'alt ms':>9} {'alt/ours':>9}  target")
+    print(f"\n{'benchmark':<50} {'ours ms':>9} {'alt ms':>9} {'alt/ours':>9}  target")
     for row in table:
         ratio = "-" if row["ratio_alt_over_ours"] is None else num(row["ratio_alt_over_ours"]) + "x"
         target = "" if row["target_ms"] is None else \
             f"<= {row['target_ms']:g} ms {'ok' if row['meets_target'] else 'MISSED'}"
-        print(f"{row['name']:<44} {num(row['ours_ms']):>9} {num(row['alternative_ms']):>9} {ratio:>9}  {target}")
+        print(f"{row['name']:<50} {num(row['ours_ms']):>9} {num(row['alternative_ms']):>9} {ratio:>9}  {target}")
     print(f"(Dataset.from_list({n_big}) took {fp['dataset_from_list_ms']:.0f} ms, which computes _fingerprint; "
           f"save {resume['shards']} shards {resume['ours_save_shards_ms']:.0f} ms, compact "
           f"{resume['ours_compact_ms']:.0f} ms, SqliteDict fill {resume['sqlitedict_fill_ms']:.0f} ms)")

@@ -8,9 +8,11 @@ import sys
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 
+LOAD_AT_START = os.getloadavg()  # taken when the benchmark imports this module, before it measures anything
+
 
 def machine(libraries: Iterable[str]) -> dict:
-    """Python, platform, CPU model and count, torch threads (if torch is loaded) and library versions."""
+    """Python, platform, CPU, load average at start and end, thread settings and library versions."""
     cpu = platform.processor()
     try:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
@@ -23,7 +25,9 @@ def machine(libraries: Iterable[str]) -> dict:
         except PackageNotFoundError:
             versions[lib] = None
     info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "versions": versions}
+            "cpu_count": os.cpu_count(), "versions": versions,
+            "loadavg_at_start": list(LOAD_AT_START), "loadavg_at_end": list(os.getloadavg()),
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     torch = sys.modules.get("torch")
     if torch is not None:
         info["torch_threads"] = torch.get_num_threads()

@@ -19,7 +19,7 @@ from pathlib import Path
 import orjson
 
 from ._core import remote, remote_sync
-from ._core.entry import Entry, entry_size, inspect, is_entry_file, remove_entry
+from ._core.entry import Entry, entry_size, inspect, is_entry_file, read_head, remove_entry
 from ._core.keys import diff_inputs
 from ._core.store import TEMP_SUFFIX, cache_folders
 from .errors import ConfigError
@@ -256,7 +256,8 @@ def _key_inputs(ref: str, root: Path) -> tuple[str, dict]:
     """Key inputs of an entry given as a manifest path or a key prefix."""
     path = Path(ref)
     if not path.is_file():
-        matches = [info.path for info, _ in _entries(root, None) if info.key and info.key.startswith(ref[:12])]
+        heads = ((m, read_head(m)) for m in _manifests(root))  # keys from the heads: no entry parsed whole
+        matches = [m for m, head in heads if head and str(head[1].get("digest")).startswith(ref[:12])]
         if len(matches) != 1:
             raise ConfigError(f"{ref!r} names {len(matches)} entries under {root}; give a file path or a longer key.")
         path = matches[0]
@@ -274,7 +275,11 @@ def explain(root: Path, a: str | None = None, b: str | None = None) -> list[str]
         changes = diff_inputs(inputs_a, inputs_b)
         return [f"{name_a} → {name_b}:"] + ([f"  {c}" for c in changes] or ["  same key inputs"])
     lines = []
-    for _, found in _entries(root, "last-miss"):
+    for path in _manifests(root):  # only the heads are read to find the last-miss records
+        head = read_head(path)
+        found = inspect(path, check="size")[0] if head is not None and head[0] == "last-miss" else None
+        if found is None:
+            continue
         doc = found.doc
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.created_at))
         lines.append(f"Last {found.key['kind']} miss ({when}, key {found.key['digest'][:12]}): {doc.get('reason')}")

@@ -417,3 +417,26 @@ def test_an_expired_store_is_re_extracted(llama, tmp_path, monkeypatch, caplog):
     assert calls and "expired" in caplog.text
     assert torch.equal(again.layer(1), first.layer(1))
     assert again.manifest["created_at"] > first.manifest["created_at"]
+
+
+def test_a_chunk_is_hashed_while_written_with_one_fsync_and_its_record_matches_the_bytes(tmp_path, monkeypatch):
+    import hf_cachehooks._core.fingerprint as fingerprint
+    from hf_cachehooks._core.store import unseal
+
+    synced, reread = [], []
+    real_fsync, real_hash = os.fsync, fingerprint.hash_file
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
+    monkeypatch.setattr(fingerprint, "hash_file", lambda path: reread.append(path) or real_hash(path))
+    folder = tmp_path / "store"
+    folder.mkdir()
+    from hf_cachehooks._core.keys import make_key
+    from hf_cachehooks._models.extraction import Pooled
+
+    key = make_key("activations", {"model": {"name": "synthetic"}, "n": 8})
+    pooled = [(Pooled({1: torch.randn(8, 16)}, torch.arange(8)), 0)]
+    table = writer.arrow_table(pooled, 0, [{"label": i % 2} for i in range(8)], ["label"], [1], "float32", 16)
+    writer.write_chunk(folder, 0, 0, 8, table, key, 8)
+    assert len(synced) == 1 and reread == []  # the shard's fsync only; never read back to be hashed
+    side = unseal((folder / ".chunks" / "data-00000.json").read_bytes())
+    shard = folder / "data-00000.arrow"
+    assert side["content_hash"] == real_hash(shard) and side["bytes"] == shard.stat().st_size

@@ -153,3 +153,43 @@ def test_stamps_are_taken_after_the_file_time_tick(tmp_path):
     doc = unseal(path.read_bytes())
     ctime = doc["files"]["big.bin"]["stamp"][2]
     assert time.time_ns() - started >= 0 and path.stat().st_mtime_ns - ctime >= entry._RACY_NS - 5_000_000
+
+
+def test_read_head_gives_kind_and_key_without_the_body(tmp_path):
+    key = make_key("predictions", {"model": {"name": "m", "weights": "w" * 32}, "gen": {"n": 1}, "nested": {}})
+    path = tmp_path / "run.json"
+    big = ["prediction " * 40] * 2000  # the body is far past the head that is read
+    assert entry.commit(path, "predictions", key, fields={"predictions": big})
+    expected = ("predictions", {"kind": key.kind, "digest": key.digest, "inputs": key.inputs})
+    assert entry.read_head(path) == expected
+    huge = make_key("predictions", {"model": {"name": "x" * 20_000}})  # a key larger than the head
+    assert entry.commit(path, "predictions", huge, fields={"predictions": big})
+    assert entry.read_head(path)[1]["inputs"] == huge.inputs
+    # another layout (compact JSON, still sealed) is parsed whole; a file that is no entry is None
+    doc = entry.manifest_doc("last-miss", key, {}, {"reason": "r"}, 1.0)
+    path.write_bytes(seal(doc).replace(b'\n  "key": ', b'\n  "key":'))
+    assert entry.read_head(path) is None  # the seal no longer matches: not readable as an entry
+    (tmp_path / "other.json").write_bytes(b'{"a": 1}')
+    assert entry.read_head(tmp_path / "other.json") is None
+    assert entry.read_head(tmp_path / "missing.json") is None
+
+
+def test_reuse_parses_an_unchanged_manifest_once_and_sees_any_rewrite(tmp_path, monkeypatch, caplog):
+    from tests.conftest import rewrite_in_place
+
+    key = make_key("identity", {"files": "f"})
+    path = tmp_path / "memo.json"
+    assert entry.commit(path, "identity", key, fields={"identity": {"model": {"name": "a"}}})
+    monkeypatch.setattr(entry, "_RACY_NS", 0)  # the file-time tick has passed (tests do not sleep)
+    first = entry.open_entry(path, kind="identity", reuse=True)
+    parsed = []
+    monkeypatch.setattr(entry, "unseal", lambda raw: parsed.append(raw) or unseal(raw))
+    again = entry.open_entry(path, kind="identity", reuse=True)
+    assert again.doc is first.doc and parsed == []  # unchanged: not read again
+    raw = path.read_bytes()
+    rewrite_in_place(path, raw.replace(b'"a"', b'"b"'))  # same size, same mtime: only ctime moves
+    with caplog.at_level(logging.WARNING):
+        assert entry.open_entry(path, kind="identity", reuse=True) is None  # re-read: the seal no longer fits
+    assert parsed and "Corrupt cache entry" in caplog.text
+    assert entry.commit(path, "identity", key, fields={"identity": {"model": {"name": "c"}}})
+    assert entry.open_entry(path, kind="identity", reuse=True).doc["identity"]["model"]["name"] == "c"

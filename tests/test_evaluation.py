@@ -313,3 +313,17 @@ def test_force_recompute_replaces_per_example_predictions(tiny, qa_rows, monkeyp
     evaluate_model(model, qa_rows, CFG.with_(force_recompute=True), tokenizer=tok)
     subset = evaluate_model(model, qa_rows[:3], CFG, tokenizer=tok)  # served per example after compaction
     assert subset.cache_status == "partial" and subset.predictions == ["v2"] * 3
+
+
+def test_a_miss_is_explained_from_the_heads_of_run_entries(tiny, qa_rows, calls, monkeypatch):
+    import hf_cachehooks.evaluation.predictions as predictions
+
+    model, tok = tiny
+    first = evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+    second = evaluate_model(model, qa_rows, CFG.with_(max_new_tokens=9), tokenizer=tok)
+    opened = []
+    real = predictions.open_entry
+    monkeypatch.setattr(predictions, "open_entry", lambda path, **kw: opened.append(str(path)) or real(path, **kw))
+    result = evaluate_model(model, qa_rows, CFG.with_(max_new_tokens=8), tokenizer=tok)
+    assert "generation.max_new_tokens 9→8" in result.miss_reason  # the closer of the two entries
+    assert first.path not in opened and second.path not in opened  # explained from their heads alone

@@ -40,19 +40,97 @@ def test_tokenizer_identity_ignores_runtime_padding_state():
     assert tokenizer_identity(make_tokenizer(chat_template="{{ 1 }}"))["chat_template"] != before["chat_template"]
 
 
+def test_tokenizer_identity_is_the_same_for_the_same_state_and_sees_vocab_changes_in_place():
+    from tokenizers import models, normalizers
+
+    tok = make_tokenizer()
+    before = tokenizer_identity(tok)
+    assert all(tokenizer_identity(make_tokenizer()) == before for _ in range(5))  # hash-map order never leaks
+    # the same vocabulary size, two ids swapped, the backend's model replaced in place: a new tokenizer
+    vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=False)
+    vocab["paris"], vocab["blue"] = vocab["blue"], vocab["paris"]
+    tok.backend_tokenizer.model = models.WordLevel(vocab=vocab, unk_token="<unk>")
+    swapped = tokenizer_identity(tok)
+    assert swapped["vocab"] != before["vocab"] and swapped["backend"] == before["backend"]
+    tok.add_tokens(["zebra"])  # an added token, through the tokenizer itself
+    assert tokenizer_identity(tok)["vocab"] not in (before["vocab"], swapped["vocab"])
+    tok.backend_tokenizer.normalizer = normalizers.Lowercase()  # not the vocabulary: the rest of the state
+    assert tokenizer_identity(tok)["backend"] != before["backend"]
+    padded = make_tokenizer()
+    padded.backend_tokenizer.enable_padding(pad_id=0, pad_token="<pad>")  # set and left on: still no new token
+    padded.backend_tokenizer.enable_truncation(max_length=7)
+    assert tokenizer_identity(padded) == before
+
+
+def test_tokenizer_identity_of_other_layouts_and_slow_tokenizers():
+    import orjson
+
+    from hf_cachehooks._core.keys import dumps, hash_bytes
+
+    class Backend:
+        def __init__(self, state):
+            self.state = state
+
+        def to_str(self):  # a layout the exact skip does not know: parsed in full, padding still left out
+            return orjson.dumps(self.state).decode()
+
+    class Fast:
+        special_tokens_map = {"eos_token": "</s>"}
+        chat_template = None
+
+        def __init__(self, state):
+            self.backend_tokenizer = Backend(state)
+
+    state = {"model": {"vocab": {"a": 0, "b": 1}}, "padding": None, "version": "1.0"}
+    base = tokenizer_identity(Fast(state))
+    assert tokenizer_identity(Fast({**state, "padding": {"pad_id": 3}, "truncation": {"max_length": 2}})) == base
+    assert tokenizer_identity(Fast({**state, "model": {"vocab": {"a": 1, "b": 0}}}))["vocab"] != base["vocab"]
+    assert tokenizer_identity(Fast({**state, "decoder": {"type": "BPE"}}))["backend"] != base["backend"]
+
+    class Slow:
+        special_tokens_map: dict = {}
+        chat_template = None
+
+        def __init__(self, vocab):
+            self.vocab = vocab
+
+        def get_vocab(self):
+            return dict(self.vocab)
+
+    slow = tokenizer_identity(Slow({"b": 1, "a": 0}))
+    assert slow["backend"] is None and slow["vocab"] == hash_bytes(dumps(sorted({"a": 0, "b": 1}.items())))
+    assert tokenizer_identity(Slow({"b": 0, "a": 1}))["vocab"] != slow["vocab"]
+
+
 def test_effective_generation_merges_and_normalises():
-    defaults = {"do_sample": True, "temperature": 0.6, "top_p": 0.9, "eos_token_id": 2, "use_cache": True,
-                "max_length": None}
+    defaults = {
+        "do_sample": True,
+        "temperature": 0.6,
+        "top_p": 0.9,
+        "eos_token_id": 2,
+        "use_cache": True,
+        "max_length": None,
+    }
     greedy = effective_generation(defaults, {"do_sample": False, "max_new_tokens": 32})
-    assert greedy == {"do_sample": False, "eos_token_id": 2, "max_new_tokens": 32, "num_beams": 1,
-                      "repetition_penalty": 1, "length_penalty": 1, "num_return_sequences": 1,
-                      "no_repeat_ngram_size": 0, "num_beam_groups": 1, "diversity_penalty": 0,
-                      "early_stopping": False}
+    assert greedy == {
+        "do_sample": False,
+        "eos_token_id": 2,
+        "max_new_tokens": 32,
+        "num_beams": 1,
+        "repetition_penalty": 1,
+        "length_penalty": 1,
+        "num_return_sequences": 1,
+        "no_repeat_ngram_size": 0,
+        "num_beam_groups": 1,
+        "diversity_penalty": 0,
+        "early_stopping": False,
+    }
     # the model's sampling defaults count when the user does not override them
     sampled = effective_generation(defaults, {"max_new_tokens": 32})
     assert sampled["temperature"] == 0.6 and sampled["top_p"] == 0.9
-    assert effective_generation({}, {"temperature": 1.0, "do_sample": True}) == \
-        effective_generation({}, {"do_sample": True})
+    assert effective_generation({}, {"temperature": 1.0, "do_sample": True}) == effective_generation(
+        {}, {"do_sample": True}
+    )
 
 
 def test_split_hub_path(tmp_path, monkeypatch):

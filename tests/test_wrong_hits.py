@@ -273,3 +273,32 @@ def test_full_disk_finishes_uncached_with_a_warning_and_no_lock_left(tmp_path, r
         assert seconds < 30  # never the 60 s wait for a stale empty lock
     assert leftovers == []
     assert "Cannot write cache" in caplog.text and "Another process is computing" not in caplog.text
+
+
+@pytest.mark.parametrize("mutate, counted", [
+    (lambda w: w.data.__setitem__((0, 0), w.data[0, 0] + 1e-3), False),  # an ablation through .data
+    (lambda w: w.data.add_(1e-6), False),  # an adapter merged as peft merges it: weight.data += delta
+    (lambda w: torch.no_grad()(w.mul_)(1.0 + 1e-6), True),  # in place under no_grad
+])
+def test_a_weight_changed_in_place_on_the_same_object_is_a_miss(qa_rows, mutate, counted):
+    """Same object, same storage; through `.data` not even the version counter moves: only the bytes tell."""
+    model, tok = make_llama(), make_tokenizer()
+    evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+    weight = model.model.layers[0].mlp.down_proj.weight
+    pointer, version = weight.data_ptr(), weight._version
+    mutate(weight)
+    assert weight.data_ptr() == pointer and (weight._version != version) == counted
+    result = evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+    assert result.cache_status == "miss" and "model.weights" in result.miss_reason
+
+
+def test_a_tokenizer_vocab_changed_in_place_on_the_same_object_is_a_miss(qa_rows):
+    from tokenizers import models
+
+    model, tok = make_llama(), make_tokenizer()
+    evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+    vocab = tok.backend_tokenizer.get_vocab(with_added_tokens=False)
+    vocab["paris"], vocab["blue"] = vocab["blue"], vocab["paris"]  # same size, two ids swapped
+    tok.backend_tokenizer.model = models.WordLevel(vocab=vocab, unk_token="<unk>")
+    result = evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+    assert result.cache_status == "miss" and "tokenizer.vocab" in result.miss_reason

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from .._version import __version__
 from ..errors import CorruptEntryError
 from . import remote
@@ -183,6 +185,44 @@ def is_entry_file(path: Path) -> bool:
         return False
 
 
+_HEAD_BYTES = 1 << 12
+_KEY_START = b'\n  "key": '
+_KEY_END = b'\n  },\n  "created_at": '  # the only object closed at the top level's indent right before created_at
+
+
+def read_head(path: Path) -> tuple[str, dict] | None:
+    """(kind, key) of the manifest at `path`, read from its first bytes, without checking the rest.
+
+    For explaining a miss only (which fields differ from the closest entry): never for serving data,
+    which `open_entry` checks whole. A manifest laid out otherwise is parsed whole; None when it is
+    not a readable entry.
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(_HEAD_BYTES)
+            end = raw.find(_KEY_END)
+            if end < 0 and len(raw) == _HEAD_BYTES:  # a key larger than the head: read on
+                raw += handle.read()
+                end = raw.find(_KEY_END)
+    except OSError:
+        return None
+    if not raw.startswith(MARK):
+        return None
+    start = raw.find(_KEY_START, len(MARK))
+    try:
+        if 0 < start < end:
+            kind_line = raw[len(MARK) : start].strip()  # b'"kind": "predictions",'
+            if kind_line.startswith(b'"kind": ') and kind_line.endswith(b","):
+                kind = orjson.loads(kind_line[len(b'"kind": ') : -1])
+                key = orjson.loads(raw[start + len(_KEY_START) : end + 4])
+                if isinstance(kind, str) and isinstance(key, dict):
+                    return kind, key
+        found, _ = inspect(path, check="manifest")
+    except (orjson.JSONDecodeError, ValueError):
+        found, _ = inspect(path, check="manifest")
+    return (found.kind, found.key) if found is not None else None
+
+
 def trusted(path: str, st: os.stat_result, rec: dict) -> bool:
     """True when a big file's stat (taken on the open file, say) matches its record: no need to hash it.
 
@@ -223,16 +263,38 @@ def check_file(folder: Path, name: str, rec: Any, check: str = "stamp") -> str |
     return None
 
 
-def inspect(path: Path, check: str = "stamp") -> tuple[Entry | None, str | None]:
+_parsed: dict[str, tuple[tuple[int, int, int, int], dict]] = {}  # manifest path -> (its stamp, parsed doc)
+
+
+def _read_manifest(path: Path, reuse: bool) -> dict:
+    """Read and unseal a manifest; with `reuse`, a manifest whose stamp is unchanged since this process
+    parsed it is not read again (its ctime moves on any rewrite or rename over it: see `_settle`)."""
+    if not reuse:
+        return unseal(path.read_bytes())
+    with open(path, "rb") as handle:
+        st = os.fstat(handle.fileno())  # the stamp of the very file read
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        known = _parsed.get(str(path))
+        if known is not None and known[0] == stamp:
+            return known[1]
+        doc = unseal(handle.read())
+    if time.time_ns() - st.st_ctime_ns > _RACY_NS:  # remember only stamps whose tick has passed
+        _parsed[str(path)] = (stamp, doc)
+    return doc
+
+
+def inspect(path: Path, check: str = "stamp", reuse: bool = False) -> tuple[Entry | None, str | None]:
     """(entry, None) when the manifest at `path` and its files check out; (None, problem) otherwise.
 
-    A missing manifest is (None, None). Never deletes anything (management reports with it).
+    A missing manifest is (None, None). Never deletes anything (management reports with it). With
+    `reuse`, an unchanged manifest parsed earlier in this process is not parsed again: its `doc` is
+    then shared, so the caller must not change it (small memos that are read on every hit).
     """
     if check not in CHECKS:
         raise ValueError(f"check={check!r}; use one of {CHECKS}")
     path = Path(path)
     try:
-        doc = unseal(path.read_bytes())
+        doc = _read_manifest(path, reuse)
     except FileNotFoundError:
         return None, None
     except (OSError, CorruptEntryError) as exc:
@@ -264,15 +326,16 @@ def shape_problem(doc: Any) -> str | None:
 
 
 def open_entry(path: Path, *, kind: str | None = None, digest: str | None = None, max_age_days: float | None = None,
-               now: float | None = None, check: str = "stamp", remove_corrupt: bool = True) -> Entry | None:
+               now: float | None = None, check: str = "stamp", remove_corrupt: bool = True,
+               reuse: bool = False) -> Entry | None:
     """The entry at `path` when it exists, checks out, is of `kind` and `digest`, and is not expired; else None.
 
     A corrupt entry (seal, shape, a file missing, resized or altered, a name outside the folder) is
     logged and removed (`remove_corrupt`), so the caller recomputes. Another key or an expired entry
-    is left in place: it is someone else's valid data.
+    is left in place: it is someone else's valid data. `reuse`: see `inspect` (the doc is then shared).
     """
     remote.refresh(Path(path), kind)  # a root on object storage: bring the local copy in step (no-op when local)
-    entry, problem = inspect(path, check)
+    entry, problem = inspect(path, check, reuse)
     if problem:
         log.warning("Corrupt cache entry %s (%s); %s and recomputing.", path, problem,
                     "removing it" if remove_corrupt else "ignoring it")

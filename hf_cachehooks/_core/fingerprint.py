@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import stat
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -120,10 +121,19 @@ def hash_files(paths: Sequence[Path], memo_path: Path | None = None, base: Path 
     memo = _read_memo(memo_path) if memo_path is not None else {}
     changed = False
     parts = []
+    folders: dict[Path, Path] = {}  # each folder resolved once, not once per file
     for path in sorted(paths):
-        st = os.stat(path)
+        path = Path(path)
+        st = os.lstat(path)  # the one stat per file: a link is followed (and resolved) only when it is one
+        if stat.S_ISLNK(st.st_mode):
+            st = os.stat(path)
+            where = str(path.resolve())
+        else:
+            folder = folders.get(path.parent)
+            if folder is None:
+                folder = folders[path.parent] = path.parent.resolve()
+            where = str(folder / path.name)
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
-        where = str(Path(path).resolve())
         known = memo.get(where)
         if known and known[0] == stamp:
             digest = known[1]
@@ -140,7 +150,7 @@ def hash_files(paths: Sequence[Path], memo_path: Path | None = None, base: Path 
 
 def _read_memo(memo_path: Path) -> dict[str, list]:
     """The remembered digests; a corrupt, unsealed or wrongly shaped memo is empty (files are rehashed)."""
-    found = entry.open_entry(memo_path, kind="file-hashes")
+    found = entry.open_entry(memo_path, kind="file-hashes", reuse=True)  # read-only below: parsed once per change
     hashes = found.doc.get("hashes") if found is not None else None
     if not isinstance(hashes, dict):
         if found is not None:

@@ -65,7 +65,7 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(canonical(value), option=orjson.OPT_SORT_KEYS)
 
 
-def hash_bytes(data: bytes) -> str:
+def hash_bytes(data: bytes | memoryview) -> str:
     """A 128-bit xxh3 hex digest: fast, and plenty against accidental collisions."""
     return xxhash.xxh3_128_hexdigest(data)
 

@@ -63,7 +63,8 @@ def unseal(raw: bytes) -> dict:
     cut = raw.rfind(_SEAL)
     if cut < 0:
         raise CorruptEntryError("no checksum field (truncated or hand-edited)")
-    head = raw[:cut - 1] if raw[cut - 1 : cut] == b"," else raw[:cut]
+    view = memoryview(raw)  # hash the body where it lies: no copy of a large entry
+    head = view[:cut - 1] if raw[cut - 1 : cut] == b"," else view[:cut]
     if raw[cut:] != _SEAL + hash_bytes(head).encode() + b'"\n}\n':
         raise CorruptEntryError("checksum mismatch")  # also catches anything written after the checksum
     try:
@@ -75,10 +76,12 @@ def unseal(raw: bytes) -> dict:
 
 
 @contextlib.contextmanager
-def atomic_target(path: Path) -> Iterator[Path]:
+def atomic_target(path: Path, durable: bool = True, sync_folder: bool | None = None) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success fsync it and rename it over `path`, else remove it.
 
-    Readers see the old file, the new file, or nothing; never half a file.
+    Readers see the old file, the new file, or nothing; never half a file. `durable=False` skips the
+    fsyncs: only for sealed files whose loss or tearing in a power cut reads as absent (a redo).
+    `sync_folder=False` fsyncs the file but not its folder (a later manifest commit syncs the folder).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
@@ -86,18 +89,20 @@ def atomic_target(path: Path) -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
+        if durable:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    if durable if sync_folder is None else sync_folder:
+        _fsync_dir(path.parent)
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     """Write `data` to `path` atomically (see `atomic_target`)."""
-    with atomic_target(path) as tmp:
+    with atomic_target(path, durable) as tmp:
         tmp.write_bytes(data)
 
 
@@ -134,10 +139,10 @@ def read_entry(path: Path) -> dict | None:
         return None
 
 
-def write_entry(path: Path, doc: dict[str, Any]) -> bool:
+def write_entry(path: Path, doc: dict[str, Any], durable: bool = True) -> bool:
     """Seal and atomically write `doc`. An unwritable cache is a warning, never an error."""
     try:
-        atomic_write(path, seal(doc))
+        atomic_write(path, seal(doc), durable)
         return True
     except OSError as exc:
         log.warning("Cannot write cache entry %s (%s); continuing without caching it.", path, exc)

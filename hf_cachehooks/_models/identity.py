@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import xxhash
 
 from .._core import entry
 from .._core.keys import canonical, dumps, hash_bytes
@@ -38,17 +39,42 @@ log = logging.getLogger(__name__)
 _MODEL_FILE_SUFFIXES = {".safetensors", ".bin", ".gguf", ".json", ".model", ".txt", ".jinja", ".py", ".tiktoken"}
 # Generation settings that never change the generated text.
 _NOT_OUTPUT = {
-    "output_attentions", "output_hidden_states", "output_scores", "output_logits", "return_dict_in_generate",
-    "use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
-    "transformers_version", "_from_model_config", "low_memory", "prefill_chunk_size", "max_time",
-    "continuous_batching_config", "return_legacy_cache", "pad_token_id",
+    "output_attentions",
+    "output_hidden_states",
+    "output_scores",
+    "output_logits",
+    "return_dict_in_generate",
+    "use_cache",
+    "cache_implementation",
+    "cache_config",
+    "max_cache_len",
+    "compile_config",
+    "disable_compile",
+    "transformers_version",
+    "_from_model_config",
+    "low_memory",
+    "prefill_chunk_size",
+    "max_time",
+    "continuous_batching_config",
+    "return_legacy_cache",
+    "pad_token_id",
 }
 _SAMPLING_ONLY = {"temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff"}
 # transformers' global defaults: an unset value (None) and its default mean the same generation.
 _GLOBAL_DEFAULTS = {
-    "do_sample": False, "num_beams": 1, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
-    "repetition_penalty": 1.0, "length_penalty": 1.0, "num_return_sequences": 1, "max_length": 20,
-    "no_repeat_ngram_size": 0, "num_beam_groups": 1, "diversity_penalty": 0.0, "early_stopping": False,
+    "do_sample": False,
+    "num_beams": 1,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "repetition_penalty": 1.0,
+    "length_penalty": 1.0,
+    "num_return_sequences": 1,
+    "max_length": 20,
+    "no_repeat_ngram_size": 0,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "early_stopping": False,
 }
 _IDENTITY_FIELDS = ("model", "tokenizer", "generation_defaults")
 _state_inputs: dict[str, dict] = {}  # files state -> what it was computed from (the memo's key inputs)
@@ -133,29 +159,95 @@ def model_identity(model: Any) -> dict:
 
 
 def tokenizer_identity(tokenizer: Any) -> dict | None:
-    """Key inputs for a tokenizer: vocabulary, backend state, special tokens and chat template."""
+    """Key inputs for a tokenizer: vocabulary, backend state, special tokens and chat template.
+
+    A fast tokenizer is serialised by its backend in one call and that text hashed as it is (about
+    20 ms for a 49k vocabulary), minus the run-time padding/truncation settings: `vocab` covers its
+    model (vocabulary, merges) and added tokens, `backend` the rest (normalizer, pre-tokenizer, ...).
+    A tokenizer without a backend hashes its `get_vocab()`.
+    """
     if tokenizer is None:
         return None
     backend = getattr(tokenizer, "backend_tokenizer", None)
     template = getattr(tokenizer, "chat_template", None)
+    if backend is not None:
+        vocab, state = _backend_hashes(backend)
+    else:
+        vocab, state = hash_bytes(_vocab_bytes(tokenizer.get_vocab())), None
     return {
         "class": type(tokenizer).__name__,
-        "vocab": hash_bytes(dumps(sorted(tokenizer.get_vocab().items()))),
-        "backend": _backend_hash(backend) if backend is not None else None,
-        "special_tokens": canonical(
-            {k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()}
-        ),
+        "vocab": vocab,
+        "backend": state,
+        "special_tokens": canonical({k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()}),
         "chat_template": hash_bytes(dumps(template)) if template else None,
     }
 
 
-def _backend_hash(backend: Any) -> str:
-    """Hash the fast tokenizer's state minus padding/truncation, which calls like tokenizer(..., padding=True)
-    change at run time without changing any token (datasets #5985, #6179 hit exactly this)."""
-    state = orjson.loads(backend.to_str())
-    state.pop("padding", None)
-    state.pop("truncation", None)
-    return hash_bytes(orjson.dumps(state, option=orjson.OPT_SORT_KEYS))
+def _vocab_bytes(vocab: Mapping[str, Any]) -> bytes:
+    """Sorted (token, id) pairs as JSON; the same bytes `dumps` gives, without walking them in Python."""
+    pairs = sorted(vocab.items())
+    if all(type(k) is str and type(v) is int for k, v in pairs):
+        return orjson.dumps(pairs)
+    return dumps(pairs)
+
+
+_RUNTIME_FIELDS = ("truncation", "padding")  # set at run time by tokenizer(..., padding=True): never a new token
+_SMALL_FIELDS = ("normalizer", "pre_tokenizer", "post_processor", "decoder")
+_VOCAB_FIELDS = ("added_tokens", "model")
+
+
+def _backend_hashes(backend: Any) -> tuple[str, str]:
+    """(vocab, rest) hashes of the fast tokenizer's serialised state, minus padding/truncation, which
+    calls like tokenizer(..., padding=True) change at run time without changing any token (datasets
+    #5985, #6179 hit exactly this).
+
+    `to_str()` writes `{"version":…,"truncation":…,"padding":…,"added_tokens":…,"normalizer":…,
+    "pre_tokenizer":…,"post_processor":…,"decoder":…,"model":…}`. Every value but the model's (the big
+    one) is small and read with an exact JSON decoder to find where it ends; the model's text is hashed
+    as it is, never parsed. Any other layout is parsed in full. Every byte of the state but the two
+    run-time values goes into one of the two hashes.
+    """
+    text = backend.to_str()
+    try:
+        spans = _top_level_spans(text)
+    except ValueError:  # another layout: parse it, drop the run-time fields
+        state = orjson.loads(text)
+        for name in _RUNTIME_FIELDS:
+            state.pop(name, None)
+        words = {name: state.pop(name, None) for name in _VOCAB_FIELDS}
+        options = orjson.OPT_SORT_KEYS
+        return "parsed:" + hash_bytes(orjson.dumps(words, option=options)), "parsed:" + hash_bytes(
+            orjson.dumps(state, option=options)
+        )
+    vocab = xxhash.xxh3_128(b"vocab:")
+    rest = xxhash.xxh3_128(b"state:")
+    for name, (start, end) in spans.items():
+        if name not in _RUNTIME_FIELDS:
+            target = vocab if name in _VOCAB_FIELDS else rest
+            target.update(f"|{name}|".encode())
+            target.update(text[start:end].encode())
+    return vocab.hexdigest(), rest.hexdigest()
+
+
+def _top_level_spans(text: str) -> dict[str, tuple[int, int]]:
+    """{field: (start, end)} of each top-level value in a backend's `to_str()`; ValueError on another layout."""
+    import json
+
+    decoder = json.JSONDecoder()
+    names = ("version", *_RUNTIME_FIELDS, "added_tokens", *_SMALL_FIELDS)
+    spans = {}
+    at = 0
+    for i, name in enumerate(names):
+        field = ("{" if i == 0 else ",") + f'"{name}":'
+        if not text.startswith(field, at):
+            raise ValueError(name)
+        start = at + len(field)
+        _, at = decoder.raw_decode(text, start)
+        spans[name] = (start, at)
+    if not (text.startswith(',"model":', at) and text.endswith("}")):
+        raise ValueError("model")
+    spans["model"] = (at + len(',"model":'), len(text) - 1)  # the last value: hashed to the closing brace
+    return spans
 
 
 def generation_defaults(model: Any) -> dict:
@@ -190,10 +282,19 @@ def model_files(folder: Path, gguf_file: str | None = None, subfolder: str | Non
     `folder/subfolder` count too: the weights and config load from there, the tokenizer from `folder`.
     """
     folders = [folder, folder / subfolder] if subfolder else [folder]
-    files = [
-        p for f in folders if f.is_dir() for p in f.iterdir()
-        if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES and not p.name.startswith(".")
-    ]
+    files = []
+    for where in folders:
+        try:
+            with os.scandir(where) as found:  # the file type comes with the listing: no stat per file
+                files += [
+                    where / e.name
+                    for e in found
+                    if not e.name.startswith(".")
+                    and os.path.splitext(e.name)[1] in _MODEL_FILE_SUFFIXES
+                    and e.is_file()
+                ]
+        except (FileNotFoundError, NotADirectoryError):
+            continue
     if gguf_file:
         files = [p for p in files if p.suffix != ".gguf" or p.name == Path(gguf_file).name]
     return files
@@ -232,11 +333,16 @@ def remembered_identity(state: str | None, root: Path) -> dict | None:
     """The identity recorded for this files state by an earlier run, if any (checked to be for `state`)."""
     if not state:
         return None
-    found = entry.open_entry(root / "identity" / f"{state}.json", kind="identity", digest=state)
+    # parsed once per change of the memo (shared: the identity is only read, and copied into keys)
+    found = entry.open_entry(root / "identity" / f"{state}.json", kind="identity", digest=state, reuse=True)
     identity = found.doc.get("identity") if found is not None else None
-    if found is not None and not (isinstance(identity, dict) and all(
+    if found is not None and not (
+        isinstance(identity, dict)
+        and all(
             isinstance(identity.get(name), dict) or (name == "tokenizer" and identity.get(name) is None)
-            for name in _IDENTITY_FIELDS)):
+            for name in _IDENTITY_FIELDS
+        )
+    ):
         log.warning("Identity memo %s has fields of the wrong shape; removing it and loading the model.", found.path)
         entry.remove_entry(found.path)
         return None

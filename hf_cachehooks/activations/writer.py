@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import xxhash
 
 from .._core import entry, remote
 from .._core.cache_config import CacheConfig, settle
@@ -330,18 +331,46 @@ def _chunk_done(folder: Path, chunk: int, digest: str) -> bool:
     return entry.check_file(folder, f"{chunk_name(chunk)}.arrow", record) is None  # the contract's own file check
 
 
+class _HashingFile:
+    """A binary file that hashes what is written to it, so a shard is never read back to be hashed."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.digest = xxhash.xxh3_128()
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.closed = True  # the handle is closed by its owner
+
+
 def write_chunk(folder: Path, chunk: int, start: int, end: int, table: Any, key: Any, shard_size: int) -> None:
+    """Write one chunk's shard, hashed as it is written, with one fsync (the shard's), then its sidecar.
+
+    The sidecar is sealed and written without fsync: torn or lost in a power cut, it reads as absent
+    and the chunk is redone; a shard whose rename was lost reads as missing against its sidecar, and is
+    redone too. The manifest commit at the end fsyncs the folder, which makes every rename durable.
+    """
     import pyarrow as pa
 
     path = folder / f"{chunk_name(chunk)}.arrow"
-    with atomic_target(path) as tmp:
-        with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+    # the shard's own fsync; its rename is made durable by the manifest commit's fsync of this folder
+    with atomic_target(path, sync_folder=False) as tmp, open(tmp, "wb") as handle:
+        hashing = _HashingFile(handle)
+        with pa.PythonFile(hashing, mode="w") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
-    record = entry.file_record(path)
+        handle.flush()
+    record = entry.file_record(path, hashing.digest.hexdigest())
     write_entry(folder / CHUNKS / f"{chunk_name(chunk)}.json", {
         "chunk": chunk, "start": start, "end": end, "rows": table.num_rows, "file": path.name,
         "bytes": record["bytes"], "content_hash": record["xxh3"], "stamp": record["stamp"], "shard_size": shard_size,
-        "key": {"digest": key.digest, "inputs": key.inputs}})
+        "key": {"digest": key.digest, "inputs": key.inputs}}, durable=False)
 
 
 def _wait_for(ready: Any, timeout: float, folder: Path) -> None:

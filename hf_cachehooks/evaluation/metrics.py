@@ -1,7 +1,10 @@
-"""Metrics computed through `evaluate`, from metric scripts shipped in `metric_scripts/` (no Hub needed).
+"""Metrics computed by `evaluate` metric modules shipped in `metric_scripts/` (no Hub needed).
 
 Each metric has a version (the hash of its script), stored with the predictions, so a changed or
-added metric is recomputed from cached predictions without predicting again.
+added metric is recomputed from cached predictions without predicting again. Each script is an
+`evaluate.Metric` loaded with `evaluate.load`; its `_compute` is called on the inputs encoded as its
+declared features would encode them (`str`, `int`, ... per value). That skips `Metric.compute`'s Arrow
+round trip, which for 100k predictions costs seconds and gives these scripts the very same lists.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ _SCRIPTS = Path(__file__).parent / "metric_scripts"
 METRICS = tuple(sorted(p.stem for p in _SCRIPTS.glob("*.py") if not p.stem.startswith("_")))
 GENERATION_METRICS = ("contains_answer", "exact_match")
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+_loaded: dict[str, Any] = {}  # script version -> its evaluate module (a changed script has a new version)
 
 
 def metric_versions(names: Sequence[str]) -> dict[str, str]:
@@ -31,17 +35,54 @@ def metric_versions(names: Sequence[str]) -> dict[str, str]:
 
 
 def compute_metrics(names: Sequence[str], predictions: list, references: list) -> dict[str, Any]:
-    """Run each metric through `evaluate.load(<shipped script>)` and merge their results."""
+    """Run each metric's script on the predictions and references and merge their results."""
     try:
         import evaluate
     except ImportError as exc:
         raise MissingDependencyError("Metrics need `evaluate`: pip install 'hf_cachehooks[eval]'.") from exc
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     results: dict[str, Any] = {}
-    for name in names:
-        metric_versions([name])
-        module = evaluate.load(str(_SCRIPTS / f"{name}.py"))
+    for name, version in metric_versions(names).items():
+        module = _loaded.get(version)
+        if module is None:
+            module = _loaded[version] = evaluate.load(str(_SCRIPTS / f"{name}.py"))
         refs = references
         if name in GENERATION_METRICS:
             refs = [r if isinstance(r, list) else [str(r)] for r in references]
-        results.update(module.compute(predictions=predictions, references=refs))
+        features = module.features
+        results.update(
+            module._compute(
+                predictions=_encoded(features["predictions"], predictions),
+                references=_encoded(features["references"], refs),
+            )
+        )
     return results
+
+
+def _encoded(feature: Any, values: list) -> list:
+    """`values` as `datasets` would encode them for `feature` (a `Value`, or a `Sequence`/`List` of one)."""
+    inner = getattr(feature, "feature", None)  # `Sequence(...)` / `List(...)` across datasets versions
+    if inner is None and isinstance(feature, list):  # the list spelling of a sequence feature
+        inner = feature[0]
+    if inner is not None:
+        return [None if v is None else _encoded(inner, v) for v in values]
+    cast = _cast(feature)
+    if all(type(v) is cast for v in values):  # already plain values of the type: no copy
+        return values if isinstance(values, list) else list(values)
+    return [None if v is None else cast(v) for v in values]
+
+
+def _cast(feature: Any) -> Any:
+    dtype = getattr(feature, "dtype", None)
+    if not isinstance(dtype, str) or getattr(feature, "feature", None) is not None:
+        raise TypeError(f"metric feature {feature!r} is not a Value or a sequence of one")
+    if dtype in ("string", "large_string"):
+        return str
+    if dtype == "bool":
+        return bool
+    if "int" in dtype:
+        return int
+    if "float" in dtype:
+        return float
+    raise TypeError(f"metric feature dtype {dtype!r} has no plain Python encoding here")

@@ -18,11 +18,12 @@ never re-predicts.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .._core.entry import commit, inspect, open_entry, remove_entry
+from .._core.entry import commit, open_entry, read_head, remove_entry
 from .._core.freshness import is_expired
 from .._core.keys import Key, diff_inputs
 from .._core.remote import sync_folder
@@ -30,6 +31,16 @@ from .._core.rows import short_name
 from .._core.store import tag_folder
 
 log = logging.getLogger(__name__)
+_ABSENT = object()
+
+
+def _changed(old: Any, new: Any) -> int:
+    """How many leaves differ between two key inputs (to rank entries; `diff_inputs` names them)."""
+    if old == new:
+        return 0
+    if type(old) is dict and type(new) is dict and old and new:
+        return sum(_changed(old.get(k, _ABSENT), new.get(k, _ABSENT)) for k in old.keys() | new.keys())
+    return 1
 
 
 class PredictionCache:
@@ -72,23 +83,34 @@ class PredictionCache:
         return path if commit(path, "predictions", key, fields=fields, created_at=created) else None
 
     def explain_miss(self, key: Key) -> str:
-        """Name the fields that differ from the closest existing entry, and record it for `explain`."""
-        best: tuple[int, Path, list[str]] | None = None
-        for path in sorted(self.folder.glob("*.json")):
-            found, _ = inspect(path)
-            if found is None or found.kind != "predictions" or found.key.get("kind") != key.kind:
+        """Name the fields that differ from the closest existing entry, and record it for `explain`.
+
+        Only the head of each run entry is read (its kind and key), never its predictions.
+        """
+        best: tuple[int, Path, dict] | None = None
+        try:
+            with os.scandir(self.folder) as found:
+                names = sorted(e.name for e in found if e.name.endswith(".json") and e.is_file(follow_symlinks=False))
+        except OSError:
+            names = []
+        for name in names:
+            head = read_head(self.folder / name)
+            if head is None or head[0] != "predictions" or head[1].get("kind") != key.kind:
                 continue
-            changes = diff_inputs(found.key["inputs"], key.inputs)
-            if best is None or len(changes) < best[0]:
-                best = (len(changes), path, changes)
-        if best is None:
+            inputs = head[1].get("inputs")
+            if isinstance(inputs, dict):
+                count = _changed(inputs, key.inputs)
+                if best is None or count < best[0]:
+                    best = (count, self.folder / name, inputs)
+        closest, changes = (best[1], diff_inputs(best[2], key.inputs)) if best is not None else (None, [])
+        if closest is None:
             reason = "no earlier entry in this cache"
-        elif not best[2]:
-            reason = f"{best[1].name} has the same key but is expired or unreadable"
+        elif not changes:
+            reason = f"{closest.name} has the same key but is expired or unreadable"
         else:
-            reason = f"closest entry {best[1].name} differs in " + "; ".join(best[2][:6])
+            reason = f"closest entry {closest.name} differs in " + "; ".join(changes[:6])
         commit(self.folder / "last_miss.json", "last-miss", key, fields={
-            "reason": reason, "closest": best[1].name if best else None, "changes": best[2] if best else [],
+            "reason": reason, "closest": closest.name if closest else None, "changes": changes,
             "timestamp": self.clock()}, created_at=self.clock())
         return reason
 

@@ -110,8 +110,6 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
     """
     config = config or EvalConfig()
     rows = load_rows(data)
-    prompts = render_prompts(rows, config)
-    references = _references(rows, config)
     versions = metric_versions(config.metrics)
     caching = config.resolved_cache  # cache=CacheConfig(...) or the keyword spellings, settled in EvalConfig
     root = caching.resolve_root()
@@ -119,6 +117,7 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
     run = _Run(model, tokenizer, config, root)
 
     if not caching.enabled:
+        prompts, references = render_prompts(rows, config), _references(rows, config)
         started = time.time()
         predictions = run.predict(prompts)
         metrics = compute_metrics(config.metrics, predictions, references)
@@ -146,6 +145,8 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
             return _hit(doc, cache, key, name, config, versions)
         reason = cache.explain_miss(key)
         log.info("🔄 No valid cache found for %s (%d examples, key %s): %s.", name, len(rows), key.short, reason)
+    # only a miss reads the prompts and references (a hit was made from these very rows: they are in its key)
+    prompts, references = render_prompts(rows, config), _references(rows, config)
 
     def lookup() -> dict | None:
         return None if caching.force_recompute else cache.load_run(key, name)
