@@ -17,7 +17,7 @@ from typing import Any
 from .._core.extras import requires_extras
 from .._core.fingerprint import example_hashes, fingerprint_data
 from .._core.freshness import describe_age, iso
-from .._core.keys import Key, make_key
+from .._core.keys import Key, extend_key, make_key
 from .._core.locking import single_flight
 from .._core.rows import load_rows
 from .._models.identity import (
@@ -131,7 +131,7 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
         if config.task == "generation" else None,
         "prompt": config.prompt_spec(),
     })
-    key = make_key("predictions", {**predictor.inputs, "data": {"fingerprint": fingerprint_data(
+    key = extend_key(predictor, "predictions", {"data": {"fingerprint": fingerprint_data(
         data if hasattr(data, "_fingerprint") else rows), "n": len(rows)}})
     cache = PredictionCache(folder, caching.clock, caching.max_age_days)
     name = identity["model"]["name"]
@@ -240,10 +240,11 @@ def _hit(doc: dict, cache: PredictionCache, key: Key, name: str, config: EvalCon
         doc["metrics"] = compute_metrics(config.metrics, doc["predictions"], doc["references"])
         doc["metric_versions"] = versions
         cache.save_run(key, name, {k: v for k, v in doc.items() if k != "key"})
+    path = cache.run_path(key, name)
     log.info("✅ Loaded predictions from cache: %s (%d examples, %s old, saved ≈%.0fs).",
-             cache.run_path(key, name).name, len(doc["predictions"]), age, meta.get("evaluation_time_seconds", 0))
+             path.name, len(doc["predictions"]), age, meta.get("evaluation_time_seconds", 0))
     return EvalResult(doc["predictions"], doc["references"], doc["metrics"], meta, "hit",
-                      key=key.digest, path=str(cache.run_path(key, name)))
+                      key=key.digest, path=str(path))
 
 
 def _metadata(name: str, size: int, seconds: float, config: EvalConfig, now: float) -> dict:
