@@ -122,20 +122,21 @@ def hash_files(paths: Sequence[str | os.PathLike], memo_path: Path | None = None
     so an unchanged 70B checkpoint is hashed once, not on every run. Paths are handled as strings (on
     a hit, pathlib's parsing cost more than the stats): one `lstat` per file, a second `stat` for a link.
     """
-    ordered = sorted((str(os.fspath(p)) for p in paths), key=_path_order)
+    listed = tuple(str(os.fspath(p)) for p in paths)  # a folder's listing order is stable while it is unchanged
     prefix = os.path.join(os.fspath(base), "") if base is not None else None
-    seen = (tuple(ordered), os.fspath(memo_path) if memo_path is not None else None, prefix)
-    stats = [os.lstat(path) for path in ordered]  # the one stat per file (a link's target: a second one)
-    stamps = tuple(_stamp_of(path, st) for path, st in zip(ordered, stats))
+    seen = (listed, os.fspath(memo_path) if memo_path is not None else None, prefix)
+    stats = [os.lstat(path) for path in listed]  # the one stat per file (a link's target: a second one)
+    stamps = tuple(_stamp_of(path, st) for path, st in zip(listed, stats))
     known_run = _seen.get(seen)
     if known_run is not None and known_run[0] == stamps and known_run[1] == _memo_stamp(memo_path):
         return known_run[2]  # every file and the memo as this process last hashed them: nothing to read
+    ordered = sorted(zip(listed, stats), key=lambda item: _path_order(item[0]))
     memo = _read_memo(memo_path) if memo_path is not None else {}
     changed = False
     parts = []
     folders: dict[str, str] = {}  # each folder resolved once, not once per file
     settled = True
-    for path, st in zip(ordered, stats):
+    for path, st in ordered:
         if stat.S_ISLNK(st.st_mode):
             st = os.stat(path)
             where = os.path.realpath(path)
@@ -161,6 +162,8 @@ def hash_files(paths: Sequence[str | os.PathLike], memo_path: Path | None = None
         entry.commit(memo_path, "file-hashes", _MEMO_KEY, fields={"hashes": memo})
     digest = hash_bytes(dumps(parts))
     if settled and all(time.time_ns() - s[-1] > _RACY_NS for s in stamps):
+        if len(_seen) >= 256:
+            _seen.pop(next(iter(_seen)))
         _seen[seen] = (stamps, _memo_stamp(memo_path), digest)
     return digest
 
