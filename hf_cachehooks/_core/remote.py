@@ -83,11 +83,8 @@ def local_path(url: str) -> Path:
 def url_of(path: Path | str) -> str | None:
     """The remote URL a local-copy path stands for, or None for an ordinary local path (cheap: no I/O)."""
     value = os.environ.get(LOCAL_COPY_ENV)  # `copy_base` as a string: no pathlib on every cache lookup
-    base = os.path.join(
-        os.path.abspath(value) if value else os.path.expanduser("~/.cache"),
-        *(() if value else ("hf_cachehooks", "remote")),
-        "",
-    )
+    top = os.path.abspath(value) if value else os.path.join(os.path.expanduser("~/.cache"), "hf_cachehooks", "remote")
+    base = os.path.join(os.path.normpath(top), "")  # normalised like `here`
     here = os.path.abspath(path)
     if not here.startswith(base):
         return None
