@@ -327,3 +327,25 @@ def test_a_miss_is_explained_from_the_heads_of_run_entries(tiny, qa_rows, calls,
     result = evaluate_model(model, qa_rows, CFG.with_(max_new_tokens=8), tokenizer=tok)
     assert "generation.max_new_tokens 9→8" in result.miss_reason  # the closer of the two entries
     assert first.path not in opened and second.path not in opened  # explained from their heads alone
+
+
+def test_predictor_key_memo_follows_the_identity_object_and_every_setting():
+    """The predictor key is remembered against the very identity object and the settings: a new identity
+    (its memo changed) or any changed setting, even one changed in place inside the config, is a new key."""
+    from hf_cachehooks.evaluation.runs import predictor_key
+
+    ident = {"model": {"name": "m", "weights": "a"}, "tokenizer": None, "generation_defaults": {"do_sample": False}}
+    config = EvalConfig(max_new_tokens=4, generation_kwargs={"num_beams": 1})
+    first = predictor_key(ident, config)
+    assert predictor_key(ident, config) is first  # remembered: nothing walked again
+    same = copy.deepcopy(ident)
+    assert predictor_key(same, config) == first  # another object, same content: same key
+    other = copy.deepcopy(ident)
+    other["model"]["weights"] = "b"
+    assert predictor_key(other, config).digest != first.digest
+    config.generation_kwargs["num_beams"] = 2  # changed in place inside the (frozen) config
+    beams = predictor_key(ident, config)
+    assert beams.digest != first.digest and beams.inputs["generation"]["num_beams"] == 2
+    seen = (first.digest, beams.digest)
+    assert predictor_key(ident, config.with_(prompt_template="Q: {question}")).digest not in seen
+    assert predictor_key(ident, config.with_(max_new_tokens=5)).digest not in seen

@@ -215,3 +215,65 @@ def test_identity_memo_is_checked_against_its_state(tmp_path, caplog):
     remember_identity("aaa", {"model": "x", "tokenizer": None, "generation_defaults": {}}, root)
     assert remembered_identity("aaa", root) is None  # wrong shape: never served
     assert not (root / "identity" / "aaa.json").exists()
+
+
+def test_files_state_is_remembered_in_process_and_forgotten_by_exactly_what_changes_a_file(tmp_path, monkeypatch):
+    """A repeated files_state reads no file (one lstat each); a file rewritten in place, a file added, a link
+    retargeted or the on-disk memo rewritten all take the full path, and the state follows the content."""
+    from hf_cachehooks._core import fingerprint
+
+    make_tokenizer().save_pretrained(tmp_path / "m")
+    (tmp_path / "w1.safetensors").write_bytes(b"1" * 64)
+    (tmp_path / "w2.safetensors").write_bytes(b"2" * 64)
+    os.symlink(tmp_path / "w1.safetensors", tmp_path / "m" / "model.safetensors")
+    root, opts = tmp_path / "root", {"dtype": "float32"}
+    first = files_state(str(tmp_path / "m"), opts, root)
+    time.sleep(0.05)  # past the file-time tick: stamps are trusted from here on
+    assert files_state(str(tmp_path / "m"), opts, root) == first
+    hashed: list = []
+    read = fingerprint._read_memo
+    real_hash = fingerprint.hash_file
+    monkeypatch.setattr(fingerprint, "hash_file", lambda p: hashed.append(p) or real_hash(p))
+    monkeypatch.setattr(fingerprint, "_read_memo", lambda p: hashed.append("memo") or read(p))
+    assert files_state(str(tmp_path / "m"), opts, root) == first
+    assert hashed == []  # served from this process's memo: no file read, not even the on-disk memo
+
+    rewrite_in_place(
+        tmp_path / "m" / "tokenizer.json",
+        (tmp_path / "m" / "tokenizer.json").read_bytes().replace(b'"unk_token"', b'"unk_tokem"'),
+    )
+    changed = files_state(str(tmp_path / "m"), opts, root)
+    assert changed != first and any(str(p).endswith("tokenizer.json") for p in hashed)
+
+    time.sleep(0.05)
+    os.remove(tmp_path / "m" / "model.safetensors")  # the link retargeted: other weights, same name
+    os.symlink(tmp_path / "w2.safetensors", tmp_path / "m" / "model.safetensors")
+    retargeted = files_state(str(tmp_path / "m"), opts, root)
+    assert retargeted not in (first, changed)
+
+    time.sleep(0.05)
+    (tmp_path / "m" / "adapter_config.json").write_text("{}")  # a new file in the folder
+    added = files_state(str(tmp_path / "m"), opts, root)
+    assert added not in (first, changed, retargeted)
+
+    time.sleep(0.05)
+    files_state(str(tmp_path / "m"), opts, root)
+    hashed.clear()
+    memo = root / "identity" / "file_hashes.json"
+    memo.write_bytes(b"garbage")  # the on-disk memo damaged: read again (and rebuilt), the state unchanged
+    assert files_state(str(tmp_path / "m"), opts, root) == added
+    assert "memo" in hashed
+
+
+def test_metric_versions_follow_the_script_content(tmp_path, monkeypatch):
+    from hf_cachehooks.evaluation import metrics
+
+    (tmp_path / "mine.py").write_bytes(b"# version a\n")
+    monkeypatch.setattr(metrics, "_SCRIPT_DIR", str(tmp_path))
+    first = metrics.metric_versions(["mine"])
+    time.sleep(0.05)
+    assert metrics.metric_versions(["mine"]) == first  # remembered by its stamp now
+    rewrite_in_place(tmp_path / "mine.py", b"# version b\n")  # same size and mtime: ctime still moves
+    assert metrics.metric_versions(["mine"]) != first
+    with pytest.raises(Exception, match="Unknown metric"):
+        metrics.metric_versions(["absent"])

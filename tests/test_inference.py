@@ -120,3 +120,20 @@ def test_on_a_real_gpu_the_plan_takes_effect(folder, tmp_path):
     assert load["device"].startswith("cuda")
     assert load["dtype"] == ("bfloat16" if torch.cuda.is_bf16_supported() else "float32")
     assert load["attention"] in ("flash_attention_2", "sdpa") and len(result.predictions) == 4
+
+
+def test_cuda_present_reads_the_torch_wheel_once_and_the_environment_on_every_call(monkeypatch):
+    """A cache hit asks for the dtype, hence the device: the package metadata is read once per process
+    (about 2 ms a read), CUDA_VISIBLE_DEVICES on every call."""
+    calls: list[str] = []
+    inference._cuda_torch_installed.cache_clear()
+    monkeypatch.setattr(inference.importlib.metadata, "version", lambda name: calls.append(name) or "2.5.0+cpu")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    try:
+        assert inference.cuda_present() is False
+        assert inference.cuda_present() is False
+        assert calls == ["torch"]
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+        assert inference.cuda_present() is False and calls == ["torch"]
+    finally:
+        inference._cuda_torch_installed.cache_clear()

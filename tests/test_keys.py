@@ -76,3 +76,13 @@ def test_fingerprint_data_tells_nan_inf_and_none_apart():
     assert fingerprint_data([{"q": "x", "score": "float:nan"}]) != fingerprint_data(rows[1])  # not a string's spelling
     assert len({fingerprint_data(np.array([v, 1.0])) for v in (np.nan, np.inf, -np.inf)}) == 3
     assert fingerprint_data([{1: float("nan")}]) != fingerprint_data([{1: None}])  # the canonical() fallback path
+
+
+def test_extend_key_is_make_key_of_the_merged_inputs():
+    from hf_cachehooks._core.keys import extend_key, make_key
+
+    base = make_key("predictor", {"model": {"name": "m", "t": 0.0, "nan": float("nan")}, "prompt": ("a", 1.5)})
+    for extra in ({"data": {"n": 3.0, "fingerprint": "rows:x"}}, {"data": {"n": 4}}, {"prompt": None}):
+        merged = {"model": {"name": "m", "t": 0.0, "nan": float("nan")}, "prompt": ("a", 1.5), **extra}
+        assert extend_key(base, "predictions", extra) == make_key("predictions", merged)
+    assert extend_key(base, "predictions", {"data": {"n": 3}}) != extend_key(base, "predictions", {"data": {"n": 4}})

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 _CHUNK = 8 << 20
 _MEMO_KEY = {"kind": "file-hashes", "digest": "file-hashes", "inputs": {}}
 _RACY_NS = 20_000_000  # a file changed within this tick of its hash could keep its stamp: not remembered
+# files, memo and base -> (their stamps, the memo's stamp, the combined hash) as this process last computed it
+_seen: dict[tuple, tuple[tuple, tuple | None, str]] = {}
 
 
 def fingerprint_data(data: Any) -> str:
@@ -112,40 +114,91 @@ def hash_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def hash_files(paths: Sequence[Path], memo_path: Path | None = None, base: Path | None = None) -> str:
+def hash_files(paths: Sequence[str | os.PathLike], memo_path: Path | None = None,
+               base: str | os.PathLike | None = None) -> str:
     """Hash the content of several files, each named by its path relative to `base` (default: its name).
 
     With `memo_path`, each file's digest is remembered by its stamp (size, mtime_ns, inode, ctime_ns),
-    so an unchanged 70B checkpoint is hashed once, not on every run.
+    so an unchanged 70B checkpoint is hashed once, not on every run. Paths are handled as strings (on
+    a hit, pathlib's parsing cost more than the stats): one `lstat` per file, a second `stat` for a link.
     """
+    listed = tuple(str(os.fspath(p)) for p in paths)  # a folder's listing order is stable while it is unchanged
+    prefix = os.path.join(os.fspath(base), "") if base is not None else None
+    seen = (listed, os.fspath(memo_path) if memo_path is not None else None, prefix)
+    stats = [os.lstat(path) for path in listed]  # the one stat per file (a link's target: a second one)
+    stamps = tuple(_stamp_of(path, st) for path, st in zip(listed, stats))
+    known_run = _seen.get(seen)
+    if known_run is not None and known_run[0] == stamps and known_run[1] == _memo_stamp(memo_path):
+        return known_run[2]  # every file and the memo as this process last hashed them: nothing to read
+    ordered = sorted(zip(listed, stats), key=lambda item: _path_order(item[0]))
     memo = _read_memo(memo_path) if memo_path is not None else {}
     changed = False
     parts = []
-    folders: dict[Path, Path] = {}  # each folder resolved once, not once per file
-    for path in sorted(paths):
-        path = Path(path)
-        st = os.lstat(path)  # the one stat per file: a link is followed (and resolved) only when it is one
+    folders: dict[str, str] = {}  # each folder resolved once, not once per file
+    settled = True
+    for path, st in ordered:
         if stat.S_ISLNK(st.st_mode):
             st = os.stat(path)
-            where = str(path.resolve())
+            where = os.path.realpath(path)
         else:
-            folder = folders.get(path.parent)
+            parent, name = os.path.split(path)
+            folder = folders.get(parent)
             if folder is None:
-                folder = folders[path.parent] = path.parent.resolve()
-            where = str(folder / path.name)
+                folder = folders[parent] = os.path.realpath(parent)
+            where = os.path.join(folder, name)
         stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
         known = memo.get(where)
         if known and known[0] == stamp:
             digest = known[1]
         else:
-            digest = hash_file(path)
+            digest = hash_file(Path(path))
             if time.time_ns() - st.st_ctime_ns > _RACY_NS:  # a change in the same tick would keep the stamp
                 memo[where] = [stamp, digest]
                 changed = True
-        parts.append([Path(path).relative_to(base).as_posix() if base is not None else Path(path).name, digest])
+            else:
+                settled = False
+        parts.append([_relative(path, prefix, base), digest])
     if changed and memo_path is not None:
         entry.commit(memo_path, "file-hashes", _MEMO_KEY, fields={"hashes": memo})
-    return hash_bytes(dumps(parts))
+    digest = hash_bytes(dumps(parts))
+    if settled and all(time.time_ns() - s[-1] > _RACY_NS for s in stamps):
+        if len(_seen) >= 256:
+            _seen.pop(next(iter(_seen)))
+        _seen[seen] = (stamps, _memo_stamp(memo_path), digest)
+    return digest
+
+
+def _stamp_of(path: str, st: os.stat_result) -> tuple[int, ...]:
+    """What identifies a file's content for this process's memo: its stamp; for a link, the link's and the
+    target's (a retargeted link or a target rewritten in place both move one). The last item is a ctime."""
+    own = (st.st_mode, st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns)
+    if stat.S_ISLNK(st.st_mode):
+        target = os.stat(path)
+        return (*own, target.st_size, target.st_mtime_ns, target.st_ino, max(st.st_ctime_ns, target.st_ctime_ns))
+    return own
+
+
+def _memo_stamp(memo_path: Path | None) -> tuple[int, ...] | None:
+    """The on-disk memo's stamp: when another process (or a person) rewrites it, it is read again."""
+    try:
+        st = os.lstat(memo_path) if memo_path is not None else None
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) if st is not None else None
+
+
+def _path_order(path: str) -> tuple[str, ...]:
+    """Sort key matching `Path` ordering (part by part), so the combined hash is what it always was."""
+    return tuple(os.path.normpath(path).split(os.sep))
+
+
+def _relative(path: str, prefix: str | None, base: str | os.PathLike | None) -> str:
+    """`path` relative to `base` as a posix name (`Path.relative_to`), or the file's name without a base."""
+    if prefix is None:
+        return os.path.basename(path)
+    if path.startswith(prefix) and os.path.normpath(path) == path:
+        return path[len(prefix) :].replace(os.sep, "/")
+    return Path(path).relative_to(base).as_posix()  # type: ignore[arg-type]
 
 
 def _read_memo(memo_path: Path) -> dict[str, list]:

@@ -91,8 +91,25 @@ def make_key(kind: str, inputs: Mapping[str, Any]) -> Key:
         ...     make_key("predictions", {"gen": {"temperature": 0}}).digest
         True
     """
-    plain = canonical(inputs)
-    digest = hash_bytes(dumps({"format": FORMAT_VERSION, "kind": kind, "inputs": plain}))
+    return _key_of_plain(kind, canonical(inputs))
+
+
+def extend_key(base: Key, kind: str, extra: Mapping[str, Any]) -> Key:
+    """`make_key(kind, {**base.inputs, **extra})`, without walking `base`'s inputs again (they are canonical).
+
+    Example:
+        >>> base = make_key("predictor", {"model": {"name": "m"}})
+        >>> extend_key(base, "predictions", {"n": 3.0}) == make_key("predictions", {"model": {"name": "m"}, "n": 3})
+        True
+    """
+    return _key_of_plain(kind, {**base.inputs, **canonical(extra)})
+
+
+def _key_of_plain(kind: str, plain: dict) -> Key:
+    """The key of inputs already in canonical form (`canonical` is idempotent: no second walk)."""
+    digest = hash_bytes(
+        orjson.dumps({"format": FORMAT_VERSION, "kind": kind, "inputs": plain}, option=orjson.OPT_SORT_KEYS)
+    )
     return Key(kind=kind, inputs=plain, digest=digest)
 
 

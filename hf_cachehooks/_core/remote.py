@@ -82,7 +82,9 @@ def local_path(url: str) -> Path:
 
 def url_of(path: Path | str) -> str | None:
     """The remote URL a local-copy path stands for, or None for an ordinary local path (cheap: no I/O)."""
-    base = str(copy_base()) + os.sep
+    value = os.environ.get(LOCAL_COPY_ENV)  # `copy_base` as a string: no pathlib on every cache lookup
+    top = os.path.abspath(value) if value else os.path.join(os.path.expanduser("~/.cache"), "hf_cachehooks", "remote")
+    base = os.path.join(os.path.normpath(top), "")  # normalised like `here`
     here = os.path.abspath(path)
     if not here.startswith(base):
         return None

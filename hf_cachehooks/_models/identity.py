@@ -275,28 +275,30 @@ def effective_generation(defaults: Mapping[str, Any], overrides: Mapping[str, An
     return canonical({k: v for k, v in merged.items() if k not in _NOT_OUTPUT and v is not None})
 
 
-def model_files(folder: Path, gguf_file: str | None = None, subfolder: str | None = None) -> list[Path]:
-    """The files in a model folder that decide its output (one GGUF file when `gguf_file` is given).
+def model_files(folder: Path | str, gguf_file: str | None = None, subfolder: str | None = None) -> list[str]:
+    """The files in a model folder that decide its output (one GGUF file when `gguf_file` is given), as paths.
 
     With `subfolder` (transformers' `from_pretrained(..., subfolder=...)`), the files of
     `folder/subfolder` count too: the weights and config load from there, the tokenizer from `folder`.
     """
-    folders = [folder, folder / subfolder] if subfolder else [folder]
+    top = os.fspath(folder)
+    folders = [top, os.path.join(top, subfolder)] if subfolder else [top]
+    keep = os.path.basename(gguf_file) if gguf_file else None
     files = []
     for where in folders:
         try:
             with os.scandir(where) as found:  # the file type comes with the listing: no stat per file
-                files += [
-                    where / e.name
-                    for e in found
-                    if not e.name.startswith(".")
-                    and os.path.splitext(e.name)[1] in _MODEL_FILE_SUFFIXES
-                    and e.is_file()
-                ]
+                for e in found:
+                    suffix = os.path.splitext(e.name)[1]
+                    if (
+                        not e.name.startswith(".")
+                        and suffix in _MODEL_FILE_SUFFIXES
+                        and e.is_file()
+                        and (keep is None or suffix != ".gguf" or e.name == keep)
+                    ):
+                        files.append(os.path.join(where, e.name))
         except (FileNotFoundError, NotADirectoryError):
             continue
-    if gguf_file:
-        files = [p for p in files if p.suffix != ".gguf" or p.name == Path(gguf_file).name]
     return files
 
 

@@ -17,6 +17,7 @@ plan covers inference only (no optimizer, no mixed precision): the two share `lo
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import logging
 import os
@@ -55,16 +56,23 @@ def cuda_present() -> bool:
     """A usable CUDA GPU: answered without importing torch when there is clearly none (CPU wheel, no driver)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    try:
-        if "+cpu" in importlib.metadata.version("torch"):
-            return False
-    except importlib.metadata.PackageNotFoundError:
+    if not _cuda_torch_installed():
         return False
     if not Path("/proc/driver/nvidia").exists() and not Path("/dev/nvidiactl").exists():
         return False
     import torch
 
     return bool(torch.cuda.is_available())
+
+
+@functools.cache
+def _cuda_torch_installed() -> bool:
+    """torch is installed and not a CPU-only wheel: read from its metadata once per process (about 2 ms a read,
+    on every cache hit otherwise); the torch a process imports cannot change under it."""
+    try:
+        return "+cpu" not in importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return False
 
 
 def _bf16_gpu() -> bool:

@@ -9,6 +9,9 @@ round trip, which for 100k predictions costs seconds and gives these scripts the
 
 from __future__ import annotations
 
+import os
+import stat
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,6 +23,9 @@ _SCRIPTS = Path(__file__).parent / "metric_scripts"
 METRICS = tuple(sorted(p.stem for p in _SCRIPTS.glob("*.py") if not p.stem.startswith("_")))
 GENERATION_METRICS = ("contains_answer", "exact_match")
 CLASSIFICATION_METRICS = ("accuracy", "macro_f1")
+_SCRIPT_DIR = str(_SCRIPTS)
+_RACY_NS = 10_000_000  # file times tick by 1-10 ms: a stamp is trusted once its tick has passed
+_versions: dict[str, tuple[tuple[int, int, int, int], str]] = {}  # script -> (its stamp, version): read once per change
 _loaded: dict[str, Any] = {}  # script version -> its evaluate module (a changed script has a new version)
 
 
@@ -27,10 +33,22 @@ def metric_versions(names: Sequence[str]) -> dict[str, str]:
     """{name: version} for the requested metrics; an unknown name raises with the known ones."""
     versions = {}
     for name in names:
-        script = _SCRIPTS / f"{name}.py"
-        if name.startswith("_") or not script.is_file():
+        script = os.path.join(_SCRIPT_DIR, f"{name}.py")
+        try:
+            st = os.stat(script)
+        except (OSError, ValueError):
+            st = None
+        if name.startswith("_") or st is None or not stat.S_ISREG(st.st_mode):
             raise ConfigError(f"Unknown metric {name!r}. Available: {', '.join(METRICS)}.")
-        versions[name] = hash_bytes(script.read_bytes())[:12]
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        known = _versions.get(script)
+        if known is not None and known[0] == stamp:  # unchanged since read: a cache hit reads no script
+            versions[name] = known[1]
+            continue
+        with open(script, "rb") as handle:
+            versions[name] = hash_bytes(handle.read())[:12]
+        if time.time_ns() - st.st_ctime_ns > _RACY_NS:  # a change within the file-time tick could keep the stamp
+            _versions[script] = (stamp, versions[name])
     return versions
 
 

@@ -17,7 +17,7 @@ from typing import Any
 from .._core.extras import requires_extras
 from .._core.fingerprint import example_hashes, fingerprint_data
 from .._core.freshness import describe_age, iso
-from .._core.keys import Key, make_key
+from .._core.keys import Key, dumps, extend_key, make_key
 from .._core.locking import single_flight
 from .._core.rows import load_rows
 from .._models.identity import (
@@ -125,13 +125,8 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
         return EvalResult(predictions, references, metrics, meta, "disabled")
 
     identity = run.identity()
-    predictor = make_key("predictor", {
-        "model": identity["model"], "tokenizer": identity["tokenizer"],
-        "generation": effective_generation(identity["generation_defaults"], config.generation_overrides())
-        if config.task == "generation" else None,
-        "prompt": config.prompt_spec(),
-    })
-    key = make_key("predictions", {**predictor.inputs, "data": {"fingerprint": fingerprint_data(
+    predictor = predictor_key(identity, config)
+    key = extend_key(predictor, "predictions", {"data": {"fingerprint": fingerprint_data(
         data if hasattr(data, "_fingerprint") else rows), "n": len(rows)}})
     cache = PredictionCache(folder, caching.clock, caching.max_age_days)
     name = identity["model"]["name"]
@@ -174,6 +169,33 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
     if "_status" not in doc:  # another process computed it while we waited
         return _hit(doc, cache, key, name, config, versions)
     return _result(doc, key, reason)
+
+
+_predictors: dict[bytes, tuple[dict, Key]] = {}  # settings -> (the identity object it was made from, its key)
+
+
+def predictor_key(identity: dict, config: EvalConfig) -> Key:
+    """The key of everything but the data: model, tokenizer, effective generation settings, prompt format.
+
+    The last few are remembered by the settings and the very identity object they were made from: a path's
+    identity is its memo's parsed document, shared read-only until that memo file changes (then it is a
+    new object), so a repeated hit walks neither again; any changed setting has other settings bytes.
+    """
+    overrides = config.generation_overrides() if config.task == "generation" else None
+    settings = dumps({"overrides": overrides, "prompt": config.prompt_spec()})
+    known = _predictors.get(settings)
+    if known is not None and known[0] is identity:
+        return known[1]
+    key = make_key("predictor", {
+        "model": identity["model"], "tokenizer": identity["tokenizer"],
+        "generation": effective_generation(identity["generation_defaults"], overrides)
+        if overrides is not None else None,
+        "prompt": config.prompt_spec(),
+    })
+    if len(_predictors) >= 16:
+        _predictors.pop(next(iter(_predictors)))
+    _predictors[settings] = (identity, key)
+    return key
 
 
 def _save(cache: PredictionCache, key: Key, predictor: Key, run: _Run, name: str, predictions: list,
@@ -240,10 +262,11 @@ def _hit(doc: dict, cache: PredictionCache, key: Key, name: str, config: EvalCon
         doc["metrics"] = compute_metrics(config.metrics, doc["predictions"], doc["references"])
         doc["metric_versions"] = versions
         cache.save_run(key, name, {k: v for k, v in doc.items() if k != "key"})
+    path = cache.run_path(key, name)
     log.info("✅ Loaded predictions from cache: %s (%d examples, %s old, saved ≈%.0fs).",
-             cache.run_path(key, name).name, len(doc["predictions"]), age, meta.get("evaluation_time_seconds", 0))
+             path.name, len(doc["predictions"]), age, meta.get("evaluation_time_seconds", 0))
     return EvalResult(doc["predictions"], doc["references"], doc["metrics"], meta, "hit",
-                      key=key.digest, path=str(cache.run_path(key, name)))
+                      key=key.digest, path=str(path))
 
 
 def _metadata(name: str, size: int, seconds: float, config: EvalConfig, now: float) -> dict:
