@@ -450,7 +450,7 @@ def test_a_chunk_is_hashed_while_written_with_one_fsync_and_its_record_matches_t
     pooled = [(Pooled({1: torch.randn(8, 16)}, torch.arange(8)), 0)]
     table = writer.arrow_table(pooled, 0, [{"label": i % 2} for i in range(8)], ["label"], [1], "float32", 16)
     writer.write_chunk(folder, 0, 0, 8, table, key, 8)
-    assert len(synced) == 1 and reread == []  # the shard's fsync only; never read back to be hashed
+    assert synced == [] and reread == []  # fsynced when the store is finished; never read back to be hashed
     side = unseal((folder / ".chunks" / "data-00000.json").read_bytes())
     shard = folder / "data-00000.arrow"
     assert side["content_hash"] == real_hash(shard) and side["bytes"] == shard.stat().st_size
@@ -536,3 +536,49 @@ def test_a_token_store_carries_int32_example_index_position_and_token_id(llama, 
     assert len(store) == sum(counts) == store.layer(2).shape[0]
     schema = store.tables()[0].schema
     assert {schema.field(n).type for n in ("example_index", "position", "token_id")} == {__import__("pyarrow").int32()}
+
+
+def test_a_resumed_run_hashes_the_shards_an_earlier_run_left(llama, tmp_path, monkeypatch):
+    """Shards are fsynced only when the store is finished: after a crash a sidecar may outlive its shard's bytes."""
+    from hf_cachehooks._core import entry
+    from hf_cachehooks._core.store import seal, unseal
+
+    monkeypatch.setattr(entry, "HASH_ALWAYS_BELOW", 0)  # these tiny shards would be hashed anyway: trust stamps
+    model, tok = llama
+    clean = cache_activations(
+        model, tok, records(), tmp_path / "clean", [2], shard_size=8, batch_size=4, progress=False
+    )
+    real, calls = writer.capture, []
+
+    def dying(*args, **kwargs):
+        if len(calls) == 3:  # chunk 0 done, killed inside chunk 1
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "capture", dying)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
+    shard, side_path = tmp_path / "c" / "data-00000.arrow", tmp_path / "c" / ".chunks" / "data-00000.json"
+    _flip(shard, -100)  # the bytes did not all reach the disk, though the file's metadata did
+    side = unseal(side_path.read_bytes())
+    st = os.stat(shard)
+    side["stamp"] = [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]  # a stamp that matches: only a hash can tell
+    side_path.write_bytes(seal(side))
+    monkeypatch.setattr(writer, "capture", real)
+    resumed = _extractions(monkeypatch)
+    store = cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
+    assert len(resumed) == 6  # chunk 0 redone too (21 examples, batches of 4 within chunks of 8)
+    assert torch.equal(store.layer(2), clean.layer(2))
+
+
+def test_every_shard_is_fsynced_before_the_manifest_is_committed(tmp_path, monkeypatch):
+    from hf_cachehooks._core import entry
+
+    events = []
+    real_fsync, real_commit = os.fsync, entry.commit
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    monkeypatch.setattr(entry, "commit", lambda *a, **k: events.append("commit") or real_commit(*a, **k))
+    _synthetic_store(tmp_path / "s", rows=64, hidden=8, chunks=3)
+    shards = [i for i, e in enumerate(events) if e.endswith(".arrow")]
+    assert len(shards) == 3 and max(shards) < events.index("commit")

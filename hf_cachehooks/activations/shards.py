@@ -11,6 +11,7 @@ last, listing every file and where each layer's values start in each shard), the
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -112,12 +113,17 @@ def sidecar(folder: Path, chunk: int) -> dict | None:
     return side
 
 
-def chunk_done(folder: Path, chunk: int, digest: str) -> bool:
+def chunk_done(folder: Path, chunk: int, digest: str, check: str = "stamp") -> bool:
+    """True when chunk `chunk` of the run keyed `digest` is finished and its shard matches its sidecar.
+
+    `check="hash"` reads the shard: what a resumed run does, since a shard is fsynced only when the store
+    is finished, so after a power cut a sidecar may outlive its shard's bytes.
+    """
     side = sidecar(folder, chunk)
     if side is None or side["key"]["digest"] != digest or side.get("layout") != LAYOUT:
         return False  # a chunk an older version wrote (another layout) is redone, so every shard has one schema
     record = {"bytes": side["bytes"], "xxh3": side["content_hash"], "stamp": side.get("stamp")}
-    return entry.check_file(folder, f"{chunk_name(chunk)}.arrow", record) is None  # the contract's own file check
+    return entry.check_file(folder, f"{chunk_name(chunk)}.arrow", record, check) is None  # the contract's check
 
 
 class _HashingFile:
@@ -140,17 +146,18 @@ class _HashingFile:
 
 
 def write_chunk(folder: Path, chunk: int, start: int, end: int, table: Any, key: Any, shard_size: int) -> None:
-    """Write one chunk's shard, hashed as it is written, with one fsync (the shard's), then its sidecar.
+    """Write one chunk's shard, hashed as it is written, then its sealed sidecar; neither is fsynced here.
 
-    The sidecar is sealed and written without fsync: torn or lost in a power cut, it reads as absent
-    and the chunk is redone; a shard whose rename was lost reads as missing against its sidecar, and is
-    redone too. The manifest commit at the end fsyncs the folder, which makes every rename durable.
+    `finish_store` fsyncs every shard, back to back, before the manifest is committed (whose folder fsync
+    makes the renames durable): one flush for the run instead of one per chunk. Until then a power cut
+    can lose or tear a shard whose sidecar survives; a resumed run hashes each finished chunk's shard
+    against its sidecar (`chunk_done(check="hash")`) and redoes any that does not match. A torn sidecar
+    reads as absent, a lost rename as a missing shard: both are redone.
     """
     import pyarrow as pa
 
     path = folder / f"{chunk_name(chunk)}.arrow"
-    # the shard's own fsync; its rename is made durable by the manifest commit's fsync of this folder
-    with atomic_target(path, sync_folder=False) as tmp, open(tmp, "wb") as handle:
+    with atomic_target(path, durable=False) as tmp, open(tmp, "wb") as handle:
         hashing = _HashingFile(handle)
         with pa.PythonFile(hashing, mode="w") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
@@ -243,7 +250,10 @@ def finish_store(
         name: {"bytes": s["bytes"], "xxh3": s["content_hash"], "stamp": s.get("stamp")} for name, s in zip(names, sides)
     }
     labels = Counter(str(r[label_field]) for r in rows if label_field in r)
-    try:  # the per-example fields are the shards' columns (stored once); this is their summary
+    try:
+        for name in names:  # every shard reaches the disk before the manifest that lists it
+            _fsync(folder / name)
+        # the per-example fields are the shards' columns (stored once); this is their summary
         files["metadata.json"] = entry.write_file(
             folder,
             "metadata.json",
@@ -273,3 +283,11 @@ def finish_store(
         size / 1e6,
         folder,
     )
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

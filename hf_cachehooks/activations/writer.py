@@ -234,7 +234,8 @@ def cache_activations(
         (c, c * shard_size, min(len(rows), (c + 1) * shard_size))
         for c in range((len(rows) + shard_size - 1) // shard_size)
     ]
-    mine = [c for c in chunks if c[0] % world == rank and not chunk_done(folder, c[0], key.digest)]
+    # a chunk left by an earlier run is hashed: its shard was not yet fsynced when that run stopped
+    mine = [c for c in chunks if c[0] % world == rank and not chunk_done(folder, c[0], key.digest, "hash")]
     fields = field_types(rows, scalar_fields(rows, text_field))
     hidden = hidden_size(model)
     device = next(model.parameters()).device
