@@ -10,11 +10,12 @@ last, listing every file and where each layer's values start in each shard), the
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,8 +252,7 @@ def finish_store(
     }
     labels = Counter(str(r[label_field]) for r in rows if label_field in r)
     try:
-        for name in names:  # every shard reaches the disk before the manifest that lists it
-            _fsync(folder / name)
+        _at_once(_fsync, [folder / name for name in names])  # every shard reaches the disk before the manifest
         # the per-example fields are the shards' columns (stored once); this is their summary
         files["metadata.json"] = entry.write_file(
             folder,
@@ -273,7 +273,8 @@ def finish_store(
         return
     if not entry.commit(folder / MANIFEST, KIND, key, files, manifest, created_at=now):  # last: the store exists
         return
-    shutil.rmtree(folder / CHUNKS, ignore_errors=True)
+    _at_once(_unlink, [folder / CHUNKS / f"{chunk_name(c)}.json" for c, _, _ in chunks])  # the sidecars, then
+    shutil.rmtree(folder / CHUNKS, ignore_errors=True)  # whatever else is left in .chunks
     size = sum(s["bytes"] for s in sides)
     log.info(
         "💾 Cached %d rows × %d layers (%s, %.1f MB) in %s",
@@ -283,6 +284,19 @@ def finish_store(
         size / 1e6,
         folder,
     )
+
+
+def _at_once(action: Callable[[Path], None], paths: list[Path]) -> None:
+    """`action` on every path from several threads: the file system joins concurrent journal commits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
+        list(pool.map(action, paths))  # re-raises the first error
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _fsync(path: Path) -> None:
