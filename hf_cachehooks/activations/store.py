@@ -233,9 +233,11 @@ class ActivationStore:
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
         chunk = np.searchsorted(self._offsets, self.indices, side="right") - 1
         out = np.empty((len(self.indices), self.hidden_size), dtype=parts[0].dtype)
-        for c in np.unique(chunk):
-            mask = chunk == c
-            out[mask] = parts[c][self.indices[mask] - self._offsets[c]]
+        order = np.argsort(chunk, kind="stable")  # rows grouped by shard: one pass, not one mask per shard
+        bounds = np.searchsorted(chunk[order], np.arange(len(parts) + 1))
+        for c in np.flatnonzero(np.diff(bounds)):
+            rows = order[bounds[c] : bounds[c + 1]]
+            out[rows] = parts[c][self.indices[rows] - self._offsets[c]]
         return out
 
     def _parts(self, layer: int) -> list[np.ndarray]:
