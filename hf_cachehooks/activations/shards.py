@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import xxhash
 
 from .._core import entry
@@ -89,9 +90,13 @@ def arrow_table(
     if pooled[0][0].position is not None:
         columns["position"] = pa.array(torch.cat([p.position for p, _ in pooled]).tolist(), pa.int32())
         columns["token_id"] = pa.array(torch.cat([p.token_id for p, _ in pooled]).tolist(), pa.int32())
+    target = getattr(torch, dtype)
     for layer in layers:
-        values = torch.cat([p.layers[layer] for p, _ in pooled]).to(getattr(torch, dtype)).contiguous()
-        flat = (values.view(torch.uint16) if dtype == "bfloat16" else values).reshape(-1).numpy()
+        # each batch cast on its own (small), then joined by numpy: one chunk-sized torch op would start
+        # torch's thread pool, which costs seconds per 1M rows on busy cores
+        parts = [p.layers[layer] if p.layers[layer].dtype == target else p.layers[layer].to(target) for p, _ in pooled]
+        arrays = [(t.view(torch.uint16) if dtype == "bfloat16" else t).contiguous().numpy() for t in parts]
+        flat = (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(-1)
         columns[f"layer_{layer}"] = pa.FixedSizeListArray.from_arrays(
             pa.array(flat, type=getattr(pa, ARROW_TYPE[dtype])()), hidden
         )
