@@ -18,8 +18,14 @@ WORDS = "what is the capital of france ? paris two plus four yes no blue red gre
 
 
 def records(n=21):
-    return [{"text": " ".join(WORDS[(i * 3) % 7 : (i * 3) % 7 + 1 + i % 6]), "type": "testing" if i % 3 else
-             "deployment", "id": i} for i in range(n)]
+    return [
+        {
+            "text": " ".join(WORDS[(i * 3) % 7 : (i * 3) % 7 + 1 + i % 6]),
+            "type": "testing" if i % 3 else "deployment",
+            "id": i,
+        }
+        for i in range(n)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -31,16 +37,18 @@ def _gpt2():
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, bos_token_id=1,
-                                      eos_token_id=2)).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=64, bos_token_id=1, eos_token_id=2)
+    ).eval()
 
 
 def _bert():
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    return BertModel(BertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32,
-                                vocab_size=64)).eval()
+    return BertModel(
+        BertConfig(num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=64)
+    ).eval()
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -79,8 +87,10 @@ def test_every_position_mode(llama, side):
     mask = batch["attention_mask"].bool()
     got = capture(model, batch, [2])
     real = [full[i][mask[i]] for i in range(3)]  # each example's real tokens, in order
-    last, first = pool(got, batch["attention_mask"], batch["input_ids"], "last"), \
-        pool(got, batch["attention_mask"], batch["input_ids"], "first")
+    last, first = (
+        pool(got, batch["attention_mask"], batch["input_ids"], "last"),
+        pool(got, batch["attention_mask"], batch["input_ids"], "first"),
+    )
     mean = pool(got, batch["attention_mask"], batch["input_ids"], "mean")
     every = pool(got, batch["attention_mask"], batch["input_ids"], "all")
     for i in range(3):
@@ -96,8 +106,9 @@ def test_every_position_mode(llama, side):
 def test_dtype_round_trip_is_bit_exact(llama, tmp_path, dtype):
     model, tok = llama
     rows = records()
-    store = cache_activations(model, tok, rows, tmp_path / dtype, [1, 3], dtype=dtype, batch_size=4, shard_size=8,
-                              progress=False)
+    store = cache_activations(
+        model, tok, rows, tmp_path / dtype, [1, 3], dtype=dtype, batch_size=4, shard_size=8, progress=False
+    )
     assert store.layer(3).dtype == getattr(torch, dtype) and store.layer(3).shape == (len(rows), 16)
     tok.padding_side = "right"
     expected = []
@@ -115,11 +126,14 @@ def test_store_layout_fields_and_datasets_compatibility(llama, tmp_path):
     store = cache_activations(model, tok, records(), tmp_path / "c", [1, 2], progress=False, shard_size=8)
     info = json.loads((tmp_path / "c" / "layer_info.json").read_text())  # the integrity check users run
     assert info["layers"] == [1, 2] and info["num_examples"] == 21
-    meta = json.loads((tmp_path / "c" / "metadata.json").read_text())
-    assert meta["examples"][4] == {"index": 4, "text": records()[4]["text"], "type": "testing", "id": 4}
+    meta = json.loads((tmp_path / "c" / "metadata.json").read_text())  # per-example values are columns, once
+    assert meta["fields"] == ["text", "type", "id"] and meta["label_counts"] == {"deployment": 7, "testing": 14}
+    assert "examples" not in meta
     assert store.column("type") == [r["type"] for r in records()]
+    assert store.column("example_index") == list(range(21))  # a pooled row i is example i: not stored
     ds = store.to_dataset()
     assert ds.num_rows == 21 and "layer_2" in ds.column_names and ds[3]["id"] == 3
+    assert ds.features["id"].dtype == "int8" and "example_index" not in ds.column_names
     assert np.allclose(np.array(ds[5]["layer_2"], dtype=np.float32), store.numpy(2)[5].astype(np.float32))
     assert store.info()["chunks"] == 3 and store.info()["dtype"] == "float16"
 
@@ -154,25 +168,23 @@ def test_other_inputs_in_the_same_folder_are_refused(llama, tmp_path):
     cache_activations(model, tok, records(), tmp_path / "c", [1], progress=False)
     with pytest.raises(ConfigError, match="positions"):
         cache_activations(model, tok, records(), tmp_path / "c", [1], positions="mean", progress=False)
-    store = cache_activations(model, tok, records(), tmp_path / "c", [1], positions="mean", force=True,
-                              progress=False)
+    store = cache_activations(model, tok, records(), tmp_path / "c", [1], positions="mean", force=True, progress=False)
     assert store.positions == "mean"
 
 
 def test_batch_size_and_shard_size_do_not_change_the_key(llama, tmp_path, monkeypatch):
     model, tok = llama
-    first = cache_activations(model, tok, records(), tmp_path / "c", [1], batch_size=2, shard_size=8,
-                              progress=False)
+    first = cache_activations(model, tok, records(), tmp_path / "c", [1], batch_size=2, shard_size=8, progress=False)
     monkeypatch.setattr(writer, "capture", lambda *a, **k: pytest.fail("extracted again"))
-    again = cache_activations(model, tok, records(), tmp_path / "c", [1], batch_size=7, shard_size=5,
-                              progress=False)
+    again = cache_activations(model, tok, records(), tmp_path / "c", [1], batch_size=7, shard_size=5, progress=False)
     assert torch.equal(again.layer(1), first.layer(1))
 
 
 def test_interrupted_run_resumes_from_complete_chunks(llama, tmp_path, monkeypatch):
     model, tok = llama
-    clean = cache_activations(model, tok, records(), tmp_path / "clean", [2], shard_size=8, batch_size=4,
-                              progress=False)
+    clean = cache_activations(
+        model, tok, records(), tmp_path / "clean", [2], shard_size=8, batch_size=4, progress=False
+    )
     calls = []
     real = writer.capture
 
@@ -191,8 +203,7 @@ def test_interrupted_run_resumes_from_complete_chunks(llama, tmp_path, monkeypat
         ActivationStore(tmp_path / "c")
     resumed_calls = []
     monkeypatch.setattr(writer, "capture", lambda *a, **k: resumed_calls.append(1) or real(*a, **k))
-    store = cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4,
-                              progress=False)
+    store = cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
     assert len(resumed_calls) == 4  # chunks 1 and 2 only (13 examples, batches of 4)
     assert torch.equal(store.layer(2), clean.layer(2))
     assert not (tmp_path / "c" / ".chunks").exists()  # bookkeeping gone once the manifest is in
@@ -216,16 +227,16 @@ def test_two_processes_write_one_store_equal_to_a_single_process_store(tmp_path,
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), str(tmp_path / "multi")), nprocs=2, join=True)
     multi = ActivationStore(tmp_path / "multi")
-    single = cache_activations(make_llama(layers=3), make_tokenizer(), records(37), tmp_path / "single", [1, 3],
-                               shard_size=5, progress=False)
+    single = cache_activations(
+        make_llama(layers=3), make_tokenizer(), records(37), tmp_path / "single", [1, 3], shard_size=5, progress=False
+    )
     assert multi.manifest["key"]["digest"] == single.manifest["key"]["digest"]
     for layer in (1, 3):
         assert torch.equal(multi.layer(layer), single.layer(layer))
     assert multi.column("example_index") == list(range(37))
     # a store made by two processes is a hit for one (the key leaves out the process count)
     monkeypatch.setattr(writer, "capture", lambda *a, **k: pytest.fail("extracted again"))
-    cache_activations(make_llama(layers=3), make_tokenizer(), records(37), tmp_path / "multi", [1, 3],
-                      progress=False)
+    cache_activations(make_llama(layers=3), make_tokenizer(), records(37), tmp_path / "multi", [1, 3], progress=False)
     assert os.environ.get("WORLD_SIZE") is None
 
 
@@ -237,6 +248,7 @@ def test_contrastive_pairs_become_labelled_rows(llama, tmp_path):
 
 
 # The entry contract: a store that does not check out is never served -------------------------------------
+
 
 def _extractions(monkeypatch):
     """Count forward passes from here on (a re-extraction runs them, a hit does not)."""
@@ -369,8 +381,9 @@ def test_force_removes_only_what_the_store_lists(llama, tmp_path, monkeypatch):
     (folder / "data-00009.arrow").write_text("a user's file that happens to look like a shard")
     cache_activations(model, tok, records(), folder, [1], shard_size=8, progress=False)
     assert (folder / "CACHEDIR.TAG").exists() and (folder / "data-00002.arrow").exists()
-    store = cache_activations(model, tok, records(), folder, [1], positions="mean", shard_size=21, force=True,
-                              progress=False)
+    store = cache_activations(
+        model, tok, records(), folder, [1], positions="mean", shard_size=21, force=True, progress=False
+    )
     assert store.positions == "mean" and len(store.manifest["chunks"]) == 1
     assert not (folder / "data-00002.arrow").exists()  # the old store's shards went with it
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "data-00009.arrow").exists()
@@ -395,8 +408,9 @@ def test_force_clears_a_killed_run_with_other_inputs(llama, tmp_path, monkeypatc
     monkeypatch.setattr(writer, "capture", real)
     with pytest.raises(ConfigError, match="positions"):
         cache_activations(model, tok, records(), folder, [1], positions="mean", progress=False)
-    store = cache_activations(model, tok, records(), folder, [1], positions="mean", shard_size=21, force=True,
-                              progress=False)
+    store = cache_activations(
+        model, tok, records(), folder, [1], positions="mean", shard_size=21, force=True, progress=False
+    )
     assert store.positions == "mean" and len(store) == 21
     assert not (folder / "data-00001.arrow").exists() and not (folder / ".chunks").exists()
 
@@ -436,7 +450,135 @@ def test_a_chunk_is_hashed_while_written_with_one_fsync_and_its_record_matches_t
     pooled = [(Pooled({1: torch.randn(8, 16)}, torch.arange(8)), 0)]
     table = writer.arrow_table(pooled, 0, [{"label": i % 2} for i in range(8)], ["label"], [1], "float32", 16)
     writer.write_chunk(folder, 0, 0, 8, table, key, 8)
-    assert len(synced) == 1 and reread == []  # the shard's fsync only; never read back to be hashed
+    assert synced == [] and reread == []  # fsynced when the store is finished; never read back to be hashed
     side = unseal((folder / ".chunks" / "data-00000.json").read_bytes())
     shard = folder / "data-00000.arrow"
     assert side["content_hash"] == real_hash(shard) and side["bytes"] == shard.stat().st_size
+
+
+def test_layer_values_are_read_at_the_recorded_offsets_without_an_arrow_parse(llama, tmp_path, monkeypatch):
+    import pyarrow as pa
+
+    model, tok = llama
+    store = cache_activations(
+        model, tok, records(), tmp_path / "c", [1, 3], dtype="bfloat16", shard_size=8, progress=False
+    )
+    expected = {layer: store.layer(layer) for layer in (1, 3)}
+    assert all(set(c["offsets"]) == {"layer_1", "layer_3"} for c in store.manifest["chunks"])
+    monkeypatch.setattr(pa.ipc, "open_stream", lambda *a, **k: pytest.fail("parsed a shard to read a layer"))
+    fresh = ActivationStore(tmp_path / "c")
+    for layer in (1, 3):
+        assert torch.equal(fresh.layer(layer), expected[layer])
+    assert len(fresh._maps) == 3  # each shard mapped once for both layers
+    view = fresh.select([20, 0, 9])
+    assert torch.equal(view.layer(3), expected[3][[20, 0, 9]]) and view._maps is fresh._maps  # views share maps
+
+
+def test_a_store_written_before_offsets_and_compact_metadata_still_reads(llama, tmp_path):
+    """Layout 1 (int64 example_index, per-example JSON, no offsets): read through Arrow, same values."""
+    import pyarrow as pa
+
+    from hf_cachehooks._core import entry
+    from hf_cachehooks._core.store import seal, unseal
+
+    model, tok = llama
+    folder = tmp_path / "c"
+    store = cache_activations(model, tok, records(), folder, [2], shard_size=8, progress=False)
+    want, labels = store.layer(2), store.column("type")
+    doc = unseal((folder / "manifest.json").read_bytes())
+    for chunk in doc["chunks"]:  # rewrite each shard as the old writer did: example_index first, int64
+        path = folder / chunk["file"]
+        table = pa.ipc.open_stream(pa.py_buffer(path.read_bytes())).read_all()
+        old = table.add_column(0, "example_index", pa.array(range(chunk["start"], chunk["end"]), pa.int64()))
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, old.schema) as writer:
+            writer.write_table(old)
+        doc["files"][chunk["file"]] = entry.file_record(path)
+        del chunk["offsets"]
+    doc.pop("layout")
+    (folder / "manifest.json").write_bytes(seal(doc))
+    old_store = ActivationStore(folder)
+    assert torch.equal(old_store.layer(2), want) and old_store.column("type") == labels
+    assert old_store.column("example_index") == list(range(21))
+
+
+def test_offsets_past_the_end_of_a_shard_are_refused(llama, tmp_path):
+    from hf_cachehooks._core.store import seal, unseal
+
+    model, tok = llama
+    folder = tmp_path / "c"
+    cache_activations(model, tok, records(), folder, [2], shard_size=8, progress=False)
+    doc = unseal((folder / "manifest.json").read_bytes())
+    doc["chunks"][1]["offsets"]["layer_2"] = doc["chunks"][1]["bytes"] - 8  # a resealed manifest, wrong offset
+    (folder / "manifest.json").write_bytes(seal(doc))
+    with pytest.raises(ConfigError, match="data-00001.arrow: layer 2 lies past its end"):
+        ActivationStore(folder).layer(2)
+
+
+def test_integer_fields_take_the_narrowest_type_for_every_chunk():
+    import pyarrow as pa
+
+    rows = [{"label": i % 2, "id": i * 1000, "big": -(1 << 40) + i, "name": "x", "flag": True} for i in range(40)]
+    types = writer.field_types(rows, ["label", "id", "big", "name", "flag"])
+    assert types == {"label": pa.int8(), "id": pa.int32(), "big": pa.int64(), "name": None, "flag": None}
+
+
+def test_a_token_store_carries_int32_example_index_position_and_token_id(llama, tmp_path):
+    model, tok = llama
+    texts = records(5)
+    store = cache_activations(model, tok, texts, tmp_path / "c", [2], positions="all", shard_size=2, progress=False)
+    _, batch = next(batches([r["text"] for r in texts], tok, 5))
+    mask = batch["attention_mask"].bool()
+    counts = mask.sum(1).tolist()
+    assert store.column("example_index") == [i for i, n in enumerate(counts) for _ in range(n)]
+    assert store.column("position") == [p for n in counts for p in range(n)]
+    assert store.column("token_id") == batch["input_ids"][mask].tolist()
+    assert store.column("id") == [i for i, n in enumerate(counts) for _ in range(n)]
+    assert len(store) == sum(counts) == store.layer(2).shape[0]
+    schema = store.tables()[0].schema
+    assert {schema.field(n).type for n in ("example_index", "position", "token_id")} == {__import__("pyarrow").int32()}
+
+
+def test_a_resumed_run_hashes_the_shards_an_earlier_run_left(llama, tmp_path, monkeypatch):
+    """Shards are fsynced only when the store is finished: after a crash a sidecar may outlive its shard's bytes."""
+    from hf_cachehooks._core import entry
+    from hf_cachehooks._core.store import seal, unseal
+
+    monkeypatch.setattr(entry, "HASH_ALWAYS_BELOW", 0)  # these tiny shards would be hashed anyway: trust stamps
+    model, tok = llama
+    clean = cache_activations(
+        model, tok, records(), tmp_path / "clean", [2], shard_size=8, batch_size=4, progress=False
+    )
+    real, calls = writer.capture, []
+
+    def dying(*args, **kwargs):
+        if len(calls) == 3:  # chunk 0 done, killed inside chunk 1
+            raise KeyboardInterrupt("killed")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(writer, "capture", dying)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
+    shard, side_path = tmp_path / "c" / "data-00000.arrow", tmp_path / "c" / ".chunks" / "data-00000.json"
+    _flip(shard, -100)  # the bytes did not all reach the disk, though the file's metadata did
+    side = unseal(side_path.read_bytes())
+    st = os.stat(shard)
+    side["stamp"] = [st.st_ino, st.st_mtime_ns, st.st_ctime_ns]  # a stamp that matches: only a hash can tell
+    side_path.write_bytes(seal(side))
+    monkeypatch.setattr(writer, "capture", real)
+    resumed = _extractions(monkeypatch)
+    store = cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
+    assert len(resumed) == 6  # chunk 0 redone too (21 examples, batches of 4 within chunks of 8)
+    assert torch.equal(store.layer(2), clean.layer(2))
+
+
+def test_every_shard_is_fsynced_before_the_manifest_is_committed(tmp_path, monkeypatch):
+    from hf_cachehooks._core import entry
+
+    events = []
+    real_fsync, real_commit = os.fsync, entry.commit
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(os.readlink(f"/proc/self/fd/{fd}")) or real_fsync(fd))
+    monkeypatch.setattr(entry, "commit", lambda *a, **k: events.append("commit") or real_commit(*a, **k))
+    _synthetic_store(tmp_path / "s", rows=64, hidden=8, chunks=3)
+    shards = [i for i, e in enumerate(events) if e.endswith(".arrow")]
+    assert len(shards) == 3 and max(shards) < events.index("commit")

@@ -3,7 +3,7 @@
     DIR/
     ├── CACHEDIR.TAG           marks the folder as this library's cache (for the management commands)
     ├── data-00000.arrow …     one Arrow IPC stream per chunk of examples, in dataset order
-    ├── metadata.json          sealed: per-example info (index, label, fields) and the key
+    ├── metadata.json          sealed: the fields, label counts and the key (the fields' values are columns)
     ├── layer_info.json        sealed: {"layers", "num_examples", "hidden_size", "dtype", "positions", "model"}
     ├── state.json, dataset_info.json   so `datasets.load_from_disk(DIR)` works
     ├── manifest.json          the entry (kind "activations"), written last: every file above with its size
@@ -11,12 +11,16 @@
     └── .chunks/data-00000.json …   only while extracting: a sealed sidecar per finished chunk (resume);
                                     deleted once the manifest is written
 
-Columns: `example_index`, the dataset's scalar fields, `position`/`token_id` (positions="all"), and one
-`layer_{L}` column per layer as FixedSizeList<float16|float32>[hidden]. Arrow has no bfloat16: bf16 is
-stored as its uint16 bits with a dtype tag and read back bit-exact. Opening checks the manifest and
-every file's size, and hashes a file whose stat stamp changed since it was written (`verify=True`
-hashes all); a store that fails is never read. Reading memory-maps the shards (zero-copy) and gathers
-rows with numpy, never a Python loop over rows; a subset is an index view.
+Columns: the dataset's scalar fields (integers in the narrowest type that holds them), with
+positions="all" `example_index`/`position`/`token_id` (int32; a pooled row i is example i, so it needs
+none), and one `layer_{L}` column per layer as FixedSizeList<float16|float32>[hidden]. Arrow has no
+bfloat16: bf16 is stored as its uint16 bits with a dtype tag and read back bit-exact. Opening checks
+the manifest and every file's size, and hashes a file whose stat stamp changed since it was written
+(`verify=True` hashes all); a store that fails is never read. Reading memory-maps each shard once per
+store (views share the maps) and takes a layer's values at the offset the manifest records, without
+an Arrow parse per shard; rows are gathered with numpy, never a Python loop over rows. Stores written
+before offsets were recorded (layout 1: an int64 `example_index` column, per-example JSON) read
+through Arrow as before.
 """
 
 from __future__ import annotations
@@ -43,6 +47,8 @@ MANIFEST = "manifest.json"
 CHUNKS = ".chunks"  # per-chunk sidecars while a run extracts (entry.OWN_HIDDEN: removed with the entry)
 DTYPES = ("float32", "float16", "bfloat16")
 ARROW_TYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}  # bf16 travels as its bits
+NUMPY_TYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
+LAYOUT = 2  # 2: layer offsets in the manifest, no index column for pooled rows, compact metadata.json
 _REDO = "Re-run `hf-cachehooks cache-activations --output {folder} ...` to re-extract it"
 
 
@@ -60,16 +66,25 @@ def store_problem(found: entry.Entry) -> str | None:
     if found.kind != KIND:
         return f"it holds a {found.kind} entry, not activations"
     chunks, layers = doc.get("chunks"), doc.get("layers")
-    if not isinstance(chunks, list) or not chunks or not isinstance(layers, list) \
-            or not all(isinstance(x, int) for x in layers) or not isinstance(doc.get("hidden_size"), int) \
-            or not isinstance(doc.get("num_examples"), int) or doc.get("dtype") not in DTYPES \
-            or not isinstance(doc.get("positions"), str):
+    if (
+        not isinstance(chunks, list)
+        or not chunks
+        or not isinstance(layers, list)
+        or not all(isinstance(x, int) for x in layers)
+        or not isinstance(doc.get("hidden_size"), int)
+        or not isinstance(doc.get("num_examples"), int)
+        or doc.get("dtype") not in DTYPES
+        or not isinstance(doc.get("positions"), str)
+    ):
         return "manifest fields chunks/layers/hidden_size/num_examples/dtype/positions are missing or malformed"
     for chunk in chunks:
         if not isinstance(chunk, dict) or not isinstance(chunk.get("rows"), int) or chunk["rows"] < 0:
             return f"malformed chunk record {chunk!r:.80}"
         if chunk.get("file") not in found.files:
             return f"chunk file {chunk.get('file')!r:.80} is not a file the manifest lists"
+        offsets = chunk.get("offsets", {})
+        if not isinstance(offsets, dict) or not all(isinstance(v, int) and v >= 0 for v in offsets.values()):
+            return f"malformed layer offsets in chunk record {chunk!r:.80}"
     return None
 
 
@@ -83,8 +98,10 @@ def open_store(folder: Path, check: str = "stamp") -> entry.Entry:
     remote.refresh(path)  # a store on object storage: fetched whole and verified into the local copy (else no-op)
     found, problem = entry.inspect(path, check)
     if found is None and problem is None:
-        raise ConfigError(f"{folder} holds no finished activation cache. Create it with "
-                          "`hf-cachehooks cache-activations --output DIR ...` (an interrupted run resumes).")
+        raise ConfigError(
+            f"{folder} holds no finished activation cache. Create it with "
+            "`hf-cachehooks cache-activations --output DIR ...` (an interrupted run resumes)."
+        )
     problem = problem or store_problem(found)  # type: ignore[arg-type]
     if problem:
         raise ConfigError(f"{folder} is a corrupt activation cache ({problem}). {_REDO.format(folder=folder)}.")
@@ -109,8 +126,9 @@ class ActivationStore:
         >>> sub = store.select(range(10_000))   # a view; store.layer on it gathers 10k rows
     """
 
-    def __init__(self, folder: str | Path, indices: Sequence[int] | np.ndarray | None = None, *,
-                 verify: bool = False) -> None:
+    def __init__(
+        self, folder: str | Path, indices: Sequence[int] | np.ndarray | None = None, *, verify: bool = False
+    ) -> None:
         # By default the shards are checked as they are mapped (one fstat on the open file), so opening
         # costs what it did before the contract; `verify` hashes every file now.
         self._load(open_store(local_path(folder), "hash" if verify else "manifest"), indices)
@@ -131,7 +149,8 @@ class ActivationStore:
         self.dtype: str = manifest["dtype"]
         self.positions: str = manifest["positions"]
         self.model: dict = manifest["key"]["inputs"].get("model") or {}
-        self._tables: list | None = None
+        self._maps: dict[int, mmap.mmap] = {}  # chunk -> its shard, mapped once; shared with views (`select`)
+        self._parsed: dict[int, Any] = {}  # chunk -> its Arrow table, parsed on demand
         counts = [c["rows"] for c in manifest["chunks"]]
         self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         self.indices: np.ndarray | None = None
@@ -158,54 +177,85 @@ class ActivationStore:
         return view
 
     def tables(self) -> list:
-        """The shards as memory-mapped Arrow tables, in dataset order (opened once, each checked first).
+        """The shards as memory-mapped Arrow tables, in dataset order (mapped once, each checked first).
 
         Raises:
             ConfigError: a shard is missing or does not match the manifest (names it and the fix).
         """
-        if self._tables is None:
-            self._tables = [self._map(c["file"]) for c in self.manifest["chunks"]]
-        return self._tables
-
-    def _map(self, name: str) -> Any:
-        """One shard, memory-mapped from the file descriptor whose stat was checked against the manifest."""
         import pyarrow as pa
 
+        for c in range(len(self.manifest["chunks"])):
+            if c not in self._parsed:
+                self._parsed[c] = pa.ipc.open_stream(pa.py_buffer(self._shard(c))).read_all()
+        return [self._parsed[c] for c in range(len(self.manifest["chunks"]))]
+
+    def _shard(self, c: int) -> mmap.mmap:
+        """Chunk `c`'s shard, mapped once per store from the descriptor whose stat was checked."""
+        if c not in self._maps:
+            self._maps[c] = self._map(self.manifest["chunks"][c]["file"])
+        return self._maps[c]
+
+    def _map(self, name: str) -> mmap.mmap:
+        """One shard, memory-mapped from the file descriptor whose stat was checked against the manifest."""
         path, record = str(self.folder / name), self.manifest["files"][name]
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
-            raise ConfigError(f"{self.folder} is a corrupt activation cache ({name}: {exc.strerror}). "
-                              f"{_REDO.format(folder=self.folder)}.") from None
+            raise ConfigError(
+                f"{self.folder} is a corrupt activation cache ({name}: {exc.strerror}). "
+                f"{_REDO.format(folder=self.folder)}."
+            ) from None
         try:
             if not entry.trusted(path, os.fstat(fd), record):
                 problem = entry.check_file(self.folder, name, record)
                 if problem:
-                    raise ConfigError(f"{self.folder} is a corrupt activation cache ({problem}). "
-                                      f"{_REDO.format(folder=self.folder)}.")
+                    raise ConfigError(
+                        f"{self.folder} is a corrupt activation cache ({problem}). {_REDO.format(folder=self.folder)}."
+                    )
             mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)
-        return pa.ipc.open_stream(pa.py_buffer(mapped)).read_all()
+        return mapped
 
     def _check_layer(self, layer: int) -> None:
         if layer not in self.layers:
             cached = ", ".join(map(str, self.layers))
-            raise ConfigError(f"Layer {layer} is not in this cache (cached: {cached}). Re-run cache-activations "
-                              f"with --layers including {layer}.")
+            raise ConfigError(
+                f"Layer {layer} is not in this cache (cached: {cached}). Re-run cache-activations "
+                f"with --layers including {layer}."
+            )
 
     def numpy(self, layer: int) -> np.ndarray:
         """Layer `layer` as a (rows, hidden) numpy array of the stored type (uint16 bits for bf16)."""
         self._check_layer(layer)
-        parts = [_matrix(t.column(f"layer_{layer}"), self.hidden_size) for t in self.tables()]
+        parts = self._parts(layer)
         if self.indices is None:
             return parts[0] if len(parts) == 1 else np.concatenate(parts)
         chunk = np.searchsorted(self._offsets, self.indices, side="right") - 1
         out = np.empty((len(self.indices), self.hidden_size), dtype=parts[0].dtype)
-        for c in np.unique(chunk):
-            mask = chunk == c
-            out[mask] = parts[c][self.indices[mask] - self._offsets[c]]
+        order = np.argsort(chunk, kind="stable")  # rows grouped by shard: one pass, not one mask per shard
+        bounds = np.searchsorted(chunk[order], np.arange(len(parts) + 1))
+        for c in np.flatnonzero(np.diff(bounds)):
+            rows = order[bounds[c] : bounds[c + 1]]
+            out[rows] = parts[c][self.indices[rows] - self._offsets[c]]
         return out
+
+    def _parts(self, layer: int) -> list[np.ndarray]:
+        """Each shard's (rows, hidden) values of `layer`: views into its map at the recorded offset."""
+        name, chunks = f"layer_{layer}", self.manifest["chunks"]
+        if not all(name in c.get("offsets", {}) for c in chunks):  # a store written before offsets: parse it
+            return [_matrix(t.column(name), self.hidden_size) for t in self.tables()]
+        kind, parts = NUMPY_TYPE[self.dtype], []
+        for c, chunk in enumerate(chunks):
+            mapped, count = self._shard(c), chunk["rows"] * self.hidden_size
+            start = chunk["offsets"][name]
+            if start + count * np.dtype(kind).itemsize > len(mapped):
+                raise ConfigError(
+                    f"{self.folder} is a corrupt activation cache ({chunk['file']}: layer {layer} "
+                    f"lies past its end). {_REDO.format(folder=self.folder)}."
+                )
+            parts.append(np.frombuffer(mapped, kind, count, start).reshape(-1, self.hidden_size))
+        return parts
 
     def layer(self, layer: int) -> Any:
         """Layer `layer` as one torch tensor (rows, hidden) in the stored dtype (bf16 bit-exact)."""
@@ -220,6 +270,9 @@ class ActivationStore:
     def column(self, name: str) -> list:
         """A non-activation column (labels, fields, example_index, position, token_id) as a list."""
         tables = self.tables()
+        if name == "example_index" and name not in tables[0].column_names:  # pooled rows: row i is example i
+            values = list(range(int(self._offsets[-1])))
+            return values if self.indices is None else [values[i] for i in self.indices]
         if name not in tables[0].column_names:
             fields = [c for c in tables[0].column_names if not c.startswith("layer_")]
             raise ConfigError(f"No column {name!r} in this cache (columns: {', '.join(fields)}).")
@@ -229,10 +282,20 @@ class ActivationStore:
     def info(self) -> dict:
         """What `hf-cachehooks info` prints."""
         size = sum((self.folder / c["file"]).stat().st_size for c in self.manifest["chunks"])
-        return {"folder": str(self.folder), "layers": self.layers, "num_examples": self.manifest["num_examples"],
-                "rows": len(self), "hidden_size": self.hidden_size, "dtype": self.dtype, "positions": self.positions,
-                "bytes": size, "chunks": len(self.manifest["chunks"]), "model": self.model.get("name"),
-                "key": self.manifest["key"]["digest"][:12], "created": self.manifest.get("timestamp")}
+        return {
+            "folder": str(self.folder),
+            "layers": self.layers,
+            "num_examples": self.manifest["num_examples"],
+            "rows": len(self),
+            "hidden_size": self.hidden_size,
+            "dtype": self.dtype,
+            "positions": self.positions,
+            "bytes": size,
+            "chunks": len(self.manifest["chunks"]),
+            "model": self.model.get("name"),
+            "key": self.manifest["key"]["digest"][:12],
+            "created": self.manifest.get("timestamp"),
+        }
 
     def to_dataset(self) -> Any:
         """The same folder through `datasets.load_from_disk` (bf16 columns hold uint16 bits there).
@@ -274,12 +337,23 @@ def write_layer_info(folder: Path, fields: dict, key: dict) -> dict[str, dict]:
     """
     info = {k: fields[k] for k in ("layers", "num_examples", "hidden_size", "dtype", "positions")}
     info["model"] = (key["inputs"].get("model") or {}).get("name")
-    state = {"_data_files": [{"filename": c["file"]} for c in fields["chunks"]],
-             "_fingerprint": key["digest"][:16], "_format_columns": None, "_format_kwargs": {},
-             "_format_type": None, "_output_all_columns": False, "_split": None}
-    dataset_info = {"description": f"hf_cachehooks activations ({fields['dtype']}; bf16 columns hold uint16 bits)",
-                    "features": fields["features"]}
-    return {"layer_info.json": entry.write_file(folder, "layer_info.json", seal(info)),
-            "state.json": entry.write_file(folder, "state.json", orjson.dumps(state, option=orjson.OPT_INDENT_2)),
-            "dataset_info.json": entry.write_file(folder, "dataset_info.json",
-                                                  orjson.dumps(dataset_info, option=orjson.OPT_INDENT_2))}
+    state = {
+        "_data_files": [{"filename": c["file"]} for c in fields["chunks"]],
+        "_fingerprint": key["digest"][:16],
+        "_format_columns": None,
+        "_format_kwargs": {},
+        "_format_type": None,
+        "_output_all_columns": False,
+        "_split": None,
+    }
+    dataset_info = {
+        "description": f"hf_cachehooks activations ({fields['dtype']}; bf16 columns hold uint16 bits)",
+        "features": fields["features"],
+    }
+    return {
+        "layer_info.json": entry.write_file(folder, "layer_info.json", seal(info)),
+        "state.json": entry.write_file(folder, "state.json", orjson.dumps(state, option=orjson.OPT_INDENT_2)),
+        "dataset_info.json": entry.write_file(
+            folder, "dataset_info.json", orjson.dumps(dataset_info, option=orjson.OPT_INDENT_2)
+        ),
+    }

@@ -27,29 +27,19 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import xxhash
 
 from .._core import entry, remote
 from .._core.cache_config import CacheConfig, settle
 from .._core.fingerprint import fingerprint_data
-from .._core.freshness import SYSTEM_CLOCK, Clock, describe_age, iso
+from .._core.freshness import SYSTEM_CLOCK, Clock, describe_age
 from .._core.keys import Key, diff_inputs, make_key
-from .._core.store import atomic_target, local_path, read_entry, seal, tag_folder, unseal, write_entry
+from .._core.store import local_path, tag_folder, unseal
 from .._models.architecture import hidden_size
 from .._models.extraction import POSITIONS, batches, capture, check_layers, pool
 from .._models.identity import model_identity, tokenizer_identity
 from ..errors import ConfigError, CorruptEntryError, WaitTimeoutError
-from .store import (
-    ARROW_TYPE,
-    CHUNKS,
-    DTYPES,
-    KIND,
-    MANIFEST,
-    ActivationStore,
-    chunk_name,
-    store_problem,
-    write_layer_info,
-)
+from .shards import arrow_table, chunk_done, field_types, finish_store, scalar_fields, sidecar, write_chunk
+from .store import CHUNKS, DTYPES, KIND, MANIFEST, ActivationStore, store_problem
 
 log = logging.getLogger(__name__)
 
@@ -64,11 +54,16 @@ def load_records(data: Any, text_field: str = "text", label_field: str = "label"
 
     rows = load_rows(data)
     if rows and "positive" in rows[0] and "negative" in rows[0] and text_field not in rows[0]:
-        rows = [{text_field: r[side], label_field: side, "pair": i} for i, r in enumerate(rows)
-                for side in ("positive", "negative")]
+        rows = [
+            {text_field: r[side], label_field: side, "pair": i}
+            for i, r in enumerate(rows)
+            for side in ("positive", "negative")
+        ]
     if rows and text_field not in rows[0]:
-        raise ConfigError(f"Records have no field {text_field!r} (fields: {', '.join(sorted(rows[0]))}). "
-                          "Set --text-field, or give contrastive pairs with 'positive' and 'negative'.")
+        raise ConfigError(
+            f"Records have no field {text_field!r} (fields: {', '.join(sorted(rows[0]))}). "
+            "Set --text-field, or give contrastive pairs with 'positive' and 'negative'."
+        )
     return rows
 
 
@@ -79,17 +74,39 @@ def default_label_field(rows: list[dict], label_field: str | None) -> str:
     return "type" if rows and "type" in rows[0] else "label"
 
 
-def activation_key(model: dict, tokenizer: dict | None, rows: list[dict], layers: list[int], *, positions: str,
-                   dtype: str, text_field: str, label_field: str, max_length: int | None, use_chat_template: bool,
-                   system_prompt: str | None) -> Key:
+def activation_key(
+    model: dict,
+    tokenizer: dict | None,
+    rows: list[dict],
+    layers: list[int],
+    *,
+    positions: str,
+    dtype: str,
+    text_field: str,
+    label_field: str,
+    max_length: int | None,
+    use_chat_template: bool,
+    system_prompt: str | None,
+) -> Key:
     """A store's key from model and tokenizer identities: a loaded model's, or the ones remembered for its files."""
-    return make_key("activations", {
-        "model": model, "tokenizer": tokenizer,
-        "data": {"fingerprint": fingerprint_data(rows), "n": len(rows), "text_field": text_field,
-                 "label_field": label_field},
-        "layers": layers, "positions": positions, "dtype": dtype, "max_length": max_length,
-        "template": {"chat_template": use_chat_template, "system_prompt": system_prompt},
-    })
+    return make_key(
+        "activations",
+        {
+            "model": model,
+            "tokenizer": tokenizer,
+            "data": {
+                "fingerprint": fingerprint_data(rows),
+                "n": len(rows),
+                "text_field": text_field,
+                "label_field": label_field,
+            },
+            "layers": layers,
+            "positions": positions,
+            "dtype": dtype,
+            "max_length": max_length,
+            "template": {"chat_template": use_chat_template, "system_prompt": system_prompt},
+        },
+    )
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -112,38 +129,29 @@ def _barrier(world: int) -> bool:
     return False
 
 
-def _scalar_fields(rows: list[dict], text_field: str) -> list[str]:
-    names = [k for k, v in rows[0].items() if isinstance(v, (str, int, float, bool)) and k != "example_index"]
-    return [k for k in names if all(isinstance(r.get(k), type(rows[0][k])) for r in rows)]
-
-
-def arrow_table(pooled: list, start: int, rows: list[dict], fields: list[str], layers: list[int], dtype: str,
-           hidden: int) -> Any:
-    import pyarrow as pa
-    import torch
-
-    example = torch.cat([p.example + offset for p, offset in pooled]).tolist()  # chunk-relative
-    columns: dict[str, Any] = {"example_index": pa.array([start + e for e in example], pa.int64())}
-    for name in fields:
-        columns[name] = pa.array([rows[start + e][name] for e in example])
-    if pooled[0][0].position is not None:
-        columns["position"] = pa.array(torch.cat([p.position for p, _ in pooled]).tolist(), pa.int32())
-        columns["token_id"] = pa.array(torch.cat([p.token_id for p, _ in pooled]).tolist(), pa.int64())
-    for layer in layers:
-        values = torch.cat([p.layers[layer] for p, _ in pooled]).to(getattr(torch, dtype)).contiguous()
-        flat = (values.view(torch.uint16) if dtype == "bfloat16" else values).reshape(-1).numpy()
-        columns[f"layer_{layer}"] = pa.FixedSizeListArray.from_arrays(
-            pa.array(flat, type=getattr(pa, ARROW_TYPE[dtype])()), hidden)
-    return pa.table(columns, metadata={"hf_cachehooks.dtype": dtype})
-
-
-def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path, layers: Sequence[int], *,
-                      positions: str = "last", dtype: str = "float16", text_field: str = "text",
-                      label_field: str | None = None, use_chat_template: bool = False, system_prompt: str | None = None,
-                      max_length: int | None = None, batch_size: int = 8, shard_size: int = 1024,
-                      force: bool = False, max_age_days: float | None = None, clock: Clock = SYSTEM_CLOCK,
-                      progress: bool = True, wait_timeout: float = 3600.0,
-                      cache: CacheConfig | None = None) -> ActivationStore:
+def cache_activations(
+    model: Any,
+    tokenizer: Any,
+    data: Any,
+    folder: str | Path,
+    layers: Sequence[int],
+    *,
+    positions: str = "last",
+    dtype: str = "float16",
+    text_field: str = "text",
+    label_field: str | None = None,
+    use_chat_template: bool = False,
+    system_prompt: str | None = None,
+    max_length: int | None = None,
+    batch_size: int = 8,
+    shard_size: int = 1024,
+    force: bool = False,
+    max_age_days: float | None = None,
+    clock: Clock = SYSTEM_CLOCK,
+    progress: bool = True,
+    wait_timeout: float = 3600.0,
+    cache: CacheConfig | None = None,
+) -> ActivationStore:
     """Extract hidden states at `layers` for every record of `data` into `folder`, or open it if done.
 
     Args:
@@ -177,11 +185,17 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
     import torch
 
     folder = local_path(folder)  # s3://bucket/acts/run1: extracted into its local copy, uploaded when finished
-    cache = settle(cache, {"max_age_days": max_age_days, "clock": clock}, {"max_age_days": None, "clock": SYSTEM_CLOCK},
-                   "cache_activations")
+    cache = settle(
+        cache,
+        {"max_age_days": max_age_days, "clock": clock},
+        {"max_age_days": None, "clock": SYSTEM_CLOCK},
+        "cache_activations",
+    )
     if cache.folder is not None and local_path(cache.folder) != folder:
-        raise ConfigError(f"cache_activations got folder={str(folder)!r} and CacheConfig(folder="
-                          f"{str(cache.folder)!r}); pass the store's folder once, as the folder argument.")
+        raise ConfigError(
+            f"cache_activations got folder={str(folder)!r} and CacheConfig(folder="
+            f"{str(cache.folder)!r}); pass the store's folder once, as the folder argument."
+        )
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not supported. Use one of: {', '.join(DTYPES)}.")
     if positions not in POSITIONS:
@@ -194,9 +208,19 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
         from .._models.runners import chat_texts
 
         texts = chat_texts(texts, tokenizer, system_prompt)
-    key = activation_key(model_identity(model), tokenizer_identity(tokenizer), rows, layers, positions=positions,
-                         dtype=dtype, text_field=text_field, label_field=label_field, max_length=max_length,
-                         use_chat_template=use_chat_template, system_prompt=system_prompt)
+    key = activation_key(
+        model_identity(model),
+        tokenizer_identity(tokenizer),
+        rows,
+        layers,
+        positions=positions,
+        dtype=dtype,
+        text_field=text_field,
+        label_field=label_field,
+        max_length=max_length,
+        use_chat_template=use_chat_template,
+        system_prompt=system_prompt,
+    )
     rank, world = _rank_and_world()
     hit = _clear_the_way(folder, key, force, cache, rank)
     if hit is not None:
@@ -205,39 +229,79 @@ def cache_activations(model: Any, tokenizer: Any, data: Any, folder: str | Path,
     _barrier(world)  # rank 0 has removed what was in the way
     if rank == 0:
         tag_folder(folder)
-    shard_size = (_sidecar(folder, 0) or {}).get("shard_size", shard_size)
-    chunks = [(c, c * shard_size, min(len(rows), (c + 1) * shard_size))
-              for c in range((len(rows) + shard_size - 1) // shard_size)]
-    mine = [c for c in chunks if c[0] % world == rank and not _chunk_done(folder, c[0], key.digest)]
-    fields = _scalar_fields(rows, text_field)
+    shard_size = (sidecar(folder, 0) or {}).get("shard_size", shard_size)
+    chunks = [
+        (c, c * shard_size, min(len(rows), (c + 1) * shard_size))
+        for c in range((len(rows) + shard_size - 1) // shard_size)
+    ]
+    # a chunk left by an earlier run is hashed: its shard was not yet fsynced when that run stopped
+    mine = [c for c in chunks if c[0] % world == rank and not chunk_done(folder, c[0], key.digest, "hash")]
+    fields = field_types(rows, scalar_fields(rows, text_field))
     hidden = hidden_size(model)
     device = next(model.parameters()).device
     from tqdm.auto import tqdm
 
     total = sum(end - start for _, start, end in mine)
     reused = len(rows) - total if world == 1 else None
-    log.info("🔄 Extracting layers %s (%s, %s) for %d examples%s into %s", layers, positions, dtype, total,
-             f" ({reused} already cached)" if reused else f" on rank {rank}/{world}" if world > 1 else "", folder)
-    with tqdm(total=total, desc=f"Extracting (rank {rank})" if world > 1 else "Extracting", unit="ex",
-              disable=not progress) as bar, torch.no_grad():
+    log.info(
+        "🔄 Extracting layers %s (%s, %s) for %d examples%s into %s",
+        layers,
+        positions,
+        dtype,
+        total,
+        f" ({reused} already cached)" if reused else f" on rank {rank}/{world}" if world > 1 else "",
+        folder,
+    )
+    with (
+        tqdm(
+            total=total,
+            desc=f"Extracting (rank {rank})" if world > 1 else "Extracting",
+            unit="ex",
+            disable=not progress,
+        ) as bar,
+        torch.no_grad(),
+    ):
         for chunk, start, end in mine:
             pooled = []
-            for offset, batch in batches(texts[start:end], tokenizer, batch_size, max_length,
-                                         add_special_tokens=not use_chat_template):
+            for offset, batch in batches(
+                texts[start:end], tokenizer, batch_size, max_length, add_special_tokens=not use_chat_template
+            ):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 hidden_states = capture(model, batch, layers)
                 out = pool(hidden_states, batch["attention_mask"], batch["input_ids"], positions)
                 out.layers = {k: v.cpu() for k, v in out.layers.items()}
                 pooled.append((_to_cpu(out), offset))
                 bar.update(batch["input_ids"].shape[0])
-            write_chunk(folder, chunk, start, end, arrow_table(pooled, start, rows, fields, layers, dtype, hidden),
-                         key, shard_size)
+            write_chunk(
+                folder,
+                chunk,
+                start,
+                end,
+                arrow_table(pooled, start, rows, fields, layers, dtype, hidden),
+                key,
+                shard_size,
+            )
     if not _barrier(world) and world > 1:
-        _wait_for(lambda: _finished(folder) or all(_chunk_done(folder, c, key.digest) for c, _, _ in chunks),
-                  wait_timeout, folder)
+        _wait_for(
+            lambda: _finished(folder) or all(chunk_done(folder, c, key.digest) for c, _, _ in chunks),
+            wait_timeout,
+            folder,
+        )
     if rank == 0:
-        finish_store(folder, chunks, rows, fields, label_field, key, layers, positions, dtype, hidden, shard_size,
-                     clock=cache.clock)
+        finish_store(
+            folder,
+            chunks,
+            rows,
+            fields,
+            label_field,
+            key,
+            layers,
+            positions,
+            dtype,
+            hidden,
+            shard_size,
+            clock=cache.clock,
+        )
     if not _barrier(world) and rank != 0:  # every rank passes the same barriers
         _wait_for(lambda: _finished(folder), wait_timeout, folder)
     return ActivationStore(folder)
@@ -268,25 +332,34 @@ def _clear_the_way(folder: Path, key: Key, force: bool, cache: CacheConfig, rank
     elif found is not None and found.key["digest"] == key.digest and not other:
         now = cache.clock()
         if not cache.reads:
-            log.info("Activation cache %s: %s; extracting again.", folder,
-                     "force_recompute is set" if cache.force_recompute else "the cache is disabled")
+            log.info(
+                "Activation cache %s: %s; extracting again.",
+                folder,
+                "force_recompute is set" if cache.force_recompute else "the cache is disabled",
+            )
         elif not cache.expired(found.created_at, now):
             return found
         else:
-            log.info("Activation cache %s is %s old (max %s days): expired, extracting again.", folder,
-                     describe_age(now - found.created_at), cache.max_age_days)
+            log.info(
+                "Activation cache %s is %s old (max %s days): expired, extracting again.",
+                folder,
+                describe_age(now - found.created_at),
+                cache.max_age_days,
+            )
     elif found is not None:
         changes = [f"it holds a {found.kind} entry"] if other else diff_inputs(found.key["inputs"], key.inputs)
     else:
-        side = _sidecar(folder, 0)  # a killed run: resume it if it had the same inputs
+        side = sidecar(folder, 0)  # a killed run: resume it if it had the same inputs
         if side is None or (side["key"]["digest"] == key.digest and cache.reads):
             return None
         if side["key"]["digest"] != key.digest:
             changes = diff_inputs(side["key"]["inputs"], key.inputs)
     if changes is not None:
         if not force:
-            raise ConfigError(f"{folder} holds activations made from other inputs ({'; '.join(changes[:5])}). "
-                              "Use another --output, or --force to replace it.")
+            raise ConfigError(
+                f"{folder} holds activations made from other inputs ({'; '.join(changes[:5])}). "
+                "Use another --output, or --force to replace it."
+            )
         log.warning("Replacing the activation cache in %s (%s).", folder, "; ".join(changes[:3]))
     if rank == 0:
         _remove_store(folder)
@@ -296,8 +369,11 @@ def _clear_the_way(folder: Path, key: Key, force: bool, cache: CacheConfig, rank
 def _remove_store(folder: Path) -> int:
     """Delete the store in `folder`: the files its manifest lists, a killed run's shards and `.chunks/`; no others."""
     chunks = folder / CHUNKS
-    names = [] if chunks.is_symlink() or not chunks.is_dir() else \
-        [f"{p.stem}.arrow" for p in chunks.iterdir() if re.fullmatch(r"data-\d{5}\.json", p.name)]
+    names = (
+        []
+        if chunks.is_symlink() or not chunks.is_dir()
+        else [f"{p.stem}.arrow" for p in chunks.iterdir() if re.fullmatch(r"data-\d{5}\.json", p.name)]
+    )
     freed = entry.remove_entry(folder / MANIFEST, also=names)  # nothing at all when there is no manifest
     for name in names:
         with contextlib.suppress(OSError):
@@ -312,110 +388,12 @@ def _finished(folder: Path) -> bool:
     return entry.is_entry_file(folder / MANIFEST)
 
 
-def _sidecar(folder: Path, chunk: int) -> dict | None:
-    """The sealed sidecar of a finished chunk, when it is one (a malformed one reads as absent)."""
-    side = read_entry(folder / CHUNKS / f"{chunk_name(chunk)}.json") or {}
-    key = side.get("key")
-    if not isinstance(key, dict) or not isinstance(key.get("digest"), str) or not isinstance(key.get("inputs"), dict) \
-            or not isinstance(side.get("bytes"), int) or not isinstance(side.get("content_hash"), str) \
-            or not isinstance(side.get("rows"), int):
-        return None
-    return side
-
-
-def _chunk_done(folder: Path, chunk: int, digest: str) -> bool:
-    side = _sidecar(folder, chunk)
-    if side is None or side["key"]["digest"] != digest:
-        return False
-    record = {"bytes": side["bytes"], "xxh3": side["content_hash"], "stamp": side.get("stamp")}
-    return entry.check_file(folder, f"{chunk_name(chunk)}.arrow", record) is None  # the contract's own file check
-
-
-class _HashingFile:
-    """A binary file that hashes what is written to it, so a shard is never read back to be hashed."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-        self.digest = xxhash.xxh3_128()
-        self.closed = False
-
-    def write(self, data: Any) -> int:
-        self.digest.update(data)
-        return self.handle.write(data)
-
-    def flush(self) -> None:
-        self.handle.flush()
-
-    def close(self) -> None:
-        self.closed = True  # the handle is closed by its owner
-
-
-def write_chunk(folder: Path, chunk: int, start: int, end: int, table: Any, key: Any, shard_size: int) -> None:
-    """Write one chunk's shard, hashed as it is written, with one fsync (the shard's), then its sidecar.
-
-    The sidecar is sealed and written without fsync: torn or lost in a power cut, it reads as absent
-    and the chunk is redone; a shard whose rename was lost reads as missing against its sidecar, and is
-    redone too. The manifest commit at the end fsyncs the folder, which makes every rename durable.
-    """
-    import pyarrow as pa
-
-    path = folder / f"{chunk_name(chunk)}.arrow"
-    # the shard's own fsync; its rename is made durable by the manifest commit's fsync of this folder
-    with atomic_target(path, sync_folder=False) as tmp, open(tmp, "wb") as handle:
-        hashing = _HashingFile(handle)
-        with pa.PythonFile(hashing, mode="w") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table)
-        handle.flush()
-    record = entry.file_record(path, hashing.digest.hexdigest())
-    write_entry(folder / CHUNKS / f"{chunk_name(chunk)}.json", {
-        "chunk": chunk, "start": start, "end": end, "rows": table.num_rows, "file": path.name,
-        "bytes": record["bytes"], "content_hash": record["xxh3"], "stamp": record["stamp"], "shard_size": shard_size,
-        "key": {"digest": key.digest, "inputs": key.inputs}}, durable=False)
-
-
 def _wait_for(ready: Any, timeout: float, folder: Path) -> None:
     deadline = time.time() + timeout
     while not ready():
         if time.time() > deadline:
             raise WaitTimeoutError(f"Other processes did not finish their chunks in {folder} within {timeout:.0f}s.")
         time.sleep(0.5)
-
-
-def finish_store(folder: Path, chunks: list, rows: list[dict], fields: list[str], label_field: str, key: Key,
-            layers: list[int], positions: str, dtype: str, hidden: int, shard_size: int,
-            clock: Clock = SYSTEM_CLOCK) -> None:
-    import pyarrow as pa
-    from datasets import Features
-
-    names = [f"{chunk_name(c)}.arrow" for c, _, _ in chunks]
-    sides = [_sidecar(folder, c) or {} for c, _, _ in chunks]
-    schema = pa.ipc.open_stream(pa.memory_map(str(folder / names[0]))).schema
-    now = clock()  # the store's created_at: the same clock its expiry is judged by
-    manifest = {
-        "complete": True, "timestamp": iso(now), "layers": layers,
-        "num_examples": len(rows), "num_rows": sum(s["rows"] for s in sides), "hidden_size": hidden,
-        "dtype": dtype, "positions": positions, "shard_size": shard_size, "label_field": label_field,
-        "features": Features.from_arrow_schema(schema).to_dict(),
-        "chunks": [{"file": name, **{k: s[k] for k in ("rows", "start", "end", "bytes", "content_hash")}}
-                   for name, s in zip(names, sides)],
-    }
-    key_doc = {"kind": KIND, "digest": key.digest, "inputs": key.inputs}
-    files = {name: {"bytes": s["bytes"], "xxh3": s["content_hash"], "stamp": s.get("stamp")}
-             for name, s in zip(names, sides)}
-    examples = [{"index": i, **{f: r[f] for f in fields}} for i, r in enumerate(rows)]
-    try:
-        files["metadata.json"] = entry.write_file(folder, "metadata.json", seal(
-            {"num_examples": len(rows), "label_field": label_field, "examples": examples, "key": key_doc}))
-        files.update(write_layer_info(folder, manifest, key_doc))
-    except OSError as exc:
-        log.warning("Cannot write the activation cache in %s (%s); it stays unfinished.", folder, exc)
-        return
-    if not entry.commit(folder / MANIFEST, KIND, key, files, manifest, created_at=now):  # last: the store exists
-        return
-    shutil.rmtree(folder / CHUNKS, ignore_errors=True)
-    size = sum(s["bytes"] for s in sides)
-    log.info("💾 Cached %d rows × %d layers (%s, %.1f MB) in %s", manifest["num_rows"], len(layers), dtype,
-             size / 1e6, folder)
 
 
 def manifest_text(folder: Path) -> str:

@@ -1,0 +1,312 @@
+"""One chunk of an activation store: its Arrow table, its shard and sidecar, and the finished store.
+
+    DIR/
+    ├── data-00000.arrow …             one chunk's rows, hashed while written, fsynced, renamed into place
+    └── .chunks/data-00000.json …      its sealed sidecar: rows, size, xxh3, stamp, layer offsets, key
+
+`finish_store` turns the confirmed chunks into the store: the side files, then the manifest (written
+last, listing every file and where each layer's values start in each shard), then `.chunks/` goes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from .._core import entry
+from .._core.freshness import SYSTEM_CLOCK, Clock, iso
+from .._core.keys import Key
+from .._core.store import atomic_target, read_entry, seal, write_entry
+from .store import ARROW_TYPE, CHUNKS, KIND, LAYOUT, MANIFEST, chunk_name, write_layer_info
+
+log = logging.getLogger(__name__)
+
+
+def scalar_fields(rows: list[dict], text_field: str) -> list[str]:
+    names = [k for k, v in rows[0].items() if isinstance(v, (str, int, float, bool)) and k != "example_index"]
+    return [k for k in names if all(isinstance(r.get(k), type(rows[0][k])) for r in rows)]
+
+
+_INTS = (("int8", 1 << 7), ("int16", 1 << 15), ("int32", 1 << 31), ("int64", 1 << 63))
+
+
+def field_types(rows: list[dict], fields: Sequence[str]) -> dict[str, Any]:
+    """Each scalar field's Arrow type, chosen once over all rows: integers in the narrowest type that holds them.
+
+    A 0/1 label takes 1 byte a row instead of 8. Every chunk (and every rank) gets the same types, so the
+    shards share one schema and `datasets.load_from_disk` reads them as one table.
+    """
+    import pyarrow as pa
+
+    types: dict[str, Any] = {}
+    for name in fields:
+        values = [r[name] for r in rows]
+        if isinstance(values[0], int) and not isinstance(values[0], bool):
+            low, high = min(values), max(values)
+            types[name] = (
+                pa.int64()
+                if low < -(1 << 63) or high >= 1 << 63
+                else getattr(pa, next(t for t, limit in _INTS if -limit <= low and high < limit))()
+            )
+        else:
+            types[name] = None  # Arrow's own inference (string, double, bool)
+    return types
+
+
+def arrow_table(
+    pooled: list,
+    start: int,
+    rows: list[dict],
+    fields: Sequence[str] | Mapping[str, Any],
+    layers: list[int],
+    dtype: str,
+    hidden: int,
+) -> Any:
+    """One chunk's rows as an Arrow table: the dataset's scalar fields, then one column per layer.
+
+    A pooled row is one example (row i of the store is example i), so no index column is stored; with
+    positions="all" each row is a token and carries `example_index`, `position` and `token_id` as int32.
+    `fields` maps names to Arrow types (see `field_types`); a plain list lets Arrow infer them per chunk.
+    """
+    import pyarrow as pa
+    import torch
+
+    types = fields if isinstance(fields, Mapping) else dict.fromkeys(fields)
+    example = torch.cat([p.example + offset for p, offset in pooled]).tolist()  # chunk-relative
+    columns: dict[str, Any] = {}
+    if pooled[0][0].position is not None:
+        columns["example_index"] = pa.array([start + e for e in example], pa.int32())
+    for name, kind in types.items():
+        columns[name] = pa.array([rows[start + e][name] for e in example], kind)
+    if pooled[0][0].position is not None:
+        columns["position"] = pa.array(torch.cat([p.position for p, _ in pooled]).tolist(), pa.int32())
+        columns["token_id"] = pa.array(torch.cat([p.token_id for p, _ in pooled]).tolist(), pa.int32())
+    target = getattr(torch, dtype)
+    for layer in layers:
+        # each batch cast on its own (small), then joined by numpy: one chunk-sized torch op would start
+        # torch's thread pool, which costs seconds per 1M rows on busy cores
+        parts = [p.layers[layer] if p.layers[layer].dtype == target else p.layers[layer].to(target) for p, _ in pooled]
+        arrays = [(t.view(torch.uint16) if dtype == "bfloat16" else t).contiguous().numpy() for t in parts]
+        flat = (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)).reshape(-1)
+        columns[f"layer_{layer}"] = pa.FixedSizeListArray.from_arrays(
+            pa.array(flat, type=getattr(pa, ARROW_TYPE[dtype])()), hidden
+        )
+    return pa.table(columns, metadata={"hf_cachehooks.dtype": dtype})
+
+
+def sidecar(folder: Path, chunk: int) -> dict | None:
+    """The sealed sidecar of a finished chunk, when it is one (a malformed one reads as absent)."""
+    side = read_entry(folder / CHUNKS / f"{chunk_name(chunk)}.json") or {}
+    key = side.get("key")
+    if (
+        not isinstance(key, dict)
+        or not isinstance(key.get("digest"), str)
+        or not isinstance(key.get("inputs"), dict)
+        or not isinstance(side.get("bytes"), int)
+        or not isinstance(side.get("content_hash"), str)
+        or not isinstance(side.get("rows"), int)
+    ):
+        return None
+    return side
+
+
+def chunk_done(folder: Path, chunk: int, digest: str, check: str = "stamp") -> bool:
+    """True when chunk `chunk` of the run keyed `digest` is finished and its shard matches its sidecar.
+
+    `check="hash"` reads the shard: what a resumed run does, since a shard is fsynced only when the store
+    is finished, so after a power cut a sidecar may outlive its shard's bytes.
+    """
+    side = sidecar(folder, chunk)
+    if side is None or side["key"]["digest"] != digest or side.get("layout") != LAYOUT:
+        return False  # a chunk an older version wrote (another layout) is redone, so every shard has one schema
+    record = {"bytes": side["bytes"], "xxh3": side["content_hash"], "stamp": side.get("stamp")}
+    return entry.check_file(folder, f"{chunk_name(chunk)}.arrow", record, check) is None  # the contract's check
+
+
+class _HashingFile:
+    """A binary file that hashes what is written to it, so a shard is never read back to be hashed."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.digest = xxhash.xxh3_128()
+        self.closed = False
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self.handle.write(data)
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+    def close(self) -> None:
+        self.closed = True  # the handle is closed by its owner
+
+
+def write_chunk(folder: Path, chunk: int, start: int, end: int, table: Any, key: Any, shard_size: int) -> None:
+    """Write one chunk's shard, hashed as it is written, then its sealed sidecar; neither is fsynced here.
+
+    `finish_store` fsyncs every shard, back to back, before the manifest is committed (whose folder fsync
+    makes the renames durable): one flush for the run instead of one per chunk. Until then a power cut
+    can lose or tear a shard whose sidecar survives; a resumed run hashes each finished chunk's shard
+    against its sidecar (`chunk_done(check="hash")`) and redoes any that does not match. A torn sidecar
+    reads as absent, a lost rename as a missing shard: both are redone.
+    """
+    import pyarrow as pa
+
+    path = folder / f"{chunk_name(chunk)}.arrow"
+    with atomic_target(path, durable=False) as tmp, open(tmp, "wb") as handle:
+        hashing = _HashingFile(handle)
+        with pa.PythonFile(hashing, mode="w") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        handle.flush()
+    record = entry.file_record(path, hashing.digest.hexdigest())
+    write_entry(
+        folder / CHUNKS / f"{chunk_name(chunk)}.json",
+        {
+            "chunk": chunk,
+            "start": start,
+            "end": end,
+            "rows": table.num_rows,
+            "file": path.name,
+            "bytes": record["bytes"],
+            "content_hash": record["xxh3"],
+            "stamp": record["stamp"],
+            "shard_size": shard_size,
+            "layout": LAYOUT,
+            "offsets": layer_offsets(path),
+            "key": {"digest": key.digest, "inputs": key.inputs},
+        },
+        durable=False,
+    )
+
+
+def layer_offsets(path: Path) -> dict[str, int]:
+    """Where each `layer_{L}` column's values start in a shard just written (read from its header only).
+
+    Recorded in the manifest, they let a read map the values straight into an array: no Arrow parse per
+    shard. Parsing the stream touches its metadata pages, never the values.
+    """
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        whole = source.read_buffer(source.size())
+        table = pa.ipc.open_stream(whole).read_all()
+        offsets = {}
+        for name in table.column_names:
+            if name.startswith("layer_") and table.column(name).num_chunks == 1:
+                values = table.column(name).chunks[0].values
+                offsets[name] = values.buffers()[1].address - whole.address + values.offset * values.type.byte_width
+        return offsets
+
+
+def finish_store(
+    folder: Path,
+    chunks: list,
+    rows: list[dict],
+    fields: Sequence[str] | Mapping[str, Any],
+    label_field: str,
+    key: Key,
+    layers: list[int],
+    positions: str,
+    dtype: str,
+    hidden: int,
+    shard_size: int,
+    clock: Clock = SYSTEM_CLOCK,
+) -> None:
+    import pyarrow as pa
+    from datasets import Features
+
+    names = [f"{chunk_name(c)}.arrow" for c, _, _ in chunks]
+    sides = [sidecar(folder, c) or {} for c, _, _ in chunks]
+    schema = pa.ipc.open_stream(pa.memory_map(str(folder / names[0]))).schema
+    now = clock()  # the store's created_at: the same clock its expiry is judged by
+    manifest = {
+        "complete": True,
+        "timestamp": iso(now),
+        "layers": layers,
+        "num_examples": len(rows),
+        "num_rows": sum(s["rows"] for s in sides),
+        "hidden_size": hidden,
+        "dtype": dtype,
+        "positions": positions,
+        "shard_size": shard_size,
+        "label_field": label_field,
+        "features": Features.from_arrow_schema(schema).to_dict(),
+        "layout": LAYOUT,
+        "chunks": [
+            {
+                "file": name,
+                **{k: s[k] for k in ("rows", "start", "end", "bytes", "content_hash")},
+                "offsets": s.get("offsets", {}),
+            }
+            for name, s in zip(names, sides)
+        ],
+    }
+    key_doc = {"kind": KIND, "digest": key.digest, "inputs": key.inputs}
+    files = {
+        name: {"bytes": s["bytes"], "xxh3": s["content_hash"], "stamp": s.get("stamp")} for name, s in zip(names, sides)
+    }
+    labels = Counter(str(r[label_field]) for r in rows if label_field in r)
+    try:
+        _at_once(_fsync, [folder / name for name in names])  # every shard reaches the disk before the manifest
+        # the per-example fields are the shards' columns (stored once); this is their summary
+        files["metadata.json"] = entry.write_file(
+            folder,
+            "metadata.json",
+            seal(
+                {
+                    "num_examples": len(rows),
+                    "label_field": label_field,
+                    "fields": list(fields),
+                    "label_counts": dict(sorted(labels.items())),
+                    "key": key_doc,
+                }
+            ),
+        )
+        files.update(write_layer_info(folder, manifest, key_doc))
+    except OSError as exc:
+        log.warning("Cannot write the activation cache in %s (%s); it stays unfinished.", folder, exc)
+        return
+    if not entry.commit(folder / MANIFEST, KIND, key, files, manifest, created_at=now):  # last: the store exists
+        return
+    _at_once(_unlink, [folder / CHUNKS / f"{chunk_name(c)}.json" for c, _, _ in chunks])  # the sidecars, then
+    shutil.rmtree(folder / CHUNKS, ignore_errors=True)  # whatever else is left in .chunks
+    size = sum(s["bytes"] for s in sides)
+    log.info(
+        "💾 Cached %d rows × %d layers (%s, %.1f MB) in %s",
+        manifest["num_rows"],
+        len(layers),
+        dtype,
+        size / 1e6,
+        folder,
+    )
+
+
+def _at_once(action: Callable[[Path], None], paths: list[Path]) -> None:
+    """`action` on every path from several threads: the file system joins concurrent journal commits."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(paths)))) as pool:
+        list(pool.map(action, paths))  # re-raises the first error
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
