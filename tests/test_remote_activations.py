@@ -54,3 +54,21 @@ def test_a_tampered_remote_shard_is_never_served(llama, s3_root, monkeypatch, tm
         ActivationStore(url)
     assert "data-00001.arrow: content does not match the manifest" in caplog.text
     assert main(["verify", url]) == 1 and "CORRUPT" in capsys.readouterr().out
+
+
+def test_a_model_by_path_finds_its_store_on_s3_without_loading(s3_root, monkeypatch, tmp_path):
+    from hf_cachehooks._models import loading
+    from hf_cachehooks.activations.paths import cache_activations_from_path
+
+    folder = tmp_path / "model"
+    make_llama(layers=3).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    url = f"{s3_root}/activations/by-path"
+    made = cache_activations_from_path(str(folder), ROWS, url, [1], progress=False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded on a cache hit")
+
+    monkeypatch.setattr(loading, "load_weights", refuse)
+    again = cache_activations_from_path(str(folder), ROWS, url, [1], progress=False)  # found from the files alone
+    assert torch.equal(again.layer(1), made.layer(1))

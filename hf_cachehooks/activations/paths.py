@@ -14,10 +14,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .._core import entry
+from .._core import entry, remote
 from .._core.cache_config import CacheConfig, settle
 from .._core.freshness import SYSTEM_CLOCK
 from .._core.keys import Key
+from .._core.store import local_path
 from .._models.identity import files_state, generation_defaults, remember_identity, remembered_identity
 from ..errors import ConfigError
 from .store import KIND, MANIFEST, ActivationStore, store_problem
@@ -43,8 +44,13 @@ def load_options(head: str, model_dtype: str, gguf_file: str | None, load_kwargs
 
 
 def find_store(folder: str | Path, key: Key, cache: CacheConfig) -> ActivationStore | None:
-    """The finished, fresh store of `key` in `folder`, or None; reads only, never removes anything."""
-    found, problem = entry.inspect(Path(folder) / MANIFEST, "stamp")
+    """The finished, fresh store of `key` in `folder`, or None; reads only, never removes anything.
+
+    A folder on object storage (a URL) is read from its local copy, brought in step first, as every store reader does.
+    """
+    manifest = local_path(folder) / MANIFEST
+    remote.refresh(manifest)
+    found, problem = entry.inspect(manifest, "stamp")
     if found is None or problem or found.kind != KIND or found.key.get("digest") != key.digest:
         return None
     if store_problem(found) or not cache.reads or cache.expired(found.created_at, cache.clock()):
