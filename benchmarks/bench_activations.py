@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from machine import machine  # benchmarks/machine.py
+from machine import drop_page_cache, machine  # benchmarks/machine.py
 from stats import percentile, summary  # benchmarks/stats.py: the one percentile (nearest rank)
 
 from hf_cachehooks._core.fingerprint import hash_file
@@ -134,13 +134,7 @@ def _fsync(path: Path) -> None:
 def _evict(folder: Path) -> None:
     """Drop a contender's files from the page cache (their pages are clean after os.sync): a cold read."""
     os.sync()
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+    drop_page_cache(folder)
 
 
 def bench_storage(tmp: Path, n: int, hidden: int, reps: int) -> dict:

@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from browser_click import serve  # benchmarks/browser_click.py
-from machine import machine  # benchmarks/machine.py
+from machine import drop_page_cache, machine  # benchmarks/machine.py
 from stats import percentile  # benchmarks/stats.py: the one percentile
 from tqdm import tqdm
 
@@ -91,16 +91,6 @@ def folder_bytes(folder: Path) -> tuple[int, int]:
     """(apparent bytes, allocated bytes) of every file under folder."""
     files = [p.stat() for p in folder.rglob("*") if p.is_file()]
     return sum(s.st_size for s in files), sum(s.st_blocks * 512 for s in files)
-
-
-def drop_page_cache(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
 
 
 def random_lens(rng: np.random.Generator, t: int, layers: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,5 @@
-"""What every benchmark records about the machine it ran on, so figures can be compared honestly."""
+"""What every benchmark records about the machine it ran on, so figures can be compared honestly; and a cold
+page cache for the benchmarks that time cold reads."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import platform
 import sys
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 LOAD_AT_START = os.getloadavg()  # taken when the benchmark imports this module, before it measures anything
 
@@ -33,3 +35,14 @@ def machine(libraries: Iterable[str]) -> dict:
         info["torch_threads"] = torch.get_num_threads()
         info["cuda"] = torch.cuda.is_available()
     return info
+
+
+def drop_page_cache(folder: Path) -> None:
+    """Drop the files under `folder` from the page cache (clean pages only: os.sync() first), for a cold read."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
