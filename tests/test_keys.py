@@ -76,6 +76,9 @@ def test_fingerprint_data_tells_nan_inf_and_none_apart():
     assert fingerprint_data([{"q": "x", "score": "float:nan"}]) != fingerprint_data(rows[1])  # not a string's spelling
     assert len({fingerprint_data(np.array([v, 1.0])) for v in (np.nan, np.inf, -np.inf)}) == 3
     assert fingerprint_data([{1: float("nan")}]) != fingerprint_data([{1: None}])  # the canonical() fallback path
+    for _ in range(2):  # repeated calls (served from the memo of null-free payloads) keep them apart too
+        assert [fingerprint_data(r) for r in rows] == [fingerprint_data(r) for r in reversed(rows)][::-1]
+        assert len({fingerprint_data(r) for r in rows}) == 4
 
 
 def test_extend_key_is_make_key_of_the_merged_inputs():

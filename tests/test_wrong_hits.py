@@ -302,3 +302,54 @@ def test_a_tokenizer_vocab_changed_in_place_on_the_same_object_is_a_miss(qa_rows
     tok.backend_tokenizer.model = models.WordLevel(vocab=vocab, unk_token="<unk>")
     result = evaluate_model(model, qa_rows, CFG, tokenizer=tok)
     assert result.cache_status == "miss" and "tokenizer.vocab" in result.miss_reason
+
+
+def test_another_reference_field_recomputes_the_metrics_from_the_cached_predictions(tiny, qa_rows):
+    model, tok = tiny
+    rows = [{**row, "other": "paris"} for row in qa_rows]
+    first = evaluate_model(model, rows, CFG, tokenizer=tok)
+    other = evaluate_model(model, rows, CFG.with_(reference_field="other"), tokenizer=tok)
+    assert other.cache_status == "partial" and other.reused == len(rows)  # nothing predicted again
+    assert other.references == ["paris"] * len(rows) and other.key != first.key
+    assert other.predictions == first.predictions
+    again = evaluate_model(model, rows, CFG, tokenizer=tok)
+    assert again.cache_status == "hit" and again.references == [row["answer"] for row in rows]
+    assert again.metrics == first.metrics
+
+
+def test_a_hit_never_shares_its_lists_with_the_next_hit(tiny, qa_rows):
+    """Repeated hits parse the entry once per process: the caller's copy must stay the caller's."""
+    model, tok = tiny
+    first = evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+    time.sleep(0.03)  # past the file-time tick, so the parsed entry is remembered
+    for _ in range(2):
+        hit = evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+        assert hit.cache_status == "hit", hit.miss_reason
+        assert hit.predictions == first.predictions and hit.references == first.references
+        assert hit.metrics == first.metrics and hit.metadata["dataset_size"] == len(qa_rows)
+        hit.predictions[0] = "changed"
+        hit.predictions.append("extra")
+        hit.references.append("extra")
+        hit.metrics["exact_match"] = -1.0
+        hit.metadata["dataset_size"] = -1
+        assert hit.references[1] is qa_rows[1]["answer"]  # each reference is the row's own, as on a miss
+
+
+def test_a_remembered_run_entry_changed_on_disk_is_read_again(tiny, qa_rows, caplog):
+    """An entry parsed earlier in this process is reused only while the file at its path is the very file."""
+    model, tok = tiny
+    first = evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+    time.sleep(0.03)
+    assert evaluate_model(model, qa_rows, CFG, tokenizer=tok).cache_status == "hit"  # now remembered
+    path = Path(first.path)
+    raw = path.read_bytes()
+    st = path.stat()
+    damaged = raw.replace(orjson.dumps(first.predictions[0]), orjson.dumps("x" * len(first.predictions[0])), 1)
+    assert len(damaged) == len(raw) and damaged != raw
+    with open(path, "r+b") as handle:  # the same inode and size, rewritten in place, times put back
+        handle.write(damaged)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with caplog.at_level(logging.WARNING):
+        again = evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+    assert again.cache_status != "hit" and "Corrupt cache entry" in caplog.text
+    assert again.predictions == first.predictions

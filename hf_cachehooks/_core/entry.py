@@ -264,22 +264,28 @@ def check_file(folder: Path, name: str, rec: Any, check: str = "stamp") -> str |
 
 
 _parsed: dict[str, tuple[tuple[int, int, int, int], dict]] = {}  # manifest path -> (its stamp, parsed doc)
+_PARSED_FILES = 32  # the manifests remembered (the oldest go first), each at most:
+_PARSED_BYTES = 16 << 20
 
 
 def _read_manifest(path: Path, reuse: bool) -> dict:
     """Read and unseal a manifest; with `reuse`, a manifest whose stamp is unchanged since this process
-    parsed it is not read again (its ctime moves on any rewrite or rename over it: see `_settle`)."""
+    parsed it is not opened again (its ctime moves on any rewrite or rename over it: see `_settle`)."""
     if not reuse:
         return unseal(path.read_bytes())
+    name = str(path)
+    known = _parsed.get(name)
+    if known is not None:
+        st = os.stat(name)  # the stamp of the file now at the path: equal means the very file parsed
+        if known[0] == (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
+            return known[1]
     with open(path, "rb") as handle:
         st = os.fstat(handle.fileno())  # the stamp of the very file read
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        known = _parsed.get(str(path))
-        if known is not None and known[0] == stamp:
-            return known[1]
         doc = unseal(handle.read())
-    if time.time_ns() - st.st_ctime_ns > _RACY_NS:  # remember only stamps whose tick has passed
-        _parsed[str(path)] = (stamp, doc)
+    if time.time_ns() - st.st_ctime_ns > _RACY_NS and st.st_size <= _PARSED_BYTES:  # only stamps whose tick passed
+        if len(_parsed) >= _PARSED_FILES:
+            _parsed.pop(next(iter(_parsed)))
+        _parsed[name] = ((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), doc)
     return doc
 
 
@@ -292,7 +298,7 @@ def inspect(path: Path, check: str = "stamp", reuse: bool = False) -> tuple[Entr
     """
     if check not in CHECKS:
         raise ValueError(f"check={check!r}; use one of {CHECKS}")
-    path = Path(path)
+    path = path if isinstance(path, Path) else Path(path)
     try:
         doc = _read_manifest(path, reuse)
     except FileNotFoundError:
@@ -334,7 +340,8 @@ def open_entry(path: Path, *, kind: str | None = None, digest: str | None = None
     logged and removed (`remove_corrupt`), so the caller recomputes. Another key or an expired entry
     is left in place: it is someone else's valid data. `reuse`: see `inspect` (the doc is then shared).
     """
-    remote.refresh(Path(path), kind)  # a root on object storage: bring the local copy in step (no-op when local)
+    path = path if isinstance(path, Path) else Path(path)
+    remote.refresh(path, kind)  # a root on object storage: bring the local copy in step (no-op when local)
     entry, problem = inspect(path, check, reuse)
     if problem:
         log.warning("Corrupt cache entry %s (%s); %s and recomputing.", path, problem,

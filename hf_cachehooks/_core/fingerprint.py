@@ -37,6 +37,9 @@ _MEMO_KEY = {"kind": "file-hashes", "digest": "file-hashes", "inputs": {}}
 _RACY_NS = 20_000_000  # a file changed within this tick of its hash could keep its stamp: not remembered
 # files, memo and base -> (their stamps, the memo's stamp, the combined hash) as this process last computed it
 _seen: dict[tuple, tuple[tuple, tuple | None, str]] = {}
+# hashes of serialised rows seen to hold no `null` at all (so no NaN/±inf): a repeated call skips the scan,
+# which costs more than the serialisation (a property of the bytes alone, so sound whatever the rows are)
+_null_free: dict[str, None] = {}
 
 
 def fingerprint_data(data: Any) -> str:
@@ -54,13 +57,20 @@ def fingerprint_data(data: Any) -> str:
     options = orjson.OPT_SORT_KEYS | orjson.OPT_SERIALIZE_NUMPY
     try:
         payload = orjson.dumps(data, option=options)
-        # orjson writes NaN and ±inf as null, None's spelling: only data with a null can hold one (a 1-2 GB/s
-        # scan), and only then are the values walked (a cheap check first, the tagged copy only when needed)
-        if b"null" in payload and _has_nonfinite(data):
-            payload = b"nonfinite:" + orjson.dumps(_tag_nonfinite(data)[0], option=options)  # never a string's
     except TypeError:
-        payload = dumps(list(data))  # canonical() explains what it cannot hash (and spells NaN apart)
-    return "rows:" + hash_bytes(payload)
+        return "rows:" + hash_bytes(dumps(list(data)))  # canonical() explains what it cannot hash (and spells NaN)
+    digest = hash_bytes(payload)
+    if digest in _null_free:
+        return "rows:" + digest
+    # orjson writes NaN and ±inf as null, None's spelling: only data with a null can hold one (a 1-2 GB/s
+    # scan), and only then are the values walked (a cheap check first, the tagged copy only when needed)
+    if b"null" not in payload:
+        if len(_null_free) >= 64:
+            _null_free.pop(next(iter(_null_free)))
+        _null_free[digest] = None
+    elif _has_nonfinite(data):
+        return "rows:" + hash_bytes(b"nonfinite:" + orjson.dumps(_tag_nonfinite(data)[0], option=options))
+    return "rows:" + digest
 
 
 def _has_nonfinite(value: Any) -> bool:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import logging
 import os
 import time
@@ -80,11 +81,16 @@ def local_path(url: str) -> Path:
     return copy_base().joinpath(scheme, *parts)
 
 
+@functools.lru_cache(maxsize=8)
+def _copy_prefix(value: str | None, home: str | None) -> str:
+    """`copy_base()` as a normalised string ending in a separator (per setting and home folder)."""
+    top = os.path.abspath(value) if value else os.path.join(os.path.expanduser("~/.cache"), "hf_cachehooks", "remote")
+    return os.path.join(os.path.normpath(top), "")
+
+
 def url_of(path: Path | str) -> str | None:
     """The remote URL a local-copy path stands for, or None for an ordinary local path (cheap: no I/O)."""
-    value = os.environ.get(LOCAL_COPY_ENV)  # `copy_base` as a string: no pathlib on every cache lookup
-    top = os.path.abspath(value) if value else os.path.join(os.path.expanduser("~/.cache"), "hf_cachehooks", "remote")
-    base = os.path.join(os.path.normpath(top), "")  # normalised like `here`
+    base = _copy_prefix(os.environ.get(LOCAL_COPY_ENV), os.environ.get("HOME"))  # a string: no pathlib per lookup
     here = os.path.abspath(path)
     if not here.startswith(base):
         return None

@@ -77,6 +77,7 @@ _GLOBAL_DEFAULTS = {
     "early_stopping": False,
 }
 _IDENTITY_FIELDS = ("model", "tokenizer", "generation_defaults")
+_states: dict[tuple, str] = {}  # (source, files hash, settings JSON) -> files state, as computed in this process
 _state_inputs: dict[str, dict] = {}  # files state -> what it was computed from (the memo's key inputs)
 
 
@@ -325,9 +326,19 @@ def files_state(name_or_path: str, load_options: Mapping[str, Any], root: Path) 
     from .._core.fingerprint import hash_files
 
     content = hash_files(files, memo_path=root / "identity" / "file_hashes.json", base=folder)
-    inputs = {"source": name_or_path, "files": content, "load": canonical(dict(load_options))}
-    state = hash_bytes(dumps({"files": content, "load": dict(load_options)}))
-    _state_inputs[state] = inputs
+    try:
+        seen: tuple | None = (name_or_path, content, orjson.dumps(load_options, option=orjson.OPT_SORT_KEYS))
+    except TypeError:  # a setting that is not plain JSON: spelled canonically every time
+        seen = None
+    state = _states.get(seen) if seen is not None else None
+    if state is None:  # the canonical spelling once per files state and settings, not on every hit
+        inputs = {"source": name_or_path, "files": content, "load": canonical(dict(load_options))}
+        state = hash_bytes(dumps({"files": content, "load": dict(load_options)}))
+        _state_inputs[state] = inputs
+        if seen is not None:
+            if len(_states) >= 64:
+                _states.pop(next(iter(_states)))
+            _states[seen] = state
     return state
 
 

@@ -20,8 +20,11 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
+from itertools import chain
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from .._core.entry import commit, open_entry, read_head, remove_entry
 from .._core.freshness import is_expired
@@ -32,6 +35,24 @@ from .._core.store import tag_folder
 
 log = logging.getLogger(__name__)
 _ABSENT = object()
+
+
+_ATOMS = frozenset({str, int, float, bool, type(None)})
+
+
+def _copied(value: Any) -> Any:
+    """A copy of parsed JSON `value` sharing only its immutable leaves, at C speed for the usual shapes
+    (a list of strings or numbers, a list of such lists, a small dict of those)."""
+    if type(value) is dict:
+        return {name: item if type(item) in _ATOMS else _copied(item) for name, item in value.items()}
+    if type(value) is not list:
+        return value
+    kinds = set(map(type, value))
+    if kinds <= _ATOMS:
+        return list(value)
+    if kinds == {list} and set(map(type, chain.from_iterable(value))) <= _ATOMS:
+        return list(map(list, value))
+    return orjson.loads(orjson.dumps(value))  # any other nesting: parsed again from compact bytes
 
 
 def _changed(old: Any, new: Any) -> int:
@@ -60,10 +81,15 @@ class PredictionCache:
     def run_path(self, key: Key, model_name: str) -> Path:
         return self.folder / f"{short_name(model_name)}_{key.short}.json"
 
-    def load_run(self, key: Key, model_name: str) -> dict | None:
-        """The run entry for `key`, or None when absent, corrupt, for another key, or expired."""
+    def load_run(self, key: Key, model_name: str, references: bool = True) -> dict | None:
+        """The run entry for `key`, or None when absent, corrupt, for another key, or expired.
+
+        An unchanged entry is parsed once per process (a repeated hit reads only its stamp); each call gets
+        its own copy of the lists and dicts, so a caller changing its result never changes the next hit.
+        `references=False` leaves them out (a caller holding the rows takes them from there: cheaper).
+        """
         found = open_entry(self.run_path(key, model_name), kind="predictions", digest=key.digest,
-                           max_age_days=self.max_age_days, now=self.clock())
+                           max_age_days=self.max_age_days, now=self.clock(), reuse=True)
         if found is None:
             return None
         doc = found.doc
@@ -73,7 +99,8 @@ class PredictionCache:
             log.warning("Cache entry %s has fields of the wrong shape; removing it and recomputing.", found.path)
             remove_entry(found.path)
             return None
-        return doc
+        skip = ("key",) if references else ("key", "references")  # the key is the caller's
+        return {name: _copied(value) for name, value in doc.items() if name not in skip}
 
     def save_run(self, key: Key, model_name: str, doc: dict[str, Any]) -> Path | None:
         tag_folder(self.folder)

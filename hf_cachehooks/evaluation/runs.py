@@ -126,8 +126,7 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
 
     identity = run.identity()
     predictor = predictor_key(identity, config)
-    key = extend_key(predictor, "predictions", {"data": {"fingerprint": fingerprint_data(
-        data if hasattr(data, "_fingerprint") else rows), "n": len(rows)}})
+    key = run_key(predictor, data if hasattr(data, "_fingerprint") else rows, len(rows), config)
     cache = PredictionCache(folder, caching.clock, caching.max_age_days)
     name = identity["model"]["name"]
 
@@ -135,8 +134,9 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
     if caching.force_recompute:
         log.info("🔄 Force recompute enabled: predicting %d examples with %s.", len(rows), name)
     else:
-        doc = cache.load_run(key, name)
+        doc = cache.load_run(key, name, references=False)
         if doc is not None:
+            doc["references"] = [row[config.reference_field] for row in rows]  # what the entry was made from
             return _hit(doc, cache, key, name, config, versions)
         reason = cache.explain_miss(key)
         log.info("🔄 No valid cache found for %s (%d examples, key %s): %s.", name, len(rows), key.short, reason)
@@ -169,6 +169,13 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
     if "_status" not in doc:  # another process computed it while we waited
         return _hit(doc, cache, key, name, config, versions)
     return _result(doc, key, reason)
+
+
+def run_key(predictor: Key, data: Any, n: int, config: EvalConfig) -> Key:
+    """The key of one run: the predictor, the data, and the field the references come from (a new
+    reference field recomputes only the metrics: the per-example predictions are keyed by the predictor)."""
+    return extend_key(predictor, "predictions", {"data": {"fingerprint": fingerprint_data(data), "n": n},
+                                                 "reference_field": config.reference_field})
 
 
 _predictors: dict[bytes, tuple[dict, Key]] = {}  # settings -> (the identity object it was made from, its key)
