@@ -13,6 +13,7 @@ import os
 import stat
 import time
 from collections.abc import Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -61,13 +62,16 @@ def compute_metrics(names: Sequence[str], predictions: list, references: list) -
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
     results: dict[str, Any] = {}
+    listed: list | None = None
     for name, version in metric_versions(names).items():
         module = _loaded.get(version)
         if module is None:
             module = _loaded[version] = evaluate.load(str(_SCRIPTS / f"{name}.py"))
         refs = references
         if name in GENERATION_METRICS:
-            refs = [r if isinstance(r, list) else [str(r)] for r in references]
+            if listed is None:  # once per call, shared by the generation metrics
+                listed = [r if isinstance(r, list) else [str(r)] for r in references]
+            refs = listed
         features = module.features
         results.update(
             module._compute(
@@ -84,9 +88,13 @@ def _encoded(feature: Any, values: list) -> list:
     if inner is None and isinstance(feature, list):  # the list spelling of a sequence feature
         inner = feature[0]
     if inner is not None:
+        if getattr(inner, "feature", None) is None and not isinstance(inner, list):  # lists of plain values
+            cast = _cast(inner)
+            if set(map(type, values)) == {list} and set(map(type, chain.from_iterable(values))) <= {cast}:
+                return values if isinstance(values, list) else list(values)  # already encoded: checked at C speed
         return [None if v is None else _encoded(inner, v) for v in values]
     cast = _cast(feature)
-    if all(type(v) is cast for v in values):  # already plain values of the type: no copy
+    if set(map(type, values)) <= {cast}:  # already plain values of the type: no copy
         return values if isinstance(values, list) else list(values)
     return [None if v is None else cast(v) for v in values]
 
