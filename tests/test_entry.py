@@ -181,11 +181,13 @@ def test_reuse_parses_an_unchanged_manifest_once_and_sees_any_rewrite(tmp_path, 
     path = tmp_path / "memo.json"
     assert entry.commit(path, "identity", key, fields={"identity": {"model": {"name": "a"}}})
     monkeypatch.setattr(entry, "_RACY_NS", 0)  # the file-time tick has passed (tests do not sleep)
-    first = entry.open_entry(path, kind="identity", reuse=True)
+    once = entry.open_entry(path, kind="identity", reuse=True)  # a first read only notes the stamp
+    first = entry.open_entry(path, kind="identity", reuse=True)  # the second is remembered, and shared
+    assert not once.shared and first.shared and first.doc is not once.doc
     parsed = []
     monkeypatch.setattr(entry, "unseal", lambda raw: parsed.append(raw) or unseal(raw))
     again = entry.open_entry(path, kind="identity", reuse=True)
-    assert again.doc is first.doc and parsed == []  # unchanged: not read again
+    assert again.doc is first.doc and again.shared and parsed == []  # unchanged: not read again
     raw = path.read_bytes()
     rewrite_in_place(path, raw.replace(b'"a"', b'"b"'))  # same size, same mtime: only ctime moves
     with caplog.at_level(logging.WARNING):

@@ -58,10 +58,14 @@ _verified: dict[str, tuple[list[int], str]] = {}  # path -> (stamp, xxh3) hashed
 
 @dataclass(frozen=True)
 class Entry:
-    """An opened entry: its manifest path and parsed manifest (`doc`), whose files all checked out."""
+    """An opened entry: its manifest path and parsed manifest (`doc`), whose files all checked out.
+
+    `shared`: `doc` is this process's remembered parse (`reuse`), to be read, never changed.
+    """
 
     path: Path
     doc: dict
+    shared: bool = False
 
     @property
     def kind(self) -> str:
@@ -263,30 +267,36 @@ def check_file(folder: Path, name: str, rec: Any, check: str = "stamp") -> str |
     return None
 
 
-_parsed: dict[str, tuple[tuple[int, int, int, int], dict]] = {}  # manifest path -> (its stamp, parsed doc)
+_parsed: dict[str, tuple[tuple[int, int, int, int], dict | None]] = {}  # manifest path -> (stamp, parsed doc)
 _PARSED_FILES = 32  # the manifests remembered (the oldest go first), each at most:
 _PARSED_BYTES = 16 << 20
 
 
-def _read_manifest(path: Path, reuse: bool) -> dict:
-    """Read and unseal a manifest; with `reuse`, a manifest whose stamp is unchanged since this process
-    parsed it is not opened again (its ctime moves on any rewrite or rename over it: see `_settle`)."""
+def _read_manifest(path: Path, reuse: bool) -> tuple[dict, bool]:
+    """Read and unseal a manifest: (doc, shared). With `reuse`, a manifest whose stamp is unchanged since
+    this process parsed it is not opened again (its ctime moves on any rewrite or rename over it: see
+    `_settle`): the doc is then the remembered one, shared. It is remembered from its second read on, so a
+    manifest read once costs no more than without `reuse`."""
     if not reuse:
-        return unseal(path.read_bytes())
+        return unseal(path.read_bytes()), False
     name = str(path)
     known = _parsed.get(name)
     if known is not None:
         st = os.stat(name)  # the stamp of the file now at the path: equal means the very file parsed
-        if known[0] == (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns):
-            return known[1]
+        if known[0] == (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) and known[1] is not None:
+            return known[1], True
     with open(path, "rb") as handle:
         st = os.fstat(handle.fileno())  # the stamp of the very file read
         doc = unseal(handle.read())
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if time.time_ns() - st.st_ctime_ns > _RACY_NS and st.st_size <= _PARSED_BYTES:  # only stamps whose tick passed
         if len(_parsed) >= _PARSED_FILES:
             _parsed.pop(next(iter(_parsed)))
-        _parsed[name] = ((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns), doc)
-    return doc
+        seen_before = known is not None and known[0] == stamp
+        _parsed[name] = (stamp, doc if seen_before else None)  # the first read only notes the stamp
+        if seen_before:
+            return doc, True
+    return doc, False
 
 
 def inspect(path: Path, check: str = "stamp", reuse: bool = False) -> tuple[Entry | None, str | None]:
@@ -300,7 +310,7 @@ def inspect(path: Path, check: str = "stamp", reuse: bool = False) -> tuple[Entr
         raise ValueError(f"check={check!r}; use one of {CHECKS}")
     path = path if isinstance(path, Path) else Path(path)
     try:
-        doc = _read_manifest(path, reuse)
+        doc, shared = _read_manifest(path, reuse)
     except FileNotFoundError:
         return None, None
     except (OSError, CorruptEntryError) as exc:
@@ -316,7 +326,7 @@ def inspect(path: Path, check: str = "stamp", reuse: bool = False) -> tuple[Entr
         problem = check_file(path.parent, name, doc["files"][name], check)
         if problem:
             return None, problem
-    return Entry(path, doc), None
+    return Entry(path, doc, shared), None
 
 
 def shape_problem(doc: Any) -> str | None:

@@ -100,6 +100,8 @@ class PredictionCache:
             remove_entry(found.path)
             return None
         skip = ("key",) if references else ("key", "references")  # the key is the caller's
+        if not found.shared:  # parsed for this call: it is the caller's already
+            return {name: value for name, value in doc.items() if name not in skip}
         return {name: _copied(value) for name, value in doc.items() if name not in skip}
 
     def save_run(self, key: Key, model_name: str, doc: dict[str, Any]) -> Path | None:
