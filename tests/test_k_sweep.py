@@ -278,14 +278,23 @@ sys.path.insert(0, {repo!r})
 from tests.test_k_sweep import Counting, sampler, sweep
 model, tok = sampler()
 backend = Counting(model, tok, batch_size=2)
+if os.environ.get("SWEEP_FAIL_RANK") == os.environ["RANK"]:
+    def fail(prompts, sampling):
+        raise RuntimeError("CUDA out of memory on this rank")
+    backend.complete = fail
 ks = tuple(int(k) for k in os.environ["SWEEP_KS"].split(","))
-result = sweep(backend, ks=ks, batch_size=2, bootstrap=100)
+path = os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json")
+try:
+    result = sweep(backend, ks=ks, batch_size=2, bootstrap=100)
+except Exception as exc:
+    open(path, "w").write(json.dumps({{"error": f"{{type(exc).__name__}}: {{exc}}"}}))
+    sys.exit(3)
 out = {{"records": result.records, "generation": result.generation, "asked": backend.asked}}
-open(os.path.join({out!r}, f"rank{{os.environ['RANK']}}.json"), "w").write(json.dumps(out))
+open(path, "w").write(json.dumps(out))
 """
 
 
-def _launch(n: int, root, out, repo, ks: str = "1,2,4") -> list[dict]:
+def _launch(n: int, root, out, repo, ks: str = "1,2,4", fail_rank: int | None = None) -> list[dict]:
     import os
     import socket
     import subprocess
@@ -305,6 +314,7 @@ def _launch(n: int, root, out, repo, ks: str = "1,2,4") -> list[dict]:
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(repo),
         "SWEEP_KS": ks,
+        "SWEEP_FAIL_RANK": "" if fail_rank is None else str(fail_rank),
     }
     procs = [
         subprocess.Popen(
@@ -317,7 +327,7 @@ def _launch(n: int, root, out, repo, ks: str = "1,2,4") -> list[dict]:
         for r in range(n)
     ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)[-3000:]
+    assert all(p.returncode == (0 if fail_rank is None else 3) for p in procs), "\n".join(logs)[-3000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
 
 
@@ -352,6 +362,17 @@ def test_two_and_three_processes_share_the_work_and_match_one_process_exactly(tm
     monkeypatch.setenv("HF_CACHEHOOKS_HOME", str(tmp_path / "fresh-8"))
     scratch = sweep(alone, ks=(1, 2, 4, 8), **options)
     assert strip(scratch.records) == strip(grown[2]["records"])  # grown on 2 then 3 processes = made at once on 1
+
+
+@pytest.mark.slow
+def test_a_rank_that_fails_stops_every_rank_with_its_reason_and_never_hangs(tmp_path):
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "out").mkdir()
+    ranks = _launch(2, tmp_path / "cache", tmp_path / "out", repo, fail_rank=1)
+    assert "A rank failed while generating" in ranks[0]["error"] and "out of memory" in ranks[0]["error"]
+    assert "Rank 0 failed" in ranks[1]["error"] and "out of memory" in ranks[1]["error"]
 
 
 @pytest.mark.slow

@@ -2,7 +2,9 @@
 
 Rank 0 alone talks to the generation cache: it looks the sample set up, and on a miss every batch of
 prompts the cache asks for is split across the ranks. Rank 0 broadcasts the work, each rank completes
-its share of the batches, and `all_gather_object` brings the texts back to rank 0, which stores them.
+its share of the batches, and a gather brings the texts back to rank 0, which stores them. The messages
+travel over the same gloo group `evaluate_model` uses under a launcher (`evaluation/distributed.py`), made
+beside the script's own group when that one is NCCL.
 The other ranks only follow (`follow`) until rank 0 broadcasts the result. So the cache entry is the same
 whatever the process count: a sample set made by 2 processes is a full hit for 1, and a run killed on 2
 resumes on 3 (the cache saves after every chunk).
@@ -14,13 +16,12 @@ samples do not depend on the number of processes either. With one process nothin
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import HFCacheHooksError
+from ..evaluation.distributed import Collective, World, world_from_env
 from ..generation.backends import Backend, Sampling
 
 log = logging.getLogger(__name__)
@@ -29,21 +30,16 @@ log = logging.getLogger(__name__)
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the number of processes, starting the gloo group torchrun describes if needed.
 
-    Without a launcher (no WORLD_SIZE > 1 in the environment, no group started) it is (0, 1), and torch is
-    not imported.
+    Without a launcher (no WORLD_SIZE > 1 in the environment) it is (0, 1), and torch is not imported.
     """
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1 and "torch.distributed" not in sys.modules:
-        return 0, 1
-    import torch.distributed as dist
+    world = world_from_env()
+    if world.size > 1:
+        Collective(world)  # starts the process group when the script has not
+    return world.rank, world.size
 
-    if not dist.is_available():
-        return 0, 1
-    if not dist.is_initialized():
-        if world <= 1:
-            return 0, 1
-        dist.init_process_group("gloo")  # object collectives only: gloo works beside any GPU backend
-    return dist.get_rank(), dist.get_world_size()
+
+def _comm(rank: int, world: int) -> Collective:
+    return Collective(World(rank, world))
 
 
 def _share(
@@ -86,11 +82,9 @@ class ShardedBackend:
         if self.world == 1:
             done = _share(self.inner, prompts, sampling, self.batch_size, 0, 1)
             return [done[i] for i in range(len(prompts))]
-        import torch.distributed as dist
-
-        dist.broadcast_object_list([("work", list(prompts), sampling)], src=0)
-        parts: list[Any] = [None] * self.world
-        dist.all_gather_object(parts, _guarded(self.inner, prompts, sampling, self.batch_size, 0, self.world))
+        comm = _comm(0, self.world)
+        comm.broadcast(("work", list(prompts), sampling))
+        parts = comm.gather(_guarded(self.inner, prompts, sampling, self.batch_size, 0, self.world)) or []
         failed = [p[1] for p in parts if isinstance(p, tuple)]
         if failed:
             raise HFCacheHooksError(f"A rank failed while generating: {failed[0]}")
@@ -114,18 +108,14 @@ def _guarded(
 def lead(result: Any, world: int) -> Any:
     """Rank 0, when done: send `result` (plain data) to the followers; returns it."""
     if world > 1:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list([("done", result)], src=0)
+        _comm(0, world).broadcast(("done", result))
     return result
 
 
 def abort(message: str, world: int) -> None:
     """Rank 0, on an error: release the followers, which raise it too."""
     if world > 1:
-        import torch.distributed as dist
-
-        dist.broadcast_object_list([("error", message)], src=0)
+        _comm(0, world).broadcast(("error", message))
 
 
 def follow(backend: Backend, batch_size: int, rank: int, world: int) -> Any:
@@ -134,16 +124,12 @@ def follow(backend: Backend, batch_size: int, rank: int, world: int) -> Any:
     Raises:
         HFCacheHooksError: rank 0 failed (its message).
     """
-    import torch.distributed as dist
-
+    comm = _comm(rank, world)
     while True:
-        box: list[Any] = [None]
-        dist.broadcast_object_list(box, src=0)
-        message = box[0]
+        message = comm.broadcast(None)
         if message[0] == "done":
             return message[1]
         if message[0] == "error":
             raise HFCacheHooksError(f"Rank 0 failed: {message[1]}")
         _, prompts, sampling = message
-        parts: list[Any] = [None] * world
-        dist.all_gather_object(parts, _guarded(backend, prompts, sampling, batch_size, rank, world))
+        comm.gather(_guarded(backend, prompts, sampling, batch_size, rank, world))
