@@ -180,21 +180,27 @@ def test_batch_size_and_shard_size_do_not_change_the_key(llama, tmp_path, monkey
     assert torch.equal(again.layer(1), first.layer(1))
 
 
-def test_interrupted_run_resumes_from_complete_chunks(llama, tmp_path, monkeypatch):
-    model, tok = llama
-    clean = cache_activations(
-        model, tok, records(), tmp_path / "clean", [2], shard_size=8, batch_size=4, progress=False
-    )
-    calls = []
-    real = writer.capture
+def _killed_after_three_batches(monkeypatch):
+    """The fourth forward pass raises KeyboardInterrupt: with batches of 4 in chunks of 8, chunk 0 is done and the
+    run dies inside chunk 1. Returns the real `capture`."""
+    real, calls = writer.capture, []
 
     def dying(*args, **kwargs):
-        if len(calls) == 3:  # chunk 0 (two batches of 4) done, killed inside chunk 1
+        if len(calls) == 3:
             raise KeyboardInterrupt("killed")
         calls.append(1)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(writer, "capture", dying)
+    return real
+
+
+def test_interrupted_run_resumes_from_complete_chunks(llama, tmp_path, monkeypatch):
+    model, tok = llama
+    clean = cache_activations(
+        model, tok, records(), tmp_path / "clean", [2], shard_size=8, batch_size=4, progress=False
+    )
+    real = _killed_after_three_batches(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
     names = sorted(str(p.relative_to(tmp_path / "c")) for p in (tmp_path / "c").rglob("*"))
@@ -548,15 +554,7 @@ def test_a_resumed_run_hashes_the_shards_an_earlier_run_left(llama, tmp_path, mo
     clean = cache_activations(
         model, tok, records(), tmp_path / "clean", [2], shard_size=8, batch_size=4, progress=False
     )
-    real, calls = writer.capture, []
-
-    def dying(*args, **kwargs):
-        if len(calls) == 3:  # chunk 0 done, killed inside chunk 1
-            raise KeyboardInterrupt("killed")
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(writer, "capture", dying)
+    real = _killed_after_three_batches(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
     shard, side_path = tmp_path / "c" / "data-00000.arrow", tmp_path / "c" / ".chunks" / "data-00000.json"
@@ -582,3 +580,67 @@ def test_every_shard_is_fsynced_before_the_manifest_is_committed(tmp_path, monke
     _synthetic_store(tmp_path / "s", rows=64, hidden=8, chunks=3)
     shards = [i for i, e in enumerate(events) if e.endswith(".arrow")]
     assert len(shards) == 3 and max(shards) < events.index("commit")
+
+
+def test_the_default_shard_holds_about_32_mib_and_never_fewer_than_1024_examples():
+    from hf_cachehooks.activations.shards import default_shard_size
+
+    assert default_shard_size(1_000_000, 1, 576, "float16", "last", 1) == (32 << 20) // 1152 == 29_127
+    assert default_shard_size(1_000_000, 1, 576, "float32", "mean", 1) == (32 << 20) // 2304
+    assert default_shard_size(1_000_000, 4, 4096, "bfloat16", "last", 1) == 1024  # 32 KiB a row: the floor
+    assert default_shard_size(1_000_000, 1, 576, "float16", "all", 1) == 1024  # tokens per example not known yet
+    # several processes: about four chunks for each rank, still never below 1,024 examples
+    assert default_shard_size(200_000, 1, 576, "float16", "last", 4) == 12_500
+    assert default_shard_size(5_000, 1, 576, "float16", "last", 4) == 1024
+
+
+def test_shard_size_unset_takes_the_default_and_a_given_one_is_honoured(llama, tmp_path):
+    model, tok = llama
+    default = cache_activations(model, tok, records(), tmp_path / "default", [1, 2], progress=False)
+    assert default.manifest["shard_size"] == (32 << 20) // (2 * 16 * 2) and len(default.manifest["chunks"]) == 1
+    given = cache_activations(model, tok, records(), tmp_path / "given", [1, 2], shard_size=8, progress=False)
+    assert given.manifest["shard_size"] == 8 and [c["rows"] for c in given.manifest["chunks"]] == [8, 8, 5]
+    assert torch.equal(default.layer(2), given.layer(2))
+
+
+def test_a_run_resumed_without_a_shard_size_keeps_the_chunks_of_the_run_it_resumes(llama, tmp_path, monkeypatch):
+    model, tok = llama
+    real = _killed_after_three_batches(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
+    monkeypatch.setattr(writer, "capture", real)
+    resumed = _extractions(monkeypatch)
+    store = cache_activations(model, tok, records(), tmp_path / "c", [2], batch_size=4, progress=False)
+    assert len(resumed) == 4  # chunks 1 and 2 of 8 examples only, not one default-sized chunk from scratch
+    assert store.manifest["shard_size"] == 8 and len(store.manifest["chunks"]) == 3
+    clean = cache_activations(model, tok, records(), tmp_path / "clean", [2], progress=False)
+    assert torch.equal(store.layer(2), clean.layer(2))
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [[0, 1, 1, 0], ["b", "a", "b"], [True, False, True], [1, True, 1.0], [0.0, -0.0, 1.5], [1, None, 2], [[1], [1]]],
+)
+def test_label_counts_name_each_label_by_its_text(labels):
+    from collections import Counter
+
+    from hf_cachehooks.activations.shards import label_counts
+
+    rows = [{"label": y} for y in labels]
+    want = dict(Counter(str(y) for y in labels))
+    assert label_counts(rows, "label") == want
+    assert label_counts([*rows, {"text": "unlabelled"}], "label") == want  # rows without the field are skipped
+
+
+def test_a_chunk_table_takes_each_rows_fields_in_the_order_of_its_examples():
+    from hf_cachehooks._models.extraction import Pooled
+
+    rows = [{"label": i % 3, "name": f"r{i}"} for i in range(10)]
+    fields = writer.field_types(rows, ["label", "name"])
+    values = torch.arange(8.0).reshape(4, 2)
+    in_order = writer.arrow_table([(Pooled({1: values}, torch.arange(4)), 0)], 4, rows, fields, [1], "float32", 2)
+    assert in_order.column("name").to_pylist() == ["r4", "r5", "r6", "r7"]
+    shuffled = [(Pooled({1: values[:2]}, torch.tensor([1, 0])), 2), (Pooled({1: values[2:]}, torch.tensor([0, 0])), 0)]
+    table = writer.arrow_table(shuffled, 4, rows, fields, [1], "float32", 2)
+    assert table.column("name").to_pylist() == ["r7", "r6", "r4", "r4"]
+    assert table.column("label").to_pylist() == [1, 0, 1, 1] and table.schema.field("label").type == fields["label"]

@@ -16,6 +16,7 @@ import os
 import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,28 @@ from .._core.store import atomic_target, read_entry, seal, write_entry
 from .store import ARROW_TYPE, CHUNKS, KIND, LAYOUT, MANIFEST, chunk_name, write_layer_info
 
 log = logging.getLogger(__name__)
+
+
+SHARD_BYTES = 32 << 20  # a default shard holds about this much activation data
+MIN_SHARD = 1024  # examples: the smallest default shard (the fixed default of earlier versions)
+
+
+def default_shard_size(num_examples: int, layers: int, hidden: int, dtype: str, positions: str, world: int) -> int:
+    """Examples per chunk when `shard_size` is not given: about `SHARD_BYTES` of activations, at least 1,024.
+
+    A chunk is the resume unit and one shard file: a large one costs fewer files, syncs and sidecars (at
+    SmolLM2's width, one fp16 layer, 29,127 examples instead of 1,024), a small one loses less work when
+    a run is killed. With several processes the chunks stay small enough for each rank to get about four,
+    and never below 1,024. `positions="all"` keeps 1,024 examples: their row count (tokens) is only known
+    once tokenized.
+    """
+    if positions == "all":
+        return MIN_SHARD
+    row_bytes = max(1, layers * hidden * (4 if dtype == "float32" else 2))
+    size = max(MIN_SHARD, SHARD_BYTES // row_bytes)
+    if world > 1:
+        size = min(size, max(MIN_SHARD, -(-num_examples // (4 * world))))
+    return size
 
 
 def scalar_fields(rows: list[dict], text_field: str) -> list[str]:
@@ -49,7 +72,7 @@ def field_types(rows: list[dict], fields: Sequence[str]) -> dict[str, Any]:
 
     types: dict[str, Any] = {}
     for name in fields:
-        values = [r[name] for r in rows]
+        values = list(map(itemgetter(name), rows))
         if isinstance(values[0], int) and not isinstance(values[0], bool):
             low, high = min(values), max(values)
             types[name] = (
@@ -81,12 +104,19 @@ def arrow_table(
     import torch
 
     types = fields if isinstance(fields, Mapping) else dict.fromkeys(fields)
-    example = torch.cat([p.example + offset for p, offset in pooled]).tolist()  # chunk-relative
+    example = torch.cat([p.example + offset for p, offset in pooled]).numpy()  # chunk-relative
     columns: dict[str, Any] = {}
     if pooled[0][0].position is not None:
-        columns["example_index"] = pa.array([start + e for e in example], pa.int32())
+        columns["example_index"] = pa.array((example + start).astype(np.int32))
+    in_order = len(example) and example[0] == 0 and bool(np.all(np.diff(example) == 1))
+    chosen = rows[start : start + len(example)] if in_order else [rows[start + e] for e in example.tolist()]
     for name, kind in types.items():
-        columns[name] = pa.array([rows[start + e][name] for e in example], kind)
+        values = list(map(itemgetter(name), chosen))
+        columns[name] = (
+            pa.array(np.array(values, dtype=kind.to_pandas_dtype()))  # integers through numpy: ~10x faster
+            if kind is not None and pa.types.is_integer(kind)
+            else pa.array(values, kind)
+        )
     if pooled[0][0].position is not None:
         columns["position"] = pa.array(torch.cat([p.position for p, _ in pooled]).tolist(), pa.int32())
         columns["token_id"] = pa.array(torch.cat([p.token_id for p, _ in pooled]).tolist(), pa.int32())
@@ -255,7 +285,7 @@ def finish_store(
     files = {
         name: {"bytes": s["bytes"], "xxh3": s["content_hash"], "stamp": s.get("stamp")} for name, s in zip(names, sides)
     }
-    labels = Counter(str(r[label_field]) for r in rows if label_field in r)
+    labels = label_counts(rows, label_field)
     try:
         _at_once(_fsync, [folder / name for name in names])  # every shard reaches the disk before the manifest
         # the per-example fields are the shards' columns (stored once); this is their summary
@@ -289,6 +319,22 @@ def finish_store(
         size / 1e6,
         folder,
     )
+
+
+def label_counts(rows: list[dict], label_field: str) -> dict[str, int]:
+    """How many rows carry each value of `label_field`, keyed by the value as text (rows without it skipped).
+
+    Labels of one type whose equal values print alike (str, int or bool) are counted in C, then named:
+    0.1 s for 1M rows instead of 0.3 s; anything else (floats, mixed types, a missing label) value by value.
+    """
+    try:
+        values = list(map(itemgetter(label_field), rows))
+    except KeyError:
+        values = []
+    kinds = set(map(type, values))
+    if values and len(kinds) == 1 and kinds <= {str, int, bool}:
+        return {str(value): count for value, count in Counter(values).items()}
+    return dict(Counter(str(r[label_field]) for r in rows if label_field in r))
 
 
 def _at_once(action: Callable[[Path], None], paths: list[Path]) -> None:

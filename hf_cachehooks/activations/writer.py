@@ -38,7 +38,16 @@ from .._models.architecture import hidden_size
 from .._models.extraction import POSITIONS, batches, capture, check_layers, pool
 from .._models.identity import model_identity, tokenizer_identity
 from ..errors import ConfigError, CorruptEntryError, WaitTimeoutError
-from .shards import arrow_table, chunk_done, field_types, finish_store, scalar_fields, sidecar, write_chunk
+from .shards import (
+    arrow_table,
+    chunk_done,
+    default_shard_size,
+    field_types,
+    finish_store,
+    scalar_fields,
+    sidecar,
+    write_chunk,
+)
 from .store import CHUNKS, DTYPES, KIND, MANIFEST, ActivationStore, store_problem
 
 log = logging.getLogger(__name__)
@@ -144,7 +153,7 @@ def cache_activations(
     system_prompt: str | None = None,
     max_length: int | None = None,
     batch_size: int = 8,
-    shard_size: int = 1024,
+    shard_size: int | None = None,
     force: bool = False,
     max_age_days: float | None = None,
     clock: Clock = SYSTEM_CLOCK,
@@ -162,7 +171,9 @@ def cache_activations(
         positions: "last" non-padding token, "first", "mean" over non-padding tokens, or "all" (a row per token).
         text_field, label_field: record fields; the label field defaults to "type" when present, else "label".
         dtype: "float16", "bfloat16" (kept bit-exact) or "float32".
-        batch_size, shard_size: how to run; not in the key, so they may change between runs.
+        batch_size, shard_size: how to run; not in the key, so they may change between runs. `shard_size`
+            is examples per chunk (one shard file, and what a killed run loses at most per process); by
+            default about 32 MiB of activations, at least 1,024 examples (1,024 with positions="all").
         force: replace a cache in `folder` that was made from other inputs (only the files it lists go).
         max_age_days, clock: the cache settings as keywords: a store older than `max_age_days` is
             re-extracted (None: never expires); `clock` gives "now". They build `cache` when it is not given.
@@ -229,7 +240,10 @@ def cache_activations(
     _barrier(world)  # rank 0 has removed what was in the way
     if rank == 0:
         tag_folder(folder)
-    shard_size = (sidecar(folder, 0) or {}).get("shard_size", shard_size)
+    hidden = hidden_size(model)
+    if shard_size is None:  # the same on every rank: it depends only on the run's inputs
+        shard_size = default_shard_size(len(rows), len(layers), hidden, dtype, positions, world)
+    shard_size = (sidecar(folder, 0) or {}).get("shard_size", shard_size)  # a resumed run keeps its chunks
     chunks = [
         (c, c * shard_size, min(len(rows), (c + 1) * shard_size))
         for c in range((len(rows) + shard_size - 1) // shard_size)
@@ -237,7 +251,6 @@ def cache_activations(
     # a chunk left by an earlier run is hashed: its shard was not yet fsynced when that run stopped
     mine = [c for c in chunks if c[0] % world == rank and not chunk_done(folder, c[0], key.digest, "hash")]
     fields = field_types(rows, scalar_fields(rows, text_field))
-    hidden = hidden_size(model)
     device = next(model.parameters()).device
     from tqdm.auto import tqdm
 
