@@ -104,7 +104,9 @@ def arrow_table(
     import torch
 
     types = fields if isinstance(fields, Mapping) else dict.fromkeys(fields)
-    example = torch.cat([p.example + offset for p, offset in pooled]).numpy()  # chunk-relative
+    # chunk-relative example of each row: one add for the chunk, not one torch op per batch (~4 µs each)
+    starts = np.repeat([offset for _, offset in pooled], [p.example.shape[0] for p, _ in pooled])
+    example = torch.cat([p.example for p, _ in pooled]).numpy() + starts
     columns: dict[str, Any] = {}
     if pooled[0][0].position is not None:
         columns["example_index"] = pa.array((example + start).astype(np.int32))
