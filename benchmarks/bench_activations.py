@@ -6,7 +6,7 @@ Four comparisons, each on the same payload for every contender (torch.set_num_th
    the same payload for four stores: ours (`ActivationStore`), one raw Arrow IPC stream file (the strongest
    peer for writing), `.npy` + `np.memmap` (the strongest for reading) and `torch.save` per layer (the
    popular one, the seed's layer_XX/test_activations.pt). "Ours, write" is what `cache_activations` does
-   after the forward passes (`field_types`, then `arrow_table` + `write_chunk` per chunk, then
+   after the forward passes (`field_columns`, then `arrow_table` + `write_chunk` per chunk, then
    `finish_store`), with the default shard size (about 32 MiB, 29,127 rows here); ours with shard_size=1024
    (the earlier fixed default) is timed too, write only. Every contender fsyncs its own files inside its
    timed write, and os.sync() runs untimed before each write, so no one pays for another's dirty pages.
@@ -68,7 +68,7 @@ from hf_cachehooks.activations.writer import (
     arrow_table,
     cache_activations,
     default_shard_size,
-    field_types,
+    field_columns,
     finish_store,
     write_chunk,
 )
@@ -113,7 +113,7 @@ def disk_bytes(path: Path) -> int:
 def write_ours(
     folder: Path, arrays: dict, labels: list[int] | list[dict], hidden: int = HIDDEN, shard: int | None = None
 ) -> int:
-    """`cache_activations` minus the model: the same `field_types`/`arrow_table`/`write_chunk`/`finish_store`.
+    """`cache_activations` minus the model: the same `field_columns`/`arrow_table`/`write_chunk`/`finish_store`.
 
     `labels` may be the records themselves (`[{"label": y}, ...]`), as `cache_activations` has them already.
     `shard` (examples per chunk) defaults to what `cache_activations` picks when `shard_size` is not given,
@@ -122,13 +122,14 @@ def write_ours(
     layers, n = list(arrays), len(labels)
     shard = shard or default_shard_size(n, len(layers), hidden, "float16", "last", 1)
     rows = labels if labels and isinstance(labels[0], dict) else [{"label": y} for y in labels]
-    fields = field_types(rows, ["label"])
+    fields, columns = field_columns(rows, ["label"])
     key = make_key("activations", {"model": {"name": "bench/synthetic"}, "n": n, "layers": layers})
     chunks = [(c, s, min(n, s + shard)) for c, s in enumerate(range(0, n, shard))]
     for c, s, e in chunks:
         pooled = [(Pooled({L: torch.from_numpy(arrays[L][s:e]) for L in layers}, torch.arange(e - s)), 0)]
-        write_chunk(folder, c, s, e, arrow_table(pooled, s, rows, fields, layers, "float16", hidden), key, shard)
-    finish_store(folder, chunks, rows, fields, "label", key, layers, "last", "float16", hidden, shard)
+        table = arrow_table(pooled, s, rows, fields, layers, "float16", hidden, columns)
+        write_chunk(folder, c, s, e, table, key, shard)
+    finish_store(folder, chunks, rows, fields, "label", key, layers, "last", "float16", hidden, shard, columns=columns)
     return shard
 
 

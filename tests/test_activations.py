@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import hf_cachehooks.activations.shards as shards
 import hf_cachehooks.activations.writer as writer
 from hf_cachehooks._models.extraction import batches, capture, pool
 from hf_cachehooks.activations.store import ActivationStore, verify_store
@@ -524,7 +525,7 @@ def test_integer_fields_take_the_narrowest_type_for_every_chunk():
     import pyarrow as pa
 
     rows = [{"label": i % 2, "id": i * 1000, "big": -(1 << 40) + i, "name": "x", "flag": True} for i in range(40)]
-    types = writer.field_types(rows, ["label", "id", "big", "name", "flag"])
+    types = shards.field_types(rows, ["label", "id", "big", "name", "flag"])
     assert types == {"label": pa.int8(), "id": pa.int32(), "big": pa.int64(), "name": None, "flag": None}
 
 
@@ -636,7 +637,7 @@ def test_a_chunk_table_takes_each_rows_fields_in_the_order_of_its_examples():
     from hf_cachehooks._models.extraction import Pooled
 
     rows = [{"label": i % 3, "name": f"r{i}"} for i in range(10)]
-    fields = writer.field_types(rows, ["label", "name"])
+    fields = shards.field_types(rows, ["label", "name"])
     values = torch.arange(8.0).reshape(4, 2)
     in_order = writer.arrow_table([(Pooled({1: values}, torch.arange(4)), 0)], 4, rows, fields, [1], "float32", 2)
     assert in_order.column("name").to_pylist() == ["r4", "r5", "r6", "r7"]
@@ -644,3 +645,18 @@ def test_a_chunk_table_takes_each_rows_fields_in_the_order_of_its_examples():
     table = writer.arrow_table(shuffled, 4, rows, fields, [1], "float32", 2)
     assert table.column("name").to_pylist() == ["r7", "r6", "r4", "r4"]
     assert table.column("label").to_pylist() == [1, 0, 1, 1] and table.schema.field("label").type == fields["label"]
+
+
+def test_integer_fields_are_kept_once_over_all_rows_and_sliced_by_each_chunk():
+    from hf_cachehooks._models.extraction import Pooled
+
+    rows = [{"label": i % 2, "id": 1000 + i, "name": f"r{i}"} for i in range(10)]
+    types, columns = shards.field_columns(rows, ["label", "id", "name"])
+    assert set(columns) == {"label", "id"} and columns["label"].dtype == np.int8 and columns["id"].dtype == np.int16
+    assert columns["id"].tolist() == [1000 + i for i in range(10)]
+    pooled = [(Pooled({1: torch.zeros(3, 2)}, torch.tensor([2, 0, 1])), 0)]
+    table = writer.arrow_table(pooled, 5, rows, types, [1], "float32", 2, columns)
+    assert table.column("id").to_pylist() == [1007, 1005, 1006]
+    assert table.column("name").to_pylist() == ["r7", "r5", "r6"]
+    counted = shards.label_counts(rows, "label", columns["label"])
+    assert counted == shards.label_counts(rows, "label") == {"0": 5, "1": 5}

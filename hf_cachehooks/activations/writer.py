@@ -42,7 +42,7 @@ from .shards import (
     arrow_table,
     chunk_done,
     default_shard_size,
-    field_types,
+    field_columns,
     finish_store,
     scalar_fields,
     sidecar,
@@ -250,7 +250,7 @@ def cache_activations(
     ]
     # a chunk left by an earlier run is hashed: its shard was not yet fsynced when that run stopped
     mine = [c for c in chunks if c[0] % world == rank and not chunk_done(folder, c[0], key.digest, "hash")]
-    fields = field_types(rows, scalar_fields(rows, text_field))
+    fields, columns = field_columns(rows, scalar_fields(rows, text_field))
     device = next(model.parameters()).device
     from tqdm.auto import tqdm
 
@@ -290,7 +290,7 @@ def cache_activations(
                 chunk,
                 start,
                 end,
-                arrow_table(pooled, start, rows, fields, layers, dtype, hidden),
+                arrow_table(pooled, start, rows, fields, layers, dtype, hidden, columns),
                 key,
                 shard_size,
             )
@@ -314,6 +314,7 @@ def cache_activations(
             hidden,
             shard_size,
             clock=cache.clock,
+            columns=columns,
         )
     if not _barrier(world) and rank != 0:  # every rank passes the same barriers
         _wait_for(lambda: _finished(folder), wait_timeout, folder)
