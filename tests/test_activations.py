@@ -181,13 +181,13 @@ def test_batch_size_and_shard_size_do_not_change_the_key(llama, tmp_path, monkey
     assert torch.equal(again.layer(1), first.layer(1))
 
 
-def _killed_after_three_batches(monkeypatch):
-    """The fourth forward pass raises KeyboardInterrupt: with batches of 4 in chunks of 8, chunk 0 is done and the
-    run dies inside chunk 1. Returns the real `capture`."""
+def _killed_after_three_batches(monkeypatch, batches=3):
+    """Forward pass `batches` + 1 raises KeyboardInterrupt: with 3 batches of 4 in chunks of 8, chunk 0 is done and
+    the run dies inside chunk 1. Returns the real `capture`."""
     real, calls = writer.capture, []
 
     def dying(*args, **kwargs):
-        if len(calls) == 3:
+        if len(calls) == batches:
             raise KeyboardInterrupt("killed")
         calls.append(1)
         return real(*args, **kwargs)
@@ -660,3 +660,32 @@ def test_integer_fields_are_kept_once_over_all_rows_and_sliced_by_each_chunk():
     assert table.column("name").to_pylist() == ["r7", "r5", "r6"]
     counted = shards.label_counts(rows, "label", columns["label"])
     assert counted == shards.label_counts(rows, "label") == {"0": 5, "1": 5}
+
+
+def test_a_resumed_run_takes_its_shard_size_from_any_chunk_left(llama, tmp_path, monkeypatch):
+    """With several processes rank 0 may die before its first chunk: the shard size comes from any chunk left."""
+    model, tok = llama
+    clean = cache_activations(model, tok, records(), tmp_path / "clean", [2], shard_size=5, progress=False)
+    real = _killed_after_three_batches(monkeypatch, batches=4)  # chunks 0 and 1 done, killed inside chunk 2
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
+    (tmp_path / "c" / ".chunks" / "data-00000.json").unlink()  # as if chunk 0's process had died first
+    monkeypatch.setattr(writer, "capture", real)
+    resumed = _extractions(monkeypatch)
+    store = cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=5, batch_size=4, progress=False)
+    assert len(resumed) == 4  # chunks 0 and 2 of 8 examples (2 batches each); chunk 1 kept
+    assert store.manifest["shard_size"] == 8 and [c["rows"] for c in store.manifest["chunks"]] == [8, 8, 5]
+    assert torch.equal(store.layer(2), clean.layer(2))
+
+
+def test_a_finished_chunk_cut_from_another_shard_size_is_not_taken_for_this_one(llama, tmp_path, monkeypatch):
+    from hf_cachehooks._core.store import unseal
+    from hf_cachehooks.activations.shards import chunk_done
+
+    model, tok = llama
+    _killed_after_three_batches(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
+    digest = unseal((tmp_path / "c" / ".chunks" / "data-00000.json").read_bytes())["key"]["digest"]
+    assert chunk_done(tmp_path / "c", 0, digest, "hash", (0, 8)) and chunk_done(tmp_path / "c", 0, digest, "hash")
+    assert not chunk_done(tmp_path / "c", 0, digest, "hash", (0, 5))  # chunk 0 of shard_size=5 holds fewer rows

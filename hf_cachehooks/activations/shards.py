@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shutil
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -167,17 +168,41 @@ def sidecar(folder: Path, chunk: int) -> dict | None:
     return side
 
 
-def chunk_done(folder: Path, chunk: int, digest: str, check: str = "stamp") -> bool:
+def chunk_done(
+    folder: Path, chunk: int, digest: str, check: str = "stamp", span: tuple[int, int] | None = None
+) -> bool:
     """True when chunk `chunk` of the run keyed `digest` is finished and its shard matches its sidecar.
 
     `check="hash"` reads the shard: what a resumed run does, since a shard is fsynced only when the store
-    is finished, so after a power cut a sidecar may outlive its shard's bytes.
+    is finished, so after a power cut a sidecar may outlive its shard's bytes. `span`: the examples
+    (start, end) the chunk must hold; a chunk cut from another shard size is not this one.
     """
     side = sidecar(folder, chunk)
     if side is None or side["key"]["digest"] != digest or side.get("layout") != LAYOUT:
         return False  # a chunk an older version wrote (another layout) is redone, so every shard has one schema
+    if span is not None and (side.get("start"), side.get("end")) != tuple(span):
+        return False
     record = {"bytes": side["bytes"], "xxh3": side["content_hash"], "stamp": side.get("stamp")}
     return entry.check_file(folder, f"{chunk_name(chunk)}.arrow", record, check) is None  # the contract's check
+
+
+def resumed_shard_size(folder: Path, digest: str) -> int | None:
+    """The shard size of a killed run of the run keyed `digest` in `folder`, read from any chunk it finished.
+
+    Any chunk, not only chunk 0: with several processes, rank 0 may have died before finishing its first.
+    A chunk an older version wrote counts too: its chunks are redone, but cut the same, so each new shard
+    replaces an old one and none is left behind.
+    """
+    chunks = folder / CHUNKS
+    if chunks.is_symlink() or not chunks.is_dir():
+        return None
+    for path in sorted(chunks.iterdir()):
+        if re.fullmatch(r"data-\d{5}\.json", path.name):
+            side = sidecar(folder, int(path.stem[5:]))
+            size = side.get("shard_size") if side is not None and side["key"]["digest"] == digest else None
+            if isinstance(size, int) and size > 0:
+                return size
+    return None
 
 
 class _HashingFile:

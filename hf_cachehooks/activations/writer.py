@@ -44,6 +44,7 @@ from .shards import (
     default_shard_size,
     field_columns,
     finish_store,
+    resumed_shard_size,
     scalar_fields,
     sidecar,
     write_chunk,
@@ -243,13 +244,13 @@ def cache_activations(
     hidden = hidden_size(model)
     if shard_size is None:  # the same on every rank: it depends only on the run's inputs
         shard_size = default_shard_size(len(rows), len(layers), hidden, dtype, positions, world)
-    shard_size = (sidecar(folder, 0) or {}).get("shard_size", shard_size)  # a resumed run keeps its chunks
+    shard_size = resumed_shard_size(folder, key.digest) or shard_size  # a resumed run keeps its chunks
     chunks = [
         (c, c * shard_size, min(len(rows), (c + 1) * shard_size))
         for c in range((len(rows) + shard_size - 1) // shard_size)
     ]
     # a chunk left by an earlier run is hashed: its shard was not yet fsynced when that run stopped
-    mine = [c for c in chunks if c[0] % world == rank and not chunk_done(folder, c[0], key.digest, "hash")]
+    mine = [c for c in chunks if c[0] % world == rank and not chunk_done(folder, c[0], key.digest, "hash", c[1:])]
     fields, columns = field_columns(rows, scalar_fields(rows, text_field))
     device = next(model.parameters()).device
     from tqdm.auto import tqdm
@@ -296,7 +297,7 @@ def cache_activations(
             )
     if not _barrier(world) and world > 1:
         _wait_for(
-            lambda: _finished(folder) or all(chunk_done(folder, c, key.digest) for c, _, _ in chunks),
+            lambda: _finished(folder) or all(chunk_done(folder, c, key.digest, span=(s, e)) for c, s, e in chunks),
             wait_timeout,
             folder,
         )
