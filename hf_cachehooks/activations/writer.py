@@ -38,7 +38,17 @@ from .._models.architecture import hidden_size
 from .._models.extraction import POSITIONS, batches, capture, check_layers, pool
 from .._models.identity import model_identity, tokenizer_identity
 from ..errors import ConfigError, CorruptEntryError, WaitTimeoutError
-from .shards import arrow_table, chunk_done, field_types, finish_store, scalar_fields, sidecar, write_chunk
+from .shards import (
+    arrow_table,
+    chunk_done,
+    default_shard_size,
+    field_columns,
+    finish_store,
+    resumed_shard_size,
+    scalar_fields,
+    sidecar,
+    write_chunk,
+)
 from .store import CHUNKS, DTYPES, KIND, MANIFEST, ActivationStore, store_problem
 
 log = logging.getLogger(__name__)
@@ -144,7 +154,7 @@ def cache_activations(
     system_prompt: str | None = None,
     max_length: int | None = None,
     batch_size: int = 8,
-    shard_size: int = 1024,
+    shard_size: int | None = None,
     force: bool = False,
     max_age_days: float | None = None,
     clock: Clock = SYSTEM_CLOCK,
@@ -162,7 +172,9 @@ def cache_activations(
         positions: "last" non-padding token, "first", "mean" over non-padding tokens, or "all" (a row per token).
         text_field, label_field: record fields; the label field defaults to "type" when present, else "label".
         dtype: "float16", "bfloat16" (kept bit-exact) or "float32".
-        batch_size, shard_size: how to run; not in the key, so they may change between runs.
+        batch_size, shard_size: how to run; not in the key, so they may change between runs. `shard_size`
+            is examples per chunk (one shard file, and what a killed run loses at most per process); by
+            default about 32 MiB of activations, at least 1,024 examples (1,024 with positions="all").
         force: replace a cache in `folder` that was made from other inputs (only the files it lists go).
         max_age_days, clock: the cache settings as keywords: a store older than `max_age_days` is
             re-extracted (None: never expires); `clock` gives "now". They build `cache` when it is not given.
@@ -229,15 +241,17 @@ def cache_activations(
     _barrier(world)  # rank 0 has removed what was in the way
     if rank == 0:
         tag_folder(folder)
-    shard_size = (sidecar(folder, 0) or {}).get("shard_size", shard_size)
+    hidden = hidden_size(model)
+    if shard_size is None:  # the same on every rank: it depends only on the run's inputs
+        shard_size = default_shard_size(len(rows), len(layers), hidden, dtype, positions, world)
+    shard_size = resumed_shard_size(folder, key.digest) or shard_size  # a resumed run keeps its chunks
     chunks = [
         (c, c * shard_size, min(len(rows), (c + 1) * shard_size))
         for c in range((len(rows) + shard_size - 1) // shard_size)
     ]
     # a chunk left by an earlier run is hashed: its shard was not yet fsynced when that run stopped
-    mine = [c for c in chunks if c[0] % world == rank and not chunk_done(folder, c[0], key.digest, "hash")]
-    fields = field_types(rows, scalar_fields(rows, text_field))
-    hidden = hidden_size(model)
+    mine = [c for c in chunks if c[0] % world == rank and not chunk_done(folder, c[0], key.digest, "hash", c[1:])]
+    fields, columns = field_columns(rows, scalar_fields(rows, text_field))
     device = next(model.parameters()).device
     from tqdm.auto import tqdm
 
@@ -277,13 +291,13 @@ def cache_activations(
                 chunk,
                 start,
                 end,
-                arrow_table(pooled, start, rows, fields, layers, dtype, hidden),
+                arrow_table(pooled, start, rows, fields, layers, dtype, hidden, columns),
                 key,
                 shard_size,
             )
     if not _barrier(world) and world > 1:
         _wait_for(
-            lambda: _finished(folder) or all(chunk_done(folder, c, key.digest) for c, _, _ in chunks),
+            lambda: _finished(folder) or all(chunk_done(folder, c, key.digest, span=(s, e)) for c, s, e in chunks),
             wait_timeout,
             folder,
         )
@@ -301,6 +315,7 @@ def cache_activations(
             hidden,
             shard_size,
             clock=cache.clock,
+            columns=columns,
         )
     if not _barrier(world) and rank != 0:  # every rank passes the same barriers
         _wait_for(lambda: _finished(folder), wait_timeout, folder)

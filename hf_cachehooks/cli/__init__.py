@@ -160,7 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--data", required=True, help="JSON/JSONL records (text + label) or contrastive pairs")
     cache.add_argument("--layers", required=True, help="comma-separated, e.g. 10,20,30 (0 = embeddings)")
     cache.add_argument("--output", required=True, help="the cache folder to fill (an interrupted run resumes)")
-    cache.add_argument("--shard-size", type=_positive, default=1024, help="examples per shard (resume granularity)")
+    cache.add_argument("--shard-size", type=_positive, default=None,
+                       help="examples per shard, the resume unit (default: about 32 MiB of activations, at least 1024)")
     cache.add_argument("--chat-template", action="store_true", help="wrap each text in the chat template first")
     cache.add_argument("--system-prompt", help="system turn for --chat-template (default: none)")
     cache.add_argument("--max-length", type=_positive, help="truncate texts to this many tokens (default: never)")
