@@ -396,7 +396,9 @@ def test_force_removes_only_what_the_store_lists(llama, tmp_path, monkeypatch):
     assert (folder / "notes.txt").read_text() == "mine" and (folder / "data-00009.arrow").exists()
 
 
-def test_force_clears_a_killed_run_with_other_inputs(llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("lost_chunk_0", [False, True])
+def test_force_clears_a_killed_run_with_other_inputs(llama, tmp_path, monkeypatch, lost_chunk_0):
+    """Told apart by any chunk it finished, not only chunk 0 (rank 0 may have died before finishing its first)."""
     model, tok = llama
     folder = tmp_path / "c"
     real = writer.capture
@@ -412,6 +414,8 @@ def test_force_clears_a_killed_run_with_other_inputs(llama, tmp_path, monkeypatc
     with pytest.raises(KeyboardInterrupt):
         cache_activations(model, tok, records(), folder, [1], shard_size=8, batch_size=4, progress=False)
     assert (folder / ".chunks" / "data-00001.json").exists() and (folder / "data-00001.arrow").exists()
+    if lost_chunk_0:
+        (folder / ".chunks" / "data-00000.json").unlink()
     monkeypatch.setattr(writer, "capture", real)
     with pytest.raises(ConfigError, match="positions"):
         cache_activations(model, tok, records(), folder, [1], positions="mean", progress=False)

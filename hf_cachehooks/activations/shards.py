@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -186,6 +186,18 @@ def chunk_done(
     return entry.check_file(folder, f"{chunk_name(chunk)}.arrow", record, check) is None  # the contract's check
 
 
+def sidecars(folder: Path) -> Iterator[dict]:
+    """The sealed sidecars of the chunks finished in `folder`, in chunk order (malformed ones left out)."""
+    chunks = folder / CHUNKS
+    if chunks.is_symlink() or not chunks.is_dir():
+        return
+    for path in sorted(chunks.iterdir()):
+        if re.fullmatch(r"data-\d{5}\.json", path.name):
+            side = sidecar(folder, int(path.stem[5:]))
+            if side is not None:
+                yield side
+
+
 def resumed_shard_size(folder: Path, digest: str) -> int | None:
     """The shard size of a killed run of the run keyed `digest` in `folder`, read from any chunk it finished.
 
@@ -193,15 +205,10 @@ def resumed_shard_size(folder: Path, digest: str) -> int | None:
     A chunk an older version wrote counts too: its chunks are redone, but cut the same, so each new shard
     replaces an old one and none is left behind.
     """
-    chunks = folder / CHUNKS
-    if chunks.is_symlink() or not chunks.is_dir():
-        return None
-    for path in sorted(chunks.iterdir()):
-        if re.fullmatch(r"data-\d{5}\.json", path.name):
-            side = sidecar(folder, int(path.stem[5:]))
-            size = side.get("shard_size") if side is not None and side["key"]["digest"] == digest else None
-            if isinstance(size, int) and size > 0:
-                return size
+    for side in sidecars(folder):
+        size = side.get("shard_size") if side["key"]["digest"] == digest else None
+        if isinstance(size, int) and size > 0:
+            return size
     return None
 
 

@@ -46,7 +46,7 @@ from .shards import (
     finish_store,
     resumed_shard_size,
     scalar_fields,
-    sidecar,
+    sidecars,
     write_chunk,
 )
 from .store import CHUNKS, DTYPES, KIND, MANIFEST, ActivationStore, store_problem
@@ -364,7 +364,7 @@ def _clear_the_way(folder: Path, key: Key, force: bool, cache: CacheConfig, rank
     elif found is not None:
         changes = [f"it holds a {found.kind} entry"] if other else diff_inputs(found.key["inputs"], key.inputs)
     else:
-        side = sidecar(folder, 0)  # a killed run: resume it if it had the same inputs
+        side = next(sidecars(folder), None)  # a killed run (any chunk it finished): resume it if the same inputs
         if side is None or (side["key"]["digest"] == key.digest and cache.reads):
             return None
         if side["key"]["digest"] != key.digest:
