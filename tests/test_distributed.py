@@ -150,3 +150,26 @@ def test_distributed_false_evaluates_alone_under_a_launcher(tiny, qa_rows, monke
     result = evaluate_model(model, qa_rows, EvalConfig(max_new_tokens=2, distributed=False), tokenizer=tokenizer)
     assert result.cache_status == "miss" and len(result.predictions) == len(qa_rows)
     assert "processes" not in result.metadata
+
+
+def test_a_group_the_library_started_is_destroyed_at_exit():
+    """Left to the interpreter's teardown, a gloo group can abort the process ("terminate called without an
+    active exception"); the group `Collective` starts is destroyed by an exit handler, and only that one."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = (
+        "import atexit, torch.distributed as dist\n"
+        "from hf_cachehooks.evaluation.distributed import Collective, World\n"
+        "Collective(World(0, 1))\n"
+        "assert dist.is_initialized()\n"
+        "atexit._run_exitfuncs()\n"
+        "print('initialized after exit handlers:', dist.is_initialized())\n"
+    )
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "1", "RANK": "0",
+           "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "initialized after exit handlers: False" in run.stdout

@@ -15,6 +15,7 @@ beside it, since only small Python objects travel (example hashes and prediction
 
 from __future__ import annotations
 
+import atexit
 import heapq
 import logging
 import os
@@ -84,6 +85,7 @@ class Collective:
                 world.size,
             )
             dist.init_process_group("gloo")
+            atexit.register(_destroy_group)  # torn down in order at exit: the group is ours
         if dist.get_world_size() != world.size:
             from ..errors import ConfigError
 
@@ -116,6 +118,15 @@ class Collective:
         out: list[Any] | None = [None] * self.world.size if self.world.is_main else None
         self.dist.gather_object(value, out, dst=0, group=self.group)
         return out
+
+
+def _destroy_group() -> None:
+    """Destroy the process group this library started (a gloo group left to the interpreter's teardown can
+    abort the process with "terminate called without an active exception")."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def predict_sharded(

@@ -255,8 +255,9 @@ def _evaluate_sharded(world: World, run: _Run, cache: PredictionCache, key: Key,
     if merged is not None:
         doc = _save(cache, key, predictor, run, name, [merged[h] for h in hashes], references, versions, started,
                     reused, processes={"count": world.size, **timing})
-    doc = comm.broadcast(doc)
-    return _result(doc, key, comm.broadcast(reason))
+    doc, reason = comm.broadcast((doc, reason))
+    comm.barrier()  # every rank has the result before any process may exit
+    return _result(doc, key, reason)
 
 
 def _hit(doc: dict, cache: PredictionCache, key: Key, name: str, config: EvalConfig,

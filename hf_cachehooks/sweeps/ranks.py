@@ -108,14 +108,18 @@ def _guarded(
 def lead(result: Any, world: int) -> Any:
     """Rank 0, when done: send `result` (plain data) to the followers; returns it."""
     if world > 1:
-        _comm(0, world).broadcast(("done", result))
+        comm = _comm(0, world)
+        comm.broadcast(("done", result))
+        comm.barrier()  # every rank has it before any process may exit
     return result
 
 
 def abort(message: str, world: int) -> None:
     """Rank 0, on an error: release the followers, which raise it too."""
     if world > 1:
-        _comm(0, world).broadcast(("error", message))
+        comm = _comm(0, world)
+        comm.broadcast(("error", message))
+        comm.barrier()
 
 
 def follow(backend: Backend, batch_size: int, rank: int, world: int) -> Any:
@@ -127,6 +131,8 @@ def follow(backend: Backend, batch_size: int, rank: int, world: int) -> Any:
     comm = _comm(rank, world)
     while True:
         message = comm.broadcast(None)
+        if message[0] in ("done", "error"):
+            comm.barrier()  # as rank 0 does after sending it
         if message[0] == "done":
             return message[1]
         if message[0] == "error":
