@@ -42,7 +42,7 @@ from .._version import __version__
 from ..errors import CorruptEntryError
 from . import remote
 from .freshness import describe_age, is_expired
-from .keys import Key, hash_bytes
+from .keys import Key, hash_bytes, remember
 from .store import atomic_write, unseal, write_entry
 
 log = logging.getLogger(__name__)
@@ -281,22 +281,22 @@ def _read_manifest(path: Path, reuse: bool) -> tuple[dict, bool]:
         return unseal(path.read_bytes()), False
     name = str(path)
     known = _parsed.get(name)
-    if known is not None:
-        st = os.stat(name)  # the stamp of the file now at the path: equal means the very file parsed
-        if known[0] == (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) and known[1] is not None:
-            return known[1], True
+    if known is not None and known[1] is not None and known[0] == _manifest_stamp(os.stat(name)):
+        return known[1], True  # the file now at the path has the stamp of the very file parsed
     with open(path, "rb") as handle:
         st = os.fstat(handle.fileno())  # the stamp of the very file read
         doc = unseal(handle.read())
-    stamp = (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    stamp = _manifest_stamp(st)
     if time.time_ns() - st.st_ctime_ns > _RACY_NS and st.st_size <= _PARSED_BYTES:  # only stamps whose tick passed
-        if len(_parsed) >= _PARSED_FILES:
-            _parsed.pop(next(iter(_parsed)))
         seen_before = known is not None and known[0] == stamp
-        _parsed[name] = (stamp, doc if seen_before else None)  # the first read only notes the stamp
+        remember(_parsed, name, (stamp, doc if seen_before else None), _PARSED_FILES)  # a first read: the stamp
         if seen_before:
             return doc, True
     return doc, False
+
+
+def _manifest_stamp(st: os.stat_result) -> tuple[int, int, int, int]:
+    return (st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def inspect(path: Path, check: str = "stamp", reuse: bool = False) -> tuple[Entry | None, str | None]:

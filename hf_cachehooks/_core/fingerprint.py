@@ -29,7 +29,7 @@ import orjson
 import xxhash
 
 from . import entry
-from .keys import dumps, hash_bytes, nonfinite_name
+from .keys import dumps, hash_bytes, nonfinite_name, remember
 
 log = logging.getLogger(__name__)
 _CHUNK = 8 << 20
@@ -65,9 +65,7 @@ def fingerprint_data(data: Any) -> str:
     # orjson writes NaN and ±inf as null, None's spelling: only data with a null can hold one (a 1-2 GB/s
     # scan), and only then are the values walked (a cheap check first, the tagged copy only when needed)
     if b"null" not in payload:
-        if len(_null_free) >= 64:
-            _null_free.pop(next(iter(_null_free)))
-        _null_free[digest] = None
+        remember(_null_free, digest, None, 64)
     elif _has_nonfinite(data):
         return "rows:" + hash_bytes(b"nonfinite:" + orjson.dumps(_tag_nonfinite(data)[0], option=options))
     return "rows:" + digest
@@ -172,9 +170,7 @@ def hash_files(paths: Sequence[str | os.PathLike], memo_path: Path | None = None
         entry.commit(memo_path, "file-hashes", _MEMO_KEY, fields={"hashes": memo})
     digest = hash_bytes(dumps(parts))
     if settled and all(time.time_ns() - s[-1] > _RACY_NS for s in stamps):
-        if len(_seen) >= 256:
-            _seen.pop(next(iter(_seen)))
-        _seen[seen] = (stamps, _memo_stamp(memo_path), digest)
+        remember(_seen, seen, (stamps, _memo_stamp(memo_path), digest), 256)
     return digest
 
 

@@ -65,6 +65,13 @@ def dumps(value: Any) -> bytes:
     return orjson.dumps(canonical(value), option=orjson.OPT_SORT_KEYS)
 
 
+def remember(memo: dict, key: Any, value: Any, limit: int) -> None:
+    """Store `value` under `key` in a process memo of at most `limit` entries (the oldest goes first)."""
+    if key not in memo and len(memo) >= limit:
+        memo.pop(next(iter(memo)))
+    memo[key] = value
+
+
 def hash_bytes(data: bytes | memoryview) -> str:
     """A 128-bit xxh3 hex digest: fast, and plenty against accidental collisions."""
     return xxhash.xxh3_128_hexdigest(data)

@@ -30,7 +30,7 @@ import orjson
 import xxhash
 
 from .._core import entry
-from .._core.keys import canonical, dumps, hash_bytes
+from .._core.keys import canonical, dumps, hash_bytes, remember
 from .._core.store import tag_folder
 
 log = logging.getLogger(__name__)
@@ -336,9 +336,7 @@ def files_state(name_or_path: str, load_options: Mapping[str, Any], root: Path) 
         state = hash_bytes(dumps({"files": content, "load": dict(load_options)}))
         _state_inputs[state] = inputs
         if seen is not None:
-            if len(_states) >= 64:
-                _states.pop(next(iter(_states)))
-            _states[seen] = state
+            remember(_states, seen, state, 64)
     return state
 
 

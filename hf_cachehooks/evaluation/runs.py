@@ -17,7 +17,7 @@ from typing import Any
 from .._core.extras import requires_extras
 from .._core.fingerprint import example_hashes, fingerprint_data
 from .._core.freshness import describe_age, iso
-from .._core.keys import Key, dumps, extend_key, make_key
+from .._core.keys import Key, dumps, extend_key, make_key, remember
 from .._core.locking import single_flight
 from .._core.rows import load_rows
 from .._models.identity import (
@@ -136,7 +136,7 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
     else:
         doc = cache.load_run(key, name, references=False)
         if doc is not None:
-            doc["references"] = [row[config.reference_field] for row in rows]  # what the entry was made from
+            doc["references"] = _references(rows, config)  # the rows the entry was made from (in its key)
             return _hit(doc, cache, key, name, config, versions)
         reason = cache.explain_miss(key)
         log.info("🔄 No valid cache found for %s (%d examples, key %s): %s.", name, len(rows), key.short, reason)
@@ -199,9 +199,7 @@ def predictor_key(identity: dict, config: EvalConfig) -> Key:
         if overrides is not None else None,
         "prompt": config.prompt_spec(),
     })
-    if len(_predictors) >= 16:
-        _predictors.pop(next(iter(_predictors)))
-    _predictors[settings] = (identity, key)
+    remember(_predictors, settings, (identity, key), 16)
     return key
 
 

@@ -107,18 +107,20 @@ def _guarded(
 
 def lead(result: Any, world: int) -> Any:
     """Rank 0, when done: send `result` (plain data) to the followers; returns it."""
-    if world > 1:
-        comm = _comm(0, world)
-        comm.broadcast(("done", result))
-        comm.barrier()  # every rank has it before any process may exit
+    _last_word(("done", result), world)
     return result
 
 
 def abort(message: str, world: int) -> None:
     """Rank 0, on an error: release the followers, which raise it too."""
+    _last_word(("error", message), world)
+
+
+def _last_word(message: tuple, world: int) -> None:
+    """Rank 0's final message to the followers; every rank has it before any process may exit."""
     if world > 1:
         comm = _comm(0, world)
-        comm.broadcast(("error", message))
+        comm.broadcast(message)
         comm.barrier()
 
 
