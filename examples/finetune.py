@@ -14,7 +14,7 @@ from pathlib import Path
 from hf_cachehooks import load_rows
 from hf_cachehooks._core.fingerprint import fingerprint_data, hash_files
 from hf_cachehooks._core.keys import make_key
-from hf_cachehooks._models.identity import model_files
+from hf_cachehooks._models.sources import resolve_files
 from hf_cachehooks.training import speedups
 from hf_cachehooks.training.callbacks import SpeedupCallback
 from hf_cachehooks.training.config import SpeedupConfig
@@ -32,8 +32,10 @@ def training_texts(rows: list[dict]) -> list[str]:
 def finetune(folder: str, gguf_file: str, train_rows: list[dict], steps: int, learning_rate: float,
              config: SpeedupConfig, output_root: Path = Path("outputs/finetune"), seed: int = 0) -> Path:
     """Fine-tune (or reuse) and return the checkpoint folder."""
+    loaded = resolve_files(folder, {"gguf_file": gguf_file}) or {}  # the files from_pretrained reads
     key = make_key("finetune", {
-        "base": hash_files(model_files(Path(folder), gguf_file)), "data": fingerprint_data(train_rows),
+        "base": {name: hash_files(files, base=base) for name, (base, files) in loaded.items()},
+        "data": fingerprint_data(train_rows),
         "steps": steps, "learning_rate": learning_rate, "seed": seed, "template": TEMPLATE,
         "config": dataclasses.asdict(config),  # every field is a training setting
     })

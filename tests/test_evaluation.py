@@ -60,6 +60,13 @@ def _peft(model, r):
     return peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=r, target_modules=["q_proj"], lora_alpha=8))
 
 
+def _tokenizer_with(**settings):
+    tok = make_tokenizer()
+    for name, value in settings.items():
+        setattr(tok, name, value)
+    return tok
+
+
 @pytest.mark.parametrize("change, field", [
     (lambda m, t, c: (_perturbed(m), t, c), "model.weights"),
     (lambda m, t, c: (copy.deepcopy(m).to(torch.bfloat16), t, c), "model.dtype"),
@@ -71,6 +78,11 @@ def _peft(model, r):
     (lambda m, t, c: (m, t, c.with_(do_sample=True, temperature=0.7)), "generation.do_sample"),
     (lambda m, t, c: (m, t, c.with_(generation_kwargs={"repetition_penalty": 1.3})), "generation.repetition_penalty"),
     (lambda m, t, c: (m, t, c.with_(generation_kwargs={"num_beams": 2})), "generation.num_beams"),
+    (lambda m, t, c: (m, _tokenizer_with(model_max_length=48), c), "tokenizer.model_max_length"),
+    (lambda m, t, c: (m, _tokenizer_with(truncation_side="left"), c), "tokenizer.truncation_side"),
+    (lambda m, t, c: (m, _tokenizer_with(padding_side="left"), c), "tokenizer.padding_side"),
+    (lambda m, t, c: (m, t, c.with_(generation_kwargs={"use_cache": False})), "generation.use_cache"),
+    (lambda m, t, c: (m, t, c.with_(generation_kwargs={"low_memory": True})), "generation.low_memory"),
     (lambda m, t, c: (m, t, c.with_(prompt_template="Q: {question} A:")), "prompt.template"),
     (lambda m, t, c: (m, t, c.with_(system_prompt="Be brief.", use_chat_template=True)), "prompt.system_prompt"),
 ])

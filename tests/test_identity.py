@@ -29,6 +29,21 @@ def test_model_identity_fields():
     ident = model_identity(make_llama())
     assert ident["dtype"] == "float32" and ident["adapter"] is None and ident["class"] == "LlamaForCausalLM"
     assert model_identity(make_llama(layers=3))["config"] != ident["config"]
+    # the mode the answers are made in: always eval (runners.eval_mode), so a train-mode object has the same one
+    assert ident["mode"] == "eval" and model_identity(make_llama().train()) == ident
+
+
+def test_tokenizer_identity_holds_the_settings_that_decide_a_batch():
+    """Finding 8: classification truncates at model_max_length on truncation_side and pads on padding_side."""
+    tok = make_tokenizer()
+    before = tokenizer_identity(tok)
+    assert before["model_max_length"] == str(int(1e30))  # transformers' "no limit", beyond what JSON ints hold
+    assert (before["truncation_side"], before["padding_side"]) == ("right", "right")
+    for name, value in (("model_max_length", 128), ("truncation_side", "left"), ("padding_side", "left")):
+        changed = copy.deepcopy(tok)
+        setattr(changed, name, value)
+        after = tokenizer_identity(changed)
+        assert after[name] == value and {k for k in after if after[k] != before[k]} == {name}
 
 
 def test_tokenizer_identity_ignores_runtime_padding_state():
@@ -124,6 +139,7 @@ def test_effective_generation_merges_and_normalises():
         "num_beam_groups": 1,
         "diversity_penalty": 0,
         "early_stopping": False,
+        "use_cache": True,  # in the key: a full recompute differs from the KV-cache path in the last bits
     }
     # the model's sampling defaults count when the user does not override them
     sampled = effective_generation(defaults, {"max_new_tokens": 32})
@@ -131,6 +147,34 @@ def test_effective_generation_merges_and_normalises():
     assert effective_generation({}, {"temperature": 1.0, "do_sample": True}) == effective_generation(
         {}, {"do_sample": True}
     )
+
+
+# The settings left out of the key, each with the value that proves it changes no text (`_NOT_OUTPUT`); a name
+# added there without a proof here fails the first assertion.
+_PROVEN = {"output_attentions": True, "output_hidden_states": True, "output_scores": True, "output_logits": True,
+           "return_dict_in_generate": True, "pad_token_id": 7}
+_BOOKKEEPING = {"transformers_version", "_from_model_config"}
+
+
+def test_settings_left_out_of_the_key_never_change_the_text():
+    from hf_cachehooks._models import identity
+    from hf_cachehooks._models.runners import generate_texts
+
+    assert identity._NOT_OUTPUT == set(_PROVEN) | _BOOKKEEPING
+    model, tok = make_llama(), make_tokenizer()
+    texts = ["what is the capital of france ?", "is the sky blue ?", "two"]
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    expected = generate_texts(model, tok, texts, greedy)
+    for name, value in _PROVEN.items():
+        assert generate_texts(model, tok, texts, {**greedy, name: value}) == expected, name
+    assert generate_texts(model, tok, texts, {**greedy, "cache_implementation": "static"}) == expected
+    # everything else is in the key, the clock-bound max_time refused (tests/test_wrong_hits.py)
+    for name, value in (("use_cache", False), ("low_memory", True), ("prefill_chunk_size", 4),
+                        ("cache_implementation", "quantized"), ("max_cache_len", 64)):
+        assert effective_generation({}, {name: value})[name] == value, name
+    assert "cache_implementation" not in effective_generation({}, {"cache_implementation": "static"})
+    with pytest.raises(Exception, match="max_time=1 .*cannot be cached"):
+        effective_generation({}, {"max_time": 1})
 
 
 def test_split_hub_path(tmp_path, monkeypatch):
@@ -252,7 +296,7 @@ def test_files_state_is_remembered_in_process_and_forgotten_by_exactly_what_chan
     assert retargeted not in (first, changed)
 
     time.sleep(0.05)
-    (tmp_path / "m" / "adapter_config.json").write_text("{}")  # a new file in the folder
+    (tmp_path / "m" / "generation_config.json").write_text("{}")  # a new file in the folder
     added = files_state(str(tmp_path / "m"), opts, root)
     assert added not in (first, changed, retargeted)
 

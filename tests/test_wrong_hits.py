@@ -357,3 +357,139 @@ def test_a_remembered_run_entry_changed_on_disk_is_read_again(tiny, qa_rows, cap
         again = evaluate_model(model, qa_rows, CFG, tokenizer=tok)
     assert again.cache_status != "hit" and "Corrupt cache entry" in caplog.text
     assert again.predictions == first.predictions
+
+
+# Issue 23 -------------------------------------------------------------------------------------------
+# 7. the model's mode: every run is in eval mode, and the caller's mode is given back
+
+
+def _dropout_gpt2(head: str = "causal"):
+    """A tiny GPT-2 whose dropout (0.5 everywhere) changes every answer in train mode."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.5,
+                        embd_pdrop=0.5, attn_pdrop=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=0, num_labels=3)
+    return (GPT2LMHeadModel if head == "causal" else GPT2ForSequenceClassification)(config).eval()
+
+
+def _train_mode_but_one_block(model):
+    """As the Trainer leaves a model after `train()`, with one block the caller froze in eval mode."""
+    model.train()
+    model.transformer.h[0].eval()
+    return model
+
+
+def _mode_as_left(model) -> bool:
+    return model.training and not model.transformer.h[0].training and model.transformer.h[1].training
+
+
+@pytest.mark.parametrize("task", ["generation", "classification"])
+def test_a_model_in_train_mode_is_run_in_eval_mode_and_given_back_as_it_came(qa_rows, task):
+    """Finding 7: predictions made with dropout on were cached, then served to the same model in eval mode."""
+    config = CFG.with_(max_new_tokens=8) if task == "generation" else EvalConfig(
+        task="classification", input_field="question", reference_field="label", metrics=("accuracy",))
+    rows = [{**r, "label": i % 3} for i, r in enumerate(qa_rows)]
+    model, tok = _dropout_gpt2("causal" if task == "generation" else "classification"), make_tokenizer()
+    truth = evaluate_model(model, rows, config.with_(use_prediction_cache=False), tokenizer=tok).predictions
+    first = evaluate_model(_train_mode_but_one_block(model), rows, config, tokenizer=tok)
+    assert first.predictions == truth and _mode_as_left(model)
+    model.eval()
+    again = evaluate_model(model, rows, config, tokenizer=tok)
+    assert again.cache_status == "hit" and again.predictions == truth
+    assert again.key == first.key  # the key names the mode the answers were made in: eval, both times
+
+
+def test_activations_and_server_decoding_run_in_eval_mode_too():
+    from hf_cachehooks._models.extraction import capture
+    from hf_cachehooks._models.runners import encode_batch
+    from hf_cachehooks.generation.decoding import Settings, decode
+
+    model, tok = _dropout_gpt2(), make_tokenizer()
+    texts = ["what is the capital of france ?", "is the sky blue ?"]
+    batch = encode_batch(tok, texts)
+    settings = Settings(max_tokens=6, temperature=0)
+    with torch.no_grad():
+        hidden = capture(model, batch, [1, 2])
+        text = [row.text for row in list(decode(model, tok, texts, settings))[-1]]
+    _train_mode_but_one_block(model)
+    with torch.no_grad():
+        for layer, states in capture(model, batch, [1, 2]).items():
+            assert torch.equal(states, hidden[layer])
+    assert _mode_as_left(model)
+    steps = decode(model, tok, texts, settings)
+    next(steps)
+    assert _mode_as_left(model)  # between two streamed tokens the model is the caller's
+    assert [row.text for row in list(steps)[-1]] == text and _mode_as_left(model)
+
+
+def test_conversation_turns_and_their_lens_run_in_eval_mode_too():
+    """The chat server's turns, the hidden states they store and the lens read from them: dropout off."""
+    from hf_cachehooks.conversation.lens import generate_turn
+
+    model, tok = _dropout_gpt2(), make_tokenizer()
+    ids = torch.tensor([tok("what is the capital of france ?")["input_ids"]])
+    truth = generate_turn(model, tok, ids, 0, max_new_tokens=4, k=3)
+    served = generate_turn(_train_mode_but_one_block(model), tok, ids, 0, max_new_tokens=4, k=3)
+    assert _mode_as_left(model)
+    assert served.text == truth.text and (served.token_ids == truth.token_ids).all()
+    assert (served.hidden == truth.hidden).all() and (served.topk_ids == truth.topk_ids).all()
+
+
+# 8. the tokenizer's truncation and padding settings, changed in place
+
+
+def test_classification_truncation_settings_changed_in_place_are_a_miss(qa_rows):
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0)).eval()
+    tok = make_tokenizer()
+    rows = [{"text": r["question"], "label": i % 3} for i, r in enumerate(qa_rows)]
+    config = EvalConfig(task="classification", input_field="text", reference_field="label", metrics=("accuracy",))
+    evaluate_model(model, rows, config, tokenizer=tok)
+    for name, value in (("model_max_length", 2), ("truncation_side", "left"), ("padding_side", "left")):
+        setattr(tok, name, value)
+        served = evaluate_model(model, rows, config, tokenizer=tok)
+        assert served.cache_status == "miss" and f"tokenizer.{name}" in served.miss_reason
+        fresh = evaluate_model(model, rows, config.with_(force_recompute=True), tokenizer=tok)
+        assert served.predictions == fresh.predictions
+
+
+# 5. max_time: its output is not a function of the key
+
+
+def test_max_time_is_refused_with_the_fix_and_runs_uncached(tiny, qa_rows):
+    from hf_cachehooks.errors import ConfigError
+
+    model, tok = tiny
+    timed = CFG.with_(generation_kwargs={"max_time": 0.02})
+    with pytest.raises(ConfigError, match=r"max_time=0\.02 \(from your generation settings\) cannot be cached: "
+                                          r"it stops generation by the clock.*max_new_tokens.*use_prediction_cache"):
+        evaluate_model(model, qa_rows, timed, tokenizer=tok)
+    assert evaluate_model(model, qa_rows, timed.with_(use_prediction_cache=False), tokenizer=tok).cache_status \
+        == "disabled"
+    import copy
+
+    own = copy.deepcopy(model)
+    own.generation_config.max_time = 30.0
+    with pytest.raises(ConfigError, match=r"max_time=30 \(from the model's generation_config\).*max_time=None"):
+        evaluate_model(own, qa_rows, CFG, tokenizer=tok)
+    dropped = evaluate_model(own, qa_rows, CFG.with_(generation_kwargs={"max_time": None}), tokenizer=tok)
+    assert dropped.cache_status == "miss" and dropped.predictions == _truth(0, qa_rows)
+
+
+# 15. a tokenizer passed with a model path
+
+
+def test_a_tokenizer_given_with_a_model_path_is_refused(tmp_path, qa_rows):
+    from hf_cachehooks.errors import ConfigError
+
+    folder = _save(tmp_path / "m", 0)
+    for config in (CFG, CFG.with_(use_prediction_cache=False)):
+        with pytest.raises(ConfigError, match=r"model path '.*m' and tokenizer=\w+: a model "
+                                              r"given by path loads its own tokenizer\. Pass the loaded model object"):
+            evaluate_model(str(folder), qa_rows, config, tokenizer=make_tokenizer())
+    assert evaluate_model(str(folder), qa_rows, CFG).predictions == _truth(0, qa_rows)

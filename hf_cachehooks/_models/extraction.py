@@ -14,6 +14,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from .architecture import locate, num_layers
+from .runners import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def capture(model: Any, batch: dict, layers: Sequence[int]) -> dict[int, Any]:
                 keep(layer, output[0] if isinstance(output, tuple) else output)
             handles.append((norm if norm is not None else blocks[n - 1]).register_forward_hook(post_hook))
     try:
-        base(**batch, use_cache=False) if _accepts_use_cache(base) else base(**batch)
+        with eval_mode(model):  # dropout off, the caller's mode given back
+            base(**batch, use_cache=False) if _accepts_use_cache(base) else base(**batch)
     except _StopForward:
         pass
     finally:

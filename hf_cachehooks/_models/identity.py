@@ -1,14 +1,19 @@
 """Identity of a model, its tokenizer and its effective generation settings, as key inputs.
 
 Model identity: name, resolved revision (from the Hub cache, no network), a hash of the parameters
-themselves (so an in-memory fine-tune is a new model), dtype, quantisation, architecture config and
-PEFT adapter config. Tokenizer identity: vocabulary, full backend state, special tokens, chat template.
+themselves (so an in-memory fine-tune is a new model), dtype, quantisation, architecture config, PEFT
+adapter config and the mode it runs in (always eval: see `runners.eval_mode`). Tokenizer identity:
+vocabulary, full backend state, special tokens, chat template, and the truncation and padding settings
+that decide what a batch holds.
 
-For a model given as a path or Hub name, the identity is remembered against the state of its files
-(content hashes of the folder, plus `load_kwargs["subfolder"]` when the weights load from there;
-each hash remembered by its stat stamp) and how they are loaded, so a later run knows the key
-without loading weights. Each memo is an entry of the contract (`entry.py`) whose key digest is
-the files state, checked on read, so a memo swapped or copied under another name is never used:
+For a model given as a path or Hub name, the identity is remembered against the state of the files
+transformers will load, found as transformers finds them (`sources.resolve_files`): the folder, or the
+Hub-cache snapshot of the revision asked for; `load_kwargs["subfolder"]`; the GGUF file wherever it lies;
+an adapter folder's base model. Each content hash is remembered by its stat stamp. A source that cannot be
+resolved without the network has no state: nothing is remembered and the model is loaded on every run.
+A later run knows the key without loading weights. Each memo is an entry of the contract (`entry.py`)
+whose key digest is the files state, checked on read, so a memo swapped or copied under another name is
+never used:
 
     <cache root>/identity/
     ├── CACHEDIR.TAG
@@ -21,7 +26,6 @@ the files state, checked on read, so a memo swapped or copied under another name
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -32,33 +36,30 @@ import xxhash
 from .._core import entry
 from .._core.keys import canonical, dumps, hash_bytes, remember
 from .._core.store import tag_folder
+from ..errors import ConfigError
+from .sources import resolve_files, split_hub_path
 
 log = logging.getLogger(__name__)
 
-# Files in a model folder whose content decides what the model computes.
-_MODEL_FILE_SUFFIXES = {".safetensors", ".bin", ".gguf", ".json", ".model", ".txt", ".jinja", ".py", ".tiktoken"}
-# Generation settings that never change the generated text.
+# Generation settings that never change the generated text; every other setting is in the key. Each is
+# proven by tests/test_identity.py::test_settings_left_out_of_the_key_never_change_the_text: the output
+# flags only add to what `generate` returns, `pad_token_id` is overridden by the runner with the
+# tokenizer's pad id (the tokenizer is in the key), the last two are bookkeeping.
 _NOT_OUTPUT = {
     "output_attentions",
     "output_hidden_states",
     "output_scores",
     "output_logits",
     "return_dict_in_generate",
-    "use_cache",
-    "cache_implementation",
-    "cache_config",
-    "max_cache_len",
-    "compile_config",
-    "disable_compile",
+    "pad_token_id",
     "transformers_version",
     "_from_model_config",
-    "low_memory",
-    "prefill_chunk_size",
-    "max_time",
-    "continuous_batching_config",
-    "return_legacy_cache",
-    "pad_token_id",
 }
+# `cache_implementation` values that hold the same keys and values (`compile_decode` sets "static"); any
+# other (quantized, offloaded, ...) is in the key.
+_SAME_KV_CACHE = {"dynamic", "static"}
+# Settings whose output is not a function of the key: refused, with the fix (see `effective_generation`).
+_NOT_CACHEABLE = {"max_time": "it stops generation by the clock, so the text depends on the machine and its load"}
 _SAMPLING_ONLY = {"temperature", "top_k", "top_p", "min_p", "top_h", "typical_p", "epsilon_cutoff", "eta_cutoff"}
 # transformers' global defaults: an unset value (None) and its default mean the same generation.
 _GLOBAL_DEFAULTS = {
@@ -75,36 +76,13 @@ _GLOBAL_DEFAULTS = {
     "num_beam_groups": 1,
     "diversity_penalty": 0.0,
     "early_stopping": False,
+    "use_cache": True,
 }
 _IDENTITY_FIELDS = ("model", "tokenizer", "generation_defaults")
+# Bumped when what an identity holds changes, so a memo written by an older version is never read as current.
+_IDENTITY_VERSION = 2
 _states: dict[tuple, str] = {}  # (source, files hash, settings JSON) -> files state, as computed in this process
 _state_inputs: dict[str, dict] = {}  # files state -> what it was computed from (the memo's key inputs)
-
-
-def split_hub_path(name_or_path: str) -> tuple[str, str | None]:
-    """Map `.../models--org--name/snapshots/<sha>[/...]` to ("org/name", sha); other names pass through.
-
-    A Hub repo id is resolved to the commit its `main` ref points at in the local Hub cache.
-    """
-    parts = Path(name_or_path).parts
-    for i, part in enumerate(parts[:-2]):
-        if part.startswith("models--") and parts[i + 1] == "snapshots":
-            return part[len("models--") :].replace("--", "/"), parts[i + 2]
-    if os.path.isdir(name_or_path):
-        return Path(name_or_path).resolve().name, None
-    ref = hub_cache_dir() / ("models--" + name_or_path.replace("/", "--")) / "refs" / "main"
-    try:
-        return name_or_path, ref.read_text().strip()
-    except OSError:
-        return name_or_path, None
-
-
-def hub_cache_dir() -> Path:
-    """The Hub cache, read from the environment now, as huggingface_hub would resolve it."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return Path(os.environ["HF_HUB_CACHE"])
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return Path(home) / "hub"
 
 
 def params_fingerprint(model: Any) -> str:
@@ -156,11 +134,14 @@ def model_identity(model: Any) -> dict:
         "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""),
         "quantization": orjson.loads(orjson.dumps(quant, default=str)) if quant else None,
         "adapter": adapter,
+        "mode": "eval",  # every run of this library is in eval mode (`runners.eval_mode`), whatever mode it came in
     }
 
 
 def tokenizer_identity(tokenizer: Any) -> dict | None:
-    """Key inputs for a tokenizer: vocabulary, backend state, special tokens and chat template.
+    """Key inputs for a tokenizer: vocabulary, backend state, special tokens, chat template, and the
+    settings that decide what a batch holds: `model_max_length` and `truncation_side` (where a classifier's
+    input is cut) and `padding_side` (where a classifier's batch is padded).
 
     A fast tokenizer is serialised by its backend in one call and that text hashed as it is (about
     20 ms for a 49k vocabulary), minus the run-time padding/truncation settings: `vocab` covers its
@@ -181,7 +162,17 @@ def tokenizer_identity(tokenizer: Any) -> dict | None:
         "backend": state,
         "special_tokens": canonical({k: str(v) for k, v in getattr(tokenizer, "special_tokens_map", {}).items()}),
         "chat_template": hash_bytes(dumps(template)) if template else None,
+        "model_max_length": _plain_int(getattr(tokenizer, "model_max_length", None)),
+        "truncation_side": str(getattr(tokenizer, "truncation_side", None)),
+        "padding_side": str(getattr(tokenizer, "padding_side", None)),
     }
+
+
+def _plain_int(value: Any) -> int | str | None:
+    """An int as JSON holds it; transformers' "no limit" (int(1e30)) and other huge values as their digits."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value if abs(value) < 2**63 else str(value)
+    return None if value is None else str(value)
 
 
 def _vocab_bytes(vocab: Mapping[str, Any]) -> bytes:
@@ -262,9 +253,22 @@ def effective_generation(defaults: Mapping[str, Any], overrides: Mapping[str, An
 
     Example: greedy decoding ignores temperature, so `temperature` is not in the result when
     `do_sample` is false, and `temperature=0.0` equals `temperature=0`.
+
+    Raises:
+        ConfigError: a setting whose output is not a function of the key (`max_time`) is set.
     """
     merged = dict(defaults)
     merged.update({k: v for k, v in overrides.items()})
+    for name, why in _NOT_CACHEABLE.items():
+        if merged.get(name) is not None:
+            where = "your generation settings" if overrides.get(name) is not None else "the model's generation_config"
+            raise ConfigError(
+                f"{name}={merged[name]!r} (from {where}) cannot be cached: {why}. Bound the length with "
+                f"max_new_tokens instead (set {name}=None in generation_kwargs to drop the model's default), or "
+                "run uncached with use_prediction_cache=False."
+            )
+    if merged.get("cache_implementation") in _SAME_KV_CACHE:
+        merged.pop("cache_implementation")
     for name, default in _GLOBAL_DEFAULTS.items():
         if merged.get(name) is None:
             merged[name] = default
@@ -276,64 +280,32 @@ def effective_generation(defaults: Mapping[str, Any], overrides: Mapping[str, An
     return canonical({k: v for k, v in merged.items() if k not in _NOT_OUTPUT and v is not None})
 
 
-def model_files(folder: Path | str, gguf_file: str | None = None, subfolder: str | None = None) -> list[str]:
-    """The files in a model folder that decide its output (one GGUF file when `gguf_file` is given), as paths.
-
-    With `subfolder` (transformers' `from_pretrained(..., subfolder=...)`), the files of
-    `folder/subfolder` count too: the weights and config load from there, the tokenizer from `folder`.
-    """
-    top = os.fspath(folder)
-    folders = [top, os.path.join(top, subfolder)] if subfolder else [top]
-    keep = os.path.basename(gguf_file) if gguf_file else None
-    files = []
-    for where in folders:
-        try:
-            with os.scandir(where) as found:  # the file type comes with the listing: no stat per file
-                for e in found:
-                    suffix = os.path.splitext(e.name)[1]
-                    if (
-                        not e.name.startswith(".")
-                        and suffix in _MODEL_FILE_SUFFIXES
-                        and e.is_file()
-                        and (keep is None or suffix != ".gguf" or e.name == keep)
-                    ):
-                        files.append(os.path.join(where, e.name))
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-    return files
-
-
-def resolve_local_folder(name_or_path: str) -> Path | None:
-    """A local folder holding the model: the path itself, or the Hub cache snapshot for `main`."""
-    if os.path.isdir(name_or_path):
-        return Path(name_or_path)
-    name, revision = split_hub_path(name_or_path)
-    if revision:
-        snap = hub_cache_dir() / ("models--" + name.replace("/", "--")) / "snapshots" / revision
-        if snap.is_dir():
-            return snap
-    return None
-
-
 def files_state(name_or_path: str, load_options: Mapping[str, Any], root: Path) -> str | None:
-    """A hash of the model's files and how they are loaded; None when there is no local copy."""
-    folder = resolve_local_folder(name_or_path)
-    if folder is None:
+    """A hash of the files transformers loads (`resolve_files`) and how they are loaded; None when they
+    cannot be found without the network, so nothing is remembered and the model is loaded on every run.
+
+    Raises:
+        ConfigError: `gguf_file` is not there in a local model folder.
+    """
+    groups = resolve_files(name_or_path, load_options)
+    if groups is None:
         return None
-    load_kwargs = load_options.get("load_kwargs") or {}
-    subfolder = load_kwargs.get("subfolder") if isinstance(load_kwargs, Mapping) else None
-    files = model_files(folder, load_options.get("gguf_file"), str(subfolder) if subfolder else None)
     from .._core.fingerprint import hash_files
 
-    content = hash_files(files, memo_path=root / "identity" / "file_hashes.json", base=folder)
+    memo = root / "identity" / "file_hashes.json"
+    content = {name: hash_files(files, memo_path=memo, base=base) for name, (base, files) in groups.items()}
     try:
-        seen: tuple | None = (name_or_path, content, orjson.dumps(load_options, option=orjson.OPT_SORT_KEYS))
+        seen: tuple | None = (
+            name_or_path,
+            tuple(sorted(content.items())),
+            orjson.dumps(load_options, option=orjson.OPT_SORT_KEYS),
+        )
     except TypeError:  # a setting that is not plain JSON: spelled canonically every time
         seen = None
     state = _states.get(seen) if seen is not None else None
     if state is None:  # the canonical spelling once per files state and settings, not on every hit
         inputs = {"source": name_or_path, "files": content, "load": canonical(dict(load_options))}
-        state = hash_bytes(dumps({"files": content, "load": dict(load_options)}))
+        state = hash_bytes(dumps({"files": content, "load": dict(load_options), "version": _IDENTITY_VERSION}))
         _state_inputs[state] = inputs
         if seen is not None:
             remember(_states, seen, state, 64)

@@ -2,13 +2,15 @@
 
 Everything here imports torch/transformers lazily, so a cache hit never pays for them. Nothing here
 changes the caller's tokenizer or model: batches are padded by `encode_batch` (a tokenizer without a
-pad token, like GPT-2's or Llama's, pads with its eos id), never by setting `tokenizer.pad_token`.
+pad token, like GPT-2's or Llama's, pads with its eos id), never by setting `tokenizer.pad_token`, and
+every run is in eval mode (`eval_mode`), the caller's mode given back afterwards.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
@@ -24,6 +26,30 @@ class RunSettings(Protocol):
     @property
     def system_prompt(self) -> str | None: ...
     def generation_overrides(self) -> dict: ...
+
+
+@contextlib.contextmanager
+def eval_mode(model: Any) -> Iterator[Any]:
+    """Run `model` in eval mode (dropout off), then give each module back the mode it came in.
+
+    What `Trainer.evaluate` does, so a cached answer is the deterministic one whatever mode the model
+    came in (the Trainer leaves it in train mode after `train()`); the model identity says "eval".
+
+    Example:
+        >>> with eval_mode(model):  # doctest: +SKIP
+        ...     logits = model(**batch).logits
+    """
+    modules = getattr(model, "modules", None)
+    training = [m for m in modules() if m.training] if callable(modules) else []
+    if not training:
+        yield model
+        return
+    model.eval()
+    try:
+        yield model
+    finally:
+        for module in training:  # each module as it was: `train()` would also switch the children
+            module.training = True
 
 
 def _device(model: Any, config: RunSettings) -> Any:
@@ -96,9 +122,11 @@ def generate_texts(model: Any, tokenizer: Any, texts: Sequence[str], options: di
     device = next(model.parameters()).device
     batch = {name: t.to(device) for name, t in
              encode_batch(tokenizer, texts, side="left", add_special_tokens=add_special_tokens).items()}
-    with torch.no_grad():
-        out = model.generate(**batch, **options, pad_token_id=pad_id(tokenizer))
-    new_tokens = out[:, batch["input_ids"].shape[1] :]  # (batch, new_tokens)
+    options = {**options, "pad_token_id": pad_id(tokenizer)}  # the tokenizer's pad (in the key), whatever is set
+    with torch.no_grad(), eval_mode(model):
+        out = model.generate(**batch, **options)
+    sequences = getattr(out, "sequences", out)  # return_dict_in_generate=True gives an output object
+    new_tokens = sequences[:, batch["input_ids"].shape[1] :]  # (batch, new_tokens)
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
@@ -125,7 +153,7 @@ def classify(model: Any, tokenizer: Any, texts: Sequence[str], config: RunSettin
     labels: list[int] = []
     for group in groups:
         batch = encode_batch(tokenizer, group, pad=model_pad, truncation=True)
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             logits = model(**{name: t.to(device) for name, t in batch.items()}).logits  # (batch, num_labels)
         labels += logits.argmax(-1).tolist()
     return labels

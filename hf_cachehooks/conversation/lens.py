@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .._models.architecture import locate, unembedding
+from .._models.runners import eval_mode
 from ..errors import ConfigError, KVCacheMismatchError
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def lens_readout(model: Any, hidden: Any, k: int = 10, next_ids: Any = None) -> 
             "through; use a causal LM (add its layout to hf_cachehooks/_models/architecture.py)."
         )
     n = len(blocks)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         states = hidden.to(head.weight.dtype)  # (T, L, H)
         normed = torch.cat([norm(states[:, :n]), states[:, n:]], dim=1)  # layer n is normed already
         logp = torch.log_softmax(head(normed).float(), dim=-1)  # (T, L, vocab)
@@ -122,7 +123,7 @@ def generate_turn(
     import torch
 
     name = cache_argument(model)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):  # dropout off, as every cached answer is computed
         out = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from .._models.runners import eval_mode
 from ..errors import HFCacheHooksError
 from .lens import Turn, cache_argument, generate_turn
 
@@ -130,7 +131,7 @@ def _forward(model: Any, ids: list[int], cache: Any) -> tuple[np.ndarray, Any]:
     import torch
 
     name = cache_argument(model)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode(model):
         out = model(input_ids=torch.tensor([ids]), **{name: cache}, output_hidden_states=True, use_cache=True)
     hidden = torch.stack(out.hidden_states, dim=2)[0]  # (T, L, H)
     return hidden.to(torch.float16).numpy(), getattr(out, name)

@@ -36,7 +36,9 @@ class EvalConfig:
         system_prompt: optional system message (chat template only).
         metrics: metric names (see `hf_cachehooks.evaluation.metrics.METRICS`), computed through `evaluate`.
         max_new_tokens, do_sample, temperature, top_p, generation_kwargs: generation settings; merged
-            over the model's own generation_config to form the effective config in the key.
+            over the model's own generation_config to form the effective config in the key. Every setting
+            is in the key but the output flags (`output_scores`, ...); `max_time` is refused on a cached run,
+            since what it produces depends on the clock (bound the length with `max_new_tokens`).
         batch_size, device: how to run; never part of the key.
         model_dtype, gguf_file, load_kwargs: how to load a model given as a path or Hub name.
             `model_dtype=None` picks bfloat16 on a CUDA GPU that supports it, float32 elsewhere (the

@@ -96,13 +96,15 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
         model: a model object, or a local path / Hub name (then weights are loaded only on a miss).
         data: a list of dicts, a `datasets.Dataset`, or a .json/.jsonl file of rows.
         config: an `EvalConfig`; defaults to generation on the `question`/`answer` fields.
-        tokenizer: the model's tokenizer, when `model` is an object.
+        tokenizer: the model's tokenizer, when `model` is an object (a model given by path or name loads its
+            own, so passing one then is an error).
 
     Returns:
         An `EvalResult` with predictions, references, metrics, metadata and `cache_status`.
 
     Raises:
-        ConfigError: a field, metric or setting is invalid (the message names it and the fix).
+        ConfigError: a field, metric or setting is invalid (the message names it and the fix), or `tokenizer`
+            is given with a model path.
 
     Example:
         >>> result = evaluate_model("path/to/model", "qa.json", EvalConfig(max_new_tokens=32))
@@ -289,6 +291,13 @@ class _Run:
     def __init__(self, model: Any, tokenizer: Any, config: EvalConfig, root: Path) -> None:
         self.source = model
         self.is_path = isinstance(model, (str, os.PathLike))
+        if self.is_path and tokenizer is not None:  # it would be replaced by the folder's own without a word
+            raise ConfigError(
+                f"evaluate_model got the model path {os.fspath(model)!r} and tokenizer={type(tokenizer).__name__}: "
+                "a model given by path loads its own tokenizer. Pass the loaded model object to use yours "
+                "(evaluate_model(AutoModelForCausalLM.from_pretrained(path), data, config, tokenizer=tokenizer)), "
+                "or drop tokenizer= to use the folder's."
+            )
         self.model = None if self.is_path else model
         self.tokenizer = tokenizer
         self.config = config

@@ -10,7 +10,7 @@ and the top-k alternatives.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,14 +113,14 @@ def _score_prompt(tokenizer: Any, logits: Any, ids: Any, mask: Any, row: Row, k:
 
 def decode(
     model: Any, tokenizer: Any, texts: Sequence[str], settings: Settings, add_special_tokens: bool = True
-) -> Iterator[list[Row]]:
+) -> Generator[list[Row], None, None]:
     """Decode every text in one batch; yields the rows after the prompt pass and after each new token.
 
     The last yield has every row finished. Rows that finish early are padded (their output is ignored).
     """
     import torch
 
-    from .._models.runners import encode_batch, pad_id
+    from .._models.runners import encode_batch, eval_mode, pad_id
 
     device = next(model.parameters()).device
     batch = encode_batch(tokenizer, texts, side="left", add_special_tokens=add_special_tokens)
@@ -137,7 +137,7 @@ def decode(
         for row in rows:
             row.finish_reason = "length"
     for _ in range(max(settings.max_tokens, int(settings.prompt_logprobs))):  # max_tokens=0 may still score
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):  # per step: the model is the caller's again between yields
             out = model(
                 input_ids=step_ids, attention_mask=mask, position_ids=positions, use_cache=True, **{kv_name: past}
             )
