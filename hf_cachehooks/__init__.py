@@ -17,6 +17,7 @@ from ._core.rows import load_rows
 from ._core.store import cache_root
 from ._version import __version__ as __version__
 from .errors import (
+    CacheError,
     ConfigError,
     CorruptEntryError,
     HFCacheHooksError,
@@ -73,6 +74,7 @@ if _TYPE_CHECKING:  # type checkers see the real classes; at run time __getattr_
 __all__ = [
     "ActivationStore",
     "CacheConfig",
+    "CacheError",
     "ConfigError",
     "CorruptEntryError",
     "EvalConfig",

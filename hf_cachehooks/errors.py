@@ -1,6 +1,7 @@
 """Exceptions raised by hf_cachehooks, all in one tree (importing this module imports nothing heavy).
 
     HFCacheHooksError
+    ├── CacheError (OSError)                 a store that is the result (activations) cannot be written there
     ├── ConfigError (ValueError)             a bad setting; the message names the value and the fix
     ├── CorruptEntryError (ValueError)       a cache file failed its checksum (callers turn it into a miss)
     ├── ProbeMismatchError (ValueError)      a probe or vector used on another model, hidden size or layer
@@ -16,6 +17,10 @@ A cache miss is never an exception.
 
 class HFCacheHooksError(Exception):
     """Root of every exception this package raises on purpose."""
+
+
+class CacheError(HFCacheHooksError, OSError):
+    """A store that is the result itself (an activation store) cannot be written; the message names the folder."""
 
 
 class ConfigError(HFCacheHooksError, ValueError):

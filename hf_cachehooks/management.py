@@ -3,14 +3,17 @@
 Management finds entries by their manifests (`entry.MARK`, the first bytes of every manifest) in
 folders marked as this library's cache: a CACHEDIR.TAG of ours in the folder or in a parent below
 the root. It deletes an entry whole through `entry.remove_entry`, which touches only the files the
-manifest lists, and otherwise only a writer's own leftovers (temp files, lock and trash files of
-dead writers, older than an hour). Deleting is two steps, as in huggingface_hub: build a `Plan`
-(what would go, how many bytes), then `execute()` it; `--dry-run` prints the plan only.
+manifest lists that still hold the bytes recorded, and otherwise only a writer's own leftovers (temp
+files, lock and trash files of dead writers, older than an hour, whose real path lies under the root;
+on a remote root, lease objects named by their URL, never by a local path). Deleting is two steps,
+as in huggingface_hub: build a `Plan` (what would go, how many bytes), then `execute()` it;
+`--dry-run` prints the plan only.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -45,28 +48,37 @@ class EntryInfo:
 class Plan:
     """Entries (manifests) and leftover files a delete would remove, with the bytes it frees.
 
-    Nothing happens until `execute()`.
+    `leases` are dead writers' lease objects on a remote root, by URL: they are deleted on the store and
+    never become a local path. Nothing happens until `execute()`.
     """
 
     entries: list[Path] = field(default_factory=list)
     leftovers: list[Path] = field(default_factory=list)
     size: int = 0
+    leases: list[str] = field(default_factory=list)
+    root: Path | None = None
 
     @property
-    def paths(self) -> list[Path]:
-        return [*self.entries, *self.leftovers]
+    def paths(self) -> list[Path | str]:
+        return [*self.entries, *self.leftovers, *self.leases]
 
     def execute(self) -> int:
-        """Delete the planned entries whole, then the leftovers; return how many items were removed."""
+        """Delete the planned entries whole, then the leftovers; return how many items were removed.
+
+        A local leftover is unlinked only when its real path lies under the root's real path (a linked
+        `.locks` folder never leads outside).
+        """
         for path in self.entries:
             remove_entry(path)
+        for url in self.leases:
+            remote.remove_object(url)
+        top = os.path.join(os.path.realpath(self.root), "") if self.root is not None else None
         for path in self.leftovers:
-            if remote.url_of(path) is not None:  # a dead writer's lease object on a remote root
-                remote.remove_object(path)
+            if top is None or not os.path.realpath(path).startswith(top):
                 continue
             with contextlib.suppress(OSError):
                 path.unlink()
-        return len(self.entries) + len(self.leftovers)
+        return len(self.paths)
 
 
 def is_cache(root: Path) -> bool:
@@ -187,13 +199,16 @@ def _require_cache(root: Path) -> None:
 def _leftovers(root: Path, now: float, plan: Plan) -> None:
     """Temp files of dead writers, and lock and trash files their holders left, older than an hour."""
     if remote.url_of(root) is not None:  # the bucket's dead leases; the local copy's own leftovers below
-        for path, size in remote_sync.dead_leases(root, now, _LEFTOVER_GRACE):
-            plan.leftovers.append(path)
+        for url, size in remote_sync.dead_leases(root, now, _LEFTOVER_GRACE):
+            plan.leases.append(url)
             plan.size += size
+    top = os.path.join(os.path.realpath(root), "")
     for folder, files in cache_folders(root):  # a remote root's local copy: its own leftovers only
         candidates = [folder / n for n in files if n.startswith(".") and (n.endswith(TEMP_SUFFIX) or ".trash-" in n)]
         candidates += [p for p in (folder / ".locks").glob("*.lock*") if p.is_file() and not p.is_symlink()]
         for path in candidates:
+            if not os.path.realpath(path).startswith(top):  # a linked `.locks` leads outside: not ours
+                continue
             with contextlib.suppress(OSError):
                 st = path.stat()
                 if now - st.st_mtime > _LEFTOVER_GRACE:
@@ -208,7 +223,7 @@ def plan_clear(root: Path, kind: str | None = None) -> Plan:
         ConfigError: `root` is not a cache of this library, or holds no such kind.
     """
     _require_cache(root)
-    plan = Plan()
+    plan = Plan(root=root)
     for info, _ in _matching(root, kind):
         plan.entries.append(info.path)
         plan.size += info.size
@@ -224,7 +239,7 @@ def plan_prune(root: Path, older_than: float, now: float | None = None, kind: st
     """
     _require_cache(root)
     now = time.time() if now is None else now
-    plan = Plan()
+    plan = Plan(root=root)
     for info, found in _matching(root, kind):
         if now - info.created_at > older_than and not found.doc.get("pinned"):
             plan.entries.append(info.path)

@@ -383,11 +383,10 @@ def test_a_resealed_manifest_naming_a_file_outside_the_store_is_refused(llama, t
 def test_force_removes_only_what_the_store_lists(llama, tmp_path, monkeypatch):
     model, tok = llama
     folder = tmp_path / "c"
-    folder.mkdir()
-    (folder / "notes.txt").write_text("mine")
-    (folder / "data-00009.arrow").write_text("a user's file that happens to look like a shard")
     cache_activations(model, tok, records(), folder, [1], shard_size=8, progress=False)
     assert (folder / "CACHEDIR.TAG").exists() and (folder / "data-00002.arrow").exists()
+    (folder / "notes.txt").write_text("mine")  # the user's files, added to the store's folder later
+    (folder / "data-00009.arrow").write_text("a user's file that happens to look like a shard")
     store = cache_activations(
         model, tok, records(), folder, [1], positions="mean", shard_size=21, force=True, progress=False
     )

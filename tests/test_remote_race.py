@@ -125,3 +125,17 @@ def test_evaluate_model_results_are_shared_through_the_bucket(s3_root, tiny, qa_
     more = evaluate_model(model, qa_rows, config, tokenizer=tok)  # per-example shards come from the bucket too
     assert (more.cache_status, more.reused) == ("partial", 3)
     assert more.predictions[:3] == first.predictions
+
+
+@pytest.mark.parametrize("content", [b"", b"{garbled", b"[]", b'{"host": "h"}', b'{"host": "h", "pid": true}'])
+def test_a_garbled_lease_object_is_broken_at_once(s3_root, content):
+    """An object is created whole with its content, so a garbled lease never belongs to a live holder."""
+    from hf_cachehooks._core.remote_lease import remote_lease
+
+    url = f"{s3_root}/experiments/.locks/0123abcd.lock"
+    bucket_fs().pipe_file(url, content)
+    started = time.monotonic()
+    with remote_lease(url, stale_after=60.0, poll=0.02) as held:
+        assert held is True
+    assert time.monotonic() - started < 10.0  # not the 60 s of stale_after
+    assert not bucket_fs().exists(url)

@@ -31,7 +31,7 @@ import socket
 import stat
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,7 @@ MARK = b'{\n  "hf_cachehooks_entry": 1,'
 CHECKS = ("manifest", "size", "stamp", "hash")  # "manifest": seal, shape and names; the caller checks files
 HASH_ALWAYS_BELOW = 1 << 20  # files under 1 MiB are hashed on every open: cheaper than trusting a stamp
 OWN_HIDDEN = (".last_access", ".chunks")  # bookkeeping a cache keeps inside an entry's own folder
+_TAG_NAME = "CACHEDIR.TAG"  # the folder's mark (see `store.tag_folder`): never an entry's file
 _RACY_NS = 10_000_000  # file times tick by 1-10 ms (HZ=100 at worst): a stamp is trusted once its tick has passed
 _verified: dict[str, tuple[list[int], str]] = {}  # path -> (stamp, xxh3) hashed in this process
 
@@ -92,12 +93,26 @@ def check_name(name: object) -> str:
     """Return `name` when it is a plain file name inside an entry's folder.
 
     Raises:
-        CorruptEntryError: for paths (`../x`, `a/b`, absolute), hidden names, `.`/`..`, NUL or non-strings.
+        CorruptEntryError: for paths (`../x`, `a/b`, absolute), hidden names, `.`/`..`, NUL or non-strings,
+            and the folder's CACHEDIR.TAG (no entry owns the mark of the folder it lies in).
     """
     if (not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name
             or "\0" in name or len(name) > 255):
         raise CorruptEntryError(f"file name {name!r} is not a plain name inside the entry's folder")
+    if name.casefold() == _TAG_NAME.casefold():
+        raise CorruptEntryError(f"file name {name!r} is the cache folder's mark, never an entry's file")
     return name
+
+
+def record_problem(name: str, rec: Any) -> str | None:
+    """Why `rec` is not a file record (`{"bytes": int >= 0, "xxh3": str, ...}`), or None when it is one.
+
+    `type(...) is int`: `true` is not a size, though Python counts it as 1.
+    """
+    if not isinstance(rec, dict) or type(rec.get("bytes")) is not int or rec["bytes"] < 0 \
+            or not isinstance(rec.get("xxh3"), str):
+        return f"{name}: malformed file record {rec!r:.80}"
+    return None
 
 
 def _stamp(st: os.stat_result) -> list[int]:
@@ -168,6 +183,9 @@ def commit(path: Path, kind: str, key: Key | Mapping[str, Any], files: Mapping[s
            fields: Mapping[str, Any] | None = None, created_at: float | None = None) -> bool:
     """Write the manifest at `path` last, after the data files its `files` records describe.
 
+    A cache whose folder may hold the user's files (a generation tree, an activation store's `--output`)
+    checks `replaceable(path)` and its data files' names before it writes anything.
+
     Returns:
         False (with a warning) when the folder is not writable: the entry then does not exist.
     """
@@ -187,6 +205,27 @@ def is_entry_file(path: Path) -> bool:
             return handle.read(len(MARK)) == MARK
     except OSError:
         return False
+
+
+def replaceable(path: Path) -> bool:
+    """True when nothing lies at `path`, or a file this library wrote: a manifest (`MARK`) or sealed JSON.
+
+    A file of the user's at a manifest's path (a hand-written `metadata.json`, say) is never overwritten.
+    Sealed JSON counts as ours: an earlier version's cache file is replaced as a memo is rebuilt.
+    """
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return True  # nothing there (or no folder to hold it: the write itself reports that)
+    if not stat.S_ISREG(st.st_mode):
+        return False
+    if is_entry_file(path):
+        return True
+    try:
+        unseal(Path(path).read_bytes())
+    except (OSError, CorruptEntryError):
+        return False
+    return True
 
 
 _HEAD_BYTES = 1 << 12
@@ -240,8 +279,9 @@ def check_file(folder: Path, name: str, rec: Any, check: str = "stamp") -> str |
     """Why the file `name` in `folder` does not match its manifest record `rec`, or None when it does."""
     from .fingerprint import hash_file
 
-    if not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int) or not isinstance(rec.get("xxh3"), str):
-        return f"{name}: malformed file record {rec!r:.80}"
+    problem = record_problem(name, rec)
+    if problem:
+        return problem
     path = folder / name
     try:
         st = os.lstat(path)
@@ -262,6 +302,8 @@ def check_file(folder: Path, name: str, rec: Any, check: str = "stamp") -> str |
         return f"{name}: {exc}"
     if not ok:
         return f"{name}: content does not match the manifest"
+    if is_entry_file(path):  # read whole anyway: a manifest is never another entry's data file
+        return f"{name}: is a cache entry's manifest, never an entry's data file"
     if time.time_ns() - stamp[2] > _RACY_NS:  # remember only stamps whose tick has passed
         _verified[str(path)] = (stamp, rec["xxh3"])
     return None
@@ -347,12 +389,16 @@ def open_entry(path: Path, *, kind: str | None = None, digest: str | None = None
     """The entry at `path` when it exists, checks out, is of `kind` and `digest`, and is not expired; else None.
 
     A corrupt entry (seal, shape, a file missing, resized or altered, a name outside the folder) is
-    logged and removed (`remove_corrupt`), so the caller recomputes. Another key or an expired entry
-    is left in place: it is someone else's valid data. `reuse`: see `inspect` (the doc is then shared).
+    logged and removed (`remove_corrupt`, see `remove_entry`), so the caller recomputes. A file that does
+    not start with `MARK` is not an entry at all: a miss, logged and left alone. Another key or an
+    expired entry is left in place: it is someone else's valid data. `reuse`: see `inspect` (the doc is then shared).
     """
     path = path if isinstance(path, Path) else Path(path)
     remote.refresh(path, kind)  # a root on object storage: bring the local copy in step (no-op when local)
     entry, problem = inspect(path, check, reuse)
+    if problem and not is_entry_file(path):  # not ours: a file of the user's, or another program's
+        log.warning("%s is not a cache entry of hf_cachehooks (%s): a miss; the file is not removed.", path, problem)
+        return None
     if problem:
         log.warning("Corrupt cache entry %s (%s); %s and recomputing.", path, problem,
                     "removing it" if remove_corrupt else "ignoring it")
@@ -375,12 +421,15 @@ def open_entry(path: Path, *, kind: str | None = None, digest: str | None = None
     return entry
 
 
-def remove_entry(path: Path, also: Iterable[str] = (), *, everywhere: bool = True) -> int:
+def remove_entry(path: Path, also: Mapping[str, Any] | None = None, *, everywhere: bool = True) -> int:
     """Delete an entry whole: rename its manifest away (readers see no entry at once), then its files.
 
-    Only names the manifest lists (checked as plain names), `also`, and the cache's own bookkeeping
-    (`OWN_HIDDEN`) are deleted; the folder goes only if that left it empty. Returns the bytes freed.
-    An unreadable manifest is removed alone: its files are unknown, so nothing else is touched.
+    Only a manifest of ours (`MARK`) is touched. A file it lists (checked as a plain name) goes only while
+    it still holds what was recorded: its size, and its stamp or else its content hash (`check_file`), and
+    only when it is not itself a manifest. A file that no longer matches (edited by hand, or a user's file
+    that merely shares the name) stays where it is. `also` maps more names to their records (a killed
+    run's shards), checked the same way; the cache's own bookkeeping (`OWN_HIDDEN`) goes too, and the
+    folder only if that left it empty. Returns the bytes freed. An unreadable manifest is removed alone.
     In the local copy of a root on object storage, the remote entry goes too unless `everywhere=False`.
     """
     import shutil
@@ -388,24 +437,38 @@ def remove_entry(path: Path, also: Iterable[str] = (), *, everywhere: bool = Tru
     path = Path(path)
     if everywhere:
         remote.delete(path)
+    if not is_entry_file(path):
+        return 0  # not a manifest of ours (or already gone): never removed
     grave = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")
     try:
         os.rename(path, grave)
     except OSError:
         return 0
     freed = 0
+    files: dict = {}
     try:
         raw = grave.read_bytes()
         freed += len(raw)
         doc = unseal(raw)
-        names = [check_name(n) for n in doc.get("files", {})] if isinstance(doc.get("files"), dict) else []
+        if isinstance(doc.get("files"), dict):
+            files = dict(doc["files"])
     except (OSError, CorruptEntryError, AttributeError):
-        names = []
-    for name in [*names, *also]:
-        with contextlib.suppress(OSError, CorruptEntryError):
-            target = path.parent / check_name(name)
-            freed += target.stat().st_size
+        files = {}
+    files.update(also or {})
+    for name, rec in files.items():
+        try:
+            check_name(name)
+        except CorruptEntryError:
+            continue
+        target = path.parent / name
+        if check_file(path.parent, name, rec, "stamp") is not None or is_entry_file(target):
+            if target.exists():
+                log.info("Keeping %s: it no longer holds what the entry recorded (maybe yours).", target)
+            continue
+        with contextlib.suppress(OSError):
+            size = target.stat().st_size
             target.unlink()
+            freed += size
     for name in OWN_HIDDEN:
         target = path.parent / name
         if target.is_dir() and not target.is_symlink():

@@ -227,11 +227,7 @@ def fetch_entry(fs: Any, key: str, raw: bytes, path: Path) -> str | None:
         names = [entry.check_name(name) for name in doc["files"]]
         for name in names:
             rec = doc["files"][name]
-            if (
-                not isinstance(rec, dict)
-                or not isinstance(rec.get("bytes"), int)
-                or not isinstance(rec.get("xxh3"), str)
-            ):
+            if entry.record_problem(name, rec):
                 return f"{name}: malformed file record"
             big |= rec["bytes"] >= entry.HASH_ALWAYS_BELOW
             if entry.check_file(folder, name, rec, "hash") is None:
@@ -366,28 +362,40 @@ def delete(path: Path) -> None:
     delete_remote(fs, key, raw)
 
 
-def remove_object(path: Path) -> None:
-    """Delete the one remote object a local-copy path stands for (management's leftovers: dead writers' leases)."""
-    url = url_of(path)
-    if url is not None:
-        fs, key = filesystem(url)
-        with contextlib.suppress(FileNotFoundError):
-            fs.rm_file(key)
+def remove_object(url: str) -> None:
+    """Delete the one remote object at `url` (management's leftovers: dead writers' leases)."""
+    fs, key = filesystem(url)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm_file(key)
 
 
 def delete_remote(fs: Any, key: str, raw: bytes) -> int:
-    """Delete a remote manifest, then the plain file names it lists; returns the bytes freed (best effort)."""
+    """Delete a remote manifest, then the plain file names it lists; returns the bytes freed (best effort).
+
+    An object that is not a manifest of ours (`entry.MARK`) is never deleted, nor is anything it names; a
+    listed object goes only while its size is the recorded one (a listing, no download).
+    """
+    if not raw.startswith(entry.MARK):
+        return 0
     base = key.rsplit("/", 1)[0]
     try:
-        names = [entry.check_name(n) for n in unseal(raw).get("files", {})]
+        files = unseal(raw).get("files", {})
     except (CorruptEntryError, AttributeError):
-        names = []
+        files = {}
     freed = 0
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(key)
         freed += len(raw)
-    for name in names:
+    for name, rec in (files.items() if isinstance(files, dict) else ()):
+        try:
+            entry.check_name(name)
+        except CorruptEntryError:
+            continue
+        if entry.record_problem(name, rec):
+            continue
         with contextlib.suppress(FileNotFoundError):
-            freed += int(fs.info(f"{base}/{name}").get("size") or 0)
-            fs.rm_file(f"{base}/{name}")
+            size = int(fs.info(f"{base}/{name}").get("size") or 0)
+            if size == rec["bytes"]:
+                fs.rm_file(f"{base}/{name}")
+                freed += size
     return freed

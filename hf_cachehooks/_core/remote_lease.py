@@ -5,7 +5,9 @@
 `fs.pipe_file(url, data, mode="create")` sends `If-None-Match: *` on S3 (s3fs), so of two machines that
 miss the same key at once exactly one creates the lease and computes; the other waits, then reads the
 entry the first one uploaded. The holder rewrites the object every `heartbeat` seconds; a lease whose
-last write is older than `stale_after`, or whose holder is a dead process of this host, is broken.
+last write is older than `stale_after`, or whose holder is a dead process of this host, is broken. A
+garbled lease is broken at once: an object is created with its content in one request, so no live
+holder's lease is ever seen half written (a local lease file is, for an instant: see `locking`).
 
 Stores whose fsspec driver has no conditional create fall back to "create if absent" (check, then
 write): two machines racing within one round trip may then both compute. That costs time, never
@@ -45,10 +47,18 @@ def _stale(fs: Any, path: str, stale_after: float) -> float | None:
     try:
         holder = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        holder = None  # garbled: stale by age alone
+        holder = None
+    if not _well_formed(holder):  # created whole with its content (one PUT): garbled is never a live holder
+        return age
     if holder_gone(holder):
         return age
     return age if age > stale_after else None
+
+
+def _well_formed(holder: object) -> bool:
+    """True for a lease as `remote_lease` writes it: {"host": str, "pid": int > 0, ...}."""
+    pid = holder.get("pid") if isinstance(holder, dict) else None
+    return isinstance(holder, dict) and isinstance(holder.get("host"), str) and type(pid) is int and pid > 0
 
 
 @contextlib.contextmanager

@@ -61,6 +61,21 @@ def is_cache(root: Path) -> bool:
         return False
 
 
+def relative_key(base: str, key: str) -> str | None:
+    """`key` relative to `base` when it is a plain relative name below it; None for anything else.
+
+    An object key is text anyone with write access to the bucket chooses: `a/../../x`, `a//b`, `./a`
+    or a NUL never becomes a local path (`root / key` would leave the local copy).
+    """
+    if not key.startswith(base + "/"):
+        return None
+    rel = key[len(base) + 1 :]
+    parts = rel.split("/")
+    if any(part in ("", ".", "..") or "\0" in part or "\\" in part for part in parts):
+        return None
+    return rel
+
+
 def scan(root: Path, check: str = "size") -> Iterator[Scanned]:
     """Every manifest under the remote root whose local copy is `root`, with its problem (None when whole)."""
     fs, base = remote.filesystem(root_url(root))
@@ -71,9 +86,9 @@ def scan(root: Path, check: str = "size") -> Iterator[Scanned]:
         return
     tagged = {p.rsplit("/", 1)[0] for p in listing if p.endswith("/" + _TAG)}
     for key in sorted(listing):
-        rel = key[len(base) + 1 :]
+        rel = relative_key(base, key)
         folder = key.rsplit("/", 1)[0]
-        if not key.endswith(".json") or any(part.startswith(".") for part in rel.split("/")):
+        if rel is None or not key.endswith(".json") or any(part.startswith(".") for part in rel.split("/")):
             continue
         if not any(folder == t or folder.startswith(t + "/") for t in tagged):
             continue
@@ -96,7 +111,7 @@ def _checked(fs, path: Path, folder: str, raw: bytes, listing: dict[str, int], c
     for name in names:
         rec = doc["files"][name]
         have = listing.get(f"{folder}/{name}")
-        if not isinstance(rec, dict) or not isinstance(rec.get("bytes"), int):
+        if entry.record_problem(name, rec):
             problem = f"{name}: malformed file record"
         elif have is None:
             problem = f"{name}: missing"
@@ -117,10 +132,12 @@ def _stream_hash(fs, key: str) -> str:
     return digest.hexdigest()
 
 
-def dead_leases(root: Path, now: float, grace: float) -> list[tuple[Path, int]]:
-    """(local-copy path, bytes) of lease objects under the remote root last written over `grace` seconds ago.
+def dead_leases(root: Path, now: float, grace: float) -> list[tuple[str, int]]:
+    """(URL, bytes) of lease objects under the remote root last written over `grace` seconds ago.
 
     A live holder rewrites its lease every few seconds, so one this old belongs to a writer that died.
+    Only keys `<plain names>/.locks/<name>.lock` count (see `relative_key`); a lease is named by its URL,
+    never by a local path, so deleting it can only ever delete that object.
     """
     fs, base = remote.filesystem(root_url(root))
     base = base.rstrip("/")
@@ -129,11 +146,16 @@ def dead_leases(root: Path, now: float, grace: float) -> list[tuple[Path, int]]:
     except FileNotFoundError:
         return []
     found = []
+    url = root_url(root).rstrip("/")
     for key, info in listing.items():
+        rel = relative_key(base, key)
+        parts = rel.split("/") if rel is not None else []
+        if len(parts) < 2 or parts[-2] != ".locks" or not parts[-1].endswith(".lock"):
+            continue
         modified = info.get("LastModified") or info.get("mtime")
         stamp = modified.timestamp() if hasattr(modified, "timestamp") else float(modified or now)
-        if "/.locks/" in key and key.endswith(".lock") and now - stamp > grace:
-            found.append((root / key[len(base) + 1 :], int(info.get("size") or 0)))
+        if now - stamp > grace:
+            found.append((f"{url}/{rel}", int(info.get("size") or 0)))
     return sorted(found)
 
 

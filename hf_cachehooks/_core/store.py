@@ -172,12 +172,18 @@ def cache_folders(root: Path) -> Iterator[tuple[Path, list[str]]]:
             yield here, sorted(files)
 
 
-def tag_folder(folder: Path) -> None:
-    """Create `folder` with a CACHEDIR.TAG in it; an unwritable place is logged, not raised."""
+def tag_folder(folder: Path, required: bool = False) -> None:
+    """Create `folder` with a CACHEDIR.TAG in it; an unwritable place is logged, not raised.
+
+    Raises:
+        OSError: the folder is not writable and `required` (a store that is the result: it cannot go uncached).
+    """
     tag = folder / "CACHEDIR.TAG"
     if tag.exists():
         return
     try:
         atomic_write(tag, _TAG)
     except OSError as exc:
+        if required:
+            raise
         log.warning("Cache folder %s is not writable (%s); results will not be cached.", folder, exc)

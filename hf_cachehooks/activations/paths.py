@@ -22,7 +22,7 @@ from .._core.store import local_path
 from .._models.identity import files_state, generation_defaults, remember_identity, remembered_identity
 from ..errors import ConfigError
 from .store import KIND, MANIFEST, ActivationStore, store_problem
-from .writer import activation_key, cache_activations, default_label_field, load_records
+from .writer import activation_key, cache_activations, claim_folder, default_label_field, load_records
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,7 @@ def cache_activations_from_path(
         return store
     from .._models.inference import load_planned, plan_load
 
+    claim_folder(local_path(folder), bool(options.get("force", False)))  # a user's folder: refused before loading
     root = _settings(options).resolve_root()
     state = files_state(str(model), load_options(head, model_dtype, gguf_file, load_kwargs), root)  # before loading
     # the same load plan as evaluate_model: this rank's GPU and its attention ladder; on CPU nothing changes

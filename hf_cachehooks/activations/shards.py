@@ -28,6 +28,7 @@ from .._core import entry
 from .._core.freshness import SYSTEM_CLOCK, Clock, iso
 from .._core.keys import Key
 from .._core.store import atomic_target, read_entry, seal, write_entry
+from ..errors import CacheError
 from .store import ARROW_TYPE, CHUNKS, KIND, LAYOUT, MANIFEST, chunk_name, write_layer_info
 
 log = logging.getLogger(__name__)
@@ -306,6 +307,9 @@ def finish_store(
     """Fsync every shard, write the side files, commit the manifest (last), then remove `.chunks/`.
 
     `columns` (from `field_columns`) holds the integer fields' values: an integer label is counted from them.
+
+    Raises:
+        CacheError: a file cannot be written (a full disk): the store is the result, so this is an error.
     """
     import pyarrow as pa
     from datasets import Features
@@ -359,10 +363,11 @@ def finish_store(
         )
         files.update(write_layer_info(folder, manifest, key_doc))
     except OSError as exc:
-        log.warning("Cannot write the activation cache in %s (%s); it stays unfinished.", folder, exc)
-        return
+        raise CacheError(f"Cannot write the activation store in {folder} ({exc.strerror or exc}); it stays "
+                         "unfinished. Free some space there, or choose another --output.") from exc
     if not entry.commit(folder / MANIFEST, KIND, key, files, manifest, created_at=now):  # last: the store exists
-        return
+        raise CacheError(f"Cannot write the activation store's manifest in {folder} (see the warning above); "
+                         "the store stays unfinished. Free some space there, or choose another --output.")
     _at_once(_unlink, [folder / CHUNKS / f"{chunk_name(c)}.json" for c, _, _ in chunks])  # the sidecars, then
     shutil.rmtree(folder / CHUNKS, ignore_errors=True)  # whatever else is left in .chunks
     size = sum(s["bytes"] for s in sides)

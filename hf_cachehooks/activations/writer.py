@@ -10,6 +10,7 @@ order. A chunk's Arrow file is renamed into place complete and then confirmed by
 killed run redoes only unconfirmed chunks. Rank 0 writes the side files, then the manifest last
 (`entry.commit`, listing every file), then deletes `.chunks/`. A store in the way (corrupt, expired,
 or with `force` made from other inputs) is removed through its manifest: only files it lists. A
+non-empty folder without our CACHEDIR.TAG is refused (see `claim_folder`), so a user's files are never replaced. A
 `CacheConfig` passed as `cache` sets expiry (`max_age`), re-extraction of the same inputs
 (`force_recompute`) and the clock.
 """
@@ -22,7 +23,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,11 @@ from .._core.cache_config import CacheConfig, settle
 from .._core.fingerprint import fingerprint_data
 from .._core.freshness import SYSTEM_CLOCK, Clock, describe_age
 from .._core.keys import Key, diff_inputs, make_key
-from .._core.store import local_path, tag_folder, unseal
+from .._core.store import is_tagged, local_path, tag_folder, unseal
 from .._models.architecture import hidden_size
 from .._models.extraction import POSITIONS, batches, capture, check_layers, pool
 from .._models.identity import model_identity, tokenizer_identity
-from ..errors import ConfigError, CorruptEntryError, WaitTimeoutError
+from ..errors import CacheError, ConfigError, CorruptEntryError, WaitTimeoutError
 from .shards import (
     arrow_table,
     chunk_done,
@@ -46,6 +47,7 @@ from .shards import (
     finish_store,
     resumed_shard_size,
     scalar_fields,
+    sidecar,
     sidecars,
     write_chunk,
 )
@@ -175,7 +177,8 @@ def cache_activations(
         batch_size, shard_size: how to run; not in the key, so they may change between runs. `shard_size`
             is examples per chunk (one shard file, and what a killed run loses at most per process); by
             default about 32 MiB of activations, at least 1,024 examples (1,024 with positions="all").
-        force: replace a cache in `folder` that was made from other inputs (only the files it lists go).
+        force: replace a cache in `folder` that was made from other inputs (only the files it lists go), or
+            write into a non-empty folder that holds no cache of ours (beside its files, never over them).
         max_age_days, clock: the cache settings as keywords: a store older than `max_age_days` is
             re-extracted (None: never expires); `clock` gives "now". They build `cache` when it is not given.
         cache: the settings as one `CacheConfig`: `max_age`, `force_recompute` (extract again even from
@@ -187,8 +190,10 @@ def cache_activations(
         The finished `ActivationStore`.
 
     Raises:
-        ConfigError: bad layers/positions/dtype/fields, `folder` holds another cache (names what differs), or
-            a keyword disagrees with `cache`.
+        ConfigError: bad layers/positions/dtype/fields, `folder` holds another cache (names what differs),
+            `folder` is a non-empty folder that is not ours (`force` writes beside its files, never over
+            them), or a keyword disagrees with `cache`.
+        CacheError: the store cannot be written (a full disk): names the folder and the space needed.
         WaitTimeoutError: other ranks did not finish their chunks within `wait_timeout`.
 
     A corrupt store in `folder` (a shard altered, truncated, swapped or missing) is a warning: it is
@@ -239,9 +244,12 @@ def cache_activations(
         log.info("✅ Loaded activations from cache %s (%d examples, layers %s).", folder, len(rows), layers)
         return ActivationStore._of(hit)
     _barrier(world)  # rank 0 has removed what was in the way
-    if rank == 0:
-        tag_folder(folder)
     hidden = hidden_size(model)
+    need = len(rows) * len(layers) * hidden * (4 if dtype == "float32" else 2)
+    need_text = f"{'at least ' if positions == 'all' else 'about '}{need / 1e6:.1f} MB"
+    if rank == 0:
+        with _writing(folder, need_text):
+            tag_folder(folder, required=True)
     if shard_size is None:  # the same on every rank: it depends only on the run's inputs
         shard_size = default_shard_size(len(rows), len(layers), hidden, dtype, positions, world)
     shard_size = resumed_shard_size(folder, key.digest) or shard_size  # a resumed run keeps its chunks
@@ -286,15 +294,9 @@ def cache_activations(
                 out.layers = {k: v.cpu() for k, v in out.layers.items()}
                 pooled.append((_to_cpu(out), offset))
                 bar.update(batch["input_ids"].shape[0])
-            write_chunk(
-                folder,
-                chunk,
-                start,
-                end,
-                arrow_table(pooled, start, rows, fields, layers, dtype, hidden, columns),
-                key,
-                shard_size,
-            )
+            table = arrow_table(pooled, start, rows, fields, layers, dtype, hidden, columns)
+            with _writing(folder, need_text):
+                write_chunk(folder, chunk, start, end, table, key, shard_size)
     if not _barrier(world) and world > 1:
         _wait_for(
             lambda: _finished(folder) or all(chunk_done(folder, c, key.digest, span=(s, e)) for c, s, e in chunks),
@@ -302,21 +304,9 @@ def cache_activations(
             folder,
         )
     if rank == 0:
-        finish_store(
-            folder,
-            chunks,
-            rows,
-            fields,
-            label_field,
-            key,
-            layers,
-            positions,
-            dtype,
-            hidden,
-            shard_size,
-            clock=cache.clock,
-            columns=columns,
-        )
+        with _writing(folder, need_text):
+            finish_store(folder, chunks, rows, fields, label_field, key, layers, positions, dtype, hidden,
+                         shard_size, clock=cache.clock, columns=columns)
     if not _barrier(world) and rank != 0:  # every rank passes the same barriers
         _wait_for(lambda: _finished(folder), wait_timeout, folder)
     return ActivationStore(folder)
@@ -338,6 +328,7 @@ def _clear_the_way(folder: Path, key: Key, force: bool, cache: CacheConfig, rank
         ConfigError: `folder` holds a cache made from other inputs and `force` is off.
     """
     remote.refresh(folder / MANIFEST)  # a store on object storage: its finished copy, if any (else no-op)
+    claim_folder(folder, force)
     found, problem = entry.inspect(folder / MANIFEST, "stamp")  # never deletes: we decide below
     other = found is not None and found.kind != KIND
     problem = problem or (None if found is None or other else store_problem(found))
@@ -381,22 +372,93 @@ def _clear_the_way(folder: Path, key: Key, force: bool, cache: CacheConfig, rank
     return None
 
 
+_STORE_NAMES = re.compile(r"(manifest|metadata|layer_info|state|dataset_info)\.json|data-\d{5}\.arrow|\.chunks")
+
+
+def claim_folder(folder: Path, force: bool) -> None:
+    """Refuse to write a store into a folder that is not ours, so no file of the user's is ever replaced.
+
+    Ours: missing, empty, marked with our CACHEDIR.TAG, or holding a manifest of ours. A `manifest.json`
+    that is not one of ours is never removed nor overwritten, even with `force`. Another non-empty folder
+    needs `force`, which writes the store beside its files, and is refused even then when a file there
+    has a name the store writes. Inside a folder marked as ours, the store's file names are the store's.
+
+    Raises:
+        ConfigError: `folder` is not ours (names what is there and the fix).
+    """
+    manifest = folder / MANIFEST
+    if (manifest.exists() or manifest.is_symlink()) and not entry.is_entry_file(manifest):
+        raise ConfigError(
+            f"{manifest} is not an activation cache of hf_cachehooks (a file of yours, or a cache written by "
+            "an earlier version); it is never removed or overwritten, even with --force. Move it away, or "
+            "choose another --output."
+        )
+    try:
+        names = sorted(os.listdir(folder))
+    except FileNotFoundError:
+        return
+    except NotADirectoryError:
+        raise ConfigError(f"{folder} is a file, not a folder; give --output a folder for the store.") from None
+    if not names or is_tagged(folder) or entry.is_entry_file(manifest):
+        return
+    shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    if not force:
+        raise ConfigError(
+            f"{folder} is not empty and holds no activation cache of hf_cachehooks (no CACHEDIR.TAG of ours; "
+            f"it has {shown}). Choose a new or empty --output folder, or pass --force (force=True) to write "
+            "the store beside these files, which are never touched."
+        )
+    clash = [name for name in names if _STORE_NAMES.fullmatch(name)]
+    if clash:
+        raise ConfigError(
+            f"{folder} holds {', '.join(clash[:5])}, which the activation store would overwrite; hf_cachehooks "
+            "never overwrites a file it did not write, even with --force. Move them away, or choose another "
+            "--output."
+        )
+    log.warning("Writing an activation store into %s beside files that are not ours (--force); they stay.", folder)
+
+
 def _remove_store(folder: Path) -> int:
-    """Delete the store in `folder`: the files its manifest lists, a killed run's shards and `.chunks/`; no others."""
+    """Delete the store in `folder`: the files its manifest lists, a killed run's shards and `.chunks/`; no others.
+
+    A file goes only while it holds what was recorded for it (see `entry.remove_entry`): a killed run's
+    shard is checked against its sidecar.
+    """
     chunks = folder / CHUNKS
-    names = (
-        []
-        if chunks.is_symlink() or not chunks.is_dir()
-        else [f"{p.stem}.arrow" for p in chunks.iterdir() if re.fullmatch(r"data-\d{5}\.json", p.name)]
-    )
-    freed = entry.remove_entry(folder / MANIFEST, also=names)  # nothing at all when there is no manifest
-    for name in names:
-        with contextlib.suppress(OSError):
-            freed += (folder / name).stat().st_size
-            (folder / name).unlink()
+    shards = {} if chunks.is_symlink() or not chunks.is_dir() else {
+        f"{p.stem}.arrow": {"bytes": side["bytes"], "xxh3": side["content_hash"], "stamp": side.get("stamp")}
+        for p in sorted(chunks.iterdir())
+        if re.fullmatch(r"data-\d{5}\.json", p.name) and (side := sidecar(folder, int(p.stem[5:]))) is not None
+    }
+    if entry.is_entry_file(folder / MANIFEST):
+        freed = entry.remove_entry(folder / MANIFEST, also=shards)
+    else:  # a killed run: no manifest, only the shards its sidecars record
+        freed = 0
+        for name, rec in shards.items():
+            if entry.check_file(folder, name, rec, "stamp") is None:
+                with contextlib.suppress(OSError):
+                    freed += (folder / name).stat().st_size
+                    (folder / name).unlink()
     if chunks.is_dir() and not chunks.is_symlink():
         shutil.rmtree(chunks, ignore_errors=True)
     return freed
+
+
+@contextlib.contextmanager
+def _writing(folder: Path, need: str) -> Iterator[None]:
+    """Turn a failed write (a full disk) into a CacheError naming the folder: the store is the result."""
+    try:
+        yield
+    except CacheError:
+        raise
+    except OSError as exc:
+        free = ""
+        with contextlib.suppress(OSError):
+            free = f", {shutil.disk_usage(folder).free / 1e6:.1f} MB free there"
+        raise CacheError(
+            f"Cannot write the activation store in {folder} ({exc.strerror or exc}). It needs {need}{free}; "
+            "free some space, or choose another --output."
+        ) from exc
 
 
 def _finished(folder: Path) -> bool:

@@ -29,6 +29,8 @@ def _print_plan(plan: management.Plan, dry_run: bool, verb: str) -> None:
         print(f"  {shown(path)}")
     for path in plan.leftovers:
         print(f"  {shown(path)}  (left by a dead writer)")
+    for url in plan.leases:
+        print(f"  {url}  (left by a dead writer)")
     if dry_run:
         print(f"Would {verb} {len(plan.paths)} item(s), freeing {human_bytes(plan.size)}. (dry run: nothing deleted)")
     else:

@@ -20,6 +20,8 @@ The metadata file is written last and lists the sizes and hashes of the two JSON
 interrupted write is never read as an entry, and a changed, swapped or malformed file is a warning and
 a regeneration. Rows are saved after every chunk, so a killed run loses one chunk. Two processes that
 miss the same key generate once: the second waits on the lease and then reads the first one's entry.
+The tree may be shared with the user's own runs (`experiments_dir=`): a file no manifest of ours lists
+is never removed or overwritten; a save that would replace one is skipped with a warning naming it.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ from .._core.fingerprint import example_hashes
 from .._core.freshness import SYSTEM_CLOCK, iso
 from .._core.keys import Key, make_key
 from .._core.rows import short_name
-from .._core.store import tag_folder
-from ..errors import ConfigError, ServerError
+from .._core.store import TEMP_SUFFIX, atomic_write, seal, tag_folder, unseal
+from ..errors import ConfigError, CorruptEntryError, ServerError
 from .backends import Backend, Sampling
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,32 @@ class Generations:
         return [row[0] for row in self.completions]
 
 
+def _intent(meta_path: Path) -> Path:
+    """Where a save records the data files it is about to write (a kill before the manifest leaves them ours)."""
+    return meta_path.with_name(f".{meta_path.name}.intent{TEMP_SUFFIX}")
+
+
+def _foreign(meta_path: Path, names: Sequence[str]) -> str | None:
+    """The first path a save would overwrite that is not ours (`meta_path` or one of `names` beside it), or None.
+
+    A data file is ours when the manifest of ours at `meta_path` lists it (the entry this save replaces), or
+    a save of ours recorded it before writing it (`_intent`: that save was killed before its manifest). A
+    file merely named like an entry's, in a tree the cache shares with the user, is theirs.
+    """
+    if not entry.replaceable(meta_path):
+        return str(meta_path)
+    listed: set[str] = set()
+    for source in ([meta_path] if entry.is_entry_file(meta_path) else []) + [_intent(meta_path)]:
+        with contextlib.suppress(OSError, CorruptEntryError):
+            files = unseal(source.read_bytes()).get("files")
+            listed |= {n for n in files if isinstance(n, str)} if isinstance(files, (dict, list)) else set()
+    for name in names:
+        path = meta_path.with_name(name)
+        if name not in listed and (path.exists() or path.is_symlink()):
+            return str(path)
+    return None
+
+
 class GenerationCache:
     """Completions for one model, stored under `<cache root>/experiments/` in the layout drawn above.
 
@@ -113,6 +141,7 @@ class GenerationCache:
                             {"experiments_dir": None, "max_age_days": None, "clock": SYSTEM_CLOCK}, "GenerationCache")
         self.base = self.cache.folder_for("experiments")
         self.chunk_size = chunk_size
+        self._warned: set[str] = set()  # paths in the way already named in a warning
 
     def folder(self, prompt_name: str, subject_type: str) -> Path:
         for label, value in (("prompt_name", prompt_name), ("subject_type", subject_type)):
@@ -206,6 +235,8 @@ class GenerationCache:
     # Writing ------------------------------------------------------------------------------------
 
     def _save(self, folder: Path, tail: str, key: Key, rows: _Rows, info: dict) -> Path | None:
+        if not rows:
+            return None  # nothing succeeded yet: no entry (and nothing to say which sample count it holds)
         k = info["samples_per_prompt"]
         complete = sum(1 for i in {i for i, _ in rows} if all((i, s) in rows for s in range(k)))
         info = {**info, "samples_per_prompt": max(s for _, s in rows) + 1}  # the most any prompt has
@@ -213,8 +244,19 @@ class GenerationCache:
         ordered = [rows[ik] for ik in sorted(rows)]
         data = {stem + suffix: b"".join(orjson.dumps({x: r[x] for x in fields}) + b"\n" for r in ordered)
                 for suffix, fields in _LINES.items()}
+        meta_path = folder / f"{stem}_metadata.json"
+        foreign = _foreign(meta_path, list(data))
+        if foreign:
+            if foreign not in self._warned:
+                self._warned.add(foreign)
+                log.warning("Not caching these generations: %s is in the way and no cache entry of hf_cachehooks "
+                            "lists it (a file of yours, or one edited by hand); it is never overwritten. Move it "
+                            "out of %s, or give GenerationCache another experiments_dir, to cache here.",
+                            foreign, folder)
+            return None
         try:
             tag_folder(self.base)
+            atomic_write(_intent(meta_path), seal({"files": list(data)}))  # these names are ours from here on
             files = {name: entry.write_file(folder, name, raw) for name, raw in data.items()}
         except OSError as exc:
             log.warning("Cannot save generations under %s (%s); continuing without caching them.", folder, exc)
@@ -222,9 +264,9 @@ class GenerationCache:
         now = self.cache.clock()
         fields = {**info, "num_samples": complete, "num_rows": len(ordered), "timestamp": iso(now), "updated_at": now}
         created = fields.pop("created_at", None) or now  # an entry that grows keeps its creation time
-        meta_path = folder / f"{stem}_metadata.json"
         if not entry.commit(meta_path, KIND, key, files, fields, created_at=created):
             return None
+        _intent(meta_path).unlink(missing_ok=True)
         for _, older in self._entries(folder, tail):  # the grown entry replaces the smaller one
             if older != meta_path:
                 entry.remove_entry(older)
@@ -240,8 +282,13 @@ class GenerationCache:
 
         `force_recompute` (or the cache's own) generates every sample again and replaces the entry.
 
+        A prompt the backend refused is `None` in the result, with the reason in `errors` (and a warning),
+        even when every prompt was refused; nothing of it is cached.
+
         Raises:
             ConfigError: fewer prompts than `num_samples`, or a bad folder name.
+            ServerError: every completion server failed (its message names each one); the completions that
+                succeeded before it are cached.
         """
         n = len(prompts) if num_samples is None else num_samples
         if n > len(prompts):
@@ -339,10 +386,11 @@ class GenerationCache:
                 path = self._save(folder, tail, key, rows, info) or path
             if error is not None:
                 raise error
-        if missing and save:
-            if failed:
-                log.warning("  %d generations failed; they were not cached (re-run to retry).%s", failed,
-                            "".join(f"\n    prompt {i}: {why}" for i, why in sorted(errors.items())[:5]))
+        if failed:
+            log.warning("  %s generations failed; they were not cached (re-run to retry).%s",
+                        f"All {failed}" if failed == len(missing) else failed,
+                        "".join(f"\n    prompt {i}: {why}" for i, why in sorted(errors.items())[:5]))
+        if missing and path is not None:
             log.info("  💾 Saving generations to cache: %s\n  ✓ Cached %d generations", path, len(rows))
         return path
 
