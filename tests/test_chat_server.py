@@ -311,3 +311,105 @@ def test_a_click_on_a_pending_turn_moves_it_to_the_front_of_the_queue(tmp_path):
     assert [row["conv_id"] for row in client.get("/api/cache/status").json()["lens_queue"]] == ["c0", "c2", "c1"]
     gate.set()
     assert worker.wait(30) and [conv for conv, _ in order] == ["c0", "c2", "c1"] and len(turns) == 3
+
+
+@pytest.mark.parametrize("spelling", [b"\\ud800", b"\xed\xa0\x80"], ids=["json-escape", "raw-bytes"])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        (b'{"message": "hi @"}', "message"),
+        (b'{"messages": [{"role": "user", "content": "hi @"}]}', "messages[0].content"),
+        (b'{"messages": [{"role": "user", "content": "@"}, {"role": "assistant", "content": "a"}, '
+         b'{"role": "user", "content": "b"}]}', "messages[0].content"),
+    ],
+)
+def test_text_that_is_not_unicode_is_a_400_naming_the_field(client, tmp_path, body, field, spelling):
+    answer = client.post("/api/chat/cached", content=body.replace(b"@", spelling),
+                         headers={"content-type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["detail"].startswith(f"{field}: not valid Unicode") and "\\ud800" in answer.json()["detail"]
+    assert not (tmp_path / "conv").exists() or not any((tmp_path / "conv").iterdir())
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [(b"{not json", "not valid JSON"), (b'{"message": "hi \xff"}', "UTF-8"), (b'{"message": "hi"', "not valid JSON")],
+)
+def test_a_body_that_is_not_json_is_a_400_with_a_sentence(client, body, words):
+    answer = client.post("/api/chat/cached", content=body, headers={"content-type": "application/json"})
+    assert answer.status_code == 400 and isinstance(answer.json()["detail"], str)
+    assert words in answer.json()["detail"]
+
+
+def _chunked(address, body: bytes, piece: int = 1 << 16) -> tuple[int, bytes]:
+    import http.client
+
+    conn = http.client.HTTPConnection(*address, timeout=30)
+    try:
+        parts = (body[i : i + piece] for i in range(0, len(body), piece))
+        headers = {"Content-Type": "application/json", "Host": "localhost"}
+        try:
+            conn.request("POST", "/api/chat/cached", body=parts, headers=headers, encode_chunked=True)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # answered and closed before the body ended: read the answer
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_the_body_cap_holds_for_a_chunked_body_on_a_real_socket(tmp_path):
+    import json
+
+    from hf_cachehooks.conversation.bodies import Limits
+    from hf_cachehooks.generation.server import BackgroundServer
+
+    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    limits = Limits(max_new_tokens=2, max_body_bytes=1 << 20)
+    server = BackgroundServer(create_app(make_llama(layers=2), make_tokenizer(), cache, k=3, limits=limits))
+    server.start()
+    try:
+        address = server.server_address[:2]
+        over = json.dumps({"message": "yes", "conversation_id": "c" * 10, "pad": "x" * (3 << 20)}).encode()
+        status, reply = _chunked(address, over)  # no Content-Length: only counting the bytes can refuse it
+        assert status == 413 and f"cap of {1 << 20} bytes" in json.loads(reply)["detail"]
+        status, reply = _chunked(address, json.dumps({"message": "yes " * 10, "conversation_id": "ok"}).encode(), 8)
+        assert status == 200 and json.loads(reply)["conversation_id"] == "ok"
+        assert cache.conversations() and [c["conv_id"] for c in cache.conversations()] == ["ok"]
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_client_that_leaves_stops_its_reply_at_the_next_token_and_nothing_is_stored(tmp_path):
+    import json
+    import socket
+
+    from hf_cachehooks.conversation.bodies import Limits
+    from hf_cachehooks.generation.server import BackgroundServer
+
+    model, calls = make_llama(layers=2), []
+    model.register_forward_pre_hook(lambda *_: (calls.append(time.monotonic()), time.sleep(0.1)) and None)
+    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    server = BackgroundServer(create_app(model, make_tokenizer(), cache, k=3, limits=Limits(max_new_tokens=40)))
+    server.start()
+    try:
+        payload = json.dumps({"conversation_id": "gone", "message": "what is the capital ?"}).encode()
+        with socket.create_connection(server.server_address[:2], timeout=10) as sock:
+            sock.sendall(b"POST /api/chat/cached HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                         + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            while len(calls) < 3:  # generating (40 tokens: 4 s to go)
+                time.sleep(0.02)
+        left = len(calls)
+        time.sleep(1.0)
+        assert len(calls) <= left + 3, "the model kept generating for a client that had left"
+        began = time.monotonic()
+        import httpx
+
+        answer = httpx.post(server.url + "/api/chat/cached", json={"conversation_id": "next", "message": "yes",
+                                                                     "max_new_tokens": 2}, timeout=30)
+        assert answer.status_code == 200 and time.monotonic() - began < 3
+        assert [c["conv_id"] for c in cache.conversations()] == ["next"]  # the cut-short reply was never stored
+    finally:
+        server.shutdown()
+        server.server_close()

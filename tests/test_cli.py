@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -330,6 +331,59 @@ def test_cache_dir_after_the_command_and_it_wins_over_one_before(capsys, tmp_pat
     assert code == 0 and f"total ({other})" in out
     code, out, _ = run(capsys, "--cache-dir", str(other), "ls")  # before still works, not reset by the command
     assert out.rstrip().endswith(f"0 entries under {other}")
+
+
+def _commands():
+    """Every subcommand's parser, and argv that satisfies its required arguments."""
+    from hf_cachehooks.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for name, command in sub.choices.items():
+        argv = []
+        for action in command._actions:
+            if action.option_strings and action.required:
+                argv += [action.option_strings[0], "x"]
+            elif not action.option_strings and action.nargs not in ("?", "*"):
+                argv.append("x")
+        yield parser, name, command, argv
+
+
+def test_every_command_takes_the_global_options_before_its_name(tmp_path):
+    """An option declared on the command and globally: the command's default never hides the global value."""
+    names = []
+    for parser, name, command, argv in _commands():
+        names.append(name)
+        shared = {a.dest for a in parser._actions if a.option_strings} - {"help"}
+        for action in command._actions:
+            if action.dest in shared:  # declared both ways: only a value typed after the name may override
+                assert action.default == argparse.SUPPRESS, (name, action.dest, action.default)
+        args = parser.parse_args(["--cache-dir", str(tmp_path / "root"), name, *argv])
+        assert args.cache_dir == str(tmp_path / "root"), name
+        assert parser.parse_args([name, *argv, "--cache-dir", "after"]).cache_dir == "after", name
+    assert {"chat-server", "k-sweep", "cache-activations", "serve", "ls"} <= set(names)
+
+
+def test_chat_server_stores_conversations_under_the_global_cache_dir(capsys, monkeypatch, tmp_path):
+    """`hf-cachehooks --cache-dir ROOT chat-server` used to write ./outputs/cache/conversations (finding 19)."""
+    import uvicorn
+
+    from hf_cachehooks.cli import models
+    from tests.conftest import make_llama, make_tokenizer
+
+    monkeypatch.setattr(models, "_load", lambda args: (make_llama(), make_tokenizer()))
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kwargs: None)
+    monkeypatch.chdir(tmp_path)
+    default = tmp_path / "default-root"
+    monkeypatch.setenv("HF_CACHEHOOKS_HOME", str(default))
+    root = tmp_path / "root"
+    code, out, err = run(capsys, "--cache-dir", str(root), "chat-server", "--model", "org/tiny")
+    assert code == 0, err
+    assert f"Token cache {root / 'conversations'}:" in out
+    assert not default.exists() and not (tmp_path / "outputs").exists()
+    code, out, err = run(capsys, "--cache-dir", str(root), "chat-server", "--model", "org/tiny", "--directory",
+                         str(tmp_path / "mine"))
+    assert code == 0 and f"Token cache {tmp_path / 'mine'}:" in out  # --directory still names the folder itself
 
 
 def test_prune_needs_a_unit(capsys, populated):

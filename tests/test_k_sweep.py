@@ -231,6 +231,21 @@ def test_model_by_path_loads_only_on_a_miss_and_its_files_key_the_set(model_path
         sweep(changed)
 
 
+def test_a_model_whose_files_cannot_be_resolved_is_keyed_by_its_weights_not_its_name(model_path, monkeypatch):
+    """No files state (a Hub name not downloaded yet): load it and key the set by what was loaded, every run."""
+    from hf_cachehooks._models import identity
+
+    monkeypatch.setattr(identity, "files_state", lambda *args, **kwargs: None)
+    first = ModelBackend(model_path, batch_size=4)
+    made = sweep(first)
+    assert made.generated == 24 and made.settings["model_folder"].startswith("tiny-")
+    again = ModelBackend(model_path, batch_size=4)
+    assert sweep(again).generated == 0 and again.loads == 1  # the same weights: a hit, after a load
+    make_llama(seed=5).save_pretrained(model_path)  # other weights under the same name
+    other = sweep(ModelBackend(model_path, batch_size=4))
+    assert other.generated == 24 and other.settings["model_folder"] != made.settings["model_folder"]
+
+
 def test_cli_second_run_prints_the_hit_and_generates_nothing(capsys, model_path, refuse_loads, tmp_path):
     from hf_cachehooks.cli import main
 
@@ -268,6 +283,91 @@ def test_cli_second_run_prints_the_hit_and_generates_nothing(capsys, model_path,
     records = json.loads((tmp_path / "out" / "k_sweep.json").read_text())["records"]
     assert {(r["temperature"], r["k"]) for r in records} == {(0.7, 1), (0.7, 2), (1.0, 1), (1.0, 2)}
     assert (tmp_path / "out" / "k_sweep.png").is_file()
+
+
+# the prompt format (chat template, system prompt) keys the sample set ---------------------------------------
+
+FORMATS = [  # (use_chat_template, system_prompt) in the order run, and the key field each change must name
+    ((True, "You always answer in French."), None),
+    ((True, "You always answer in English."), "prompt_format.system_prompt"),
+    ((False, None), "prompt_format"),
+    ((True, None), "prompt_format"),
+]
+
+
+def _explained(first_path, second_path):
+    from hf_cachehooks._core.store import cache_root
+    from hf_cachehooks.management import explain
+
+    return "\n".join(explain(cache_root(), first_path, second_path))
+
+
+def test_the_chat_template_and_system_prompt_key_the_sample_set(model_path):
+    """A sweep wraps its backend in `ShardedBackend`: the prompt format must still reach the key (finding 1)."""
+    paths = []
+    for (chat, system), field in FORMATS:
+        backend = ModelBackend(model_path, batch_size=4, use_chat_template=chat, system_prompt=system)
+        result = sweep(backend)
+        assert result.generation[0]["status"] == "miss" and backend.loads == 1, (chat, system)
+        paths.append(result.generation[0]["path"])
+        if field:
+            assert field in _explained(paths[-2], paths[-1])  # `explain` names what changed
+    assert len(set(paths)) == len(FORMATS)
+    again = sweep(ModelBackend(model_path, batch_size=4, use_chat_template=True, system_prompt=FORMATS[1][0][1]))
+    assert again.generated == 0 and again.generation[0]["path"] == paths[1]  # the same format is still a hit
+
+
+def test_the_sharded_wrapper_shows_the_cache_what_keys_the_format(backend):
+    from hf_cachehooks.generation.cache import GenerationCache
+    from hf_cachehooks.sweeps.ranks import ShardedBackend
+
+    backend.use_chat_template, backend.system_prompt = True, "Be brief."
+    wrapped = ShardedBackend(backend, batch_size=4)
+    assert GenerationCache.prompt_format(wrapped) == GenerationCache.prompt_format(backend) is not None
+    assert wrapped.tokenizer is backend.tokenizer and wrapped.system_prompt == "Be brief."
+    assert not hasattr(wrapped, "complete_samples") and not hasattr(wrapped, "errors")  # the sharding is kept
+
+
+def test_cli_chat_template_and_system_prompt_key_the_sample_set(capsys, model_path, tmp_path):
+    from hf_cachehooks.cli import main
+
+    data = tmp_path / "qa.json"
+    data.write_text(json.dumps([{"question": q, "answer": a} for q, a in zip(QUESTIONS, ANSWERS)]))
+    base = [
+        "k-sweep",
+        "--model",
+        model_path,
+        "--data",
+        str(data),
+        "--k",
+        "1",
+        "2",
+        "--temperature",
+        "0.7",
+        "--max-tokens",
+        "3",
+        "--batch-size",
+        "4",
+        "--bootstrap",
+        "50",
+        "--output",
+        str(tmp_path / "out"),
+    ]
+    runs = [
+        (["--chat-template", "--system-prompt", "You always answer in French."], None),
+        (["--chat-template", "--system-prompt", "You always answer in English."], "prompt_format.system_prompt"),
+        ([], "prompt_format"),
+    ]
+    paths = []
+    for extra, field in runs:
+        assert main(base + extra) == 0
+        assert "T=0.7: 12 samples generated (0 reused)" in capsys.readouterr().out, extra
+        doc = json.loads((tmp_path / "out" / "k_sweep.json").read_text())
+        paths.append(doc["generation"][0]["path"])
+        if field:
+            assert field in _explained(paths[-2], paths[-1])
+    assert main(base + runs[0][0]) == 0
+    assert "T=0.7: cache hit, no generation (12 reused)" in capsys.readouterr().out
 
 
 # under torchrun: the generation is shared out, the cache is the same whatever the process count -------------

@@ -275,3 +275,49 @@ def test_serve_command_builds_the_app_from_its_options(tmp_path, monkeypatch, ca
         too_long = client.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 40})
     assert fits.status_code == 200
     assert too_long.status_code == 400 and "32 tokens" in too_long.json()["error"]["message"]
+
+
+TEXT_FIELDS = [
+    ("/v1/completions", {"prompt": "hi@"}, "prompt"),
+    ("/v1/completions", {"prompt": ["hi", "@"]}, "prompt.1"),
+    ("/v1/completions", {"model": "@"}, "model"),
+    ("/v1/completions", {"stop": "@"}, "stop"),
+    ("/v1/completions", {"stop": ["a", "@"]}, "stop.1"),
+    ("/v1/completions", {"user": "@"}, "user"),
+    ("/v1/completions", {"suffix": "@"}, "suffix"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi@"}]}, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "@"}]}]},
+     "messages.0.content.0.text"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "@"}]}, "messages.0.name"),
+]
+
+
+@pytest.mark.parametrize("spelling", [b"\\ud800", b"\xed\xa0\x80"], ids=["json-escape", "raw-bytes"])
+@pytest.mark.parametrize(("path", "fields", "where"), TEXT_FIELDS, ids=[w for _, _, w in TEXT_FIELDS])
+def test_text_that_is_not_unicode_is_a_400_naming_the_field(server, path, fields, where, spelling):
+    base = {"model": "tiny", "max_tokens": 2}
+    base.update({"prompt": "hi"} if path == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]})
+    body = json.dumps({**base, **fields}).encode().replace(b"@", spelling)  # a lone surrogate, as sent on the wire
+    reply = httpx.post(server.url + path, content=body, headers={"Content-Type": "application/json"}, timeout=30)
+    assert reply.status_code == 400, reply.text
+    message = reply.json()["error"]["message"]
+    assert message.startswith(f"{where}: not valid Unicode") and "\\ud800" in message, message
+
+
+def test_a_body_that_is_not_utf8_is_a_400_with_a_sentence(server):
+    body = b'{"model": "tiny", "prompt": "hi \xff"}'
+    reply = httpx.post(server.url + "/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert reply.status_code == 400 and "UTF-8" in reply.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("seed", [2**64, 2**63, -(2**63) - 1, 10**40])
+def test_a_seed_outside_64_bits_is_a_400(client, seed):
+    with pytest.raises(openai.BadRequestError) as err:
+        _greedy(client, seed=seed)
+    assert err.value.body["param"] == "seed" and "64-bit" in err.value.body["message"]
+
+
+@pytest.mark.parametrize("seed", [2**63 - 1, -(2**63), -1, 0])
+def test_every_64_bit_seed_samples(client, seed):
+    reply = client.completions.create(model="tiny", prompt=PROMPTS[:2], n=3, max_tokens=2, seed=seed)
+    assert len(reply.choices) == 6  # the second batch's seed is offset past 2**63 - 1 and still accepted

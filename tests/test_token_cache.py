@@ -604,6 +604,84 @@ def test_a_turn_file_of_another_conversation_is_never_served(folder, warnings_lo
     assert "content does not match the manifest" in warnings_log.text
 
 
+# The model that wrote a conversation ------------------------------------------------------------------
+
+
+def model_cache(folder: Path, model, tokenizer) -> TokenCache:
+    return TokenCache(TokenCacheConfig(directory=str(folder)), model=model, tokenizer=tokenizer)
+
+
+def test_another_model_of_the_same_shape_neither_serves_nor_continues_a_conversation(folder, warnings_log):
+    """A chat server restarted with a fine-tune served the old model's hidden states and lens as its own (finding 6)."""
+    from tests.conftest import make_llama, make_tokenizer
+
+    tok = make_tokenizer()
+    a = model_cache(folder, make_llama(seed=0), tok)
+    a.append_turn("demo", *make_turn(0, 4))
+    a.append_turn("demo", *make_turn(4, 2)[:2])  # its lens still pending: another model must not compute it
+    b = model_cache(folder, make_llama(seed=1), tok)  # same architecture and tokenizer, other weights
+    assert b.token("demo", 1) is None and b.tokens("demo", 0, 6) == [] and b.length("demo") == 0
+    assert b.meta("demo") is None and b.turns("demo") == [] and b.turn_arrays("demo", 0) is None
+    assert b.token_ids("demo").size == 0 and b.pending_lens() == []
+    assert b.add_lens("demo", 4, *make_turn(4, 2)[2:]) is False
+    reason = b.refusal("demo")
+    assert "written by another model (model.weights" in reason  # names what differs
+    assert "Start a new conversation id for another model" in reason
+    assert reason in warnings_log.text  # a read says why it missed
+    with pytest.raises(ConfigError, match=r"model\.weights.*Start a new conversation id for another model"):
+        b.append_turn("demo", *make_turn(6, 2))
+    again = model_cache(folder, make_llama(seed=0), tok)  # the model that wrote it: untouched, served
+    assert again.refusal("demo") is None and again.length("demo") == 6 and again.pending_lens() == [("demo", 4, 6)]
+    check(again.token("demo", 1), 0, 4, 1)
+    assert [r["conv_id"] for r in b.conversations()] == ["demo"] and b.pin("demo")  # listed, managed
+    other_template = model_cache(folder, make_llama(seed=0), make_tokenizer(chat_template="{{ messages }}"))
+    assert "tokenizer.chat_template" in other_template.refusal("demo") and other_template.length("demo") == 0
+    assert b.delete("demo") and not (folder / "demo").exists()
+
+
+def test_a_conversation_that_records_no_model_is_not_taken_for_the_servers(folder):
+    """Written before this version, or by a cache made without a model: never served as a model's own."""
+    from tests.conftest import make_llama, make_tokenizer
+
+    model, tok = make_llama(), make_tokenizer()
+    cache_at(folder).append_turn("old", *make_turn(0, 3))
+    served = model_cache(folder, model, tok)
+    assert served.token("old", 0) is None and "stored without the identity" in served.refusal("old")
+    with pytest.raises(ConfigError, match="Start a new conversation id for another model"):
+        served.append_turn("old", *make_turn(3, 1))
+    check(cache_at(folder).token("old", 0), 0, 3, 0)  # a cache without a model still reads it
+    served.append_turn("new", *make_turn(0, 2))
+    plain = cache_at(folder)
+    check(plain.token("new", 1), 0, 2, 1)  # and reads a model's, but does not continue it
+    with pytest.raises(ConfigError, match="pass model= and tokenizer= to TokenCache"):
+        plain.append_turn("new", *make_turn(2, 1))
+    assert unseal((folder / "new" / "conversation.json").read_bytes())["model"] == served.model_record
+
+
+def test_a_manifest_rewritten_in_place_with_size_and_mtime_restored_is_read_again(folder):
+    """The memo of one process must see it too, as a fresh TokenCache does (finding 17: ctime was not compared)."""
+    import time
+
+    cache = cache_at(folder)
+    cache.append_turn("c", *make_turn(0, 4), meta={"note": "aaaa"})
+    path = folder / "c" / "conversation.json"
+    time.sleep(0.02)  # past the file system's tick, so the stamp can be remembered
+    for _ in range(3):
+        assert cache.meta("c")["note"] == "aaaa"  # remembered from the second read on
+    before = path.stat()
+    doc = unseal(path.read_bytes())
+    doc["meta"]["note"] = "bbbb"
+    raw = seal(doc)
+    assert len(raw) == before.st_size
+    with open(path, "r+b") as handle:  # in place: same inode, same size
+        handle.write(raw)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert cache_at(folder).meta("c")["note"] == "bbbb"  # a fresh cache reads the new file
+    assert cache.meta("c")["note"] == "bbbb"  # and so does the one that remembered the old one
+
+
 @pytest.mark.parametrize("change", [
     lambda doc: doc.update(turns="x"),
     lambda doc: doc.update(turns=[1]),

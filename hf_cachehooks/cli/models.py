@@ -28,7 +28,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(backend, args.name or args.model, max_model_len=args.max_model_len)
     print(f"Serving {args.model} as {args.name or args.model!r} at http://{args.host}:{args.port}/v1 "
           "(completions, chat/completions, models; Ctrl-C to stop)")
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # SIGTERM / Ctrl-C: streams still running after 5 s are cut (each stops at its next token), then the process exits
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
 
 
@@ -48,23 +49,28 @@ def cmd_chat_server(args: argparse.Namespace) -> int:
             config = TokenCacheConfig.from_yaml_dict(yaml.safe_load(Path(args.config).read_text()) or {})
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"Cannot read the cache settings {args.config}: {exc}") from exc
-    if args.directory:
-        config = dataclasses.replace(config, directory=args.directory)
+    # --directory, else the YAML's disk.directory, else <--cache-dir root>/conversations (never the default root)
+    directory = args.directory or config.directory or str(args.root / "conversations")
+    config = dataclasses.replace(config, directory=directory)
     limits = Limits(max_new_tokens=args.max_new_tokens, max_new_tokens_cap=args.max_new_tokens_cap,
                     max_message_tokens=args.max_message_tokens)
     began = time.perf_counter()
     print(f"Loading {args.model} (weights, then the tokenizer)...", flush=True)
     model, tokenizer = _load(args)
     print(f"Model loaded in {time.perf_counter() - began:.1f} s; opening the token cache...", flush=True)
-    cache = TokenCache(config)
-    pending = len(cache.pending_lens())
-    print(f"Token cache {cache.root}: {len(cache.conversations())} conversations"
-          + (f", {pending} turns queued for their lens" if pending else ""), flush=True)
+    cache = TokenCache(config, model=model, tokenizer=tokenizer)  # serves only what this model wrote
+    pending, rows = len(cache.pending_lens()), cache.conversations()
+    others = sum(cache.refusal(row["conv_id"]) is not None for row in rows)
+    print(f"Token cache {cache.root}: {len(rows)} conversations"
+          + (f", {pending} turns queued for their lens" if pending else "")
+          + (f"; {others} written by another model or an older version are not served (start new conversation "
+             "ids, or serve them with the model that wrote them)" if others else ""), flush=True)
     hosts = list(args.allow_host) + ([args.host] if args.host not in ("0.0.0.0", "::", "") else [])
     app = create_app(model, tokenizer, cache, k=args.top_k, keep_kv=args.keep_kv, limits=limits, allow_hosts=hosts)
     print(f"Chat page for {args.model} at http://{args.host}:{args.port}/ (API under /api; ready after "
           f"{time.perf_counter() - began:.1f} s)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # SIGTERM / Ctrl-C: a reply still running after 5 s stops at its next token (not stored), then the process exits
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
 
 

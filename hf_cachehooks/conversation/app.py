@@ -12,16 +12,21 @@
 
 Every request must name an allowed host (loopback names, plus `allow_hosts`): a page on another site that
 resolves its name to 127.0.0.1 (DNS rebinding) gets a 400, never a conversation. Bodies are validated
-(`bodies`): 400 naming the field, 413 over a cap. A malformed conversation id is a 400 before any file is
-touched; an index out of range is a 404. A reply is stored with its hidden states and returned; a
-`LensWorker` thread then computes the turn's lens; a click that comes first gets its token's lens computed on
-the spot and moves its turn to the front of the worker's queue.
+(`bodies`): 400 naming the field (a body that is not JSON, text that is not valid Unicode included), 413 over a
+cap; the byte cap is counted as the body arrives, so it holds for chunked bodies too. A malformed conversation
+id is a 400 before any file is touched; an index out of range is a 404. A reply is stored with its hidden states
+and returned; a `LensWorker` thread then computes the turn's lens; a click that comes first gets its token's lens
+computed on the spot and moves its turn to the front of the worker's queue. A reply whose client disconnects (or
+that is still running when the server stops) ends at its next token and is not stored.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import json
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -30,6 +35,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from .._core.asgi import BodyCap
 from ..errors import ConfigError, MissingDependencyError
 from .bodies import BadRequest, Limits, parse_chat, parse_pinned
 from .cache import TokenCache
@@ -37,6 +43,11 @@ from .chat import ChatService
 from .files import validate_conv_id
 from .lens import LensWorker
 from .views import lens_range, token_text, turn_states
+
+try:  # at module level, where FastAPI resolves the endpoints' annotations; `create_app` says when it is missing
+    from starlette.requests import Request
+except ImportError:  # pragma: no cover
+    Request = Any  # type: ignore[misc,assignment]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +76,32 @@ def _record_json(record: Any, text: Callable[[int], str], topk_ids: Any, topk_pr
 
 def _finite(value: float) -> float | None:
     return None if value != value else value  # NaN (unknown: the last token's next one) travels as null
+
+
+def _refusal(status: int, message: str) -> Any:
+    """A `{"detail": message}` error in ASCII JSON (a message quoting the client's text always encodes)."""
+    from fastapi.responses import Response
+
+    return Response(json.dumps({"detail": message}), status_code=status, media_type="application/json")
+
+
+class _HostGuard:
+    """ASGI middleware: a request whose Host header is not one of `hosts` gets a 400 (no DNS rebinding)."""
+
+    def __init__(self, app: Any, hosts: tuple[str, ...]) -> None:
+        self.app, self.hosts = app, hosts
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            host = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k.lower() == b"host"), "")
+            if not host_allowed(host, self.hosts):
+                message = (
+                    f"Host {host[:80]!r} is not served here (allowed: {', '.join(self.hosts)}); "
+                    "start the server with --allow-host NAME to serve it."
+                )
+                await _refusal(400, message)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def host_allowed(host: str, allowed: Iterable[str]) -> bool:
@@ -97,8 +134,10 @@ def create_app(
         allow_hosts: Host names served besides the loopback ones (localhost, 127.0.0.1, ::1).
     """
     try:
-        from fastapi import Body, FastAPI, HTTPException, Request
-        from fastapi.responses import HTMLResponse, JSONResponse, Response
+        from fastapi import Body, FastAPI, HTTPException
+        from fastapi.exceptions import RequestValidationError
+        from fastapi.responses import HTMLResponse, Response
+        from starlette.exceptions import HTTPException as AnyHTTPException  # FastAPI's own and Starlette's
     except ImportError as exc:
         raise MissingDependencyError("The chat server needs FastAPI: pip install 'hf_cachehooks[server]'.") from exc
 
@@ -113,27 +152,24 @@ def create_app(
         for conv_id, start, _ in cache.pending_lens():  # turns a stopped server left without a lens
             lens.submit(conv_id, start)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Any:
-        host = request.headers.get("host", "")
-        if not host_allowed(host, hosts):
-            return JSONResponse(
-                {
-                    "detail": f"Host {host[:80]!r} is not served here (allowed: {', '.join(hosts)}); "
-                    "start the server with --allow-host NAME to serve it."
-                },
-                400,
-            )
-        size = request.headers.get("content-length", "0")
-        if not size.isdigit() or int(size) > limits.max_body_bytes:
-            return JSONResponse(
-                {
-                    "detail": f"The request body ({size[:20]} bytes) is over this server's cap of "
-                    f"{limits.max_body_bytes} bytes."
-                },
-                413,
-            )
-        return await call_next(request)
+    # pure ASGI, so a client's disconnect reaches the endpoint; the host guard, added last, runs first
+    app.add_middleware(BodyCap, max_bytes=limits.max_body_bytes, refuse=_refusal)
+    app.add_middleware(_HostGuard, hosts=hosts)
+
+    @app.exception_handler(AnyHTTPException)
+    async def http_error(_: Request, exc: AnyHTTPException) -> Any:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI's, on bad bytes
+            return _refusal(400, "The body is not JSON text in UTF-8; send a JSON object encoded as UTF-8.")
+        return _refusal(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> Any:
+        first = exc.errors()[0] if exc.errors() else {}
+        if first.get("type") == "json_invalid":
+            where = f" ({first['ctx']['error']} at character {first['loc'][-1]})" if "ctx" in first else ""
+            return _refusal(400, f"The body is not valid JSON{where}; send a JSON object.")
+        field = ".".join(str(part) for part in first.get("loc", ())[1:]) or "request"
+        return _refusal(400, f"{field}: {first.get('msg', 'invalid')}.")
 
     def checked(conv_id: str) -> str:
         try:
@@ -145,11 +181,21 @@ def create_app(
         return HTTPException(exc.status, str(exc))
 
     @app.post("/api/chat/cached")
-    def chat_cached(body: Any = Body(None)) -> dict:  # noqa: B008 (FastAPI's way to take a JSON body)
+    async def chat_cached(request: Request, body: Any = Body(None)) -> dict:  # noqa: B008 (FastAPI's JSON body)
         try:
-            answer = chat.reply(parse_chat(body, limits))
+            parsed = parse_chat(body, limits)
         except BadRequest as exc:
             raise refused(exc) from None
+        # set when the client disconnects or the server stops: the reply ends at its next token, nothing is stored
+        left = threading.Event()
+        watcher = asyncio.ensure_future(_watch_disconnect(request, left))
+        try:
+            answer = await asyncio.get_running_loop().run_in_executor(None, chat.reply, parsed, left.is_set)
+        except BadRequest as exc:
+            raise refused(exc) from None
+        finally:  # also when this request is cancelled (SIGTERM's grace period is over): the thread stops too
+            left.set()
+            watcher.cancel()
         if lens is not None:
             lens.submit(answer["conversation_id"], answer["turn"][0])
         start = answer["turn"][0]
@@ -277,6 +323,13 @@ def create_app(
         return {"conversation_id": conv_id, "deleted": True}
 
     return app
+
+
+async def _watch_disconnect(request: Any, left: threading.Event, every: float = 0.1) -> None:
+    """Set `left` once the client has disconnected (polled until this task is cancelled)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+    left.set()
 
 
 def _turn_start(cache: TokenCache, conv_id: str, index: int) -> int:

@@ -1,7 +1,7 @@
 """The chat server's request bodies, validated before any model or file is touched: each refusal names the field.
 
 A body that is well-formed but too big (a reply longer than the server's cap, a message over its token cap, a
-request over its byte cap) is a 413; anything else wrong is a 400.
+request over its byte cap) is a 413; anything else wrong is a 400, text that is not valid Unicode included.
 """
 
 from __future__ import annotations
@@ -90,6 +90,7 @@ def parse_chat(body: Any, limits: Limits) -> ChatRequest:
         message = body["message"]
         if not isinstance(message, str) or not message.strip():
             raise BadRequest("message: give a non-empty string.")
+        unicode_text(message, "message")
     else:
         messages = _messages(body["messages"])
         history, message = messages[:-1], messages[-1]["content"]
@@ -125,10 +126,26 @@ def _messages(value: Any) -> list[dict]:
                 f"messages[{i}]: role must be one of {', '.join(ROLES)} and content a string; "
                 f"got role {str(m['role'])[:20]!r}."
             )
-        out.append({"role": m["role"], "content": m["content"]})
+        out.append({"role": m["role"], "content": unicode_text(m["content"], f"messages[{i}].content")})
     if out[-1]["role"] != "user" or not out[-1]["content"].strip():
         raise BadRequest("messages: the last message must be the user's, non-empty (the one to reply to).")
     return out
+
+
+def unicode_text(text: str, field: str) -> str:
+    """`text` when it can be encoded as UTF-8 (what a tokenizer takes).
+
+    Raises:
+        BadRequest: 400 naming the field, for a lone surrogate (the JSON escape "\\ud800", or its bytes).
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise BadRequest(
+            f"{field}: not valid Unicode (a lone surrogate {ascii(text[exc.start])} at character {exc.start}); "
+            "send UTF-8 text."
+        ) from None
+    return text
 
 
 def parse_pinned(body: Any) -> bool:

@@ -7,7 +7,8 @@
         ├── conversation.json         sealed manifest, written last: the contract's fields (key digest = the
         │                             conversation's uid, files: name -> bytes, xxh3, stamp if >= 1 MiB) and its own:
         │                             format, conv_id, uid, turns (start, count, file, bytes, lens_file, k),
-        │                             tokens, layers, hidden, hidden_dtype, pinned, meta, k, last_access
+        │                             tokens, layers, hidden, hidden_dtype, pinned, meta, k, last_access,
+        │                             model (the identity of the model and tokenizer that wrote it)
         ├── .last_access              touched by reads; its mtime is the conversation's last access
         ├── turn-00000.safetensors    one turn, contiguous: token_ids (T,), hidden (T, L, H)
         └── lens-00000.safetensors    its lens: topk_ids (T, L, K), topk_probs (T, L, K); written with the
@@ -16,8 +17,10 @@
 A lookup tries a byte-bounded LRU of turns in memory, else memory-maps the token's turn file, checks it
 against the manifest (size; content hash when under 1 MiB or when its stamp moved) and promotes the turn (no
 copy: 0.1 ms for an 18 MB turn). A manifest naming another conversation (folders swapped) or of the wrong
-shape is a miss with a warning; deleting a conversation removes only the files its manifest lists. Bytes on
-disk are safetensors and sealed JSON: never pickle.
+shape is a miss with a warning; deleting a conversation removes only the files its manifest lists. A cache
+made with a model (the chat server's) neither serves nor continues a conversation another model wrote, or
+one that records no model: hidden states and lens are one model's. Bytes on disk are safetensors and sealed
+JSON: never pickle.
 """
 
 from __future__ import annotations
@@ -55,7 +58,7 @@ from .files import (
     read_turn,
     validate_conv_id,
 )
-from .manifests import Manifests
+from .manifests import Manifests, model_record, other_model
 from .memory import MemoryTier
 
 log = logging.getLogger(__name__)
@@ -67,6 +70,11 @@ class TokenCache:
     Args:
         config: sizes, codec, lifetimes and the disk tier's `CacheConfig` (folder, idle limit, lock, clock).
         clock: returns epoch seconds; tests pass a fake one. Default: the disk tier's CacheConfig clock.
+        model, tokenizer: the model whose tokens this cache stores (its weights are hashed once, here). Each
+            new conversation records their identity, and a conversation that records another (or none, as
+            before this version) is neither served nor continued: a miss for reads, a ConfigError for
+            `append_turn` (see `refusal`). Without them every conversation is served, and only those that
+            record no model are continued.
 
     Example:
         >>> cache = TokenCache(TokenCacheConfig(directory="conversations"))  # doctest: +SKIP
@@ -75,8 +83,10 @@ class TokenCache:
         >>> cache.token("chat-1", 7).topk_ids  # (layers, k)  # doctest: +SKIP
     """
 
-    def __init__(self, config: TokenCacheConfig | None = None, clock: Clock | None = None) -> None:
+    def __init__(self, config: TokenCacheConfig | None = None, clock: Clock | None = None, *, model: Any = None,
+                 tokenizer: Any = None) -> None:
         self.config = config or TokenCacheConfig()
+        self.model_record = None if model is None else model_record(model, tokenizer)  # JSON data, in each manifest
         self._disk = self.config.resolved_cache
         self.root = self._disk.folder_for("conversations")
         self._codec = codec(self.config.compression)  # a missing codec package fails now, not mid-chat
@@ -87,6 +97,7 @@ class TokenCache:
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
         self._stats = {"memory_hits": 0, "disk_hits": 0, "misses": 0}
+        self._refusals: set[tuple[str, str]] = set()  # (conv_id, reason) already logged
         self._tagged = False
 
     # Writing ---------------------------------------------------------------------------------------
@@ -103,8 +114,9 @@ class TokenCache:
             meta: JSON data merged into the conversation's `meta` (model name, ...).
 
         Raises:
-            ConfigError: for a bad id, shapes or dtypes, or shapes unlike the conversation's earlier turns.
-                An unwritable disk is not an error: the turn is kept in memory only, with a warning.
+            ConfigError: for a bad id, shapes or dtypes, shapes unlike the conversation's earlier turns, or a
+                conversation another model wrote (see `refusal`). An unwritable disk is not an error: the turn
+                is kept in memory only, with a warning.
         """
         validate_conv_id(conv_id)
         arrays, tag = check_turn(token_ids, hidden, topk_ids, topk_probs)
@@ -119,9 +131,12 @@ class TokenCache:
             now = self._clock()
             _, layers, hidden_size = arrays["hidden"].shape
             dims = {"layers": layers, "hidden": hidden_size, "hidden_dtype": tag}
-            doc = self._manifest(conv_id) or {"format": FORMAT_VERSION, "conv_id": conv_id, "uid": uuid.uuid4().hex,
-                                              "created_at": now, "pinned": False, "tokens": 0, "turns": [], "meta": {},
-                                              "k": None, "files": {}, **dims}
+            doc = self._manifest(conv_id, served=False)
+            if doc is not None and (refused := other_model(conv_id, doc, self.model_record)):
+                raise ConfigError(refused)  # never one conversation of two models
+            doc = doc or {"format": FORMAT_VERSION, "conv_id": conv_id, "uid": uuid.uuid4().hex, "created_at": now,
+                          "pinned": False, "tokens": 0, "turns": [], "meta": {}, "k": None, "files": {},
+                          "model": self.model_record, **dims}
             if {name: doc[name] for name in dims} != dims:
                 raise ConfigError(f"Conversation {conv_id} stores {({name: doc[name] for name in dims})}; this turn "
                                   f"has {dims}. Start a new conversation id for another model.")
@@ -349,8 +364,12 @@ class TokenCache:
         return [row for row in map(self.conversation, sorted(names)) if row is not None]
 
     def conversation(self, conv_id: str) -> dict | None:
-        """One conversation's row as `conversations` lists it; None when it is unknown."""
-        doc = self._manifest(validate_conv_id(conv_id))
+        """One conversation's row as `conversations` lists it; None when it is unknown.
+
+        Listed whatever model wrote it (it takes disk space, and can be pinned or deleted); `refusal` says
+        whether this cache serves its tokens.
+        """
+        doc = self._manifest(validate_conv_id(conv_id), served=False)
         if doc is None:
             return None
         return {"conv_id": conv_id, "tokens": doc["tokens"], "turns": len(doc["turns"]),
@@ -361,7 +380,7 @@ class TokenCache:
         """Keep (or stop keeping) a conversation through every eviction; False when it is unknown."""
         validate_conv_id(conv_id)
         with self._lock_for(conv_id), self._lease(conv_id):
-            doc = self._manifest(conv_id)
+            doc = self._manifest(conv_id, served=False)
             if doc is None:
                 return False
             if conv_id in self._volatile:
@@ -418,7 +437,7 @@ class TokenCache:
         if conv_id not in self._volatile and not folder.is_dir():
             return False
         with self._lock_for(conv_id), self._lease(conv_id):
-            doc = self._manifest(conv_id)
+            doc = self._manifest(conv_id, served=False)
             if planned_access is not None and (doc is None or doc["pinned"]
                                                or self._manifests.last_access(conv_id, doc) != planned_access):
                 return False  # used, pinned or removed since eviction planned it
@@ -426,7 +445,7 @@ class TokenCache:
             existed = self._volatile.pop(conv_id, None) is not None
             self._manifests.forget(conv_id)
             path = folder / MANIFEST  # the disk's entry, also under a memory-only conversation
-            ours = self._manifest(conv_id) is not None
+            ours = self._manifest(conv_id, served=False) is not None
             if ours or (path.exists() and self._manifests.foreign_owner(conv_id) is None):
                 entry.remove_entry(path)  # manifest renamed away first; then only the files it lists (plain names)
                 self._manifests.forget(conv_id)
@@ -450,16 +469,35 @@ class TokenCache:
         with self._guard:
             self._stats[name] += n
 
-    def _manifest(self, conv_id: str) -> dict | None:
-        found = self._manifest_and_starts(conv_id)
+    def refusal(self, conv_id: str) -> str | None:
+        """Why this cache neither serves nor continues conversation `conv_id` (another model wrote it, or it
+        records none); None when it does, or the conversation is unknown. A cache made without a model serves
+        every conversation and says only why it would not continue one."""
+        doc = self._manifest(validate_conv_id(conv_id), served=False)
+        return None if doc is None else other_model(conv_id, doc, self.model_record)
+
+    def _manifest(self, conv_id: str, served: bool = True) -> dict | None:
+        found = self._manifest_and_starts(conv_id, served)
         return None if found is None else found[0]
 
-    def _manifest_and_starts(self, conv_id: str) -> tuple[dict, list[int]] | None:
-        """The manifest and its turn starts: a memory-only conversation's, else the disk's (see `Manifests`)."""
+    def _manifest_and_starts(self, conv_id: str, served: bool = True) -> tuple[dict, list[int]] | None:
+        """The manifest and its turn starts: a memory-only conversation's, else the disk's (see `Manifests`).
+
+        `served`: only a conversation this cache's model may serve (another model's is a miss, logged once).
+        """
         if conv_id in self._volatile:
             memory_only = self._volatile[conv_id]
             return memory_only, [t["start"] for t in memory_only["turns"]]
-        return self._manifests.read(conv_id)
+        found = self._manifests.read(conv_id)
+        if found is None or not served or self.model_record is None:
+            return found
+        refused = other_model(conv_id, found[0], self.model_record)
+        if refused is None:
+            return found
+        if (conv_id, refused) not in self._refusals:
+            self._refusals.add((conv_id, refused))
+            log.warning("%s Its tokens are not served here.", refused)
+        return None
 
     def _turn_starting(self, conv_id: str, start: int) -> tuple[dict, int] | None:
         """The manifest and the number of the turn that begins at token `start`; None when there is none."""

@@ -8,6 +8,7 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from .bodies import BadRequest, ChatRequest, Limits
@@ -15,6 +16,8 @@ from .cache import TokenCache
 from .turns import TemplateMismatchError, chat_turn, template_ids
 
 log = logging.getLogger(__name__)
+
+_GONE = "The client closed the connection before the reply was ready; nothing was stored."
 
 
 class ChatService:
@@ -34,16 +37,23 @@ class ChatService:
         with self.lock:
             self._kv.pop(conv_id, None)
 
-    def reply(self, request: ChatRequest) -> dict:
+    def reply(self, request: ChatRequest, stopped: Callable[[], bool] = bool) -> dict:
         """Generate and store the reply; return the response body.
+
+        Args:
+            stopped: true once the client has left: generation ends at the next token and nothing is stored.
 
         Raises:
             BadRequest: 409 when the stored conversation cannot be continued, 413 for a message over the cap,
-                503 when a stored turn can no longer be read.
+                503 when a stored turn can no longer be read, 499 when the client left (nothing was stored).
         """
         if self.model is None:
             raise BadRequest("This server has no model; start it with one to chat.", 503)
+        if request.conversation_id and (refused := self.cache.refusal(request.conversation_id)):
+            raise BadRequest(refused, 409)  # another model wrote it: never continued here, nothing generated
         with self.lock:
+            if stopped():
+                raise BadRequest(_GONE, 499)
             conv_id, branched_from, stored = self._target(request)
             messages = (stored if request.history is None else request.history) + [
                 {"role": "user", "content": request.message}
@@ -72,9 +82,12 @@ class ChatService:
                     past if held == len(history) else None,
                     request.max_new_tokens,
                     do_sample=False,
+                    stopping_criteria=_stop_when(stopped),
                 )
             except TemplateMismatchError as exc:
                 raise BadRequest(str(exc), 409) from None
+            if stopped():  # cut short for a client that left: a partial reply is never stored
+                raise BadRequest(_GONE, 499)
             messages = [*messages, {"role": "assistant", "content": turn.text}]
             meta: dict[str, Any] = {"messages": messages}
             if branched_from:
@@ -114,6 +127,18 @@ class ChatService:
             branch,
         )
         return branch, conv_id, []
+
+
+def _stop_when(stopped: Callable[[], bool]) -> Any:
+    """Stopping criteria for `generate` that end it at the next token once `stopped()` is true."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class ClientLeft(StoppingCriteria):
+        def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+            return torch.full((input_ids.shape[0],), stopped(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([ClientLeft()])
 
 
 def _diverges_at(a: list[dict], b: list[dict]) -> int:

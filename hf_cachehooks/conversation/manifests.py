@@ -2,6 +2,8 @@
 
 One `conversation.json` per conversation folder is the entry (see `files.manifest_problem` for what makes one
 sound); `.last_access` beside it is touched by reads at most once a second, so idle expiry can see them.
+Each manifest records the model that wrote it (`model_record`): its hidden states and lens are that model's
+alone, so a cache serving another model refuses it (`other_model`).
 """
 
 from __future__ import annotations
@@ -10,60 +12,105 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 from .._core import entry
+from .._core.keys import diff_inputs
 from .._core.store import unseal
 from ..errors import CorruptEntryError
 from .files import KIND, MANIFEST, TOUCH, TOUCH_EVERY, manifest_problem
 
 log = logging.getLogger(__name__)
+_NOT_COMPUTE = ("name", "revision")  # where a model came from, not what it computes: a copied folder is the same model
+
+
+def model_record(model: Any, tokenizer: Any) -> dict:
+    """What a conversation records of the model that computes its tokens, hidden states and lens.
+
+    The model's identity as the other caches key it (weights hashed as loaded, config, class, dtype,
+    quantisation, adapters, mode), less its name and revision, plus the tokenizer's identity (vocabulary,
+    special tokens, chat template, ...). Plain JSON data.
+    """
+    from .._models.identity import model_identity, tokenizer_identity
+
+    weights = {k: v for k, v in model_identity(model).items() if k not in _NOT_COMPUTE}
+    return {"model": weights, "tokenizer": tokenizer_identity(tokenizer)}
+
+
+def other_model(conv_id: str, doc: dict, record: dict | None) -> str | None:
+    """Why conversation `conv_id` (its sound manifest `doc`) is not one the model of `record` may serve or
+    continue; None when it is. A cache made without a model (`record` None) serves any conversation, and
+    continues only those that record no model either."""
+    recorded = doc.get("model")
+    if record is None:
+        if recorded is None:
+            return None
+        why = ("records the model that wrote it, and this TokenCache was made without one: pass model= and "
+               "tokenizer= to TokenCache to continue it")
+    elif recorded == record:
+        return None
+    elif not isinstance(recorded, dict):
+        why = ("was stored without the identity of the model that wrote it (by an older version, or by a "
+               "TokenCache made without model=), so its hidden states and lens cannot be told to be this model's")
+    else:
+        changes = diff_inputs(recorded, record)
+        why = (f"was written by another model ({', '.join(changes[:3])}{', ...' if len(changes) > 3 else ''}); its "
+               "hidden states and lens are that model's")
+    return (f"Conversation {conv_id!r} {why}. Start a new conversation id for another model, or serve this one "
+            "with the model that wrote it.")
 
 
 class Manifests:
-    """The manifests under one conversations folder, memoised by their file's (inode, mtime, size)."""
+    """The manifests under one conversations folder, each parsed again only when its file changed.
+
+    Whether the file changed is the entry contract's call (`entry.inspect(..., reuse=True)`: inode, size,
+    mtime and ctime, so a manifest rewritten in place with its size and mtime restored is read again);
+    this class only remembers what it derived from the parse it was handed: the verdict and the turn starts.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self._memo: dict[str, tuple[tuple, dict | None, list[int]]] = {}  # conv_id -> (stat, manifest, starts)
+        self._memo: dict[str, tuple[dict, str | None, list[int]]] = {}  # conv_id -> (parsed doc, problem, starts)
+        self._refused: dict[str, str] = {}  # conv_id -> the problem last logged, so each is logged once
         self._touched: dict[str, float] = {}
 
     def read(self, conv_id: str) -> tuple[dict, list[int]] | None:
         """The sound manifest of `conv_id` and its turn starts, re-read only when its file changed (another
         process appended, pinned or deleted); None when there is none or it is refused (logged once)."""
         path = self.root / conv_id / MANIFEST
-        try:
-            st = path.stat()
-        except OSError:
+        found, problem = entry.inspect(path, check="manifest", reuse=True)
+        if found is None:
             self._memo.pop(conv_id, None)
+            if problem is None:  # no manifest (deleted, or never written)
+                self._refused.pop(conv_id, None)
+            else:
+                self._refuse(conv_id, path, problem, None)
             return None
-        signature = (st.st_ino, st.st_mtime_ns, st.st_size)
-        cached = self._memo.get(conv_id)
-        if cached is not None and cached[0] == signature:
-            return None if cached[1] is None else (cached[1], cached[2])
-        doc = self._load(conv_id, path)
-        starts = [] if doc is None else [t["start"] for t in doc["turns"]]
-        self._memo[conv_id] = (signature, doc, starts)  # a refused manifest is refused once, not per lookup
-        return None if doc is None else (doc, starts)
+        known = self._memo.get(conv_id)
+        if known is None or known[0] is not found.doc:  # another parse: the file changed, or was not remembered
+            problem = manifest_problem(found.doc, conv_id)
+            known = (found.doc, problem, [] if problem else [t["start"] for t in found.doc["turns"]])
+            self._memo[conv_id] = known  # holds the doc, so `is` above never meets a recycled id
+        if known[1] is not None:
+            self._refuse(conv_id, path, known[1], found.doc)
+            return None
+        self._refused.pop(conv_id, None)
+        return found.doc, known[2]
 
     def forget(self, conv_id: str) -> None:
         self._memo.pop(conv_id, None)
 
-    def _load(self, conv_id: str, path: Path) -> dict | None:
-        """The manifest at `path` when it is a sound manifest of conversation `conv_id`; else None, logged."""
-        try:
-            doc = unseal(path.read_bytes())
-        except FileNotFoundError:
-            return None
-        except (OSError, CorruptEntryError) as exc:
-            log.warning("Cannot read the manifest of conversation %s (%s); treating it as a miss.", conv_id, exc)
-            return None
-        problem = manifest_problem(doc, conv_id)
-        if problem is not None:
-            old = isinstance(doc, dict) and doc.get("hf_cachehooks_entry") is None and "format" in doc
-            log.log(logging.INFO if old else logging.WARNING, "Manifest %s is not served as conversation %s (%s); "
-                    "treating it as a miss.", path, conv_id, problem)
-            return None
-        return doc
+    def _refuse(self, conv_id: str, path: Path, problem: str, doc: dict | None) -> None:
+        """Log why the manifest at `path` is not served, once per conversation and problem."""
+        if self._refused.get(conv_id) == problem:
+            return
+        self._refused[conv_id] = problem
+        if doc is None:
+            with contextlib.suppress(OSError, CorruptEntryError):
+                doc = unseal(path.read_bytes())
+        old = isinstance(doc, dict) and doc.get("hf_cachehooks_entry") is None and "format" in doc
+        log.log(logging.INFO if old else logging.WARNING, "Manifest %s is not served as conversation %s (%s); "
+                "treating it as a miss.", path, conv_id, problem)
 
     def foreign_owner(self, conv_id: str) -> str | None:
         """The id of another conversation whose sound manifest sits in `conv_id`'s folder (folders swapped)."""

@@ -1,7 +1,8 @@
 """The requests the completion server accepts, as strict pydantic models of the OpenAI API's fields.
 
-Strict: a string where a number belongs, NaN, a JSON list instead of an object or an unknown field is a
-400 naming the field, never a silent default. Fields the server cannot honour (penalties, `logit_bias`,
+Strict: a string where a number belongs, NaN, a JSON list instead of an object, an unknown field, text that is
+not valid Unicode (a lone surrogate) or a seed outside 64 bits is a 400 naming the field, never a silent default
+and never a crash further in. Fields the server cannot honour (penalties, `logit_bias`,
 `best_of`, `suffix`, tools) are accepted only at the values that change nothing, and refused otherwise.
 """
 
@@ -9,14 +10,41 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_CHOICES = 128  # prompts x n in one request
 MAX_TOP_LOGPROBS = 20
+SEEDS = (-(2**63), 2**63 - 1)  # a 64-bit seed, as vLLM takes it (each batch adds its offset; torch takes it all)
+
+
+def _unicode(value: str) -> str:
+    """`value` when it can be encoded as UTF-8: the tokenizer cannot take a lone surrogate ("\\ud800")."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise PydanticCustomError(
+            "string_unicode",
+            "not valid Unicode (a lone surrogate {char} at character {at}); send UTF-8 text",
+            {"char": ascii(value[exc.start]), "at": exc.start},
+        ) from None
+    return value
+
+
+def _seed(value: int) -> int:
+    if not SEEDS[0] <= value <= SEEDS[1]:
+        raise PydanticCustomError(
+            "seed_range",
+            "{value} is not a 64-bit integer; give a seed from -2**63 to 2**63 - 1",
+            {"value": value if abs(value) < 10**30 else f"{str(value)[:12]}..."},
+        )
+    return value
+
 
 _Float = Annotated[float, Field(strict=True, allow_inf_nan=False)]
-_Int = Annotated[int, Field(strict=True)]
 _Bool = Annotated[bool, Field(strict=True)]
+_Str = Annotated[str, Field(strict=True), AfterValidator(_unicode)]
+_Text = Annotated[_Str, Field(min_length=1)]
 
 
 class StreamOptions(BaseModel):
@@ -29,17 +57,15 @@ class _Common(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: Annotated[str, Field(strict=True, min_length=1)]
+    model: _Text
     n: Annotated[int, Field(strict=True, ge=1, le=MAX_CHOICES)] = 1
     temperature: Annotated[float, Field(strict=True, ge=0, le=2, allow_inf_nan=False)] = 1.0
     top_p: Annotated[float, Field(strict=True, gt=0, le=1, allow_inf_nan=False)] = 1.0
-    seed: _Int | None = None
-    stop: (
-        Annotated[str, Field(strict=True, min_length=1)] | list[Annotated[str, Field(strict=True, min_length=1)]] | None
-    ) = None
+    seed: Annotated[int, Field(strict=True), AfterValidator(_seed)] | None = None
+    stop: _Text | list[_Text] | None = None
     stream: _Bool = False
     stream_options: StreamOptions | None = None
-    user: Annotated[str, Field(strict=True)] | None = None
+    user: _Str | None = None
     # accepted only at their neutral values (see _neutral)
     presence_penalty: _Float = 0.0
     frequency_penalty: _Float = 0.0
@@ -71,15 +97,12 @@ class _Common(BaseModel):
 class CompletionRequest(_Common):
     """`POST /v1/completions`."""
 
-    prompt: (
-        Annotated[str, Field(strict=True, min_length=1)]
-        | Annotated[list[Annotated[str, Field(strict=True, min_length=1)]], Field(min_length=1)]
-    )
+    prompt: _Text | Annotated[list[_Text], Field(min_length=1)]
     max_tokens: Annotated[int, Field(strict=True, ge=0)] | None = 16
     logprobs: Annotated[int, Field(strict=True, ge=0, le=MAX_TOP_LOGPROBS)] | None = None
     echo: _Bool = False
     best_of: Annotated[int, Field(strict=True, ge=1)] | None = None
-    suffix: Annotated[str, Field(strict=True)] | None = None
+    suffix: _Str | None = None
 
     @model_validator(mode="after")
     def _supported(self) -> CompletionRequest:
@@ -104,14 +127,14 @@ class CompletionRequest(_Common):
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
     type: Literal["text"]
-    text: Annotated[str, Field(strict=True)]
+    text: _Str
 
 
 class Message(BaseModel):
     model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant"]
-    content: Annotated[str, Field(strict=True)] | list[TextPart]
-    name: Annotated[str, Field(strict=True)] | None = None
+    content: _Str | list[TextPart]
+    name: _Str | None = None
 
     @property
     def text(self) -> str:

@@ -5,7 +5,9 @@
 `POST /v1/completions` and `POST /v1/chat/completions` with `n`, `stop`, `max_tokens`, `temperature`,
 `top_p`, `seed`, `logprobs` (top-k per token), `echo`, prompt lists (one choice per prompt x n, with
 `index`), `finish_reason`, `usage` and streaming (server-sent events, a chunk per token); `GET /v1/models`.
-Every malformed request gets a 4xx JSON error in OpenAI's shape. One request runs on the model at a time.
+Every malformed request gets a 4xx JSON error in OpenAI's shape, a body over 4 MiB a 413 however it is sent.
+One request runs on the model at a time, on one worker thread; a client that disconnects stops its request at
+the next token, and the worker never keeps the server from stopping.
 """
 
 from __future__ import annotations
@@ -15,23 +17,32 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
+from .._core.asgi import BodyCap
 from .backends import TransformersBackend
 from .decoding import Row, Settings, TokenInfo, decode
+from .model_worker import END, ClientGone, Job, ModelWorker, Produce
 from .openai_schema import ChatRequest, CompletionRequest
+
+try:  # at module level, where FastAPI resolves the endpoints' annotations; `create_app` needs the extra `server`
+    from starlette.requests import Request
+except ImportError:  # pragma: no cover
+    Request = Any  # type: ignore[misc,assignment]
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
 def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> Any:
-    from fastapi.responses import JSONResponse
+    from starlette.responses import Response
 
     kind = {404: "NotFoundError", 413: "invalid_request_error"}.get(status, "invalid_request_error")
     if status >= 500:
         kind = "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    # ASCII JSON: a message quoting the client's text can never fail to encode (a lone surrogate is escaped)
+    return Response(json.dumps(body), status_code=status, media_type="application/json")
 
 
 class _Refused(Exception):
@@ -65,14 +76,15 @@ def _chat_logprobs(rows: list[TokenInfo]) -> dict[str, Any]:
 
 
 class _Engine:
-    """The model, its tokenizer and lock, and the request -> rows step shared by both endpoints."""
+    """The model, its tokenizer and the worker thread that runs them (`model_worker`); the request -> rows step
+    of both endpoints."""
 
     def __init__(self, backend: TransformersBackend, model_name: str, max_model_len: int | None) -> None:
         self.backend, self.model_name = backend, model_name
         config = getattr(backend.model, "config", None)
         self.max_model_len = max_model_len or getattr(config, "max_position_embeddings", None) or 2048
-        self.lock = threading.Lock()
         self.served = 0
+        self.worker = ModelWorker()  # every use of the model and tokenizer runs there
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -100,24 +112,34 @@ class _Engine:
             )
         return wanted
 
-    def run(self, texts: list[str], n: int, settings: Settings, special: bool) -> Iterator[tuple[int, list[Row]]]:
-        """(index of the batch's first row, its rows) after every decoding step; rows are prompts x n."""
+    def run(
+        self, texts: list[str], n: int, settings: Settings, special: bool, stopped: Callable[[], bool] = bool
+    ) -> Iterator[tuple[int, list[Row]]]:
+        """(index of the batch's first row, its rows) after every decoding step; rows are prompts x n.
+
+        Runs on the worker (inside a job). Raises `ClientGone` at the first step after `stopped()` turns true.
+        """
         expanded = [text for text in texts for _ in range(n)]
         size = max(1, self.backend.batch_size)
-        with self.lock:
-            self.served += len(texts)
-            for start in range(0, len(expanded), size):
-                batch_settings = settings
-                if settings.seed is not None:  # each batch its own reproducible stream
-                    batch_settings = Settings(**{**settings.__dict__, "seed": settings.seed + start})
-                for rows in decode(
-                    self.backend.model,
-                    self.backend.tokenizer,
-                    expanded[start : start + size],
-                    batch_settings,
-                    add_special_tokens=special,
-                ):
+        self.served += len(texts)
+        for start in range(0, len(expanded), size):
+            batch_settings = settings
+            if settings.seed is not None:  # each batch its own reproducible stream
+                batch_settings = Settings(**{**settings.__dict__, "seed": settings.seed + start})
+            steps = decode(
+                self.backend.model,
+                self.backend.tokenizer,
+                expanded[start : start + size],
+                batch_settings,
+                add_special_tokens=special,
+            )
+            try:
+                for rows in steps:
+                    if stopped():
+                        raise ClientGone
                     yield start, rows
+            finally:
+                getattr(steps, "close", bool)()  # a generator: its model state is freed now, not at collection
 
 
 def _sse(payload: dict[str, Any] | str) -> bytes:
@@ -134,7 +156,7 @@ def _usage(rows: list[Row], n: int) -> dict[str, int]:
 def create_app(backend: TransformersBackend, model_name: str, max_model_len: int | None = None) -> Any:
     """The FastAPI app serving `backend.model` as `model_name` (`backend.use_chat_template` wraps
     `/v1/completions` prompts in the chat template; `/v1/chat/completions` always uses it)."""
-    from fastapi import FastAPI, Request
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import StreamingResponse
     from starlette.exceptions import HTTPException
@@ -142,25 +164,55 @@ def create_app(backend: TransformersBackend, model_name: str, max_model_len: int
     engine = _Engine(backend, model_name, max_model_len)
     app = FastAPI(title="hf-cachehooks completion server")
     app.state.engine = engine
+    app.add_middleware(BodyCap, max_bytes=MAX_BODY_BYTES, refuse=_error)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
-            return _error(
-                413 if length.isdigit() else 400,
-                f"Content-Length {length!r} is not a size up to {MAX_BODY_BYTES} bytes.",
-            )
-        return await call_next(request)
+    class EventStream(StreamingResponse):
+        """Server-sent events read from a job; the job is cancelled however the response ends (finished, the
+        client gone, the server stopping), so the model is free at the next token."""
+
+        def __init__(self, job: Job, first: bytes) -> None:
+            self.job = job
+
+            async def chunks() -> AsyncIterator[bytes]:
+                try:
+                    yield first
+                    while (item := await job.next()) is not END:
+                        yield item
+                finally:
+                    job.cancel()
+
+            super().__init__(chunks(), media_type="text/event-stream")
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                self.job.cancel()
+
+    async def answer(request: Request, produce: Produce, stream: bool) -> Any:
+        """`produce`'s one item, or with `stream` a response streaming its items."""
+        try:
+            job, first = await engine.worker.start(request, produce)
+        except ClientGone:  # nobody reads this answer; the server log shows the status
+            return _error(499, "The client closed the connection before the answer was ready.")
+        if stream:
+            return EventStream(job, first)
+        job.cancel()  # it has nothing more to give; this only frees its queue
+        return first
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> Any:
-        first = exc.errors()[0] if exc.errors() else {}
+        errors = exc.errors()
+        # text that is not Unicode is named first: in a union it hides behind the other branches' errors
+        first = next((e for e in errors if e.get("type") == "string_unicode"), errors[0] if errors else {})
         loc = [part for part in first.get("loc", ()) if part != "body"]
         # a union's branch names (`constrained-str`, `list[...]`) mean nothing to a client: keep field and index
         where = ".".join(str(part) for part in loc if isinstance(part, int) or part.isidentifier())
         message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
-        if where.split(".")[0] == "prompt":
+        if first.get("type") == "string_unicode":
+            detail = first["msg"] if "char" in first.get("ctx", {}) else "not valid Unicode; send UTF-8 text"
+            message = f"{where or 'body'}: {detail}"
+        elif where.split(".")[0] == "prompt":
             message = "prompt: must be a non-empty string or a non-empty list of non-empty strings"
         elif not loc and first.get("type") in ("model_attributes_type", "dict_type"):
             message = "The body must be a JSON object."
@@ -170,6 +222,8 @@ def create_app(backend: TransformersBackend, model_name: str, max_model_len: int
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, exc: HTTPException) -> Any:
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI's, on bad bytes
+            return _error(400, "The body is not JSON text in UTF-8; send a JSON object encoded as UTF-8.")
         return _error(exc.status_code, str(exc.detail))
 
     @app.exception_handler(_Refused)
@@ -203,73 +257,90 @@ def create_app(backend: TransformersBackend, model_name: str, max_model_len: int
         return {"status": "ok"}
 
     @app.post("/v1/completions")
-    def completions(body: CompletionRequest) -> Any:
+    async def completions(body: CompletionRequest, request: Request) -> Any:
         engine.check_model(body.model)
-        prompts = body.prompts
-        texts = backend.render(prompts)
-        special = not backend.use_chat_template
-        settings = Settings(
-            max_tokens=engine.budget(texts, body.max_tokens, special),
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=body.stops,
-            logprobs=body.logprobs,
-            prompt_logprobs=body.echo and body.logprobs is not None,
-        )
         head = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": model_name,
         }
-        steps = engine.run(texts, body.n, settings, special)
-        if body.stream:
-            return StreamingResponse(_stream_completions(steps, head, body, settings), media_type="text/event-stream")
-        rows = _last(steps, len(prompts) * body.n)
-        choices = []
-        for index, row in enumerate(rows):
-            prefix = prompts[index // body.n] if body.echo else ""
-            logprobs = None
-            if body.logprobs is not None:
-                logprobs = _completion_logprobs((row.prompt if body.echo else []) + row.tokens, 0)
-            choices.append(
-                {"index": index, "text": prefix + row.text, "logprobs": logprobs, "finish_reason": row.finish_reason}
+
+        def produce(stopped: Callable[[], bool]) -> Generator[Any, None, None]:  # on the model's worker
+            prompts = body.prompts
+            texts = backend.render(prompts)
+            special = not backend.use_chat_template
+            settings = Settings(
+                max_tokens=engine.budget(texts, body.max_tokens, special),
+                temperature=body.temperature,
+                top_p=body.top_p,
+                seed=body.seed,
+                stop=body.stops,
+                logprobs=body.logprobs,
+                prompt_logprobs=body.echo and body.logprobs is not None,
             )
-        return {**head, "choices": choices, "usage": _usage(rows, body.n)}
+            steps = engine.run(texts, body.n, settings, special, stopped)
+            if body.stream:
+                yield from _stream_completions(steps, head, body, settings)
+                return
+            rows = _last(steps, len(prompts) * body.n)
+            choices = []
+            for index, row in enumerate(rows):
+                prefix = prompts[index // body.n] if body.echo else ""
+                logprobs = None
+                if body.logprobs is not None:
+                    logprobs = _completion_logprobs((row.prompt if body.echo else []) + row.tokens, 0)
+                choices.append(
+                    {
+                        "index": index,
+                        "text": prefix + row.text,
+                        "logprobs": logprobs,
+                        "finish_reason": row.finish_reason,
+                    }
+                )
+            yield {**head, "choices": choices, "usage": _usage(rows, body.n)}
+
+        return await answer(request, produce, body.stream)
 
     @app.post("/v1/chat/completions")
-    def chat(body: ChatRequest) -> Any:
+    async def chat(body: ChatRequest, request: Request) -> Any:
         engine.check_model(body.model)
-        tokenizer = backend.tokenizer
-        if not getattr(tokenizer, "chat_template", None):
-            raise _Refused(400, f"The model `{model_name}` has no chat template; use /v1/completions.", "messages")
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages]
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        top = (body.top_logprobs or 0) if body.logprobs else None
-        settings = Settings(
-            max_tokens=engine.budget([text], body.token_limit, False),
-            temperature=body.temperature,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=body.stops,
-            logprobs=top,
-        )
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
-        steps = engine.run([text], body.n, settings, False)
-        if body.stream:
-            return StreamingResponse(_stream_chat(steps, head, body, settings), media_type="text/event-stream")
-        rows = _last(steps, body.n)
-        choices = [
-            {
-                "index": index,
-                "message": {"role": "assistant", "content": row.text},
-                "logprobs": _chat_logprobs(row.tokens) if body.logprobs else None,
-                "finish_reason": row.finish_reason,
-            }
-            for index, row in enumerate(rows)
-        ]
-        return {**head, "object": "chat.completion", "choices": choices, "usage": _usage(rows, body.n)}
+
+        def produce(stopped: Callable[[], bool]) -> Generator[Any, None, None]:  # on the model's worker
+            tokenizer = backend.tokenizer
+            if not getattr(tokenizer, "chat_template", None):
+                raise _Refused(400, f"The model `{model_name}` has no chat template; use /v1/completions.", "messages")
+            messages = [
+                {"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages
+            ]
+            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            top = (body.top_logprobs or 0) if body.logprobs else None
+            settings = Settings(
+                max_tokens=engine.budget([text], body.token_limit, False),
+                temperature=body.temperature,
+                top_p=body.top_p,
+                seed=body.seed,
+                stop=body.stops,
+                logprobs=top,
+            )
+            steps = engine.run([text], body.n, settings, False, stopped)
+            if body.stream:
+                yield from _stream_chat(steps, head, body, settings)
+                return
+            rows = _last(steps, body.n)
+            choices = [
+                {
+                    "index": index,
+                    "message": {"role": "assistant", "content": row.text},
+                    "logprobs": _chat_logprobs(row.tokens) if body.logprobs else None,
+                    "finish_reason": row.finish_reason,
+                }
+                for index, row in enumerate(rows)
+            ]
+            yield {**head, "object": "chat.completion", "choices": choices, "usage": _usage(rows, body.n)}
+
+        return await answer(request, produce, body.stream)
 
     return app
 

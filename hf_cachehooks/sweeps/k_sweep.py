@@ -8,9 +8,11 @@ and, for a model given by path, never loads it. Under torchrun the generation is
 ranks (`ranks`), and every rank returns the same result.
 
 What keys a sample set: the generation cache's key (model name, prompt name, temperature, max_tokens,
-top_p, seed), plus, here, the prompt format (chat template, system prompt) in the prompt name and, for
-a model given by path, a hash of its files in the model name; every row's prompt is checked
-(`strict=True`), so other questions are regenerated, never scored against the wrong answers.
+top_p, seed, and the prompt format: chat template on or off, the template, the system prompt), plus, for
+a `ModelBackend`, a hash of its files in the model name (of the model as loaded when the files cannot be
+found without the network); every row's prompt is checked (`strict=True`), so other questions are
+regenerated, never scored against the wrong answers. The backend reaches the cache wrapped in
+`ranks.ShardedBackend`, which forwards every attribute the key reads.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from typing import Any
 import orjson
 
 from .._core.cache_config import CacheConfig
+from .._core.keys import make_key
 from .._core.rows import short_name
 from ..errors import ConfigError
 from ..generation.backends import Backend, Sampling, TransformersBackend
@@ -130,17 +133,22 @@ class KSweepResult:
 
 
 def _model_folder_name(model: str, backend: Any, root: Path) -> str:
-    """The generation cache's model name: for a model by path, its short name plus a hash of its files."""
+    """The generation cache's model name: for a `ModelBackend`, its short name plus a hash of the files
+    transformers will load; where those cannot be found without the network, a hash of the model as loaded
+    (so that case loads the model on every run, and is never keyed by its name alone)."""
     if isinstance(backend, ModelBackend):
-        from .._models.identity import files_state
+        from .._models.identity import files_state, model_identity, tokenizer_identity
 
         state = files_state(
             backend.model,
             {"task": "k-sweep", "dtype": backend.model_dtype, "gguf_file": backend.gguf_file, "load_kwargs": {}},
             root,
         )
-        if state:
-            return f"{short_name(model)}-{state[:8]}"
+        if not state:
+            loaded = backend.loaded()
+            identity = {"model": model_identity(loaded.model), "tokenizer": tokenizer_identity(loaded.tokenizer)}
+            state = make_key("k-sweep-model", identity).digest
+        return f"{short_name(model)}-{state[:8]}"
     return short_name(model)
 
 
@@ -171,7 +179,7 @@ def k_sweep(
             `TransformersBackend`, an `OpenAIBackend`, ... (the same object on every rank under torchrun).
         model: the model's name, as the generation cache records it.
         metric: "exact_match", "contains_answer", or a function (completion, reference) -> float.
-        prompt_name: names the prompt set in the cache folder (the format is added to it, see above).
+        prompt_name: names the prompt set in the cache folder (the prompt format is keyed besides, see above).
         seed: base seed of the samples (None: unseeded, not reproducible).
         batch_size: prompts per generation batch (the unit shared out across ranks, and of seeding).
         bootstrap, confidence: resamples over prompts and the interval's coverage.
@@ -254,7 +262,7 @@ def _sweep(
     generation_cache = GenerationCache(model, _model_folder_name(model, backend, root), cache=cache)
     sharded = ranks.ShardedBackend(backend, batch_size=batch_size, rank=0, world=world)
     n = ks[-1]
-    folder_prompt = prompt_name  # the generation cache keys the prompt format (chat template) itself
+    folder_prompt = prompt_name  # the cache keys the prompt format itself, read through `sharded` from `backend`
     settings = {
         "model": model,
         "model_folder": generation_cache.short,

@@ -56,6 +56,10 @@ def _share(
     return out
 
 
+# the inner backend's attributes this wrapper must not show (see `ShardedBackend.__getattr__`)
+_NOT_FORWARDED = frozenset({"complete_samples", "errors"})
+
+
 @dataclass
 class ShardedBackend:
     """The backend the generation cache sees on rank 0: each request's batches are spread over every rank.
@@ -74,6 +78,17 @@ class ShardedBackend:
 
     def __post_init__(self) -> None:
         self.name = self.name or getattr(self.inner, "name", "?")  # recorded in the entry's metadata
+
+    def __getattr__(self, attribute: str) -> Any:
+        """Everything else is the inner backend's: what keys the samples (`use_chat_template`, `system_prompt`,
+        `tokenizer`, ...) must reach the generation cache through this wrapper, whatever it reads next.
+
+        Not forwarded: the ways to do the work that would bypass the sharding (`complete_samples`), and the
+        inner backend's per-call `errors`, whose indices are those of one batch, not of the request.
+        """
+        if attribute in _NOT_FORWARDED or attribute.startswith("__") or attribute == "inner":
+            raise AttributeError(attribute)  # "inner" too: never recurse while the object is half-built
+        return getattr(self.inner, attribute)
 
     def render(self, prompts: Sequence[str]) -> list[str]:
         return self.inner.render(prompts)
