@@ -38,7 +38,10 @@ def test_a_server_started_with_another_model_of_the_same_shape_serves_none_of_th
     capsys.readouterr()
     tiny_b = serve(monkeypatch, root, make_llama(seed=1), tok)  # same architecture and tokenizer, other weights
     assert "1 conversations; 1 written by another model or an older version are not served" in capsys.readouterr().out
-    assert tiny_b.get("/api/cache/token/demo/3").status_code == 404  # never tinyA's lens as tinyB's
+    token = tiny_b.get("/api/cache/token/demo/3")  # never tinyA's lens as tinyB's
+    assert token.status_code == 409 and "another model" in token.json()["detail"]
+    assert tiny_b.get("/api/cache/lens/demo").status_code == 409
+    assert tiny_b.get("/api/conversations/demo").status_code == 409
     continued = tiny_b.post("/api/chat/cached", json={"conversation_id": "demo", "message": "and the sea ?"})
     assert continued.status_code == 409  # never one conversation of two models
     assert "Start a new conversation id for another model" in continued.json()["detail"]

@@ -177,6 +177,14 @@ def create_app(
         except ConfigError as exc:
             raise HTTPException(400, str(exc)) from None
 
+    def served(conv_id: str) -> str:
+        """`conv_id` checked, and written by this server's model (another model's tokens are never served)."""
+        conv_id = checked(conv_id)
+        why = cache.refusal(conv_id)
+        if why:
+            raise HTTPException(409, why)
+        return conv_id
+
     def refused(exc: BadRequest) -> HTTPException:
         return HTTPException(exc.status, str(exc))
 
@@ -205,7 +213,7 @@ def create_app(
     @app.get("/api/cache/token/{conv_id}/{token_idx}")
     def token(conv_id: str, token_idx: int, context_size: int = 15, compute: bool = True) -> Response:
         began = time.perf_counter()
-        conv_id = checked(conv_id)
+        conv_id = served(conv_id)
         record = cache.token(conv_id, token_idx)
         if record is None and 0 <= token_idx < cache.length(conv_id):
             raise HTTPException(
@@ -262,7 +270,7 @@ def create_app(
 
     @app.get("/api/cache/lens/{conv_id}")
     def lens_view(conv_id: str, start: int = 0, end: int | None = None) -> Response:
-        conv_id = checked(conv_id)
+        conv_id = served(conv_id)
         try:
             view = lens_range(cache, lens, conv_id, start, end, text)
         except BadRequest as exc:
@@ -284,7 +292,7 @@ def create_app(
 
     @app.get("/api/conversations/{conv_id}")
     def conversation(conv_id: str) -> dict:
-        conv_id = checked(conv_id)
+        conv_id = served(conv_id)
         meta = cache.meta(conv_id)
         if meta is None:
             raise HTTPException(404, f"No conversation {conv_id!r}.")
