@@ -3,12 +3,14 @@
     python examples/sweep_layers.py --prompt 50-50 --layers 10 11 12
     python examples/sweep_layers.py --prompt 50-50 --layers 13 14      # same completions, loaded from cache
     python examples/cache_activations.py --prompt 50-50 --layer 20     # one layer, still no regeneration
+    python examples/cache_activations.py --prompt 50-50 --layer 13 --position first
 
 Step 1 asks SmolLM2-135M-Instruct to answer the QA set under a prompt format (a system prompt), through
 `GenerationCache`: the first run generates, every later run with the same model, format, subject,
-temperature and max_tokens loads. Step 2 caches the hidden state of the last token of each full text
-(prompt + completion) at the requested layers in an `ActivationStore`, then, per layer, measures from
-the store how well a difference-of-means direction separates math from non-math questions (AUROC).
+temperature and max_tokens loads. Step 2 caches the hidden state of one token of each full text (prompt +
+completion; the last by default, `--position first|last|mean`) at the requested layers in an `ActivationStore`,
+then, per layer, measures from the store how well a difference-of-means direction separates math from
+non-math questions (AUROC).
 Layer L is `output_hidden_states[L]`: 0 is the embeddings, L is the output of decoder block L-1.
 """
 
@@ -81,12 +83,15 @@ def sweep(args, layers):
     rows = [{"text": row[0], "subject": "math" if is_math else "nonmath"}
             for row, is_math in zip(gens.full_texts, labels) if row[0]]
     # Step 2 reads hidden states from the activation store: extracted once for these texts and layers.
-    folder = cache_root() / "activations" / f"sweep_{args.prompt}_{args.subject}_n{len(rows)}"
-    store = cache_activations(model, tokenizer, rows, folder, layers, label_field="subject", force=True)
+    at = "" if args.position == "last" else f"_{args.position}"
+    folder = cache_root() / "activations" / f"sweep_{args.prompt}_{args.subject}{at}_n{len(rows)}"
+    store = cache_activations(model, tokenizer, rows, folder, layers, positions=args.position, label_field="subject",
+                              force=True)
     y = torch.tensor([s == "math" for s in store.column("subject")])
-    print(f"\n{'layer':>5}  {'AUROC math vs non-math':>22}  (n={len(rows)}, {int(y.sum())} math)")
+    print(f"\n{'layer':>5}  {'AUROC math vs non-math':>22}  (n={len(rows)}, {int(y.sum())} math, "
+          f"{args.position} token)")
     for layer in layers:
-        x = store.layer(layer).float()  # (examples, hidden): the last token of prompt + completion
+        x = store.layer(layer).float()  # (examples, hidden): one token of prompt + completion, per --position
         direction = x[y].mean(0) - x[~y].mean(0)
         print(f"{layer:>5}  {auroc((x @ direction).tolist(), y.tolist()):>22.3f}")
 
@@ -103,6 +108,8 @@ def parser(one_layer: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--data", default=str(HERE / "data" / "qa.json"))
+    p.add_argument("--position", choices=("last", "first", "mean"), default="last",
+                   help="which token's hidden state each text gives: the last, the first, or the mean of all")
     p.add_argument("--experiments-dir", default=None, help="an existing experiments/ folder (default: in the cache)")
     return p
 

@@ -6,6 +6,7 @@ only when a model has to run, so a cache hit stays fast: the names below that ne
 `MissingDependencyError` naming `pip install 'hf_cachehooks[<extra>]'`. Every exception is in `errors`.
 """
 
+import typing as _typing
 from importlib import import_module as _import_module
 from typing import TYPE_CHECKING as _TYPE_CHECKING
 from typing import Any as _Any
@@ -113,16 +114,19 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> _Any:
-    if name not in _LAZY and name not in _LAZY_MODULES:
-        raise AttributeError(f"module 'hf_cachehooks' has no attribute {name!r}")
-    with _requires_extras(f"hf_cachehooks.{name}"):  # a missing extra: MissingDependencyError naming it
-        if name in _LAZY_MODULES:
-            value = _import_module(f".{_LAZY_MODULES[name]}", __name__)
-        else:
-            value = getattr(_import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value
-    return value
+# Hidden from type checkers, so a misspelt name is their error, never `Any` (mypy knows only this spelling here).
+if not _typing.TYPE_CHECKING:
+
+    def __getattr__(name: str) -> _Any:
+        if name not in _LAZY and name not in _LAZY_MODULES:
+            raise AttributeError(f"module 'hf_cachehooks' has no attribute {name!r}")
+        with _requires_extras(f"hf_cachehooks.{name}"):  # a missing extra: MissingDependencyError naming it
+            if name in _LAZY_MODULES:
+                value = _import_module(f".{_LAZY_MODULES[name]}", __name__)
+            else:
+                value = getattr(_import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:

@@ -65,8 +65,9 @@ def test_layer_sweep_generates_once(tmp_path):
     first = run("sweep_layers.py", "--layers", "10", "20")
     assert "No cache found - will generate and save" in first and "Cached 12 generations" in first
     assert "   10 " in first and "   20 " in first  # one AUROC row per layer
-    again = run("cache_activations.py", "--layer", "15")
+    again = run("cache_activations.py", "--layer", "15", "--position", "first")
     assert "Found cached generations!" in again and "Loaded 12 cached generations" in again
+    assert "first token" in again and "   15 " in again
     assert "No cache found" not in again
 
 

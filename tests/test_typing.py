@@ -21,6 +21,7 @@ reveal_type(hf_cachehooks.TokenCache)
 reveal_type(hf_cachehooks.Sampling)
 reveal_type(speedups.plan)
 reveal_type(evaluate_model("model", "data.json").miss_reason)
+from hf_cachehooks import evaluate_modle  # a typo: an error, never a silent Any
 '''
 
 EXPECTED = [
@@ -51,7 +52,7 @@ def test_py_typed_ships():
 
 
 @pytest.mark.slow  # about 5 s: mypy reads the package cold
-def test_mypy_sees_the_real_types_of_lazy_names(tmp_path):
+def test_mypy_sees_the_real_types_of_lazy_names_and_a_misspelt_one_is_an_error(tmp_path):
     pytest.importorskip("mypy")
     (tmp_path / "user.py").write_text(USER_FILE)
     (tmp_path / "mypy.ini").write_text(CONFIG)
@@ -60,7 +61,9 @@ def test_mypy_sees_the_real_types_of_lazy_names(tmp_path):
     done = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "mypy.ini", "--cache-dir",
                            str(tmp_path / "cache"), "user.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
     revealed = re.findall(r'Revealed type is "(.*)"', done.stdout)
-    assert done.returncode == 0, done.stdout + done.stderr
+    errors = [line for line in done.stdout.splitlines() if ": error:" in line]
+    assert done.returncode == 1 and len(errors) == 1, done.stdout + done.stderr
+    assert "user.py:11" in errors[0] and "evaluate_modle" in errors[0], errors
     assert len(revealed) == len(EXPECTED), done.stdout
     for shown, expected in zip(revealed, EXPECTED):
         assert shown != "Any" and expected in shown, (shown, expected)
