@@ -380,6 +380,35 @@ def test_a_resealed_manifest_naming_a_file_outside_the_store_is_refused(llama, t
     assert not [p for p in touched if os.path.basename(p) == "x.arrow"]  # never opened
 
 
+def test_a_resealed_store_gets_one_verdict_from_every_command(llama, tmp_path, capsys):
+    """The store's own check is the contract's: verify (root or store), ls, prune and open_entry all refuse it."""
+    from hf_cachehooks import management
+    from hf_cachehooks._core import entry
+    from hf_cachehooks._core.store import seal, unseal
+    from hf_cachehooks.cli import main
+
+    model, tok = llama
+    folder = tmp_path / "c"
+    cache_activations(model, tok, records(), folder, [2], shard_size=8, progress=False)
+    assert [e.kind for e in management.list_entries(folder)] == ["activations"]
+    doc = unseal((folder / "manifest.json").read_bytes())
+    doc["chunks"][0]["file"] = "../elsewhere.arrow"  # `files` still lists data-00000.arrow: the seal is valid
+    (folder / "manifest.json").write_bytes(seal(doc))
+    problem = "chunk file '../elsewhere.arrow' is not a file the manifest lists"
+    capsys.readouterr()
+    for argv in (["--cache-dir", str(folder), "verify"], ["verify", str(folder)]):
+        assert main(argv) == 1, argv
+        out = capsys.readouterr().out
+        assert "CORRUPT" in out and problem in out, (argv, out)
+    assert main(["--cache-dir", str(folder), "ls"]) == 0
+    assert "0 entries" in capsys.readouterr().out
+    assert management.list_entries(folder) == [] and management.disk_usage(folder) == {}
+    assert management.plan_prune(folder, older_than=-1.0).entries == []
+    assert entry.inspect(folder / "manifest.json", check="manifest") == (None, problem)
+    assert entry.open_entry(folder / "manifest.json", kind="activations", remove_corrupt=False) is None
+    assert verify_store(folder) == [f"{folder}: {problem}"]
+
+
 def test_force_removes_only_what_the_store_lists(llama, tmp_path, monkeypatch):
     model, tok = llama
     folder = tmp_path / "c"

@@ -15,11 +15,13 @@
      "checksum": "…"}                              xxh3 of everything before it (see `store.seal`)
 
 File names in `files` are plain names inside the manifest's folder; anything else makes the entry
-corrupt. Opening an entry checks the seal, the shape, the expiry and every file's size; a file's
-content is hashed when asked (`check="hash"`, what `verify` does), when it is small, or when its
-stamp differs from the one recorded at commit. A stamp includes `st_ctime_ns`, which user space
-cannot set, so rewriting a file in place (`cp -p`, `rsync --inplace -t`) or flipping one byte is
-always noticed. A corrupt entry is a warning, a removal and a miss, never data.
+corrupt, and so do a kind's own fields that fail its check in `kinds` (an activation store's
+`chunks` naming a file that `files` does not list, say), whichever reader opens it. Opening an entry
+checks the seal, the shape, the expiry and every file's size; a file's content is hashed when asked
+(`check="hash"`, what `verify` does), when it is small, or when its stamp differs from the one
+recorded at commit. A stamp includes `st_ctime_ns`, which user space cannot set, so rewriting a file
+in place (`cp -p`, `rsync --inplace -t`) or flipping one byte is always noticed. A corrupt entry is
+a warning, a removal and a miss, never data.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from ..errors import CorruptEntryError
 from . import remote
 from .freshness import describe_age, is_expired
 from .keys import Key, hash_bytes, remember
+from .kinds import fields_problem
 from .store import atomic_write, unseal, write_entry
 
 log = logging.getLogger(__name__)
@@ -372,7 +375,7 @@ def inspect(path: Path, check: str = "stamp", reuse: bool = False) -> tuple[Entr
 
 
 def shape_problem(doc: Any) -> str | None:
-    """Why a parsed manifest does not have the contract's reserved fields, or None when it does."""
+    """Why a parsed manifest does not have the contract's reserved fields and its kind's own, or None when it does."""
     if not isinstance(doc, dict) or doc.get("hf_cachehooks_entry") != ENTRY_FORMAT:
         return "not an entry of this cache format (written by another version, or not a cache file)"
     key = doc.get("key")
@@ -380,7 +383,7 @@ def shape_problem(doc: Any) -> str | None:
             or not isinstance(key.get("inputs"), dict) or not isinstance(doc.get("files"), dict) \
             or not isinstance(doc.get("created_at"), (int, float)) or isinstance(doc.get("created_at"), bool):
         return "manifest fields kind/key/files/created_at are missing or of the wrong type"
-    return None
+    return fields_problem(doc)  # the kind's own fields (`kinds`): one verdict for every reader
 
 
 def open_entry(path: Path, *, kind: str | None = None, digest: str | None = None, max_age_days: float | None = None,

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .._core import entry, remote
+from .._core import entry, kinds, remote
 from .._core.store import local_path, seal
 from ..errors import ConfigError
 
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 KIND = "activations"
 MANIFEST = "manifest.json"
 CHUNKS = ".chunks"  # per-chunk sidecars while a run extracts (entry.OWN_HIDDEN: removed with the entry)
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = kinds.ACTIVATION_DTYPES
 ARROW_TYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}  # bf16 travels as its bits
 NUMPY_TYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 LAYOUT = 2  # 2: layer offsets in the manifest, no index column for pooled rows, compact metadata.json
@@ -59,33 +59,14 @@ def chunk_name(chunk: int) -> str:
 def store_problem(found: entry.Entry) -> str | None:
     """What makes a checked-out entry unusable as an activation store (None when it is one).
 
-    The contract checked the files; this checks the store's own fields, so a resealed manifest whose
-    `chunks` name a file it does not list (`../x.arrow`, an absolute path) is refused, never opened.
+    The store's own fields (chunks naming only files the manifest lists, layers, sizes) are part of the
+    entry contract (`_core/kinds.py`), so `entry.inspect` has refused a malformed store already, as
+    `hf-cachehooks verify`, `ls` and `prune` do; this checks the kind, and the fields again for an
+    entry that reached us another way.
     """
-    doc = found.doc
     if found.kind != KIND:
         return f"it holds a {found.kind} entry, not activations"
-    chunks, layers = doc.get("chunks"), doc.get("layers")
-    if (
-        not isinstance(chunks, list)
-        or not chunks
-        or not isinstance(layers, list)
-        or not all(isinstance(x, int) for x in layers)
-        or not isinstance(doc.get("hidden_size"), int)
-        or not isinstance(doc.get("num_examples"), int)
-        or doc.get("dtype") not in DTYPES
-        or not isinstance(doc.get("positions"), str)
-    ):
-        return "manifest fields chunks/layers/hidden_size/num_examples/dtype/positions are missing or malformed"
-    for chunk in chunks:
-        if not isinstance(chunk, dict) or not isinstance(chunk.get("rows"), int) or chunk["rows"] < 0:
-            return f"malformed chunk record {chunk!r:.80}"
-        if chunk.get("file") not in found.files:
-            return f"chunk file {chunk.get('file')!r:.80} is not a file the manifest lists"
-        offsets = chunk.get("offsets", {})
-        if not isinstance(offsets, dict) or not all(isinstance(v, int) and v >= 0 for v in offsets.values()):
-            return f"malformed layer offsets in chunk record {chunk!r:.80}"
-    return None
+    return kinds.fields_problem(found.doc)
 
 
 def open_store(folder: Path, check: str = "stamp") -> entry.Entry:
