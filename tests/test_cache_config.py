@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
+import pickle
 from datetime import timedelta
 from pathlib import Path
 
@@ -15,7 +17,7 @@ import hf_cachehooks
 import hf_cachehooks._models.runners as runners
 import hf_cachehooks.activations.writer as writer
 from hf_cachehooks import CacheConfig, EvalConfig, evaluate_model
-from hf_cachehooks._core.cache_config import KEYWORDS, days
+from hf_cachehooks._core.cache_config import DEFAULT_MAX_AGE, KEYWORDS, OWN_DEFAULT, days, settle
 from hf_cachehooks.activations.writer import cache_activations
 from hf_cachehooks.conversation.cache import TokenCache, TokenCacheConfig
 from hf_cachehooks.errors import ConfigError
@@ -74,7 +76,7 @@ def test_bad_values_are_refused_naming_the_value_and_the_fix(changes, named):
 
 def test_defaults_root_resolution_and_folders(tmp_path, monkeypatch):
     config = CacheConfig()
-    assert (config.max_age, config.force_recompute, config.enabled) == (timedelta(days=30), False, True)
+    assert config.max_age is OWN_DEFAULT and (config.force_recompute, config.enabled) == (False, True)
     assert config.lock_stale_after == timedelta(seconds=60) and config.stale_after_seconds == 60
     monkeypatch.setenv("HF_CACHEHOOKS_HOME", str(tmp_path / "later"))  # read when used, not when made
     assert config.resolve_root() == tmp_path / "later"
@@ -90,6 +92,57 @@ def test_expiry_is_a_pure_function_of_created_at_now_and_max_age():
     assert not week.expired(T0, T0 + 7 * DAY) and week.expired(T0, T0 + 7 * DAY + 1)
     assert week.expired(T0)  # now from its clock
     assert not CacheConfig(max_age=None).expired(0, T0 + 1e9)
+
+
+def _effective_age(kind, cache, monkeypatch, tmp_path):
+    """The `max_age` a cache puts in effect, built with `cache` (None: no `cache=` at all)."""
+    given = {} if cache is None else {"cache": cache}
+    if kind == "predictions":
+        return EvalConfig(**given).resolved_cache.max_age
+    if kind == "generations":
+        return GenerationCache("org/Tiny", **given).cache.max_age
+    if kind == "conversations":
+        return TokenCacheConfig(**given).resolved_cache.max_age
+    settled = []  # activations: the settings cache_activations settles, caught before any model work
+
+    def catch(*args):
+        settled.append(settle(*args))
+        raise _Settled
+
+    monkeypatch.setattr(writer, "settle", catch)
+    with pytest.raises(_Settled):
+        cache_activations(None, None, [], tmp_path / "acts", [1], **given)
+    return settled[0].max_age
+
+
+class _Settled(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("kind", "age"), [("predictions", timedelta(days=30)), ("generations", None),
+                                           ("activations", None), ("conversations", timedelta(days=7))])
+def test_each_cache_expires_the_same_with_or_without_a_default_cache_config(kind, age, monkeypatch, tmp_path):
+    without = _effective_age(kind, None, monkeypatch, tmp_path)
+    assert _effective_age(kind, CacheConfig(), monkeypatch, tmp_path) == without == age
+    assert _effective_age(kind, CacheConfig(root=tmp_path, clock=Clock()), monkeypatch, tmp_path) == age
+    assert _effective_age(kind, CacheConfig(max_age=timedelta(hours=1)), monkeypatch, tmp_path) == timedelta(hours=1)
+    assert _effective_age(kind, CacheConfig(max_age=None), monkeypatch, tmp_path) is None
+
+
+def test_each_default_age_is_stated_once():
+    assert DEFAULT_MAX_AGE == {"EvalConfig": timedelta(days=30), "GenerationCache": None, "cache_activations": None,
+                               "TokenCacheConfig": timedelta(days=7)}
+    assert EvalConfig().cache_max_age_days == 30 and TokenCacheConfig().disk_ttl_seconds == 7 * DAY
+    assert TokenCacheConfig.from_yaml_dict({}).resolved_cache.max_age == timedelta(days=7)
+
+
+def test_a_cache_config_left_to_the_cache_has_no_age_of_its_own():
+    assert CacheConfig() != CacheConfig(max_age=timedelta(0)) and CacheConfig() != CacheConfig(max_age=None)
+    assert repr(CacheConfig()).count("max_age=OWN_DEFAULT") == 1
+    assert copy.deepcopy(CacheConfig()).max_age is OWN_DEFAULT
+    assert pickle.loads(pickle.dumps(CacheConfig())).max_age is OWN_DEFAULT
+    with pytest.raises(ConfigError, match="own default"):
+        CacheConfig().max_age_days  # noqa: B018  (only a cache knows its own age)
 
 
 def test_the_clock_is_not_part_of_equality_and_the_object_is_frozen():
@@ -131,7 +184,22 @@ def test_eval_config_keywords_and_cache_describe_the_same_settings():
                                              lock_stale_after=timedelta(seconds=5)))
     assert by_keywords.resolved_cache == by_object.resolved_cache and by_keywords == by_object
     assert by_keywords != EvalConfig(cache_max_age_days=8)
-    assert EvalConfig().resolved_cache == CacheConfig()  # the prediction cache's defaults are CacheConfig's
+    assert EvalConfig().resolved_cache == CacheConfig(max_age=timedelta(days=30))  # the predictions' own age
+
+
+def test_eval_config_lock_stale_after_is_a_timedelta_and_still_takes_seconds():
+    by_duration = EvalConfig(lock_stale_after=timedelta(seconds=5))
+    by_seconds = EvalConfig(lock_stale_after=5)
+    assert by_duration == by_seconds and by_seconds.lock_stale_after == timedelta(seconds=5)
+    assert by_duration.resolved_cache.stale_after_seconds == 5 == by_seconds.resolved_cache.stale_after_seconds
+    assert EvalConfig().lock_stale_after == timedelta(seconds=60) == EvalConfig(lock_stale_after=60.0).lock_stale_after
+    assert by_seconds != EvalConfig()  # lock settings take part in equality as before (never in a key)
+    assert EvalConfig(cache=CacheConfig(lock_stale_after=timedelta(seconds=5)), lock_stale_after=5) == by_seconds
+    assert dataclasses.replace(by_seconds, batch_size=4).lock_stale_after == timedelta(seconds=5)
+    with pytest.raises(ConfigError, match="lock_stale_after=datetime.timedelta"):
+        EvalConfig(cache=CacheConfig(lock_stale_after=timedelta(seconds=5)), lock_stale_after=timedelta(seconds=6))
+    with pytest.raises(ConfigError, match="'soon' is neither a timedelta nor a number of seconds"):
+        EvalConfig(lock_stale_after="soon")  # type: ignore[arg-type]
 
 
 def test_eval_config_replace_re_settles_the_keywords():

@@ -6,13 +6,17 @@ Every cache takes a `CacheConfig`: `EvalConfig(cache=...)`, `GenerationCache(mod
 keywords they took before (`use_prediction_cache`, `cache_max_age_days`, `predictions_cache_dir`,
 `experiments_dir`, `directory`, `max_age_days`, ...) still work: `settle` turns them into a `CacheConfig`
 here, and only here. Durations are `timedelta`s; `days` is the one conversion to the entry contract's days.
+
+Each cache's default age is stated once, in `DEFAULT_MAX_AGE`: `CacheConfig()` leaves `max_age` at
+`OWN_DEFAULT`, which `settle` replaces with that cache's entry, so a cache expires the same with or without
+`cache=CacheConfig()`.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -25,9 +29,65 @@ _DAY = timedelta(days=1)
 _SECOND = timedelta(seconds=1)
 
 
+class _OwnDefault(timedelta):
+    """The type of `OWN_DEFAULT`: a duration only so that `CacheConfig.max_age` keeps one type; it equals
+    nothing but itself, so it is never mistaken for `timedelta(0)`."""
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __repr__(self) -> str:
+        return "OWN_DEFAULT"
+
+    def __reduce__(self) -> str:
+        return "OWN_DEFAULT"  # copies and pickles are the one instance
+
+
+# `CacheConfig.max_age` left unset: "this cache's own default", from `DEFAULT_MAX_AGE` when a cache settles it.
+OWN_DEFAULT: timedelta = _OwnDefault()
+
+# Each cache's default age, keyed by the name `settle` gets as its owner; None never expires. The only place
+# these are stated: the keyword defaults (`cache_max_age_days`, `disk_ttl_seconds`) are read from here too.
+DEFAULT_MAX_AGE: Mapping[str, timedelta | None] = {
+    "EvalConfig": timedelta(days=30),  # predictions
+    "GenerationCache": None,  # generations
+    "cache_activations": None,  # activation stores
+    "TokenCacheConfig": timedelta(days=7),  # conversations on disk: the idle limit
+}
+
+
 def days(age: timedelta | None) -> float | None:
     """`age` in days, the unit of `is_expired` and the entry contract (None stays None: never expires)."""
     return None if age is None else age / _DAY
+
+
+def seconds(age: timedelta | None) -> float | None:
+    """`age` in seconds, the unit of the token cache's `disk_ttl_seconds` (None stays None: never expires)."""
+    return None if age is None else age / _SECOND
+
+
+def duration(value: timedelta | float) -> timedelta:
+    """A duration as a `timedelta`: a `timedelta` as is, a number as seconds (the older spelling).
+
+    Raises:
+        ConfigError: `value` is neither.
+
+    Example:
+        >>> duration(5) == duration(timedelta(seconds=5))
+        True
+    """
+    if isinstance(value, timedelta):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"Duration {value!r} is neither a timedelta nor a number of seconds; pass e.g. "
+                          "timedelta(seconds=60).")
+    return float(value) * _SECOND
 
 
 @dataclass(frozen=True)
@@ -41,7 +101,9 @@ class CacheConfig:
         folder: one cache's own folder, used instead of `<root>/<its name>` (leave it None when one
             `CacheConfig` serves several caches). `cache_activations` writes to the folder you pass it.
         max_age: entries older than this are misses, recomputed and replaced; None: they never expire.
-            The token cache's disk tier deletes a conversation idle for longer than this.
+            Left out, each cache keeps its own default (`DEFAULT_MAX_AGE`: predictions 30 days, generations
+            and activation stores never, conversations 7 days). The token cache's disk tier deletes a
+            conversation idle for longer than this.
         force_recompute: ignore what is cached, compute again and replace it.
         enabled: False computes without reading or writing the cache.
         lock_stale_after: a single-flight lock whose holder has not written a heartbeat for this long is
@@ -60,7 +122,7 @@ class CacheConfig:
 
     root: str | os.PathLike | None = None
     folder: str | os.PathLike | None = None
-    max_age: timedelta | None = timedelta(days=30)
+    max_age: timedelta | None = OWN_DEFAULT
     force_recompute: bool = False
     enabled: bool = True
     lock_stale_after: timedelta = timedelta(seconds=60)
@@ -73,7 +135,7 @@ class CacheConfig:
                 raise ConfigError(f"CacheConfig {name}={value!r} is not a path; pass a str or pathlib.Path (or None).")
             if value == "":
                 raise ConfigError(f"CacheConfig {name}='' is empty; pass a folder, or None for the default.")
-        if self.max_age is not None:
+        if self.max_age is not None and self.max_age is not OWN_DEFAULT:
             _check_duration("max_age", self.max_age, "None (never expires)")
         _check_duration("lock_stale_after", self.lock_stale_after, "timedelta(seconds=60)")
         if self.lock_stale_after <= timedelta(0):
@@ -88,7 +150,15 @@ class CacheConfig:
 
     @property
     def max_age_days(self) -> float | None:
-        """`max_age` in days (None: never expires), for the entry contract's `is_expired`."""
+        """`max_age` in days (None: never expires), for the entry contract's `is_expired`.
+
+        Raises:
+            ConfigError: `max_age` was left to the cache's own default, which only a cache resolves.
+        """
+        if self.max_age is OWN_DEFAULT:
+            raise ConfigError("This CacheConfig leaves max_age to each cache's own default; "
+                              "read it from the settings a cache resolved (EvalConfig(...).resolved_cache, "
+                              "GenerationCache(...).cache), or set max_age.")
         return days(self.max_age)
 
     @property
@@ -150,10 +220,6 @@ def _age_in(unit: timedelta) -> Callable[[Any], timedelta | None]:
     return convert
 
 
-def _seconds(value: Any) -> timedelta:
-    return value if isinstance(value, timedelta) else float(value) * _SECOND
-
-
 def _same(value: Any) -> Any:
     return value
 
@@ -173,7 +239,7 @@ KEYWORDS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
     "predictions_cache_dir": ("folder", _path),
     "experiments_dir": ("folder", _path),
     "directory": ("folder", _path),
-    "lock_stale_after": ("lock_stale_after", _seconds),
+    "lock_stale_after": ("lock_stale_after", duration),
     "clock": ("clock", _same),
 }
 
@@ -192,25 +258,32 @@ def settle(cache: CacheConfig | None, keywords: Mapping[str, Any], defaults: Map
            owner: str) -> CacheConfig:
     """The `CacheConfig` in effect: `cache` when given, else the one the keyword spellings describe.
 
-    `keywords` are the values the caller got for its keyword spellings and `defaults` their defaults. With
-    `cache` given, a keyword set away from its default must agree with `cache`: settings live in one place.
+    `keywords` are the values the caller got for its keyword spellings and `defaults` their defaults; a keyword
+    left at its default says nothing. With `cache` given, a keyword set away from its default must agree with
+    `cache`: settings live in one place. A `max_age` left at `OWN_DEFAULT` becomes `DEFAULT_MAX_AGE[owner]`,
+    so the age is the same with or without `cache`.
 
     Raises:
         ConfigError: `cache` is not a CacheConfig, or a keyword disagrees with it (names both and the fix).
     """
+    given = {name: value for name, value in keywords.items()
+             if not (name in defaults and _equal(value, defaults[name]))}
     if cache is None:
-        return CacheConfig.from_keywords(**keywords)
+        return _own_age(CacheConfig.from_keywords(**given), owner)
     if not isinstance(cache, CacheConfig):
         raise ConfigError(f"{owner}(cache={cache!r}): pass a hf_cachehooks.CacheConfig, or None.")
-    for name, value in keywords.items():
-        if name in defaults and _equal(value, defaults[name]):
-            continue
+    cache = _own_age(cache, owner)
+    for name, value in given.items():
         target, convert = KEYWORDS[name]
         if not _equal(convert(value), getattr(cache, target)):
             raise ConfigError(f"{owner} got cache=CacheConfig({target}={getattr(cache, target)!r}) and "
                               f"{name}={value!r}; set it in one place: CacheConfig({target}={convert(value)!r}), "
                               f"or drop {name}.")
     return cache
+
+
+def _own_age(cache: CacheConfig, owner: str) -> CacheConfig:
+    return replace(cache, max_age=DEFAULT_MAX_AGE[owner]) if cache.max_age is OWN_DEFAULT else cache
 
 
 def _equal(a: Any, b: Any) -> bool:

@@ -181,10 +181,11 @@ def cache_activations(
             write into a non-empty folder that holds no cache of ours (beside its files, never over them).
         max_age_days, clock: the cache settings as keywords: a store older than `max_age_days` is
             re-extracted (None: never expires); `clock` gives "now". They build `cache` when it is not given.
-        cache: the settings as one `CacheConfig`: `max_age`, `force_recompute` (extract again even from
-            the same inputs; a store made from other inputs still needs `force`), `enabled=False` (the
-            same: the store is the result, so it is always written) and `clock`. Its `root` is not used:
-            the store lives in `folder` (a `folder` set in the CacheConfig must be that one).
+        cache: the settings as one `CacheConfig`: `max_age` (left out: never expires, as without `cache`),
+            `force_recompute` (extract again even from the same inputs; a store made from other inputs
+            still needs `force`), `enabled=False` (the same: the store is the result, so it is always
+            written) and `clock`. Its `root` is not used: the store lives in `folder` (a `folder` set in
+            the CacheConfig must be that one).
 
     Returns:
         The finished `ActivationStore`.

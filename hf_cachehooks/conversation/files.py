@@ -26,7 +26,7 @@ import numpy as np
 import orjson
 
 from .._core import entry
-from .._core.cache_config import CacheConfig, settle
+from .._core.cache_config import DEFAULT_MAX_AGE, CacheConfig, days, seconds, settle
 from ..errors import ConfigError, CorruptEntryError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,8 @@ class TokenCacheConfig:
         memory_ttl_seconds: a turn leaves the memory tier this long after it was stored (None: never).
         directory, disk_ttl_seconds: the disk tier's settings as keywords: its folder (None:
             `<cache root>/conversations`, resolved when a TokenCache is made) and how long a conversation
-            may sit unread before eviction deletes it (None: never). They build `cache` when it is not given.
+            may sit unread before eviction deletes it (None: never; default 7 days, with or without `cache`).
+            They build `cache` when it is not given.
         cache: the disk tier's settings as one `CacheConfig`: `folder` (else `<root>/conversations`),
             `max_age` (the idle limit), `lock_stale_after` and `clock`. Conversations are stored, not
             recomputed, so `force_recompute=True` and `enabled=False` are refused. Read `resolved_cache`
@@ -99,7 +100,7 @@ class TokenCacheConfig:
     compression: str = "none"
     prefetch_range: int = 5
     memory_ttl_seconds: float | None = 3600
-    disk_ttl_seconds: float | None = field(default=timedelta(days=7).total_seconds(), compare=False)
+    disk_ttl_seconds: float | None = field(default=seconds(DEFAULT_MAX_AGE["TokenCacheConfig"]), compare=False)
     cache: CacheConfig | None = field(default=None, compare=False)
     resolved_cache: CacheConfig = field(init=False, repr=False)
 
@@ -151,7 +152,8 @@ class TokenCacheConfig:
         prefetch, ttl = block.get("prefetch") or {}, block.get("ttl") or {}
         if memory.get("eviction_policy", "lru") != "lru":
             raise ConfigError(f"eviction_policy {memory['eviction_policy']!r} is not supported; use lru.")
-        minutes, days = ttl.get("memory_minutes", 60), ttl.get("disk_days", 7)
+        minutes = ttl.get("memory_minutes", 60)
+        disk_days = ttl.get("disk_days", days(DEFAULT_MAX_AGE["TokenCacheConfig"]))
         # the keyword spellings, so `dataclasses.replace(config, directory=...)` (the CLI's --directory) still works
         return cls(
             memory_max_bytes=int(memory.get("max_size_mb", 1024) * 2**20),
@@ -160,7 +162,7 @@ class TokenCacheConfig:
             compression=str(disk.get("compression", "none")),
             prefetch_range=int(prefetch.get("range", 5)) if prefetch.get("enabled", True) else 0,
             memory_ttl_seconds=None if minutes is None else timedelta(minutes=float(minutes)).total_seconds(),
-            disk_ttl_seconds=None if days is None else timedelta(days=float(days)).total_seconds(),
+            disk_ttl_seconds=None if disk_days is None else timedelta(days=float(disk_days)).total_seconds(),
         )
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
+from datetime import timedelta
 from typing import Any, Protocol
 
-from .._core.cache_config import CacheConfig, settle
+from .._core.cache_config import DEFAULT_MAX_AGE, CacheConfig, days, duration, settle
 from .._core.freshness import SYSTEM_CLOCK, Clock
 from ..errors import ConfigError
 
@@ -51,9 +52,12 @@ class EvalConfig:
             ranks; every rank must then call `evaluate_model`. False evaluates everything in this process
             (for a script that calls it on rank 0 only).
         use_prediction_cache, force_recompute, cache_max_age_days, predictions_cache_dir, cache_dir,
-            lock_stale_after (seconds), clock: the prediction cache's settings as keywords; they build
-            `cache` when it is not given. `predictions_cache_dir=None` means `<cache root>/predictions`,
-            where the root is `cache_dir`, else $HF_CACHEHOOKS_HOME, else `outputs/cache`.
+            lock_stale_after, clock: the prediction cache's settings as keywords; they build `cache` when it
+            is not given. `cache_max_age_days` defaults to the predictions' own age (30 days, the same as
+            `CacheConfig()` gives them); `lock_stale_after` is a `timedelta` (a number, read as seconds,
+            is still accepted and stored as a `timedelta`). `predictions_cache_dir=None` means
+            `<cache root>/predictions`, where the root is `cache_dir`, else $HF_CACHEHOOKS_HOME, else
+            `outputs/cache`.
         generation_config: generation settings as a `transformers.GenerationConfig` (only the values it
             sets away from transformers' defaults count, as in `model.generate`) or a mapping, instead of
             the five fields above; what it leaves out stays greedy with `max_new_tokens=64`.
@@ -94,10 +98,10 @@ class EvalConfig:
     # the cache settings as keywords (equality compares `resolved_cache`, whichever spelling built it)
     use_prediction_cache: bool = field(default=True, compare=False)
     force_recompute: bool = field(default=False, compare=False)
-    cache_max_age_days: float | None = field(default=30, compare=False)
+    cache_max_age_days: float | None = field(default=days(DEFAULT_MAX_AGE["EvalConfig"]), compare=False)
     predictions_cache_dir: str | None = field(default=None, compare=False)
     cache_dir: str | None = field(default=None, compare=False)
-    lock_stale_after: float = field(default=60.0, compare=False)
+    lock_stale_after: timedelta | float = field(default=timedelta(seconds=60), compare=False)
     clock: Clock = field(default=SYSTEM_CLOCK, compare=False, repr=False)
     generation_config: Mapping[str, Any] | HasToDict | None = None
     cache: CacheConfig | None = field(default=None, compare=False)
@@ -111,6 +115,7 @@ class EvalConfig:
         if self.task == "classification" and self.use_chat_template:
             raise ConfigError("use_chat_template=True applies to generation only; set task='generation'.")
         object.__setattr__(self, "metrics", tuple(self.metrics))
+        object.__setattr__(self, "lock_stale_after", duration(self.lock_stale_after))  # one unit: timedelta
         defaults = {f.name: f.default for f in fields(self) if f.name in CACHE_KEYWORDS}
         object.__setattr__(self, "resolved_cache", settle(
             self.cache, {name: getattr(self, name) for name in CACHE_KEYWORDS}, defaults, "EvalConfig"))

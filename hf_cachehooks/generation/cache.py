@@ -120,8 +120,9 @@ class GenerationCache:
             (default `<cache root>/experiments`), the age after which entries are misses (None: never
             expire) and the time source. They build `cache` when it is not given.
         chunk_size: prompts generated between two saves.
-        cache: the settings as one `CacheConfig`: `folder` (else `<root>/experiments`), `max_age`,
-            `force_recompute` (for every `generate` call), `enabled`, `lock_stale_after`, `clock`.
+        cache: the settings as one `CacheConfig`: `folder` (else `<root>/experiments`), `max_age` (left
+            out: never expires, as without `cache`), `force_recompute` (for every `generate` call),
+            `enabled`, `lock_stale_after`, `clock`.
 
     Raises:
         ConfigError: a keyword disagrees with `cache`.
