@@ -59,9 +59,8 @@ import torch
 from machine import drop_page_cache, machine  # benchmarks/machine.py
 from stats import percentile, summary  # benchmarks/stats.py: the one percentile (nearest rank)
 
-from hf_cachehooks._core.fingerprint import hash_file
 from hf_cachehooks._core.keys import make_key
-from hf_cachehooks._core.store import unseal
+from hf_cachehooks._core.store import hash_file, unseal
 from hf_cachehooks._models.extraction import Pooled, capture, pool
 from hf_cachehooks.activations.store import ActivationStore, open_store
 from hf_cachehooks.activations.writer import (

@@ -8,6 +8,12 @@ files, lock and trash files of dead writers, older than an hour, whose real path
 on a remote root, lease objects named by their URL, never by a local path). Deleting is two steps,
 as in huggingface_hub: build a `Plan` (what would go, how many bytes), then `execute()` it;
 `--dry-run` prints the plan only.
+
+An activation store written outside the root (`cache-activations --output`) is known there by a link,
+an entry of kind "store-link" that lists no files (`<root>/activations/link-*.json`, written by the
+store's writer). `ls`, `du` and `verify` show the store it names, opened through the contract, as the
+store itself; `prune` and `clear` remove only the link, never a file outside the root. A link whose
+store is gone or is no longer a valid store is shown as a stale "store-link" entry, which `prune` removes.
 """
 
 from __future__ import annotations
@@ -27,13 +33,19 @@ from ._core.keys import diff_inputs
 from ._core.store import TEMP_SUFFIX, cache_folders
 from .errors import ConfigError
 
+LINK = "store-link"  # the root's record of an activation store outside it (`activations.shards.link_store`)
 BOOKKEEPING = ("file-hashes", "identity", "last-miss")  # recomputable memos: `ls` shows them only when asked
+_STORE_MANIFEST = "manifest.json"  # the manifest of the activation store a link names, in its folder
 _LEFTOVER_GRACE = 3600.0  # a temp, lock or trash file this old belongs to a dead writer (live locks beat every 5 s)
 
 
 @dataclass(frozen=True)
 class EntryInfo:
-    """One cache entry as `ls` shows it: `path` is its manifest, `size` the bytes of everything it lists."""
+    """One cache entry as `ls` shows it: `path` is its manifest, `size` the bytes of everything it lists.
+
+    `link`: for an activation store outside the root, the root's link to it (what `prune` and `clear`
+    remove); `path` is then the store's own manifest, and a stale link has the kind "store-link".
+    """
 
     kind: str
     model: str
@@ -42,6 +54,7 @@ class EntryInfo:
     created_at: float
     key: str
     examples: int
+    link: Path | None = None
 
 
 @dataclass
@@ -49,7 +62,8 @@ class Plan:
     """Entries (manifests) and leftover files a delete would remove, with the bytes it frees.
 
     `leases` are dead writers' lease objects on a remote root, by URL: they are deleted on the store and
-    never become a local path. Nothing happens until `execute()`.
+    never become a local path. `kept` maps each planned link to the activation store folder it names,
+    which stays. Nothing happens until `execute()`.
     """
 
     entries: list[Path] = field(default_factory=list)
@@ -57,6 +71,7 @@ class Plan:
     size: int = 0
     leases: list[str] = field(default_factory=list)
     root: Path | None = None
+    kept: dict[Path, Path] = field(default_factory=dict)
 
     @property
     def paths(self) -> list[Path | str]:
@@ -134,7 +149,7 @@ def shown(path: Path) -> str:
     return remote.url_of(path) or str(path)
 
 
-def _readable(root: Path) -> Iterator[tuple[Entry, int]]:
+def _scanned(root: Path) -> Iterator[tuple[Entry, int]]:
     """(entry, size) of every readable entry: a size check, no hashing (`verify` hashes and reports the rest)."""
     if remote.url_of(root) is not None:  # a remote root: its manifests and object sizes, nothing downloaded
         yield from ((s.entry, s.size) for s in remote_sync.scan(root) if s.entry is not None)
@@ -145,16 +160,43 @@ def _readable(root: Path) -> Iterator[tuple[Entry, int]]:
             yield found, entry_size(found)
 
 
+def _store_manifest(link: Entry) -> Path | None:
+    folder = link.doc.get("folder")
+    return Path(folder) / _STORE_MANIFEST if isinstance(folder, str) and os.path.isabs(folder) else None
+
+
+def _linked(link: Entry, check: str) -> tuple[Entry | None, str | None]:
+    """The activation store a link names, opened through the contract: (store, None), or (None, why it is stale)."""
+    path = _store_manifest(link)
+    if path is None:
+        return None, f"malformed folder {link.doc.get('folder')!r:.80}"
+    found, problem = inspect(path, check=check)
+    if found is None or found.kind != "activations":
+        why = problem or ("missing" if found is None else f"a {found.kind} entry, not activations")
+        return None, f"the linked activation store {path.parent} is {why}; `clear --kind {LINK}` forgets the link"
+    return found, None
+
+
+def _readable(root: Path) -> Iterator[tuple[Entry, int, Path | None]]:
+    """(entry, size, link) of every readable entry; for a link, the store it names (or the link itself when stale)."""
+    for found, size in _scanned(root):
+        if found.kind != LINK:
+            yield found, size, None
+            continue
+        store = _linked(found, "size")[0]
+        yield (found, size, found.path) if store is None else (store, entry_size(store), found.path)
+
+
 def _entries(root: Path, kind: str | None, bookkeeping: bool = True) -> Iterator[tuple[EntryInfo, Entry]]:
     """Readable entries (a size check, no hashing: `verify` hashes), filtered by entry kind or top folder."""
-    for found, size in _readable(root):
-        path = found.path
+    for found, size, link in _readable(root):
+        path = (_store_manifest(found) or found.path) if found.kind == LINK else found.path
         if kind is None and not bookkeeping and found.kind in BOOKKEEPING:
             continue
-        if kind not in (None, found.kind, _folder_kind(root, path)):
+        if kind not in (None, found.kind, _folder_kind(root, link or path)):
             continue
         info = EntryInfo(found.kind, _model(found.doc), path, size, _last_used(found),
-                         found.key["digest"][:12], _count(found.doc))
+                         found.key["digest"][:12], _count(found.doc), link)
         yield info, found
 
 
@@ -162,8 +204,8 @@ def _check_kind(root: Path, kind: str | None) -> None:
     if kind is None:
         return
     known: set[str] = set()
-    for found, _ in _readable(root):
-        known |= {found.kind, _folder_kind(root, found.path)}
+    for found, _, link in _readable(root):
+        known |= {found.kind, _folder_kind(root, link or found.path)}
     if kind not in known:
         present = ", ".join(sorted(known - {""})) or "none"
         raise ConfigError(f"No cache kind {kind!r} under {root} (present: {present}).")
@@ -216,6 +258,19 @@ def _leftovers(root: Path, now: float, plan: Plan) -> None:
                     plan.size += st.st_size
 
 
+def _plan(plan: Plan, info: EntryInfo) -> None:
+    """Plan removing `info`: the entry whole, or for a store outside the root its link only (the store stays)."""
+    if info.link is None:
+        plan.entries.append(info.path)
+        plan.size += info.size
+        return
+    plan.entries.append(info.link)
+    with contextlib.suppress(OSError):
+        plan.size += info.link.stat().st_size
+    if info.kind != LINK:
+        plan.kept[info.link] = info.path.parent
+
+
 def plan_clear(root: Path, kind: str | None = None) -> Plan:
     """Every entry (of one kind or top folder), plus dead writers' leftovers when clearing everything.
 
@@ -225,31 +280,33 @@ def plan_clear(root: Path, kind: str | None = None) -> Plan:
     _require_cache(root)
     plan = Plan(root=root)
     for info, _ in _matching(root, kind):
-        plan.entries.append(info.path)
-        plan.size += info.size
+        _plan(plan, info)
     if kind is None:
         _leftovers(root, time.time(), plan)
     return plan
 
 
 def plan_prune(root: Path, older_than: float, now: float | None = None, kind: str | None = None) -> Plan:
-    """Entries made (conversations: last used) more than `older_than` seconds ago, and dead writers' leftovers.
+    """Entries made (conversations: last used) more than `older_than` seconds ago, stale links, and dead
+    writers' leftovers.
 
-    Pinned conversations stay.
+    Pinned conversations stay; of a store outside the root only its link goes.
     """
     _require_cache(root)
     now = time.time() if now is None else now
     plan = Plan(root=root)
     for info, found in _matching(root, kind):
-        if now - info.created_at > older_than and not found.doc.get("pinned"):
-            plan.entries.append(info.path)
-            plan.size += info.size
+        if (now - info.created_at > older_than or info.kind == LINK) and not found.doc.get("pinned"):
+            _plan(plan, info)
     _leftovers(root, now, plan)
     return plan
 
 
 def verify(root: Path, kind: str | None = None) -> tuple[int, list[tuple[Path, str]]]:
-    """Hash every file of every entry against its manifest. Returns (entries checked, [(manifest, problem)])."""
+    """Hash every file of every entry against its manifest. Returns (entries checked, [(manifest, problem)]).
+
+    A link is checked as the store it names (one verdict, reported at the link): a stale link is a problem.
+    """
     _check_kind(root, kind)
     checked, problems = 0, []
     if remote.url_of(root) is not None:  # every object streamed through xxh3, nothing kept
@@ -262,6 +319,8 @@ def verify(root: Path, kind: str | None = None) -> tuple[int, list[tuple[Path, s
         if found is None and kind not in (None, _folder_kind(root, path)):
             continue
         checked += 1
+        if found is not None and found.kind == LINK:
+            problem = _linked(found, "hash")[1]
         if problem:
             problems.append((path, problem))
     return checked, problems
@@ -304,4 +363,5 @@ def explain(root: Path, a: str | None = None, b: str | None = None) -> list[str]
 
 def to_json(infos: list[EntryInfo]) -> bytes:
     """Entries as JSON data for `ls --format json`."""
-    return orjson.dumps([{**e.__dict__, "path": shown(e.path)} for e in infos], option=orjson.OPT_INDENT_2)
+    return orjson.dumps([{**e.__dict__, "path": shown(e.path), "link": e.link and shown(e.link)} for e in infos],
+                        option=orjson.OPT_INDENT_2)

@@ -334,14 +334,14 @@ def _synthetic_store(folder, rows=4096, hidden=128, chunks=2):
 
 
 def test_a_big_shard_rewritten_in_place_with_its_mtime_restored_is_refused(tmp_path, monkeypatch):
-    import hf_cachehooks._core.fingerprint as fingerprint
+    import hf_cachehooks._core.entry as entry
 
     folder = tmp_path / "big"
     data = _synthetic_store(folder)
     assert (folder / "data-00001.arrow").stat().st_size > 1 << 20
     hashed = []
-    real = fingerprint.hash_file
-    monkeypatch.setattr(fingerprint, "hash_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
+    real = entry.hash_file
+    monkeypatch.setattr(entry, "hash_file", lambda p: hashed.append(os.path.basename(p)) or real(p))
     assert torch.equal(ActivationStore(folder).layer(1), data)
     assert not [name for name in hashed if name.endswith(".arrow")]  # stamps unchanged: shards are not read
     _flip(folder / "data-00001.arrow", -1000)
@@ -354,7 +354,7 @@ def test_a_big_shard_rewritten_in_place_with_its_mtime_restored_is_refused(tmp_p
 def test_a_resealed_manifest_naming_a_file_outside_the_store_is_refused(llama, tmp_path, monkeypatch, where):
     import pyarrow as pa
 
-    import hf_cachehooks._core.fingerprint as fingerprint
+    import hf_cachehooks._core.entry as entry
     from hf_cachehooks._core.store import seal, unseal
 
     model, tok = llama
@@ -369,9 +369,9 @@ def test_a_resealed_manifest_naming_a_file_outside_the_store_is_refused(llama, t
         doc["files"][name] = doc["files"].pop("data-00001.arrow")
     (folder / "manifest.json").write_bytes(seal(doc))
     touched = []
-    real_map, real_hash = pa.memory_map, fingerprint.hash_file
+    real_map, real_hash = pa.memory_map, entry.hash_file
     monkeypatch.setattr(pa, "memory_map", lambda p, *a: touched.append(str(p)) or real_map(p, *a))
-    monkeypatch.setattr(fingerprint, "hash_file", lambda p: touched.append(str(p)) or real_hash(p))
+    monkeypatch.setattr(entry, "hash_file", lambda p: touched.append(str(p)) or real_hash(p))
     with pytest.raises(ConfigError, match="corrupt activation cache"):
         ActivationStore(folder)
     store = cache_activations(model, tok, records(), folder, [2], shard_size=8, progress=False)
@@ -473,13 +473,13 @@ def test_an_expired_store_is_re_extracted(llama, tmp_path, monkeypatch, caplog):
 
 
 def test_a_chunk_is_hashed_while_written_with_one_fsync_and_its_record_matches_the_bytes(tmp_path, monkeypatch):
-    import hf_cachehooks._core.fingerprint as fingerprint
+    import hf_cachehooks._core.entry as entry
     from hf_cachehooks._core.store import unseal
 
     synced, reread = [], []
-    real_fsync, real_hash = os.fsync, fingerprint.hash_file
+    real_fsync, real_hash = os.fsync, entry.hash_file
     monkeypatch.setattr(os, "fsync", lambda fd: synced.append(fd) or real_fsync(fd))
-    monkeypatch.setattr(fingerprint, "hash_file", lambda path: reread.append(path) or real_hash(path))
+    monkeypatch.setattr(entry, "hash_file", lambda path: reread.append(path) or real_hash(path))
     folder = tmp_path / "store"
     folder.mkdir()
     from hf_cachehooks._core.keys import make_key

@@ -6,8 +6,9 @@ import socket
 import pytest
 
 from hf_cachehooks.errors import ServerError
-from hf_cachehooks.generation.backends import OpenAIBackend, Sampling, TransformersBackend
+from hf_cachehooks.generation.backends import Sampling, TransformersBackend
 from hf_cachehooks.generation.cache import GenerationCache
+from hf_cachehooks.generation.remote import OpenAIBackend
 from hf_cachehooks.generation.server import make_server, serve_in_thread
 from tests.conftest import make_llama, make_tokenizer
 

@@ -68,10 +68,8 @@ def test_a_copied_entry_is_hashed_once_then_trusted(tmp_path, monkeypatch):
     big = tmp_path / "big.bin"
     big.write_bytes(big.read_bytes())  # same bytes, new stamp (a copy from another machine)
     calls = []
-    from hf_cachehooks._core import fingerprint
-
-    real = fingerprint.hash_file
-    monkeypatch.setattr(fingerprint, "hash_file", lambda p: calls.append(p.name) or real(p))
+    real = entry.hash_file
+    monkeypatch.setattr(entry, "hash_file", lambda p: calls.append(p.name) or real(p))
     time.sleep(0.03)  # past the file-time tick, so the new stamp may be remembered
     assert entry.open_entry(path) is not None
     assert entry.open_entry(path) is not None

@@ -19,7 +19,7 @@ from hf_cachehooks import CacheConfig, GenerationCache, management
 from hf_cachehooks._core import entry
 from hf_cachehooks._core.keys import hash_bytes, make_key
 from hf_cachehooks._core.remote_sync import relative_key
-from hf_cachehooks._core.store import cache_root, seal, tag_folder
+from hf_cachehooks._core.store import cache_root, local_path, seal, tag_folder
 from hf_cachehooks.activations.store import ActivationStore
 from hf_cachehooks.activations.writer import cache_activations
 from hf_cachehooks.cli import main
@@ -78,7 +78,7 @@ def test_prune_on_a_bucket_never_deletes_a_local_file_through_a_crafted_lease_ke
     (project / "outputs" / "cache" / "predictions" / ".locks").mkdir(parents=True)
     victim = project / "poetry.lock"
     victim.write_text("my lock file")
-    local_root = entry.remote.local_path(s3_root)  # copy-a/s3/<bucket>/team
+    local_root = local_path(s3_root)  # copy-a/s3/<bucket>/team
     up = "../" * len(local_root.relative_to(tmp_path).parts)
     rel = f"{up}victim/outputs/cache/predictions/.locks/../../../../poetry.lock"
     assert (local_root / rel).resolve() == victim.resolve()  # what the kernel would unlink

@@ -273,3 +273,95 @@ def test_prune_keeps_fresh_shards(root, cache, populated):
     paths = management.plan_prune(root, 7 * DAY, now=later + 1).paths
     assert populated["shard"] in paths
     assert populated["shard"].parent / "b2.json" not in paths
+
+
+# an activation store outside the root (cache-activations --output) -------------------------------------
+
+ROWS = [{"text": f"a b c {i}", "label": i % 2} for i in range(6)]
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _ls(cli_main, capsys, root: Path) -> list[dict]:
+    capsys.readouterr()
+    assert cli_main(["--cache-dir", str(root), "ls", "--format", "json"]) == 0
+    return orjson.loads(capsys.readouterr().out)
+
+
+@pytest.fixture
+def outside(tmp_path, capsys):
+    """A store written by the CLI to `acts` beside the cache root `root` given as --cache-dir."""
+    from hf_cachehooks.cli import main
+    from tests.conftest import make_llama, make_tokenizer
+
+    make_llama().save_pretrained(tmp_path / "model")
+    make_tokenizer().save_pretrained(tmp_path / "model")
+    (tmp_path / "data.json").write_text(orjson.dumps(ROWS).decode())
+    root, acts = tmp_path / "team-cache", tmp_path / "acts"
+    assert main(["--cache-dir", str(root), "cache-activations", "--model", str(tmp_path / "model"), "--data",
+                 str(tmp_path / "data.json"), "--layers", "1", "--output", str(acts)]) == 0
+    return main, root, acts
+
+
+def test_a_store_outside_the_root_is_listed_sized_and_verified_there(outside, capsys):
+    main, root, acts = outside
+    [listed] = _ls(main, capsys, root)
+    link = Path(listed["link"])
+    assert link.parent == root / "activations" and link.name.startswith("link-")
+    assert (link.parent / "CACHEDIR.TAG").is_file()
+    assert listed["kind"] == "activations" and listed["path"] == str(acts / "manifest.json")
+    assert listed["size"] > 0 and listed["examples"] == len(ROWS)
+    assert [{**e, "link": None} for e in _ls(main, capsys, acts)] == [{**listed, "link": None}]  # as there
+    assert management.disk_usage(root)["activations"] == listed["size"]  # beside the model's identity memos
+    assert main(["--cache-dir", str(root), "du"]) == 0 and "activations" in capsys.readouterr().out
+    assert management.verify(root, "activations") == (1, [])
+
+
+def test_clear_and_prune_remove_only_the_link_and_say_where_the_store_stays(outside, capsys):
+    main, root, acts = outside
+    before = _snapshot(acts)
+    [link] = (root / "activations").glob("link-*.json")
+    plan = management.plan_prune(root, DAY, now=time.time() + 2 * DAY, kind="activations")
+    assert plan.entries == [link] and plan.kept == {link: acts} and plan.size == link.stat().st_size
+    capsys.readouterr()
+    assert main(["--cache-dir", str(root), "clear", "--yes"]) == 0
+    out = capsys.readouterr().out
+    assert f"the activation store in {acts} stays" in out and f"`hf-cachehooks --cache-dir {acts} clear`" in out
+    assert not link.exists() and _snapshot(acts) == before
+    assert _ls(main, capsys, root) == []
+    assert [e["path"] for e in _ls(main, capsys, acts)] == [str(acts / "manifest.json")]
+    here = acts.parent  # the same run again: a hit, recorded in the root again, the store unchanged
+    assert main(["--cache-dir", str(root), "cache-activations", "--model", str(here / "model"), "--data",
+                 str(here / "data.json"), "--layers", "1", "--output", str(acts)]) == 0
+    assert [e["link"] for e in _ls(main, capsys, root)] == [str(link)] and _snapshot(acts) == before
+
+
+def test_a_link_to_a_damaged_or_missing_store_is_stale(outside, capsys):
+    main, root, acts = outside
+    [link] = (root / "activations").glob("link-*.json")
+    shard = acts / "data-00000.arrow"
+    shard.write_bytes(shard.read_bytes()[:-8])
+    [stale] = _ls(main, capsys, root)
+    assert stale["kind"] == management.LINK and stale["link"] == str(link)
+    assert main(["--cache-dir", str(root), "ls"]) == 0 and f"Stale link {link}" in capsys.readouterr().out
+    checked, problems = management.verify(root, "activations")
+    assert checked == 1 and problems[0][0] == link and f"linked activation store {acts} is" in problems[0][1]
+    left = _snapshot(acts)
+    assert management.plan_prune(root, 30 * DAY).entries == [link]  # stale: whatever its age
+    assert main(["--cache-dir", str(root), "prune", "--older-than", "30d"]) == 0
+    assert not link.exists() and _snapshot(acts) == left  # the damaged store is never touched from the root
+
+
+def test_a_store_under_the_root_needs_no_link(root, tmp_path, tiny):
+    from hf_cachehooks import CacheConfig
+    from hf_cachehooks.activations.writer import cache_activations
+
+    model, tok = tiny
+    cache_activations(model, tok, ROWS, root / "activations" / "run", [1], progress=False,
+                      cache=CacheConfig(root=root))
+    (tmp_path / "via").symlink_to(root, target_is_directory=True)  # real paths are compared
+    cache_activations(model, tok, ROWS, tmp_path / "via" / "run2", [1], progress=False, cache=CacheConfig(root=root))
+    assert not list(root.rglob("link-*.json"))
+    assert len(management.list_entries(root, "activations")) == 2

@@ -21,8 +21,7 @@ from pathlib import Path
 import pytest
 
 from hf_cachehooks import CacheConfig, EvalConfig, GenerationCache, evaluate_model
-from hf_cachehooks._core.fingerprint import hash_file
-from hf_cachehooks._core.store import seal
+from hf_cachehooks._core.store import hash_file, seal
 from hf_cachehooks.cli import main
 from hf_cachehooks.management import plan_prune, verify
 from tests import s3_server

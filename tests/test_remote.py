@@ -12,7 +12,7 @@ import pytest
 from hf_cachehooks import CacheConfig, GenerationCache
 from hf_cachehooks._core import remote
 from hf_cachehooks._core.keys import make_key
-from hf_cachehooks._core.store import cache_root
+from hf_cachehooks._core.store import cache_root, url_of
 from hf_cachehooks.evaluation.predictions import PredictionCache
 from tests import s3_server
 from tests.s3_server import bucket_fs, other_machine
@@ -56,8 +56,8 @@ def test_url_roots_map_to_a_local_copy_and_back(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_CACHEHOOKS_LOCAL_COPY", str(tmp_path / "copy"))
     local = cache_root("s3://bucket/team/cache")
     assert local == tmp_path / "copy" / "s3" / "bucket" / "team" / "cache"
-    assert remote.url_of(local / "predictions" / "x.json") == "s3://bucket/team/cache/predictions/x.json"
-    assert remote.url_of(tmp_path / "elsewhere" / "x.json") is None
+    assert url_of(local / "predictions" / "x.json") == "s3://bucket/team/cache/predictions/x.json"
+    assert url_of(tmp_path / "elsewhere" / "x.json") is None
     assert cache_root(str(tmp_path / "plain")) == tmp_path / "plain"
     for bad in ("s3://", "s3://bucket/../etc", "s3://bucket/.hidden"):
         with pytest.raises(ValueError, match="not a usable URL"):

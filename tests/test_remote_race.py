@@ -130,7 +130,7 @@ def test_evaluate_model_results_are_shared_through_the_bucket(s3_root, tiny, qa_
 @pytest.mark.parametrize("content", [b"", b"{garbled", b"[]", b'{"host": "h"}', b'{"host": "h", "pid": true}'])
 def test_a_garbled_lease_object_is_broken_at_once(s3_root, content):
     """An object is created whole with its content, so a garbled lease never belongs to a live holder."""
-    from hf_cachehooks._core.remote_lease import remote_lease
+    from hf_cachehooks._core.locking import remote_lease
 
     url = f"{s3_root}/experiments/.locks/0123abcd.lock"
     bucket_fs().pipe_file(url, content)

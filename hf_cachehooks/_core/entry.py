@@ -42,11 +42,10 @@ import orjson
 
 from .._version import __version__
 from ..errors import CorruptEntryError
-from . import remote
 from .freshness import describe_age, is_expired
 from .keys import Key, hash_bytes, remember
 from .kinds import fields_problem
-from .store import atomic_write, unseal, write_entry
+from .store import atomic_write, hash_file, unseal, write_entry
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +57,27 @@ OWN_HIDDEN = (".last_access", ".chunks")  # bookkeeping a cache keeps inside an 
 _TAG_NAME = "CACHEDIR.TAG"  # the folder's mark (see `store.tag_folder`): never an entry's file
 _RACY_NS = 10_000_000  # file times tick by 1-10 ms (HZ=100 at worst): a stamp is trusted once its tick has passed
 _verified: dict[str, tuple[list[int], str]] = {}  # path -> (stamp, xxh3) hashed in this process
+
+
+class Mirror:
+    """Where an entry lives besides its local folder: for a local root, nowhere, so each hook does nothing.
+
+    `remote.py` replaces `mirror` with its own for roots on object storage (it pushes an entry after
+    `commit`, refreshes the local copy before `open_entry`, deletes the remote one in `remove_entry`).
+    The hooks keep this module free of any import of `remote`, which builds on it.
+    """
+
+    def push(self, path: Path) -> bool:
+        return True
+
+    def refresh(self, path: Path, kind: str | None) -> None:
+        return None
+
+    def delete(self, path: Path) -> None:
+        return None
+
+
+mirror = Mirror()  # replaced by `remote` on import; the core's `__init__` imports it, before any entry is used
 
 
 @dataclass(frozen=True)
@@ -127,8 +147,6 @@ def file_record(path: Path, xxh3: str | None = None) -> dict:
 
     Pass `xxh3` when the caller hashed the bytes it wrote, to skip reading the file back.
     """
-    from .fingerprint import hash_file
-
     st = os.stat(path)
     return {"bytes": st.st_size, "xxh3": xxh3 or hash_file(path), "stamp": _stamp(st)}
 
@@ -197,7 +215,7 @@ def commit(path: Path, kind: str, key: Key | Mapping[str, Any], files: Mapping[s
     written = write_entry(path, manifest_doc(kind, key, records, fields or {},
                                              time.time() if created_at is None else created_at))
     if written:
-        remote.push(path)  # a root on object storage: files up, then the manifest last (no-op when local)
+        mirror.push(path)  # a root on object storage: files up, then the manifest last (no-op when local)
     return written
 
 
@@ -280,8 +298,6 @@ def trusted(path: str, st: os.stat_result, rec: dict) -> bool:
 
 def check_file(folder: Path, name: str, rec: Any, check: str = "stamp") -> str | None:
     """Why the file `name` in `folder` does not match its manifest record `rec`, or None when it does."""
-    from .fingerprint import hash_file
-
     problem = record_problem(name, rec)
     if problem:
         return problem
@@ -397,7 +413,7 @@ def open_entry(path: Path, *, kind: str | None = None, digest: str | None = None
     expired entry is left in place: it is someone else's valid data. `reuse`: see `inspect` (the doc is then shared).
     """
     path = path if isinstance(path, Path) else Path(path)
-    remote.refresh(path, kind)  # a root on object storage: bring the local copy in step (no-op when local)
+    mirror.refresh(path, kind)  # a root on object storage: bring the local copy in step (no-op when local)
     entry, problem = inspect(path, check, reuse)
     if problem and not is_entry_file(path):  # not ours: a file of the user's, or another program's
         log.warning("%s is not a cache entry of hf_cachehooks (%s): a miss; the file is not removed.", path, problem)
@@ -439,7 +455,7 @@ def remove_entry(path: Path, also: Mapping[str, Any] | None = None, *, everywher
 
     path = Path(path)
     if everywhere:
-        remote.delete(path)
+        mirror.delete(path)
     if not is_entry_file(path):
         return 0  # not a manifest of ours (or already gone): never removed
     grave = path.with_name(f".{path.name}.trash-{uuid.uuid4().hex[:8]}")

@@ -30,9 +30,9 @@ import xxhash
 
 from . import entry
 from .keys import dumps, hash_bytes, nonfinite_name, remember
+from .store import hash_file
 
 log = logging.getLogger(__name__)
-_CHUNK = 8 << 20
 _MEMO_KEY = {"kind": "file-hashes", "digest": "file-hashes", "inputs": {}}
 _RACY_NS = 20_000_000  # a file changed within this tick of its hash could keep its stamp: not remembered
 # files, memo and base -> (their stamps, the memo's stamp, the combined hash) as this process last computed it
@@ -111,15 +111,6 @@ def _tag_nonfinite(value: Any) -> tuple[Any, bool]:
 def example_hashes(texts: Iterable[str]) -> list[str]:
     """One 128-bit hash per model input string: the per-example key within one predictor."""
     return [xxhash.xxh3_128_hexdigest(text.encode()) for text in texts]
-
-
-def hash_file(path: Path) -> str:
-    """xxh3-128 of a file's content, read in chunks."""
-    digest = xxhash.xxh3_128()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def hash_files(paths: Sequence[str | os.PathLike], memo_path: Path | None = None,

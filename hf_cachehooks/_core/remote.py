@@ -9,8 +9,10 @@
         ├── <manifest>.json               written last, re-sealed with this machine's file stamps
         └── .<manifest>.json.remote       the remote manifest's ETag and xxh3 when it was last fetched
 
-Caches keep their local code path (local disk, zero-copy reads); this module keeps the local copy and the
-remote root in step, one whole entry at a time, through three hooks of the entry contract:
+Caches keep their local code path (local disk, zero-copy reads); `store.local_path` maps a URL to its local
+copy and `store.url_of` back. This module keeps the local copy and the remote root in step, one whole entry
+at a time, through the three hooks of the entry contract (`entry.Mirror`), which it installs on import (the
+core's `__init__` imports it, so they are in place before any entry is read or written):
 
 - `push` (after `entry.commit`): upload the entry's data files, then its manifest last. A writer killed
   mid-upload leaves files without a manifest: no entry, for anyone.
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
-import functools
 import logging
 import os
 import time
@@ -41,61 +42,16 @@ import orjson
 from ..errors import ConfigError, CorruptEntryError, MissingDependencyError
 from . import entry
 from .keys import hash_bytes
-from .store import atomic_target, atomic_write, unseal, write_entry
+from .store import atomic_target, atomic_write, copy_base, hash_file, unseal, url_of, write_entry
 
 log = logging.getLogger(__name__)
 
-LOCAL_COPY_ENV = "HF_CACHEHOOKS_LOCAL_COPY"
 LOCAL_ONLY = ("file-hashes", "last-miss", "conversation")  # per-machine memos, and the token cache's live files
 _SIDE = ".remote"
 _TAG_NAME = "CACHEDIR.TAG"
 _pushed_tags: set[str] = set()
 _JUST_SYNCED_S = 2.0  # a listing's refresh answers the open that follows it, once and only this soon
 _just_synced: dict[str, float] = {}
-
-
-def is_url(value: object) -> bool:
-    """True for `scheme://...` (not `file://`): a root on object storage."""
-    text = os.fspath(value) if isinstance(value, os.PathLike) else value
-    return isinstance(text, str) and "://" in text and not text.startswith("file://")
-
-
-def copy_base() -> Path:
-    """Where local copies of remote roots live: $HF_CACHEHOOKS_LOCAL_COPY, else ~/.cache/hf_cachehooks/remote."""
-    value = os.environ.get(LOCAL_COPY_ENV)
-    if value:
-        return Path(os.path.abspath(value))
-    return Path(os.path.expanduser("~/.cache")) / "hf_cachehooks" / "remote"
-
-
-def local_path(url: str) -> Path:
-    """The local copy of `url`: `<copy base>/<scheme>/<bucket>/<path>`.
-
-    Raises:
-        ConfigError: the URL has no bucket, or a path part that is `..` or hidden.
-    """
-    scheme, _, rest = url.partition("://")
-    parts = [p for p in rest.split("/") if p]
-    if not scheme.isidentifier() or not parts or any(p in (".", "..") or p.startswith(".") for p in parts):
-        raise ConfigError(f"Cache root {url!r} is not a usable URL; use e.g. s3://bucket/prefix.")
-    return copy_base().joinpath(scheme, *parts)
-
-
-@functools.lru_cache(maxsize=8)
-def _copy_prefix(value: str | None, home: str | None) -> str:
-    """`copy_base()` as a normalised string ending in a separator (per setting and home folder)."""
-    top = os.path.abspath(value) if value else os.path.join(os.path.expanduser("~/.cache"), "hf_cachehooks", "remote")
-    return os.path.join(os.path.normpath(top), "")
-
-
-def url_of(path: Path | str) -> str | None:
-    """The remote URL a local-copy path stands for, or None for an ordinary local path (cheap: no I/O)."""
-    base = _copy_prefix(os.environ.get(LOCAL_COPY_ENV), os.environ.get("HOME"))  # a string: no pathlib per lookup
-    here = os.path.abspath(path)
-    if not here.startswith(base):
-        return None
-    scheme, _, rest = here[len(base) :].partition(os.sep)
-    return f"{scheme}://{rest.replace(os.sep, '/')}" if rest else None
 
 
 def filesystem(url: str) -> tuple[Any, str]:
@@ -254,8 +210,6 @@ def fetch_entry(fs: Any, key: str, raw: bytes, path: Path) -> str | None:
 
 def _download(fs: Any, remote: str, target: Path, rec: dict) -> str | None:
     """Fetch one file to a temp beside `target`; rename it over `target` only when size and xxh3 match."""
-    from .fingerprint import hash_file
-
     class _Mismatch(Exception):
         pass
 
@@ -399,3 +353,19 @@ def delete_remote(fs: Any, key: str, raw: bytes) -> int:
                 fs.rm_file(f"{base}/{name}")
                 freed += size
     return freed
+
+
+class RemoteMirror(entry.Mirror):
+    """The entry contract's hooks for roots on object storage; each is a no-op for a path outside a local copy."""
+
+    def push(self, path: Path) -> bool:
+        return push(path)
+
+    def refresh(self, path: Path, kind: str | None) -> None:
+        refresh(path, kind)
+
+    def delete(self, path: Path) -> None:
+        delete(path)
+
+
+entry.mirror = RemoteMirror()

@@ -23,7 +23,7 @@ import xxhash
 
 from ..errors import ConfigError, CorruptEntryError
 from . import entry, remote
-from .store import cache_folders, is_tagged, tag_folder, unseal
+from .store import cache_folders, is_tagged, local_path, tag_folder, unseal, url_of
 
 log = logging.getLogger(__name__)
 _TAG = "CACHEDIR.TAG"
@@ -31,7 +31,7 @@ _TAG = "CACHEDIR.TAG"
 
 @dataclass(frozen=True)
 class Scanned:
-    """One remote manifest: `path` is its place in the local copy (`remote.url_of(path)` is its URL)."""
+    """One remote manifest: `path` is its place in the local copy (`store.url_of(path)` is its URL)."""
 
     path: Path
     entry: entry.Entry | None
@@ -46,7 +46,7 @@ def root_url(root: Path) -> str:
     Raises:
         ConfigError: `root` is not the local copy of a remote root.
     """
-    url = remote.url_of(root)
+    url = url_of(root)
     if url is None:
         raise ConfigError(f"{root} is not a remote cache root; give a URL such as s3://bucket/prefix.")
     return url
@@ -253,7 +253,7 @@ def pull(url: str, local: Path, dry_run: bool = False) -> Copied:
     fs, base = remote.filesystem(url)
     base = base.rstrip("/")
     done = Copied()
-    copy = remote.local_path(url)
+    copy = local_path(url)
     for scanned in scan(copy, check="size"):
         rel = scanned.path.relative_to(copy).as_posix()
         if scanned.entry is None:

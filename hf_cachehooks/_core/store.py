@@ -1,4 +1,4 @@
-"""Where cache bytes hit the disk: root resolution, sealed JSON, atomic writes and the cache tag.
+"""Where cache bytes hit the disk: root resolution, sealed JSON, atomic writes, file hashes and the cache tag.
 
     $HF_CACHEHOOKS_HOME (default outputs/cache)/
     ├── predictions/    CACHEDIR.TAG + prediction runs and per-example shards
@@ -12,11 +12,15 @@ under it. Sealed JSON is pretty JSON whose last field is an xxh3 checksum of the
 truncated, edited or bit-rotten file is detected. Every write goes to a temp file in the same folder
 (named `.<name>.<random>.hfch-tmp`), is fsynced, then renamed over the target. CACHEDIR.TAG marks a
 folder as this library's cache: the management commands delete nothing anywhere else.
+
+A root on object storage (`s3://bucket/prefix`) resolves to its local copy here, by path arithmetic alone;
+keeping the copy and the remote in step is `remote.py`'s job.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -25,13 +29,16 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import xxhash
 
-from ..errors import CorruptEntryError
+from ..errors import ConfigError, CorruptEntryError
 from .keys import hash_bytes
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "outputs/cache"
+LOCAL_COPY_ENV = "HF_CACHEHOOKS_LOCAL_COPY"
+_CHUNK = 8 << 20
 TEMP_SUFFIX = ".hfch-tmp"  # a writer's temp file: `prune` removes only these, and only when old
 _SEAL = b'\n  "checksum": "'
 _TAG = b"Signature: 8a477f597d28d172789f06886806bc55\n# Cache folder of hf_cachehooks.\n"
@@ -43,12 +50,54 @@ def cache_root(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def local_path(value: str | os.PathLike) -> Path:
-    """`value` as a local folder: a URL (`s3://bucket/prefix`) becomes its local copy (see `remote.py`)."""
-    if isinstance(value, str) and "://" in value and not value.startswith("file://"):
-        from .remote import local_path as copy_of
+    """`value` as a local folder: a URL (`s3://bucket/prefix`) becomes its local copy (see `remote.py`).
 
-        return copy_of(value)
+    Raises:
+        ConfigError: a URL with no bucket, or with a path part that is `..` or hidden.
+    """
+    if isinstance(value, str) and is_url(value):
+        return _copy_of(value)
     return Path(value.removeprefix("file://") if isinstance(value, str) else value)
+
+
+def is_url(value: object) -> bool:
+    """True for `scheme://...` (not `file://`): a root on object storage."""
+    text = os.fspath(value) if isinstance(value, os.PathLike) else value
+    return isinstance(text, str) and "://" in text and not text.startswith("file://")
+
+
+def copy_base() -> Path:
+    """Where local copies of remote roots live: $HF_CACHEHOOKS_LOCAL_COPY, else ~/.cache/hf_cachehooks/remote."""
+    value = os.environ.get(LOCAL_COPY_ENV)
+    if value:
+        return Path(os.path.abspath(value))
+    return Path(os.path.expanduser("~/.cache")) / "hf_cachehooks" / "remote"
+
+
+def _copy_of(url: str) -> Path:
+    """The local copy of `url`: `<copy base>/<scheme>/<bucket>/<path>`."""
+    scheme, _, rest = url.partition("://")
+    parts = [p for p in rest.split("/") if p]
+    if not scheme.isidentifier() or not parts or any(p in (".", "..") or p.startswith(".") for p in parts):
+        raise ConfigError(f"Cache root {url!r} is not a usable URL; use e.g. s3://bucket/prefix.")
+    return copy_base().joinpath(scheme, *parts)
+
+
+@functools.lru_cache(maxsize=8)
+def _copy_prefix(value: str | None, home: str | None) -> str:
+    """`copy_base()` as a normalised string ending in a separator (per setting and home folder)."""
+    top = os.path.abspath(value) if value else os.path.join(os.path.expanduser("~/.cache"), "hf_cachehooks", "remote")
+    return os.path.join(os.path.normpath(top), "")
+
+
+def url_of(path: Path | str) -> str | None:
+    """The remote URL a local-copy path stands for, or None for an ordinary local path (cheap: no I/O)."""
+    base = _copy_prefix(os.environ.get(LOCAL_COPY_ENV), os.environ.get("HOME"))  # a string: no pathlib per lookup
+    here = os.path.abspath(path)
+    if not here.startswith(base):
+        return None
+    scheme, _, rest = here[len(base) :].partition(os.sep)
+    return f"{scheme}://{rest.replace(os.sep, '/')}" if rest else None
 
 
 def seal(doc: dict) -> bytes:
@@ -104,6 +153,15 @@ def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     """Write `data` to `path` atomically (see `atomic_target`)."""
     with atomic_target(path, durable) as tmp:
         tmp.write_bytes(data)
+
+
+def hash_file(path: Path) -> str:
+    """xxh3-128 of a file's content, read in chunks (the same hash as `keys.hash_bytes` of its bytes)."""
+    digest = xxhash.xxh3_128()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -6,6 +6,12 @@
 
 `finish_store` turns the confirmed chunks into the store: the side files, then the manifest (written
 last, listing every file and where each layer's values start in each shard), then `.chunks/` goes.
+`link_store` records a finished store that lies outside the cache root in the root, so `ls`, `du`,
+`verify`, `prune` and `clear` there know it:
+
+    <root>/activations/
+    ├── CACHEDIR.TAG
+    └── link-<xxh3 of the store's real path>.json   an entry of kind "store-link": no files, {"folder": ...}
 """
 
 from __future__ import annotations
@@ -27,13 +33,13 @@ import xxhash
 from .._core import entry
 from .._core.freshness import SYSTEM_CLOCK, Clock, iso
 from .._core.keys import Key
-from .._core.store import atomic_target, read_entry, seal, write_entry
+from .._core.store import atomic_target, read_entry, seal, tag_folder, url_of, write_entry
 from ..errors import CacheError
 from .store import ARROW_TYPE, CHUNKS, KIND, LAYOUT, MANIFEST, chunk_name, write_layer_info
 
 log = logging.getLogger(__name__)
 
-
+LINK_KIND = "store-link"  # management (which may not import features) names it too
 SHARD_BYTES = 32 << 20  # a default shard holds about this much activation data
 MIN_SHARD = 1024  # examples: the smallest default shard (the fixed default of earlier versions)
 
@@ -379,6 +385,28 @@ def finish_store(
         size / 1e6,
         folder,
     )
+
+
+def link_store(folder: Path, root: Path) -> Path | None:
+    """Record the store in `folder` in the cache root when it lies outside it; return the link's path.
+
+    The link is an entry of the contract listing no files: clearing it never touches the store. Nothing
+    is written for a store under the root (management finds it there), on object storage, or into a
+    remote root (a local path means nothing on another machine); an unwritable root is a warning.
+    """
+    real, top = os.path.realpath(folder), os.path.realpath(root)
+    if (real == top or real.startswith(os.path.join(top, "")) or url_of(folder) is not None
+            or url_of(root) is not None):
+        return None
+    digest = xxhash.xxh3_64_hexdigest(real.encode())
+    path = Path(root) / KIND / f"link-{digest}.json"
+    if entry.is_entry_file(path):
+        return path  # recorded already
+    tag_folder(path.parent)
+    key = {"kind": LINK_KIND, "digest": digest, "inputs": {"folder": real}}
+    if not entry.replaceable(path) or not entry.commit(path, LINK_KIND, key, fields={"folder": real}):
+        return None
+    return path
 
 
 def label_counts(rows: list[dict], label_field: str, values: np.ndarray | None = None) -> dict[str, int]:

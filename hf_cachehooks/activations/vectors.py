@@ -17,8 +17,7 @@ import orjson
 import torch
 
 from .._core.store import atomic_write
-from ..errors import ConfigError, CorruptEntryError, HFCacheHooksError
-from ..errors import ProbeMismatchError as ProbeMismatchError  # re-exported: it used to live here
+from ..errors import ConfigError, CorruptEntryError, HFCacheHooksError, ProbeMismatchError
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ killed run redoes only unconfirmed chunks. Rank 0 writes the side files, then th
 or with `force` made from other inputs) is removed through its manifest: only files it lists. A
 non-empty folder without our CACHEDIR.TAG is refused (see `claim_folder`), so a user's files are never replaced. A
 `CacheConfig` passed as `cache` sets expiry (`max_age`), re-extraction of the same inputs
-(`force_recompute`) and the clock.
+(`force_recompute`) and the clock; its root records a finished store that lies outside it (`link_store`).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from .shards import (
     default_shard_size,
     field_columns,
     finish_store,
+    link_store,
     resumed_shard_size,
     scalar_fields,
     sidecar,
@@ -184,8 +185,9 @@ def cache_activations(
         cache: the settings as one `CacheConfig`: `max_age` (left out: never expires, as without `cache`),
             `force_recompute` (extract again even from the same inputs; a store made from other inputs
             still needs `force`), `enabled=False` (the same: the store is the result, so it is always
-            written) and `clock`. Its `root` is not used: the store lives in `folder` (a `folder` set in
-            the CacheConfig must be that one).
+            written) and `clock`. The store lives in `folder` (a `folder` set in the CacheConfig must be
+            that one); a store outside the `root` is recorded there (`shards.link_store`), so the
+            management commands on that root list, verify and forget it (they never delete it).
 
     Returns:
         The finished `ActivationStore`.
@@ -243,6 +245,8 @@ def cache_activations(
     hit = _clear_the_way(folder, key, force, cache, rank)
     if hit is not None:
         log.info("✅ Loaded activations from cache %s (%d examples, layers %s).", folder, len(rows), layers)
+        if rank == 0:
+            link_store(folder, cache.resolve_root())  # known to this root too, when it was made under another
         return ActivationStore._of(hit)
     _barrier(world)  # rank 0 has removed what was in the way
     hidden = hidden_size(model)
@@ -308,6 +312,7 @@ def cache_activations(
         with _writing(folder, need_text):
             finish_store(folder, chunks, rows, fields, label_field, key, layers, positions, dtype, hidden,
                          shard_size, clock=cache.clock, columns=columns)
+        link_store(folder, cache.resolve_root())  # a store outside the root: `ls` there lists it
     if not _barrier(world) and rank != 0:  # every rank passes the same barriers
         _wait_for(lambda: _finished(folder), wait_timeout, folder)
     return ActivationStore(folder)

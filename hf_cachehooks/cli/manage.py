@@ -9,8 +9,9 @@ import time
 from pathlib import Path
 
 from .. import management
-from .._core import remote, remote_sync
+from .._core import remote_sync
 from .._core.freshness import describe_age, parse_duration
+from .._core.store import is_url, url_of
 from ..errors import ConfigError
 from ..management import shown
 
@@ -26,7 +27,9 @@ def human_bytes(n: float) -> str:
 
 def _print_plan(plan: management.Plan, dry_run: bool, verb: str) -> None:
     for path in plan.entries:
-        print(f"  {shown(path)}")
+        kept = plan.kept.get(path)  # a link to a store outside the root: the store stays where it is
+        print(f"  {shown(path)}" + (f"  (a link: the activation store in {kept} stays; remove it with "
+                                     f"`hf-cachehooks --cache-dir {kept} clear`)" if kept else ""))
     for path in plan.leftovers:
         print(f"  {shown(path)}  (left by a dead writer)")
     for url in plan.leases:
@@ -61,6 +64,10 @@ def cmd_ls(args: argparse.Namespace) -> int:
         model = e.model if len(e.model) <= 36 else "…" + e.model[-35:]
         print(f"{e.kind:<22} {model:<36} {e.examples or '-':>8} {human_bytes(e.size):>9} "
               f"{describe_age(now - e.created_at):>5}  {e.key}")
+    for e in infos:
+        if e.kind == management.LINK:
+            print(f"Stale link {shown(e.link or e.path)}: no valid activation store in {e.path.parent}; "
+                  f"`hf-cachehooks --cache-dir {shown(args.root)} clear --kind {management.LINK}` removes the link.")
     print(f"{len(infos)} entries under {shown(args.root)}")
     return 0
 
@@ -89,8 +96,8 @@ def cmd_clear(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    folder = Path(args.path) if args.path and not remote.is_url(args.path) else args.root
-    if not folder.exists() and remote.url_of(folder) is None and not remote.is_url(args.path):
+    folder = Path(args.path) if args.path and not is_url(args.path) else args.root
+    if not folder.exists() and url_of(folder) is None and not is_url(args.path):
         raise ConfigError(f"{folder} does not exist. Give an activation cache folder (cache-activations --output DIR)."
                           if args.path else f"No cache at {folder} (the folder does not exist). Point --cache-dir "
                           "or $HF_CACHEHOOKS_HOME at your cache root.")
@@ -127,14 +134,14 @@ def _copy_report(done: remote_sync.Copied, verb: str, dry_run: bool) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    if remote.url_of(args.root) is not None or not remote.is_url(args.url):
+    if url_of(args.root) is not None or not is_url(args.url):
         raise ConfigError("push copies from a local cache root (--cache-dir) to a remote one (a URL such as "
                           f"s3://bucket/prefix); got --cache-dir {shown(args.root)} and {args.url!r}.")
     return _copy_report(remote_sync.push(args.root, args.url, args.dry_run), "push", args.dry_run)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    if remote.url_of(args.root) is not None or not remote.is_url(args.url):
+    if url_of(args.root) is not None or not is_url(args.url):
         raise ConfigError("pull copies from a remote root (a URL such as s3://bucket/prefix) into a local cache "
                           f"root (--cache-dir); got {args.url!r} and --cache-dir {shown(args.root)}.")
     return _copy_report(remote_sync.pull(args.url, args.root, args.dry_run), "pull", args.dry_run)

@@ -11,8 +11,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import ServerError as ServerError  # re-exported: it used to live here
-
 
 @dataclass(frozen=True)
 class Sampling:
@@ -81,11 +79,3 @@ class TransformersBackend:
                                    add_special_tokens=not self.use_chat_template)
             out += batch
         return out
-
-
-def __getattr__(name: str) -> Any:
-    if name == "OpenAIBackend":  # it moved to remote.py; this import path keeps working
-        from .remote import OpenAIBackend
-
-        return OpenAIBackend
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
