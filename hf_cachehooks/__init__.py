@@ -124,9 +124,21 @@ if not _typing.TYPE_CHECKING:
             if name in _LAZY_MODULES:
                 value = _import_module(f".{_LAZY_MODULES[name]}", __name__)
             else:
-                value = getattr(_import_module(f".{_LAZY[name]}", __name__), name)
+                value = _public(getattr(_import_module(f".{_LAZY[name]}", __name__), name))
         globals()[name] = value
         return value
+
+
+def _public(value: _Any) -> _Any:
+    """Name `value` as the package root's (tracebacks and reprs show `hf_cachehooks.X`, not a private path)."""
+    value.__module__ = __name__
+    return value
+
+
+for _name in __all__:  # the names imported above; the lazy ones are named as they load
+    if _name in globals() and _name not in _LAZY_MODULES:
+        _public(globals()[_name])
+del _name
 
 
 def __dir__() -> list[str]:

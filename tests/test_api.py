@@ -181,3 +181,12 @@ def test_miss_reason_says_why_the_run_entry_was_not_served(tiny, qa_rows):
     off = hf_cachehooks.evaluate_model(model, qa_rows, CFG.with_(use_prediction_cache=False), tokenizer=tok)
     assert (off.cache_status, off.miss_reason) == ("disabled", None)
     assert not hasattr(first, "extra")
+
+
+def test_every_public_name_is_named_as_the_package_roots():
+    """Tracebacks, reprs and API docs show `hf_cachehooks.X`, never a private module path."""
+    for name in hf_cachehooks.__all__:
+        value = getattr(hf_cachehooks, name)
+        if name != "speedups":  # a namespace module, named as itself
+            assert value.__module__ == "hf_cachehooks", name
+    assert repr(hf_cachehooks.CacheConfig).startswith("<class 'hf_cachehooks.CacheConfig'")
