@@ -192,8 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
     chat.add_argument("--port", type=int, default=8000, help="port")
     chat.add_argument("--directory", help="token cache folder (default: <cache root>/conversations)")
-    chat.add_argument("--config", help="YAML file with the cache block (memory, disk, prefetch, ttl); see docs/conversation.md "
-                      "(default: the built-in settings)")
+    chat.add_argument("--config", help="YAML file with the cache block (memory, disk, prefetch, ttl); see "
+                      "docs/conversation.md (default: the built-in settings)")
     chat.add_argument("--keep-kv", type=int, default=2,
                       help="conversations whose model KV cache stays in memory between turns (0: rerun history)")
     chat.add_argument("--top-k", type=_positive, default=10, help="lens candidates shown per token")
