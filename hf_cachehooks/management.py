@@ -30,10 +30,10 @@ import orjson
 from ._core import remote, remote_sync
 from ._core.entry import Entry, entry_size, inspect, is_entry_file, read_head, remove_entry
 from ._core.keys import diff_inputs
+from ._core.kinds import LINK_KIND as LINK
 from ._core.store import TEMP_SUFFIX, cache_folders
 from .errors import ConfigError
 
-LINK = "store-link"  # the root's record of an activation store outside it (`activations.shards.link_store`)
 BOOKKEEPING = ("file-hashes", "identity", "last-miss")  # recomputable memos: `ls` shows them only when asked
 _STORE_MANIFEST = "manifest.json"  # the manifest of the activation store a link names, in its folder
 _LEFTOVER_GRACE = 3600.0  # a temp, lock or trash file this old belongs to a dead writer (live locks beat every 5 s)

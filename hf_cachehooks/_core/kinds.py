@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 ACTIVATION_DTYPES = ("float32", "float16", "bfloat16")  # the activation store's `dtype` (bf16 travels as its bits)
+LINK_KIND = "store-link"  # the root's record of an activation store outside it (written by the store)
 
 
 def _activations_problem(doc: dict) -> str | None:

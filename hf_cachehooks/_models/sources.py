@@ -142,8 +142,8 @@ def resolve_files(name_or_path: str, load_options: Mapping[str, Any]) -> dict[st
             return None
         groups["gguf"] = (None, found)
     adapter = os.path.join(folder, subfolder or "", _ADAPTER_CONFIG)
-    full_model = os.path.exists(name_or_path) and os.path.exists(os.path.join(name_or_path, "config.json"))
-    if os.path.isfile(adapter) and not full_model:  # transformers loads the base, then the adapter over it
+    # transformers loads the base, then the adapter over it, unless the path is a full model of its own
+    if os.path.isfile(adapter) and not os.path.exists(os.path.join(name_or_path, "config.json")):
         try:
             base = orjson.loads(Path(adapter).read_bytes()).get("base_model_name_or_path")
         except (OSError, ValueError, AttributeError):

@@ -33,13 +33,13 @@ import xxhash
 from .._core import entry
 from .._core.freshness import SYSTEM_CLOCK, Clock, iso
 from .._core.keys import Key
+from .._core.kinds import LINK_KIND
 from .._core.store import atomic_target, read_entry, seal, tag_folder, url_of, write_entry
 from ..errors import CacheError
 from .store import ARROW_TYPE, CHUNKS, KIND, LAYOUT, MANIFEST, chunk_name, write_layer_info
 
 log = logging.getLogger(__name__)
 
-LINK_KIND = "store-link"  # management (which may not import features) names it too
 SHARD_BYTES = 32 << 20  # a default shard holds about this much activation data
 MIN_SHARD = 1024  # examples: the smallest default shard (the fixed default of earlier versions)
 
