@@ -48,7 +48,7 @@ from machine import drop_page_cache, machine  # benchmarks/machine.py
 from stats import percentile  # benchmarks/stats.py: the one percentile
 from tqdm import tqdm
 
-from hf_cachehooks import load_model
+from hf_cachehooks import CacheConfig, load_model
 from hf_cachehooks.conversation.cache import TokenCache
 from hf_cachehooks.conversation.files import TokenCacheConfig
 from hf_cachehooks.conversation.lens import LensWorker, generate_turn
@@ -141,7 +141,7 @@ def overhead(model, tok, args, folder: Path) -> dict:
     n = args.new_tokens
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the 2 cores are shared: one thread gives stable timings
-    cache = TokenCache(TokenCacheConfig(directory=str(folder)))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder)))
     turns: list = []
 
     def plain() -> None:
@@ -195,7 +195,8 @@ def overhead(model, tok, args, folder: Path) -> dict:
 def long_conversation(folder: Path, ids: np.ndarray, states: np.ndarray, vocab: int, args) -> dict:
     """Write the long conversation (10,000 tokens; 2,000 with --quick) once, for lookups, browser and storage."""
     total, rng = (2000 if args.quick else 10_000), np.random.default_rng(0)
-    cache = TokenCache(TokenCacheConfig(directory=str(folder), memory_max_bytes=BIG, disk_max_bytes=64 * 2**30))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder), memory_max_bytes=BIG,
+                                        disk_max_bytes=64 * 2**30))
     times = write_conversation(cache, "long", turns_of(ids, states, total, rng, (50, 400), vocab), total,
                                "long conversation")
     return {"cache": cache, "folder": folder, "conv_id": "long", "tokens": cache.length("long"),
@@ -241,7 +242,7 @@ def lookups(long: dict, tok, args) -> dict:
     for label, before in (("warm", None), ("cold", cold)):  # first lookup in each turn after a restart: promotes it
         times = []
         for _ in range(2 if args.quick else 4):
-            fresh = TokenCache(TokenCacheConfig(directory=str(folder), memory_max_bytes=BIG))
+            fresh = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder), memory_max_bytes=BIG))
             fresh.length(cid)  # the manifest is read once per process; time the turn reads only
             picks = [int(rng.integers(a, b)) for a, b in zip(starts[:-1], starts[1:])]
             times += sample(fresh, rng.permutation(picks), before)
@@ -249,7 +250,7 @@ def lookups(long: dict, tok, args) -> dict:
             gc.collect()  # let the mapped turns go before the next round
         out[f"disk_promote_{label}"] = summary(times)
         line(f"disk, first touch of a turn, page cache {label}", out[f"disk_promote_{label}"], 5)
-    small = TokenCache(TokenCacheConfig(directory=str(folder), memory_max_bytes=SMALL))
+    small = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder), memory_max_bytes=SMALL))
     sample(small, rng.integers(0, n, 20))
     for label, before, count in (("warm", None, 150 if args.quick else 500), ("cold", cold, 60 if args.quick else 200)):
         out[f"disk_row_{label}"] = summary(sample(small, rng.integers(0, n, count), before))
@@ -323,7 +324,8 @@ def browser(long: dict, tok, args) -> dict:
 
     n = long["tokens"]
     positions = click_positions(n, 12 if args.quick else 30, np.random.default_rng(2))
-    cache = TokenCache(TokenCacheConfig(directory=str(long["folder"]), memory_max_bytes=BIG))  # a server restart
+    # a server restart
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=long["folder"]), memory_max_bytes=BIG))
     with serve(create_app(None, tok, cache)) as url:
         clicks = click_to_render(url, long["conv_id"], positions)
     ms = [c["ms"] for c in clicks]
@@ -353,7 +355,7 @@ def lens_view(model, tok, ids: np.ndarray, states: np.ndarray, tmp: Path, args) 
     from hf_cachehooks.conversation.app import create_app
 
     t = 300
-    cache = TokenCache(TokenCacheConfig(directory=str(tmp / "lens_view"), memory_max_bytes=BIG))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp / "lens_view"), memory_max_bytes=BIG))
     cache.append_turn("view", ids[:t], states[:t])
     worker = LensWorker(model, cache, k=K)
     began = time.perf_counter()
@@ -372,7 +374,7 @@ def lens_view(model, tok, ids: np.ndarray, states: np.ndarray, tmp: Path, args) 
     out["lens_ms_per_token"] = lens_cost(model, states[:32], ids[:32])
     print("  the lens per token, top-k only vs with the per-layer figures (entropy, KL, next token's p and rank): "
           f"{out['lens_ms_per_token']['topk_only']:.0f} vs {out['lens_ms_per_token']['with_figures']:.0f} ms")
-    pending = TokenCache(TokenCacheConfig(directory=str(tmp / "lens_pending"), memory_max_bytes=BIG))
+    pending = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp / "lens_pending"), memory_max_bytes=BIG))
     pending.append_turn("view", ids[:t], states[:t])
     client = TestClient(create_app(model, tok, pending, k=K), base_url="http://localhost")
     began = time.perf_counter()
@@ -427,7 +429,7 @@ def concurrency(folder: Path, args) -> dict:
     from tests.conftest import make_llama, make_tokenizer
 
     convs, chats, per_turn = 10, 3, 5 if args.quick else 10
-    cache = TokenCache(TokenCacheConfig(directory=str(folder)))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder)))
     app = create_app(make_llama(layers=2), make_tokenizer(), cache, k=3, max_new_tokens=6)
     known: dict[str, dict[int, str]] = {}  # conv_id -> position -> token text, as the chat replies said
     guard = threading.Lock()
@@ -547,7 +549,8 @@ def eviction(folder: Path, ids: np.ndarray, states: np.ndarray, vocab: int, args
     """Small tiers, many conversations, 3 pinned early: limits hold after every append, pinned ones survive."""
     mem_limit, disk_limit = 20 * 2**20, 60 * 2**20
     convs, turns = (12, 3) if args.quick else (40, 3)
-    cache = TokenCache(TokenCacheConfig(directory=str(folder), memory_max_bytes=mem_limit, disk_max_bytes=disk_limit))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder), memory_max_bytes=mem_limit,
+                                        disk_max_bytes=disk_limit))
     rng = np.random.default_rng(3)
     pinned, lengths = ["ev-00", "ev-01", "ev-02"], {}
     peak = {"memory_bytes": 0, "disk_bytes": 0, "folder_bytes": 0}
@@ -638,19 +641,19 @@ def storage(long: dict, ids: np.ndarray, states: np.ndarray, vocab: int, tmp: Pa
     total, codecs = (600 if args.quick else 2000), {}
     for codec in ("none", "lz4", "zstd"):
         folder = tmp / f"codec-{codec}"
-        cache = TokenCache(TokenCacheConfig(directory=str(folder), memory_max_bytes=BIG, compression=codec))
+        cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder), memory_max_bytes=BIG, compression=codec))
         turns = list(turns_of(ids, states, total, np.random.default_rng(4), (200, 200), vocab))
         write = write_conversation(cache, "c", turns, total, f"write {codec}")
         nbytes = folder_bytes(folder / "c")[0]
         del cache
         gc.collect()
-        fresh = TokenCache(TokenCacheConfig(directory=str(folder), memory_max_bytes=BIG))
+        fresh = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder), memory_max_bytes=BIG))
         fresh.length("c")
         first, every = [], []
         for i in range(total):  # in order: the first token of each turn reads (and decodes) the whole turn
             ms, _ = timed(fresh.token, "c", i)
             (first if i % 200 == 0 else every).append(ms)
-        small = TokenCache(TokenCacheConfig(directory=str(folder), memory_max_bytes=SMALL))
+        small = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder), memory_max_bytes=SMALL))
         small.length("c")
         rows_ms = [timed(small.token, "c", int(i))[0] for i in np.random.default_rng(5).integers(0, total, 40)]
         codecs[codec] = {"write_ms_per_token": sum(write) / total, "bytes": nbytes,
@@ -730,7 +733,7 @@ def seed_design(ids: np.ndarray, states: np.ndarray, vocab: int, tmp: Path, args
     seed_bytes = folder_bytes(seed_dir)
 
     ours_dir = tmp / "ours-8"
-    cache = TokenCache(TokenCacheConfig(directory=str(ours_dir), memory_max_bytes=BIG))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=ours_dir), memory_max_bytes=BIG))
     turns, t0 = [], 0
     for size in [200] * (total // 200):
         turns.append((ids[idx[t0:t0 + size]], sub[idx[t0:t0 + size]], top_ids[t0:t0 + size], top_probs[t0:t0 + size]))
@@ -740,7 +743,7 @@ def seed_design(ids: np.ndarray, states: np.ndarray, vocab: int, tmp: Path, args
         cache.append_turn("conv", *turn)
     ours_write = time.perf_counter() - start
     memory_ms = [timed(cache.token, "conv", int(i))[0] for i in picks]
-    small = TokenCache(TokenCacheConfig(directory=str(ours_dir), memory_max_bytes=SMALL))
+    small = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=ours_dir), memory_max_bytes=SMALL))
     small.length("conv")
     disk_ms = [timed(small.token, "conv", int(i))[0] for i in picks]
     ours_bytes = folder_bytes(ours_dir / "conv")

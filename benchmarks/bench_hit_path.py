@@ -206,10 +206,11 @@ def bench_resume(n: int, reps: int) -> dict:
 
 
 def bench_explain(tmp: Path, entries: int, reps: int) -> dict:
+    from hf_cachehooks import CacheConfig
     from hf_cachehooks._core.keys import make_key
     from hf_cachehooks.evaluation.predictions import PredictionCache
 
-    cache = PredictionCache(tmp / "predictions", time.time, None)
+    cache = PredictionCache(CacheConfig(folder=tmp / "predictions", max_age=None))
     ident = {"name": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "a" * 40, "weights": "w" * 32,
              "config": "c" * 32, "dtype": "bfloat16", "quantization": None, "adapter": None}
     preds = [" ".join(rng.choices(WORDS, k=60)) for _ in range(1000)]

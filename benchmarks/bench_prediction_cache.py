@@ -35,6 +35,7 @@ import random
 import shutil
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import diskcache
@@ -46,6 +47,7 @@ from machine import machine  # benchmarks/machine.py
 from sqlitedict import SqliteDict
 from stats import interleaved, summary, timed  # benchmarks/stats.py: one percentile for every table
 
+from hf_cachehooks import CacheConfig
 from hf_cachehooks._core import (
     entry,  # its parsed-entry memo, cleared to time a first read
     fingerprint,  # its memo of null-free rows, cleared to time a first call
@@ -92,7 +94,7 @@ def bench_run_hit(tmp: Path, n: int, reps: int) -> dict:
         "metric_versions": {"accuracy": "evaluate==0.4.3", "exact_match": "evaluate==0.4.3"},
     }
     key = make_key("predictions", {"model": MODEL, "dataset": f"mmlu-{n}", "gen": {"max_new_tokens": 64}})
-    cache = PredictionCache(tmp / "predictions", clock=time.time, max_age_days=30)
+    cache = PredictionCache(CacheConfig(folder=tmp / "predictions", max_age=timedelta(days=30)))
     cache.save_run(key, MODEL, PAYLOADS[n])
     cached = joblib.Memory(tmp / "joblib", verbose=0).cache(run_doc)
     cached(n)  # the miss that fills joblib's cache
@@ -107,7 +109,7 @@ def bench_run_hit(tmp: Path, n: int, reps: int) -> dict:
     assert cache.load_run(key, MODEL)["predictions"] == cached(n)["predictions"] == dc.get("run")["predictions"]
     first_path = str(cache.run_path(key, MODEL))
     shutil.copytree(tmp / "predictions", tmp / "predictions-repeat")  # the same entry, remembered apart
-    repeat = PredictionCache(tmp / "predictions-repeat", clock=time.time, max_age_days=30)
+    repeat = PredictionCache(CacheConfig(folder=tmp / "predictions-repeat", max_age=timedelta(days=30)))
 
     def first_read() -> dict | None:  # what a new process pays: read, checksum and parse the entry
         entry._parsed.pop(first_path, None)
@@ -157,7 +159,7 @@ def bench_resume(tmp: Path, n: int, reps: int) -> dict:
     preds = [text(200) for _ in range(n)]
     predictor = make_key("examples", {"model": MODEL, "prompt": "Question: {question}\nAnswer:",
                                       "gen": {"max_new_tokens": 64, "temperature": 0}})
-    cache = PredictionCache(tmp / "predictions", clock=time.time, max_age_days=30)
+    cache = PredictionCache(CacheConfig(folder=tmp / "predictions", max_age=timedelta(days=30)))
 
     def lookup_ours() -> None:
         rows = cache.load_examples(predictor)

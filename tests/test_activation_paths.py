@@ -7,21 +7,13 @@ import pytest
 from hf_cachehooks._models import loading
 from hf_cachehooks.activations.paths import cache_activations_from_path, remembered_store
 from hf_cachehooks.cli import main
-from tests.conftest import make_llama, make_tokenizer, rewrite_in_place
+from tests.conftest import make_llama, rewrite_in_place
 
 ROWS = [
     {"text": "what is two plus two ?", "label": "math"},
     {"text": "the sky is blue", "label": "other"},
     {"text": "what is four plus two ?", "label": "math"},
 ]
-
-
-@pytest.fixture
-def model_path(tmp_path):
-    folder = tmp_path / "model"
-    make_llama(layers=3).save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture
@@ -125,3 +117,13 @@ def test_unknown_head_is_refused(model_path, data):
 
     with pytest.raises(ConfigError, match="head='lm'"):
         cache_activations_from_path(str(model_path), data, "acts", [1], head="lm")
+
+
+def test_settings_are_checked_before_the_model_loads(model_path, data, loads):
+    from hf_cachehooks.errors import ConfigError
+
+    loads.refuse = True
+    with pytest.raises(ConfigError, match="dtype='int8' is not supported"):
+        cache_activations_from_path(str(model_path), data, "acts", [1], dtype="int8")
+    with pytest.raises(TypeError, match="unexpected keyword arguments: batchsize"):
+        cache_activations_from_path(str(model_path), data, "acts", [1], batchsize=4)

@@ -2,6 +2,7 @@
 
 import json
 import os
+from datetime import timedelta
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import torch
 
 import hf_cachehooks.activations.shards as shards
 import hf_cachehooks.activations.writer as writer
+from hf_cachehooks import CacheConfig
 from hf_cachehooks._models.extraction import batches, capture, pool
 from hf_cachehooks.activations.store import ActivationStore, verify_store
 from hf_cachehooks.activations.writer import cache_activations
@@ -156,7 +158,8 @@ def test_subset_is_a_view(llama, tmp_path):
 def test_missing_layer_names_the_cached_ones(llama, tmp_path):
     model, tok = llama
     store = cache_activations(model, tok, records(), tmp_path / "c", [1, 3], progress=False)
-    with pytest.raises(ConfigError, match=r"Layer 2 is not in this cache \(cached: 1, 3\).*--layers including 2"):
+    missing = r"Layer 2 is not in this cache \(cached: 1, 3\)\. Re-run cache_activations with layers= including 2"
+    with pytest.raises(ConfigError, match=missing):
         store.layer(2)
     with pytest.raises(ConfigError, match="0..3"):
         cache_activations(model, tok, records(), tmp_path / "d", [4], progress=False)
@@ -305,7 +308,7 @@ def test_a_damaged_store_is_never_served_and_is_re_extracted(llama, tmp_path, mo
         store = ActivationStore(folder)  # checks the manifest; each shard is checked as it is mapped
         store.layer(2)
         store.to_dataset()  # checks every file `datasets` reads
-    assert "\n" not in str(err.value) and "cache-activations" in str(err.value)  # one line naming the fix
+    assert "\n" not in str(err.value) and f"cache_activations with folder='{folder}'" in str(err.value)  # the fix
     assert sorted(p.name for p in folder.iterdir()) == before  # opening for reading deletes nothing
     assert len(verify_store(folder)) == 1
     calls = _extractions(monkeypatch)
@@ -403,7 +406,7 @@ def test_a_resealed_store_gets_one_verdict_from_every_command(llama, tmp_path, c
     assert main(["--cache-dir", str(folder), "ls"]) == 0
     assert "0 entries" in capsys.readouterr().out
     assert management.list_entries(folder) == [] and management.disk_usage(folder) == {}
-    assert management.plan_prune(folder, older_than=-1.0).entries == []
+    assert management.plan_prune(folder, older_than=-1.0).entries == ()
     assert entry.inspect(folder / "manifest.json", check="manifest") == (None, problem)
     assert entry.open_entry(folder / "manifest.json", kind="activations", remove_corrupt=False) is None
     assert verify_store(folder) == [f"{folder}: {problem}"]
@@ -462,11 +465,12 @@ def test_an_expired_store_is_re_extracted(llama, tmp_path, monkeypatch, caplog):
     first = cache_activations(model, tok, records(), folder, [1], progress=False)
     later = lambda: time.time() + 3 * 86400  # noqa: E731
     calls = _extractions(monkeypatch)
-    cache_activations(model, tok, records(), folder, [1], max_age_days=7, clock=later, progress=False)
-    cache_activations(model, tok, records(), folder, [1], clock=later, progress=False)  # no limit: never expires
+    week, day = CacheConfig(max_age=timedelta(days=7), clock=later), CacheConfig(max_age=timedelta(days=1), clock=later)
+    cache_activations(model, tok, records(), folder, [1], cache=week, progress=False)
+    cache_activations(model, tok, records(), folder, [1], cache=CacheConfig(clock=later), progress=False)  # never
     assert calls == []
     with caplog.at_level("INFO"):
-        again = cache_activations(model, tok, records(), folder, [1], max_age_days=1, clock=later, progress=False)
+        again = cache_activations(model, tok, records(), folder, [1], cache=day, progress=False)
     assert calls and "expired" in caplog.text
     assert torch.equal(again.layer(1), first.layer(1))
     assert again.manifest["created_at"] > first.manifest["created_at"]

@@ -94,12 +94,76 @@ def test_catching_an_error_never_imports_torch():
     assert out.strip() == "[]"
 
 
-def test_the_readme_names_import_from_the_root():
-    from hf_cachehooks.generation.backends import Sampling
-    from hf_cachehooks.generation.cache import Generations
+ROOT = Path(__file__).resolve().parents[1]
 
-    assert hf_cachehooks.Sampling is Sampling and hf_cachehooks.Generations is Generations
-    assert {"Sampling", "Generations", "ServerError", "EvalResult"} <= set(hf_cachehooks.__all__)
+
+def _package_imports(tree: ast.AST) -> list[tuple[str, list[str]]]:
+    """(module, names) of every `import hf_cachehooks...` / `from hf_cachehooks... import ...` in `tree`."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, []) for a in node.names if a.name.split(".")[0] == "hf_cachehooks"]
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] == "hf_cachehooks":
+            found.append((node.module or "", [a.name for a in node.names]))
+    return found
+
+
+def _not_from_the_root(module: str, names: list[str]) -> list[str]:
+    """What in one import is not the package root's public API (`__all__`, or the `speedups` namespace)."""
+    if module in ("hf_cachehooks", "hf_cachehooks.speedups"):
+        return [] if module != "hf_cachehooks" else sorted(set(names) - set(hf_cachehooks.__all__))
+    return [module]
+
+
+def _python_blocks(text: str) -> list[str]:
+    return re.findall(r"^```(?:python|py)[ \t]*\n(.*?)^```", text, re.S | re.M)
+
+
+def test_the_readme_names_import_from_the_root():
+    """Every import of the package in a python block of README.md or docs/*.md is from the root (`from
+    hf_cachehooks import X`, X in `__all__`), so the docs teach only names that stay put."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    seen, wrong = 0, []
+    for page in pages:
+        for block in _python_blocks(page.read_text(encoding="utf-8")):
+            for module, names in _package_imports(ast.parse(block)):
+                seen += 1
+                wrong += [f"{page.name}: {bad}" for bad in _not_from_the_root(module, names)]
+    assert seen >= 10, "found too few imports: has the code-block syntax of the docs changed?"
+    assert wrong == []
+
+
+def test_the_readme_import_check_catches_a_deep_import():
+    block = _python_blocks("```python\nfrom hf_cachehooks.generation.cache import Generations\n"
+                           "from hf_cachehooks import EvalConfig, Nope\nimport hf_cachehooks._core.keys\n```\n")[0]
+    found = [bad for m, n in _package_imports(ast.parse(block)) for bad in _not_from_the_root(m, n)]
+    assert found == ["hf_cachehooks.generation.cache", "Nope", "hf_cachehooks._core.keys"]
+
+
+# An example may reach past the root only for what the root does not export; each such module, and why.
+EXAMPLES_BEYOND_THE_ROOT = {
+    "finetune.py": {
+        "hf_cachehooks._core.fingerprint": "fingerprint_data and hash_files key the fine-tune (not exported)",
+        "hf_cachehooks._models.sources": "resolve_files lists the files from_pretrained reads (not exported)",
+    },
+    "main.py": {"hf_cachehooks.management": "is_cache and plan_clear: the public management module's API"},
+    "probe_eval_awareness.py": {
+        "hf_cachehooks.activations.probing": "analyze_probe and generate_vectors (not exported)",
+        "hf_cachehooks.activations.spec": "load_records reads the example's labelled rows (not exported)",
+    },
+}
+
+
+def test_the_examples_import_from_the_root():
+    """Examples are what users copy: they import from the root, except the modules listed above (a listed
+    module the example no longer needs fails too, so the list stays true)."""
+    used = {}
+    for example in sorted((ROOT / "examples").glob("*.py")):
+        tree = ast.parse(example.read_text(encoding="utf-8"))
+        beyond = {bad for m, n in _package_imports(tree) for bad in _not_from_the_root(m, n)}
+        if beyond:
+            used[example.name] = beyond
+    assert used == {name: set(modules) for name, modules in EXAMPLES_BEYOND_THE_ROOT.items()}
 
 
 def test_every_lazy_name_is_visible_to_type_checkers():
@@ -182,6 +246,27 @@ def test_miss_reason_says_why_the_run_entry_was_not_served(tiny, qa_rows):
     assert (off.cache_status, off.miss_reason) == ("disabled", None)
     assert not hasattr(first, "extra")
 
+
+
+def test_a_run_entry_made_while_waiting_for_the_lease_is_served_as_a_hit(tiny, qa_rows, monkeypatch):
+    """Another process computes the same run first; this one, after waiting for the lease, answers from
+    that process's run entry: a hit, predicting nothing itself."""
+    from hf_cachehooks.evaluation import runs
+
+    model, tok = tiny
+    real = runs.single_flight
+    other: list = []
+
+    def another_process_first(lock, lookup, compute, **options):
+        monkeypatch.setattr(runs, "single_flight", real)
+        other.append(hf_cachehooks.evaluate_model(model, qa_rows, CFG, tokenizer=tok))
+        return real(lock, lookup, compute, **options)
+
+    monkeypatch.setattr(runs, "single_flight", another_process_first)
+    mine = hf_cachehooks.evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+    assert other[0].cache_status == "miss" and other[0].path is not None
+    assert (mine.cache_status, mine.miss_reason) == ("hit", None)
+    assert (mine.predictions, mine.metrics, mine.path) == (other[0].predictions, other[0].metrics, other[0].path)
 
 def test_every_public_name_is_named_as_the_package_roots():
     """Tracebacks, reprs and API docs show `hf_cachehooks.X`, never a private module path."""

@@ -7,6 +7,7 @@ import dataclasses
 import logging
 import os
 import pickle
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -16,11 +17,14 @@ import pytest
 import hf_cachehooks
 import hf_cachehooks._models.runners as runners
 import hf_cachehooks.activations.writer as writer
-from hf_cachehooks import CacheConfig, EvalConfig, evaluate_model
+from hf_cachehooks import CacheConfig, EvalConfig, evaluate_model, management
 from hf_cachehooks._core.cache_config import DEFAULT_MAX_AGE, KEYWORDS, OWN_DEFAULT, days, settle
 from hf_cachehooks.activations.writer import cache_activations
+from hf_cachehooks.cli import build_parser, main
+from hf_cachehooks.cli.words import in_cli_words
 from hf_cachehooks.conversation.cache import TokenCache, TokenCacheConfig
 from hf_cachehooks.errors import ConfigError
+from hf_cachehooks.evaluation.predictions import PredictionCache
 from hf_cachehooks.generation.backends import TransformersBackend
 from hf_cachehooks.generation.cache import GenerationCache
 from hf_cachehooks.training.config import SpeedupConfig
@@ -179,8 +183,9 @@ def test_the_package_root_exports_it_without_importing_torch():
 
 
 def test_eval_config_keywords_and_cache_describe_the_same_settings():
-    by_keywords = EvalConfig(use_prediction_cache=False, cache_max_age_days=7, cache_dir="r", lock_stale_after=5)
-    by_object = EvalConfig(cache=CacheConfig(root="r", max_age=timedelta(days=7), enabled=False,
+    by_keywords = EvalConfig(use_prediction_cache=False, cache_max_age_days=7, predictions_cache_dir="r",
+                             lock_stale_after=timedelta(seconds=5))
+    by_object = EvalConfig(cache=CacheConfig(folder="r", max_age=timedelta(days=7), enabled=False,
                                              lock_stale_after=timedelta(seconds=5)))
     assert by_keywords.resolved_cache == by_object.resolved_cache and by_keywords == by_object
     assert by_keywords != EvalConfig(cache_max_age_days=8)
@@ -189,7 +194,9 @@ def test_eval_config_keywords_and_cache_describe_the_same_settings():
 
 def test_eval_config_lock_stale_after_is_a_timedelta_and_still_takes_seconds():
     by_duration = EvalConfig(lock_stale_after=timedelta(seconds=5))
-    by_seconds = EvalConfig(lock_stale_after=5)
+    with pytest.warns(FutureWarning, match=r"EvalConfig\(lock_stale_after=<seconds>\) is deprecated; "
+                                           r"pass lock_stale_after=timedelta\(seconds=\.\.\.\)"):
+        by_seconds = EvalConfig(lock_stale_after=5)
     assert by_duration == by_seconds and by_seconds.lock_stale_after == timedelta(seconds=5)
     assert by_duration.resolved_cache.stale_after_seconds == 5 == by_seconds.resolved_cache.stale_after_seconds
     assert EvalConfig().lock_stale_after == timedelta(seconds=60) == EvalConfig(lock_stale_after=60.0).lock_stale_after
@@ -212,6 +219,7 @@ def test_eval_config_replace_re_settles_the_keywords():
     assert dataclasses.replace(own, cache=CacheConfig(enabled=False)).resolved_cache.enabled is False
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # cache_dir, clock, a number of seconds: deprecated
 @pytest.mark.parametrize("keyword, value", [
     ("force_recompute", True), ("use_prediction_cache", False), ("cache_max_age_days", 7),
     ("predictions_cache_dir", "p"), ("cache_dir", "r"), ("lock_stale_after", 5.0), ("clock", Clock()),
@@ -251,7 +259,8 @@ def test_evaluate_model_reads_every_setting_from_the_cache_object(tiny, qa_rows,
 
 def test_the_keyword_spelling_and_the_object_share_entries(tiny, qa_rows, tmp_path):
     model, tok = tiny
-    first = evaluate_model(model, qa_rows, CFG.with_(cache_dir=str(tmp_path / "r")), tokenizer=tok)
+    first = evaluate_model(model, qa_rows, CFG.with_(predictions_cache_dir=str(tmp_path / "r" / "predictions")),
+                           tokenizer=tok)
     again = evaluate_model(model, qa_rows, dataclasses.replace(CFG, cache=CacheConfig(root=tmp_path / "r")),
                            tokenizer=tok)
     assert (first.cache_status, again.cache_status) == ("miss", "hit") and again.path == first.path
@@ -314,7 +323,8 @@ def test_generation_cache_takes_the_object(local_backend, tmp_path):
     assert cache.generate(QUESTIONS, local_backend, **SETTINGS).status == "miss"  # 8 days: expired
     forced = GenerationCache("org/Tiny", cache=CacheConfig(folder=tmp_path / "exp", force_recompute=True, clock=clock))
     assert forced.generate(QUESTIONS, local_backend, **SETTINGS).status == "miss"
-    keywords = GenerationCache("org/Tiny", experiments_dir=tmp_path / "exp", max_age_days=7, clock=clock)
+    with pytest.warns(FutureWarning, match="GenerationCache"):
+        keywords = GenerationCache("org/Tiny", experiments_dir=tmp_path / "exp", max_age_days=7, clock=clock)
     assert keywords.cache == cache.cache and keywords.generate(QUESTIONS, local_backend, **SETTINGS).status == "hit"
 
 
@@ -325,6 +335,7 @@ def test_generation_cache_disabled_writes_nothing(local_backend, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # max_age_days: deprecated
 def test_generation_cache_refuses_a_disagreeing_keyword(tmp_path):
     with pytest.raises(ConfigError, match="GenerationCache got cache=CacheConfig.*max_age_days=7"):
         GenerationCache("org/Tiny", max_age_days=7, cache=CacheConfig())
@@ -374,7 +385,7 @@ def test_activations_expire_by_the_object(llama, tmp_path, extractions):
     model, tok = llama
     folder = tmp_path / "acts"
     clock = Clock(T0)
-    cache_activations(model, tok, _records(), folder, [1], progress=False, clock=clock)
+    cache_activations(model, tok, _records(), folder, [1], progress=False, cache=CacheConfig(clock=clock))
     extractions.clear()
     clock.now += 3 * DAY
     week = CacheConfig(max_age=timedelta(days=7), clock=clock)
@@ -385,6 +396,7 @@ def test_activations_expire_by_the_object(llama, tmp_path, extractions):
     assert extractions
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # max_age_days: deprecated
 def test_activations_refuse_disagreeing_settings(llama, tmp_path):
     model, tok = llama
     with pytest.raises(ConfigError, match="cache_activations got cache=CacheConfig.*max_age_days=7"):
@@ -416,14 +428,21 @@ def test_token_cache_disk_tier_takes_the_object(tmp_path):
     assert under_root.root == tmp_path / "r" / "conversations"
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # directory, disk_ttl_seconds, memory_ttl_seconds
 def test_token_cache_keywords_and_the_object_are_one_setting(tmp_path):
     keywords = TokenCacheConfig(directory=str(tmp_path), disk_ttl_seconds=86400)
     assert keywords == TokenCacheConfig(cache=CacheConfig(folder=str(tmp_path), max_age=timedelta(days=1)))
     assert TokenCacheConfig().resolved_cache.max_age == timedelta(days=7)  # the disk tier's default, as before
     assert TokenCacheConfig(disk_ttl_seconds=None).resolved_cache.max_age is None
     assert TokenCacheConfig(memory_ttl_seconds=90).memory_ttl == timedelta(seconds=90)
+    assert TokenCacheConfig(memory_ttl_seconds=90) == TokenCacheConfig(memory_ttl=timedelta(seconds=90))
+    assert TokenCacheConfig(memory_ttl_seconds=None).memory_ttl is None
     with pytest.raises(ConfigError, match="TokenCacheConfig got cache=CacheConfig.*directory="):
         TokenCacheConfig(directory="x", cache=CacheConfig())
+    with pytest.raises(ConfigError, match="memory_ttl=.*memory_ttl_seconds=90; set it in one place"):
+        TokenCacheConfig(memory_ttl=timedelta(seconds=30), memory_ttl_seconds=90)
+    with pytest.raises(ConfigError, match="memory_ttl=60 is not a duration"):
+        TokenCacheConfig(memory_ttl=60)  # type: ignore[arg-type]
     for flag in ({"force_recompute": True}, {"enabled": False}):
         with pytest.raises(ConfigError, match="conversations are stored, not recomputed"):
             TokenCacheConfig(cache=CacheConfig(**flag))
@@ -433,8 +452,119 @@ def test_yaml_still_reads_into_the_object():
     config = TokenCacheConfig.from_yaml_dict({"cache": {"disk": {"directory": "./c"}, "ttl": {"disk_days": 2}}})
     assert config.resolved_cache.folder == "./c" and config.resolved_cache.max_age == timedelta(days=2)
     assert TokenCacheConfig.from_yaml_dict({"ttl": {"disk_days": -1}}).resolved_cache.max_age is None
-    moved = dataclasses.replace(config, directory="./d")  # what chat-server --config --directory does
+    # what chat-server --config --directory does
+    moved = dataclasses.replace(config, cache=dataclasses.replace(config.resolved_cache, folder="./d"))
     assert moved.resolved_cache.folder == "./d" and moved.resolved_cache.max_age == timedelta(days=2)
+
+
+def test_yaml_ttls_take_durations_with_a_unit():
+    config = TokenCacheConfig.from_yaml_dict({"cache": {"ttl": {"memory": "30m", "disk": "2w"}}})
+    assert config.memory_ttl == timedelta(minutes=30) and config.resolved_cache.max_age == timedelta(weeks=2)
+    older = TokenCacheConfig.from_yaml_dict({"ttl": {"memory_minutes": 30, "disk_days": "12h"}})
+    assert older.memory_ttl == timedelta(minutes=30) and older.resolved_cache.max_age == timedelta(hours=12)
+    assert TokenCacheConfig.from_yaml_dict({"ttl": {"disk": None, "memory": None}}).memory_ttl is None
+    with pytest.raises(ConfigError, match=r"ttl.disk: Duration 7 has no unit\. Add one, e\.g\. 7d"):
+        TokenCacheConfig.from_yaml_dict({"ttl": {"disk": 7}})
+    with pytest.raises(ConfigError, match=r"ttl.memory: Cannot read duration 'soon'.*12h"):
+        TokenCacheConfig.from_yaml_dict({"ttl": {"memory": "soon"}})
+    with pytest.raises(ConfigError, match="ttl.disk and ttl.disk_days set the same limit"):
+        TokenCacheConfig.from_yaml_dict({"ttl": {"disk": "7d", "disk_days": 7}})
+
+
+# Deprecated spellings: each warns once per process, naming its replacement ------------------------------------
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda tmp: GenerationCache("m", experiments_dir=tmp),
+     "GenerationCache(experiments_dir=...) is deprecated; pass cache=CacheConfig(folder=...)."),
+    (lambda tmp: GenerationCache("m", max_age_days=7),
+     "GenerationCache(max_age_days=...) is deprecated; pass cache=CacheConfig(max_age=timedelta(days=...))."),
+    (lambda tmp: GenerationCache("m", clock=Clock()),
+     "GenerationCache(clock=...) is deprecated; pass cache=CacheConfig(clock=...)."),
+    (lambda tmp: TokenCacheConfig(directory=str(tmp)),
+     "TokenCacheConfig(directory=...) is deprecated; pass cache=CacheConfig(folder=...)."),
+    (lambda tmp: TokenCacheConfig(disk_ttl_seconds=60),
+     "TokenCacheConfig(disk_ttl_seconds=...) is deprecated; pass cache=CacheConfig(max_age=timedelta(seconds=...))."),
+    (lambda tmp: TokenCacheConfig(memory_ttl_seconds=60),
+     "TokenCacheConfig(memory_ttl_seconds=...) is deprecated; pass memory_ttl=timedelta(seconds=...)."),
+    (lambda tmp: EvalConfig(cache_dir=str(tmp)),
+     "EvalConfig(cache_dir=...) is deprecated; pass cache=CacheConfig(root=...)."),
+    (lambda tmp: EvalConfig(clock=Clock()), "EvalConfig(clock=...) is deprecated; pass cache=CacheConfig(clock=...)."),
+    (lambda tmp: settle(None, {"max_age_days": 7}, {"max_age_days": None}, "cache_activations"),
+     "cache_activations(max_age_days=...) is deprecated; pass cache=CacheConfig(max_age=timedelta(days=...))."),
+])
+def test_an_old_spelling_warns_once_naming_its_replacement(make, message, tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make(tmp_path)
+        make(tmp_path)  # the second use is quiet
+    assert [(w.category, str(w.message)) for w in caught] == [(FutureWarning, message)]
+    assert caught[0].filename == __file__  # it points at the caller, not at the package
+
+
+def test_eval_configs_familiar_keywords_never_warn(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = EvalConfig(use_prediction_cache=False, force_recompute=True, cache_max_age_days=3,
+                            predictions_cache_dir=str(tmp_path), lock_stale_after=timedelta(seconds=5))
+        config.with_(batch_size=2, cache_max_age_days=4)
+        EvalConfig(cache=CacheConfig(max_age=timedelta(days=3)), cache_max_age_days=3)
+        GenerationCache("m", cache=CacheConfig(folder=tmp_path))
+        TokenCacheConfig(memory_ttl=timedelta(minutes=5), cache=CacheConfig(folder=tmp_path))
+    assert caught == []
+    assert config.resolved_cache == CacheConfig(folder=str(tmp_path), max_age=timedelta(days=3), force_recompute=True,
+                                                enabled=False, lock_stale_after=timedelta(seconds=5))
+
+
+def test_a_number_of_seconds_for_lock_stale_after_warns_once():
+    with pytest.warns(FutureWarning, match="lock_stale_after=<seconds>"):
+        assert EvalConfig(lock_stale_after=5).lock_stale_after == timedelta(seconds=5)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert EvalConfig(lock_stale_after=6).resolved_cache.lock_stale_after == timedelta(seconds=6)
+    assert caught == []
+
+
+def test_prediction_cache_takes_the_object(tmp_path):
+    cache = PredictionCache(CacheConfig(root=tmp_path, max_age=timedelta(days=7), clock=Clock()))
+    assert cache.folder == tmp_path / "predictions" and cache.max_age_days == 7 and cache.clock() == T0
+    assert PredictionCache(CacheConfig()).max_age_days == days(DEFAULT_MAX_AGE["EvalConfig"])  # its own 30 days
+    assert PredictionCache(CacheConfig(folder=tmp_path / "p", max_age=None)).folder == tmp_path / "p"
+    with pytest.raises(ConfigError, match="pass a hf_cachehooks.CacheConfig"):
+        PredictionCache(tmp_path)  # type: ignore[arg-type]  (the older (folder, clock, max_age_days) spelling)
+
+
+# The command line: durations and flags ---------------------------------------------------------------------
+
+
+def _cache_activations_args(*extra):
+    return build_parser().parse_args(["cache-activations", "--model", "m", "--data", "d.json", "--layers", "1",
+                                      "--output", "o", *extra])
+
+
+def test_cli_max_age_takes_a_duration(capsys):
+    assert _cache_activations_args("--max-age", "7d").max_age == timedelta(days=7)
+    assert _cache_activations_args("--max-age", "12h").max_age == timedelta(hours=12)
+    assert _cache_activations_args().max_age is None  # never expires
+    assert _cache_activations_args("--max-age-days", "2").max_age == timedelta(days=2)  # the older flag, in days
+    assert "--max-age-days is deprecated here; use --max-age" in capsys.readouterr().err
+    for bad, said in (("soon", "Cannot read duration 'soon'"), ("7", "Duration '7' has no unit. Add one, e.g. 7d")):
+        with pytest.raises(SystemExit):
+            _cache_activations_args("--max-age", bad)
+        err = capsys.readouterr().err
+        assert f"argument --max-age: {said}" in err and "7d" in err
+
+
+def test_a_library_error_names_the_argument_and_the_cli_names_the_flag(tmp_path, capsys):
+    project = tmp_path / "project"
+    project.mkdir()
+    with pytest.raises(ConfigError) as info:
+        management.plan_clear(project)
+    assert "Check the root argument or HF_CACHEHOOKS_HOME" in str(info.value) and "--" not in str(info.value)
+    assert main(["--cache-dir", str(project), "clear", "--yes"]) == 2
+    err = capsys.readouterr().err
+    assert "Check --cache-dir or HF_CACHEHOOKS_HOME" in err and "root argument" not in err
+    assert in_cli_words("pass cache=CacheConfig(root=...)") == "pass --cache-dir DIR"
 
 
 # SpeedupConfig ---------------------------------------------------------------------------------------------

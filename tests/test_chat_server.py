@@ -9,10 +9,16 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from hf_cachehooks import CacheConfig  # noqa: E402
 from hf_cachehooks.conversation.app import create_app  # noqa: E402
 from hf_cachehooks.conversation.cache import TokenCache  # noqa: E402
 from hf_cachehooks.conversation.files import TokenCacheConfig  # noqa: E402
 from tests.conftest import make_llama, make_tokenizer  # noqa: E402
+
+
+def conv_config(folder):
+    """Token cache settings with the disk tier in `folder`."""
+    return TokenCacheConfig(cache=CacheConfig(folder=folder))
 
 
 def local(app):
@@ -22,7 +28,7 @@ def local(app):
 
 @pytest.fixture
 def client(tmp_path):
-    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv")))
     return local(create_app(make_llama(layers=2), make_tokenizer(), cache, k=3, max_new_tokens=4))
 
 
@@ -38,7 +44,7 @@ def test_chat_then_click_a_token_of_an_earlier_turn(client, tmp_path):
     # a fresh server over the same folder (a restart) serves the same lens
     restarted = local(
         create_app(
-            make_llama(layers=2), make_tokenizer(), TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv"))), k=3
+            make_llama(layers=2), make_tokenizer(), TokenCache(conv_config(tmp_path / "conv")), k=3
         )
     )
     assert restarted.get("/api/cache/token/c1/2").json()["activations"] == lens["activations"]
@@ -62,7 +68,7 @@ def test_a_damaged_turn_is_a_503_with_a_reason_never_another_tokens_data(client,
     turn.write_bytes(b"x" * 8)  # truncated
     fresh = local(
         create_app(
-            make_llama(layers=2), make_tokenizer(), TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv"))), k=3
+            make_llama(layers=2), make_tokenizer(), TokenCache(conv_config(tmp_path / "conv")), k=3
         )
     )
     answer = fresh.get("/api/cache/token/c/0")
@@ -79,7 +85,7 @@ def test_pin_list_and_delete(client):
 
 
 def test_the_reply_does_not_wait_for_the_lens_and_a_click_before_it_is_done_gets_the_same_lens(tmp_path):
-    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv")))
     app = create_app(make_llama(layers=2), make_tokenizer(), cache, k=3, max_new_tokens=4)
     worker, client, gate = app.state.lens_worker, local(app), threading.Event()
     complete = worker._complete
@@ -100,21 +106,21 @@ def test_a_restarted_server_completes_lenses_a_stopped_one_left_pending(tmp_path
     from hf_cachehooks.conversation.lens import generate_turn
 
     model, tok = make_llama(layers=2), make_tokenizer()
-    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv")))
     turn = generate_turn(model, tok, tok("yes", return_tensors="pt")["input_ids"], 0, max_new_tokens=2, k=None)
     cache.append_turn("c1", turn.token_ids, turn.hidden)  # the server stopped before its lens was stored
-    app = create_app(model, tok, TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv"))), k=3)
+    app = create_app(model, tok, TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv"))), k=3)
     assert app.state.lens_worker.wait(30) and cache.pending_lens() == []
     assert local(app).get("/api/cache/token/c1/0").json()["lens"] == "cached"
-    no_model = local(create_app(None, tok, TokenCache(TokenCacheConfig(directory=str(tmp_path / "other")))))
-    TokenCache(TokenCacheConfig(directory=str(tmp_path / "other"))).append_turn("c2", turn.token_ids, turn.hidden)
+    no_model = local(create_app(None, tok, TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "other")))))
+    TokenCache(conv_config(tmp_path / "other")).append_turn("c2", turn.token_ids, turn.hidden)
     answer = no_model.get("/api/cache/token/c2/0")
     assert answer.status_code == 503 and "no model" in answer.json()["detail"]
 
 
 def test_turns_continued_from_the_kept_kv_cache_equal_turns_that_rerun_the_history(tmp_path):
     def run(keep_kv, folder):
-        cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / folder)))
+        cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / folder)))
         client = local(
             create_app(make_llama(layers=2), make_tokenizer(), cache, k=3, max_new_tokens=4, keep_kv=keep_kv)
         )
@@ -201,7 +207,7 @@ def test_every_bad_chat_body_gets_its_4xx_naming_the_field(client, tmp_path, bod
 def test_message_token_cap_body_cap_and_strict_pin(tmp_path):
     from hf_cachehooks.conversation.bodies import Limits
 
-    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv")))
     app = create_app(make_llama(layers=2), make_tokenizer(), cache, k=3,
                      limits=Limits(max_new_tokens=2, max_new_tokens_cap=4, max_message_tokens=8, max_body_bytes=2000))
     client = local(app)
@@ -221,7 +227,7 @@ def test_message_token_cap_body_cap_and_strict_pin(tmp_path):
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", ""])
 def test_only_allowed_hosts_are_served(tmp_path, host):
-    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv")))
     app = create_app(make_llama(layers=2), make_tokenizer(), cache, k=3, max_new_tokens=2, allow_hosts=["lab.box"])
     raw = TestClient(app)
     refused = raw.get("/api/conversations", headers={"host": host})
@@ -261,7 +267,7 @@ def test_the_lens_range_equals_a_full_recompute_and_pending_turns_are_computed_o
 
     from hf_cachehooks.conversation.lens import lens_readout
 
-    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv")))
     model = make_llama(layers=2)
     app = create_app(model, make_tokenizer(), cache, k=3, max_new_tokens=4)
     worker, client, gate = app.state.lens_worker, local(app), threading.Event()
@@ -297,7 +303,7 @@ def test_the_lens_range_equals_a_full_recompute_and_pending_turns_are_computed_o
 
 
 def test_a_click_on_a_pending_turn_moves_it_to_the_front_of_the_queue(tmp_path):
-    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv")))
     app = create_app(make_llama(layers=2), make_tokenizer(), cache, k=3, max_new_tokens=2)
     worker, client, gate = app.state.lens_worker, local(app), threading.Event()
     complete, order = worker._complete, []
@@ -364,7 +370,7 @@ def test_the_body_cap_holds_for_a_chunked_body_on_a_real_socket(tmp_path):
     from hf_cachehooks.conversation.bodies import Limits
     from hf_cachehooks.generation.server import BackgroundServer
 
-    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv")))
     limits = Limits(max_new_tokens=2, max_body_bytes=1 << 20)
     server = BackgroundServer(create_app(make_llama(layers=2), make_tokenizer(), cache, k=3, limits=limits))
     server.start()
@@ -390,7 +396,7 @@ def test_a_client_that_leaves_stops_its_reply_at_the_next_token_and_nothing_is_s
 
     model, calls = make_llama(layers=2), []
     model.register_forward_pre_hook(lambda *_: (calls.append(time.monotonic()), time.sleep(0.1)) and None)
-    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv")))
     server = BackgroundServer(create_app(model, make_tokenizer(), cache, k=3, limits=Limits(max_new_tokens=40)))
     server.start()
     try:

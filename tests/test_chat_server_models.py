@@ -5,6 +5,7 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from hf_cachehooks import CacheConfig  # noqa: E402
 from hf_cachehooks.conversation.cache import TokenCache  # noqa: E402
 from hf_cachehooks.conversation.files import TokenCacheConfig  # noqa: E402
 from tests.conftest import make_llama, make_tokenizer  # noqa: E402
@@ -45,7 +46,7 @@ def test_a_server_started_with_another_model_of_the_same_shape_serves_none_of_th
     continued = tiny_b.post("/api/chat/cached", json={"conversation_id": "demo", "message": "and the sea ?"})
     assert continued.status_code == 409  # never one conversation of two models
     assert "Start a new conversation id for another model" in continued.json()["detail"]
-    stored = TokenCache(TokenCacheConfig(directory=str(root / "conversations")))
+    stored = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=root / "conversations")))
     assert len(stored.turns("demo")) == 1  # tinyA's turn alone
     assert tiny_b.post("/api/chat/cached", json={"conversation_id": "demo-b", "message": "yes"}).status_code == 200
 

@@ -74,17 +74,17 @@ def test_ls_table(capsys, root, populated):
     code, out, err = run(capsys, "ls")
     assert code == 0, err
     header = out.splitlines()[0].split()
-    assert header == ["KIND", "MODEL", "EXAMPLES", "SIZE", "AGE", "KEY"]
+    assert header == ["KIND", "MODEL", "EXAMPLES", "SIZE", "AGE", "LAST", "USED", "KEY"]
     old = _row(out, "org/old-model")
     assert old[0] == "predictions"
     assert old[2] == "5"
     assert " ".join(old[3:5]) == _human(populated["old"].stat().st_size)
-    assert old[5] == "10d"
-    assert old[6] == populated["old_key"].short
+    assert old[5] == old[6] == "10d"  # made and last used 10 days ago
+    assert old[7] == populated["old_key"].short
     new = _row(out, "org/new-model")
     assert new[2] == "7"
     assert new[5].endswith("s")  # seconds old
-    assert new[6] == populated["new_key"].short
+    assert new[7] == populated["new_key"].short
     assert out.index("org/new-model") < out.index("org/old-model")  # newest first
     assert out.rstrip().endswith(f"2 entries under {root}")  # the identity memo shows with --all
     assert run(capsys, "ls", "--all")[1].rstrip().endswith(f"3 entries under {root}")

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from hf_cachehooks.evaluation.distributed import World, shard, world_from_env
+from hf_cachehooks._core.launch import World, world_from_env
+from hf_cachehooks.evaluation.distributed import shard
 from tests.conftest import make_llama, make_tokenizer
 from tests.distributed_worker import CONFIG
 
@@ -152,6 +153,7 @@ def test_distributed_false_evaluates_alone_under_a_launcher(tiny, qa_rows, monke
     assert "processes" not in result.metadata
 
 
+@pytest.mark.slow
 def test_a_group_the_library_started_is_destroyed_at_exit():
     """Left to the interpreter's teardown, a gloo group can abort the process ("terminate called without an
     active exception"); the group `Collective` starts is destroyed by an exit handler, and only that one."""
@@ -162,7 +164,8 @@ def test_a_group_the_library_started_is_destroyed_at_exit():
         port = s.getsockname()[1]
     script = (
         "import atexit, torch.distributed as dist\n"
-        "from hf_cachehooks.evaluation.distributed import Collective, World\n"
+        "from hf_cachehooks._core.launch import World\n"
+        "from hf_cachehooks.evaluation.distributed import Collective\n"
         "Collective(World(0, 1))\n"
         "assert dist.is_initialized()\n"
         "atexit._run_exitfuncs()\n"

@@ -29,7 +29,9 @@ def test_manifest_schema_starts_with_the_mark_and_lists_every_file(tmp_path):
     raw = path.read_bytes()
     assert raw.startswith(entry.MARK) and entry.is_entry_file(path)
     doc = unseal(raw)
-    assert list(doc)[:6] == ["hf_cachehooks_entry", "kind", "key", "created_at", "writer", "files"]
+    assert list(doc)[:7] == ["hf_cachehooks_entry", "kind", "summary", "key", "created_at", "writer", "files"]
+    assert doc["summary"] == {"model": "-", "items": 0, "bytes": BIG + 5, "created": doc["created_at"],
+                              "last_used": doc["created_at"]}  # a kind without a summary function: reserved fields
     assert doc["key"] == {"kind": "test", "digest": KEY.digest, "inputs": {"a": 1}}
     assert doc["writer"]["pid"] == os.getpid() and doc["extra"] == 5
     assert doc["files"]["big.bin"]["bytes"] == BIG and doc["files"]["small.txt"]["bytes"] == 5
@@ -151,7 +153,9 @@ def test_stamps_are_taken_after_the_file_time_tick(tmp_path):
     path = _make(tmp_path)
     doc = unseal(path.read_bytes())
     ctime = doc["files"]["big.bin"]["stamp"][2]
-    assert time.time_ns() - started >= 0 and path.stat().st_mtime_ns - ctime >= entry._RACY_NS - 5_000_000
+    waited = time.time_ns() - ctime  # commit returns only once the data file's time tick has passed
+    assert ctime >= started - entry._RACY_NS and waited >= entry._RACY_NS  # the stamp is of the file just made
+    assert path.stat().st_mtime_ns - ctime >= entry._RACY_NS - 5_000_000
 
 
 def test_read_head_gives_kind_and_key_without_the_body(tmp_path):

@@ -4,6 +4,7 @@ import copy
 import logging
 import pickle
 import shutil
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,7 @@ import torch
 
 import hf_cachehooks._models.loading as loading
 import hf_cachehooks._models.runners as runners
-from hf_cachehooks import EvalConfig, evaluate_model
+from hf_cachehooks import CacheConfig, EvalConfig, evaluate_model
 from hf_cachehooks.errors import ConfigError
 from tests.conftest import make_llama, make_tokenizer
 
@@ -189,7 +190,7 @@ def test_moving_the_cache_dir_keeps_hits(tiny, qa_rows, tmp_path, monkeypatch, c
 def test_expiry_with_fake_clock(tiny, qa_rows, calls):
     model, tok = tiny
     now = [1_000_000.0]
-    cfg = CFG.with_(clock=lambda: now[0], cache_max_age_days=30)
+    cfg = CFG.with_(cache=CacheConfig(clock=lambda: now[0], max_age=timedelta(days=30)))
     evaluate_model(model, qa_rows, cfg, tokenizer=tok)
     now[0] += 29 * 86400
     assert evaluate_model(model, qa_rows, cfg, tokenizer=tok).from_cache
@@ -243,7 +244,7 @@ def test_corrupt_entry_warns_and_recomputes(tiny, qa_rows, calls, caplog_info):
 
 def test_unwritable_cache_dir_still_evaluates(tiny, qa_rows, calls, caplog_info):
     model, tok = tiny
-    result = evaluate_model(model, qa_rows, CFG.with_(cache_dir="/proc/hf_cachehooks_ro"), tokenizer=tok)
+    result = evaluate_model(model, qa_rows, CFG.with_(cache=CacheConfig(root="/proc/hf_cachehooks_ro")), tokenizer=tok)
     assert result.cache_status == "miss" and len(result.predictions) == len(qa_rows) and result.path is None
     assert "not cached" in caplog_info.text or "Cannot" in caplog_info.text
 

@@ -136,7 +136,7 @@ def test_a_non_empty_folder_needs_force_and_then_keeps_every_file(llama, tmp_pat
     folder = tmp_path / "experiment"
     folder.mkdir()
     (folder / "notes.txt").write_text("my notes")
-    with pytest.raises(ConfigError, match=r"is not empty .* notes.txt.*--force"):
+    with pytest.raises(ConfigError, match=r"is not empty .* notes.txt.*force=True"):
         cache_activations(model, tok, ROWS, folder, [1], progress=False)
     assert sorted(os.listdir(folder)) == ["notes.txt"]
     (folder / "state.json").write_text('{"owner": "me"}')
@@ -193,7 +193,7 @@ def test_a_full_disk_is_a_cache_error_naming_the_folder(llama, tmp_path):
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, old_handler)
-    assert "needs about" in str(info.value) and "--output" in str(info.value)
+    assert "needs about" in str(info.value) and "another folder=" in str(info.value)
     assert isinstance(info.value, OSError)
     with pytest.raises(ConfigError):
         ActivationStore(folder)  # no store was claimed
@@ -217,7 +217,7 @@ def _sweep_tree(base: Path) -> tuple[Path, dict[str, bytes]]:
 def test_generation_cache_on_a_users_sweep_tree_keeps_their_files(tmp_path, caplog):
     base = tmp_path / "experiments"
     folder, before = _sweep_tree(base)
-    cache = GenerationCache("org/Tiny", experiments_dir=base)
+    cache = GenerationCache("org/Tiny", cache=CacheConfig(folder=base))
     backend = Echo()
     gens = cache.generate([f"Q{i}" for i in range(4)], backend, **SETTINGS)
     assert gens.status == "miss" and gens.first_samples == [f"a:Q{i}" for i in range(4)]

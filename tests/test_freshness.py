@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 
 from hf_cachehooks._core.freshness import describe_age, is_expired, iso, parse_duration
@@ -58,19 +60,33 @@ def test_entry_from_the_future_is_fresh():
         ("12h", 12 * 3600),
         ("30m", 30 * 60),
         ("2w", 14 * DAY),
-        ("3", 3 * DAY),  # a bare number is days
         ("45s", 45),
         ("1.5h", 5400),
         (" 7d ", 7 * DAY),
         ("7 d", 7 * DAY),
-        (3, 3 * DAY),  # non-str input is read as text
     ],
 )
 def test_parse_duration(text, seconds):
-    assert parse_duration(text) == seconds
+    assert parse_duration(text) == timedelta(seconds=seconds)
 
 
-@pytest.mark.parametrize("bad", ["soon", "", "7y", "-3d", "d", "7dd", "1e3"])
+@pytest.mark.parametrize(("value", "unit", "expected"), [
+    ("3", timedelta(days=1), timedelta(days=3)),  # a plain number is read in the older spelling's unit
+    (3, timedelta(days=1), timedelta(days=3)),
+    (0.5, timedelta(days=1), timedelta(hours=12)),
+    (90, timedelta(minutes=1), timedelta(minutes=90)),
+    ("2h", timedelta(days=1), timedelta(hours=2)),  # a unit always wins
+])
+def test_parse_duration_reads_a_plain_number_in_the_given_unit(value, unit, expected):
+    assert parse_duration(value, unit=unit) == expected
+
+
+def test_parse_duration_refuses_a_plain_number_without_a_unit():
+    with pytest.raises(ConfigError, match=r"'7' has no unit\. Add one, e\.g\. 7d"):
+        parse_duration("7")
+
+
+@pytest.mark.parametrize("bad", ["soon", "", "7y", "-3d", "d", "7dd", "1e3", True])
 def test_parse_duration_rejects_bad_values_naming_them(bad):
     with pytest.raises(ConfigError) as info:
         parse_duration(bad)

@@ -4,12 +4,13 @@ import logging
 import pickle
 import threading
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 import hf_cachehooks.generation.cache as generation
-from hf_cachehooks import cli, management
+from hf_cachehooks import CacheConfig, cli, management
 from hf_cachehooks._core.keys import hash_bytes
 from hf_cachehooks._core.store import cache_root, seal, unseal
 from hf_cachehooks.generation.backends import TransformersBackend
@@ -135,7 +136,7 @@ def test_more_samples_per_prompt_generate_only_the_new_ones(cache, backend):
     assert unseal(Path(four.path).read_bytes())["samples_per_prompt"] == 4
     one = cache.generate(QUESTIONS, backend, num_samples=3, samples_per_prompt=1, **settings)
     assert one.status == "hit" or one.generated == sum(c is None for c in four.first_samples)
-    fresh = GenerationCache("org/Tiny-Chat", chunk_size=3, experiments_dir=cache.base.parent / "other")
+    fresh = GenerationCache("org/Tiny-Chat", chunk_size=3, cache=CacheConfig(folder=cache.base.parent / "other"))
     direct = fresh.generate(QUESTIONS, backend, num_samples=3, samples_per_prompt=4, **settings)
     # same seeds: generated at once or grown from 2, sample s of a prompt is the same text
     assert [row[2:] for row in direct.completions] == [row[2:] for row in four.completions]
@@ -206,7 +207,7 @@ def test_corrupt_jsonl_is_ignored_with_a_warning(cache, backend, caplog):
 
 def test_expiry_and_force(backend):
     now = [1_000_000.0]
-    cache = GenerationCache("org/Tiny-Chat", max_age_days=7, clock=lambda: now[0])
+    cache = GenerationCache("org/Tiny-Chat", cache=CacheConfig(max_age=timedelta(days=7), clock=lambda: now[0]))
     cache.generate(QUESTIONS, backend, num_samples=2, **SETTINGS)
     now[0] += 6 * 86400
     assert cache.generate(QUESTIONS, backend, num_samples=2, **SETTINGS).status == "hit"

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from hf_cachehooks import CacheConfig
 from hf_cachehooks.conversation.cache import TokenCache
 from hf_cachehooks.conversation.files import TokenCacheConfig
 from hf_cachehooks.conversation.lens import LensWorker, generate_turn, lens_topk
@@ -34,7 +35,7 @@ def test_lens_from_generation_equals_a_full_recompute():
 
 def test_turns_append_to_the_token_cache_with_continuing_indices(tmp_path):
     model, tok = make_llama(layers=2), make_tokenizer()
-    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv")))
     ids = tok("is the sky blue ?", return_tensors="pt")["input_ids"]
     first = generate_turn(model, tok, ids, 0, max_new_tokens=3, k=3, do_sample=False)
     start, end = cache.append_turn("c1", first.token_ids, first.hidden, first.topk_ids, first.topk_probs)
@@ -70,7 +71,7 @@ def test_a_turn_continued_from_its_kv_cache_equals_one_that_reruns_the_history()
 
 def test_lens_worker_completes_turns_stored_without_a_lens(tmp_path):
     model, tok = make_llama(layers=2), make_tokenizer()
-    cache = TokenCache(TokenCacheConfig(directory=str(tmp_path / "conv")))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv")))
     ids = tok("is the sky blue ?", return_tensors="pt")["input_ids"]
     turn = generate_turn(model, tok, ids, 0, max_new_tokens=3, k=None, do_sample=False)
     start, end = cache.append_turn("c1", turn.token_ids, turn.hidden)

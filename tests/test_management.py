@@ -10,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from hf_cachehooks import management
+from hf_cachehooks import CacheConfig, management
 from hf_cachehooks._core.entry import commit
 from hf_cachehooks._core.keys import make_key
 from hf_cachehooks._core.store import tag_folder
@@ -79,8 +79,9 @@ def test_list_entries(root, populated):
     shard = by_path[populated["shard"]]
     assert (shard.kind, shard.model, shard.examples) == ("example-predictions", "org/new-model", 2)
     assert shard.key == populated["predictor"].digest[:12]
-    # Newest first; memos and the tag are not listed unless asked.
-    assert [e.created_at for e in infos] == sorted((e.created_at for e in infos), reverse=True)
+    # Last used first (for these kinds, when made); memos and the tag are not listed unless asked.
+    assert all(e.last_used == e.created_at for e in infos)
+    assert [e.last_used for e in infos] == sorted((e.last_used for e in infos), reverse=True)
     assert infos[-1].path == populated["old"]
     assert populated["memo"] not in by_path
     assert populated["memo"] in {e.path for e in management.list_entries(root, bookkeeping=True)}
@@ -269,7 +270,8 @@ def test_listing_never_deletes_a_corrupt_entry(root, populated):
 
 def test_prune_keeps_fresh_shards(root, cache, populated):
     later = time.time() + 8 * DAY
-    PredictionCache(root / "predictions", lambda: later, None).save_examples(populated["predictor"], {"h3": "c"}, "b2")
+    later_cache = PredictionCache(CacheConfig(root=root, max_age=None, clock=lambda: later))
+    later_cache.save_examples(populated["predictor"], {"h3": "c"}, "b2")
     paths = management.plan_prune(root, 7 * DAY, now=later + 1).paths
     assert populated["shard"] in paths
     assert populated["shard"].parent / "b2.json" not in paths
@@ -324,7 +326,7 @@ def test_clear_and_prune_remove_only_the_link_and_say_where_the_store_stays(outs
     before = _snapshot(acts)
     [link] = (root / "activations").glob("link-*.json")
     plan = management.plan_prune(root, DAY, now=time.time() + 2 * DAY, kind="activations")
-    assert plan.entries == [link] and plan.kept == {link: acts} and plan.size == link.stat().st_size
+    assert plan.entries == (link,) and plan.kept == {link: acts} and plan.size == link.stat().st_size
     capsys.readouterr()
     assert main(["--cache-dir", str(root), "clear", "--yes"]) == 0
     out = capsys.readouterr().out
@@ -349,7 +351,7 @@ def test_a_link_to_a_damaged_or_missing_store_is_stale(outside, capsys):
     checked, problems = management.verify(root, "activations")
     assert checked == 1 and problems[0][0] == link and f"linked activation store {acts} is" in problems[0][1]
     left = _snapshot(acts)
-    assert management.plan_prune(root, 30 * DAY).entries == [link]  # stale: whatever its age
+    assert management.plan_prune(root, 30 * DAY).entries == (link,)  # stale: whatever its age
     assert main(["--cache-dir", str(root), "prune", "--older-than", "30d"]) == 0
     assert not link.exists() and _snapshot(acts) == left  # the damaged store is never touched from the root
 

@@ -49,6 +49,7 @@ def workflow(tmp_path, capsys):
     return model, data
 
 
+@pytest.mark.slow
 def test_three_commands_and_the_seeds_auroc_snippet(workflow, tmp_path, capsys):
     model, data = workflow
     assert cli.main(["generate-vectors", "--cache", "cache_train", "--output", "run_exp1", "--layers", "1,3"]) == 0

@@ -107,7 +107,7 @@ def test_user_files_at_our_names_are_never_deleted_or_overwritten(tmp_path, root
     (theirs / "manifest.json").write_text('{"my": "dataset manifest"}')
     before = _snapshot(tree)
 
-    cache = GenerationCache("org/Tiny", experiments_dir=tree)
+    cache = GenerationCache("org/Tiny", cache=CacheConfig(folder=tree))
     for _ in range(2):
         try:
             cache.generate(["q0", "q1"], _EchoBackend(), prompt_name="50-50", subject_type="all", max_tokens=3,

@@ -98,7 +98,7 @@ def test_prediction_runs_and_per_example_shards_are_shared(root, monkeypatch, tm
     doc = {"metadata": {"created_at": time.time()}, "predictions": ["a", "b"], "references": ["a", "c"], "metrics": {}}
 
     def cache():
-        return PredictionCache(CacheConfig(root=root).folder_for("predictions"), time.time, None)
+        return PredictionCache(CacheConfig(root=root, max_age=None))
 
     cache().save_run(key, "org/m", doc)
     cache().save_examples(predictor, {"h1": "a"}, "b1")

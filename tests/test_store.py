@@ -250,6 +250,7 @@ _WRITER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sigkilled_writer_never_leaves_a_partial_entry(tmp_path, caplog):
     """A writer killed at a random moment leaves the old entry, the new one, or nothing: never half."""
     caplog.set_level(logging.WARNING, logger="hf_cachehooks")

@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from hf_cachehooks import CacheConfig
 from hf_cachehooks._core import entry
 from hf_cachehooks._core.keys import hash_bytes
 from hf_cachehooks._core.store import read_entry, seal, unseal
 from hf_cachehooks.conversation import cache as token_cache
 from hf_cachehooks.conversation import memory as memory_tier
 from hf_cachehooks.conversation.cache import TokenCache, TokenCacheConfig, validate_conv_id
+from hf_cachehooks.conversation.files import STATS, read_turn, turn_nbytes
 from hf_cachehooks.errors import ConfigError, MissingDependencyError
 
 L, H, K = 3, 8, 4
@@ -72,8 +74,10 @@ def warnings_log(caplog):
     return caplog
 
 
-def cache_at(folder: Path, clock=None, **options) -> TokenCache:
-    config = TokenCacheConfig(directory=str(folder), **options)
+def cache_at(folder: Path, clock=None, max_age: timedelta | None = None, **options) -> TokenCache:
+    """A token cache in `folder`; `max_age` is the disk tier's idle limit (None: its own, 7 days)."""
+    disk = CacheConfig(folder=folder) if max_age is None else CacheConfig(folder=folder, max_age=max_age)
+    config = TokenCacheConfig(cache=disk, **options)
     return TokenCache(config) if clock is None else TokenCache(config, clock=clock)
 
 
@@ -288,7 +292,7 @@ def test_disk_limit_evicts_least_recently_accessed_unpinned_conversation(folder,
 
 def test_ttls_expire_both_tiers_with_a_fake_clock(folder, warnings_log):
     clock = FakeClock()
-    cache = cache_at(folder, clock, memory_ttl_seconds=60, disk_ttl_seconds=3600)
+    cache = cache_at(folder, clock, memory_ttl=timedelta(seconds=60), max_age=timedelta(hours=1))
     cache.append_turn("keep", *make_turn(0, 2))
     cache.append_turn("old", *make_turn(0, 2))
     cache.pin("keep")
@@ -348,7 +352,7 @@ def test_ten_threads_on_ten_conversations_never_cross_talk(folder):
 
 
 def _append_from_process(directory: str, tag: int, turns: int, barrier) -> None:
-    cache = TokenCache(TokenCacheConfig(directory=directory))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=directory)))
     barrier.wait(30)  # both processes append at the same time
     for turn in range(turns):
         count = 2 + (turn + tag) % 3
@@ -438,11 +442,11 @@ SEED_YAML = {"cache": {
 
 def test_from_yaml_dict_reads_the_seed_block():
     config = TokenCacheConfig.from_yaml_dict(SEED_YAML)
-    assert config == TokenCacheConfig(memory_max_bytes=2**30, disk_max_bytes=10 * 2**30, directory="./cache",
-                                      compression="lz4", prefetch_range=5, memory_ttl_seconds=3600,
-                                      disk_ttl_seconds=7 * 86400)
+    assert config == TokenCacheConfig(memory_max_bytes=2**30, disk_max_bytes=10 * 2**30, compression="lz4",
+                                      prefetch_range=5, memory_ttl=timedelta(hours=1),
+                                      cache=CacheConfig(folder="./cache", max_age=timedelta(days=7)))
     off = TokenCacheConfig.from_yaml_dict({"prefetch": {"enabled": False}, "ttl": {"disk_days": None}})
-    assert off.prefetch_range == 0 and off.disk_ttl_seconds is None and off.directory is None
+    assert off.prefetch_range == 0 and off.resolved_cache.max_age is None and off.resolved_cache.folder is None
     assert config.resolved_cache.max_age == timedelta(days=7) and config.memory_ttl == timedelta(hours=1)
     with pytest.raises(ConfigError, match="max_size_tb"):
         TokenCacheConfig.from_yaml_dict({"cache": {"disk": {"max_size_tb": 1}}})
@@ -608,7 +612,7 @@ def test_a_turn_file_of_another_conversation_is_never_served(folder, warnings_lo
 
 
 def model_cache(folder: Path, model, tokenizer) -> TokenCache:
-    return TokenCache(TokenCacheConfig(directory=str(folder)), model=model, tokenizer=tokenizer)
+    return TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder)), model=model, tokenizer=tokenizer)
 
 
 def test_another_model_of_the_same_shape_neither_serves_nor_continues_a_conversation(folder, warnings_log):
@@ -743,7 +747,7 @@ def test_a_traversal_name_in_a_resealed_manifest_is_neither_read_nor_deleted(fol
 
 def test_delete_and_eviction_remove_only_the_files_the_manifest_lists(folder):
     clock = FakeClock()
-    cache = cache_at(folder, clock=clock, disk_ttl_seconds=60)
+    cache = cache_at(folder, clock=clock, max_age=timedelta(seconds=60))
     for conv_id in ("c", "d"):
         cache.append_turn(conv_id, *make_turn(0, 3))
         cache.append_turn(conv_id, *make_turn(3, 2))
@@ -785,6 +789,41 @@ def test_a_full_disk_while_writing_keeps_the_turn_in_memory(folder, warnings_log
     left = [p.name for p in folder.rglob("*") if p.is_file()]
     assert not any(n.endswith(".safetensors") or n == "conversation.json" or "tmp" in n or n.endswith(".lock")
                    for n in left), left
+
+
+def test_a_lens_the_disk_refuses_stays_in_memory(folder, warnings_log, monkeypatch):
+    cache = cache_at(folder)
+    cache.append_turn("c", *make_turn(0, 3)[:2])
+    monkeypatch.setattr(entry, "atomic_write", enospc)
+    assert cache.add_lens("c", 0, *make_turn(0, 3)[2:]) is True
+    monkeypatch.undo()
+    check(cache.token("c", 1), 0, 3, 1)  # served from memory with its lens
+    assert "Cannot write the lens of turn 0 of conversation c" in warnings_log.text
+    assert cache_at(folder).pending_lens() == [("c", 0, 3)]  # the disk still waits for it
+
+
+def test_a_memory_only_turn_gets_its_lens_in_memory(folder, monkeypatch):
+    monkeypatch.setattr(Path, "write_bytes", enospc)
+    cache = cache_at(folder)
+    cache.append_turn("c", *make_turn(0, 3)[:2])
+    assert cache.pending_lens() == [("c", 0, 3)]
+    assert cache.add_lens("c", 0, *make_turn(0, 3)[2:]) is True
+    check(cache.token("c", 2), 0, 3, 2)
+    assert cache.pending_lens() == [] and cache.turns("c")[0]["k"] == K
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_turn_nbytes_is_what_reading_the_whole_turn_holds(folder, bf16):
+    cache = cache_at(folder)
+    cache.append_turn("c", *make_turn(0, 3, bf16=bf16)[:2])  # turn 0: no lens yet
+    cache.append_turn("c", *make_turn(3, 2, bf16=bf16))  # turn 1: with its lens
+    cache.append_turn("c", *make_turn(5, 4, bf16=bf16)[:2])
+    cache.add_lens("c", 5, *make_turn(5, 4)[2:], stats=np.zeros((4, L, len(STATS)), np.float32))  # turn 2: and stats
+    doc = read_entry(folder / "c" / "conversation.json")
+    for turn_no in range(3):
+        arrays = read_turn(folder / "c", doc, turn_no, None)
+        assert turn_nbytes(doc, turn_no) == sum(a.nbytes for a in arrays.values())
+    assert turn_nbytes(doc, 1) == TURN_BYTES(2)
 
 
 @pytest.fixture

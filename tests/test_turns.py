@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from hf_cachehooks import CacheConfig  # noqa: E402
 from hf_cachehooks.conversation.app import create_app  # noqa: E402
 from hf_cachehooks.conversation.cache import TokenCache  # noqa: E402
 from hf_cachehooks.conversation.files import TokenCacheConfig  # noqa: E402
@@ -64,7 +65,7 @@ def template_tokenizer(style: str):
 
 def chat(style: str, keep_kv: int, folder) -> tuple[TokenCache, object]:
     tok = template_tokenizer(style)
-    cache = TokenCache(TokenCacheConfig(directory=str(folder)))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder)))
     model = make_llama(seed=1, vocab_size=len(tok))
     client = TestClient(
         create_app(model, tok, cache, k=3, max_new_tokens=5, keep_kv=keep_kv), base_url="http://localhost"

@@ -23,6 +23,7 @@ import httpx  # noqa: E402
 from playwright.sync_api import sync_playwright  # noqa: E402
 
 from benchmarks.browser_click import VIEWPORT, click, launch, open_conversation, send, serve  # noqa: E402
+from hf_cachehooks import CacheConfig  # noqa: E402
 from hf_cachehooks.conversation.app import create_app  # noqa: E402
 from hf_cachehooks.conversation.cache import TokenCache  # noqa: E402
 from hf_cachehooks.conversation.files import TokenCacheConfig  # noqa: E402
@@ -32,7 +33,7 @@ K, LAYERS = 3, 2  # the app's top-k and the tiny model's blocks: the lens has LA
 
 
 def make_app(directory: Path):
-    cache = TokenCache(TokenCacheConfig(directory=str(directory)))
+    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=directory)))
     return create_app(make_llama(layers=LAYERS), make_tokenizer(), cache, k=K, max_new_tokens=4), cache
 
 

@@ -3,9 +3,10 @@ older keyword spellings onto it.
 
 Every cache takes a `CacheConfig`: `EvalConfig(cache=...)`, `GenerationCache(model, cache=...)`,
 `cache_activations(..., cache=...)` and the token cache's disk tier (`TokenCacheConfig(cache=...)`). The
-keywords they took before (`use_prediction_cache`, `cache_max_age_days`, `predictions_cache_dir`,
-`experiments_dir`, `directory`, `max_age_days`, ...) still work: `settle` turns them into a `CacheConfig`
-here, and only here. Durations are `timedelta`s; `days` is the one conversion to the entry contract's days.
+keywords they took before (`experiments_dir`, `directory`, `max_age_days`, `disk_ttl_seconds`, ...) still
+work: `settle` turns them into a `CacheConfig` here, and only here, and says once per process that each is
+deprecated (a `FutureWarning` naming the replacement). `EvalConfig` keeps its familiar keywords without a
+warning (`FAMILIAR`). Durations are `timedelta`s; `days` is the one conversion to the entry contract's days.
 
 Each cache's default age is stated once, in `DEFAULT_MAX_AGE`: `CacheConfig()` leaves `max_age` at
 `OWN_DEFAULT`, which `settle` replaces with that cache's entry, so a cache expires the same with or without
@@ -15,10 +16,13 @@ Each cache's default age is stated once, in `DEFAULT_MAX_AGE`: `CacheConfig()` l
 from __future__ import annotations
 
 import os
+import sys
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 from ..errors import ConfigError
@@ -244,6 +248,53 @@ KEYWORDS: Mapping[str, tuple[str, Callable[[Any], Any]]] = {
 }
 
 
+# The CacheConfig spelling of each keyword, for the deprecation warning.
+_NEW_SPELLING: Mapping[str, str] = {
+    "use_prediction_cache": "enabled=...",
+    "force_recompute": "force_recompute=...",
+    "cache_max_age_days": "max_age=timedelta(days=...)",
+    "max_age_days": "max_age=timedelta(days=...)",
+    "disk_ttl_seconds": "max_age=timedelta(seconds=...)",
+    "cache_dir": "root=...",
+    "predictions_cache_dir": "folder=...",
+    "experiments_dir": "folder=...",
+    "directory": "folder=...",
+    "lock_stale_after": "lock_stale_after=timedelta(seconds=...)",
+    "clock": "clock=...",
+}
+
+# The keywords an owner keeps without a warning: `EvalConfig`'s familiar ones (its `lock_stale_after` is a
+# `timedelta`, as in CacheConfig; `EvalConfig` itself warns for a number of seconds).
+FAMILIAR: Mapping[str, frozenset[str]] = {
+    "EvalConfig": frozenset({"use_prediction_cache", "force_recompute", "cache_max_age_days",
+                             "predictions_cache_dir", "lock_stale_after"}),
+}
+
+# (owner, old spelling) pairs already warned about in this process; tests clear it to see a warning again.
+WARNED: set[tuple[str, str]] = set()
+_PACKAGE = str(Path(__file__).resolve().parent.parent) + os.sep
+
+
+def warn_deprecated(owner: str, old: str, new: str) -> None:
+    """Say once per process that `owner(old)` is deprecated, naming `new`, its replacement.
+
+    A `FutureWarning` (shown by default), pointed at the first caller outside the package.
+
+    Example:
+        >>> warn_deprecated("GenerationCache", "experiments_dir=...", "cache=CacheConfig(folder=...)")  # doctest: +SKIP
+        FutureWarning: GenerationCache(experiments_dir=...) is deprecated; pass cache=CacheConfig(folder=...).
+    """
+    if (owner, old) in WARNED:
+        return
+    WARNED.add((owner, old))
+    level = 1
+    frame: FrameType | None = sys._getframe(0)
+    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
+                                 or frame.f_code.co_filename == "<string>"):  # a dataclass's own __init__
+        level, frame = level + 1, frame.f_back
+    warnings.warn(f"{owner}({old}) is deprecated; pass {new}.", FutureWarning, stacklevel=level)
+
+
 def _translate(keywords: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name, value in keywords.items():
@@ -261,13 +312,21 @@ def settle(cache: CacheConfig | None, keywords: Mapping[str, Any], defaults: Map
     `keywords` are the values the caller got for its keyword spellings and `defaults` their defaults; a keyword
     left at its default says nothing. With `cache` given, a keyword set away from its default must agree with
     `cache`: settings live in one place. A `max_age` left at `OWN_DEFAULT` becomes `DEFAULT_MAX_AGE[owner]`,
-    so the age is the same with or without `cache`.
+    so the age is the same with or without `cache`. Each keyword set away from its default, unless it is one
+    of `FAMILIAR[owner]`, warns once per process (`warn_deprecated`) that `cache=CacheConfig(...)` replaces it.
+
+    Example:
+        >>> settle(None, {"experiments_dir": "e"}, {"experiments_dir": None}, "GenerationCache").folder
+        FutureWarning: GenerationCache(experiments_dir=...) is deprecated; pass cache=CacheConfig(folder=...).
+        'e'
 
     Raises:
         ConfigError: `cache` is not a CacheConfig, or a keyword disagrees with it (names both and the fix).
     """
     given = {name: value for name, value in keywords.items()
              if not (name in defaults and _equal(value, defaults[name]))}
+    for name in sorted(given.keys() - FAMILIAR.get(owner, frozenset())):
+        warn_deprecated(owner, f"{name}=...", f"cache=CacheConfig({_NEW_SPELLING.get(name, '...')})")
     if cache is None:
         return _own_age(CacheConfig.from_keywords(**given), owner)
     if not isinstance(cache, CacheConfig):

@@ -5,8 +5,10 @@
     └── <manifest>.json    sealed JSON written last: its presence *is* the entry
 
     {"hf_cachehooks_entry": 1,                     always the first field (management finds entries by it)
-     "kind": "predictions",                        predictions | example-predictions | generations |
-                                                   activations | conversation | identity | file-hashes | last-miss
+     "kind": "predictions",                        predictions | example-predictions | generations | activations |
+                                                   conversation | identity | file-hashes | last-miss | store-link
+     "summary": {"model", "items", "bytes",        written by `commit` from the kind's `kinds.SUMMARIES`, near the
+                 "created", "last_used"(, "pinned")},  top so ls/du/prune read it from the first bytes (`heads`)
      "key": {"kind", "digest", "inputs"},          what the entry was made from (`explain` diffs these)
      "created_at": 1764547200.0,                   epoch seconds; expiry and `prune` read it
      "writer": {"host", "pid", "version"},
@@ -44,7 +46,7 @@ from .._version import __version__
 from ..errors import CorruptEntryError
 from .freshness import describe_age, is_expired
 from .keys import Key, hash_bytes, remember
-from .kinds import fields_problem
+from .kinds import fields_problem, summary_of
 from .store import atomic_write, hash_file, unseal, write_entry
 
 log = logging.getLogger(__name__)
@@ -191,13 +193,16 @@ def _settle(folder: Path, files: Mapping[str, dict]) -> dict[str, dict]:
 
 def manifest_doc(kind: str, key: Key | Mapping[str, Any], files: Mapping[str, dict], fields: Mapping[str, Any],
                  created_at: float) -> dict:
-    """The manifest as a dict: the reserved fields first, then the cache's own `fields`."""
+    """The manifest as a dict: the reserved fields first (`summary` computed from the rest), then the cache's own."""
     if isinstance(key, Key):
         key = {"kind": key.kind, "digest": key.digest, "inputs": key.inputs}
-    reserved = {"hf_cachehooks_entry": ENTRY_FORMAT, "kind": kind, "key": dict(key), "created_at": created_at,
+    reserved = {"hf_cachehooks_entry": ENTRY_FORMAT, "kind": kind, "summary": {}, "key": dict(key),
+                "created_at": created_at,
                 "writer": {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__},
                 "files": {check_name(n): dict(r) for n, r in files.items()}}
-    return {**reserved, **{k: v for k, v in fields.items() if k not in reserved}}
+    doc = {**reserved, **{k: v for k, v in fields.items() if k not in reserved}}  # a re-read doc's old summary goes
+    doc["summary"] = summary_of(doc)  # keeps its place, after `kind`
+    return doc
 
 
 def commit(path: Path, kind: str, key: Key | Mapping[str, Any], files: Mapping[str, dict] | None = None,
@@ -275,12 +280,10 @@ def read_head(path: Path) -> tuple[str, dict] | None:
     start = raw.find(_KEY_START, len(MARK))
     try:
         if 0 < start < end:
-            kind_line = raw[len(MARK) : start].strip()  # b'"kind": "predictions",'
-            if kind_line.startswith(b'"kind": ') and kind_line.endswith(b","):
-                kind = orjson.loads(kind_line[len(b'"kind": ') : -1])
-                key = orjson.loads(raw[start + len(_KEY_START) : end + 4])
-                if isinstance(kind, str) and isinstance(key, dict):
-                    return kind, key
+            kind = orjson.loads(raw[:start].rstrip(b",") + b"}").get("kind")  # the fields before key (kind, summary)
+            key = orjson.loads(raw[start + len(_KEY_START) : end + 4])
+            if isinstance(kind, str) and isinstance(key, dict):
+                return kind, key
         found, _ = inspect(path, check="manifest")
     except (orjson.JSONDecodeError, ValueError):
         found, _ = inspect(path, check="manifest")

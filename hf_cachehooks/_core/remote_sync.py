@@ -2,7 +2,8 @@
 
 A remote root has the layout of a local one, so an entry is found the same way: a `.json` object whose
 first bytes are the manifest mark, in a folder that holds this library's CACHEDIR.TAG (or below one).
-Its size is the manifest plus every object it lists. `check="hash"` streams each listed object through
+Its size is the manifest plus every object it lists; `heads` gives management the same summary-based
+view of each entry as a local root's heads. `check="hash"` streams each listed object through
 xxh3 (what `verify` does); `"size"` compares the listing's sizes only.
 
 `push` uploads the local entries a remote root lacks (files first, manifest last); `pull` fetches the
@@ -23,6 +24,7 @@ import xxhash
 
 from ..errors import ConfigError, CorruptEntryError
 from . import entry, remote
+from .heads import Head, head_of
 from .store import cache_folders, is_tagged, local_path, tag_folder, unseal, url_of
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,17 @@ def scan(root: Path, check: str = "size") -> Iterator[Scanned]:
         if not raw.startswith(entry.MARK):
             continue
         yield _checked(fs, root / rel, folder, raw, listing, check)
+
+
+def heads(root: Path) -> Iterator[Head]:
+    """The head of every whole entry under the remote root, as `heads.read_summary` gives a local one.
+
+    Each manifest is fetched and parsed whole (a scan downloads them anyway); its summary, or for a manifest
+    written before summaries one computed by the same kind functions. No `.last_access` is seen remotely.
+    """
+    for found in scan(root):
+        if found.entry is not None:
+            yield head_of(found.path, found.entry.doc, len(found.raw), touched=False)
 
 
 def _checked(fs, path: Path, folder: str, raw: bytes, listing: dict[str, int], check: str) -> Scanned:

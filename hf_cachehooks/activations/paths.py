@@ -11,22 +11,28 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .._core import entry, remote
-from .._core.cache_config import CacheConfig, settle
+from .._core.cache_config import CacheConfig
 from .._core.freshness import SYSTEM_CLOCK
 from .._core.keys import Key
 from .._core.store import local_path
 from .._models.identity import files_state, generation_defaults, remember_identity, remembered_identity
 from ..errors import ConfigError
+from .folder import claim_folder
+from .spec import ExtractionSpec
 from .store import KIND, MANIFEST, ActivationStore, store_problem
-from .writer import activation_key, cache_activations, claim_folder, default_label_field, load_records
+from .writer import fill_store, store_settings
 
 log = logging.getLogger(__name__)
 
 HEADS = ("causal", "base")
+_SPEC = frozenset(f.name for f in fields(ExtractionSpec)) - {"layers"}
+_RUN = frozenset({"force", "progress", "wait_timeout"})  # fill_store's own keywords
+_CACHE = frozenset({"cache", "max_age_days", "clock"})
 
 
 def load_options(head: str, model_dtype: str, gguf_file: str | None, load_kwargs: Mapping[str, Any] | None) -> dict:
@@ -41,6 +47,35 @@ def load_options(head: str, model_dtype: str, gguf_file: str | None, load_kwargs
         "gguf_file": gguf_file,
         "load_kwargs": dict(load_kwargs or {}),
     }
+
+
+@dataclass(frozen=True)
+class ModelPath:
+    """A model folder or Hub name and how it loads: what its identity is remembered under.
+
+    Args:
+        name: a local model folder, or a Hub name present in the local Hub cache (any other name always
+            loads, since its files cannot be recognised).
+        head: "causal" (a language model) or "base" (the bare model, e.g. an encoder).
+        dtype, gguf_file, load_kwargs: `load_model`'s `dtype`, `gguf_file` and `from_pretrained` options.
+
+    Raises:
+        ConfigError: an unknown head.
+    """
+
+    name: str
+    head: str = "causal"
+    dtype: str = "float32"
+    gguf_file: str | None = None
+    load_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.head not in HEADS:
+            raise ConfigError(f"head={self.head!r} is not one of {', '.join(HEADS)}.")
+
+    def state(self, root: Path) -> str | None:
+        """The hash of the model's files and load options (None: not recognisable without loading)."""
+        return files_state(self.name, load_options(self.head, self.dtype, self.gguf_file, self.load_kwargs), root)
 
 
 def find_store(folder: str | Path, key: Key, cache: CacheConfig) -> ActivationStore | None:
@@ -58,13 +93,79 @@ def find_store(folder: str | Path, key: Key, cache: CacheConfig) -> ActivationSt
     return ActivationStore._of(found)
 
 
-def _settings(options: Mapping[str, Any]) -> CacheConfig:
-    return settle(
-        options.get("cache"),
-        {"max_age_days": options.get("max_age_days"), "clock": options.get("clock", SYSTEM_CLOCK)},
-        {"max_age_days": None, "clock": SYSTEM_CLOCK},
-        "cache_activations",
+def find_remembered(
+    model: ModelPath, rows: list[dict], folder: str | Path, spec: ExtractionSpec, cache: CacheConfig
+) -> tuple[ActivationStore | None, str | None]:
+    """The finished store when the model's identity is remembered for its files (else None), and the files' state.
+
+    Loads nothing: the key comes from the remembered identity and `rows` (from `spec.records`). The state is
+    what `extract_from_path` remembers the identity under after a load, so the files are hashed once.
+    """
+    root = cache.resolve_root()
+    state = model.state(root)
+    identity = remembered_identity(state, root)
+    if identity is None:
+        return None, state
+    store = find_store(folder, spec.key(identity["model"], identity["tokenizer"], rows), cache)
+    if store is not None:
+        log.info(
+            "✅ Loaded activations from cache %s (%d examples, layers %s; model recognised by its files, not loaded).",
+            folder,
+            len(rows),
+            store.layers,
+        )
+    return store, state
+
+
+def extract_from_path(
+    model: ModelPath,
+    rows: list[dict],
+    folder: str | Path,
+    spec: ExtractionSpec,
+    cache: CacheConfig,
+    state: str | None,
+    *,
+    force: bool = False,
+    progress: bool = True,
+    wait_timeout: float = 3600.0,
+) -> ActivationStore:
+    """The miss after `find_remembered`: load the model, fill the store, remember the identity under `state`.
+
+    Raises:
+        As `cache_activations`; a folder that is not ours is refused before the model loads.
+    """
+    from .._models.inference import load_planned, plan_load
+
+    folder = local_path(folder)
+    claim_folder(folder, force)  # a user's folder: refused before loading
+    # the same load plan as evaluate_model: this rank's GPU and its attention ladder; on CPU nothing changes
+    loaded, tokenizer, _ = load_planned(
+        model.name, plan_load(dtype=model.dtype), head=model.head, gguf_file=model.gguf_file, **dict(model.load_kwargs)
     )
+    store = fill_store(loaded, tokenizer, rows, folder, spec, cache, force=force, progress=progress,
+                       wait_timeout=wait_timeout)
+    inputs = store.key_inputs  # the identities the store was keyed by: remembered, not computed twice
+    identity = {
+        "model": inputs["model"],
+        "tokenizer": inputs["tokenizer"],
+        "generation_defaults": generation_defaults(loaded),
+    }
+    remember_identity(state, identity, cache.resolve_root())
+    return store
+
+
+def _request(
+    owner: str, folder: str | Path, layers: Sequence[int], options: Mapping[str, Any]
+) -> tuple[Path, ExtractionSpec, CacheConfig, dict]:
+    """`cache_activations`' keywords sorted out: the local folder, the spec, the cache settings, the run's own."""
+    unknown = sorted(set(options) - _SPEC - _RUN - _CACHE)
+    if unknown:
+        raise TypeError(f"{owner}() got unexpected keyword arguments: {', '.join(unknown)}")
+    folder, cache = store_settings(
+        folder, options.get("cache"), max_age_days=options.get("max_age_days"), clock=options.get("clock", SYSTEM_CLOCK)
+    )
+    spec = ExtractionSpec(tuple(layers), **{name: v for name, v in options.items() if name in _SPEC})
+    return folder, spec, cache, {name: v for name, v in options.items() if name in _RUN}
 
 
 def remembered_store(
@@ -77,49 +178,16 @@ def remembered_store(
     model_dtype: str = "float32",
     gguf_file: str | None = None,
     load_kwargs: Mapping[str, Any] | None = None,
-    positions: str = "last",
-    dtype: str = "float16",
-    text_field: str = "text",
-    label_field: str | None = None,
-    use_chat_template: bool = False,
-    system_prompt: str | None = None,
-    max_length: int | None = None,
     **options: Any,
 ) -> ActivationStore | None:
     """The finished store for these inputs when the model's identity is remembered for its files; else None.
 
     Loads nothing: the key comes from the remembered identity and the data. Arguments as in
-    `cache_activations_from_path`.
+    `cache_activations_from_path` (its run keywords, such as `force`, are accepted and play no part).
     """
-    cache = _settings(options)
-    root = cache.resolve_root()
-    state = files_state(str(model), load_options(head, model_dtype, gguf_file, load_kwargs), root)
-    identity = remembered_identity(state, root)
-    if identity is None:
-        return None
-    rows = load_records(data, text_field, label_field or "label")
-    key = activation_key(
-        identity["model"],
-        identity["tokenizer"],
-        rows,
-        sorted({int(x) for x in layers}),
-        positions=positions,
-        dtype=dtype,
-        text_field=text_field,
-        label_field=default_label_field(rows, label_field),
-        max_length=max_length,
-        use_chat_template=use_chat_template,
-        system_prompt=system_prompt,
-    )
-    store = find_store(folder, key, cache)
-    if store is not None:
-        log.info(
-            "✅ Loaded activations from cache %s (%d examples, layers %s; model recognised by its files, not loaded).",
-            folder,
-            len(rows),
-            store.layers,
-        )
-    return store
+    path = ModelPath(str(model), head, model_dtype, gguf_file, dict(load_kwargs or {}))
+    folder, spec, cache, _ = _request("remembered_store", folder, layers, options)
+    return find_remembered(path, spec.records(data), folder, spec, cache)[0]
 
 
 def cache_activations_from_path(
@@ -135,6 +203,8 @@ def cache_activations_from_path(
     **options: Any,
 ) -> ActivationStore:
     """`cache_activations` for a model folder or Hub name: the weights load only on a miss.
+
+    The data is read once and the model's files are hashed once, whether the store is found or made.
 
     Args:
         model: a local model folder, or a Hub name present in the local Hub cache (any other name always
@@ -154,39 +224,8 @@ def cache_activations_from_path(
         >>> store = cache_activations_from_path("path/to/model", "pairs.json", "acts/run1", [10, 20])
         >>> store = cache_activations_from_path("path/to/model", "pairs.json", "acts/run1", [10, 20])  # no load
     """
-    if head not in HEADS:
-        raise ConfigError(f"head={head!r} is not one of {', '.join(HEADS)}.")
-    store = remembered_store(
-        model,
-        data,
-        folder,
-        layers,
-        head=head,
-        model_dtype=model_dtype,
-        gguf_file=gguf_file,
-        load_kwargs=load_kwargs,
-        **options,
-    )
-    if store is not None:
-        return store
-    from .._models.inference import load_planned, plan_load
-
-    claim_folder(local_path(folder), bool(options.get("force", False)))  # a user's folder: refused before loading
-    root = _settings(options).resolve_root()
-    state = files_state(str(model), load_options(head, model_dtype, gguf_file, load_kwargs), root)  # before loading
-    # the same load plan as evaluate_model: this rank's GPU and its attention ladder; on CPU nothing changes
-    loaded, tokenizer, _ = load_planned(
-        str(model), plan_load(dtype=model_dtype), head=head, gguf_file=gguf_file, **dict(load_kwargs or {})
-    )
-    store = cache_activations(loaded, tokenizer, data, folder, layers, **options)
-    inputs = store.key_inputs  # the identities the store was keyed by: remembered, not computed twice
-    remember_identity(
-        state,
-        {
-            "model": inputs["model"],
-            "tokenizer": inputs["tokenizer"],
-            "generation_defaults": generation_defaults(loaded),
-        },
-        root,
-    )
-    return store
+    path = ModelPath(str(model), head, model_dtype, gguf_file, dict(load_kwargs or {}))
+    folder, spec, cache, run = _request("cache_activations_from_path", folder, layers, options)
+    rows = spec.records(data)
+    store, state = find_remembered(path, rows, folder, spec, cache)
+    return store if store is not None else extract_from_path(path, rows, folder, spec, cache, state, **run)

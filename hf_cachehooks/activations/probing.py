@@ -7,7 +7,7 @@
     VAL/                                    analyze_probe
     ├── probe_stats_layer{L}.csv            one row per example: index, type (its label), mean_score, text
     ├── summary.csv, summary.json           AUROC with a bootstrap interval per layer
-    └── auroc_by_layer.png, scores_layer{L}.png   with --visualize
+    └── auroc_by_layer.png, scores_layer{L}.png   with visualize=True
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ def label_field(store: ActivationStore) -> str:
         if name and name in fields:
             return name
     names = ", ".join(c for c in fields if not c.startswith("layer_"))
-    raise ConfigError(f"The cache has no label column (columns: {names}). Re-run cache-activations with "
-                      "--label-field.")
+    raise ConfigError(f"The cache has no label column (columns: {names}). Re-run cache_activations with "
+                      "label_field= naming it.")
 
 
 def split_labels(labels: list, positive: str | None) -> tuple[Any, str, str]:
@@ -52,7 +52,7 @@ def split_labels(labels: list, positive: str | None) -> tuple[Any, str, str]:
     if positive is None:
         positive = "deployment" if "deployment" in names else (names[-1] if len(names) == 2 else None)
     if positive is None or positive not in names or len(names) != 2:
-        raise ConfigError(f"Need exactly two labels with --positive naming one of them (labels: {', '.join(names)}).")
+        raise ConfigError(f"Need exactly two labels with positive= naming one of them (labels: {', '.join(names)}).")
     negative = next(n for n in names if n != positive)
     return torch.tensor([str(v) == positive for v in labels]), positive, negative
 

@@ -370,10 +370,10 @@ def finish_store(
         files.update(write_layer_info(folder, manifest, key_doc))
     except OSError as exc:
         raise CacheError(f"Cannot write the activation store in {folder} ({exc.strerror or exc}); it stays "
-                         "unfinished. Free some space there, or choose another --output.") from exc
+                         "unfinished. Free some space there, or choose another folder=.") from exc
     if not entry.commit(folder / MANIFEST, KIND, key, files, manifest, created_at=now):  # last: the store exists
         raise CacheError(f"Cannot write the activation store's manifest in {folder} (see the warning above); "
-                         "the store stays unfinished. Free some space there, or choose another --output.")
+                         "the store stays unfinished. Free some space there, or choose another folder=.")
     _at_once(_unlink, [folder / CHUNKS / f"{chunk_name(c)}.json" for c, _, _ in chunks])  # the sidecars, then
     shutil.rmtree(folder / CHUNKS, ignore_errors=True)  # whatever else is left in .chunks
     size = sum(s["bytes"] for s in sides)

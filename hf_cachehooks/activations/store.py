@@ -49,7 +49,11 @@ DTYPES = kinds.ACTIVATION_DTYPES
 ARROW_TYPE = {"float32": "float32", "float16": "float16", "bfloat16": "uint16"}  # bf16 travels as its bits
 NUMPY_TYPE = {"float32": np.float32, "float16": np.float16, "bfloat16": np.uint16}
 LAYOUT = 2  # 2: layer offsets in the manifest, no index column for pooled rows, compact metadata.json
-_REDO = "Re-run `hf-cachehooks cache-activations --output {folder} ...` to re-extract it"
+
+
+def _redo(folder: Path) -> str:
+    """The fix for a corrupt store, in the library's words (the CLI says them as its flags)."""
+    return f"Re-run cache_activations with folder={str(folder)!r} to extract it again"
 
 
 def chunk_name(chunk: int) -> str:
@@ -80,12 +84,12 @@ def open_store(folder: Path, check: str = "stamp") -> entry.Entry:
     found, problem = entry.inspect(path, check)
     if found is None and problem is None:
         raise ConfigError(
-            f"{folder} holds no finished activation cache. Create it with "
-            "`hf-cachehooks cache-activations --output DIR ...` (an interrupted run resumes)."
+            f"{folder} holds no finished activation cache. Create it by running cache_activations with "
+            f"folder={str(folder)!r} (an interrupted run resumes)."
         )
     problem = problem or store_problem(found)  # type: ignore[arg-type]
     if problem:
-        raise ConfigError(f"{folder} is a corrupt activation cache ({problem}). {_REDO.format(folder=folder)}.")
+        raise ConfigError(f"{folder} is a corrupt activation cache ({problem}). {_redo(folder)}.")
     return found  # type: ignore[return-value]
 
 
@@ -184,14 +188,14 @@ class ActivationStore:
         except OSError as exc:
             raise ConfigError(
                 f"{self.folder} is a corrupt activation cache ({name}: {exc.strerror}). "
-                f"{_REDO.format(folder=self.folder)}."
+                f"{_redo(self.folder)}."
             ) from None
         try:
             if not entry.trusted(path, os.fstat(fd), record):
                 problem = entry.check_file(self.folder, name, record)
                 if problem:
                     raise ConfigError(
-                        f"{self.folder} is a corrupt activation cache ({problem}). {_REDO.format(folder=self.folder)}."
+                        f"{self.folder} is a corrupt activation cache ({problem}). {_redo(self.folder)}."
                     )
             mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
@@ -202,8 +206,8 @@ class ActivationStore:
         if layer not in self.layers:
             cached = ", ".join(map(str, self.layers))
             raise ConfigError(
-                f"Layer {layer} is not in this cache (cached: {cached}). Re-run cache-activations "
-                f"with --layers including {layer}."
+                f"Layer {layer} is not in this cache (cached: {cached}). Re-run cache_activations "
+                f"with layers= including {layer}."
             )
 
     def numpy(self, layer: int) -> np.ndarray:
@@ -233,7 +237,7 @@ class ActivationStore:
             if start + count * np.dtype(kind).itemsize > len(mapped):
                 raise ConfigError(
                     f"{self.folder} is a corrupt activation cache ({chunk['file']}: layer {layer} "
-                    f"lies past its end). {_REDO.format(folder=self.folder)}."
+                    f"lies past its end). {_redo(self.folder)}."
                 )
             parts.append(np.frombuffer(mapped, kind, count, start).reshape(-1, self.hidden_size))
         return parts

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 
 from .._core.extras import missing_dependency
+from .._core.freshness import parse_duration
 from .._core.store import cache_root
 from .._models.extraction import POSITIONS
 from ..errors import HFCacheHooksError
@@ -23,6 +26,7 @@ from .models import (
     cmd_serve,
 )
 from .sweep import add_k_sweep_args, cmd_k_sweep
+from .words import in_cli_words
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -45,6 +49,18 @@ class _Renamed(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         print(f"warning: {option_string} is deprecated here; use {self.new}.", file=sys.stderr)
         setattr(namespace, self.dest, values)
+
+
+def _duration(unit: timedelta | None = None) -> Callable[[str], timedelta]:
+    """An argparse type: `7d`, `12h`, ... as a `timedelta` (a plain number in `unit`, else refused)."""
+
+    def parse(text: str) -> timedelta:
+        try:
+            return parse_duration(text, unit)
+        except HFCacheHooksError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    return parse
 
 
 def _positive(text: str) -> int:
@@ -112,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune = command("prune", "remove entries older than a duration (conversations: idle that long; pinned "
                     "ones stay)", cmd_prune)
     prune.add_argument("--older-than", required=True, metavar="DURATION",
-                       help="a number and a unit: 30m, 12h, 7d, 2w")
+                       help="a number and a unit: 45s, 30m, 12h, 7d, 2w")
     prune.add_argument("--kind", help="only entries of this kind or top folder; default: all")
     prune.add_argument("--dry-run", action="store_true", help="list what would go; delete nothing")
 
@@ -166,8 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--system-prompt", help="system turn for --chat-template (default: none)")
     cache.add_argument("--max-length", type=_positive, help="truncate texts to this many tokens (default: never)")
     cache.add_argument("--force", action="store_true", help="replace a cache made from other inputs")
-    cache.add_argument("--max-age-days", type=float, default=None,
-                       help="re-extract a store older than this many days (default: never expires)")
+    cache.add_argument("--max-age", type=_duration(), default=None, metavar="DURATION",
+                       help="re-extract a store older than this: 45s, 30m, 12h, 7d, 2w (default: never expires)")
+    cache.add_argument("--max-age-days", dest="max_age", type=_duration(timedelta(days=1)), action=_Renamed,
+                       new="--max-age DURATION (e.g. 7d)")
 
     vec = command("generate-vectors", "difference-of-means vectors per layer from a cache", cmd_generate_vectors)
     _activation_args(vec, model_required=False)
@@ -236,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             message = f"{exc.filename}: {exc.strerror}. Check the path."
         else:
             message = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    print(f"error: {message}", file=sys.stderr)
+    print(f"error: {in_cli_words(message)}", file=sys.stderr)
     return 2
 
 

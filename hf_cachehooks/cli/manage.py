@@ -59,11 +59,12 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(management.to_json(infos).decode())
         return 0
     now = time.time()
-    print(f"{'KIND':<22} {'MODEL':<36} {'EXAMPLES':>8} {'SIZE':>9} {'AGE':>5}  KEY")
-    for e in infos:
+    print(f"{'KIND':<22} {'MODEL':<36} {'EXAMPLES':>8} {'SIZE':>9} {'AGE':>5} {'LAST USED':>9}  KEY")
+    for e in infos:  # AGE: since it was made; LAST USED: since it was last read (what prune ages by)
         model = e.model if len(e.model) <= 36 else "…" + e.model[-35:]
+        used = describe_age(now - e.last_used) + (" (pinned)" if e.pinned else "")
         print(f"{e.kind:<22} {model:<36} {e.examples or '-':>8} {human_bytes(e.size):>9} "
-              f"{describe_age(now - e.created_at):>5}  {e.key}")
+              f"{describe_age(now - e.created_at):>5} {used:>9}  {e.key}")
     for e in infos:
         if e.kind == management.LINK:
             print(f"Stale link {shown(e.link or e.path)}: no valid activation store in {e.path.parent}; "
@@ -81,7 +82,7 @@ def cmd_du(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    plan = management.plan_prune(args.root, parse_duration(args.older_than, require_unit=True), kind=args.kind)
+    plan = management.plan_prune(args.root, parse_duration(args.older_than).total_seconds(), kind=args.kind)
     _print_plan(plan, args.dry_run, "remove")
     return 0
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..errors import ConfigError, HFCacheHooksError
 from .manage import human_bytes
+from .words import says_flags
 
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")  # activations.store.DTYPES, without importing numpy here
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
@@ -50,8 +51,8 @@ def cmd_chat_server(args: argparse.Namespace) -> int:
         except (OSError, yaml.YAMLError) as exc:
             raise ConfigError(f"Cannot read the cache settings {args.config}: {exc}") from exc
     # --directory, else the YAML's disk.directory, else <--cache-dir root>/conversations (never the default root)
-    directory = args.directory or config.directory or str(args.root / "conversations")
-    config = dataclasses.replace(config, directory=directory)
+    directory = args.directory or config.resolved_cache.folder or args.root / "conversations"
+    config = dataclasses.replace(config, cache=dataclasses.replace(config.resolved_cache, folder=directory))
     limits = Limits(max_new_tokens=args.max_new_tokens, max_new_tokens_cap=args.max_new_tokens_cap,
                     max_message_tokens=args.max_message_tokens)
     began = time.perf_counter()
@@ -105,12 +106,14 @@ def _check_layers_fit(args: argparse.Namespace, layers: list[int]) -> None:
                           f"0 = embeddings, {n} = last block). Pick layers in that range.")
 
 
-def _check_inputs(args: argparse.Namespace, layers: list[int] | None, need_labels: bool, fit: bool = True) -> None:
+def _check_inputs(args: argparse.Namespace, layers: list[int] | None, need_labels: bool,
+                  fit: bool = True) -> list[dict]:
     """Check the data file, its fields and the layers before any model loads (a typo costs no model load).
 
-    With `fit=False` the layers are not checked against the model's config (the caller does it on a miss).
+    Returns the records, so the file is read once. With `fit=False` the layers are not checked against the
+    model's config (the caller does it on a miss).
     """
-    from ..activations.writer import load_records
+    from ..activations.spec import load_records
 
     if not layers:
         raise ConfigError("--layers is empty: give comma-separated layer numbers, e.g. 10,20,30.")
@@ -137,6 +140,7 @@ def _check_inputs(args: argparse.Namespace, layers: list[int] | None, need_label
                           "Fix the file, or set --label-field.")
     if fit:
         _check_layers_fit(args, layers)
+    return rows
 
 
 def _layers(text: str | None) -> list[int] | None:
@@ -158,41 +162,46 @@ def _store(args: argparse.Namespace, layers: list[int] | None):
         return ActivationStore(args.cache)
     if not (args.model and args.data and layers):
         raise ConfigError("Give --cache DIR, or --model M --data D.json --layers L1,L2 (fills a cache).")
-    _check_inputs(args, layers, need_labels=True)
+    rows = _check_inputs(args, layers, need_labels=True)
     model, tokenizer = _load(args)
     folder = args.root / "activations" / f"{Path(args.model).name}_{Path(args.data).stem}"
-    return cache_activations(model, tokenizer, args.data, folder, layers, positions=args.positions,
+    return cache_activations(model, tokenizer, rows, folder, layers, positions=args.positions,
                              dtype=args.dtype, text_field=args.text_field, label_field=args.label_field,
                              batch_size=args.batch_size, force=True)
 
 
+@says_flags
 def cmd_cache_activations(args: argparse.Namespace) -> int:
-    """Open the finished store without loading the model when its files are recognised; else load and extract."""
-    from datetime import timedelta
+    """Open the finished store without loading the model when its files are recognised; else load and extract.
 
+    The data file is read once and the model's files are hashed once, on a hit and on a miss.
+    """
     from .._core.cache_config import CacheConfig
-    from ..activations.paths import cache_activations_from_path, remembered_store
+    from ..activations.paths import ModelPath, extract_from_path, find_remembered
+    from ..activations.spec import ExtractionSpec
+    from ..activations.writer import store_settings
 
     layers = _layers(args.layers) or []
-    _check_inputs(args, layers, need_labels=False, fit=False)
+    rows = _check_inputs(args, layers, need_labels=False, fit=False)
     _check_model(args)
-    age = None if args.max_age_days is None else timedelta(days=args.max_age_days)
-    options = {"head": "base" if args.encoder else "causal", "model_dtype": args.model_dtype,
-               "gguf_file": args.gguf_file, "positions": args.positions, "dtype": args.dtype,
-               "text_field": args.text_field, "label_field": args.label_field,
-               "use_chat_template": args.chat_template, "system_prompt": args.system_prompt,
-               "max_length": args.max_length, "cache": CacheConfig(root=args.root, max_age=age)}
-    store = remembered_store(args.model, args.data, args.output, layers, **options)
+    folder, cache = store_settings(args.output, CacheConfig(root=args.root, max_age=args.max_age))
+    model = ModelPath(args.model, head="base" if args.encoder else "causal", dtype=args.model_dtype,
+                      gguf_file=args.gguf_file)
+    spec = ExtractionSpec(tuple(layers), positions=args.positions, dtype=args.dtype, text_field=args.text_field,
+                          label_field=args.label_field, use_chat_template=args.chat_template,
+                          system_prompt=args.system_prompt, max_length=args.max_length, batch_size=args.batch_size,
+                          shard_size=args.shard_size)
+    store, state = find_remembered(model, rows, folder, spec, cache)
     if store is None:
         _check_layers_fit(args, layers)  # reads the model's config: only when the weights will load anyway
-        store = cache_activations_from_path(args.model, args.data, args.output, layers, batch_size=args.batch_size,
-                                            shard_size=args.shard_size, force=args.force, **options)
+        store = extract_from_path(model, rows, folder, spec, cache, state, force=args.force)
     info = store.info()
     print(f"Cached layers {info['layers']} for {info['num_examples']} examples ({info['dtype']}, "
           f"{human_bytes(info['bytes'])}) in {args.output}")
     return 0
 
 
+@says_flags
 def cmd_generate_vectors(args: argparse.Namespace) -> int:
     from ..activations.probing import generate_vectors
 
@@ -202,6 +211,7 @@ def cmd_generate_vectors(args: argparse.Namespace) -> int:
     return 0
 
 
+@says_flags
 def cmd_analyze_probe(args: argparse.Namespace) -> int:
     from ..activations.probing import analyze_probe
     from ..activations.vectors import load_vectors
@@ -222,7 +232,7 @@ def cmd_analyze_probe(args: argparse.Namespace) -> int:
 
 def _check_data(store, args: argparse.Namespace) -> None:
     from .._core.fingerprint import fingerprint_data
-    from ..activations.writer import load_records
+    from ..activations.spec import load_records
 
     expected = store.key_inputs["data"]["fingerprint"]
     if fingerprint_data(load_records(args.data, args.text_field, args.label_field or "label")) != expected:
@@ -230,6 +240,7 @@ def _check_data(store, args: argparse.Namespace) -> None:
                                 "Cache that file first, or drop --data.")
 
 
+@says_flags
 def cmd_info(args: argparse.Namespace) -> int:
     from ..activations.store import ActivationStore
 

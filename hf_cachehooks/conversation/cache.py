@@ -20,18 +20,17 @@ copy: 0.1 ms for an 18 MB turn). A manifest naming another conversation (folders
 shape is a miss with a warning; deleting a conversation removes only the files its manifest lists. A cache
 made with a model (the chat server's) neither serves nor continues a conversation another model wrote, or
 one that records no model: hidden states and lens are one model's. Bytes on disk are safetensors and sealed
-JSON: never pickle.
+JSON: never pickle. The tiers are `memory.MemoryTier` and `disk.DiskTier` (manifests: `manifests`; turn files:
+`files`); `TokenCache` checks what callers pass, moves turns between the tiers and evicts.
 """
 
 from __future__ import annotations
 
 import bisect
-import contextlib
 import logging
 import operator
 import struct
 import threading
-import uuid
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -39,26 +38,20 @@ from typing import Any
 import numpy as np
 import orjson
 
-from .._core import entry
 from .._core.freshness import Clock
-from .._core.locking import lease
-from .._core.store import tag_folder
 from ..errors import ConfigError, MissingDependencyError
+from .disk import DiskTier
 from .files import (
-    CONV_ID,
-    FORMAT_VERSION,
-    MANIFEST,
-    SUFFIX,
     CorruptTurn,
     TokenCacheConfig,
     TokenRecord,
     check_lens,
     check_turn,
-    codec,
     read_turn,
+    turn_nbytes,
     validate_conv_id,
 )
-from .manifests import Manifests, model_record, other_model
+from .manifests import appended, model_record, other_model, started
 from .memory import MemoryTier
 
 log = logging.getLogger(__name__)
@@ -83,27 +76,35 @@ class TokenCache:
         >>> cache.token("chat-1", 7).topk_ids  # (layers, k)  # doctest: +SKIP
     """
 
-    def __init__(self, config: TokenCacheConfig | None = None, clock: Clock | None = None, *, model: Any = None,
-                 tokenizer: Any = None) -> None:
+    def __init__(
+        self,
+        config: TokenCacheConfig | None = None,
+        clock: Clock | None = None,
+        *,
+        model: Any = None,
+        tokenizer: Any = None,
+    ) -> None:
         self.config = config or TokenCacheConfig()
         self.model_record = None if model is None else model_record(model, tokenizer)  # JSON data, in each manifest
-        self._disk = self.config.resolved_cache
-        self.root = self._disk.folder_for("conversations")
-        self._codec = codec(self.config.compression)  # a missing codec package fails now, not mid-chat
-        self._clock = clock = clock or self._disk.clock
+        self._settings = self.config.resolved_cache
+        self.root = self._settings.folder_for("conversations")
+        self._disk = DiskTier(self.root, self._settings, self.config.compression, self.model_record)
+        self._clock = clock = clock or self._settings.clock
         self._memory = MemoryTier(self.config.memory_max_bytes, self.config.memory_ttl, clock)
-        self._manifests = Manifests(self.root)  # the disk tier's manifests, re-read only when their file changed
-        self._volatile: dict[str, dict] = {}  # memory-only conversations (the disk refused a write)
-        self._locks: dict[str, threading.Lock] = {}
-        self._guard = threading.Lock()
         self._stats = {"memory_hits": 0, "disk_hits": 0, "misses": 0}
-        self._refusals: set[tuple[str, str]] = set()  # (conv_id, reason) already logged
-        self._tagged = False
+        self._stats_lock = threading.Lock()
 
     # Writing ---------------------------------------------------------------------------------------
 
-    def append_turn(self, conv_id: str, token_ids: Any, hidden: Any, topk_ids: Any = None, topk_probs: Any = None,
-                    meta: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    def append_turn(
+        self,
+        conv_id: str,
+        token_ids: Any,
+        hidden: Any,
+        topk_ids: Any = None,
+        topk_probs: Any = None,
+        meta: Mapping[str, Any] | None = None,
+    ) -> tuple[int, int]:
         """Store one turn of T new tokens contiguously; return its global token range [start, end).
 
         Args:
@@ -124,49 +125,27 @@ class TokenCache:
             extra = orjson.loads(orjson.dumps(dict(meta or {})))
         except TypeError as exc:
             raise ConfigError(f"meta must be plain JSON data: {exc}.") from exc
-        if not self._tagged:
-            self._tagged = True
-            tag_folder(self.root)
-        with self._lock_for(conv_id), self._lease(conv_id) as locked:
+        self._disk.tag()
+        with self._disk.hold(conv_id) as locked:
             now = self._clock()
             _, layers, hidden_size = arrays["hidden"].shape
             dims = {"layers": layers, "hidden": hidden_size, "hidden_dtype": tag}
-            doc = self._manifest(conv_id, served=False)
+            doc = self._disk.manifest(conv_id, served=False)
             if doc is not None and (refused := other_model(conv_id, doc, self.model_record)):
                 raise ConfigError(refused)  # never one conversation of two models
-            doc = doc or {"format": FORMAT_VERSION, "conv_id": conv_id, "uid": uuid.uuid4().hex, "created_at": now,
-                          "pinned": False, "tokens": 0, "turns": [], "meta": {}, "k": None, "files": {},
-                          "model": self.model_record, **dims}
-            if {name: doc[name] for name in dims} != dims:
-                raise ConfigError(f"Conversation {conv_id} stores {({name: doc[name] for name in dims})}; this turn "
-                                  f"has {dims}. Start a new conversation id for another model.")
-            turn_no, start, count = len(doc["turns"]), doc["tokens"], len(arrays["token_ids"])
-            turn = {"file": None, "start": start, "count": count, "bytes": 0, "lens_file": None, "lens_bytes": 0,
-                    "k": None, "compression": self.config.compression, "created_at": now}
-            new = {**doc, "tokens": start + count, "turns": [*doc["turns"], turn], "last_access": now,
-                   "meta": {**doc["meta"], **extra, "hidden_dtype": tag}, "files": dict(doc["files"])}
-            if "topk_ids" in arrays:
-                new["k"] = turn["k"] = self._check_k(conv_id, doc, arrays["topk_ids"].shape[2])
-            if conv_id not in self._volatile:
-                try:
-                    if not locked:
-                        raise OSError("cannot take the conversation's lock")
-                    if not doc["turns"] and (owner := self._manifests.foreign_owner(conv_id)):
-                        raise OSError(f"its folder holds conversation {owner!r:.80}'s manifest; not overwriting it")
-                    turn.update(self._write_part(conv_id, doc["uid"], turn_no, arrays, new["files"], lens=False))
-                    if "topk_ids" in arrays:
-                        turn.update(self._write_part(conv_id, doc["uid"], turn_no, arrays, new["files"], lens=True))
-                    if not self._manifests.commit(conv_id, new):
-                        raise OSError("manifest not written")
-                except OSError as exc:
-                    turn.update(file=None, bytes=0, lens_file=None, lens_bytes=0)
-                    log.warning("Cannot write turn %d of conversation %s under %s (%s); keeping it in memory only.",
-                                turn_no, conv_id, self.root, exc)
-            if turn["file"] is None:
-                self._volatile[conv_id] = new
-            self._memory.put((conv_id, doc["uid"], turn_no), arrays)
+            doc = doc or started(conv_id, self.model_record, dims, now)
+            if (stored := {name: doc[name] for name in dims}) != dims:
+                raise ConfigError(
+                    f"Conversation {conv_id} stores {stored}; this turn has {dims}. Start a new conversation id "
+                    "for another model."
+                )
+            k = self._check_k(conv_id, doc, arrays["topk_ids"].shape[2]) if "topk_ids" in arrays else None
+            meta = {**extra, "hidden_dtype": tag}
+            new = appended(doc, len(arrays["token_ids"]), k, self.config.compression, meta, now)
+            self._disk.append(conv_id, new, arrays, locked)  # to disk, else kept in memory only (logged)
+            self._memory.put((conv_id, doc["uid"], len(doc["turns"])), arrays)
         self.evict()
-        return start, start + count
+        return doc["tokens"], new["tokens"]
 
     def add_lens(self, conv_id: str, start: int, topk_ids: Any, topk_probs: Any, stats: Any = None) -> bool:
         """Store the lens of the turn that begins at token `start` (stored earlier without one), with its
@@ -179,30 +158,14 @@ class TokenCache:
             ConfigError: for shapes unlike the turn's (T, layers, k), or a k unlike the conversation's.
         """
         validate_conv_id(conv_id)
-        with self._lock_for(conv_id), self._lease(conv_id) as locked:
-            found = self._turn_starting(conv_id, start)
+        with self._disk.hold(conv_id) as locked:
+            found = self._disk.turn_starting(conv_id, start)
             if found is None:
                 return False
             doc, turn_no = found
-            turn = doc["turns"][turn_no]
-            lens = check_lens(topk_ids, topk_probs, turn["count"], doc["layers"], stats)
-            k = self._check_k(conv_id, doc, lens["topk_ids"].shape[2])
-            new_turn, files = {**turn, "k": k, "stats": "stats" in lens}, dict(doc["files"])
-            if turn["file"] is not None:
-                try:
-                    if not locked:
-                        raise OSError("cannot take the conversation's lock")
-                    new_turn.update(self._write_part(conv_id, doc["uid"], turn_no, lens, files, lens=True))
-                except OSError as exc:
-                    log.warning("Cannot write the lens of turn %d of conversation %s (%s); it stays in memory.",
-                                turn_no, conv_id, exc)
-            turns = [*doc["turns"][:turn_no], new_turn, *doc["turns"][turn_no + 1 :]]
-            new = {**doc, "k": k, "turns": turns, "files": files}
-            if conv_id in self._volatile:
-                self._volatile[conv_id] = new
-            elif new_turn["lens_file"] and not self._manifests.commit(conv_id, new):
-                log.warning("Cannot update the manifest of conversation %s; the lens of turn %d stays in memory.",
-                            conv_id, turn_no)
+            lens = check_lens(topk_ids, topk_probs, doc["turns"][turn_no]["count"], doc["layers"], stats)
+            self._check_k(conv_id, doc, lens["topk_ids"].shape[2])
+            self._disk.add_lens(conv_id, doc, turn_no, lens, locked)  # to disk when the turn is there (else logged)
             arrays = self._whole_turn(conv_id, doc, turn_no)
             if arrays is not None:
                 self._memory.put((conv_id, doc["uid"], turn_no), {**arrays, **lens})
@@ -210,30 +173,11 @@ class TokenCache:
 
     def _check_k(self, conv_id: str, doc: dict, k: int) -> int:
         if doc["k"] not in (None, k):
-            raise ConfigError(f"Conversation {conv_id} keeps top-{doc['k']} lens predictions; this lens has "
-                              f"top-{k}. Use one k per conversation.")
+            raise ConfigError(
+                f"Conversation {conv_id} keeps top-{doc['k']} lens predictions; this lens has "
+                f"top-{k}. Use one k per conversation."
+            )
         return k
-
-    def _write_part(self, conv_id: str, uid: str, turn_no: int, arrays: dict[str, np.ndarray], files: dict,
-                    lens: bool) -> dict:
-        """Write a turn's hidden part or its lens part, record it in `files`; return the turn fields that name it.
-
-        Raises:
-            OSError: the disk refused it (full, read-only): the caller keeps the turn in memory.
-        """
-        try:
-            from safetensors.numpy import save
-        except ImportError as exc:
-            raise MissingDependencyError("The token cache writes safetensors: pip install safetensors.") from exc
-        parts = ("topk_ids", "topk_probs", "stats") if lens else ("token_ids", "hidden")
-        names = [n for n in parts if n in arrays]
-        data = save({n: arrays[n] for n in names}, metadata={"format": "hf_cachehooks.conversation.cache", "uid": uid,
-                                                              "turn": f"{turn_no}-lens" if lens else str(turn_no)})
-        if self._codec is not None:
-            data = self._codec[0](data)
-        name = f"{'lens' if lens else 'turn'}-{turn_no:05d}{SUFFIX[self.config.compression]}"
-        files[name] = entry.write_file(self.root / conv_id, name, data)
-        return {"lens_file": name, "lens_bytes": len(data)} if lens else {"file": name, "bytes": len(data)}
 
     # Reading ---------------------------------------------------------------------------------------
 
@@ -255,7 +199,7 @@ class TokenCache:
 
         A turn missing from memory is read once for the whole range, not once per token.
         """
-        found = self._manifest_and_starts(validate_conv_id(conv_id))
+        found = self._disk.read(validate_conv_id(conv_id))
         if found is None:
             return []
         (doc, starts), records = found, []
@@ -274,13 +218,21 @@ class TokenCache:
                 if arrays is None:
                     continue
             lens, stats = "topk_ids" in arrays, arrays.get("stats")
-            records += [TokenRecord(conv_id, base + row, int(arrays["token_ids"][row - offset]),
-                                    arrays["topk_ids"][row - offset] if lens else None,
-                                    arrays["topk_probs"][row - offset] if lens else None,
-                                    arrays["hidden"][row - offset], doc["hidden_dtype"],
-                                    None if stats is None else stats[row - offset]) for row in range(first, stop)]
+            records += [
+                TokenRecord(
+                    conv_id,
+                    base + row,
+                    int(arrays["token_ids"][row - offset]),
+                    arrays["topk_ids"][row - offset] if lens else None,
+                    arrays["topk_probs"][row - offset] if lens else None,
+                    arrays["hidden"][row - offset],
+                    doc["hidden_dtype"],
+                    None if stats is None else stats[row - offset],
+                )
+                for row in range(first, stop)
+            ]
         if records:
-            self._touch(conv_id)
+            self._disk.touch(conv_id, self._clock())
         return records
 
     def _from_disk(self, conv_id: str, doc: dict, turn_no: int, rows: slice | None) -> tuple[dict | None, int]:
@@ -290,9 +242,8 @@ class TokenCache:
         if turn["file"] is None:
             return None, 0  # a memory-only turn that the memory tier has let go
         path = self.root / conv_id / turn["file"]
-        whole = turn["count"] * (doc["layers"] * (doc["hidden"] * 2 + (turn["k"] or 0) * 6 + 16) + 4)
         try:
-            if whole > self.config.memory_max_bytes and rows is not None:  # the tier would not keep it
+            if turn_nbytes(doc, turn_no) > self.config.memory_max_bytes and rows is not None:  # it would not stay
                 return read_turn(path.parent, doc, turn_no, rows), rows.start
             arrays = read_turn(path.parent, doc, turn_no, None)
         except FileNotFoundError:
@@ -307,7 +258,7 @@ class TokenCache:
     def turn_arrays(self, conv_id: str, start: int) -> dict[str, np.ndarray] | None:
         """The whole turn that begins at token `start` (read-only arrays: token_ids, hidden, and topk_ids and
         topk_probs once its lens is stored), from memory or disk; None when absent or unreadable."""
-        found = self._turn_starting(validate_conv_id(conv_id), start)
+        found = self._disk.turn_starting(validate_conv_id(conv_id), start)
         return None if found is None else self._whole_turn(conv_id, *found)
 
     def _whole_turn(self, conv_id: str, doc: dict, turn_no: int) -> dict[str, np.ndarray] | None:
@@ -317,8 +268,12 @@ class TokenCache:
     def pending_lens(self) -> list[tuple[str, int, int]]:
         """(conv_id, start, end) of every stored turn still without its lens, oldest conversation first."""
         rows = sorted(self.conversations(), key=lambda r: r["created_at"])
-        return [(r["conv_id"], t["start"], t["start"] + t["count"]) for r in rows
-                for t in self.turns(r["conv_id"]) if t["k"] is None]
+        return [
+            (r["conv_id"], t["start"], t["start"] + t["count"])
+            for r in rows
+            for t in self.turns(r["conv_id"])
+            if t["k"] is None
+        ]
 
     def token_ids(self, conv_id: str) -> np.ndarray:
         """Every token id of the conversation in order (int32; empty when it is unknown or a turn is unreadable).
@@ -326,11 +281,9 @@ class TokenCache:
         Raises:
             ConfigError: for a malformed conversation id.
         """
-        validate_conv_id(conv_id)
-        found = self._manifest_and_starts(conv_id)
-        if found is None:
+        doc, parts = self._disk.manifest(validate_conv_id(conv_id)), []
+        if doc is None:
             return np.zeros(0, np.int32)
-        doc, parts = found[0], []
         for turn_no in range(len(doc["turns"])):
             arrays = self._whole_turn(conv_id, doc, turn_no)
             if arrays is None:
@@ -340,28 +293,24 @@ class TokenCache:
 
     def length(self, conv_id: str) -> int:
         """Number of tokens stored for the conversation (0 when unknown)."""
-        validate_conv_id(conv_id)
-        doc = self._manifest(conv_id)
+        doc = self._disk.manifest(validate_conv_id(conv_id))
         return 0 if doc is None else int(doc["tokens"])
 
     # Managing --------------------------------------------------------------------------------------
 
     def turns(self, conv_id: str) -> list[dict]:
         """The conversation's turns as stored in its manifest (start, count, bytes, file, ...); [] when unknown."""
-        doc = self._manifest(validate_conv_id(conv_id))
+        doc = self._disk.manifest(validate_conv_id(conv_id))
         return [] if doc is None else [dict(t) for t in doc["turns"]]
 
     def meta(self, conv_id: str) -> dict | None:
         """The conversation's `meta` (merged over its turns), or None if it is unknown."""
-        doc = self._manifest(validate_conv_id(conv_id))
+        doc = self._disk.manifest(validate_conv_id(conv_id))
         return None if doc is None else dict(doc.get("meta", {}))
 
     def conversations(self) -> list[dict]:
         """One row per conversation: conv_id, tokens, turns, bytes, pinned, last_access, created_at."""
-        names = set(self._volatile)
-        with contextlib.suppress(OSError):
-            names |= {p.name for p in self.root.iterdir() if p.is_dir() and CONV_ID.fullmatch(p.name)}
-        return [row for row in map(self.conversation, sorted(names)) if row is not None]
+        return [row for row in map(self._disk.row, self._disk.names()) if row is not None]
 
     def conversation(self, conv_id: str) -> dict | None:
         """One conversation's row as `conversations` lists it; None when it is unknown.
@@ -369,24 +318,21 @@ class TokenCache:
         Listed whatever model wrote it (it takes disk space, and can be pinned or deleted); `refusal` says
         whether this cache serves its tokens.
         """
-        doc = self._manifest(validate_conv_id(conv_id), served=False)
-        if doc is None:
-            return None
-        return {"conv_id": conv_id, "tokens": doc["tokens"], "turns": len(doc["turns"]),
-                "bytes": sum(t["bytes"] + t["lens_bytes"] for t in doc["turns"]), "pinned": doc["pinned"],
-                "last_access": self._manifests.last_access(conv_id, doc), "created_at": doc["created_at"]}
+        return self._disk.row(validate_conv_id(conv_id))
+
+    def refusal(self, conv_id: str) -> str | None:
+        """Why this cache neither serves nor continues conversation `conv_id` (another model wrote it, or it
+        records none); None when it does, or the conversation is unknown. A cache made without a model serves
+        every conversation and says only why it would not continue one."""
+        doc = self._disk.manifest(validate_conv_id(conv_id), served=False)
+        return None if doc is None else other_model(conv_id, doc, self.model_record)
 
     def pin(self, conv_id: str, pinned: bool = True) -> bool:
         """Keep (or stop keeping) a conversation through every eviction; False when it is unknown."""
         validate_conv_id(conv_id)
-        with self._lock_for(conv_id), self._lease(conv_id):
-            doc = self._manifest(conv_id, served=False)
-            if doc is None:
-                return False
-            if conv_id in self._volatile:
-                self._volatile[conv_id] = {**doc, "pinned": pinned}
-                return True
-            return self._manifests.commit(conv_id, {**doc, "pinned": pinned})
+        with self._disk.hold(conv_id):
+            doc = self._disk.manifest(conv_id, served=False)
+            return doc is not None and self._disk.save(conv_id, {**doc, "pinned": pinned})
 
     def delete(self, conv_id: str) -> bool:
         """Remove a conversation from both tiers; False when it was not there.
@@ -400,9 +346,14 @@ class TokenCache:
     def status(self) -> dict[str, int]:
         """Tier sizes, limits, conversation count and hit counters since this instance started."""
         rows = self.conversations()
-        return {"memory_bytes": self._memory.nbytes, "memory_limit": self.config.memory_max_bytes,
-                "disk_bytes": sum(r["bytes"] for r in rows), "disk_limit": self.config.disk_max_bytes,
-                "conversations": len(rows), **self._stats}
+        return {
+            "memory_bytes": self._memory.nbytes,
+            "memory_limit": self.config.memory_max_bytes,
+            "disk_bytes": sum(r["bytes"] for r in rows),
+            "disk_limit": self.config.disk_max_bytes,
+            "conversations": len(rows),
+            **self._stats,
+        }
 
     def evict(self) -> list[str]:
         """Drop expired memory turns; delete idle and least-recently-used unpinned conversations from disk.
@@ -411,101 +362,53 @@ class TokenCache:
             The conversation ids deleted from disk. Pinned ones stay even when that leaves the disk over
             its limit (logged as a warning).
         """
-        now, limit = self._clock(), self._disk.max_age or timedelta(0)  # idle implies a max_age
+        now, limit = self._clock(), self._settings.max_age or timedelta(0)  # idle implies a max_age
         self._memory.drop_where("expired", lambda _, stored_at: self._memory.stale(stored_at, now))
-        rows = sorted((r for r in self.conversations() if r["conv_id"] not in self._volatile),
-                      key=lambda r: r["last_access"])
+        rows = sorted(
+            (r for r in self.conversations() if not self._disk.memory_only(r["conv_id"])),
+            key=lambda r: r["last_access"],
+        )
         total, gone = sum(r["bytes"] for r in rows), []
         for r in rows:
             if r["pinned"]:
                 continue
-            idle = self._disk.expired(r["last_access"], now)
+            idle = self._settings.expired(r["last_access"], now)
             if not idle and total <= self.config.disk_max_bytes:
                 continue
-            reason = (f"idle for {now - r['last_access']:.0f}s (limit {limit.total_seconds():.0f}s)" if idle else
-                      f"least recently used; disk tier {total} bytes > {self.config.disk_max_bytes}")
+            reason = (
+                f"idle for {now - r['last_access']:.0f}s (limit {limit.total_seconds():.0f}s)"
+                if idle
+                else f"least recently used; disk tier {total} bytes > {self.config.disk_max_bytes}"
+            )
             if self._remove(r["conv_id"], reason, r["last_access"]):
                 total -= r["bytes"]
                 gone.append(r["conv_id"])
         if total > self.config.disk_max_bytes:
-            log.warning("Disk tier holds %d bytes, over its %d-byte limit, all in pinned conversations; "
-                        "unpin some or raise disk max_size_gb.", total, self.config.disk_max_bytes)
+            log.warning(
+                "Disk tier holds %d bytes, over its %d-byte limit, all in pinned conversations; "
+                "unpin some or raise disk max_size_gb.",
+                total,
+                self.config.disk_max_bytes,
+            )
         return gone
 
     def _remove(self, conv_id: str, reason: str, planned_access: float | None = None) -> bool:
-        folder = self.root / conv_id
-        if conv_id not in self._volatile and not folder.is_dir():
+        if not self._disk.knows(conv_id):
             return False
-        with self._lock_for(conv_id), self._lease(conv_id):
-            doc = self._manifest(conv_id, served=False)
-            if planned_access is not None and (doc is None or doc["pinned"]
-                                               or self._manifests.last_access(conv_id, doc) != planned_access):
+        with self._disk.hold(conv_id):
+            if planned_access is not None and not self._disk.unchanged(conv_id, planned_access):
                 return False  # used, pinned or removed since eviction planned it
             self._memory.drop_where(reason, lambda key, _: key[0] == conv_id)
-            existed = self._volatile.pop(conv_id, None) is not None
-            self._manifests.forget(conv_id)
-            path = folder / MANIFEST  # the disk's entry, also under a memory-only conversation
-            ours = self._manifest(conv_id, served=False) is not None
-            if ours or (path.exists() and self._manifests.foreign_owner(conv_id) is None):
-                entry.remove_entry(path)  # manifest renamed away first; then only the files it lists (plain names)
-                self._manifests.forget(conv_id)
-                existed = True  # a damaged manifest goes too, but never another conversation's (folders swapped)
+            existed = self._disk.remove(conv_id)
         if existed:
-            log.log(logging.INFO if planned_access is None else logging.DEBUG,  # evictions are routine
-                    "Token cache removed conversation %s from disk: %s.", conv_id, reason)
+            log.log(
+                logging.INFO if planned_access is None else logging.DEBUG,  # evictions are routine
+                "Token cache removed conversation %s from disk: %s.",
+                conv_id,
+                reason,
+            )
         return existed
 
-    # Plumbing --------------------------------------------------------------------------------------
-
-    def _lock_for(self, conv_id: str) -> threading.Lock:
-        with self._guard:
-            return self._locks.setdefault(conv_id, threading.Lock())
-
-    def _lease(self, conv_id: str) -> contextlib.AbstractContextManager[bool]:
-        """The cross-process lease that serializes writes to one conversation."""
-        return lease(self.root / ".locks" / f"{conv_id}.lock", stale_after=self._disk.stale_after_seconds)
-
     def _count(self, name: str, n: int = 1) -> None:
-        with self._guard:
+        with self._stats_lock:
             self._stats[name] += n
-
-    def refusal(self, conv_id: str) -> str | None:
-        """Why this cache neither serves nor continues conversation `conv_id` (another model wrote it, or it
-        records none); None when it does, or the conversation is unknown. A cache made without a model serves
-        every conversation and says only why it would not continue one."""
-        doc = self._manifest(validate_conv_id(conv_id), served=False)
-        return None if doc is None else other_model(conv_id, doc, self.model_record)
-
-    def _manifest(self, conv_id: str, served: bool = True) -> dict | None:
-        found = self._manifest_and_starts(conv_id, served)
-        return None if found is None else found[0]
-
-    def _manifest_and_starts(self, conv_id: str, served: bool = True) -> tuple[dict, list[int]] | None:
-        """The manifest and its turn starts: a memory-only conversation's, else the disk's (see `Manifests`).
-
-        `served`: only a conversation this cache's model may serve (another model's is a miss, logged once).
-        """
-        if conv_id in self._volatile:
-            memory_only = self._volatile[conv_id]
-            return memory_only, [t["start"] for t in memory_only["turns"]]
-        found = self._manifests.read(conv_id)
-        if found is None or not served or self.model_record is None:
-            return found
-        refused = other_model(conv_id, found[0], self.model_record)
-        if refused is None:
-            return found
-        if (conv_id, refused) not in self._refusals:
-            self._refusals.add((conv_id, refused))
-            log.warning("%s Its tokens are not served here.", refused)
-        return None
-
-    def _turn_starting(self, conv_id: str, start: int) -> tuple[dict, int] | None:
-        """The manifest and the number of the turn that begins at token `start`; None when there is none."""
-        found = self._manifest_and_starts(conv_id)
-        if found is None or start not in found[1]:
-            return None
-        return found[0], found[1].index(start)
-
-    def _touch(self, conv_id: str) -> None:
-        if conv_id not in self._volatile:
-            self._manifests.touch(conv_id, self._clock())

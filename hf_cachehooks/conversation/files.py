@@ -26,7 +26,8 @@ import numpy as np
 import orjson
 
 from .._core import entry
-from .._core.cache_config import DEFAULT_MAX_AGE, CacheConfig, days, seconds, settle
+from .._core.cache_config import DEFAULT_MAX_AGE, CacheConfig, duration, seconds, settle, warn_deprecated
+from .._core.freshness import parse_duration
 from ..errors import ConfigError, CorruptEntryError, MissingDependencyError
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ TOUCH = ".last_access"
 TOUCH_EVERY = 1.0  # seconds between last-access stamps of one conversation: reads stay (nearly) write-free
 MAX_TURNS = 512  # turns the memory tier holds at most: each mapped turn keeps a file descriptor open
 _GIB = 1024**3
+_MEMORY_TTL = timedelta(hours=1)  # a turn's time in the memory tier, by default
+_NONE = timedelta(0)
 SUFFIX = {"none": ".safetensors", "lz4": ".safetensors.lz4", "zstd": ".safetensors.zst"}
 _PACKAGE = {"lz4": "lz4", "zstd": "zstandard"}
 _DTYPES: dict[str, np.dtype] = {
@@ -73,25 +76,24 @@ class TokenCacheConfig:
         memory_max_bytes, disk_max_bytes: the two tiers' size limits.
         compression: "none", "lz4" or "zstd": whole turn files, decoded per turn (fp16 gains 2-9%).
         prefetch_range: neighbours a client should prefetch on each side of a clicked token.
-        memory_ttl_seconds: a turn leaves the memory tier this long after it was stored (None: never).
-        directory, disk_ttl_seconds: the disk tier's settings as keywords: its folder (None:
-            `<cache root>/conversations`, resolved when a TokenCache is made) and how long a conversation
-            may sit unread before eviction deletes it (None: never; default 7 days, with or without `cache`).
-            They build `cache` when it is not given.
+        memory_ttl: a turn leaves the memory tier this long after it was stored (None: never).
         cache: the disk tier's settings as one `CacheConfig`: `folder` (else `<root>/conversations`),
-            `max_age` (the idle limit), `lock_stale_after` and `clock`. Conversations are stored, not
-            recomputed, so `force_recompute=True` and `enabled=False` are refused. Read `resolved_cache`
-            for the settings in effect; equality compares those, whichever spelling built them.
+            `max_age` (how long a conversation may sit unread before eviction deletes it; left out: 7
+            days), `lock_stale_after` and `clock`. Conversations are stored, not recomputed, so
+            `force_recompute=True` and `enabled=False` are refused. Read `resolved_cache` for the
+            settings in effect; equality compares those, whichever spelling built them.
+        directory, disk_ttl_seconds, memory_ttl_seconds: deprecated (a `FutureWarning`, once per process):
+            pass `cache=CacheConfig(folder=..., max_age=timedelta(...))` and `memory_ttl=timedelta(...)`.
 
     Raises:
-        ConfigError: a negative size, an unknown codec, a keyword that disagrees with `cache`, or a
-            `cache` asking to recompute or to be disabled.
+        ConfigError: a negative size, an unknown codec, a keyword that disagrees with `cache` (or
+            `memory_ttl_seconds` with `memory_ttl`), or a `cache` asking to recompute or to be disabled.
 
     Example:
         >>> TokenCacheConfig(memory_max_bytes=256 * 2**20, compression="none").prefetch_range
         5
-        >>> TokenCacheConfig(disk_ttl_seconds=86400) == TokenCacheConfig(cache=CacheConfig(max_age=timedelta(days=1)))
-        True
+        >>> TokenCacheConfig(cache=CacheConfig(folder="conversations", max_age=timedelta(days=1))).memory_ttl
+        datetime.timedelta(seconds=3600)
     """
 
     memory_max_bytes: int = _GIB
@@ -99,7 +101,8 @@ class TokenCacheConfig:
     directory: str | None = field(default=None, compare=False)
     compression: str = "none"
     prefetch_range: int = 5
-    memory_ttl_seconds: float | None = 3600
+    memory_ttl: timedelta | None = _MEMORY_TTL
+    memory_ttl_seconds: float | None = field(default=3600.0, compare=False)
     disk_ttl_seconds: float | None = field(default=seconds(DEFAULT_MAX_AGE["TokenCacheConfig"]), compare=False)
     cache: CacheConfig | None = field(default=None, compare=False)
     resolved_cache: CacheConfig = field(init=False, repr=False)
@@ -110,6 +113,16 @@ class TokenCacheConfig:
         for name in ("memory_max_bytes", "disk_max_bytes", "prefetch_range"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} is {getattr(self, name)}; it must be 0 or more.")
+        if self.memory_ttl_seconds != 3600.0:  # the older spelling, set
+            warn_deprecated("TokenCacheConfig", "memory_ttl_seconds=...", "memory_ttl=timedelta(seconds=...)")
+            old = None if self.memory_ttl_seconds is None else duration(self.memory_ttl_seconds)
+            if self.memory_ttl != _MEMORY_TTL and self.memory_ttl != old:
+                raise ConfigError(f"TokenCacheConfig got memory_ttl={self.memory_ttl!r} and memory_ttl_seconds="
+                                  f"{self.memory_ttl_seconds!r}; set it in one place: memory_ttl=timedelta(...).")
+            object.__setattr__(self, "memory_ttl", old)
+        if self.memory_ttl is not None and (not isinstance(self.memory_ttl, timedelta) or self.memory_ttl < _NONE):
+            raise ConfigError(f"TokenCacheConfig memory_ttl={self.memory_ttl!r} is not a duration; pass a positive "
+                              "datetime.timedelta, e.g. timedelta(hours=1), or None (turns stay until evicted).")
         keywords = {"directory": self.directory, "disk_ttl_seconds": self.disk_ttl_seconds}
         defaults = {f.name: f.default for f in fields(self) if f.name in keywords}
         cache = settle(self.cache, keywords, defaults, "TokenCacheConfig")
@@ -121,28 +134,28 @@ class TokenCacheConfig:
                 )
         object.__setattr__(self, "resolved_cache", cache)
 
-    @property
-    def memory_ttl(self) -> timedelta | None:
-        """`memory_ttl_seconds` as a duration (None: turns never expire from memory)."""
-        return None if self.memory_ttl_seconds is None else timedelta(seconds=self.memory_ttl_seconds)
-
     @classmethod
     def from_yaml_dict(cls, doc: Mapping[str, Any]) -> TokenCacheConfig:
         """Read the chat server's YAML structure (already parsed): `cache: {memory, disk, prefetch, ttl}`.
 
+        `ttl.memory` and `ttl.disk` are durations with a unit (`30m`, `12h`, `7d`, `2w`; null: never). The
+        older `ttl.memory_minutes` and `ttl.disk_days` still take a plain number in their unit.
+
         Raises:
-            ConfigError: for an unknown key or eviction policy.
+            ConfigError: for an unknown key, eviction policy or duration, or a ttl given in both spellings.
 
         Example:
             >>> TokenCacheConfig.from_yaml_dict({"cache": {"disk": {"max_size_gb": 2}}}).disk_max_bytes
             2147483648
+            >>> TokenCacheConfig.from_yaml_dict({"cache": {"ttl": {"disk": "12h"}}}).resolved_cache.max_age
+            datetime.timedelta(seconds=43200)
         """
         block = doc.get("cache", doc)
         allowed = {
             "memory": {"max_size_mb", "eviction_policy"},
             "disk": {"max_size_gb", "directory", "compression"},
             "prefetch": {"enabled", "range"},
-            "ttl": {"memory_minutes", "disk_days"},
+            "ttl": {"memory", "disk", "memory_minutes", "disk_days"},
         }
         for section, value in block.items():
             unknown = set(value or {}) - allowed[section] if section in allowed else {section}
@@ -152,18 +165,35 @@ class TokenCacheConfig:
         prefetch, ttl = block.get("prefetch") or {}, block.get("ttl") or {}
         if memory.get("eviction_policy", "lru") != "lru":
             raise ConfigError(f"eviction_policy {memory['eviction_policy']!r} is not supported; use lru.")
-        minutes = ttl.get("memory_minutes", 60)
-        disk_days = ttl.get("disk_days", days(DEFAULT_MAX_AGE["TokenCacheConfig"]))
-        # the keyword spellings, so `dataclasses.replace(config, directory=...)` (the CLI's --directory) still works
+        folder = None if disk.get("directory") is None else str(disk["directory"])
         return cls(
             memory_max_bytes=int(memory.get("max_size_mb", 1024) * 2**20),
             disk_max_bytes=int(disk.get("max_size_gb", 10) * _GIB),
-            directory=None if disk.get("directory") is None else str(disk["directory"]),
             compression=str(disk.get("compression", "none")),
             prefetch_range=int(prefetch.get("range", 5)) if prefetch.get("enabled", True) else 0,
-            memory_ttl_seconds=None if minutes is None else timedelta(minutes=float(minutes)).total_seconds(),
-            disk_ttl_seconds=None if disk_days is None else timedelta(days=float(disk_days)).total_seconds(),
+            memory_ttl=_yaml_ttl(ttl, "memory", "memory_minutes", timedelta(minutes=1), _MEMORY_TTL),
+            cache=CacheConfig(folder=folder, max_age=_yaml_ttl(ttl, "disk", "disk_days", timedelta(days=1),
+                                                               DEFAULT_MAX_AGE["TokenCacheConfig"])),
         )
+
+
+def _yaml_ttl(ttl: Mapping[str, Any], name: str, old: str, unit: timedelta,
+              default: timedelta | None) -> timedelta | None:
+    """`ttl.<name>` (a duration with a unit) or `ttl.<old>` (a number in `unit`); null: never."""
+    if name in ttl and old in ttl:
+        raise ConfigError(f"ttl.{name} and ttl.{old} set the same limit; keep ttl.{name} (e.g. {name}: 7d).")
+    if name in ttl:
+        value, number_unit = ttl[name], None
+    elif old in ttl:
+        value, number_unit = ttl[old], unit
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            return None  # a negative number of days or minutes never expired: it still does not
+    else:
+        return default
+    try:
+        return None if value is None else parse_duration(value, number_unit)
+    except ConfigError as exc:
+        raise ConfigError(f"ttl.{name if name in ttl else old}: {exc}") from None
 
 
 @dataclass(frozen=True, eq=False)
@@ -375,6 +405,18 @@ def read_turn(folder: Path, doc: dict, turn_no: int, rows: slice | None) -> dict
                 turn_no,
             )
     return out
+
+
+def turn_nbytes(doc: dict, turn_no: int) -> int:
+    """Bytes of the arrays `read_turn` returns for a whole turn (what the memory tier counts): per token its id
+    and (L, H) hidden state and, once its lens file is stored, (L, K) top-k ids and probabilities and, when
+    recorded, (L, len(STATS)) stats."""
+    turn, layers = doc["turns"][turn_no], doc["layers"]
+    i32, f16, f32 = (_DTYPES[code].itemsize for code in ("I32", "F16", "F32"))
+    per_token = i32 + layers * doc["hidden"] * _DTYPES[_HIDDEN_CODE[doc["hidden_dtype"]]].itemsize
+    if turn.get("lens_file"):
+        per_token += layers * turn["k"] * (i32 + f16) + (layers * len(STATS) * f32 if turn.get("stats") is True else 0)
+    return turn["count"] * per_token
 
 
 def _read_part(

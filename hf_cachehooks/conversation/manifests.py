@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from .._core import entry
 from .._core.keys import diff_inputs
 from .._core.store import unseal
 from ..errors import CorruptEntryError
-from .files import KIND, MANIFEST, TOUCH, TOUCH_EVERY, manifest_problem
+from .files import FORMAT_VERSION, KIND, MANIFEST, TOUCH, TOUCH_EVERY, manifest_problem
 
 log = logging.getLogger(__name__)
 _NOT_COMPUTE = ("name", "revision")  # where a model came from, not what it computes: a copied folder is the same model
@@ -45,19 +46,73 @@ def other_model(conv_id: str, doc: dict, record: dict | None) -> str | None:
     if record is None:
         if recorded is None:
             return None
-        why = ("records the model that wrote it, and this TokenCache was made without one: pass model= and "
-               "tokenizer= to TokenCache to continue it")
+        why = (
+            "records the model that wrote it, and this TokenCache was made without one: pass model= and "
+            "tokenizer= to TokenCache to continue it"
+        )
     elif recorded == record:
         return None
     elif not isinstance(recorded, dict):
-        why = ("was stored without the identity of the model that wrote it (by an older version, or by a "
-               "TokenCache made without model=), so its hidden states and lens cannot be told to be this model's")
+        why = (
+            "was stored without the identity of the model that wrote it (by an older version, or by a "
+            "TokenCache made without model=), so its hidden states and lens cannot be told to be this model's"
+        )
     else:
         changes = diff_inputs(recorded, record)
-        why = (f"was written by another model ({', '.join(changes[:3])}{', ...' if len(changes) > 3 else ''}); its "
-               "hidden states and lens are that model's")
-    return (f"Conversation {conv_id!r} {why}. Start a new conversation id for another model, or serve this one "
-            "with the model that wrote it.")
+        why = (
+            f"was written by another model ({', '.join(changes[:3])}{', ...' if len(changes) > 3 else ''}); its "
+            "hidden states and lens are that model's"
+        )
+    return (
+        f"Conversation {conv_id!r} {why}. Start a new conversation id for another model, or serve this one "
+        "with the model that wrote it."
+    )
+
+
+def started(conv_id: str, model: dict | None, dims: dict, now: float) -> dict:
+    """A new conversation's manifest, before its first turn: a fresh uid, the `model_record` of the model that
+    writes it, and `dims` (layers, hidden, hidden_dtype) that every turn of it shares."""
+    return {
+        "format": FORMAT_VERSION,
+        "conv_id": conv_id,
+        "uid": uuid.uuid4().hex,
+        "created_at": now,
+        "pinned": False,
+        "tokens": 0,
+        "turns": [],
+        "meta": {},
+        "k": None,
+        "files": {},
+        "model": model,
+        **dims,
+    }
+
+
+def appended(doc: dict, count: int, k: int | None, compression: str, meta: dict, now: float) -> dict:
+    """A copy of manifest `doc` with one more turn of `count` tokens, whose record names no file yet (the disk
+    tier names them as it writes them), `meta` merged in, and, when `k` is given, the turn's top-k lens."""
+    turn = {
+        "file": None,
+        "start": doc["tokens"],
+        "count": count,
+        "bytes": 0,
+        "lens_file": None,
+        "lens_bytes": 0,
+        "k": k,
+        "compression": compression,
+        "created_at": now,
+    }
+    new = {
+        **doc,
+        "tokens": doc["tokens"] + count,
+        "turns": [*doc["turns"], turn],
+        "last_access": now,
+        "meta": {**doc["meta"], **meta},
+        "files": dict(doc["files"]),
+    }
+    if k is not None:
+        new["k"] = k
+    return new
 
 
 class Manifests:
@@ -109,8 +164,13 @@ class Manifests:
             with contextlib.suppress(OSError, CorruptEntryError):
                 doc = unseal(path.read_bytes())
         old = isinstance(doc, dict) and doc.get("hf_cachehooks_entry") is None and "format" in doc
-        log.log(logging.INFO if old else logging.WARNING, "Manifest %s is not served as conversation %s (%s); "
-                "treating it as a miss.", path, conv_id, problem)
+        log.log(
+            logging.INFO if old else logging.WARNING,
+            "Manifest %s is not served as conversation %s (%s); treating it as a miss.",
+            path,
+            conv_id,
+            problem,
+        )
 
     def foreign_owner(self, conv_id: str) -> str | None:
         """The id of another conversation whose sound manifest sits in `conv_id`'s folder (folders swapped)."""
@@ -124,8 +184,7 @@ class Manifests:
     def commit(self, conv_id: str, doc: dict) -> bool:
         """Write `doc` as the conversation's manifest, last, after the files its `files` lists."""
         key = {"kind": KIND, "digest": doc["uid"], "inputs": {"conv_id": conv_id, "uid": doc["uid"]}}
-        return entry.commit(self.root / conv_id / MANIFEST, KIND, key, doc["files"], doc,
-                            created_at=doc["created_at"])
+        return entry.commit(self.root / conv_id / MANIFEST, KIND, key, doc["files"], doc, created_at=doc["created_at"])
 
     def touch(self, conv_id: str, now: float) -> None:
         """Stamp the conversation's last access (at most once a second, so reads stay nearly write-free)."""

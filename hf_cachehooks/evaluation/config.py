@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields, replace
 from datetime import timedelta
 from typing import Any, Protocol
 
-from .._core.cache_config import DEFAULT_MAX_AGE, CacheConfig, days, duration, settle
+from .._core.cache_config import DEFAULT_MAX_AGE, CacheConfig, days, duration, settle, warn_deprecated
 from .._core.freshness import SYSTEM_CLOCK, Clock
 from ..errors import ConfigError
 
@@ -51,13 +51,14 @@ class EvalConfig:
         distributed: under torchrun / accelerate launch (WORLD_SIZE > 1), shard the examples across the
             ranks; every rank must then call `evaluate_model`. False evaluates everything in this process
             (for a script that calls it on rank 0 only).
-        use_prediction_cache, force_recompute, cache_max_age_days, predictions_cache_dir, cache_dir,
-            lock_stale_after, clock: the prediction cache's settings as keywords; they build `cache` when it
-            is not given. `cache_max_age_days` defaults to the predictions' own age (30 days, the same as
-            `CacheConfig()` gives them); `lock_stale_after` is a `timedelta` (a number, read as seconds,
-            is still accepted and stored as a `timedelta`). `predictions_cache_dir=None` means
-            `<cache root>/predictions`, where the root is `cache_dir`, else $HF_CACHEHOOKS_HOME, else
-            `outputs/cache`.
+        use_prediction_cache, force_recompute, cache_max_age_days, predictions_cache_dir, lock_stale_after:
+            the prediction cache's familiar settings as keywords; they build `cache` when it is not given.
+            `cache_max_age_days` defaults to the predictions' own age (30 days, the same as `CacheConfig()`
+            gives them); `lock_stale_after` is a `timedelta` (a number of seconds still works, with a
+            `FutureWarning`). `predictions_cache_dir=None` means `<cache root>/predictions`, where the root
+            is $HF_CACHEHOOKS_HOME, else `outputs/cache`.
+        cache_dir, clock: deprecated (a `FutureWarning`, once): pass `cache=CacheConfig(root=...)` and
+            `cache=CacheConfig(clock=...)`.
         generation_config: generation settings as a `transformers.GenerationConfig` (only the values it
             sets away from transformers' defaults count, as in `model.generate`) or a mapping, instead of
             the five fields above; what it leaves out stays greedy with `max_new_tokens=64`.
@@ -115,6 +116,8 @@ class EvalConfig:
         if self.task == "classification" and self.use_chat_template:
             raise ConfigError("use_chat_template=True applies to generation only; set task='generation'.")
         object.__setattr__(self, "metrics", tuple(self.metrics))
+        if not isinstance(self.lock_stale_after, timedelta):
+            warn_deprecated("EvalConfig", "lock_stale_after=<seconds>", "lock_stale_after=timedelta(seconds=...)")
         object.__setattr__(self, "lock_stale_after", duration(self.lock_stale_after))  # one unit: timedelta
         defaults = {f.name: f.default for f in fields(self) if f.name in CACHE_KEYWORDS}
         object.__setattr__(self, "resolved_cache", settle(

@@ -8,7 +8,8 @@ run entry. So a run made on 2 processes is a full hit on 1, and a run killed on 
     every rank: predicts its share (balanced by prompt length), saving each batch as it finishes
     every rank ----gather----> rank 0: merges, computes metrics, saves the run entry ----broadcast----> all
 
-The process group comes from the launcher's environment (WORLD_SIZE, RANK, MASTER_ADDR, ...). When the
+The process group comes from the launcher's environment (WORLD_SIZE, RANK, MASTER_ADDR, ...; read as a `World` by
+`_core.launch`). When the
 script has not started one, a gloo group is started here; when it has (e.g. NCCL), a gloo group is made
 beside it, since only small Python objects travel (example hashes and predictions, never tensors).
 """
@@ -18,34 +19,12 @@ from __future__ import annotations
 import atexit
 import heapq
 import logging
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
+from .._core.launch import World
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class World:
-    """This process's place in the launch: `rank` of `size` processes (size 1 without a launcher)."""
-
-    rank: int = 0
-    size: int = 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-def world_from_env() -> World:
-    """The launch as torchrun and accelerate describe it in the environment, read now."""
-    try:
-        size = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return World()
-    return World(rank, size) if size > 1 and 0 <= rank < size else World()
 
 
 def shard(lengths: Sequence[int], size: int) -> list[list[int]]:

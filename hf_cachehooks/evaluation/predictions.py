@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from .._core.cache_config import CacheConfig, settle
 from .._core.entry import commit, open_entry, read_head, remove_entry
 from .._core.freshness import is_expired
 from .._core.keys import Key, diff_inputs
@@ -68,15 +68,24 @@ class PredictionCache:
     """Run entries and per-example shards in one folder.
 
     Args:
-        folder: the predictions folder (created on first write).
-        clock: time source for expiry.
-        max_age_days: entries older than this are misses (None: never expire).
+        cache: where and how long: the folder is `cache.folder_for("predictions")` (created on first write),
+            entries older than `cache.max_age` are misses (left out: the predictions' own 30 days), and
+            `cache.clock` is the time source.
+
+    Raises:
+        ConfigError: `cache` is not a `CacheConfig`.
+
+    Example:
+        >>> cache = PredictionCache(CacheConfig(root="outputs/cache", max_age=timedelta(days=7)))
+        >>> cache.folder.as_posix(), cache.max_age_days
+        ('outputs/cache/predictions', 7.0)
     """
 
-    def __init__(self, folder: Path, clock: Callable[[], float], max_age_days: float | None) -> None:
-        self.folder = Path(folder)
-        self.clock = clock
-        self.max_age_days = max_age_days
+    def __init__(self, cache: CacheConfig) -> None:
+        self.cache = settle(cache, {}, {}, "EvalConfig")  # a max_age left out: the predictions' own default
+        self.folder = self.cache.folder_for("predictions")
+        self.clock = self.cache.clock
+        self.max_age_days = self.cache.max_age_days
 
     def run_path(self, key: Key, model_name: str) -> Path:
         return self.folder / f"{short_name(model_name)}_{key.short}.json"

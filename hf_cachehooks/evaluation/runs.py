@@ -12,12 +12,13 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from .._core.extras import requires_extras
 from .._core.fingerprint import example_hashes, fingerprint_data
 from .._core.freshness import describe_age, iso
 from .._core.keys import Key, dumps, extend_key, make_key, remember
+from .._core.launch import World, world_from_env
 from .._core.locking import single_flight
 from .._core.rows import load_rows
 from .._models.identity import (
@@ -33,11 +34,14 @@ from .._models.inference import LoadPlan, load_planned, plan_load
 from .._version import __version__
 from ..errors import ConfigError
 from .config import EvalConfig
-from .distributed import Collective, World, predict_sharded, world_from_env
+from .distributed import Collective, predict_sharded
 from .metrics import compute_metrics, metric_versions
 from .predictions import PredictionCache
 
 log = logging.getLogger(__name__)
+
+CacheStatus = Literal["hit", "partial", "miss", "recomputed", "disabled"]
+"""Where an `EvalResult` came from: see `EvalResult`."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +57,7 @@ class EvalResult:
     references: list
     metrics: dict
     metadata: dict
-    cache_status: str
+    cache_status: CacheStatus
     key: str | None = None
     path: str | None = None
     miss_reason: str | None = None
@@ -129,8 +133,9 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
     identity = run.identity()
     predictor = predictor_key(identity, config)
     key = run_key(predictor, data if hasattr(data, "_fingerprint") else rows, len(rows), config)
-    cache = PredictionCache(folder, caching.clock, caching.max_age_days)
+    cache = PredictionCache(caching)
     name = identity["model"]["name"]
+    evaluation = _Evaluation(config, cache, key, predictor, run, name, versions)
 
     reason = "force_recompute is set"
     if caching.force_recompute:
@@ -139,16 +144,17 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
         doc = cache.load_run(key, name, references=False)
         if doc is not None:
             doc["references"] = _references(rows, config)  # the rows the entry was made from (in its key)
-            return _hit(doc, cache, key, name, config, versions)
+            return evaluation.hit(evaluation.refresh_metrics(doc))
         reason = cache.explain_miss(key)
         log.info("🔄 No valid cache found for %s (%d examples, key %s): %s.", name, len(rows), key.short, reason)
     # only a miss reads the prompts and references (a hit was made from these very rows: they are in its key)
     prompts, references = render_prompts(rows, config), _references(rows, config)
 
-    def lookup() -> dict | None:
-        return None if caching.force_recompute else cache.load_run(key, name)
+    def lookup() -> _Outcome | None:
+        doc = None if caching.force_recompute else cache.load_run(key, name)
+        return None if doc is None else _Outcome(doc, "hit", None, computed_here=False)
 
-    def compute() -> dict:
+    def compute() -> _Outcome:
         started = time.time()
         hashes = example_hashes(prompts)
         known = {} if caching.force_recompute else cache.load_examples(predictor)
@@ -159,18 +165,17 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
         elif reused:
             log.info("♻️  All %d predictions found per example; recomputing metrics only.", reused)
         known.update(run.predict_cached(prompts, hashes, todo, cache, predictor))
-        return _save(cache, key, predictor, run, name, [known[h] for h in hashes], references, versions, started,
-                     reused)
+        return evaluation.save([known[h] for h in hashes], references, started, reused)
 
     world = world_from_env() if config.distributed else World()
     if world.size > 1:  # under torchrun / accelerate launch: shard, gather on rank 0, same result everywhere
-        return _evaluate_sharded(world, run, cache, key, predictor, name, prompts, references, versions)
+        return evaluation.sharded(world, prompts, references)
 
     lock = folder / ".locks" / f"{key.digest}.lock"
-    doc = single_flight(lock, lookup, compute, stale_after=caching.stale_after_seconds)
-    if "_status" not in doc:  # another process computed it while we waited
-        return _hit(doc, cache, key, name, config, versions)
-    return _result(doc, key, reason)
+    outcome = single_flight(lock, lookup, compute, stale_after=caching.stale_after_seconds)
+    if not outcome.computed_here:  # another process computed it while we waited
+        return evaluation.hit(evaluation.refresh_metrics(outcome.doc))
+    return evaluation.result(outcome, reason)
 
 
 def run_key(predictor: Key, data: Any, n: int, config: EvalConfig) -> Key:
@@ -205,76 +210,106 @@ def predictor_key(identity: dict, config: EvalConfig) -> Key:
     return key
 
 
-def _save(cache: PredictionCache, key: Key, predictor: Key, run: _Run, name: str, predictions: list,
-          references: list, versions: dict, started: float, reused: int, **extra_meta: Any) -> dict:
-    """Metrics, metadata and the run entry for finished predictions; the doc `evaluate_model` answers from."""
-    config = run.config
-    caching = config.resolved_cache
-    metrics = compute_metrics(config.metrics, predictions, references)
-    meta = _metadata(name, len(predictions), time.time() - started, config, caching.clock())
-    meta.update(reused_examples=reused, **extra_meta)
-    if run.took_effect is not None:
-        meta["load"] = run.took_effect
-    doc: dict[str, Any] = {"metadata": meta, "predictions": predictions, "references": references,
-                           "metrics": metrics, "metric_versions": versions}
-    path = cache.save_run(key, name, doc)
-    cache.compact(predictor)
-    doc["_status"] = "recomputed" if caching.force_recompute else ("partial" if reused else "miss")
-    doc["_path"] = str(path) if path else None
-    log.info("💾 Saved %d predictions to %s.", len(predictions), path or "(not cached: folder not writable)")
-    return doc
+@dataclass(frozen=True)
+class _Outcome:
+    """A run entry as `evaluate_model` answers from it: the doc, its status, where it was saved (None when
+    the folder was not writable, or for an entry read back rather than made here), and whether this process
+    computed it (False: another process did, while this one waited for its lease)."""
+
+    doc: dict
+    status: CacheStatus
+    path: str | None
+    computed_here: bool
 
 
-def _result(doc: dict, key: Key, reason: str | None) -> EvalResult:
-    return EvalResult(doc["predictions"], doc["references"], doc["metrics"], doc["metadata"], doc["_status"],
-                      key=key.digest, path=doc["_path"], miss_reason=reason, reused=doc["metadata"]["reused_examples"])
+@dataclass(frozen=True)
+class _Evaluation:
+    """One evaluation's state after its key is known: the cache it reads and writes, the run and predictor
+    keys, the model side (`_Run`), the model's name and the metric versions the answer must carry."""
 
+    config: EvalConfig
+    cache: PredictionCache
+    key: Key
+    predictor: Key
+    run: _Run
+    name: str
+    versions: dict
 
-def _evaluate_sharded(world: World, run: _Run, cache: PredictionCache, key: Key, predictor: Key, name: str,
-                      prompts: list[str], references: list, versions: dict) -> EvalResult:
-    """`evaluate_model` on one rank of several: see `distributed.py` for who does what."""
-    config = run.config
-    force = config.resolved_cache.force_recompute
-    comm = Collective(world)
-    found = None if force else cache.load_run(key, name)
-    if comm.all_true(found is not None) and found is not None:
-        return _hit(found, cache, key, name, config, versions)
-    reason = "force_recompute is set" if force else (cache.explain_miss(key) if world.is_main else None)
-    if world.is_main:
-        log.info("🔄 No valid cache found for %s (%d examples, key %s): %s.", name, len(prompts), key.short, reason)
-    started = time.time()
-    hashes = example_hashes(prompts)
-    known = ({} if force else cache.load_examples(predictor)) if world.is_main else None
-    run.progress = world.is_main
+    def save(self, predictions: list, references: list, started: float, reused: int,
+             **extra_meta: Any) -> _Outcome:
+        """Metrics, metadata and the run entry for finished predictions; the outcome `evaluate_model` answers
+        from."""
+        caching = self.config.resolved_cache
+        metrics = compute_metrics(self.config.metrics, predictions, references)
+        meta = _metadata(self.name, len(predictions), time.time() - started, self.config, caching.clock())
+        meta.update(reused_examples=reused, **extra_meta)
+        if self.run.took_effect is not None:
+            meta["load"] = self.run.took_effect
+        doc: dict[str, Any] = {"metadata": meta, "predictions": predictions, "references": references,
+                               "metrics": metrics, "metric_versions": self.versions}
+        path = self.cache.save_run(self.key, self.name, doc)
+        self.cache.compact(self.predictor)
+        status: CacheStatus = "recomputed" if caching.force_recompute else ("partial" if reused else "miss")
+        log.info("💾 Saved %d predictions to %s.", len(predictions), path or "(not cached: folder not writable)")
+        return _Outcome(doc, status, str(path) if path else None, computed_here=True)
 
-    def predict(positions: list[int]) -> dict[str, Any]:
-        return run.predict_cached(prompts, hashes, positions, cache, predictor, suffix=f"-r{world.rank}")
+    def result(self, outcome: _Outcome, reason: str | None) -> EvalResult:
+        """The answer for predictions made by this evaluation (here, or by the ranks of one launch)."""
+        doc = outcome.doc
+        return EvalResult(doc["predictions"], doc["references"], doc["metrics"], doc["metadata"], outcome.status,
+                          key=self.key.digest, path=outcome.path, miss_reason=reason,
+                          reused=doc["metadata"]["reused_examples"])
 
-    merged, reused, timing = predict_sharded(world, comm, prompts, hashes, known, predict)
-    doc = None
-    if merged is not None:
-        doc = _save(cache, key, predictor, run, name, [merged[h] for h in hashes], references, versions, started,
-                    reused, processes={"count": world.size, **timing})
-    doc, reason = comm.broadcast((doc, reason))
-    comm.barrier()  # every rank has the result before any process may exit
-    return _result(doc, key, reason)
-
-
-def _hit(doc: dict, cache: PredictionCache, key: Key, name: str, config: EvalConfig,
-         versions: dict) -> EvalResult:
-    meta = doc["metadata"]
-    age = describe_age(config.resolved_cache.clock() - meta.get("created_at", 0))
-    if doc.get("metric_versions") != versions:
+    def refresh_metrics(self, doc: dict) -> dict:
+        """`doc`, with its metrics recomputed from its predictions and the run entry rewritten, when the
+        metric scripts changed since it was saved; `doc` unchanged otherwise."""
+        if doc.get("metric_versions") == self.versions:
+            return doc
         log.info("📏 Metrics changed (%s → %s): recomputing from %d cached predictions.",
-                 ",".join(doc.get("metric_versions", {})), ",".join(versions), len(doc["predictions"]))
-        doc["metrics"] = compute_metrics(config.metrics, doc["predictions"], doc["references"])
-        doc["metric_versions"] = versions
-        cache.save_run(key, name, {k: v for k, v in doc.items() if k != "key"})
-    path = cache.run_path(key, name)
-    log.info("✅ Loaded predictions from cache: %s (%d examples, %s old, saved ≈%.0fs).",
-             path.name, len(doc["predictions"]), age, meta.get("evaluation_time_seconds", 0))
-    return EvalResult(doc["predictions"], doc["references"], doc["metrics"], meta, "hit",
-                      key=key.digest, path=str(path))
+                 ",".join(doc.get("metric_versions", {})), ",".join(self.versions), len(doc["predictions"]))
+        doc["metrics"] = compute_metrics(self.config.metrics, doc["predictions"], doc["references"])
+        doc["metric_versions"] = self.versions
+        self.cache.save_run(self.key, self.name, {k: v for k, v in doc.items() if k != "key"})
+        return doc
+
+    def hit(self, doc: dict) -> EvalResult:
+        """The answer served from a run entry (its metrics already current: see `refresh_metrics`)."""
+        meta = doc["metadata"]
+        age = describe_age(self.config.resolved_cache.clock() - meta.get("created_at", 0))
+        path = self.cache.run_path(self.key, self.name)
+        log.info("✅ Loaded predictions from cache: %s (%d examples, %s old, saved ≈%.0fs).",
+                 path.name, len(doc["predictions"]), age, meta.get("evaluation_time_seconds", 0))
+        return EvalResult(doc["predictions"], doc["references"], doc["metrics"], meta, "hit",
+                          key=self.key.digest, path=str(path))
+
+    def sharded(self, world: World, prompts: list[str], references: list) -> EvalResult:
+        """`evaluate_model` on one rank of several: see `distributed.py` for who does what."""
+        force = self.config.resolved_cache.force_recompute
+        comm = Collective(world)
+        found = None if force else self.cache.load_run(self.key, self.name)
+        if comm.all_true(found is not None) and found is not None:
+            return self.hit(self.refresh_metrics(found))
+        reason = "force_recompute is set" if force else (self.cache.explain_miss(self.key) if world.is_main else None)
+        if world.is_main:
+            log.info("🔄 No valid cache found for %s (%d examples, key %s): %s.", self.name, len(prompts),
+                     self.key.short, reason)
+        started = time.time()
+        hashes = example_hashes(prompts)
+        known = ({} if force else self.cache.load_examples(self.predictor)) if world.is_main else None
+        self.run.progress = world.is_main
+
+        def predict(positions: list[int]) -> dict[str, Any]:
+            return self.run.predict_cached(prompts, hashes, positions, self.cache, self.predictor,
+                                           suffix=f"-r{world.rank}")
+
+        merged, reused, timing = predict_sharded(world, comm, prompts, hashes, known, predict)
+        saved = None
+        if merged is not None:
+            saved = self.save([merged[h] for h in hashes], references, started, reused,
+                              processes={"count": world.size, **timing})
+        outcome, reason = comm.broadcast((saved, reason))  # rank 0's, on every rank
+        comm.barrier()  # every rank has the result before any process may exit
+        return self.result(outcome, reason)
 
 
 def _metadata(name: str, size: int, seconds: float, config: EvalConfig, now: float) -> dict:

@@ -20,7 +20,7 @@ The metadata file is written last and lists the sizes and hashes of the two JSON
 interrupted write is never read as an entry, and a changed, swapped or malformed file is a warning and
 a regeneration. Rows are saved after every chunk, so a killed run loses one chunk. Two processes that
 miss the same key generate once: the second waits on the lease and then reads the first one's entry.
-The tree may be shared with the user's own runs (`experiments_dir=`): a file no manifest of ours lists
+The tree may be shared with the user's own runs (`cache=CacheConfig(folder=...)`): a file no manifest of ours lists
 is never removed or overwritten; a save that would replace one is skipped with a warning naming it.
 """
 
@@ -34,26 +34,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from .._core import entry, locking, remote
 from .._core.cache_config import CacheConfig, settle
 from .._core.fingerprint import example_hashes
 from .._core.freshness import SYSTEM_CLOCK, iso
 from .._core.keys import Key, make_key
 from .._core.rows import short_name
-from .._core.store import TEMP_SUFFIX, atomic_write, seal, tag_folder, unseal
-from ..errors import ConfigError, CorruptEntryError, ServerError
+from .._core.store import atomic_write, seal, tag_folder
+from ..errors import ConfigError, ServerError
+from . import files
 from .backends import Backend, Sampling
 
 log = logging.getLogger(__name__)
 _RULE = "=" * 60
 KIND = "generations"
-# the fields each JSONL line holds, and their types
-_LINES = {"_completions.jsonl": {"i": int, "s": int, "prompt": str, "prompt_hash": str, "completion": str},
-          "_full_texts.jsonl": {"i": int, "s": int, "full_text": str}}
-_ROW = {name for fields in _LINES.values() for name in fields}  # a row once both files are read
-_Rows = dict[tuple[int, int], dict]
 # Recorded in every entry: completions are stored exactly as the backend returned them. OpenAIBackend used to
 # strip them; its entries without this mark hold other text than it returns now, so they are misses.
 _EXACT = {"text_as_returned": True}
@@ -84,45 +78,17 @@ class Generations:
         return [row[0] for row in self.completions]
 
 
-def _intent(meta_path: Path) -> Path:
-    """Where a save records the data files it is about to write (a kill before the manifest leaves them ours)."""
-    return meta_path.with_name(f".{meta_path.name}.intent{TEMP_SUFFIX}")
-
-
-def _foreign(meta_path: Path, names: Sequence[str]) -> str | None:
-    """The first path a save would overwrite that is not ours (`meta_path` or one of `names` beside it), or None.
-
-    A data file is ours when the manifest of ours at `meta_path` lists it (the entry this save replaces), or
-    a save of ours recorded it before writing it (`_intent`: that save was killed before its manifest). A
-    file merely named like an entry's, in a tree the cache shares with the user, is theirs.
-    """
-    if not entry.replaceable(meta_path):
-        return str(meta_path)
-    listed: set[str] = set()
-    for source in ([meta_path] if entry.is_entry_file(meta_path) else []) + [_intent(meta_path)]:
-        with contextlib.suppress(OSError, CorruptEntryError):
-            files = unseal(source.read_bytes()).get("files")
-            listed |= {n for n in files if isinstance(n, str)} if isinstance(files, (dict, list)) else set()
-    for name in names:
-        path = meta_path.with_name(name)
-        if name not in listed and (path.exists() or path.is_symlink()):
-            return str(path)
-    return None
-
-
 class GenerationCache:
     """Completions for one model, stored under `<cache root>/experiments/` in the layout drawn above.
 
     Args:
         model: the full model name (recorded in metadata), e.g. "HuggingFaceTB/SmolLM2-135M-Instruct".
         model_short_name: the folder name; defaults to the last part of `model`.
-        experiments_dir, max_age_days, clock: the cache settings as keywords: the `experiments/` folder
-            (default `<cache root>/experiments`), the age after which entries are misses (None: never
-            expire) and the time source. They build `cache` when it is not given.
+        experiments_dir, max_age_days, clock: deprecated (a `FutureWarning`, once per process): pass
+            `cache=CacheConfig(folder=..., max_age=timedelta(days=...), clock=...)`.
         chunk_size: prompts generated between two saves.
-        cache: the settings as one `CacheConfig`: `folder` (else `<root>/experiments`), `max_age` (left
-            out: never expires, as without `cache`), `force_recompute` (for every `generate` call),
-            `enabled`, `lock_stale_after`, `clock`.
+        cache: the cache settings: `folder` (else `<root>/experiments`), `max_age` (left out: never
+            expires), `force_recompute` (for every `generate` call), `enabled`, `lock_stale_after`, `clock`.
 
     Raises:
         ConfigError: a keyword disagrees with `cache`.
@@ -192,7 +158,7 @@ class GenerationCache:
         found = [(int(m.group(1)), p) for p in folder.glob("n*_metadata.json") if (m := pattern.match(p.name))]
         return sorted(found, reverse=True)
 
-    def _load(self, meta_path: Path, digest: str) -> tuple[dict, _Rows] | None:
+    def _load(self, meta_path: Path, digest: str) -> tuple[dict, files.Rows] | None:
         """(metadata, rows) of the entry at `meta_path` when it is whole, of this key and fresh; else None."""
         found = entry.open_entry(meta_path, kind=KIND, digest=digest, max_age_days=self.cache.max_age_days,
                                  now=self.cache.clock(), check="stamp")
@@ -202,30 +168,12 @@ class GenerationCache:
             log.warning("Cached generations %s were made by an older OpenAIBackend that stripped whitespace from "
                         "completions; regenerating them as the server returns them.", meta_path.name)
             return None
-        stem = meta_path.name.removesuffix("_metadata.json")
-        if sorted(found.files) != sorted(stem + suffix for suffix in _LINES):
-            log.warning("Cached generations %s list files %s, not this entry's two JSONL files; regenerating.",
-                        meta_path.name, sorted(found.files))
-            return None
-        rows: _Rows = {}
-        try:
-            for suffix, fields in _LINES.items():
-                for line in (found.folder / f"{stem}{suffix}").read_bytes().splitlines():
-                    row = orjson.loads(line)
-                    if not isinstance(row, dict) or row.keys() != fields.keys() or \
-                            any(type(row[name]) is not kind for name, kind in fields.items()):
-                        raise ValueError(f"a line of {stem}{suffix} is not {sorted(fields)}")
-                    rows.setdefault((row["i"], row["s"]), {}).update(row)
-        except (OSError, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError
-            log.warning("Cached generations %s are unreadable (%s); regenerating.", meta_path.name, exc)
-            return None
-        if any(row.keys() != _ROW for row in rows.values()):
-            log.warning("Cached generations %s: the two JSONL files hold different rows; regenerating.",
-                        meta_path.name)
+        rows = files.decode(found.folder, meta_path.name.removesuffix("_metadata.json"), found.files)
+        if rows is None:
             return None
         return found.doc, rows
 
-    def _lookup(self, folder: Path, tail: str, digest: str) -> tuple[dict, _Rows, Path | None]:
+    def _lookup(self, folder: Path, tail: str, digest: str) -> tuple[dict, files.Rows, Path | None]:
         """The largest readable entry of this key in `folder`: (metadata, rows, path), or empty."""
         for _, meta_path in self._entries(folder, tail):
             loaded = self._load(meta_path, digest)
@@ -235,39 +183,37 @@ class GenerationCache:
 
     # Writing ------------------------------------------------------------------------------------
 
-    def _save(self, folder: Path, tail: str, key: Key, rows: _Rows, info: dict) -> Path | None:
+    def _save(self, folder: Path, tail: str, key: Key, rows: files.Rows, info: dict) -> Path | None:
         if not rows:
             return None  # nothing succeeded yet: no entry (and nothing to say which sample count it holds)
         k = info["samples_per_prompt"]
         complete = sum(1 for i in {i for i, _ in rows} if all((i, s) in rows for s in range(k)))
         info = {**info, "samples_per_prompt": max(s for _, s in rows) + 1}  # the most any prompt has
         stem = f"n{complete}{tail}"
-        ordered = [rows[ik] for ik in sorted(rows)]
-        data = {stem + suffix: b"".join(orjson.dumps({x: r[x] for x in fields}) + b"\n" for r in ordered)
-                for suffix, fields in _LINES.items()}
+        data = files.encode(stem, rows)
         meta_path = folder / f"{stem}_metadata.json"
-        foreign = _foreign(meta_path, list(data))
+        foreign = files.foreign(meta_path, list(data))
         if foreign:
             if foreign not in self._warned:
                 self._warned.add(foreign)
                 log.warning("Not caching these generations: %s is in the way and no cache entry of hf_cachehooks "
                             "lists it (a file of yours, or one edited by hand); it is never overwritten. Move it "
-                            "out of %s, or give GenerationCache another experiments_dir, to cache here.",
+                            "out of %s, or give GenerationCache another cache=CacheConfig(folder=...), to cache here.",
                             foreign, folder)
             return None
         try:
             tag_folder(self.base)
-            atomic_write(_intent(meta_path), seal({"files": list(data)}))  # these names are ours from here on
-            files = {name: entry.write_file(folder, name, raw) for name, raw in data.items()}
+            atomic_write(files.intent(meta_path), seal({"files": list(data)}))  # these names are ours from here on
+            written = {name: entry.write_file(folder, name, raw) for name, raw in data.items()}
         except OSError as exc:
             log.warning("Cannot save generations under %s (%s); continuing without caching them.", folder, exc)
             return None
         now = self.cache.clock()
-        fields = {**info, "num_samples": complete, "num_rows": len(ordered), "timestamp": iso(now), "updated_at": now}
+        fields = {**info, "num_samples": complete, "num_rows": len(rows), "timestamp": iso(now), "updated_at": now}
         created = fields.pop("created_at", None) or now  # an entry that grows keeps its creation time
-        if not entry.commit(meta_path, KIND, key, files, fields, created_at=created):
+        if not entry.commit(meta_path, KIND, key, written, fields, created_at=created):
             return None
-        _intent(meta_path).unlink(missing_ok=True)
+        files.intent(meta_path).unlink(missing_ok=True)
         for _, older in self._entries(folder, tail):  # the grown entry replaces the smaller one
             if older != meta_path:
                 entry.remove_entry(older)

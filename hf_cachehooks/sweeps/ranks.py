@@ -20,8 +20,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+from .._core.launch import World, world_from_env
 from ..errors import HFCacheHooksError
-from ..evaluation.distributed import Collective, World, world_from_env
+from ..evaluation.distributed import Collective
 from ..generation.backends import Backend, Sampling
 
 log = logging.getLogger(__name__)
