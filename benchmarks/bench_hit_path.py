@@ -49,8 +49,10 @@ rng = random.Random(0)
 
 
 def rows_of(n: int) -> list[dict]:
-    return [{"question": f"q{i} " + " ".join(rng.choices(WORDS, k=30)), "answer": [rng.choice(WORDS), "x"]}
-            for i in range(n)]
+    return [
+        {"question": f"q{i} " + " ".join(rng.choices(WORDS, k=30)), "answer": [rng.choice(WORDS), "x"]}
+        for i in range(n)
+    ]
 
 
 def fake_predict(self, prompts, on_batch=None):  # a stand-in model: the benchmark times the cache, not generation
@@ -96,8 +98,16 @@ def bench_path_hit(tmp: Path, n: int, reps: int) -> dict:
     first = evaluate_model(str(folder), rows, CFG)
     assert evaluate_model(str(folder), rows, CFG).cache_status == "hit"
     plain = tmp / "plain.json"
-    plain.write_bytes(orjson.dumps({"predictions": first.predictions, "references": first.references,
-                                    "metrics": first.metrics, "metadata": first.metadata}))
+    plain.write_bytes(
+        orjson.dumps(
+            {
+                "predictions": first.predictions,
+                "references": first.references,
+                "metrics": first.metrics,
+                "metadata": first.metadata,
+            }
+        )
+    )
 
     def call(path: str, data: list) -> dict:
         result = evaluate_model(path, data, CFG)
@@ -107,31 +117,44 @@ def bench_path_hit(tmp: Path, n: int, reps: int) -> dict:
     jl = joblib.Memory(tmp / "joblib", verbose=0).cache(call)
     memo(str(folder), rows), jl(str(folder), rows)  # fill both
     alone = summary(timed(lambda: evaluate_model(str(folder), rows, CFG), reps))  # ours alone, back to back
-    pair = {"ours": lambda: evaluate_model(str(folder), rows, CFG),
-            "orjson_file": lambda: orjson.loads(plain.read_bytes())}
-    paired = interleaved(pair, reps * 5)  # the ratio to the read floor, with no heavy peer between the calls
-    paired_cpu = cpu_interleaved(pair, reps * 5)  # CPU time: what the shared machine's load hides
-    out = interleaved({
+    pair = {
         "ours": lambda: evaluate_model(str(folder), rows, CFG),
         "orjson_file": lambda: orjson.loads(plain.read_bytes()),
-        "diskcache_memoize": lambda: memo(str(folder), rows),
-        "joblib_memory": lambda: jl(str(folder), rows),
-    }, reps)
+    }
+    paired = interleaved(pair, reps * 5)  # the ratio to the read floor, with no heavy peer between the calls
+    paired_cpu = cpu_interleaved(pair, reps * 5)  # CPU time: what the shared machine's load hides
+    out = interleaved(
+        {
+            "ours": lambda: evaluate_model(str(folder), rows, CFG),
+            "orjson_file": lambda: orjson.loads(plain.read_bytes()),
+            "diskcache_memoize": lambda: memo(str(folder), rows),
+            "joblib_memory": lambda: jl(str(folder), rows),
+        },
+        reps,
+    )
     data = tmp / "rows.json"
     data.write_bytes(orjson.dumps(rows))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_CACHEHOOKS_HOME": os.environ["HF_CACHEHOOKS_HOME"]}
     cold, cold_plain = [], []
     for _ in range(3):
-        run = subprocess.run([sys.executable, "-c", COLD, str(folder), str(data)], env=env, capture_output=True,
-                             text=True, check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", COLD, str(folder), str(data)], env=env, capture_output=True, text=True, check=True
+        )
         cold.append(orjson.loads(run.stdout.strip().splitlines()[-1]))
-        run = subprocess.run([sys.executable, "-c", COLD_ORJSON, str(plain)], env=env, capture_output=True, text=True,
-                             check=True)
+        run = subprocess.run(
+            [sys.executable, "-c", COLD_ORJSON, str(plain)], env=env, capture_output=True, text=True, check=True
+        )
         cold_plain.append(orjson.loads(run.stdout.strip().splitlines()[-1]))
-    return {"n": n, **out, "ours_alone": alone, "paired_with_orjson": paired, "paired_with_orjson_cpu": paired_cpu,
-            "cold_first_call": summary([c["call_ms"] for c in cold]),
-            "cold_process": summary([c["process_ms"] for c in cold]),
-            "cold_orjson_process": summary([c["process_ms"] for c in cold_plain])}
+    return {
+        "n": n,
+        **out,
+        "ours_alone": alone,
+        "paired_with_orjson": paired,
+        "paired_with_orjson_cpu": paired_cpu,
+        "cold_first_call": summary([c["call_ms"] for c in cold]),
+        "cold_process": summary([c["process_ms"] for c in cold]),
+        "cold_orjson_process": summary([c["process_ms"] for c in cold_plain]),
+    }
 
 
 def cpu_interleaved(fns: dict, reps: int) -> dict:
@@ -173,16 +196,26 @@ def bench_model_objects(n: int, reps: int) -> dict:
     model_cold = (time.perf_counter() - start) * 1e3
     rows = rows_of(n)
     evaluate_model(model, rows, CFG, tokenizer=tok)
-    parts = interleaved({
-        "tokenizer_identity": lambda: tokenizer_identity(tok),
-        "tokenizer_identity_previous": lambda: old_tokenizer_identity(tok),
-        "model_identity": lambda: model_identity(model),
-        "weights_hash": lambda: params_fingerprint(model),
-    }, reps)
+    parts = interleaved(
+        {
+            "tokenizer_identity": lambda: tokenizer_identity(tok),
+            "tokenizer_identity_previous": lambda: old_tokenizer_identity(tok),
+            "model_identity": lambda: model_identity(model),
+            "weights_hash": lambda: params_fingerprint(model),
+        },
+        reps,
+    )
     hit = summary(timed(lambda: evaluate_model(model, rows, CFG, tokenizer=tok), reps))
     params = sum(p.numel() for p in model.parameters())
-    return {"n": n, "tokenizer_identity_cold_ms": tok_cold, "model_identity_cold_ms": model_cold, **parts,
-            "hit_with_objects": hit, "parameters": params, "vocab": len(tok)}
+    return {
+        "n": n,
+        "tokenizer_identity_cold_ms": tok_cold,
+        "model_identity_cold_ms": model_cold,
+        **parts,
+        "hit_with_objects": hit,
+        "parameters": params,
+        "vocab": len(tok),
+    }
 
 
 def bench_resume(n: int, reps: int) -> dict:
@@ -211,19 +244,36 @@ def bench_explain(tmp: Path, entries: int, reps: int) -> dict:
     from hf_cachehooks.evaluation.predictions import PredictionCache
 
     cache = PredictionCache(CacheConfig(folder=tmp / "predictions", max_age=None))
-    ident = {"name": "HuggingFaceTB/SmolLM2-135M-Instruct", "revision": "a" * 40, "weights": "w" * 32,
-             "config": "c" * 32, "dtype": "bfloat16", "quantization": None, "adapter": None}
+    ident = {
+        "name": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "revision": "a" * 40,
+        "weights": "w" * 32,
+        "config": "c" * 32,
+        "dtype": "bfloat16",
+        "quantization": None,
+        "adapter": None,
+    }
     preds = [" ".join(rng.choices(WORDS, k=60)) for _ in range(1000)]
 
     def key(i: int, fp: str):
         tokenizer = {"vocab": "v" * 32, "backend": "b" * 32}
-        return make_key("predictions", {"model": ident, "tokenizer": tokenizer, "prompt": {"template": "Q: {q}"},
-                                        "generation": {"do_sample": False, "max_new_tokens": i},
-                                        "data": {"fingerprint": fp, "n": 1000}})
+        return make_key(
+            "predictions",
+            {
+                "model": ident,
+                "tokenizer": tokenizer,
+                "prompt": {"template": "Q: {q}"},
+                "generation": {"do_sample": False, "max_new_tokens": i},
+                "data": {"fingerprint": fp, "n": 1000},
+            },
+        )
 
     for i in range(entries):
-        cache.save_run(key(i, f"rows:{i}"), "SmolLM2", {"metadata": {"created_at": time.time()},
-                                                        "predictions": preds, "references": preds, "metrics": {}})
+        cache.save_run(
+            key(i, f"rows:{i}"),
+            "SmolLM2",
+            {"metadata": {"created_at": time.time()}, "predictions": preds, "references": preds, "metrics": {}},
+        )
     size = sum(p.stat().st_size for p in (tmp / "predictions").glob("*.json"))
     missing = key(3, "rows:new")
     reason = cache.explain_miss(missing)
@@ -233,8 +283,12 @@ def bench_explain(tmp: Path, entries: int, reps: int) -> dict:
         start = time.process_time()
         cache.explain_miss(missing)
         cpu.append((time.process_time() - start) * 1e3)
-    return {"entries": entries, "bytes": size, "ours": summary(timed(lambda: cache.explain_miss(missing), reps)),
-            "ours_cpu": summary(cpu)}
+    return {
+        "entries": entries,
+        "bytes": size,
+        "ours": summary(timed(lambda: cache.explain_miss(missing), reps)),
+        "ours_cpu": summary(cpu),
+    }
 
 
 def main() -> None:
@@ -258,36 +312,50 @@ def main() -> None:
     out["machine"] = machine(LIBRARIES)
 
     h = out["path_hit"]
-    print(f"evaluate_model(path, 1k rows) hit, in-process median: ours {h['ours']['median_ms']:.3f} ms "
-          f"(p99 {h['ours']['p99_ms']:.3f}); orjson file {h['orjson_file']['median_ms']:.3f} ms "
-          f"(ours / orjson {h['ours']['median_ms'] / h['orjson_file']['median_ms']:.2f}x); diskcache memoize "
-          f"{h['diskcache_memoize']['median_ms']:.3f} ms; joblib.Memory {h['joblib_memory']['median_ms']:.3f} ms; "
-          f"ours back to back {h['ours_alone']['median_ms']:.3f} ms")
+    print(
+        f"evaluate_model(path, 1k rows) hit, in-process median: ours {h['ours']['median_ms']:.3f} ms "
+        f"(p99 {h['ours']['p99_ms']:.3f}); orjson file {h['orjson_file']['median_ms']:.3f} ms "
+        f"(ours / orjson {h['ours']['median_ms'] / h['orjson_file']['median_ms']:.2f}x); diskcache memoize "
+        f"{h['diskcache_memoize']['median_ms']:.3f} ms; joblib.Memory {h['joblib_memory']['median_ms']:.3f} ms; "
+        f"ours back to back {h['ours_alone']['median_ms']:.3f} ms"
+    )
     p, c = h["paired_with_orjson"], h["paired_with_orjson_cpu"]
-    print(f"  paired with the orjson read only: ours {p['ours']['median_ms']:.3f} ms, orjson "
-          f"{p['orjson_file']['median_ms']:.3f} ms ({p['ours']['median_ms'] / p['orjson_file']['median_ms']:.2f}x); "
-          f"CPU time ours {c['ours']['median_ms']:.3f} ms, orjson {c['orjson_file']['median_ms']:.3f} ms "
-          f"({c['ours']['median_ms'] / c['orjson_file']['median_ms']:.2f}x)")
-    print(f"  cold: first call {h['cold_first_call']['median_ms']:.1f} ms, whole process "
-          f"{h['cold_process']['median_ms']:.0f} ms (a process that only reads the orjson file: "
-          f"{h['cold_orjson_process']['median_ms']:.0f} ms)")
+    print(
+        f"  paired with the orjson read only: ours {p['ours']['median_ms']:.3f} ms, orjson "
+        f"{p['orjson_file']['median_ms']:.3f} ms ({p['ours']['median_ms'] / p['orjson_file']['median_ms']:.2f}x); "
+        f"CPU time ours {c['ours']['median_ms']:.3f} ms, orjson {c['orjson_file']['median_ms']:.3f} ms "
+        f"({c['ours']['median_ms'] / c['orjson_file']['median_ms']:.2f}x)"
+    )
+    print(
+        f"  cold: first call {h['cold_first_call']['median_ms']:.1f} ms, whole process "
+        f"{h['cold_process']['median_ms']:.0f} ms (a process that only reads the orjson file: "
+        f"{h['cold_orjson_process']['median_ms']:.0f} ms)"
+    )
     r = out["resume"]
-    print(f"resume {r['n']:,} through evaluate_model: {r['ours']['median_ms']:.0f} ms (CPU "
-          f"{r['ours_cpu']['median_ms']:.0f} ms) "
-          f"(metrics alone {r['metrics_alone']['median_ms']:.0f} ms)")
+    print(
+        f"resume {r['n']:,} through evaluate_model: {r['ours']['median_ms']:.0f} ms (CPU "
+        f"{r['ours_cpu']['median_ms']:.0f} ms) "
+        f"(metrics alone {r['metrics_alone']['median_ms']:.0f} ms)"
+    )
     e = out["explain"]
-    print(f"explain a miss among {e['entries']:,} entries ({e['bytes'] / 1e6:.0f} MB): {e['ours']['median_ms']:.1f} ms "
-          f"(CPU {e['ours_cpu']['median_ms']:.1f} ms)")
+    print(
+        f"explain a miss among {e['entries']:,} entries ({e['bytes'] / 1e6:.0f} MB): {e['ours']['median_ms']:.1f} ms "
+        f"(CPU {e['ours_cpu']['median_ms']:.1f} ms)"
+    )
     if "objects" in out:
         o = out["objects"]
-        print(f"SmolLM2 objects ({o['parameters'] / 1e6:.0f}M parameters, {o['vocab']:,} tokens): tokenizer identity "
-              f"cold {o['tokenizer_identity_cold_ms']:.1f} ms, warm {o['tokenizer_identity']['median_ms']:.1f} ms "
-              f"(previous method {o['tokenizer_identity_previous']['median_ms']:.0f} ms); model identity cold "
-              f"{o['model_identity_cold_ms']:.0f} ms, warm {o['model_identity']['median_ms']:.0f} ms (weights hash "
-              f"{o['weights_hash']['median_ms']:.0f} ms); hit with objects {o['hit_with_objects']['median_ms']:.0f} ms")
+        print(
+            f"SmolLM2 objects ({o['parameters'] / 1e6:.0f}M parameters, {o['vocab']:,} tokens): tokenizer identity "
+            f"cold {o['tokenizer_identity_cold_ms']:.1f} ms, warm {o['tokenizer_identity']['median_ms']:.1f} ms "
+            f"(previous method {o['tokenizer_identity_previous']['median_ms']:.0f} ms); model identity cold "
+            f"{o['model_identity_cold_ms']:.0f} ms, warm {o['model_identity']['median_ms']:.0f} ms (weights hash "
+            f"{o['weights_hash']['median_ms']:.0f} ms); hit with objects {o['hit_with_objects']['median_ms']:.0f} ms"
+        )
     load = out["machine"]["loadavg_at_start"]
-    print(f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; OMP_NUM_THREADS="
-          f"{out['machine']['omp_num_threads']}")
+    print(
+        f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}; OMP_NUM_THREADS="
+        f"{out['machine']['omp_num_threads']}"
+    )
     path = RESULTS.with_name(RESULTS.stem + "_quick.json") if args.quick else RESULTS
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=2) + "\n")

@@ -49,12 +49,20 @@ from hf_cachehooks._core.keys import make_key  # noqa: E402
 
 DAY = 86400.0
 # kind -> share of the entries (sums to 1)
-MIX = {"example-predictions": 0.45, "predictions": 0.05, "generations": 0.15, "conversation": 0.15,
-       "activations": 0.02, "identity": 0.12, "file-hashes": 0.03, "last-miss": 0.03}
+MIX = {
+    "example-predictions": 0.45,
+    "predictions": 0.05,
+    "generations": 0.15,
+    "conversation": 0.15,
+    "activations": 0.02,
+    "identity": 0.12,
+    "file-hashes": 0.03,
+    "last-miss": 0.03,
+}
 
 _TOPS = ("activations", "conversations", "experiments", "identity", "predictions")  # the folders caches tag
 
-OLD_WORKER = r'''
+OLD_WORKER = r"""
 import json, sys, time
 from pathlib import Path
 from hf_cachehooks import management
@@ -66,7 +74,7 @@ for name, fn in [("ls", lambda: management.list_entries(root, bookkeeping=True))
     fn()
     figures[name] = (time.perf_counter() - start) * 1e3
 print(json.dumps(figures))
-'''
+"""
 
 
 def _model(i: int) -> dict:
@@ -85,9 +93,12 @@ def _entry(root: Path, kind: str, i: int, now: float) -> None:
         folder = root / "predictions"
         path, key = folder / f"model_{i:06d}.json", make_key("predictions", {"model": _model(i), "i": i})
         n = 120
-        fields = {"metadata": {"model_name": _model(i)["name"], "dataset_size": n, "created_at": created},
-                  "predictions": [f"prediction {j}" for j in range(n)], "references": [f"ref {j}" for j in range(n)],
-                  "metrics": {"exact_match": 0.5}}
+        fields = {
+            "metadata": {"model_name": _model(i)["name"], "dataset_size": n, "created_at": created},
+            "predictions": [f"prediction {j}" for j in range(n)],
+            "references": [f"ref {j}" for j in range(n)],
+            "metrics": {"exact_match": 0.5},
+        }
     elif kind == "generations":
         folder = root / "experiments" / f"model-{i % 7}" / f"prompt-{i % 40}" / f"run-{i}"
         path, key = folder / "n20_metadata.json", make_key("generations", {"model": f"model-{i % 7}", "i": i})
@@ -100,8 +111,14 @@ def _entry(root: Path, kind: str, i: int, now: float) -> None:
         key = {"kind": "conversation", "digest": f"{i:032x}", "inputs": {"conv_id": folder.name, "uid": f"{i:032x}"}}
         folder.mkdir(parents=True, exist_ok=True)
         files = {f"turn-{t}.bin": entry.write_file(folder, f"turn-{t}.bin", os.urandom(8000)) for t in range(2)}
-        fields = {"conv_id": folder.name, "tokens": 200, "pinned": i % 50 == 0, "meta": {}, "last_access": created,
-                  "turns": [{"start": t * 100, "count": 100, "file": f"turn-{t}.bin"} for t in range(2)]}
+        fields = {
+            "conv_id": folder.name,
+            "tokens": 200,
+            "pinned": i % 50 == 0,
+            "meta": {},
+            "last_access": created,
+            "turns": [{"start": t * 100, "count": 100, "file": f"turn-{t}.bin"} for t in range(2)],
+        }
         if i % 3 == 0:  # read since: the touch file's mtime is its last use
             (folder / ".last_access").write_bytes(b"")
     elif kind == "activations":
@@ -110,8 +127,14 @@ def _entry(root: Path, kind: str, i: int, now: float) -> None:
         store.tag_folder(folder)
         names = [f"data-{c:05d}.arrow" for c in range(4)]
         files = {name: entry.write_file(folder, name, os.urandom(20000)) for name in names}
-        fields = {"layers": [1, 2], "num_examples": 64, "hidden_size": 8, "dtype": "float16", "positions": "last",
-                  "chunks": [{"file": name, "rows": 16, "offsets": {}} for name in names]}
+        fields = {
+            "layers": [1, 2],
+            "num_examples": 64,
+            "hidden_size": 8,
+            "dtype": "float16",
+            "positions": "last",
+            "chunks": [{"file": name, "rows": 16, "offsets": {}} for name in names],
+        }
     elif kind == "identity":
         folder = root / "identity"
         path, key = folder / f"org_model_{i:06d}.json", {"kind": "identity", "digest": f"{i:032x}", "inputs": {}}
@@ -168,12 +191,14 @@ def before(ref: str, root: Path, work: Path) -> dict[str, float]:
     """That tree's ls, du and prune planning on the same root, once each (ms)."""
     tree = work / "before"
     tree.mkdir()
-    archive = subprocess.run(["git", "-C", str(REPO), "archive", ref, "hf_cachehooks"], check=True,
-                             capture_output=True).stdout
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "hf_cachehooks"], check=True, capture_output=True
+    ).stdout
     subprocess.run(["tar", "-x", "-C", str(tree)], input=archive, check=True)
     env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", OLD_WORKER, str(root)], env=env, check=True, capture_output=True,
-                         text=True, cwd=work).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", OLD_WORKER, str(root)], env=env, check=True, capture_output=True, text=True, cwd=work
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
@@ -196,12 +221,15 @@ def main() -> None:
         planned = len(management.plan_prune(root, 30 * DAY).entries)
         hub_files = scan_cache_dir(hub).repos
         assert listed == args.entries, (listed, args.entries)
-        figures = interleaved({
-            "ls": lambda: management.list_entries(root, bookkeeping=True),
-            "du": lambda: management.disk_usage(root),
-            "prune (plan)": lambda: management.plan_prune(root, 30 * DAY),
-            "hf_hub scan_cache_dir": lambda: scan_cache_dir(hub),
-        }, args.reps)
+        figures = interleaved(
+            {
+                "ls": lambda: management.list_entries(root, bookkeeping=True),
+                "du": lambda: management.disk_usage(root),
+                "prune (plan)": lambda: management.plan_prune(root, 30 * DAY),
+                "hf_hub scan_cache_dir": lambda: scan_cache_dir(hub),
+            },
+            args.reps,
+        )
         copy = work / "copy"
         shutil.copytree(root, copy, symlinks=True)
         plan = management.plan_prune(copy, 30 * DAY)
@@ -210,22 +238,38 @@ def main() -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     hub_ms = figures["hf_hub scan_cache_dir"]["median_ms"]
-    print(f"{args.entries} entries ({', '.join(f'{k} {v}' for k, v in counts.items())}); built in {built_s:.0f} s; "
-          f"hub cache: {len(hub_files)} repos, {sum(r.nb_files for r in hub_files)} files")
+    print(
+        f"{args.entries} entries ({', '.join(f'{k} {v}' for k, v in counts.items())}); built in {built_s:.0f} s; "
+        f"hub cache: {len(hub_files)} repos, {sum(r.nb_files for r in hub_files)} files"
+    )
     header = f"{'operation':<24} {'median ms':>10} {'p99 ms':>9} {'vs hf_hub':>10}"
     print(header + (f" {'before ms':>10}" if old else ""))
     for name, row in figures.items():
         earlier = old.get(name.split(" ")[0]) if "execute" not in name else None
-        print(f"{name:<24} {row['median_ms']:>10.0f} {row['p99_ms']:>9.0f} {row['median_ms'] / hub_ms:>9.2f}x"
-              + (f" {earlier:>10.0f}" if earlier is not None else ""))
+        print(
+            f"{name:<24} {row['median_ms']:>10.0f} {row['p99_ms']:>9.0f} {row['median_ms'] / hub_ms:>9.2f}x"
+            + (f" {earlier:>10.0f}" if earlier is not None else "")
+        )
     print(f"prune plan: {planned} of {listed} entries older than 30 days (pinned conversations kept)")
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({
-        "entries": args.entries, "kinds": counts, "hub_files": sum(r.nb_files for r in hub_files), "reps": args.reps,
-        "threads": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}", "figures": figures,
-        "ratio_to_hf_hub": {name: row["median_ms"] / hub_ms for name, row in figures.items()},
-        "before": {"ref": args.before, "ms": old}, "pruned": planned, "machine": machine(["huggingface_hub"]),
-    }, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "entries": args.entries,
+                "kinds": counts,
+                "hub_files": sum(r.nb_files for r in hub_files),
+                "reps": args.reps,
+                "threads": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
+                "figures": figures,
+                "ratio_to_hf_hub": {name: row["median_ms"] / hub_ms for name, row in figures.items()},
+                "before": {"ref": args.before, "ms": old},
+                "pruned": planned,
+                "machine": machine(["huggingface_hub"]),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {RESULTS.relative_to(REPO)}")
 
 

@@ -60,8 +60,10 @@ LIBRARIES = ("hf_cachehooks", "orjson", "xxhash", "joblib", "diskcache", "sqlite
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_prediction_cache.json"
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-WORDS = ("the of and to in is that for it as with was on be by at this are from or an which "
-         "energy cell market theorem protein court vector species contract frequency").split()
+WORDS = (
+    "the of and to in is that for it as with was on be by at this are from or an which "
+    "energy cell market theorem protein court vector species contract frequency"
+).split()
 rng = random.Random(0)
 
 
@@ -82,12 +84,21 @@ def run_doc(n: int) -> dict:
 
 def bench_run_hit(tmp: Path, n: int, reps: int) -> dict:
     PAYLOADS[n] = {
-        "metadata": {"model_name": MODEL, "dataset_size": n, "created_at": time.time(),
-                     "dataset": "cais/mmlu", "split": "test", "dataset_fingerprint": "rows:" + "ab" * 16,
-                     "generation": {"max_new_tokens": 64, "temperature": 0.0, "do_sample": False},
-                     "prompt_template": "Question: {question}\nAnswer:", "batch_size": 32,
-                     "device": "cuda:0", "dtype": "bfloat16", "duration_s": 812.4,
-                     "versions": {"transformers": "4.46.0", "torch": "2.4.1", "hf_cachehooks": "0.1.0"}},
+        "metadata": {
+            "model_name": MODEL,
+            "dataset_size": n,
+            "created_at": time.time(),
+            "dataset": "cais/mmlu",
+            "split": "test",
+            "dataset_fingerprint": "rows:" + "ab" * 16,
+            "generation": {"max_new_tokens": 64, "temperature": 0.0, "do_sample": False},
+            "prompt_template": "Question: {question}\nAnswer:",
+            "batch_size": 32,
+            "device": "cuda:0",
+            "dtype": "bfloat16",
+            "duration_s": 812.4,
+            "versions": {"transformers": "4.46.0", "torch": "2.4.1", "hf_cachehooks": "0.1.0"},
+        },
         "predictions": [text(200) for _ in range(n)],
         "references": [rng.choice("ABCD") for _ in range(n)],
         "metrics": {"accuracy": 0.4213, "exact_match": 0.4011},
@@ -115,15 +126,18 @@ def bench_run_hit(tmp: Path, n: int, reps: int) -> dict:
         entry._parsed.pop(first_path, None)
         return cache.load_run(key, MODEL)
 
-    out = interleaved({
-        "ours": first_read,
-        "ours_repeat": lambda: repeat.load_run(key, MODEL),  # a repeat in one process: one stat, then copies
-        "joblib_memory": lambda: cached(n),
-        "diskcache_memoize": lambda: memo(n),
-        "diskcache_get": lambda: dc.get("run"),
-        "orjson_file": lambda: orjson.loads(plain_json.read_bytes()),
-        "pickle_file": lambda: pickle.loads(plain_pickle.read_bytes()),  # noqa: S301 (our own file, for timing)
-    }, reps)
+    out = interleaved(
+        {
+            "ours": first_read,
+            "ours_repeat": lambda: repeat.load_run(key, MODEL),  # a repeat in one process: one stat, then copies
+            "joblib_memory": lambda: cached(n),
+            "diskcache_memoize": lambda: memo(n),
+            "diskcache_get": lambda: dc.get("run"),
+            "orjson_file": lambda: orjson.loads(plain_json.read_bytes()),
+            "pickle_file": lambda: pickle.loads(plain_pickle.read_bytes()),  # noqa: S301 (our own file, for timing)
+        },
+        reps,
+    )
     dc.close()
     size = cache.run_path(key, MODEL).stat().st_size
     return {"n": n, "entry_bytes": size, **out}
@@ -131,10 +145,17 @@ def bench_run_hit(tmp: Path, n: int, reps: int) -> dict:
 
 # 2. Fingerprinting -------------------------------------------------------------------------------
 
+
 def bench_fingerprint(n: int, reps: int) -> dict:
-    rows = [{"question": text(300), "choices": [text(40) for _ in range(4)],
-             "answer": rng.randrange(4), "subject": rng.choice(["anatomy", "law", "virology"])}
-            for _ in range(n)]
+    rows = [
+        {
+            "question": text(300),
+            "choices": [text(40) for _ in range(4)],
+            "answer": rng.randrange(4),
+            "subject": rng.choice(["anatomy", "law", "virology"]),
+        }
+        for _ in range(n)
+    ]
     start = time.perf_counter()
     ds = Dataset.from_list(rows)
     build_ms = (time.perf_counter() - start) * 1e3
@@ -153,12 +174,15 @@ def bench_fingerprint(n: int, reps: int) -> dict:
 
 # 3. Resuming per-example entries ----------------------------------------------------------------
 
+
 def bench_resume(tmp: Path, n: int, reps: int) -> dict:
     prompts = [f"Question {i}: " + text(300) for i in range(n)]
     hashes = example_hashes(prompts)
     preds = [text(200) for _ in range(n)]
-    predictor = make_key("examples", {"model": MODEL, "prompt": "Question: {question}\nAnswer:",
-                                      "gen": {"max_new_tokens": 64, "temperature": 0}})
+    predictor = make_key(
+        "examples",
+        {"model": MODEL, "prompt": "Question: {question}\nAnswer:", "gen": {"max_new_tokens": 64, "temperature": 0}},
+    )
     cache = PredictionCache(CacheConfig(folder=tmp / "predictions", max_age=timedelta(days=30)))
 
     def lookup_ours() -> None:
@@ -168,7 +192,7 @@ def bench_resume(tmp: Path, n: int, reps: int) -> dict:
 
     start = time.perf_counter()
     for i in range(0, n, 1000):
-        cache.save_examples(predictor, dict(zip(hashes[i:i + 1000], preds[i:i + 1000])), f"shard-{i // 1000:05d}")
+        cache.save_examples(predictor, dict(zip(hashes[i : i + 1000], preds[i : i + 1000])), f"shard-{i // 1000:05d}")
     save_ms = (time.perf_counter() - start) * 1e3
     lookup_ours()  # warm-up
     sharded = summary(timed(lookup_ours, reps))
@@ -208,12 +232,22 @@ def bench_resume(tmp: Path, n: int, reps: int) -> dict:
     lookup_diskcache()
     dc_times = summary(timed(lookup_diskcache, max(1, reps // 2)))
     dc.close()
-    return {"n": n, "shards": -(-n // 1000), "ours_save_shards_ms": save_ms, "ours_compact_ms": compact_ms,
-            "ours_100_shards": sharded, "ours_compacted": compacted,
-            "sqlitedict_fill_ms": fill_ms, "sqlitedict": alt, "diskcache_fill_ms": dc_fill_ms, "diskcache": dc_times}
+    return {
+        "n": n,
+        "shards": -(-n // 1000),
+        "ours_save_shards_ms": save_ms,
+        "ours_compact_ms": compact_ms,
+        "ours_100_shards": sharded,
+        "ours_compacted": compacted,
+        "sqlitedict_fill_ms": fill_ms,
+        "sqlitedict": alt,
+        "diskcache_fill_ms": dc_fill_ms,
+        "diskcache": dc_times,
+    }
 
 
 # Report ------------------------------------------------------------------------------------------
+
 
 def num(value: float | None) -> str:
     """Readable figures: 0.000251, 0.194, 55.4, 2,757."""
@@ -239,48 +273,107 @@ def main() -> None:
 
     k = f"{n_big // 1000}k"
     rows = [  # name, ours, alternative, target for ours (ms)
-        *[(f"run hit {h['n'] // 1000}k, median (vs {peer})", h["ours"]["median_ms"], h[peer]["median_ms"],
-           1 if h["n"] == 1000 else 10)
-          for h in (hit_1k, hit_10k)
-          for peer in ("joblib_memory", "diskcache_memoize", "diskcache_get", "orjson_file", "pickle_file")],
+        *[
+            (
+                f"run hit {h['n'] // 1000}k, median (vs {peer})",
+                h["ours"]["median_ms"],
+                h[peer]["median_ms"],
+                1 if h["n"] == 1000 else 10,
+            )
+            for h in (hit_1k, hit_10k)
+            for peer in ("joblib_memory", "diskcache_memoize", "diskcache_get", "orjson_file", "pickle_file")
+        ],
         ("run hit 1k, p99 (vs diskcache.get)", hit_1k["ours"]["p99_ms"], hit_1k["diskcache_get"]["p99_ms"], None),
-        *[(f"run hit {h['n'] // 1000}k repeated in one process (vs orjson_file)", h["ours_repeat"]["median_ms"],
-           h["orjson_file"]["median_ms"], None) for h in (hit_1k, hit_10k)],
+        *[
+            (
+                f"run hit {h['n'] // 1000}k repeated in one process (vs orjson_file)",
+                h["ours_repeat"]["median_ms"],
+                h["orjson_file"]["median_ms"],
+                None,
+            )
+            for h in (hit_1k, hit_10k)
+        ],
         (f"fingerprint {k} rows (vs joblib.hash)", fp["ours_rows"]["median_ms"], fp["joblib_hash"]["median_ms"], 100),
-        (f"fingerprint {k} rows, first call (vs joblib.hash)", fp["ours_rows_first"]["median_ms"],
-         fp["joblib_hash"]["median_ms"], 100),
-        (f"fingerprint {k} rows (vs datasets Hasher)", fp["ours_rows"]["median_ms"],
-         fp["datasets_hasher"]["median_ms"], 100),
-        (f"fingerprint {k} Dataset (vs Hasher on it)", fp["ours_dataset"]["median_ms"],
-         fp["datasets_hasher_dataset"]["median_ms"], 100),
-        (f"resume {k}, {resume['shards']} shards (vs SqliteDict)", resume["ours_100_shards"]["median_ms"],
-         resume["sqlitedict"]["median_ms"], 1500),
-        (f"resume {k}, compacted (vs SqliteDict)", resume["ours_compacted"]["median_ms"],
-         resume["sqlitedict"]["median_ms"], 1500),
-        (f"resume {k}, compacted (vs diskcache.get)", resume["ours_compacted"]["median_ms"],
-         resume["diskcache"]["median_ms"], 1500),
+        (
+            f"fingerprint {k} rows, first call (vs joblib.hash)",
+            fp["ours_rows_first"]["median_ms"],
+            fp["joblib_hash"]["median_ms"],
+            100,
+        ),
+        (
+            f"fingerprint {k} rows (vs datasets Hasher)",
+            fp["ours_rows"]["median_ms"],
+            fp["datasets_hasher"]["median_ms"],
+            100,
+        ),
+        (
+            f"fingerprint {k} Dataset (vs Hasher on it)",
+            fp["ours_dataset"]["median_ms"],
+            fp["datasets_hasher_dataset"]["median_ms"],
+            100,
+        ),
+        (
+            f"resume {k}, {resume['shards']} shards (vs SqliteDict)",
+            resume["ours_100_shards"]["median_ms"],
+            resume["sqlitedict"]["median_ms"],
+            1500,
+        ),
+        (
+            f"resume {k}, compacted (vs SqliteDict)",
+            resume["ours_compacted"]["median_ms"],
+            resume["sqlitedict"]["median_ms"],
+            1500,
+        ),
+        (
+            f"resume {k}, compacted (vs diskcache.get)",
+            resume["ours_compacted"]["median_ms"],
+            resume["diskcache"]["median_ms"],
+            1500,
+        ),
     ]
-    table = [{"name": name, "ours_ms": ours, "alternative_ms": alt,
-              "ratio_alt_over_ours": alt / ours if alt is not None else None,
-              "target_ms": target, "meets_target": ours <= target if target is not None else None}
-             for name, ours, alt, target in rows]
+    table = [
+        {
+            "name": name,
+            "ours_ms": ours,
+            "alternative_ms": alt,
+            "ratio_alt_over_ours": alt / ours if alt is not None else None,
+            "target_ms": target,
+            "meets_target": ours <= target if target is not None else None,
+        }
+        for name, ours, alt, target in rows
+    ]
 
     print(f"\n{'benchmark':<50} {'ours ms':>9} {'alt ms':>9} {'alt/ours':>9}  target")
     for row in table:
         ratio = "-" if row["ratio_alt_over_ours"] is None else num(row["ratio_alt_over_ours"]) + "x"
-        target = "" if row["target_ms"] is None else \
-            f"<= {row['target_ms']:g} ms {'ok' if row['meets_target'] else 'MISSED'}"
+        target = (
+            ""
+            if row["target_ms"] is None
+            else f"<= {row['target_ms']:g} ms {'ok' if row['meets_target'] else 'MISSED'}"
+        )
         print(f"{row['name']:<50} {num(row['ours_ms']):>9} {num(row['alternative_ms']):>9} {ratio:>9}  {target}")
-    print(f"(Dataset.from_list({n_big}) took {fp['dataset_from_list_ms']:.0f} ms, which computes _fingerprint; "
-          f"save {resume['shards']} shards {resume['ours_save_shards_ms']:.0f} ms, compact "
-          f"{resume['ours_compact_ms']:.0f} ms, SqliteDict fill {resume['sqlitedict_fill_ms']:.0f} ms)")
+    print(
+        f"(Dataset.from_list({n_big}) took {fp['dataset_from_list_ms']:.0f} ms, which computes _fingerprint; "
+        f"save {resume['shards']} shards {resume['ours_save_shards_ms']:.0f} ms, compact "
+        f"{resume['ours_compact_ms']:.0f} ms, SqliteDict fill {resume['sqlitedict_fill_ms']:.0f} ms)"
+    )
 
     out_path = RESULTS.with_name(RESULTS.stem + "_quick.json") if args.quick else RESULTS  # keep full figures
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps({
-        "quick": args.quick, "machine": machine(LIBRARIES), "table": table,
-        "run_hit": [hit_1k, hit_10k], "fingerprint": fp, "resume": resume,
-    }, indent=2) + "\n")
+    out_path.write_text(
+        json.dumps(
+            {
+                "quick": args.quick,
+                "machine": machine(LIBRARIES),
+                "table": table,
+                "run_hit": [hit_1k, hit_10k],
+                "fingerprint": fp,
+                "resume": resume,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"Wrote {out_path}")
 
 

@@ -112,14 +112,23 @@ def three_ways(name: str, url: str, local: str, read, reps: int, copies: Path, c
         cold_bytes.append(received)
     warm = [timed(lambda: read(url)) for _ in range(reps)]
     requests, received = counter.take()
-    row.update(s3_cold_ms=statistics.median(cold), s3_warm_ms=statistics.median(warm),
-               cold_bytes_per_hit=statistics.median(cold_bytes), cold_requests_per_hit=statistics.median(cold_requests),
-               warm_bytes_per_hit=received / reps, warm_requests_per_hit=requests / reps)
+    row.update(
+        s3_cold_ms=statistics.median(cold),
+        s3_warm_ms=statistics.median(warm),
+        cold_bytes_per_hit=statistics.median(cold_bytes),
+        cold_requests_per_hit=statistics.median(cold_requests),
+        warm_bytes_per_hit=received / reps,
+        warm_requests_per_hit=requests / reps,
+    )
     row["warm_vs_local"] = row["s3_warm_ms"] / row["local_ms"]
     row["cold_vs_local"] = row["s3_cold_ms"] / row["local_ms"]
     if mb:
-        row.update(payload_mb=mb, local_mb_s=mb / row["local_ms"] * 1e3, s3_cold_mb_s=mb / row["s3_cold_ms"] * 1e3,
-                   s3_warm_mb_s=mb / row["s3_warm_ms"] * 1e3)
+        row.update(
+            payload_mb=mb,
+            local_mb_s=mb / row["local_ms"] * 1e3,
+            s3_cold_mb_s=mb / row["s3_cold_ms"] * 1e3,
+            s3_warm_mb_s=mb / row["s3_warm_ms"] * 1e3,
+        )
     return row
 
 
@@ -147,8 +156,12 @@ def main() -> None:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     n, rows, reps = (500, 4096, 8) if args.quick else (2000, 20_000, 20)
     tmp = Path(tempfile.mkdtemp(prefix="bench_remote_"))
     bucket = f"bench-{uuid.uuid4().hex[:8]}"
@@ -164,14 +177,22 @@ def main() -> None:
         counter = Counter(fs)
 
         def generations(root: str) -> None:
-            assert GenerationCache("bench/model", cache=CacheConfig(root=root)).generate(
-                prompts, Echo(), **SETTINGS).status == "hit"
+            assert (
+                GenerationCache("bench/model", cache=CacheConfig(root=root))
+                .generate(prompts, Echo(), **SETTINGS)
+                .status
+                == "hit"
+            )
 
         results.append(three_ways("generations", url, local, generations, reps, copies, counter))
 
         key = make_key("predictions", {"bench": n})
-        doc = {"metadata": {"model_name": "bench/model", "created_at": time.time()}, "metrics": {"exact_match": 0.5},
-               "predictions": [f"answer {i}" for i in range(n)], "references": [f"ref {i}" for i in range(n)]}
+        doc = {
+            "metadata": {"model_name": "bench/model", "created_at": time.time()},
+            "metrics": {"exact_match": 0.5},
+            "predictions": [f"answer {i}" for i in range(n)],
+            "references": [f"ref {i}" for i in range(n)],
+        }
         for root in (local, url):
             PredictionCache(CacheConfig(root=root, max_age=None)).save_run(key, "m", doc)
 
@@ -203,18 +224,36 @@ def main() -> None:
         shutil.rmtree(tmp, ignore_errors=True)
         server.stop()
 
-    print(f"{'payload':<12} {'local ms':>9} {'S3 warm ms':>11} {'S3 cold ms':>11} {'warm/local':>10} "
-          f"{'warm B/hit':>10} {'warm req':>8} {'cold B/hit':>11} {'cold req':>8}")
+    print(
+        f"{'payload':<12} {'local ms':>9} {'S3 warm ms':>11} {'S3 cold ms':>11} {'warm/local':>10} "
+        f"{'warm B/hit':>10} {'warm req':>8} {'cold B/hit':>11} {'cold req':>8}"
+    )
     for r in results:
-        print(f"{r['payload']:<12} {r['local_ms']:>9.2f} {r['s3_warm_ms']:>11.2f} {r['s3_cold_ms']:>11.2f} "
-              f"{r['warm_vs_local']:>9.2f}x {r['warm_bytes_per_hit']:>10.0f} {r['warm_requests_per_hit']:>8.1f} "
-              f"{r['cold_bytes_per_hit']:>11.0f} {r['cold_requests_per_hit']:>8.0f}")
+        print(
+            f"{r['payload']:<12} {r['local_ms']:>9.2f} {r['s3_warm_ms']:>11.2f} {r['s3_cold_ms']:>11.2f} "
+            f"{r['warm_vs_local']:>9.2f}x {r['warm_bytes_per_hit']:>10.0f} {r['warm_requests_per_hit']:>8.1f} "
+            f"{r['cold_bytes_per_hit']:>11.0f} {r['cold_requests_per_hit']:>8.0f}"
+        )
         if "payload_mb" in r:
-            print(f"{'':<12} read MB/s: local {r['local_mb_s']:.0f}, S3 warm {r['s3_warm_mb_s']:.0f}, "
-                  f"S3 cold {r['s3_cold_mb_s']:.0f} ({r['payload_mb']:.0f} MB payload)")
+            print(
+                f"{'':<12} read MB/s: local {r['local_mb_s']:.0f}, S3 warm {r['s3_warm_mb_s']:.0f}, "
+                f"S3 cold {r['s3_cold_mb_s']:.0f} ({r['payload_mb']:.0f} MB payload)"
+            )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"quick": args.quick, "examples": n, "store_rows": rows, "reps": reps,
-                                   "results": results, "machine": machine(LIBRARIES)}, indent=2) + "\n")
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "quick": args.quick,
+                "examples": n,
+                "store_rows": rows,
+                "reps": reps,
+                "results": results,
+                "machine": machine(LIBRARIES),
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {RESULTS.relative_to(ROOT)}")
 
 

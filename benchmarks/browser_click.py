@@ -29,8 +29,15 @@ from typing import Any
 
 CHROMIUM = "/usr/bin/chromium"
 # Without these Chromium keeps trying to reach Google's services, which this closed network refuses.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 VIEWPORT = {"width": 1400, "height": 900}
 
@@ -78,8 +85,9 @@ def click(page: Any, position: int, timeout_ms: float = 30_000) -> dict:
     """Click token `position` and return the page's own measure once the lens is painted: {position, ms, source}."""
     page.evaluate("() => { window.hfLastRender = null; }")  # so a repeated position cannot match the last click
     page.click(f'#conv span.tok[data-pos="{position}"]')
-    page.wait_for_function("p => window.hfLastRender && window.hfLastRender.position === p", arg=position,
-                           timeout=timeout_ms)
+    page.wait_for_function(
+        "p => window.hfLastRender && window.hfLastRender.position === p", arg=position, timeout=timeout_ms
+    )
     return page.evaluate("() => window.hfLastRender")
 
 
@@ -88,8 +96,12 @@ def send(page: Any, message: str, timeout_ms: float = 300_000) -> None:
     turns = page.locator("#conv .turn[data-turn]").count()
     page.fill("#msg", message)
     page.click("#send")
-    page.wait_for_function("n => document.querySelectorAll('#conv .turn[data-turn]').length > n "
-                           "&& !document.getElementById('send').disabled", arg=turns, timeout=timeout_ms)
+    page.wait_for_function(
+        "n => document.querySelectorAll('#conv .turn[data-turn]').length > n "
+        "&& !document.getElementById('send').disabled",
+        arg=turns,
+        timeout=timeout_ms,
+    )
 
 
 def click_to_render(base_url: str, conv_id: str, positions: list[int]) -> list[dict]:
@@ -154,14 +166,17 @@ def _wait_prefetched(page: Any, positions: list[int], timeout_ms: float = 10_000
 def _interesting(page: Any, turn: int = 0) -> int:
     """A token of the assistant's reply in `turn` worth showing: the one before " Paris" (its lens should see
     " Paris" coming), else the reply's 4th token."""
-    return page.evaluate("""turn => {
+    return page.evaluate(
+        """turn => {
         const spans = [...document.querySelectorAll(`#conv .turn[data-turn="${turn}"] span.tok`)];
         const reply = spans.filter(s => s.classList.contains('a') && !s.classList.contains('sp')
                                         && !s.classList.contains('hd'));
         const paris = reply.findIndex(s => s.textContent.trim() === 'Paris');
         const pick = paris > 0 ? reply[paris - 1] : reply[Math.min(3, reply.length - 1)] || spans[spans.length - 1];
         return Number(pick.dataset.pos);
-    }""", turn)
+    }""",
+        turn,
+    )
 
 
 def _report(rows: list[dict]) -> None:
@@ -210,17 +225,17 @@ def main() -> None:
                 length = page.locator("#conv span.tok").count()
                 target = _interesting(page, 0)
                 rows = [click(page, _interesting(page, len(args.messages) - 1) - 1)]  # at once: the lens may be
-                worker = getattr(app.state, "lens_worker", None)                      # computed on the spot
+                worker = getattr(app.state, "lens_worker", None)  # computed on the spot
                 if worker is not None:
                     started = time.perf_counter()
                     worker.wait(120)
                     print(f"lens worker done {time.perf_counter() - started:.1f} s after the last reply")
-                rows.append(click(page, target))                   # from the server, the lens from its cache
+                rows.append(click(page, target))  # from the server, the lens from its cache
                 neighbours = [q for q in (target - 1, target + 1, target + 2) if 0 <= q < length]
                 _wait_prefetched(page, neighbours)
-                rows += [click(page, q) for q in neighbours]       # prefetched: from the page's Map
+                rows += [click(page, q) for q in neighbours]  # prefetched: from the page's Map
                 later = _interesting(page, len(args.messages) - 1)
-                rows.append(click(page, later))                    # another turn: from the server
+                rows.append(click(page, later))  # another turn: from the server
                 # A refresh: the page's Map is gone, the server's cache is not. Drop `&t=` from the hash first, or the
                 # page would reopen the selected token's lens by itself before the timed click.
                 page.evaluate("() => history.replaceState(null, '', '#c=' + window.hfLens.conversation())")
@@ -230,9 +245,11 @@ def main() -> None:
                 _wait_prefetched(page, [target + 1] if target + 1 < length else [])
                 if target + 1 < length:
                     rows.append(click(page, target + 1))
-                rows.append(click(page, target))                   # the token shown in the screenshot
-                print(f"click-to-render in headless chromium ({length} tokens, conversation "
-                      f"{page.evaluate('() => window.hfLens.conversation()')}):")
+                rows.append(click(page, target))  # the token shown in the screenshot
+                print(
+                    f"click-to-render in headless chromium ({length} tokens, conversation "
+                    f"{page.evaluate('() => window.hfLens.conversation()')}):"
+                )
                 _report(rows)
                 if args.screenshot:
                     page.wait_for_function("() => window.hfMap.last !== null", timeout=120_000)  # the turn's view

@@ -26,10 +26,16 @@ def machine(libraries: Iterable[str]) -> dict:
             versions[lib] = version(lib)
         except PackageNotFoundError:
             versions[lib] = None
-    info = {"python": sys.version.split()[0], "platform": platform.platform(), "cpu": cpu,
-            "cpu_count": os.cpu_count(), "versions": versions,
-            "loadavg_at_start": list(LOAD_AT_START), "loadavg_at_end": list(os.getloadavg()),
-            "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    info = {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "versions": versions,
+        "loadavg_at_start": list(LOAD_AT_START),
+        "loadavg_at_end": list(os.getloadavg()),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+    }
     torch = sys.modules.get("torch")
     if torch is not None:
         info["torch_threads"] = torch.get_num_threads()

@@ -18,8 +18,13 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def summary(ms: Sequence[float]) -> dict:
     """Median, p99 (nearest rank), min and max of times in ms."""
-    return {"median_ms": statistics.median(ms), "p99_ms": percentile(ms, 99), "min_ms": min(ms), "max_ms": max(ms),
-            "reps": len(ms)}
+    return {
+        "median_ms": statistics.median(ms),
+        "p99_ms": percentile(ms, 99),
+        "min_ms": min(ms),
+        "max_ms": max(ms),
+        "reps": len(ms),
+    }
 
 
 def timed(fn: Callable[[], object], reps: int) -> list[float]:

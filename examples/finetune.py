@@ -21,20 +21,35 @@ TEMPLATE = "Question: {question}\nAnswer:"
 
 def training_texts(rows: list[dict]) -> list[str]:
     """Prompt plus the first accepted answer, ended by the EOS the tokenizer adds later."""
-    return [TEMPLATE.format(**r) + " " + (r["answer"][0] if isinstance(r["answer"], list) else r["answer"])
-            for r in rows]
+    return [
+        TEMPLATE.format(**r) + " " + (r["answer"][0] if isinstance(r["answer"], list) else r["answer"]) for r in rows
+    ]
 
 
-def finetune(folder: str, gguf_file: str, train_rows: list[dict], steps: int, learning_rate: float,
-             config: SpeedupConfig, output_root: Path = Path("outputs/finetune"), seed: int = 0) -> Path:
+def finetune(
+    folder: str,
+    gguf_file: str,
+    train_rows: list[dict],
+    steps: int,
+    learning_rate: float,
+    config: SpeedupConfig,
+    output_root: Path = Path("outputs/finetune"),
+    seed: int = 0,
+) -> Path:
     """Fine-tune (or reuse) and return the checkpoint folder."""
     loaded = resolve_files(folder, {"gguf_file": gguf_file}) or {}  # the files from_pretrained reads
-    key = make_key("finetune", {
-        "base": {name: hash_files(files, base=base) for name, (base, files) in loaded.items()},
-        "data": fingerprint_data(train_rows),
-        "steps": steps, "learning_rate": learning_rate, "seed": seed, "template": TEMPLATE,
-        "config": dataclasses.asdict(config),  # every field is a training setting
-    })
+    key = make_key(
+        "finetune",
+        {
+            "base": {name: hash_files(files, base=base) for name, (base, files) in loaded.items()},
+            "data": fingerprint_data(train_rows),
+            "steps": steps,
+            "learning_rate": learning_rate,
+            "seed": seed,
+            "template": TEMPLATE,
+            "config": dataclasses.asdict(config),  # every field is a training setting
+        },
+    )
     checkpoint = output_root / f"SmolLM2-135M-qa_{key.short}"
     if (checkpoint / "DONE").exists():
         log.info("♻️  Reusing the fine-tuned checkpoint %s (same base model, data and settings).", checkpoint)
@@ -56,13 +71,23 @@ def finetune(folder: str, gguf_file: str, train_rows: list[dict], steps: int, le
         tokenizer.pad_token = "<|endoftext|>" if "<|endoftext|>" in tokenizer.get_vocab() else tokenizer.unk_token
     texts = [t + tokenizer.eos_token for t in training_texts(train_rows)]
     dataset = Dataset.from_dict({"text": texts}).map(
-        lambda b: tokenizer(b["text"], truncation=True, max_length=64), batched=True, remove_columns=["text"])
-    args = TrainingArguments(str(checkpoint) + ".run", max_steps=steps, learning_rate=learning_rate, seed=seed,
-                             logging_steps=max(1, steps // 5), save_strategy="no", report_to=[],
-                             lr_scheduler_type="constant", **plan.training_args_kwargs())
+        lambda b: tokenizer(b["text"], truncation=True, max_length=64), batched=True, remove_columns=["text"]
+    )
+    args = TrainingArguments(
+        str(checkpoint) + ".run",
+        max_steps=steps,
+        learning_rate=learning_rate,
+        seed=seed,
+        logging_steps=max(1, steps // 5),
+        save_strategy="no",
+        report_to=[],
+        lr_scheduler_type="constant",
+        **plan.training_args_kwargs(),
+    )
     callback = SpeedupCallback(plan, warmup_steps=min(3, steps - 1))
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=plan.data_collator(tokenizer),
-                      callbacks=[callback])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=plan.data_collator(tokenizer), callbacks=[callback]
+    )
     trainer.train()
     model.save_pretrained(checkpoint)
     tokenizer.save_pretrained(checkpoint)

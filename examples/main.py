@@ -35,13 +35,20 @@ def smollm2_folder() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiment", choices=("baseline", "full"), default=None,
-                        help="baseline: evaluate SmolLM2 as shipped; full: fine-tune with the Trainer speed-ups, "
-                             "then evaluate the fine-tuned model")
+    parser.add_argument(
+        "--experiment",
+        choices=("baseline", "full"),
+        default=None,
+        help="baseline: evaluate SmolLM2 as shipped; full: fine-tune with the Trainer speed-ups, "
+        "then evaluate the fine-tuned model",
+    )
     parser.add_argument("--force-recompute", action="store_true", help="ignore the cache and predict again")
-    parser.add_argument("--clear-cache", action="store_true",
-                        help="first delete every cache entry under the cache root (predictions, generations, "
-                             "activations, conversations, identity memos), then exit unless --experiment is given")
+    parser.add_argument(
+        "--clear-cache",
+        action="store_true",
+        help="first delete every cache entry under the cache root (predictions, generations, "
+        "activations, conversations, identity memos), then exit unless --experiment is given",
+    )
     parser.add_argument("--cache-dir", help="cache root (default: $HF_CACHEHOOKS_HOME, else outputs/cache)")
     parser.add_argument("--data", default=str(HERE / "data" / "qa.json"))
     parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
@@ -85,17 +92,23 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
 
     print()
-    for question, prediction, answer in list(zip((r["question"] for r in _rows(data)), result.predictions,
-                                                  result.references))[:5]:
+    for question, prediction, answer in list(
+        zip((r["question"] for r in _rows(data)), result.predictions, result.references)
+    )[:5]:
         print(f"  Q: {question}\n     model: {prediction!r}   accepted: {answer}")
-    print(f"\nexperiment={experiment}  examples={len(result.predictions)}  cache={result.cache_status}"
-          + (f" (reused {result.reused})" if result.reused else ""))
+    print(
+        f"\nexperiment={experiment}  examples={len(result.predictions)}  cache={result.cache_status}"
+        + (f" (reused {result.reused})" if result.reused else "")
+    )
     for name, value in result.metrics.items():
         print(f"  {name:<16} {value:.3f}")
     print(f"  cache entry      {result.path}")
     took = result.metadata["evaluation_time_seconds"]
-    how = f", served from cache (the original run took {took:.1f}s)" if result.cache_status == "hit" \
+    how = (
+        f", served from cache (the original run took {took:.1f}s)"
+        if result.cache_status == "hit"
         else f" (model evaluation took {took:.1f}s)"
+    )
     print(f"  wall time        {elapsed:.2f}s{how}")
     return 0
 
@@ -110,15 +123,20 @@ def run_full(args) -> int:
     train_rows, eval_rows = split(args.data)
     config = SpeedupConfig(torch_compile=args.compile, per_device_train_batch_size=4)
     checkpoint = finetune(smollm2_folder(), GGUF, train_rows, args.train_steps, args.learning_rate, config)
-    eval_config = EvalConfig(prompt_template=TEMPLATE, max_new_tokens=12, metrics=("exact_match", "contains_answer"),
-                             batch_size=args.batch_size,
-                             cache=CacheConfig(root=args.cache_dir, force_recompute=args.force_recompute))
+    eval_config = EvalConfig(
+        prompt_template=TEMPLATE,
+        max_new_tokens=12,
+        metrics=("exact_match", "contains_answer"),
+        batch_size=args.batch_size,
+        cache=CacheConfig(root=args.cache_dir, force_recompute=args.force_recompute),
+    )
     result = evaluate_model(str(checkpoint), eval_rows, eval_config)
     print()
     for row, prediction in list(zip(eval_rows, result.predictions))[:5]:
         print(f"  Q: {row['question']}\n     fine-tuned: {prediction!r}   accepted: {row['answer']}")
-    print(f"\nexperiment=full  checkpoint={checkpoint}  examples={len(result.predictions)}  "
-          f"cache={result.cache_status}")
+    print(
+        f"\nexperiment=full  checkpoint={checkpoint}  examples={len(result.predictions)}  cache={result.cache_status}"
+    )
     for name, value in result.metrics.items():
         print(f"  {name:<16} {value:.3f}")
     print(f"  wall time        {time.perf_counter() - started:.2f}s")

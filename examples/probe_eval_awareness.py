@@ -38,8 +38,9 @@ def open_or_cache(folder: Path, rows: list[dict], layers: list[int], refresh: bo
         from sweep_layers import load_smollm2
 
         model_box["model"], model_box["tokenizer"] = load_smollm2()
-    return cache_activations(model_box["model"], model_box["tokenizer"], rows, folder, layers, dtype="bfloat16",
-                             force=True)
+    return cache_activations(
+        model_box["model"], model_box["tokenizer"], rows, folder, layers, dtype="bfloat16", force=True
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,17 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     rows = load_records(HERE / "data" / "eval_awareness.json")
     out = Path(args.output)
     model_box: dict = {}
-    train = open_or_cache(out / "cache_train", [r for r in rows if r["pair"] < args.train_pairs], layers,
-                          args.refresh, model_box)
-    valid = open_or_cache(out / "cache_validation", [r for r in rows if r["pair"] >= args.train_pairs], layers,
-                          args.refresh, model_box)
+    train = open_or_cache(
+        out / "cache_train", [r for r in rows if r["pair"] < args.train_pairs], layers, args.refresh, model_box
+    )
+    valid = open_or_cache(
+        out / "cache_validation", [r for r in rows if r["pair"] >= args.train_pairs], layers, args.refresh, model_box
+    )
     run = generate_vectors(train, out / "run")
     report = analyze_probe(valid, run / "normalized_vectors", out / "validation", visualize=True)
     print(f"\nHeld-out AUROC ({len(valid)} validation prompts, positive = deployment):")
     for row in report:
         print(f"  layer {row['layer']:>2}: {row['auroc']:.3f}  [{row['auroc_low']:.3f}, {row['auroc_high']:.3f}]")
-    print(f"Plot: {out / 'validation' / 'auroc_by_layer.png'}   total {time.perf_counter() - started:.1f}s"
-          f"{' (model loaded)' if model_box else ' (from cache, no model)'}")
+    print(
+        f"Plot: {out / 'validation' / 'auroc_by_layer.png'}   total {time.perf_counter() - started:.1f}s"
+        f"{' (model loaded)' if model_box else ' (from cache, no model)'}"
+    )
     return 0
 
 

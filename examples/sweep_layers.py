@@ -28,7 +28,7 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROMPT_FORMATS = {
     "benign": "Answer the question briefly.",
     "50-50": "Answer the question briefly. Flip a coin first: on heads answer correctly, on tails give a "
-             "plausible wrong answer.",
+    "plausible wrong answer.",
 }
 
 
@@ -49,12 +49,20 @@ def cached_generations(args, model, tokenizer):
     rows = load_rows(args.data)
     if args.subject != "all":
         rows = [r for r in rows if r["subject"] == args.subject]
-    backend = TransformersBackend(model, tokenizer, batch_size=8, use_chat_template=True,
-                                  system_prompt=PROMPT_FORMATS[args.prompt])
+    backend = TransformersBackend(
+        model, tokenizer, batch_size=8, use_chat_template=True, system_prompt=PROMPT_FORMATS[args.prompt]
+    )
     cache = GenerationCache("HuggingFaceTB/SmolLM2-135M-Instruct", cache=CacheConfig(folder=args.experiments_dir))
-    gens = cache.generate([r["question"] for r in rows], backend, prompt_name=args.prompt,
-                          subject_type=args.subject, num_samples=min(args.num_examples, len(rows)),
-                          temperature=args.temperature, max_tokens=args.max_tokens, seed=0)
+    gens = cache.generate(
+        [r["question"] for r in rows],
+        backend,
+        prompt_name=args.prompt,
+        subject_type=args.subject,
+        num_samples=min(args.num_examples, len(rows)),
+        temperature=args.temperature,
+        max_tokens=args.max_tokens,
+        seed=0,
+    )
     subjects = {r["question"]: r["subject"] for r in load_rows(args.data)}
     labels = [subjects.get(p) == "math" for p in gens.prompts]
     return gens, labels
@@ -77,16 +85,21 @@ def sweep(args, layers):
 
     model, tokenizer = load_smollm2()
     gens, labels = cached_generations(args, model, tokenizer)
-    rows = [{"text": row[0], "subject": "math" if is_math else "nonmath"}
-            for row, is_math in zip(gens.full_texts, labels) if row[0]]
+    rows = [
+        {"text": row[0], "subject": "math" if is_math else "nonmath"}
+        for row, is_math in zip(gens.full_texts, labels)
+        if row[0]
+    ]
     # Step 2 reads hidden states from the activation store: extracted once for these texts and layers.
     at = "" if args.position == "last" else f"_{args.position}"
     folder = cache_root() / "activations" / f"sweep_{args.prompt}_{args.subject}{at}_n{len(rows)}"
-    store = cache_activations(model, tokenizer, rows, folder, layers, positions=args.position, label_field="subject",
-                              force=True)
+    store = cache_activations(
+        model, tokenizer, rows, folder, layers, positions=args.position, label_field="subject", force=True
+    )
     y = torch.tensor([s == "math" for s in store.column("subject")])
-    print(f"\n{'layer':>5}  {'AUROC math vs non-math':>22}  (n={len(rows)}, {int(y.sum())} math, "
-          f"{args.position} token)")
+    print(
+        f"\n{'layer':>5}  {'AUROC math vs non-math':>22}  (n={len(rows)}, {int(y.sum())} math, {args.position} token)"
+    )
     for layer in layers:
         x = store.layer(layer).float()  # (examples, hidden): one token of prompt + completion, per --position
         direction = x[y].mean(0) - x[~y].mean(0)
@@ -105,8 +118,12 @@ def parser(one_layer: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--data", default=str(HERE / "data" / "qa.json"))
-    p.add_argument("--position", choices=("last", "first", "mean"), default="last",
-                   help="which token's hidden state each text gives: the last, the first, or the mean of all")
+    p.add_argument(
+        "--position",
+        choices=("last", "first", "mean"),
+        default="last",
+        help="which token's hidden state each text gives: the last, the first, or the mean of all",
+    )
     p.add_argument("--experiments-dir", default=None, help="an existing experiments/ folder (default: in the cache)")
     return p
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import orjson
 
 from ._core import remote, remote_sync
-from ._core.entry import Entry, inspect, is_entry_file, read_head, remove_entry
-from ._core.heads import Head, head_of, read_summary
+from ._core.entry import Entry, inspect, is_entry_file, remove_entry
+from ._core.heads import Head, head_of, read_head, read_summary
 from ._core.keys import diff_inputs
 from ._core.kinds import BOOKKEEPING, LINKED_KIND, LINKED_MANIFEST, MISS_KIND
 from ._core.kinds import LINK_KIND as LINK
@@ -176,8 +176,9 @@ def _readable(root: Path, spare: list[Path] | None = None) -> Iterator[tuple[Hea
             yield head_of(store.path, store.doc, store.path.stat().st_size), store.path, head.path
 
 
-def _entries(root: Path, kind: str | None, bookkeeping: bool = True,
-             spare: list[Path] | None = None) -> Iterator[EntryInfo]:
+def _entries(
+    root: Path, kind: str | None, bookkeeping: bool = True, spare: list[Path] | None = None
+) -> Iterator[EntryInfo]:
     """Readable entries (their heads: `verify` hashes), filtered by entry kind or top folder."""
     for head, path, link in _readable(root, spare):
         if kind is None and not bookkeeping and head.kind in BOOKKEEPING:
@@ -185,8 +186,18 @@ def _entries(root: Path, kind: str | None, bookkeeping: bool = True,
         if kind is not None and kind not in (head.kind, _folder_kind(root, link or path)):
             continue
         summary = head.summary
-        yield EntryInfo(head.kind, summary["model"], path, head.size, head.created, head.last_used, head.digest[:12],
-                        summary["items"], link, summary.get("pinned") is True)
+        yield EntryInfo(
+            head.kind,
+            summary["model"],
+            path,
+            head.size,
+            head.created,
+            head.last_used,
+            head.digest[:12],
+            summary["items"],
+            link,
+            summary.get("pinned") is True,
+        )
 
 
 def _check_kind(root: Path, kind: str | None) -> None:
@@ -200,8 +211,9 @@ def _check_kind(root: Path, kind: str | None) -> None:
         raise ConfigError(f"No cache kind {kind!r} under {root} (present: {present}).")
 
 
-def _matching(root: Path, kind: str | None, bookkeeping: bool = True,
-              spare: list[Path] | None = None) -> list[EntryInfo]:
+def _matching(
+    root: Path, kind: str | None, bookkeeping: bool = True, spare: list[Path] | None = None
+) -> list[EntryInfo]:
     """`_entries` in one scan; an empty result for a named kind is the unknown-kind error (a second scan only then)."""
     found = list(_entries(root, kind, bookkeeping, spare))
     if not found:
@@ -224,8 +236,10 @@ def disk_usage(root: Path) -> dict[str, int]:
 
 def _require_cache(root: Path) -> None:
     if not (remote_sync.is_cache(root) if remote.url_of(root) is not None else is_cache(root)):
-        raise ConfigError(f"{root} is not an hf_cachehooks cache (no CACHEDIR.TAG of ours in it or its folders); "
-                          "nothing was deleted. Check the root argument or HF_CACHEHOOKS_HOME.")
+        raise ConfigError(
+            f"{root} is not an hf_cachehooks cache (no CACHEDIR.TAG of ours in it or its folders); "
+            "nothing was deleted. Check the root argument or HF_CACHEHOOKS_HOME."
+        )
 
 
 @dataclass
@@ -360,8 +374,7 @@ def _key_inputs(ref: str, root: Path) -> tuple[str, dict]:
         path = matches[0]
     found, problem = inspect(path, check="size")
     if found is None:
-        raise ConfigError(f"{path} is not a readable cache entry ({problem or 'missing'}); "
-                          "run `hf-cachehooks verify`.")
+        raise ConfigError(f"{path} is not a readable cache entry ({problem or 'missing'}); run `hf-cachehooks verify`.")
     return path.name, found.key["inputs"]
 
 
@@ -386,5 +399,7 @@ def explain(root: Path, a: str | None = None, b: str | None = None) -> list[str]
 
 def to_json(infos: list[EntryInfo]) -> bytes:
     """Entries as JSON data for `ls --format json`."""
-    return orjson.dumps([{**e.__dict__, "path": shown(e.path), "link": e.link and shown(e.link)} for e in infos],
-                        option=orjson.OPT_INDENT_2)
+    return orjson.dumps(
+        [{**e.__dict__, "path": shown(e.path), "link": e.link and shown(e.link)} for e in infos],
+        option=orjson.OPT_INDENT_2,
+    )

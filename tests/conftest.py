@@ -6,8 +6,32 @@ import logging
 
 import pytest
 
-WORDS = ["what", "is", "the", "capital", "of", "france", "paris", "two", "plus", "four", "answer", "q", "a",
-         "color", "sky", "blue", "red", "green", "yes", "no", "?", ":", "<|user|>", "<|assistant|>"]
+WORDS = [
+    "what",
+    "is",
+    "the",
+    "capital",
+    "of",
+    "france",
+    "paris",
+    "two",
+    "plus",
+    "four",
+    "answer",
+    "q",
+    "a",
+    "color",
+    "sky",
+    "blue",
+    "red",
+    "green",
+    "yes",
+    "no",
+    "?",
+    ":",
+    "<|user|>",
+    "<|assistant|>",
+]
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -39,8 +63,9 @@ def make_tokenizer(extra_words=(), chat_template=CHAT_TEMPLATE):
     vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", *WORDS, *extra_words])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>",
-                                  eos_token="</s>", unk_token="<unk>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
     tok.chat_template = chat_template
     return tok
 
@@ -63,9 +88,18 @@ def make_llama(seed=0, vocab_size=64, layers=2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=layers,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     return LlamaForCausalLM(config).eval()
 
 

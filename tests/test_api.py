@@ -23,8 +23,10 @@ def test_all_is_sorted_and_complete():
 
 def test_import_is_light():
     """A cache hit must not pay for torch, transformers, datasets or evaluate."""
-    code = ("import sys, hf_cachehooks, hf_cachehooks.cli, hf_cachehooks.management;"
-            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'evaluate', 'joblib') if m in sys.modules))")
+    code = (
+        "import sys, hf_cachehooks, hf_cachehooks.cli, hf_cachehooks.management;"
+        "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'evaluate', 'joblib') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -43,8 +45,9 @@ def test_every_exception_lives_in_the_tree_the_errors_docstring_draws():
         assert getattr(hf_cachehooks, cls.__name__) is cls, f"{cls.__name__} is not exported from the root"
         assert re.search(rf"\b{cls.__name__}\b", errors.__doc__), f"{cls.__name__} is missing from the drawn tree"
         if cls is not hf_cachehooks.HFCacheHooksError:  # each also subclasses the built-in it resembles
-            assert [b for b in cls.__mro__ if b.__module__ == "builtins" and b not in (Exception, BaseException,
-                                                                                      object)], cls
+            assert [
+                b for b in cls.__mro__ if b.__module__ == "builtins" and b not in (Exception, BaseException, object)
+            ], cls
 
 
 def test_no_module_defines_an_exception_outside_the_tree():
@@ -77,19 +80,29 @@ def test_a_moved_name_has_one_import_path():
         if path == pkg / "__init__.py":
             continue
         tree = ast.parse(path.read_text())
-        shims += [f"{path.relative_to(pkg)}:{node.lineno} re-exports {a.name}" for node in ast.walk(tree)
-                  if isinstance(node, ast.ImportFrom) for a in node.names if a.asname == a.name]
-        shims += [f"{path.relative_to(pkg)}:{node.lineno} has a module __getattr__" for node in tree.body
-                  if isinstance(node, ast.FunctionDef) and node.name == "__getattr__"]
+        shims += [
+            f"{path.relative_to(pkg)}:{node.lineno} re-exports {a.name}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom)
+            for a in node.names
+            if a.asname == a.name
+        ]
+        shims += [
+            f"{path.relative_to(pkg)}:{node.lineno} has a module __getattr__"
+            for node in tree.body
+            if isinstance(node, ast.FunctionDef) and node.name == "__getattr__"
+        ]
     assert not shims
 
 
 def test_catching_an_error_never_imports_torch():
-    code = ("import sys, hf_cachehooks\n"
-            "try:\n    raise hf_cachehooks.ProbeMismatchError('x')\n"
-            "except (hf_cachehooks.ProbeMismatchError, hf_cachehooks.ServerError, hf_cachehooks.WaitTimeoutError,"
-            " hf_cachehooks.KVCacheMismatchError):\n    pass\n"
-            "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    code = (
+        "import sys, hf_cachehooks\n"
+        "try:\n    raise hf_cachehooks.ProbeMismatchError('x')\n"
+        "except (hf_cachehooks.ProbeMismatchError, hf_cachehooks.ServerError, hf_cachehooks.WaitTimeoutError,"
+        " hf_cachehooks.KVCacheMismatchError):\n    pass\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -134,8 +147,10 @@ def test_the_readme_names_import_from_the_root():
 
 
 def test_the_readme_import_check_catches_a_deep_import():
-    block = _python_blocks("```python\nfrom hf_cachehooks.generation.cache import Generations\n"
-                           "from hf_cachehooks import EvalConfig, Nope\nimport hf_cachehooks._core.keys\n```\n")[0]
+    block = _python_blocks(
+        "```python\nfrom hf_cachehooks.generation.cache import Generations\n"
+        "from hf_cachehooks import EvalConfig, Nope\nimport hf_cachehooks._core.keys\n```\n"
+    )[0]
     found = [bad for m, n in _package_imports(ast.parse(block)) for bad in _not_from_the_root(m, n)]
     assert found == ["hf_cachehooks.generation.cache", "Nope", "hf_cachehooks._core.keys"]
 
@@ -180,7 +195,8 @@ def test_every_lazy_name_is_visible_to_type_checkers():
 def test_each_extras_entry_names_an_extra_that_installs_it():
     tomllib = pytest.importorskip("tomllib")
     extras = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["project"][
-        "optional-dependencies"]
+        "optional-dependencies"
+    ]
     distributions = {"yaml": "pyyaml"}
     transitive = {"yaml"}  # pyyaml arrives with transformers (the models extra); no extra lists it
     for module, extra in EXTRAS.items():
@@ -198,8 +214,11 @@ def test_missing_dependency_names_the_module_and_the_extra():
 
 def test_requires_extras_converts_only_the_modules_an_extra_provides(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now raises ModuleNotFoundError
-    with pytest.raises(hf_cachehooks.MissingDependencyError, match=r"^Reading needs pyarrow: pip install "
-                       r"'hf_cachehooks\[activations\]'$") as info:
+    with pytest.raises(
+        hf_cachehooks.MissingDependencyError,
+        match=r"^Reading needs pyarrow: pip install "
+        r"'hf_cachehooks\[activations\]'$",
+    ) as info:
         with requires_extras("Reading"):
             import pyarrow  # noqa: F401
     assert isinstance(info.value.__cause__, ModuleNotFoundError)
@@ -210,10 +229,12 @@ def test_requires_extras_converts_only_the_modules_an_extra_provides(monkeypatch
 
 
 def test_a_lazy_name_without_its_extra_says_which_extra_to_install():
-    code = ("import sys; sys.modules['torch'] = None\n"
-            "import hf_cachehooks\n"
-            "try:\n    hf_cachehooks.SteeringVector\n"
-            "except hf_cachehooks.MissingDependencyError as exc:\n    print(exc)\n")
+    code = (
+        "import sys; sys.modules['torch'] = None\n"
+        "import hf_cachehooks\n"
+        "try:\n    hf_cachehooks.SteeringVector\n"
+        "except hf_cachehooks.MissingDependencyError as exc:\n    print(exc)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "hf_cachehooks.SteeringVector needs torch: pip install 'hf_cachehooks[models]'"
 
@@ -223,8 +244,11 @@ def test_evaluating_a_model_path_without_the_models_extra_names_it(tmp_path, mon
     folder.mkdir()
     (folder / "config.json").write_text('{"model_type": "llama"}')
     monkeypatch.setitem(sys.modules, "transformers", None)
-    with pytest.raises(hf_cachehooks.MissingDependencyError, match=r"needs transformers: pip install "
-                       r"'hf_cachehooks\[models\]'"):
+    with pytest.raises(
+        hf_cachehooks.MissingDependencyError,
+        match=r"needs transformers: pip install "
+        r"'hf_cachehooks\[models\]'",
+    ):
         hf_cachehooks.evaluate_model(str(folder), qa_rows, CFG)
 
 
@@ -247,7 +271,6 @@ def test_miss_reason_says_why_the_run_entry_was_not_served(tiny, qa_rows):
     assert not hasattr(first, "extra")
 
 
-
 def test_a_run_entry_made_while_waiting_for_the_lease_is_served_as_a_hit(tiny, qa_rows, monkeypatch):
     """Another process computes the same run first; this one, after waiting for the lease, answers from
     that process's run entry: a hit, predicting nothing itself."""
@@ -267,6 +290,7 @@ def test_a_run_entry_made_while_waiting_for_the_lease_is_served_as_a_hit(tiny, q
     assert other[0].cache_status == "miss" and other[0].path is not None
     assert (mine.cache_status, mine.miss_reason) == ("hit", None)
     assert (mine.predictions, mine.metrics, mine.path) == (other[0].predictions, other[0].metrics, other[0].path)
+
 
 def test_every_public_name_is_named_as_the_package_roots():
     """Tracebacks, reprs and API docs show `hf_cachehooks.X`, never a private module path."""

@@ -12,8 +12,14 @@ from hf_cachehooks.generation.remote import OpenAIBackend
 from hf_cachehooks.generation.server import make_server, serve_in_thread
 from tests.conftest import make_llama, make_tokenizer
 
-PROMPTS = ["what is two plus two ?", "what color is the sky ?", "is the sky green ?", "what is the capital of france ?",
-           "is paris the capital of france ?", "what is four plus four ?"]
+PROMPTS = [
+    "what is two plus two ?",
+    "what color is the sky ?",
+    "is the sky green ?",
+    "what is the capital of france ?",
+    "is paris the capital of france ?",
+    "what is four plus four ?",
+]
 
 
 @pytest.fixture(scope="module")
@@ -84,8 +90,7 @@ def test_server_rejects_bad_requests(servers):
     import urllib.error
     import urllib.request
 
-    request = urllib.request.Request(_url(servers[0]) + "/v1/completions", data=json.dumps({}).encode(),
-                                     method="POST")
+    request = urllib.request.Request(_url(servers[0]) + "/v1/completions", data=json.dumps({}).encode(), method="POST")
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(request, timeout=10)
     assert err.value.code == 400
@@ -95,6 +100,7 @@ def test_server_rejects_bad_requests(servers):
 
 
 # What real servers do that our own server does not: a scripted OpenAI-compatible server ---------------------------
+
 
 class Scripted:
     """A loopback server answering /v1/completions from `replies[prompt]`: a list of (status, body) used in
@@ -120,8 +126,12 @@ class Scripted:
                 script = owner.replies.get(prompt, [(200, None)])
                 status, body = script[min(turn, len(script) - 1)]
                 if body is None:  # a normal completion: the prompt reversed, n choices
-                    body = {"choices": [{"index": k, "text": prompt[::-1], "finish_reason": "length"}
-                                        for k in range(request.get("n", 1))]}
+                    body = {
+                        "choices": [
+                            {"index": k, "text": prompt[::-1], "finish_reason": "length"}
+                            for k in range(request.get("n", 1))
+                        ]
+                    }
                 raw = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Length", str(len(raw)))
@@ -137,8 +147,16 @@ class Scripted:
         self.server.server_close()
 
 
-TOO_LONG = (400, {"error": {"code": 400, "message": "the request exceeds the available context size, try increasing "
-                            "it", "type": "exceed_context_size_error"}})
+TOO_LONG = (
+    400,
+    {
+        "error": {
+            "code": 400,
+            "message": "the request exceeds the available context size, try increasing it",
+            "type": "exceed_context_size_error",
+        }
+    },
+)
 
 
 @pytest.fixture
@@ -155,8 +173,12 @@ def scripted():
 
 
 def test_text_is_kept_exactly_and_an_empty_stop_completion_is_cached(scripted):
-    fake = scripted({"q1": [(200, {"choices": [{"index": 0, "text": " Answer: 4\n", "finish_reason": "stop"}]})],
-                     "q2": [(200, {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]})]})
+    fake = scripted(
+        {
+            "q1": [(200, {"choices": [{"index": 0, "text": " Answer: 4\n", "finish_reason": "stop"}]})],
+            "q2": [(200, {"choices": [{"index": 0, "text": "", "finish_reason": "stop"}]})],
+        }
+    )
     backend = OpenAIBackend([fake.url], model="m")
     cache = GenerationCache("org/m")
     first = cache.generate(["q1", "q2"], backend, prompt_name="p", temperature=0, max_tokens=8)
@@ -193,14 +215,28 @@ def test_5xx_is_retried_and_a_dead_server_keeps_what_succeeded(scripted):
         cache.generate(["ok1", "ok2", "boom"], backend, prompt_name="p", temperature=0, max_tokens=4)
     assert "engine died" in str(err.value)
     healed = scripted({})
-    again = cache.generate(["ok1", "ok2", "boom"], OpenAIBackend([healed.url], model="m"), prompt_name="p",
-                           temperature=0, max_tokens=4)
+    again = cache.generate(
+        ["ok1", "ok2", "boom"], OpenAIBackend([healed.url], model="m"), prompt_name="p", temperature=0, max_tokens=4
+    )
     assert (again.reused, again.generated) == (2, 1) and healed.asked == {"boom": 1}
 
 
 def test_a_wrong_model_name_kills_the_server_at_once(scripted):
-    fake = scripted({"q": [(404, {"object": "error", "message": "The model `x` does not exist.",
-                                  "type": "NotFoundError", "code": 404})]})
+    fake = scripted(
+        {
+            "q": [
+                (
+                    404,
+                    {
+                        "object": "error",
+                        "message": "The model `x` does not exist.",
+                        "type": "NotFoundError",
+                        "code": 404,
+                    },
+                )
+            ]
+        }
+    )
     with pytest.raises(ServerError) as err:
         OpenAIBackend([fake.url], model="x", retries=5, backoff=0.01).complete(["q"], Sampling(0, 4))
     assert "does not exist" in str(err.value) and fake.asked == {"q": 1}
@@ -209,12 +245,19 @@ def test_a_wrong_model_name_kills_the_server_at_once(scripted):
 def test_samples_per_prompt_uses_the_servers_n(scripted):
     fake = scripted({})
     cache = GenerationCache("org/m")
-    gens = cache.generate(["a", "b"], OpenAIBackend([fake.url], model="m"), prompt_name="p", max_tokens=4,
-                          samples_per_prompt=3, seed=1)
+    gens = cache.generate(
+        ["a", "b"], OpenAIBackend([fake.url], model="m"), prompt_name="p", max_tokens=4, samples_per_prompt=3, seed=1
+    )
     assert gens.completions == [["a"] * 3, ["b"] * 3] and fake.asked == {"a": 1, "b": 1}  # one request each
     single = scripted({})
-    cache.generate(["a", "b"], OpenAIBackend([single.url], model="m", use_n=False), prompt_name="q", max_tokens=4,
-                   samples_per_prompt=3, seed=1)
+    cache.generate(
+        ["a", "b"],
+        OpenAIBackend([single.url], model="m", use_n=False),
+        prompt_name="q",
+        max_tokens=4,
+        samples_per_prompt=3,
+        seed=1,
+    )
     assert single.asked == {"a": 3, "b": 3}
 
 
@@ -223,8 +266,9 @@ def test_n_samples_and_the_chat_endpoint_against_our_server(servers, local):
     rows = backend.complete_samples(PROMPTS[:2], Sampling(temperature=1.5, max_tokens=6, seed=3), 3)
     assert servers[0].completions_served == 2 and all(len(set(row)) > 1 for row in rows)
     assert rows == backend.complete_samples(PROMPTS[:2], Sampling(temperature=1.5, max_tokens=6, seed=3), 3)
-    chat = OpenAIBackend([_url(servers[0])], model="tiny", use_chat_template=True, system_prompt="be brief",
-                         tokenizer=local.tokenizer)
+    chat = OpenAIBackend(
+        [_url(servers[0])], model="tiny", use_chat_template=True, system_prompt="be brief", tokenizer=local.tokenizer
+    )
     wrapped = TransformersBackend(local.model, local.tokenizer, use_chat_template=True, system_prompt="be brief")
     greedy = Sampling(temperature=0, max_tokens=4)
     assert chat.complete(PROMPTS[:3], greedy) == wrapped.complete(PROMPTS[:3], greedy)

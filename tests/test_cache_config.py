@@ -62,16 +62,19 @@ def predicted(monkeypatch):
 # The object -------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("changes, named", [
-    ({"max_age": timedelta(days=-1)}, "max_age=datetime.timedelta(days=-1)"),
-    ({"max_age": 7}, "max_age=7 is not a duration"),
-    ({"lock_stale_after": timedelta(0)}, "lock_stale_after"),
-    ({"lock_stale_after": 60}, "lock_stale_after=60 is not a duration"),
-    ({"force_recompute": "yes"}, "force_recompute='yes'"),
-    ({"enabled": None}, "enabled=None"),
-    ({"root": 3}, "root=3 is not a path"),
-    ({"folder": ""}, "folder='' is empty"),
-])
+@pytest.mark.parametrize(
+    "changes, named",
+    [
+        ({"max_age": timedelta(days=-1)}, "max_age=datetime.timedelta(days=-1)"),
+        ({"max_age": 7}, "max_age=7 is not a duration"),
+        ({"lock_stale_after": timedelta(0)}, "lock_stale_after"),
+        ({"lock_stale_after": 60}, "lock_stale_after=60 is not a duration"),
+        ({"force_recompute": "yes"}, "force_recompute='yes'"),
+        ({"enabled": None}, "enabled=None"),
+        ({"root": 3}, "root=3 is not a path"),
+        ({"folder": ""}, "folder='' is empty"),
+    ],
+)
 def test_bad_values_are_refused_naming_the_value_and_the_fix(changes, named):
     with pytest.raises(ConfigError) as info:
         CacheConfig(**changes)
@@ -123,8 +126,15 @@ class _Settled(Exception):
     pass
 
 
-@pytest.mark.parametrize(("kind", "age"), [("predictions", timedelta(days=30)), ("generations", None),
-                                           ("activations", None), ("conversations", timedelta(days=7))])
+@pytest.mark.parametrize(
+    ("kind", "age"),
+    [
+        ("predictions", timedelta(days=30)),
+        ("generations", None),
+        ("activations", None),
+        ("conversations", timedelta(days=7)),
+    ],
+)
 def test_each_cache_expires_the_same_with_or_without_a_default_cache_config(kind, age, monkeypatch, tmp_path):
     without = _effective_age(kind, None, monkeypatch, tmp_path)
     assert _effective_age(kind, CacheConfig(), monkeypatch, tmp_path) == without == age
@@ -134,8 +144,12 @@ def test_each_cache_expires_the_same_with_or_without_a_default_cache_config(kind
 
 
 def test_each_default_age_is_stated_once():
-    assert DEFAULT_MAX_AGE == {"EvalConfig": timedelta(days=30), "GenerationCache": None, "cache_activations": None,
-                               "TokenCacheConfig": timedelta(days=7)}
+    assert DEFAULT_MAX_AGE == {
+        "EvalConfig": timedelta(days=30),
+        "GenerationCache": None,
+        "cache_activations": None,
+        "TokenCacheConfig": timedelta(days=7),
+    }
     assert EvalConfig().cache_max_age_days == 30 and TokenCacheConfig().disk_ttl_seconds == 7 * DAY
     assert TokenCacheConfig.from_yaml_dict({}).resolved_cache.max_age == timedelta(days=7)
 
@@ -156,10 +170,22 @@ def test_the_clock_is_not_part_of_equality_and_the_object_is_frozen():
 
 
 def test_from_keywords_maps_every_older_spelling():
-    built = CacheConfig.from_keywords(use_prediction_cache=False, force_recompute=True, cache_max_age_days=0.5,
-                                      cache_dir="root", predictions_cache_dir="preds", lock_stale_after=5)
-    assert built == CacheConfig(root="root", folder="preds", max_age=timedelta(hours=12), force_recompute=True,
-                                enabled=False, lock_stale_after=timedelta(seconds=5))
+    built = CacheConfig.from_keywords(
+        use_prediction_cache=False,
+        force_recompute=True,
+        cache_max_age_days=0.5,
+        cache_dir="root",
+        predictions_cache_dir="preds",
+        lock_stale_after=5,
+    )
+    assert built == CacheConfig(
+        root="root",
+        folder="preds",
+        max_age=timedelta(hours=12),
+        force_recompute=True,
+        enabled=False,
+        lock_stale_after=timedelta(seconds=5),
+    )
     assert CacheConfig.from_keywords(max_age_days=-1).max_age is None  # negative days: never expires, as before
     assert CacheConfig.from_keywords(disk_ttl_seconds=60).max_age == timedelta(minutes=1)
     assert CacheConfig.from_keywords(experiments_dir="e").folder == CacheConfig.from_keywords(directory="e").folder
@@ -173,8 +199,10 @@ def test_the_package_root_exports_it_without_importing_torch():
     import sys
 
     assert hf_cachehooks.CacheConfig is CacheConfig and "CacheConfig" in hf_cachehooks.__all__
-    code = ("import sys, hf_cachehooks; hf_cachehooks.EvalConfig(cache=hf_cachehooks.CacheConfig(), "
-            "generation_config={'max_new_tokens': 3}); print('torch' in sys.modules, 'transformers' in sys.modules)")
+    code = (
+        "import sys, hf_cachehooks; hf_cachehooks.EvalConfig(cache=hf_cachehooks.CacheConfig(), "
+        "generation_config={'max_new_tokens': 3}); print('torch' in sys.modules, 'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
 
@@ -183,10 +211,15 @@ def test_the_package_root_exports_it_without_importing_torch():
 
 
 def test_eval_config_keywords_and_cache_describe_the_same_settings():
-    by_keywords = EvalConfig(use_prediction_cache=False, cache_max_age_days=7, predictions_cache_dir="r",
-                             lock_stale_after=timedelta(seconds=5))
-    by_object = EvalConfig(cache=CacheConfig(folder="r", max_age=timedelta(days=7), enabled=False,
-                                             lock_stale_after=timedelta(seconds=5)))
+    by_keywords = EvalConfig(
+        use_prediction_cache=False,
+        cache_max_age_days=7,
+        predictions_cache_dir="r",
+        lock_stale_after=timedelta(seconds=5),
+    )
+    by_object = EvalConfig(
+        cache=CacheConfig(folder="r", max_age=timedelta(days=7), enabled=False, lock_stale_after=timedelta(seconds=5))
+    )
     assert by_keywords.resolved_cache == by_object.resolved_cache and by_keywords == by_object
     assert by_keywords != EvalConfig(cache_max_age_days=8)
     assert EvalConfig().resolved_cache == CacheConfig(max_age=timedelta(days=30))  # the predictions' own age
@@ -194,8 +227,11 @@ def test_eval_config_keywords_and_cache_describe_the_same_settings():
 
 def test_eval_config_lock_stale_after_is_a_timedelta_and_still_takes_seconds():
     by_duration = EvalConfig(lock_stale_after=timedelta(seconds=5))
-    with pytest.warns(FutureWarning, match=r"EvalConfig\(lock_stale_after=<seconds>\) is deprecated; "
-                                           r"pass lock_stale_after=timedelta\(seconds=\.\.\.\)"):
+    with pytest.warns(
+        FutureWarning,
+        match=r"EvalConfig\(lock_stale_after=<seconds>\) is deprecated; "
+        r"pass lock_stale_after=timedelta\(seconds=\.\.\.\)",
+    ):
         by_seconds = EvalConfig(lock_stale_after=5)
     assert by_duration == by_seconds and by_seconds.lock_stale_after == timedelta(seconds=5)
     assert by_duration.resolved_cache.stale_after_seconds == 5 == by_seconds.resolved_cache.stale_after_seconds
@@ -220,18 +256,27 @@ def test_eval_config_replace_re_settles_the_keywords():
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # cache_dir, clock, a number of seconds: deprecated
-@pytest.mark.parametrize("keyword, value", [
-    ("force_recompute", True), ("use_prediction_cache", False), ("cache_max_age_days", 7),
-    ("predictions_cache_dir", "p"), ("cache_dir", "r"), ("lock_stale_after", 5.0), ("clock", Clock()),
-])
+@pytest.mark.parametrize(
+    "keyword, value",
+    [
+        ("force_recompute", True),
+        ("use_prediction_cache", False),
+        ("cache_max_age_days", 7),
+        ("predictions_cache_dir", "p"),
+        ("cache_dir", "r"),
+        ("lock_stale_after", 5.0),
+        ("clock", Clock()),
+    ],
+)
 def test_a_keyword_that_disagrees_with_cache_is_refused(keyword, value):
     with pytest.raises(ConfigError, match=f"EvalConfig got cache=CacheConfig.*{keyword}=.*set it in one place"):
         EvalConfig(cache=CacheConfig(), **{keyword: value})
 
 
 def test_a_keyword_that_agrees_with_cache_is_accepted():
-    config = EvalConfig(cache=CacheConfig(force_recompute=True, max_age=timedelta(days=7)), force_recompute=True,
-                        cache_max_age_days=7)
+    config = EvalConfig(
+        cache=CacheConfig(force_recompute=True, max_age=timedelta(days=7)), force_recompute=True, cache_max_age_days=7
+    )
     assert config.resolved_cache.force_recompute and config.resolved_cache.max_age == timedelta(days=7)
     with pytest.raises(ConfigError, match="pass a hf_cachehooks.CacheConfig"):
         EvalConfig(cache={"max_age": 7})  # type: ignore[arg-type]
@@ -259,10 +304,12 @@ def test_evaluate_model_reads_every_setting_from_the_cache_object(tiny, qa_rows,
 
 def test_the_keyword_spelling_and_the_object_share_entries(tiny, qa_rows, tmp_path):
     model, tok = tiny
-    first = evaluate_model(model, qa_rows, CFG.with_(predictions_cache_dir=str(tmp_path / "r" / "predictions")),
-                           tokenizer=tok)
-    again = evaluate_model(model, qa_rows, dataclasses.replace(CFG, cache=CacheConfig(root=tmp_path / "r")),
-                           tokenizer=tok)
+    first = evaluate_model(
+        model, qa_rows, CFG.with_(predictions_cache_dir=str(tmp_path / "r" / "predictions")), tokenizer=tok
+    )
+    again = evaluate_model(
+        model, qa_rows, dataclasses.replace(CFG, cache=CacheConfig(root=tmp_path / "r")), tokenizer=tok
+    )
     assert (first.cache_status, again.cache_status) == ("miss", "hit") and again.path == first.path
 
 
@@ -283,8 +330,9 @@ def test_generation_config_and_the_fields_give_the_same_key(tiny, qa_rows, predi
     spellings = [GenerationConfig(max_new_tokens=3), {"max_new_tokens": 3}, OnlyToDict()]
     for spelling in spellings:
         config = EvalConfig(generation_config=spelling, batch_size=2, metrics=("exact_match",))
-        assert config.generation_overrides() == fields.generation_overrides() == {"max_new_tokens": 3,
-                                                                                 "do_sample": False}
+        assert (
+            config.generation_overrides() == fields.generation_overrides() == {"max_new_tokens": 3, "do_sample": False}
+        )
         again = evaluate_model(model, qa_rows, config, tokenizer=tok)
         assert again.cache_status == "hit" and again.key == first.key
     assert predicted[0] == len(qa_rows)
@@ -313,8 +361,9 @@ def local_backend():
 
 def test_generation_cache_takes_the_object(local_backend, tmp_path):
     clock = Clock()
-    cache = GenerationCache("org/Tiny", cache=CacheConfig(folder=tmp_path / "exp", max_age=timedelta(days=7),
-                                                          clock=clock))
+    cache = GenerationCache(
+        "org/Tiny", cache=CacheConfig(folder=tmp_path / "exp", max_age=timedelta(days=7), clock=clock)
+    )
     first = cache.generate(QUESTIONS, local_backend, **SETTINGS)
     assert first.status == "miss" and Path(first.path).is_relative_to(tmp_path / "exp")
     clock.now += 6 * DAY
@@ -371,8 +420,9 @@ def test_activations_force_recompute_re_extracts_the_same_inputs(llama, tmp_path
     assert cache_activations(model, tok, _records(), folder, [1], progress=False).manifest == first.manifest
     assert extractions == []
     with caplog.at_level(logging.INFO, logger="hf_cachehooks"):
-        again = cache_activations(model, tok, _records(), folder, [1], progress=False,
-                                  cache=CacheConfig(force_recompute=True))
+        again = cache_activations(
+            model, tok, _records(), folder, [1], progress=False, cache=CacheConfig(force_recompute=True)
+        )
     assert extractions and "force_recompute is set" in caplog.text
     assert again.manifest["key"] == first.manifest["key"]
     assert again.manifest["created_at"] >= first.manifest["created_at"]
@@ -391,8 +441,9 @@ def test_activations_expire_by_the_object(llama, tmp_path, extractions):
     week = CacheConfig(max_age=timedelta(days=7), clock=clock)
     cache_activations(model, tok, _records(), folder, [1], progress=False, cache=week)
     assert extractions == []
-    cache_activations(model, tok, _records(), folder, [1], progress=False,
-                      cache=dataclasses.replace(week, max_age=timedelta(days=1)))
+    cache_activations(
+        model, tok, _records(), folder, [1], progress=False, cache=dataclasses.replace(week, max_age=timedelta(days=1))
+    )
     assert extractions
 
 
@@ -409,8 +460,12 @@ def test_activations_refuse_disagreeing_settings(llama, tmp_path):
 
 
 def _turn(n=3, layers=2, hidden=4, k=2):
-    return (np.arange(n), np.zeros((n, layers, hidden), np.float16), np.zeros((n, layers, k), np.int32),
-            np.zeros((n, layers, k), np.float32))
+    return (
+        np.arange(n),
+        np.zeros((n, layers, hidden), np.float16),
+        np.zeros((n, layers, k), np.int32),
+        np.zeros((n, layers, k), np.float32),
+    )
 
 
 def test_token_cache_disk_tier_takes_the_object(tmp_path):
@@ -474,25 +529,48 @@ def test_yaml_ttls_take_durations_with_a_unit():
 # Deprecated spellings: each warns once per process, naming its replacement ------------------------------------
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda tmp: GenerationCache("m", experiments_dir=tmp),
-     "GenerationCache(experiments_dir=...) is deprecated; pass cache=CacheConfig(folder=...)."),
-    (lambda tmp: GenerationCache("m", max_age_days=7),
-     "GenerationCache(max_age_days=...) is deprecated; pass cache=CacheConfig(max_age=timedelta(days=...))."),
-    (lambda tmp: GenerationCache("m", clock=Clock()),
-     "GenerationCache(clock=...) is deprecated; pass cache=CacheConfig(clock=...)."),
-    (lambda tmp: TokenCacheConfig(directory=str(tmp)),
-     "TokenCacheConfig(directory=...) is deprecated; pass cache=CacheConfig(folder=...)."),
-    (lambda tmp: TokenCacheConfig(disk_ttl_seconds=60),
-     "TokenCacheConfig(disk_ttl_seconds=...) is deprecated; pass cache=CacheConfig(max_age=timedelta(seconds=...))."),
-    (lambda tmp: TokenCacheConfig(memory_ttl_seconds=60),
-     "TokenCacheConfig(memory_ttl_seconds=...) is deprecated; pass memory_ttl=timedelta(seconds=...)."),
-    (lambda tmp: EvalConfig(cache_dir=str(tmp)),
-     "EvalConfig(cache_dir=...) is deprecated; pass cache=CacheConfig(root=...)."),
-    (lambda tmp: EvalConfig(clock=Clock()), "EvalConfig(clock=...) is deprecated; pass cache=CacheConfig(clock=...)."),
-    (lambda tmp: settle(None, {"max_age_days": 7}, {"max_age_days": None}, "cache_activations"),
-     "cache_activations(max_age_days=...) is deprecated; pass cache=CacheConfig(max_age=timedelta(days=...))."),
-])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (
+            lambda tmp: GenerationCache("m", experiments_dir=tmp),
+            "GenerationCache(experiments_dir=...) is deprecated; pass cache=CacheConfig(folder=...).",
+        ),
+        (
+            lambda tmp: GenerationCache("m", max_age_days=7),
+            "GenerationCache(max_age_days=...) is deprecated; pass cache=CacheConfig(max_age=timedelta(days=...)).",
+        ),
+        (
+            lambda tmp: GenerationCache("m", clock=Clock()),
+            "GenerationCache(clock=...) is deprecated; pass cache=CacheConfig(clock=...).",
+        ),
+        (
+            lambda tmp: TokenCacheConfig(directory=str(tmp)),
+            "TokenCacheConfig(directory=...) is deprecated; pass cache=CacheConfig(folder=...).",
+        ),
+        (
+            lambda tmp: TokenCacheConfig(disk_ttl_seconds=60),
+            "TokenCacheConfig(disk_ttl_seconds=...) is deprecated; "
+            "pass cache=CacheConfig(max_age=timedelta(seconds=...)).",
+        ),
+        (
+            lambda tmp: TokenCacheConfig(memory_ttl_seconds=60),
+            "TokenCacheConfig(memory_ttl_seconds=...) is deprecated; pass memory_ttl=timedelta(seconds=...).",
+        ),
+        (
+            lambda tmp: EvalConfig(cache_dir=str(tmp)),
+            "EvalConfig(cache_dir=...) is deprecated; pass cache=CacheConfig(root=...).",
+        ),
+        (
+            lambda tmp: EvalConfig(clock=Clock()),
+            "EvalConfig(clock=...) is deprecated; pass cache=CacheConfig(clock=...).",
+        ),
+        (
+            lambda tmp: settle(None, {"max_age_days": 7}, {"max_age_days": None}, "cache_activations"),
+            "cache_activations(max_age_days=...) is deprecated; pass cache=CacheConfig(max_age=timedelta(days=...)).",
+        ),
+    ],
+)
 def test_an_old_spelling_warns_once_naming_its_replacement(make, message, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -505,15 +583,25 @@ def test_an_old_spelling_warns_once_naming_its_replacement(make, message, tmp_pa
 def test_eval_configs_familiar_keywords_never_warn(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        config = EvalConfig(use_prediction_cache=False, force_recompute=True, cache_max_age_days=3,
-                            predictions_cache_dir=str(tmp_path), lock_stale_after=timedelta(seconds=5))
+        config = EvalConfig(
+            use_prediction_cache=False,
+            force_recompute=True,
+            cache_max_age_days=3,
+            predictions_cache_dir=str(tmp_path),
+            lock_stale_after=timedelta(seconds=5),
+        )
         config.with_(batch_size=2, cache_max_age_days=4)
         EvalConfig(cache=CacheConfig(max_age=timedelta(days=3)), cache_max_age_days=3)
         GenerationCache("m", cache=CacheConfig(folder=tmp_path))
         TokenCacheConfig(memory_ttl=timedelta(minutes=5), cache=CacheConfig(folder=tmp_path))
     assert caught == []
-    assert config.resolved_cache == CacheConfig(folder=str(tmp_path), max_age=timedelta(days=3), force_recompute=True,
-                                                enabled=False, lock_stale_after=timedelta(seconds=5))
+    assert config.resolved_cache == CacheConfig(
+        folder=str(tmp_path),
+        max_age=timedelta(days=3),
+        force_recompute=True,
+        enabled=False,
+        lock_stale_after=timedelta(seconds=5),
+    )
 
 
 def test_a_number_of_seconds_for_lock_stale_after_warns_once():
@@ -538,8 +626,9 @@ def test_prediction_cache_takes_the_object(tmp_path):
 
 
 def _cache_activations_args(*extra):
-    return build_parser().parse_args(["cache-activations", "--model", "m", "--data", "d.json", "--layers", "1",
-                                      "--output", "o", *extra])
+    return build_parser().parse_args(
+        ["cache-activations", "--model", "m", "--data", "d.json", "--layers", "1", "--output", "o", *extra]
+    )
 
 
 def test_cli_max_age_takes_a_duration(capsys):

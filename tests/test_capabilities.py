@@ -17,10 +17,23 @@ from hf_cachehooks.training.config import SpeedupConfig
 from hf_cachehooks.training.devices import DEVICES, Device, detect_device
 
 FULL = Availability(flash_attn=True, flash_attn_reason="flash_attn 2.8.3 (forward+backward ran)")
-CPU_LIKE = Availability(flash_attn=False, flash_attn_reason="flash-attention needs a CUDA GPU (this is CPU)",
-                        compile=True, compile_reason="inductor with C++ compiler /usr/bin/g++", fused_adamw=True)
-SETTINGS = ["precision", "tf32", "attn_implementation", "torch_compile", "optimizer", "dataloader_num_workers",
-            "pad_to_multiple_of", "gradient_checkpointing"]
+CPU_LIKE = Availability(
+    flash_attn=False,
+    flash_attn_reason="flash-attention needs a CUDA GPU (this is CPU)",
+    compile=True,
+    compile_reason="inductor with C++ compiler /usr/bin/g++",
+    fused_adamw=True,
+)
+SETTINGS = [
+    "precision",
+    "tf32",
+    "attn_implementation",
+    "torch_compile",
+    "optimizer",
+    "dataloader_num_workers",
+    "pad_to_multiple_of",
+    "gradient_checkpointing",
+]
 
 
 def by_setting(decisions: list[Decision]) -> dict[str, Decision]:
@@ -139,7 +152,8 @@ def test_fa2_unavailable_falls_back_to_sdpa_with_the_probe_reason():
     available = replace(FULL, flash_attn=False, flash_attn_reason="flash_attn 2.8.3 kernels fail: no kernel image")
     for requested in ("auto", "flash_attention_2"):
         attention = by_setting(decide(SpeedupConfig(attn_implementation=requested), DEVICES["h100"], available))[
-            "attn_implementation"]
+            "attn_implementation"
+        ]
         assert (attention.requested, attention.chosen, attention.active) == (requested, "sdpa", False)
         assert available.flash_attn_reason in attention.reason
 
@@ -152,13 +166,15 @@ def test_fa2_needs_half_precision():
 @pytest.mark.parametrize("requested", ["eager", "sdpa"])
 def test_explicit_attention_is_honoured(requested):
     attention = by_setting(decide(SpeedupConfig(attn_implementation=requested), DEVICES["a100"], FULL))[
-        "attn_implementation"]
+        "attn_implementation"
+    ]
     assert (attention.chosen, attention.active) == (requested, True)
 
 
 def test_sdpa_missing_means_eager():
     attention = by_setting(decide(SpeedupConfig(), DEVICES["cpu"], replace(CPU_LIKE, sdpa=False)))[
-        "attn_implementation"]
+        "attn_implementation"
+    ]
     assert attention.chosen == "eager"
 
 
@@ -174,7 +190,8 @@ def test_fused_adamw_unavailable_falls_back_with_reason():
 @pytest.mark.parametrize("cpus, workers", [(1, 0), (2, 1), (4, 3), (5, 4), (16, 4), (0, 0)])
 def test_num_workers_auto(cpus, workers):
     decision = by_setting(decide(SpeedupConfig(), replace(DEVICES["cpu"], cpu_count=cpus), CPU_LIKE))[
-        "dataloader_num_workers"]
+        "dataloader_num_workers"
+    ]
     assert (decision.requested, decision.chosen, decision.active) == (None, workers, workers > 0)
     assert str(cpus) in decision.reason
 
@@ -184,14 +201,17 @@ def test_num_workers_as_requested():
     assert (decision.chosen, decision.reason) == (7, "as requested")
 
 
-@pytest.mark.parametrize("config, device, available, pad", [
-    (SpeedupConfig(pad_to_multiple_of=16), "cpu", CPU_LIKE, 16),
-    (SpeedupConfig(torch_compile=True), "cpu", CPU_LIKE, 64),
-    (SpeedupConfig(torch_compile=True), "a100", FULL, 64),
-    (SpeedupConfig(), "a100", FULL, 8),
-    (SpeedupConfig(torch_compile=True), "rtx5090_old_torch", FULL, 8),  # compile refused -> GPU rule
-    (SpeedupConfig(), "cpu", CPU_LIKE, None),
-])
+@pytest.mark.parametrize(
+    "config, device, available, pad",
+    [
+        (SpeedupConfig(pad_to_multiple_of=16), "cpu", CPU_LIKE, 16),
+        (SpeedupConfig(torch_compile=True), "cpu", CPU_LIKE, 64),
+        (SpeedupConfig(torch_compile=True), "a100", FULL, 64),
+        (SpeedupConfig(), "a100", FULL, 8),
+        (SpeedupConfig(torch_compile=True), "rtx5090_old_torch", FULL, 8),  # compile refused -> GPU rule
+        (SpeedupConfig(), "cpu", CPU_LIKE, None),
+    ],
+)
 def test_pad_to_multiple_of_rules(config, device, available, pad):
     decision = by_setting(decide(config, DEVICES[device], available))["pad_to_multiple_of"]
     assert (decision.chosen, decision.active) == (pad, pad is not None)
@@ -217,16 +237,19 @@ def test_device_properties():
     assert not Device("cuda", "old", (6, 1)).fp16_ok
 
 
-@pytest.mark.parametrize("arch_list, capability, supported", [
-    ((), (12, 0), True),  # unknown: don't claim a problem
-    (("sm_80", "sm_86", "sm_90"), (8, 9), True),  # sm_86 cubins run on sm_89
-    (("sm_80", "sm_90"), (8, 6), True),
-    (("sm_86", "sm_90"), (8, 0), False),  # a cubin never runs on an older minor
-    (("sm_90a", "sm_100a"), (9, 0), True),
-    (("sm_80", "sm_90", "sm_120"), (12, 1), True),  # GB10 / sm_121
-    (("sm_80", "sm_90"), (12, 0), False),
-    (("compute_90",), (12, 0), False),  # PTX only: torch itself warns it is incompatible
-])
+@pytest.mark.parametrize(
+    "arch_list, capability, supported",
+    [
+        ((), (12, 0), True),  # unknown: don't claim a problem
+        (("sm_80", "sm_86", "sm_90"), (8, 9), True),  # sm_86 cubins run on sm_89
+        (("sm_80", "sm_90"), (8, 6), True),
+        (("sm_86", "sm_90"), (8, 0), False),  # a cubin never runs on an older minor
+        (("sm_90a", "sm_100a"), (9, 0), True),
+        (("sm_80", "sm_90", "sm_120"), (12, 1), True),  # GB10 / sm_121
+        (("sm_80", "sm_90"), (12, 0), False),
+        (("compute_90",), (12, 0), False),  # PTX only: torch itself warns it is incompatible
+    ],
+)
 def test_torch_supports_arch(arch_list, capability, supported):
     assert Device("cuda", "gpu", capability, arch_list).torch_supports_arch is supported
 
@@ -246,6 +269,7 @@ def test_decisions_table_lists_every_setting_and_marks():
 
 
 # --- the real probes, on this machine ---------------------------------------------------------------------------
+
 
 def test_detect_device_on_this_machine():
     torch = pytest.importorskip("torch")
@@ -362,9 +386,11 @@ def test_compile_on_sm_120_needs_triton_3_3(monkeypatch):
 def test_decide_is_pure_and_probes_import_torch_lazily():
     import subprocess
 
-    code = ("import sys, hf_cachehooks.training.capabilities as c, hf_cachehooks.training.devices as d; "
-            "c.decide(c.SpeedupConfig(), d.DEVICES['rtx5090'], c.Availability(True, 'x')); "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys, hf_cachehooks.training.capabilities as c, hf_cachehooks.training.devices as d; "
+        "c.decide(c.SpeedupConfig(), d.DEVICES['rtx5090'], c.Availability(True, 'x')); "
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 

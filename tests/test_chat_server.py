@@ -43,9 +43,7 @@ def test_chat_then_click_a_token_of_an_earlier_turn(client, tmp_path):
     assert len(lens["activations"]["layers"][0]["top_k"]) == 3 and [c["position"] for c in lens["context"]] == [0, 1]
     # a fresh server over the same folder (a restart) serves the same lens
     restarted = local(
-        create_app(
-            make_llama(layers=2), make_tokenizer(), TokenCache(conv_config(tmp_path / "conv")), k=3
-        )
+        create_app(make_llama(layers=2), make_tokenizer(), TokenCache(conv_config(tmp_path / "conv")), k=3)
     )
     assert restarted.get("/api/cache/token/c1/2").json()["activations"] == lens["activations"]
     assert client.get("/api/cache/status").json()["conversations"] == 1
@@ -66,11 +64,7 @@ def test_a_damaged_turn_is_a_503_with_a_reason_never_another_tokens_data(client,
     client.post("/api/chat/cached", json={"conversation_id": "c", "message": "yes"})
     turn = tmp_path / "conv" / "c" / "turn-00000.safetensors"
     turn.write_bytes(b"x" * 8)  # truncated
-    fresh = local(
-        create_app(
-            make_llama(layers=2), make_tokenizer(), TokenCache(conv_config(tmp_path / "conv")), k=3
-        )
-    )
+    fresh = local(create_app(make_llama(layers=2), make_tokenizer(), TokenCache(conv_config(tmp_path / "conv")), k=3))
     answer = fresh.get("/api/cache/token/c/0")
     assert answer.status_code == 503 and "cannot be read" in answer.json()["detail"]
 
@@ -148,15 +142,32 @@ def test_chat_server_command_reads_the_seed_yaml_and_binds_loopback(tmp_path, mo
     )
     served = {}
     monkeypatch.setattr(uvicorn, "run", lambda app, **kw: served.update(app=app, **kw))
-    assert cli.main(["chat-server", "--model", str(model_dir), "--config", str(tmp_path / "cache.yaml"),
-                     "--allow-host", "lab.box", "--max-new-tokens", "4", "--max-new-tokens-cap", "8"]) == 0
+    assert (
+        cli.main(
+            [
+                "chat-server",
+                "--model",
+                str(model_dir),
+                "--config",
+                str(tmp_path / "cache.yaml"),
+                "--allow-host",
+                "lab.box",
+                "--max-new-tokens",
+                "4",
+                "--max-new-tokens-cap",
+                "8",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert served["host"] == "127.0.0.1" and "http://127.0.0.1:8000/" in printed
     assert "Loading" in printed and "Model loaded in" in printed and "ready after" in printed  # startup progress
     assert TestClient(served["app"], base_url="http://lab.box").get("/api/conversations").status_code == 200
     assert TestClient(served["app"], base_url="http://other.box").get("/api/conversations").status_code == 400
     too_long = TestClient(served["app"], base_url="http://localhost").post(
-        "/api/chat/cached", json={"message": "yes", "max_new_tokens": 9})
+        "/api/chat/cached", json={"message": "yes", "max_new_tokens": 9}
+    )
     assert too_long.status_code == 413 and "--max-new-tokens-cap" in too_long.json()["detail"]
     client = local(served["app"])
     status = client.get("/api/cache/status").json()
@@ -208,13 +219,19 @@ def test_message_token_cap_body_cap_and_strict_pin(tmp_path):
     from hf_cachehooks.conversation.bodies import Limits
 
     cache = TokenCache(TokenCacheConfig(cache=CacheConfig(folder=tmp_path / "conv")))
-    app = create_app(make_llama(layers=2), make_tokenizer(), cache, k=3,
-                     limits=Limits(max_new_tokens=2, max_new_tokens_cap=4, max_message_tokens=8, max_body_bytes=2000))
+    app = create_app(
+        make_llama(layers=2),
+        make_tokenizer(),
+        cache,
+        k=3,
+        limits=Limits(max_new_tokens=2, max_new_tokens_cap=4, max_message_tokens=8, max_body_bytes=2000),
+    )
     client = local(app)
     long = client.post("/api/chat/cached", json={"message": "yes " * 12})  # 12 words: over 8 tokens
     assert long.status_code == 413 and "--max-message-tokens" in long.json()["detail"]
-    huge = client.post("/api/chat/cached", content=b'{"message": "' + b"y" * 3000 + b'"}',
-                       headers={"content-type": "application/json"})
+    huge = client.post(
+        "/api/chat/cached", content=b'{"message": "' + b"y" * 3000 + b'"}', headers={"content-type": "application/json"}
+    )
     assert huge.status_code == 413 and "2000 bytes" in huge.json()["detail"]
     assert client.post("/api/chat/cached", json={"conversation_id": "p", "message": "yes"}).status_code == 200
     for bad in ({"pinned": "no"}, {"pinned": 1}, {"pinned": None}, {"pin": True}, [True]):
@@ -243,10 +260,14 @@ def test_the_messages_shape_reuses_extends_and_branches(client):
     first = client.post("/api/chat/cached", json={"messages": [{"role": "user", "content": "is the sky blue ?"}]})
     assert first.status_code == 200
     conv_id = first.json()["conversation_id"]
-    history = [{"role": "user", "content": "is the sky blue ?"},
-               {"role": "assistant", "content": first.json()["response"]}]
-    second = client.post("/api/chat/cached", json={"conversation_id": conv_id,
-                                                   "messages": [*history, {"role": "user", "content": "yes"}]})
+    history = [
+        {"role": "user", "content": "is the sky blue ?"},
+        {"role": "assistant", "content": first.json()["response"]},
+    ]
+    second = client.post(
+        "/api/chat/cached",
+        json={"conversation_id": conv_id, "messages": [*history, {"role": "user", "content": "yes"}]},
+    )
     assert second.json()["conversation_id"] == conv_id and second.json()["turn"][0] == first.json()["turn"][1]
     stored = client.get(f"/api/conversations/{conv_id}").json()
     assert len(stored["messages"]) == 4 and stored["turns"] == [first.json()["turn"], second.json()["turn"]]
@@ -308,8 +329,9 @@ def test_a_click_on_a_pending_turn_moves_it_to_the_front_of_the_queue(tmp_path):
     worker, client, gate = app.state.lens_worker, local(app), threading.Event()
     complete, order = worker._complete, []
     worker._complete = lambda *turn: (gate.wait(30), order.append(turn), complete(*turn))
-    turns = [client.post("/api/chat/cached", json={"conversation_id": f"c{i}", "message": "yes"}).json()
-             for i in range(3)]
+    turns = [
+        client.post("/api/chat/cached", json={"conversation_id": f"c{i}", "message": "yes"}).json() for i in range(3)
+    ]
     started(worker)
     assert [row["conv_id"] for row in worker.progress()] == ["c0", "c1", "c2"]
     assert client.get("/api/cache/token/c2/0").json()["lens"] == "computed"  # the click moves c2 ahead of c1
@@ -325,13 +347,17 @@ def test_a_click_on_a_pending_turn_moves_it_to_the_front_of_the_queue(tmp_path):
     [
         (b'{"message": "hi @"}', "message"),
         (b'{"messages": [{"role": "user", "content": "hi @"}]}', "messages[0].content"),
-        (b'{"messages": [{"role": "user", "content": "@"}, {"role": "assistant", "content": "a"}, '
-         b'{"role": "user", "content": "b"}]}', "messages[0].content"),
+        (
+            b'{"messages": [{"role": "user", "content": "@"}, {"role": "assistant", "content": "a"}, '
+            b'{"role": "user", "content": "b"}]}',
+            "messages[0].content",
+        ),
     ],
 )
 def test_text_that_is_not_unicode_is_a_400_naming_the_field(client, tmp_path, body, field, spelling):
-    answer = client.post("/api/chat/cached", content=body.replace(b"@", spelling),
-                         headers={"content-type": "application/json"})
+    answer = client.post(
+        "/api/chat/cached", content=body.replace(b"@", spelling), headers={"content-type": "application/json"}
+    )
     assert answer.status_code == 400, answer.text
     assert answer.json()["detail"].startswith(f"{field}: not valid Unicode") and "\\ud800" in answer.json()["detail"]
     assert not (tmp_path / "conv").exists() or not any((tmp_path / "conv").iterdir())
@@ -402,8 +428,11 @@ def test_a_client_that_leaves_stops_its_reply_at_the_next_token_and_nothing_is_s
     try:
         payload = json.dumps({"conversation_id": "gone", "message": "what is the capital ?"}).encode()
         with socket.create_connection(server.server_address[:2], timeout=10) as sock:
-            sock.sendall(b"POST /api/chat/cached HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+            sock.sendall(
+                b"POST /api/chat/cached HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(payload)}\r\n\r\n".encode()
+                + payload
+            )
             while len(calls) < 3:  # generating (40 tokens: 4 s to go)
                 time.sleep(0.02)
         left = len(calls)
@@ -412,8 +441,11 @@ def test_a_client_that_leaves_stops_its_reply_at_the_next_token_and_nothing_is_s
         began = time.monotonic()
         import httpx
 
-        answer = httpx.post(server.url + "/api/chat/cached", json={"conversation_id": "next", "message": "yes",
-                                                                     "max_new_tokens": 2}, timeout=30)
+        answer = httpx.post(
+            server.url + "/api/chat/cached",
+            json={"conversation_id": "next", "message": "yes", "max_new_tokens": 2},
+            timeout=30,
+        )
         assert answer.status_code == 200 and time.monotonic() - began < 3
         assert [c["conv_id"] for c in cache.conversations()] == ["next"]  # the cut-short reply was never stored
     finally:

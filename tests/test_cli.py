@@ -21,16 +21,24 @@ DAY = 86400.0
 
 
 def _inputs(model: str = "org/tiny-a", max_new_tokens: int = 32) -> dict:
-    return {"model": {"name": model, "params": "abc123"}, "tokenizer": {"vocab": "v1"},
-            "generation": {"max_new_tokens": max_new_tokens, "do_sample": False},
-            "prompt": {"template": "Q: {question}"}, "data": {"fingerprint": "f" * 16, "n": 3}}
+    return {
+        "model": {"name": model, "params": "abc123"},
+        "tokenizer": {"vocab": "v1"},
+        "generation": {"max_new_tokens": max_new_tokens, "do_sample": False},
+        "prompt": {"template": "Q: {question}"},
+        "data": {"fingerprint": "f" * 16, "n": 3},
+    }
 
 
 def _save(cache: PredictionCache, *, model="org/tiny-a", max_new_tokens=32, n=3, age_days=0.0):
     key = make_key("predictions", _inputs(model, max_new_tokens))
-    doc = {"metadata": {"model_name": model, "dataset_size": n, "created_at": time.time() - age_days * DAY},
-           "predictions": ["p"] * n, "references": ["r"] * n,
-           "metrics": {"exact_match": 1.0}, "metric_versions": {"exact_match": "1"}}
+    doc = {
+        "metadata": {"model_name": model, "dataset_size": n, "created_at": time.time() - age_days * DAY},
+        "predictions": ["p"] * n,
+        "references": ["r"] * n,
+        "metrics": {"exact_match": 1.0},
+        "metric_versions": {"exact_match": "1"},
+    }
     path = cache.save_run(key, model, doc)
     assert path is not None
     return key, path
@@ -41,8 +49,12 @@ def populated(root, cache):
     old_key, old = _save(cache, model="org/old-model", n=5, age_days=10)
     new_key, new = _save(cache, model="org/new-model", n=7)
     tag_folder(root / "identity")
-    assert commit(root / "identity" / "memo.json", "identity", {"kind": "identity", "digest": "memo", "inputs": {}},
-                  fields={"identity": {"model": {"name": "org/new-model"}}})
+    assert commit(
+        root / "identity" / "memo.json",
+        "identity",
+        {"kind": "identity", "digest": "memo", "inputs": {}},
+        fields={"identity": {"model": {"name": "org/new-model"}}},
+    )
     return {"old": old, "new": new, "old_key": old_key, "new_key": new_key}
 
 
@@ -126,8 +138,9 @@ def test_du(capsys, root, populated):
     assert lines[-1].split()[-2:] == ["total", f"({root})"]
     total = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and p.name != "CACHEDIR.TAG")
     assert " ".join(lines[-1].split()[:2]) == _human(total)
-    predictions = sum(p.stat().st_size for p in (root / "predictions").rglob("*")
-                      if p.is_file() and p.name != "CACHEDIR.TAG")
+    predictions = sum(
+        p.stat().st_size for p in (root / "predictions").rglob("*") if p.is_file() and p.name != "CACHEDIR.TAG"
+    )
     assert " ".join(lines[1].split()[:2]) == _human(predictions)
 
 
@@ -313,8 +326,14 @@ def test_no_command_is_a_usage_error(capsys):
 
 
 def test_python_dash_m(root, populated, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "hf_cachehooks", "du"], capture_output=True, text=True,
-                            cwd=tmp_path, env={**os.environ, "HF_CACHEHOOKS_HOME": str(root)}, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "hf_cachehooks", "du"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_CACHEHOOKS_HOME": str(root)},
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert "predictions" in result.stdout
     assert f"total ({root})" in result.stdout
@@ -381,8 +400,9 @@ def test_chat_server_stores_conversations_under_the_global_cache_dir(capsys, mon
     assert code == 0, err
     assert f"Token cache {root / 'conversations'}:" in out
     assert not default.exists() and not (tmp_path / "outputs").exists()
-    code, out, err = run(capsys, "--cache-dir", str(root), "chat-server", "--model", "org/tiny", "--directory",
-                         str(tmp_path / "mine"))
+    code, out, err = run(
+        capsys, "--cache-dir", str(root), "chat-server", "--model", "org/tiny", "--directory", str(tmp_path / "mine")
+    )
     assert code == 0 and f"Token cache {tmp_path / 'mine'}:" in out  # --directory still names the folder itself
 
 
@@ -398,8 +418,23 @@ def test_dtype_means_storage_and_model_dtype_means_load():
     from hf_cachehooks.cli import build_parser
 
     parser = build_parser()
-    args = parser.parse_args(["cache-activations", "--model", "m", "--data", "d", "--layers", "1", "--output", "o",
-                              "--dtype", "bfloat16", "--model-dtype", "float16"])
+    args = parser.parse_args(
+        [
+            "cache-activations",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--layers",
+            "1",
+            "--output",
+            "o",
+            "--dtype",
+            "bfloat16",
+            "--model-dtype",
+            "float16",
+        ]
+    )
     assert (args.dtype, args.model_dtype) == ("bfloat16", "float16")
     for command in ("serve", "chat-server"):
         assert parser.parse_args([command, "--model", "m", "--model-dtype", "bfloat16"]).model_dtype == "bfloat16"
@@ -447,8 +482,10 @@ def test_every_option_has_help_and_shows_its_default():
 def test_verify_a_folder_that_does_not_exist(capsys, tmp_path):
     code, out, err = run(capsys, "verify", str(tmp_path / "nope"))
     assert code == 2 and "CORRUPT" not in out + err
-    assert err == f"error: {tmp_path / 'nope'} does not exist. Give an activation cache folder " \
-                  "(cache-activations --output DIR).\n"
+    assert (
+        err == f"error: {tmp_path / 'nope'} does not exist. Give an activation cache folder "
+        "(cache-activations --output DIR).\n"
+    )
     code, out, err = run(capsys, "--cache-dir", str(tmp_path / "nothing"), "verify")
     assert code == 2 and "does not exist" in err and "CORRUPT" not in out
 
@@ -501,9 +538,20 @@ def no_weights(monkeypatch):
 def model_dir(tmp_path):
     folder = tmp_path / "model"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps({
-        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 16,
-        "intermediate_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2, "num_key_value_heads": 2}))
+    (folder / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "llama",
+                "architectures": ["LlamaForCausalLM"],
+                "vocab_size": 64,
+                "hidden_size": 16,
+                "intermediate_size": 32,
+                "num_hidden_layers": 3,
+                "num_attention_heads": 2,
+                "num_key_value_heads": 2,
+            }
+        )
+    )
     return str(folder)
 
 
@@ -516,20 +564,27 @@ def _data(tmp_path, rows=None, text=None) -> str:
 GOOD = [{"text": "a b", "type": "testing"}, {"text": "c d", "type": "deployment"}]
 
 
-@pytest.mark.parametrize("case, extra, message", [
-    ("missing file", None, "no such file"),
-    ("bad json", "[{not json", "is not valid JSON/JSONL"),
-    ("no records", "[]", "holds no records"),
-    ("text field", [{"text": "a"}, {"body": "b"}], "record 1 (and 0 more) has no 'text' field"),
-    ("layers not integers", GOOD, "--layers '1,x' must be comma-separated integers"),
-    ("negative layer", GOOD, "layers count from 0"),
-    ("layer past the model", GOOD, "--layers 9 not in 0..3"),
-    ("label field", GOOD, "not every record has a 'label' field"),
-])
-def test_cache_activations_checks_inputs_before_loading(capsys, tmp_path, no_weights, model_dir, case, extra,
-                                                        message):
-    data = str(tmp_path / "absent.json") if case == "missing file" else \
-        _data(tmp_path, text=extra) if isinstance(extra, str) else _data(tmp_path, rows=extra)
+@pytest.mark.parametrize(
+    "case, extra, message",
+    [
+        ("missing file", None, "no such file"),
+        ("bad json", "[{not json", "is not valid JSON/JSONL"),
+        ("no records", "[]", "holds no records"),
+        ("text field", [{"text": "a"}, {"body": "b"}], "record 1 (and 0 more) has no 'text' field"),
+        ("layers not integers", GOOD, "--layers '1,x' must be comma-separated integers"),
+        ("negative layer", GOOD, "layers count from 0"),
+        ("layer past the model", GOOD, "--layers 9 not in 0..3"),
+        ("label field", GOOD, "not every record has a 'label' field"),
+    ],
+)
+def test_cache_activations_checks_inputs_before_loading(capsys, tmp_path, no_weights, model_dir, case, extra, message):
+    data = (
+        str(tmp_path / "absent.json")
+        if case == "missing file"
+        else _data(tmp_path, text=extra)
+        if isinstance(extra, str)
+        else _data(tmp_path, rows=extra)
+    )
     layers = {"layers not integers": "1,x", "negative layer": "-1,2", "layer past the model": "1,9"}.get(case, "1,2")
     argv = ["cache-activations", "--model", model_dir, "--data", data, f"--layers={layers}", "--output", "out"]
     if case == "label field":
@@ -543,21 +598,39 @@ def test_a_model_path_that_is_not_a_folder_is_named(capsys, tmp_path, no_weights
     data = _data(tmp_path, GOOD)
     for command in (["serve"], ["cache-activations", "--data", data, "--layers", "1", "--output", "o"]):
         code, _, err = run(capsys, *command, "--model", str(tmp_path / "nope"))
-        assert code == 2 and err == f"error: --model {tmp_path / 'nope'}: no such folder. Give a model folder " \
+        assert (
+            code == 2
+            and err
+            == f"error: --model {tmp_path / 'nope'}: no such folder. Give a model folder "
             "(with --gguf-file FILE for a GGUF model) or a Hub name such as HuggingFaceTB/SmolLM2-135M-Instruct.\n"
+        )
 
 
 def test_sizes_must_be_positive(capsys, model_dir, tmp_path, no_weights):
     with pytest.raises(SystemExit) as info:
-        main(["cache-activations", "--model", model_dir, "--data", _data(tmp_path, GOOD), "--layers", "1",
-              "--output", "o", "--batch-size", "0"])
+        main(
+            [
+                "cache-activations",
+                "--model",
+                model_dir,
+                "--data",
+                _data(tmp_path, GOOD),
+                "--layers",
+                "1",
+                "--output",
+                "o",
+                "--batch-size",
+                "0",
+            ]
+        )
     assert info.value.code == 2 and "'0' is not a positive integer" in capsys.readouterr().err
 
 
 def test_generate_vectors_from_a_model_checks_labels_before_loading(capsys, tmp_path, model_dir, no_weights):
     data = _data(tmp_path, rows=[{"text": "a"}, {"text": "b"}])
-    code, _, err = run(capsys, "generate-vectors", "--model", model_dir, "--data", data, "--layers", "1",
-                       "--output", "run")
+    code, _, err = run(
+        capsys, "generate-vectors", "--model", model_dir, "--data", data, "--layers", "1", "--output", "run"
+    )
     assert code == 2 and "not every record has a 'type' or 'label' field" in err
 
 

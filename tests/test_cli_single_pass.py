@@ -56,8 +56,9 @@ def calls(monkeypatch):
 
 
 def _cli(capsys, model_path, data, *extra):
-    code = main(["cache-activations", "--model", str(model_path), "--data", data, "--layers", "1,2",
-                 "--output", "acts", *extra])
+    code = main(
+        ["cache-activations", "--model", str(model_path), "--data", data, "--layers", "1,2", "--output", "acts", *extra]
+    )
     out, err = capsys.readouterr()
     assert code == 0, err
     return out

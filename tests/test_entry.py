@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from hf_cachehooks._core import entry
+from hf_cachehooks._core import entry, heads
 from hf_cachehooks._core.keys import make_key
 from hf_cachehooks._core.store import seal, unseal
 from hf_cachehooks.errors import CorruptEntryError
@@ -18,8 +18,10 @@ BIG = entry.HASH_ALWAYS_BELOW + 4096
 
 
 def _make(folder, big: bytes = b"x" * BIG, small: bytes = b"small", **fields):
-    files = {"big.bin": entry.write_file(folder, "big.bin", big),
-             "small.txt": entry.write_file(folder, "small.txt", small)}
+    files = {
+        "big.bin": entry.write_file(folder, "big.bin", big),
+        "small.txt": entry.write_file(folder, "small.txt", small),
+    }
     assert entry.commit(folder / "m.json", "test", KEY, files, fields)
     return folder / "m.json"
 
@@ -30,8 +32,13 @@ def test_manifest_schema_starts_with_the_mark_and_lists_every_file(tmp_path):
     assert raw.startswith(entry.MARK) and entry.is_entry_file(path)
     doc = unseal(raw)
     assert list(doc)[:7] == ["hf_cachehooks_entry", "kind", "summary", "key", "created_at", "writer", "files"]
-    assert doc["summary"] == {"model": "-", "items": 0, "bytes": BIG + 5, "created": doc["created_at"],
-                              "last_used": doc["created_at"]}  # a kind without a summary function: reserved fields
+    assert doc["summary"] == {
+        "model": "-",
+        "items": 0,
+        "bytes": BIG + 5,
+        "created": doc["created_at"],
+        "last_used": doc["created_at"],
+    }  # a kind without a summary function: reserved fields
     assert doc["key"] == {"kind": "test", "digest": KEY.digest, "inputs": {"a": 1}}
     assert doc["writer"]["pid"] == os.getpid() and doc["extra"] == 5
     assert doc["files"]["big.bin"]["bytes"] == BIG and doc["files"]["small.txt"]["bytes"] == 5
@@ -95,11 +102,18 @@ def test_only_plain_names_are_allowed(name):
         entry.check_name(name)
 
 
-@pytest.mark.parametrize("change", [
-    lambda d: d.update(key=None), lambda d: d.update(files=[]), lambda d: d.update(created_at="x"),
-    lambda d: d.update(kind=3), lambda d: d.pop("hf_cachehooks_entry"), lambda d: d["files"].update(x=[1]),
-    lambda d: d["files"].update({"../../victim.txt": {"bytes": 3, "xxh3": "0" * 32}}),
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda d: d.update(key=None),
+        lambda d: d.update(files=[]),
+        lambda d: d.update(created_at="x"),
+        lambda d: d.update(kind=3),
+        lambda d: d.pop("hf_cachehooks_entry"),
+        lambda d: d["files"].update(x=[1]),
+        lambda d: d["files"].update({"../../victim.txt": {"bytes": 3, "xxh3": "0" * 32}}),
+    ],
+)
 def test_a_resealed_manifest_of_the_wrong_shape_is_corrupt(tmp_path, change, caplog):
     victim = tmp_path / "victim.txt"
     victim.write_text("abc")
@@ -164,17 +178,17 @@ def test_read_head_gives_kind_and_key_without_the_body(tmp_path):
     big = ["prediction " * 40] * 2000  # the body is far past the head that is read
     assert entry.commit(path, "predictions", key, fields={"predictions": big})
     expected = ("predictions", {"kind": key.kind, "digest": key.digest, "inputs": key.inputs})
-    assert entry.read_head(path) == expected
+    assert heads.read_head(path) == expected
     huge = make_key("predictions", {"model": {"name": "x" * 20_000}})  # a key larger than the head
     assert entry.commit(path, "predictions", huge, fields={"predictions": big})
-    assert entry.read_head(path)[1]["inputs"] == huge.inputs
+    assert heads.read_head(path)[1]["inputs"] == huge.inputs
     # another layout (compact JSON, still sealed) is parsed whole; a file that is no entry is None
     doc = entry.manifest_doc("last-miss", key, {}, {"reason": "r"}, 1.0)
     path.write_bytes(seal(doc).replace(b'\n  "key": ', b'\n  "key":'))
-    assert entry.read_head(path) is None  # the seal no longer matches: not readable as an entry
+    assert heads.read_head(path) is None  # the seal no longer matches: not readable as an entry
     (tmp_path / "other.json").write_bytes(b'{"a": 1}')
-    assert entry.read_head(tmp_path / "other.json") is None
-    assert entry.read_head(tmp_path / "missing.json") is None
+    assert heads.read_head(tmp_path / "other.json") is None
+    assert heads.read_head(tmp_path / "missing.json") is None
 
 
 def test_reuse_parses_an_unchanged_manifest_once_and_sees_any_rewrite(tmp_path, monkeypatch, caplog):

@@ -21,9 +21,15 @@ from hf_cachehooks._core.entry import inspect
 from hf_cachehooks._core.store import seal, unseal
 from tests.conftest import make_llama, make_tokenizer
 
-ROWS = [{"question": q, "answer": a} for q, a in
-        [("what is the capital of france ?", "paris"), ("what is two plus two ?", "four"),
-         ("what color is the sky ?", "blue"), ("is the sky green ?", "no")]]
+ROWS = [
+    {"question": q, "answer": a}
+    for q, a in [
+        ("what is the capital of france ?", "paris"),
+        ("what is two plus two ?", "four"),
+        ("what color is the sky ?", "blue"),
+        ("is the sky green ?", "no"),
+    ]
+]
 TEXTS = [{"text": "what is the sky", "label": i % 2} for i in range(6)]
 LEFTOVER_OK = {"CACHEDIR.TAG"}  # the only file a cleared cache keeps
 
@@ -50,8 +56,9 @@ def _equal(served, good) -> bool:
 
 def _equal_or_missing(served, good) -> bool:
     """A conversation cannot be recomputed: a damaged token (or its lens) may be missing, never wrong."""
-    return len(served) == len(good) and all(s is None or all(a is None or a == b for a, b in zip(s, g))
-                                            for s, g in zip(served, good))
+    return len(served) == len(good) and all(
+        s is None or all(a is None or a == b for a, b in zip(s, g)) for s, g in zip(served, good)
+    )
 
 
 @dataclass
@@ -82,7 +89,8 @@ def _generate(root, tiny):
     from hf_cachehooks import GenerationCache
 
     gens = GenerationCache("org/Tiny", chunk_size=2).generate(
-        [r["question"] for r in ROWS], Fixed(), prompt_name="p", temperature=0.0, max_tokens=3)
+        [r["question"] for r in ROWS], Fixed(), prompt_name="p", temperature=0.0, max_tokens=3
+    )
     return gens.completions, gens.full_texts
 
 
@@ -90,8 +98,7 @@ def _activations(root, tiny):
     from hf_cachehooks import cache_activations
 
     model, tok = tiny
-    store = cache_activations(model, tok, TEXTS, root / "activations" / "run1", [1, 2], progress=False,
-                              shard_size=2)
+    store = cache_activations(model, tok, TEXTS, root / "activations" / "run1", [1, 2], progress=False, shard_size=2)
     return [store.numpy(1).tolist(), store.numpy(2).tolist(), store.column("label")]
 
 
@@ -121,9 +128,16 @@ def _conversation_read(root, tiny):
     for conv, n in (("conv1", 9), ("conv2", 5)):
         for i in range(n):
             record = cache.token(conv, i)
-            served.append(None if record is None else (
-                record.token_id, record.hidden.tolist(), None if record.topk_ids is None else record.topk_ids.tolist(),
-                None if record.topk_probs is None else record.topk_probs.tolist()))
+            served.append(
+                None
+                if record is None
+                else (
+                    record.token_id,
+                    record.hidden.tolist(),
+                    None if record.topk_ids is None else record.topk_ids.tolist(),
+                    None if record.topk_probs is None else record.topk_probs.tolist(),
+                )
+            )
     return served
 
 
@@ -131,16 +145,24 @@ def _newest(pattern: str):
     def find(root: Path) -> Path:
         found = sorted(root.glob(pattern), key=lambda p: len(inspect(p)[0].files) if inspect(p)[0] else -1)
         return found[-1]
+
     return find
 
 
 KINDS = [
     Kind("predictions", "predictions", _eval, _eval, _newest("predictions/*_*.json")),
     Kind("generations", "experiments", _generate, _generate, _newest("experiments/**/*_metadata.json")),
-    Kind("activations", "activations", _activations, _activations,
-         lambda root: root / "activations/run1/manifest.json"),
-    Kind("conversation", "conversations", _conversation_build, _conversation_read,
-         lambda root: root / "conversations/conv1/conversation.json", _equal_or_missing),
+    Kind(
+        "activations", "activations", _activations, _activations, lambda root: root / "activations/run1/manifest.json"
+    ),
+    Kind(
+        "conversation",
+        "conversations",
+        _conversation_build,
+        _conversation_read,
+        lambda root: root / "conversations/conv1/conversation.json",
+        _equal_or_missing,
+    ),
 ]
 
 
@@ -151,8 +173,11 @@ def tiny():
 
 def _files_under(folder: Path) -> dict[Path, int]:
     """Every file a user would see there, minus the tag, lock folders and the last-access stamp."""
-    return {p: p.stat().st_size for p in folder.rglob("*") if p.is_file() and p.name not in LEFTOVER_OK
-            and ".locks" not in p.parts and p.name != ".last_access"}
+    return {
+        p: p.stat().st_size
+        for p in folder.rglob("*")
+        if p.is_file() and p.name not in LEFTOVER_OK and ".locks" not in p.parts and p.name != ".last_access"
+    }
 
 
 @pytest.mark.parametrize("kind", KINDS, ids=lambda k: k.name)

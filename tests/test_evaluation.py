@@ -28,6 +28,7 @@ def calls(monkeypatch):
         def wrapper(model, tokenizer, prompts, config):
             counter[name] += len(prompts)
             return real(model, tokenizer, prompts, config)
+
         return wrapper
 
     monkeypatch.setattr(runners, "generate", counting("generate", runners.generate))
@@ -68,25 +69,37 @@ def _tokenizer_with(**settings):
     return tok
 
 
-@pytest.mark.parametrize("change, field", [
-    (lambda m, t, c: (_perturbed(m), t, c), "model.weights"),
-    (lambda m, t, c: (copy.deepcopy(m).to(torch.bfloat16), t, c), "model.dtype"),
-    (lambda m, t, c: (_peft(m, 2), t, c), "model.adapter"),
-    (lambda m, t, c: (m, make_tokenizer(extra_words=["zebra"]), c), "tokenizer.vocab"),
-    (lambda m, t, c: (m, make_tokenizer(chat_template="{{ messages[0]['content'] }}"),
-                      c.with_(use_chat_template=True)), "tokenizer.chat_template"),
-    (lambda m, t, c: (m, t, c.with_(max_new_tokens=5)), "generation.max_new_tokens"),
-    (lambda m, t, c: (m, t, c.with_(do_sample=True, temperature=0.7)), "generation.do_sample"),
-    (lambda m, t, c: (m, t, c.with_(generation_kwargs={"repetition_penalty": 1.3})), "generation.repetition_penalty"),
-    (lambda m, t, c: (m, t, c.with_(generation_kwargs={"num_beams": 2})), "generation.num_beams"),
-    (lambda m, t, c: (m, _tokenizer_with(model_max_length=48), c), "tokenizer.model_max_length"),
-    (lambda m, t, c: (m, _tokenizer_with(truncation_side="left"), c), "tokenizer.truncation_side"),
-    (lambda m, t, c: (m, _tokenizer_with(padding_side="left"), c), "tokenizer.padding_side"),
-    (lambda m, t, c: (m, t, c.with_(generation_kwargs={"use_cache": False})), "generation.use_cache"),
-    (lambda m, t, c: (m, t, c.with_(generation_kwargs={"low_memory": True})), "generation.low_memory"),
-    (lambda m, t, c: (m, t, c.with_(prompt_template="Q: {question} A:")), "prompt.template"),
-    (lambda m, t, c: (m, t, c.with_(system_prompt="Be brief.", use_chat_template=True)), "prompt.system_prompt"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        (lambda m, t, c: (_perturbed(m), t, c), "model.weights"),
+        (lambda m, t, c: (copy.deepcopy(m).to(torch.bfloat16), t, c), "model.dtype"),
+        (lambda m, t, c: (_peft(m, 2), t, c), "model.adapter"),
+        (lambda m, t, c: (m, make_tokenizer(extra_words=["zebra"]), c), "tokenizer.vocab"),
+        (
+            lambda m, t, c: (
+                m,
+                make_tokenizer(chat_template="{{ messages[0]['content'] }}"),
+                c.with_(use_chat_template=True),
+            ),
+            "tokenizer.chat_template",
+        ),
+        (lambda m, t, c: (m, t, c.with_(max_new_tokens=5)), "generation.max_new_tokens"),
+        (lambda m, t, c: (m, t, c.with_(do_sample=True, temperature=0.7)), "generation.do_sample"),
+        (
+            lambda m, t, c: (m, t, c.with_(generation_kwargs={"repetition_penalty": 1.3})),
+            "generation.repetition_penalty",
+        ),
+        (lambda m, t, c: (m, t, c.with_(generation_kwargs={"num_beams": 2})), "generation.num_beams"),
+        (lambda m, t, c: (m, _tokenizer_with(model_max_length=48), c), "tokenizer.model_max_length"),
+        (lambda m, t, c: (m, _tokenizer_with(truncation_side="left"), c), "tokenizer.truncation_side"),
+        (lambda m, t, c: (m, _tokenizer_with(padding_side="left"), c), "tokenizer.padding_side"),
+        (lambda m, t, c: (m, t, c.with_(generation_kwargs={"use_cache": False})), "generation.use_cache"),
+        (lambda m, t, c: (m, t, c.with_(generation_kwargs={"low_memory": True})), "generation.low_memory"),
+        (lambda m, t, c: (m, t, c.with_(prompt_template="Q: {question} A:")), "prompt.template"),
+        (lambda m, t, c: (m, t, c.with_(system_prompt="Be brief.", use_chat_template=True)), "prompt.system_prompt"),
+    ],
+)
 def test_anything_that_can_change_an_answer_misses(tiny, qa_rows, calls, caplog_info, change, field):
     model, tok = tiny
     evaluate_model(model, qa_rows, CFG, tokenizer=tok)
@@ -100,8 +113,9 @@ def test_anything_that_can_change_an_answer_misses(tiny, qa_rows, calls, caplog_
 def test_sampling_settings_change_key_only_when_sampling(tiny, qa_rows, calls):
     model, tok = tiny
     evaluate_model(model, qa_rows, CFG.with_(do_sample=True, temperature=0.7), tokenizer=tok)
-    assert evaluate_model(model, qa_rows, CFG.with_(do_sample=True, temperature=0.9), tokenizer=tok).cache_status \
-        == "miss"
+    assert (
+        evaluate_model(model, qa_rows, CFG.with_(do_sample=True, temperature=0.9), tokenizer=tok).cache_status == "miss"
+    )
     evaluate_model(model, qa_rows, CFG, tokenizer=tok)
     # greedy decoding ignores temperature: same predictions, so a hit
     assert evaluate_model(model, qa_rows, CFG.with_(temperature=0.3), tokenizer=tok).from_cache
@@ -263,8 +277,11 @@ def test_hit_path_never_unpickles(tiny, qa_rows, monkeypatch):
 
 
 def test_package_source_has_no_pickle():
-    source = "\n".join(p.read_text() for p in Path("hf_cachehooks").rglob("*.py")) if Path("hf_cachehooks").exists() \
+    source = (
+        "\n".join(p.read_text() for p in Path("hf_cachehooks").rglob("*.py"))
+        if Path("hf_cachehooks").exists()
         else "\n".join(p.read_text() for p in Path(__file__).parents[1].joinpath("hf_cachehooks").rglob("*.py"))
+    )
     for banned in ("import pickle", "pickle.load", "allow_pickle=True", "torch.load("):
         assert banned not in source
 
@@ -286,8 +303,12 @@ def test_path_model_hit_does_not_load_weights(tmp_path, qa_rows, monkeypatch, ca
     # the same weights passed as an object share the entry
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    obj = evaluate_model(AutoModelForCausalLM.from_pretrained(tmp_path / "tiny"), qa_rows, CFG,
-                         tokenizer=AutoTokenizer.from_pretrained(tmp_path / "tiny"))
+    obj = evaluate_model(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "tiny"),
+        qa_rows,
+        CFG,
+        tokenizer=AutoTokenizer.from_pretrained(tmp_path / "tiny"),
+    )
     assert obj.from_cache
 
 
@@ -295,12 +316,22 @@ def test_classification_task(qa_rows, calls):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, num_labels=2, pad_token_id=0)).eval()
+    model = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_labels=2,
+            pad_token_id=0,
+        )
+    ).eval()
     rows = [{"text": r["question"], "label": i % 2} for i, r in enumerate(qa_rows)]
-    cfg = EvalConfig(task="classification", input_field="text", reference_field="label",
-                     metrics=("accuracy", "macro_f1"))
+    cfg = EvalConfig(
+        task="classification", input_field="text", reference_field="label", metrics=("accuracy", "macro_f1")
+    )
     first = evaluate_model(model, rows, cfg, tokenizer=make_tokenizer())
     assert all(p in (0, 1) for p in first.predictions) and 0 <= first.metrics["accuracy"] <= 1
     assert evaluate_model(model, rows, cfg, tokenizer=make_tokenizer()).from_cache

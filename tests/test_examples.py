@@ -15,8 +15,9 @@ MAIN = Path(__file__).parents[1] / "examples" / "main.py"
 def _run(*args, cwd):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(MAIN), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=900)
+    proc = subprocess.run(
+        [sys.executable, str(MAIN), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr, time.perf_counter() - started
 
@@ -57,8 +58,14 @@ def test_layer_sweep_generates_once(tmp_path):
     examples = MAIN.parent
 
     def run(script, *extra):
-        proc = subprocess.run([sys.executable, str(examples / script), *args, *extra], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, str(examples / script), *args, *extra],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout + proc.stderr
 
@@ -77,8 +84,14 @@ def test_probe_example_caches_once_then_runs_without_the_model(tmp_path):
     script = MAIN.parent / "probe_eval_awareness.py"
 
     def run():
-        proc = subprocess.run([sys.executable, str(script), "--layers", "10,30"], cwd=tmp_path, env=env,
-                              capture_output=True, text=True, timeout=900)
+        proc = subprocess.run(
+            [sys.executable, str(script), "--layers", "10,30"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stdout + proc.stderr
 

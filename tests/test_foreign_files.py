@@ -58,21 +58,25 @@ class Echo:
 # 9. object keys are names, never paths -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key, rel", [
-    ("b/team/experiments/.locks/k.lock", "experiments/.locks/k.lock"),
-    ("b/team/../../x/.locks/k.lock", None),
-    ("b/team/a/./.locks/k.lock", None),
-    ("b/team/a//.locks/k.lock", None),
-    ("b/team//etc/.locks/k.lock", None),
-    ("b/teamx/.locks/k.lock", None),
-    ("b/team/a\0/.locks/k.lock", None),
-])
+@pytest.mark.parametrize(
+    "key, rel",
+    [
+        ("b/team/experiments/.locks/k.lock", "experiments/.locks/k.lock"),
+        ("b/team/../../x/.locks/k.lock", None),
+        ("b/team/a/./.locks/k.lock", None),
+        ("b/team/a//.locks/k.lock", None),
+        ("b/team//etc/.locks/k.lock", None),
+        ("b/teamx/.locks/k.lock", None),
+        ("b/team/a\0/.locks/k.lock", None),
+    ],
+)
 def test_an_object_key_becomes_a_relative_name_only_when_it_is_one(key, rel):
     assert relative_key("b/team", key) == rel
 
 
-def test_prune_on_a_bucket_never_deletes_a_local_file_through_a_crafted_lease_key(s3_root, tmp_path, capsys,
-                                                                                   monkeypatch):
+def test_prune_on_a_bucket_never_deletes_a_local_file_through_a_crafted_lease_key(
+    s3_root, tmp_path, capsys, monkeypatch
+):
     GenerationCache("org/Tiny", cache=CacheConfig(root=s3_root)).generate(["q0"], Echo(), **SETTINGS)
     project = tmp_path / "victim"
     (project / "outputs" / "cache" / "predictions" / ".locks").mkdir(parents=True)
@@ -173,8 +177,20 @@ def test_the_cli_refuses_an_existing_folder_as_output(llama, tmp_path, capsys, m
     data.write_text(json.dumps(ROWS))
     folder = tmp_path / "experiment"
     before = _user_experiment(folder)
-    code = main(["cache-activations", "--model", str(tmp_path / "model"), "--data", str(data), "--layers", "1",
-                 "--output", str(folder), "--force"])
+    code = main(
+        [
+            "cache-activations",
+            "--model",
+            str(tmp_path / "model"),
+            "--data",
+            str(data),
+            "--layers",
+            "1",
+            "--output",
+            str(folder),
+            "--force",
+        ]
+    )
     last = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bars of save_pretrained
     assert code == 2 and last.startswith("error: ") and "manifest.json is not an activation cache" in last
     assert _snapshot(folder) == before
@@ -207,9 +223,11 @@ def _sweep_tree(base: Path) -> tuple[Path, dict[str, bytes]]:
     folder.mkdir(parents=True)
     stem = "n4_t1.0_maxtok8"
     (folder / f"{stem}_completions.jsonl").write_text(
-        "".join(json.dumps({"i": i, "completion": f"EXPENSIVE answer {i}"}) + "\n" for i in range(4)))
+        "".join(json.dumps({"i": i, "completion": f"EXPENSIVE answer {i}"}) + "\n" for i in range(4))
+    )
     (folder / f"{stem}_full_texts.jsonl").write_text(
-        "".join(json.dumps({"i": i, "full_text": f"Q{i} EXPENSIVE answer {i}"}) + "\n" for i in range(4)))
+        "".join(json.dumps({"i": i, "full_text": f"Q{i} EXPENSIVE answer {i}"}) + "\n" for i in range(4))
+    )
     (folder / f"{stem}_metadata.json").write_text(json.dumps({"model": "my 12B run", "n": 4}))
     return folder, _snapshot(base)
 
@@ -260,8 +278,9 @@ def test_a_run_killed_between_its_files_and_its_manifest_caches_on_the_next_run(
 
 
 def _craft(folder: Path, name: str, files: dict, age_days: float = 0) -> Path:
-    doc = entry.manifest_doc("predictions", make_key("predictions", {"x": name}), {}, {},
-                             time.time() - 86400 * age_days)
+    doc = entry.manifest_doc(
+        "predictions", make_key("predictions", {"x": name}), {}, {}, time.time() - 86400 * age_days
+    )
     doc["files"] = files
     path = folder / name
     path.write_bytes(seal(doc))
@@ -278,10 +297,15 @@ def test_prune_deletes_no_other_manifest_and_no_file_that_merely_shares_a_name(c
     other = _craft(folder, "other.json", {})
     notes = folder / "my_notes.txt"
     notes.write_text("my notes")
-    _craft(folder, "evil.json", {
-        "other.json": _rec(other.read_bytes()),  # another entry's manifest, its true size and hash
-        "my_notes.txt": _rec(b"our note"),  # the size of the user's file, other bytes: a name clash
-    }, age_days=90)
+    _craft(
+        folder,
+        "evil.json",
+        {
+            "other.json": _rec(other.read_bytes()),  # another entry's manifest, its true size and hash
+            "my_notes.txt": _rec(b"our note"),  # the size of the user's file, other bytes: a name clash
+        },
+        age_days=90,
+    )
     problems = dict(management.verify(cache_root())[1])
     assert problems[folder / "evil.json"] == "other.json: is a cache entry's manifest, never an entry's data file"
     assert main(["prune", "--older-than", "30d"]) == 0
@@ -323,8 +347,9 @@ def test_a_server_that_is_not_up_raises_the_server_error(tmp_path):
 class _Refusing(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         self.rfile.read(int(self.headers["Content-Length"]))
-        body = json.dumps({"error": {"message": "best_of must be 1 when using greedy sampling",
-                                     "code": "invalid_request"}}).encode()
+        body = json.dumps(
+            {"error": {"message": "best_of must be 1 when using greedy sampling", "code": "invalid_request"}}
+        ).encode()
         self.send_response(400)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
@@ -342,8 +367,9 @@ def test_every_prompt_refused_returns_the_servers_reason_and_caches_nothing(capl
     try:
         backend = OpenAIBackend([f"http://127.0.0.1:{server.server_port}"], model="m", retries=1, backoff=0.0)
         caplog.set_level(logging.WARNING, logger="hf_cachehooks")
-        gens = GenerationCache("org/Tiny").generate(["Q0", "Q1"], backend, samples_per_prompt=2,
-                                                    **{**SETTINGS, "temperature": 0.0})
+        gens = GenerationCache("org/Tiny").generate(
+            ["Q0", "Q1"], backend, samples_per_prompt=2, **{**SETTINGS, "temperature": 0.0}
+        )
     finally:
         server.shutdown()
         server.server_close()

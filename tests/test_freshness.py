@@ -70,13 +70,16 @@ def test_parse_duration(text, seconds):
     assert parse_duration(text) == timedelta(seconds=seconds)
 
 
-@pytest.mark.parametrize(("value", "unit", "expected"), [
-    ("3", timedelta(days=1), timedelta(days=3)),  # a plain number is read in the older spelling's unit
-    (3, timedelta(days=1), timedelta(days=3)),
-    (0.5, timedelta(days=1), timedelta(hours=12)),
-    (90, timedelta(minutes=1), timedelta(minutes=90)),
-    ("2h", timedelta(days=1), timedelta(hours=2)),  # a unit always wins
-])
+@pytest.mark.parametrize(
+    ("value", "unit", "expected"),
+    [
+        ("3", timedelta(days=1), timedelta(days=3)),  # a plain number is read in the older spelling's unit
+        (3, timedelta(days=1), timedelta(days=3)),
+        (0.5, timedelta(days=1), timedelta(hours=12)),
+        (90, timedelta(minutes=1), timedelta(minutes=90)),
+        ("2h", timedelta(days=1), timedelta(hours=2)),  # a unit always wins
+    ],
+)
 def test_parse_duration_reads_a_plain_number_in_the_given_unit(value, unit, expected):
     assert parse_duration(value, unit=unit) == expected
 

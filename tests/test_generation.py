@@ -52,8 +52,11 @@ def test_seed_layout_and_banners(cache, backend, caplog):
     first = cache.generate(QUESTIONS, backend, num_samples=4, **SETTINGS)
     folder = cache_root() / "experiments" / "Tiny-Chat" / "generations" / "50-50" / "all"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["n4_t0.0_maxtok3_completions.jsonl", "n4_t0.0_maxtok3_full_texts.jsonl",
-                     "n4_t0.0_maxtok3_metadata.json"]
+    assert names == [
+        "n4_t0.0_maxtok3_completions.jsonl",
+        "n4_t0.0_maxtok3_full_texts.jsonl",
+        "n4_t0.0_maxtok3_metadata.json",
+    ]
     assert first.status == "miss" and backend.asked == 4
     assert "Checking for cached generations..." in caplog.text
     assert "No cache found - will generate and save" in caplog.text
@@ -69,10 +72,17 @@ def test_seed_layout_and_banners(cache, backend, caplog):
     assert meta["kind"] == "generations" and sorted(meta["files"]) == names[:2]  # the contract's manifest
 
 
-@pytest.mark.parametrize("change", [
-    {"prompt_name": "benign"}, {"subject_type": "math"}, {"temperature": 0.7}, {"max_tokens": 4},
-    {"top_p": 0.9}, {"seed": 3},
-])
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"prompt_name": "benign"},
+        {"subject_type": "math"},
+        {"temperature": 0.7},
+        {"max_tokens": 4},
+        {"top_p": 0.9},
+        {"seed": 3},
+    ],
+)
 def test_each_key_field_misses(cache, backend, change):
     cache.generate(QUESTIONS, backend, num_samples=3, **SETTINGS)
     again = cache.generate(QUESTIONS, backend, num_samples=3, **{**SETTINGS, **change})
@@ -110,15 +120,27 @@ def test_partial_reuse_both_ways(cache, backend):
 
 
 def test_samples_are_indexed_not_collapsed(cache, backend):
-    gens = cache.generate(QUESTIONS, backend, num_samples=2, samples_per_prompt=3, seed=0,
-                          **{**SETTINGS, "temperature": 1.5, "max_tokens": 6})
+    gens = cache.generate(
+        QUESTIONS,
+        backend,
+        num_samples=2,
+        samples_per_prompt=3,
+        seed=0,
+        **{**SETTINGS, "temperature": 1.5, "max_tokens": 6},
+    )
     assert [len(row) for row in gens.completions] == [3, 3] and backend.asked == 6
     rows = (Path(gens.path).parent / Path(gens.path).name.replace("metadata.json", "completions.jsonl")).read_text()
     assert rows.count('"s":2') == 2 and rows.count('"s":0') == 2
     assert len({c for row in gens.completions for c in row if c}) > 2  # distinct samples
     empty = sum(c is None for row in gens.completions for c in row)  # a random model may emit only specials
-    more = cache.generate(QUESTIONS, backend, num_samples=2, samples_per_prompt=3, seed=0,
-                          **{**SETTINGS, "temperature": 1.5, "max_tokens": 6})
+    more = cache.generate(
+        QUESTIONS,
+        backend,
+        num_samples=2,
+        samples_per_prompt=3,
+        seed=0,
+        **{**SETTINGS, "temperature": 1.5, "max_tokens": 6},
+    )
     assert more.generated == empty and more.reused == 6 - empty
     assert all(m == g for mrow, grow in zip(more.completions, gens.completions) for m, g in zip(mrow, grow) if g)
 
@@ -262,6 +284,7 @@ def test_chat_template_backend_full_texts_start_with_the_rendered_prompt(model_a
 
 # The entry contract: nothing altered, swapped, malformed or outside the folder is ever served ----------
 
+
 class Slow:
     """A fake backend that counts (thread-safely) and takes its time, so two callers overlap."""
 
@@ -282,8 +305,11 @@ class Slow:
 
 def _paths(gens):
     meta = Path(gens.path)
-    return meta, meta.with_name(meta.name.replace("metadata.json", "completions.jsonl")), \
-        meta.with_name(meta.name.replace("metadata.json", "full_texts.jsonl"))
+    return (
+        meta,
+        meta.with_name(meta.name.replace("metadata.json", "completions.jsonl")),
+        meta.with_name(meta.name.replace("metadata.json", "full_texts.jsonl")),
+    )
 
 
 def _reseal(meta, change):
@@ -337,8 +363,12 @@ def test_swapped_jsonl_files_are_not_served(cache, resealed, caplog):
     full_texts.rename(completions)
     tmp.rename(full_texts)
     if resealed:  # the manifest is made to match the swapped files: the lines' shape still gives it away
-        _reseal(meta, lambda doc: doc["files"].update({completions.name: _record(completions),
-                                                       full_texts.name: _record(full_texts)}))
+        _reseal(
+            meta,
+            lambda doc: doc["files"].update(
+                {completions.name: _record(completions), full_texts.name: _record(full_texts)}
+            ),
+        )
     caplog.clear()
     again = cache.generate(QUESTIONS, fake, num_samples=3, **SETTINGS)
     assert again.status == "miss" and fake.asked == 6 and again.completions == first.completions
@@ -349,12 +379,25 @@ def _garbage_line(path, line):
     def change(doc):
         path.write_bytes(line + b"\n")
         doc["files"][path.name] = _record(path)
+
     return change
 
 
-@pytest.mark.parametrize("damage", ["files: []", "key: null", "created_at: x", "record: 1", "extra file",
-                                    "line: list", "line: i str", "line: missing field", "line: not json",
-                                    "rows differ"])
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "files: []",
+        "key: null",
+        "created_at: x",
+        "record: 1",
+        "extra file",
+        "line: list",
+        "line: i str",
+        "line: missing field",
+        "line: not json",
+        "rows differ",
+    ],
+)
 def test_wrong_shape_metadata_or_rows_are_a_miss_with_a_warning(cache, damage, caplog):
     fake = Slow()
     first = cache.generate(QUESTIONS, fake, num_samples=2, **SETTINGS)
@@ -385,8 +428,9 @@ def test_two_callers_missing_the_same_entry_generate_once(caplog):
     results = []
 
     def run():
-        results.append(GenerationCache("org/Tiny-Chat", chunk_size=2).generate(QUESTIONS, fake, num_samples=4,
-                                                                             **SETTINGS))
+        results.append(
+            GenerationCache("org/Tiny-Chat", chunk_size=2).generate(QUESTIONS, fake, num_samples=4, **SETTINGS)
+        )
 
     threads = [threading.Thread(target=run) for _ in range(2)]
     for thread in threads:

@@ -151,8 +151,14 @@ def test_effective_generation_merges_and_normalises():
 
 # The settings left out of the key, each with the value that proves it changes no text (`_NOT_OUTPUT`); a name
 # added there without a proof here fails the first assertion.
-_PROVEN = {"output_attentions": True, "output_hidden_states": True, "output_scores": True, "output_logits": True,
-           "return_dict_in_generate": True, "pad_token_id": 7}
+_PROVEN = {
+    "output_attentions": True,
+    "output_hidden_states": True,
+    "output_scores": True,
+    "output_logits": True,
+    "return_dict_in_generate": True,
+    "pad_token_id": 7,
+}
 _BOOKKEEPING = {"transformers_version", "_from_model_config"}
 
 
@@ -169,8 +175,13 @@ def test_settings_left_out_of_the_key_never_change_the_text():
         assert generate_texts(model, tok, texts, {**greedy, name: value}) == expected, name
     assert generate_texts(model, tok, texts, {**greedy, "cache_implementation": "static"}) == expected
     # everything else is in the key, the clock-bound max_time refused (tests/test_wrong_hits.py)
-    for name, value in (("use_cache", False), ("low_memory", True), ("prefill_chunk_size", 4),
-                        ("cache_implementation", "quantized"), ("max_cache_len", 64)):
+    for name, value in (
+        ("use_cache", False),
+        ("low_memory", True),
+        ("prefill_chunk_size", 4),
+        ("cache_implementation", "quantized"),
+        ("max_cache_len", 64),
+    ):
         assert effective_generation({}, {name: value})[name] == value, name
     assert "cache_implementation" not in effective_generation({}, {"cache_implementation": "static"})
     with pytest.raises(Exception, match="max_time=1 .*cannot be cached"):

@@ -27,8 +27,9 @@ OPTS = {"task": "generation", "dtype": "float32", "gguf_file": None, "load_kwarg
 
 def _truth(seed: int, rows) -> list:
     """Predictions of the model with this seed, never through the cache."""
-    return evaluate_model(make_llama(seed=seed), rows, CFG.with_(use_prediction_cache=False),
-                          tokenizer=make_tokenizer()).predictions
+    return evaluate_model(
+        make_llama(seed=seed), rows, CFG.with_(use_prediction_cache=False), tokenizer=make_tokenizer()
+    ).predictions
 
 
 def _save(folder: Path, seed: int) -> Path:
@@ -158,8 +159,11 @@ def _gguf_folder(tmp_path: Path) -> Path:
 def test_the_gguf_file_itself_is_hashed(tmp_path, where):
     """Finding 4: `gguf_file` as an absolute path or `q4/model.gguf` used to leave the GGUF out of the hash."""
     folder = _gguf_folder(tmp_path)
-    target = {"absolute": tmp_path / "elsewhere" / "model.gguf", "subfolder": folder / "q4" / "model.gguf",
-              "top": folder / "model.gguf"}[where]
+    target = {
+        "absolute": tmp_path / "elsewhere" / "model.gguf",
+        "subfolder": folder / "q4" / "model.gguf",
+        "top": folder / "model.gguf",
+    }[where]
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_bytes(b"GGUF" + b"\x01" * 60)
     gguf_file = str(target) if where == "absolute" else str(target.relative_to(folder))

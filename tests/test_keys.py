@@ -15,18 +15,30 @@ def test_same_meaning_same_key():
 
 def test_any_change_changes_key():
     base = {"gen": {"max_new_tokens": 32}, "prompt": {"template": "Q: {q}"}}
-    digests = {make_key("predictions", base).digest,
-               make_key("predictions", {**base, "gen": {"max_new_tokens": 33}}).digest,
-               make_key("predictions", {**base, "prompt": {"template": "Q:{q}"}}).digest,
-               make_key("generations", base).digest}
+    digests = {
+        make_key("predictions", base).digest,
+        make_key("predictions", {**base, "gen": {"max_new_tokens": 33}}).digest,
+        make_key("predictions", {**base, "prompt": {"template": "Q:{q}"}}).digest,
+        make_key("generations", base).digest,
+    }
     assert len(digests) == 4
 
 
 def test_key_is_stable_across_processes():
-    code = ("from hf_cachehooks._core.keys import make_key;"
-            "print(make_key('predictions', {'b': {1, 2}, 'a': [1.5, None, 'x']}).digest)")
-    outs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout for seed in ("1", "2")}
+    code = (
+        "from hf_cachehooks._core.keys import make_key;"
+        "print(make_key('predictions', {'b': {1, 2}, 'a': [1.5, None, 'x']}).digest)"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={"PYTHONHASHSEED": seed, "PATH": ""},
+        ).stdout
+        for seed in ("1", "2")
+    }
     assert outs == {make_key("predictions", {"a": [1.5, None, "x"], "b": {2, 1}}).digest + "\n"}
 
 
@@ -60,8 +72,10 @@ def test_finite_keys_and_fingerprints_keep_their_meaning():
 
     from hf_cachehooks._core.fingerprint import fingerprint_data
 
-    assert make_key("predictions", {"a": [1.5, None, "x", 2.0, -0.25], "b": {"c": True}}).digest == \
-        "89fcc39d3891da59ac5b76b78cf4281d"
+    assert (
+        make_key("predictions", {"a": [1.5, None, "x", 2.0, -0.25], "b": {"c": True}}).digest
+        == "89fcc39d3891da59ac5b76b78cf4281d"
+    )
     assert fingerprint_data([{"q": "x", "a": None, "f": 1.5, "g": 2.0}]) == "rows:fe965469fac3fbb99175ef051bc560e6"
     assert fingerprint_data(np.array([0.1, 2.0], dtype=np.float32)) == "rows:373ae86374fbf0308fb0e9cffe9e7ac9"
 

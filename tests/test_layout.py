@@ -137,10 +137,15 @@ def test_private_names_stay_in_their_module(path):
         private = [n for n in names if _private(n)]
         assert not private, f"{_module(path)}:{line} imports private {private} from {target}"
     modules = _module_names(path)  # ... nor are read through the module: `from . import keys` then `keys._x`
-    read = [f"{_module(path)}:{node.lineno} reads private {node.value.id}.{node.attr}"
-            for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
-            and _private(node.attr) and not _is_module(f"{modules[node.value.id]}.{node.attr}")]
+    read = [
+        f"{_module(path)}:{node.lineno} reads private {node.value.id}.{node.attr}"
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Attribute)
+        and isinstance(node.value, ast.Name)
+        and node.value.id in modules
+        and _private(node.attr)
+        and not _is_module(f"{modules[node.value.id]}.{node.attr}")
+    ]
     assert not read, "; ".join(read)
 
 
@@ -211,7 +216,8 @@ def test_no_import_cycles():
     short = [[m.removeprefix("hf_cachehooks.") for m in c] for c in _cycles(graph)]
     circles = [" -> ".join(m.removeprefix("hf_cachehooks.") for m in _circle(graph, c)) for c in _cycles(graph)]
     assert not circles, "import cycles: " + "; ".join(
-        f"{circle} (one circle among: {', '.join(c)})" for circle, c in zip(circles, short, strict=True))
+        f"{circle} (one circle among: {', '.join(c)})" for circle, c in zip(circles, short, strict=True)
+    )
 
 
 def test_the_tree_shows_the_layers_and_modules_stay_small():

@@ -68,14 +68,19 @@ def test_ladder_steps_down_in_order_and_logs_each_reason(tiny_dir, attempts, cap
     fail.update({"flash_attention_2", "sdpa"})
     reasons: list = []
     caplog.set_level(logging.INFO, logger="hf_cachehooks")
-    model, _ = load_model(tiny_dir, attn_implementation=ATTENTION_LADDER,
-                          on_fallback=lambda rung, why: reasons.append((rung, why)))
+    model, _ = load_model(
+        tiny_dir, attn_implementation=ATTENTION_LADDER, on_fallback=lambda rung, why: reasons.append((rung, why))
+    )
     assert seen == ["flash_attention_2", "sdpa", "eager"]
     assert model.config._attn_implementation == "eager"
-    assert reasons == [("flash_attention_2", "flash_attention_2 kernels are not installed"),
-                       ("sdpa", "sdpa kernels are not installed")]  # first line of each message
-    assert "attn_implementation=flash_attention_2 failed (flash_attention_2 kernels are not installed); " \
-           "trying sdpa." in caplog.text
+    assert reasons == [
+        ("flash_attention_2", "flash_attention_2 kernels are not installed"),
+        ("sdpa", "sdpa kernels are not installed"),
+    ]  # first line of each message
+    assert (
+        "attn_implementation=flash_attention_2 failed (flash_attention_2 kernels are not installed); "
+        "trying sdpa." in caplog.text
+    )
     assert "Using attn_implementation=eager instead of flash_attention_2." in caplog.text
 
 
@@ -143,6 +148,7 @@ def test_loading_and_generating_leave_the_tokenizer_as_saved(tmp_path):
     tok.save_pretrained(tmp_path / "m")
     model, tokenizer = load_model(str(tmp_path / "m"))
     assert tokenizer.pad_token is None
-    out = generate_texts(model, tokenizer, ["q what is two plus two ?", "q is the sky blue ?"],
-                         {"max_new_tokens": 2, "do_sample": False})
+    out = generate_texts(
+        model, tokenizer, ["q what is two plus two ?", "q is the sky blue ?"], {"max_new_tokens": 2, "do_sample": False}
+    )
     assert len(out) == 2 and tokenizer.pad_token is None and tokenizer.padding_side == "right"

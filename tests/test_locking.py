@@ -108,8 +108,15 @@ _WORKER = textwrap.dedent(
 def test_four_processes_compute_once(tmp_path):
     lock = tmp_path / "cache" / ".locks" / "k.lock"
     counter, result, go = tmp_path / "computes.txt", tmp_path / "cache" / "result.json", tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(lock), str(counter), str(result), str(go)],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, str(lock), str(counter), str(result), str(go)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     try:
         deadline = time.monotonic() + 20
         while len(list(tmp_path.glob("ready-*"))) < 4:  # all four interpreters are up
@@ -159,8 +166,11 @@ def test_single_flight_rechecks_after_waiting(tmp_path):
         return store.get("v")
 
     waiter_result: list = []
-    waiter = threading.Thread(target=lambda: waiter_result.append(
-        single_flight(lock, lookup, lambda: computed.append(1) or "waiter computed", poll=0.01)))
+    waiter = threading.Thread(
+        target=lambda: waiter_result.append(
+            single_flight(lock, lookup, lambda: computed.append(1) or "waiter computed", poll=0.01)
+        )
+    )
     waiter.start()
     time.sleep(0.2)
     assert waiter.is_alive()  # blocked behind the holder
@@ -312,9 +322,19 @@ def test_single_flight_under_proc_computes(warnings_log):
 # Wrong shapes, zombies and full disks -------------------------------------------------------------
 
 
-@pytest.mark.parametrize("content", [b"[]", b'"text"', b"7", b"null", *(
-    b'{"host": "%s", "pid": %s}' % (socket.gethostname().encode(), pid)
-    for pid in (b'"x"', b"null", b"true", b"-1", b"0", b"1.5", b"99999999999999999999", b"[1]"))])
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"[]",
+        b'"text"',
+        b"7",
+        b"null",
+        *(
+            b'{"host": "%s", "pid": %s}' % (socket.gethostname().encode(), pid)
+            for pid in (b'"x"', b"null", b"true", b"-1", b"0", b"1.5", b"99999999999999999999", b"[1]")
+        ),
+    ],
+)
 def test_lease_of_the_wrong_shape_is_garbled_stale_by_age(tmp_path, content):
     from hf_cachehooks._core.locking import _stale
 

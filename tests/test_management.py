@@ -21,15 +21,23 @@ DAY = 86400.0
 
 
 def _inputs(model: str = "org/tiny-a", max_new_tokens: int = 32, n: int = 3) -> dict:
-    return {"model": {"name": model, "params": "abc123"}, "tokenizer": {"vocab": "v1"},
-            "generation": {"max_new_tokens": max_new_tokens, "do_sample": False},
-            "prompt": {"template": "Q: {question}"}, "data": {"fingerprint": "f" * 16, "n": n}}
+    return {
+        "model": {"name": model, "params": "abc123"},
+        "tokenizer": {"vocab": "v1"},
+        "generation": {"max_new_tokens": max_new_tokens, "do_sample": False},
+        "prompt": {"template": "Q: {question}"},
+        "data": {"fingerprint": "f" * 16, "n": n},
+    }
 
 
 def _doc(model: str, n: int, created_at: float) -> dict:
-    return {"metadata": {"model_name": model, "dataset_size": n, "created_at": created_at},
-            "predictions": [f"p{i}" for i in range(n)], "references": [f"r{i}" for i in range(n)],
-            "metrics": {"exact_match": 0.5}, "metric_versions": {"exact_match": "1"}}
+    return {
+        "metadata": {"model_name": model, "dataset_size": n, "created_at": created_at},
+        "predictions": [f"p{i}" for i in range(n)],
+        "references": [f"r{i}" for i in range(n)],
+        "metrics": {"exact_match": 0.5},
+        "metric_versions": {"exact_match": "1"},
+    }
 
 
 def _save(cache: PredictionCache, *, model="org/tiny-a", max_new_tokens=32, n=3, age_days=0.0):
@@ -43,8 +51,12 @@ def _memo(root: Path, name: str = "org_new-model_1234") -> Path:
     """An identity memo, as evaluate_model remembers one for a model path."""
     tag_folder(root / "identity")
     path = root / "identity" / f"{name}.json"
-    assert commit(path, "identity", {"kind": "identity", "digest": name, "inputs": {}},
-                  fields={"identity": {"model": {"name": "org/new-model"}}})
+    assert commit(
+        path,
+        "identity",
+        {"kind": "identity", "digest": name, "inputs": {}},
+        fields={"identity": {"model": {"name": "org/new-model"}}},
+    )
     return path
 
 
@@ -55,8 +67,15 @@ def populated(root, cache):
     new_key, new = _save(cache, model="org/new-model", n=7)
     predictor = make_key("predictor", {k: v for k, v in _inputs("org/new-model").items() if k != "data"})
     assert cache.save_examples(predictor, {"h1": "a", "h2": "b"}, "b0001")
-    return {"old": old, "new": new, "old_key": old_key, "new_key": new_key, "predictor": predictor,
-            "shard": cache.examples_dir(predictor) / "b0001.json", "memo": _memo(root)}
+    return {
+        "old": old,
+        "new": new,
+        "old_key": old_key,
+        "new_key": new_key,
+        "predictor": predictor,
+        "shard": cache.examples_dir(predictor) / "b0001.json",
+        "memo": _memo(root),
+    }
 
 
 def _files(folder: Path) -> set[Path]:
@@ -302,8 +321,24 @@ def outside(tmp_path, capsys):
     make_tokenizer().save_pretrained(tmp_path / "model")
     (tmp_path / "data.json").write_text(orjson.dumps(ROWS).decode())
     root, acts = tmp_path / "team-cache", tmp_path / "acts"
-    assert main(["--cache-dir", str(root), "cache-activations", "--model", str(tmp_path / "model"), "--data",
-                 str(tmp_path / "data.json"), "--layers", "1", "--output", str(acts)]) == 0
+    assert (
+        main(
+            [
+                "--cache-dir",
+                str(root),
+                "cache-activations",
+                "--model",
+                str(tmp_path / "model"),
+                "--data",
+                str(tmp_path / "data.json"),
+                "--layers",
+                "1",
+                "--output",
+                str(acts),
+            ]
+        )
+        == 0
+    )
     return main, root, acts
 
 
@@ -335,8 +370,24 @@ def test_clear_and_prune_remove_only_the_link_and_say_where_the_store_stays(outs
     assert _ls(main, capsys, root) == []
     assert [e["path"] for e in _ls(main, capsys, acts)] == [str(acts / "manifest.json")]
     here = acts.parent  # the same run again: a hit, recorded in the root again, the store unchanged
-    assert main(["--cache-dir", str(root), "cache-activations", "--model", str(here / "model"), "--data",
-                 str(here / "data.json"), "--layers", "1", "--output", str(acts)]) == 0
+    assert (
+        main(
+            [
+                "--cache-dir",
+                str(root),
+                "cache-activations",
+                "--model",
+                str(here / "model"),
+                "--data",
+                str(here / "data.json"),
+                "--layers",
+                "1",
+                "--output",
+                str(acts),
+            ]
+        )
+        == 0
+    )
     assert [e["link"] for e in _ls(main, capsys, root)] == [str(link)] and _snapshot(acts) == before
 
 
@@ -361,8 +412,7 @@ def test_a_store_under_the_root_needs_no_link(root, tmp_path, tiny):
     from hf_cachehooks.activations.writer import cache_activations
 
     model, tok = tiny
-    cache_activations(model, tok, ROWS, root / "activations" / "run", [1], progress=False,
-                      cache=CacheConfig(root=root))
+    cache_activations(model, tok, ROWS, root / "activations" / "run", [1], progress=False, cache=CacheConfig(root=root))
     (tmp_path / "via").symlink_to(root, target_is_directory=True)  # real paths are compared
     cache_activations(model, tok, ROWS, tmp_path / "via" / "run2", [1], progress=False, cache=CacheConfig(root=root))
     assert not list(root.rglob("link-*.json"))

@@ -41,8 +41,16 @@ def normal_cdf(z):
 
 
 def make_vector(layer=3, hidden=8, model=MODEL):
-    return SteeringVector(vector=torch.randn(hidden), layer=layer, hidden_size=hidden, model=dict(model),
-                          normalized=False, positive_label="true", negative_label="false", n_examples=100)
+    return SteeringVector(
+        vector=torch.randn(hidden),
+        layer=layer,
+        hidden_size=hidden,
+        model=dict(model),
+        normalized=False,
+        positive_label="true",
+        negative_label="false",
+        n_examples=100,
+    )
 
 
 # --- AUROC ----------------------------------------------------------------------------------------------------
@@ -57,7 +65,8 @@ def test_auroc_matches_sklearn_with_ties():
         scores[labels] += 0.7
         assert auroc(scores, labels) == pytest.approx(metrics.roc_auc_score(labels, scores), abs=1e-12)
         assert auroc(torch.tensor(scores, dtype=torch.float16), torch.tensor(labels.astype(int))) == pytest.approx(
-            metrics.roc_auc_score(labels, np.float16(scores)), abs=1e-12)
+            metrics.roc_auc_score(labels, np.float16(scores)), abs=1e-12
+        )
 
 
 def test_auroc_extremes_and_empty_class():
@@ -231,7 +240,10 @@ def test_save_and_load_vectors(tmp_path, caplog):
     vectors = {layer: make_vector(layer=layer) for layer in (2, 10, 7)}
     save_vectors(vectors, tmp_path / "vectors")
     assert sorted(p.name for p in (tmp_path / "vectors").iterdir()) == [
-        "layer_10.safetensors", "layer_2.safetensors", "layer_7.safetensors"]
+        "layer_10.safetensors",
+        "layer_2.safetensors",
+        "layer_7.safetensors",
+    ]
     loaded = load_vectors(tmp_path / "vectors")
     assert list(loaded) == [2, 7, 10]
     for layer, vector in vectors.items():
@@ -264,8 +276,16 @@ def test_layer_report_finds_the_planted_layer():
     assert layer_report(x_by_layer, positive, n_resamples=200) == rows  # deterministic
 
     # Given vectors are used as they are: the planted layer's vector scores every layer.
-    vector = SteeringVector(vector=diff_of_means(x, positive), layer=1, hidden_size=64, model=MODEL,
-                            normalized=False, positive_label="t", negative_label="f", n_examples=2000)
+    vector = SteeringVector(
+        vector=diff_of_means(x, positive),
+        layer=1,
+        hidden_size=64,
+        model=MODEL,
+        normalized=False,
+        positive_label="t",
+        negative_label="f",
+        n_examples=2000,
+    )
     given = layer_report({1: x}, ~positive, vectors={1: vector}, n_resamples=50)
     assert given[0]["auroc"] == auroc(project(x, vector.vector), ~positive) < 0.3  # flipped labels
     with pytest.raises(ConfigError, match="No vector for layer 2"):

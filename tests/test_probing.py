@@ -33,8 +33,14 @@ def _model_dir(path, seed=0):
 
 
 def _data(path, n=12):
-    rows = [{"text": (TESTING if i % 2 == 0 else DEPLOY)[(i // 2) % 4] + (" yes" * (i // 8)),
-             "type": "testing" if i % 2 == 0 else "deployment", "id": i} for i in range(n)]
+    rows = [
+        {
+            "text": (TESTING if i % 2 == 0 else DEPLOY)[(i // 2) % 4] + (" yes" * (i // 8)),
+            "type": "testing" if i % 2 == 0 else "deployment",
+            "id": i,
+        }
+        for i in range(n)
+    ]
     path.write_text(json.dumps(rows))
     return str(path)
 
@@ -43,8 +49,26 @@ def _data(path, n=12):
 def workflow(tmp_path, capsys):
     model = _model_dir(tmp_path / "model")
     data = _data(tmp_path / "train.json")
-    assert cli.main(["cache-activations", "--model", model, "--data", data, "--layers", "1,2,3", "--output",
-                     "cache_train", "--dtype", "bfloat16", "--positions", "mean"]) == 0
+    assert (
+        cli.main(
+            [
+                "cache-activations",
+                "--model",
+                model,
+                "--data",
+                data,
+                "--layers",
+                "1,2,3",
+                "--output",
+                "cache_train",
+                "--dtype",
+                "bfloat16",
+                "--positions",
+                "mean",
+            ]
+        )
+        == 0
+    )
     assert "Cached layers [1, 2, 3] for 12 examples (bfloat16" in capsys.readouterr().out
     return model, data
 
@@ -54,10 +78,27 @@ def test_three_commands_and_the_seeds_auroc_snippet(workflow, tmp_path, capsys):
     model, data = workflow
     assert cli.main(["generate-vectors", "--cache", "cache_train", "--output", "run_exp1", "--layers", "1,3"]) == 0
     run = next(tmp_path.glob("run_exp1_*"))
-    assert sorted(p.name for p in (run / "normalized_vectors").iterdir()) == ["layer_1.safetensors",
-                                                                              "layer_3.safetensors"]
-    assert cli.main(["analyze-probe", "--cache", "cache_train", "--vectors", str(run / "normalized_vectors"),
-                     "--data", data, "--output", "validation_exp1", "--visualize"]) == 0
+    assert sorted(p.name for p in (run / "normalized_vectors").iterdir()) == [
+        "layer_1.safetensors",
+        "layer_3.safetensors",
+    ]
+    assert (
+        cli.main(
+            [
+                "analyze-probe",
+                "--cache",
+                "cache_train",
+                "--vectors",
+                str(run / "normalized_vectors"),
+                "--data",
+                data,
+                "--output",
+                "validation_exp1",
+                "--visualize",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "positive: deployment" in printed
     out = tmp_path / "validation_exp1"
@@ -65,8 +106,9 @@ def test_three_commands_and_the_seeds_auroc_snippet(workflow, tmp_path, capsys):
     assert (out / "scores_layer3.png").exists() and (out / "summary.csv").exists()
     header = (out / "probe_stats_layer3.csv").read_text().splitlines()[0]
     assert header == "index,type,mean_score,text"
-    seed = subprocess.run([sys.executable, "-c", SEED_SNIPPET], cwd=tmp_path, capture_output=True, text=True,
-                          check=True).stdout.splitlines()
+    seed = subprocess.run(
+        [sys.executable, "-c", SEED_SNIPPET], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     assert [line.split(":")[0] for line in seed] == ["Layer 1", "Layer 3"]
     summary = {r["layer"]: r["auroc"] for r in json.loads((out / "summary.json").read_text())}
     for line in seed:  # our summary agrees with sklearn's AUROC on our CSV
@@ -80,10 +122,15 @@ def test_probe_from_another_model_is_refused(workflow, tmp_path, capsys):
     assert cli.main(["generate-vectors", "--cache", "cache_train", "--output", "run_a"]) == 0
     run = next(tmp_path.glob("run_a_*"))
     other = _model_dir(tmp_path / "other", seed=1)
-    assert cli.main(["cache-activations", "--model", other, "--data", data, "--layers", "1,2,3", "--output",
-                     "cache_other"]) == 0
-    code = cli.main(["analyze-probe", "--cache", "cache_other", "--vectors", str(run / "normalized_vectors"),
-                     "--output", "val"])
+    assert (
+        cli.main(
+            ["cache-activations", "--model", other, "--data", data, "--layers", "1,2,3", "--output", "cache_other"]
+        )
+        == 0
+    )
+    code = cli.main(
+        ["analyze-probe", "--cache", "cache_other", "--vectors", str(run / "normalized_vectors"), "--output", "val"]
+    )
     assert code == 2 and "cache/probe mismatch" in capsys.readouterr().err
 
 
@@ -92,8 +139,10 @@ def test_wrong_data_and_missing_layer_are_named(workflow, tmp_path, capsys):
     cli.main(["generate-vectors", "--cache", "cache_train", "--output", "run_b"])
     vectors = str(next(tmp_path.glob("run_b_*")) / "normalized_vectors")
     other = _data(tmp_path / "other.json", n=10)
-    assert cli.main(["analyze-probe", "--cache", "cache_train", "--vectors", vectors, "--data", other,
-                     "--output", "v"]) == 2
+    assert (
+        cli.main(["analyze-probe", "--cache", "cache_train", "--vectors", vectors, "--data", other, "--output", "v"])
+        == 2
+    )
     assert "was not built from" in capsys.readouterr().err
     assert cli.main(["generate-vectors", "--cache", "cache_train", "--output", "r", "--layers", "2,7"]) == 2
     assert "Layer 7 is not in this cache (cached: 1, 2, 3)" in capsys.readouterr().err
@@ -101,12 +150,44 @@ def test_wrong_data_and_missing_layer_are_named(workflow, tmp_path, capsys):
 
 def test_traditional_path_fills_the_cache_on_the_way(workflow, tmp_path, caplog):
     model, data = workflow
-    assert cli.main(["generate-vectors", "--model", model, "--data", data, "--layers", "2", "--output", "run_t",
-                     "--positions", "mean"]) == 0
+    assert (
+        cli.main(
+            [
+                "generate-vectors",
+                "--model",
+                model,
+                "--data",
+                data,
+                "--layers",
+                "2",
+                "--output",
+                "run_t",
+                "--positions",
+                "mean",
+            ]
+        )
+        == 0
+    )
     vectors = str(next(tmp_path.glob("run_t_*")) / "normalized_vectors")
     caplog.set_level("INFO", logger="hf_cachehooks")
-    assert cli.main(["analyze-probe", "--model", model, "--data", data, "--vectors", vectors, "--output", "val_t",
-                     "--positions", "mean"]) == 0
+    assert (
+        cli.main(
+            [
+                "analyze-probe",
+                "--model",
+                model,
+                "--data",
+                data,
+                "--vectors",
+                vectors,
+                "--output",
+                "val_t",
+                "--positions",
+                "mean",
+            ]
+        )
+        == 0
+    )
     assert "Loaded activations from cache" in caplog.text  # the second command reused the first's cache
 
 

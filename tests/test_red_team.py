@@ -37,8 +37,9 @@ CFG = EvalConfig(max_new_tokens=4, batch_size=2, metrics=("exact_match",))
 def _rows(n: int) -> list[dict]:
     words = ["what", "is", "the", "capital", "of", "france", "sky", "blue", "two", "plus"]
     rng = random.Random(7)
-    return [{"question": " ".join(rng.choice(words) for _ in range(5)) + f" {i % 10}", "answer": "paris"}
-            for i in range(n)]
+    return [
+        {"question": " ".join(rng.choice(words) for _ in range(5)) + f" {i % 10}", "answer": "paris"} for i in range(n)
+    ]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -47,9 +48,16 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 def _manifest(files: dict, kind: str = "predictions") -> bytes:
     """A manifest sealed exactly as the library seals its own: what anyone with write access can forge."""
-    doc = {"hf_cachehooks_entry": 1, "kind": kind, "key": {"kind": kind, "digest": "f" * 32, "inputs": {}},
-           "created_at": 1.0, "writer": {"host": "elsewhere", "pid": 1, "version": "0"}, "files": files,
-           "predictions": [], "references": []}
+    doc = {
+        "hf_cachehooks_entry": 1,
+        "kind": kind,
+        "key": {"kind": kind, "digest": "f" * 32, "inputs": {}},
+        "created_at": 1.0,
+        "writer": {"host": "elsewhere", "pid": 1, "version": "0"},
+        "files": files,
+        "predictions": [],
+        "references": [],
+    }
     return seal(doc)
 
 
@@ -110,8 +118,9 @@ def test_user_files_at_our_names_are_never_deleted_or_overwritten(tmp_path, root
     cache = GenerationCache("org/Tiny", cache=CacheConfig(folder=tree))
     for _ in range(2):
         try:
-            cache.generate(["q0", "q1"], _EchoBackend(), prompt_name="50-50", subject_type="all", max_tokens=3,
-                           temperature=1.0)
+            cache.generate(
+                ["q0", "q1"], _EchoBackend(), prompt_name="50-50", subject_type="all", max_tokens=3, temperature=1.0
+            )
         except Exception as exc:  # refusing is fine; losing the user's files is not
             assert type(exc).__module__.startswith("hf_cachehooks"), repr(exc)
     after = _snapshot(tree)
@@ -130,9 +139,14 @@ def test_an_activation_output_folder_of_the_users_is_refused_not_replaced(tmp_pa
     model, tok = tiny
     folder = tmp_path / "experiment"
     folder.mkdir()
-    user = {"manifest.json": '{"my": "dataset manifest, hand-written"}', "metadata.json": '{"run": 7}',
-            "state.json": '{"owner": "me"}', "layer_info.json": "[1, 2]", "dataset_info.json": "{}",
-            "notes.txt": "my notes"}
+    user = {
+        "manifest.json": '{"my": "dataset manifest, hand-written"}',
+        "metadata.json": '{"run": 7}',
+        "state.json": '{"owner": "me"}',
+        "layer_info.json": "[1, 2]",
+        "dataset_info.json": "{}",
+        "notes.txt": "my notes",
+    }
     for name, text in user.items():
         (folder / name).write_text(text)
     with pytest.raises(HFCacheHooksError) as refused:
@@ -145,25 +159,34 @@ def test_an_activation_output_folder_of_the_users_is_refused_not_replaced(tmp_pa
 # -------------------------------------------------------------------------------------------- crafted bucket keys
 
 
-@pytest.mark.parametrize("tail", [
-    "predictions/.locks/../../{up}{victim}",
-    "./predictions/.locks/x/../../../{up}{victim}",
-    "predictions//.locks/../../{up}{victim}",
-    "{up}{victim_dir}/x/.locks/../{victim_name}",
-])
+@pytest.mark.parametrize(
+    "tail",
+    [
+        "predictions/.locks/../../{up}{victim}",
+        "./predictions/.locks/x/../../../{up}{victim}",
+        "predictions//.locks/../../{up}{victim}",
+        "{up}{victim_dir}/x/.locks/../{victim_name}",
+    ],
+)
 def test_crafted_bucket_keys_never_reach_a_local_file(s3_root, tmp_path, tail):
     from tests.s3_server import bucket_fs
 
     GenerationCache("org/Tiny", cache=CacheConfig(root=s3_root, max_age=None)).generate(
-        ["q0"], _EchoBackend(), prompt_name="50-50", subject_type="all", max_tokens=3, temperature=0.0)
+        ["q0"], _EchoBackend(), prompt_name="50-50", subject_type="all", max_tokens=3, temperature=0.0
+    )
     local_copy = Path(os.environ["HF_CACHEHOOKS_LOCAL_COPY"])
     (local_copy / "predictions" / ".locks").mkdir(parents=True, exist_ok=True)  # an earlier local run left it
     victim = tmp_path / "victim" / "poetry.lock"
     victim.parent.mkdir()
     victim.write_text("a user's lock file")
     up = "../" * (len(local_copy.parts) + 8)
-    key = s3_root.removeprefix("s3://") + "/" + tail.format(
-        up=up, victim=str(victim).lstrip("/"), victim_dir=str(victim.parent).lstrip("/"), victim_name=victim.name)
+    key = (
+        s3_root.removeprefix("s3://")
+        + "/"
+        + tail.format(
+            up=up, victim=str(victim).lstrip("/"), victim_dir=str(victim.parent).lstrip("/"), victim_name=victim.name
+        )
+    )
     fs = bucket_fs()
     try:
         fs.pipe(key, b'{"host": "gone", "pid": 1}')
@@ -213,14 +236,21 @@ print(repr(result.predictions), flush=True)
 
 def _child(tmp_path: Path, n: int, opts: dict, go: str = "") -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-c", _CHILD.format(repo=str(REPO), n=n, opts=opts), go],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=tmp_path)
+    return subprocess.Popen(
+        [sys.executable, "-c", _CHILD.format(repo=str(REPO), n=n, opts=opts), go],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
 
 
 def test_writers_killed_at_random_moments_never_leave_a_wrong_or_corrupt_entry(tmp_path, root):
     n, opts = 60, {"batch_size": 1}
-    reference = evaluate_model(make_llama(), _rows(n), CFG.with_(use_prediction_cache=False, **opts),
-                               tokenizer=make_tokenizer()).predictions
+    reference = evaluate_model(
+        make_llama(), _rows(n), CFG.with_(use_prediction_cache=False, **opts), tokenizer=make_tokenizer()
+    ).predictions
     rng = random.Random(3)
     for round_ in range(4):
         child = _child(tmp_path, n, opts)
@@ -278,8 +308,10 @@ def _drop_stream(port: int, body: dict) -> None:
     """Send a streamed request, read its first bytes, then vanish without a word (RST on close)."""
     data = json.dumps(body).encode()
     s = socket.create_connection(("127.0.0.1", port), timeout=30)
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-              b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data)
+    s.sendall(
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data
+    )
     assert s.recv(64).startswith(b"HTTP/1.1 200")
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
     s.close()
@@ -291,9 +323,15 @@ def test_serve_survives_dropped_streams_and_stops_on_sigterm(tmp_path):
     make_tokenizer().save_pretrained(folder)
     port = _free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, "-m", "hf_cachehooks", "serve", "--model", str(folder), "--port",
-                               str(port), "--name", "tiny"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              env=env, cwd=tmp_path, text=True, start_new_session=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "hf_cachehooks", "serve", "--model", str(folder), "--port", str(port), "--name", "tiny"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp_path,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.time() + 120
         while True:
@@ -304,13 +342,16 @@ def test_serve_survives_dropped_streams_and_stops_on_sigterm(tmp_path):
                 assert server.poll() is None and time.time() < deadline, "serve did not start"
                 time.sleep(0.5)
         assert status == 200
-        long = {"model": "tiny", "prompt": "what is the sky", "max_tokens": 60, "stream": True,
-                "temperature": 0}
+        long = {"model": "tiny", "prompt": "what is the sky", "max_tokens": 60, "stream": True, "temperature": 0}
         for _ in range(3):
             _drop_stream(port, {**long, "max_tokens": 60, "n": 4})
         started = time.time()
-        status, body = _post(port, "/v1/completions", {"model": "tiny", "prompt": "is the sky blue", "max_tokens": 3,
-                                                       "temperature": 0}, timeout=30)
+        status, body = _post(
+            port,
+            "/v1/completions",
+            {"model": "tiny", "prompt": "is the sky blue", "max_tokens": 3, "temperature": 0},
+            timeout=30,
+        )
         assert status == 200 and b"choices" in body
         assert time.time() - started < 20, "the model stayed busy after its clients left"
         _drop_stream(port, long)

@@ -286,8 +286,11 @@ TEXT_FIELDS = [
     ("/v1/completions", {"user": "@"}, "user"),
     ("/v1/completions", {"suffix": "@"}, "suffix"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi@"}]}, "messages.0.content"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": "@"}]}]},
-     "messages.0.content.0.text"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "@"}]}]},
+        "messages.0.content.0.text",
+    ),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi", "name": "@"}]}, "messages.0.name"),
 ]
 

@@ -147,9 +147,18 @@ def _long_model(folder: Path) -> Path:
 
     torch.manual_seed(1)
 
-    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=4096,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
@@ -160,8 +169,12 @@ def _launch(*args: str) -> tuple[subprocess.Popen, tuple[str, int]]:
     address = ("127.0.0.1", _free_port())
     path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
-    proc = subprocess.Popen([sys.executable, "-m", "hf_cachehooks", *args, "--port", str(address[1])],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hf_cachehooks", *args, "--port", str(address[1])],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
     deadline = time.monotonic() + 120
     while True:
         if proc.poll() is not None:
@@ -225,11 +238,13 @@ def test_sigterm_stops_serve_within_seconds_after_a_dropped_stream(tmp_path):
 @pytest.mark.slow
 def test_sigterm_stops_the_chat_server_within_seconds_during_a_long_reply(tmp_path):
     model = _long_model(tmp_path / "model")
-    proc, address = _launch("chat-server", "--model", str(model), "--directory", str(tmp_path / "conv"),
-                            "--max-new-tokens-cap", "4000")
+    proc, address = _launch(
+        "chat-server", "--model", str(model), "--directory", str(tmp_path / "conv"), "--max-new-tokens-cap", "4000"
+    )
     try:
-        with _send(address, {"conversation_id": "cut", "message": PROMPT, "max_new_tokens": 4000},
-                   "/api/chat/cached") as live:
+        with _send(
+            address, {"conversation_id": "cut", "message": PROMPT, "max_new_tokens": 4000}, "/api/chat/cached"
+        ) as live:
             time.sleep(2)  # generating
             took, answer = _sigterm_while_reading(proc, live)
             assert took < 9, f"SIGTERM took {took:.1f}s"

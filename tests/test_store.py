@@ -162,8 +162,9 @@ def test_write_entry_under_a_regular_file_returns_false(tmp_path, warnings_log):
     afile.write_text("I am a file, not a folder")
     assert write_entry(afile / "x.json", DOC) is False
     assert afile.read_text() == "I am a file, not a folder"
-    assert any("Cannot write cache entry" in r.getMessage() and "x.json" in r.getMessage()
-               for r in warnings_log.records)
+    assert any(
+        "Cannot write cache entry" in r.getMessage() and "x.json" in r.getMessage() for r in warnings_log.records
+    )
 
 
 def test_write_entry_under_proc_returns_false(warnings_log):
@@ -261,8 +262,11 @@ def test_sigkilled_writer_never_leaves_a_partial_entry(tmp_path, caplog):
     # 20 kills; keep going (up to 100) until at least one kill landed inside a write, so the test
     # is known to have exercised the dangerous window.
     while kills < 20 or (interrupted == 0 and kills < 100):
-        child = subprocess.Popen([sys.executable, "-c", _WRITER, str(path), str(n_items), str(last_counter)],
-                                 stdout=subprocess.PIPE, text=True)
+        child = subprocess.Popen(
+            [sys.executable, "-c", _WRITER, str(path), str(n_items), str(last_counter)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         try:
             assert child.stdout.readline().strip() == "ready"
             # The first iterations wait long enough for at least one full write, later ones vary.

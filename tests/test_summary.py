@@ -26,10 +26,25 @@ KINDS = [
     ("predictions", {"model": MODEL}, {"metadata": {"model_name": "org/tiny", "dataset_size": 3}}, ("org/tiny", 3)),
     ("example-predictions", {"model": MODEL}, {"rows": {"h1": "a", "h2": "b"}}, ("org/tiny", 2)),
     ("generations", {"model": "tiny"}, {"model": "org/tiny", "num_samples": 4, "num_rows": 8}, ("org/tiny", 4)),
-    ("activations", {"model": MODEL}, {"num_examples": 6, "chunks": [{"file": "d.arrow", "rows": 6}], "layers": [1],
-                                       "hidden_size": 8, "dtype": "float16", "positions": "last"}, ("org/tiny", 6)),
-    ("conversation", {"conv_id": "c1", "uid": "u"}, {"conv_id": "c1", "tokens": 12, "meta": {}, "pinned": True,
-                                                     "last_access": 2e9}, ("c1", 12)),
+    (
+        "activations",
+        {"model": MODEL},
+        {
+            "num_examples": 6,
+            "chunks": [{"file": "d.arrow", "rows": 6}],
+            "layers": [1],
+            "hidden_size": 8,
+            "dtype": "float16",
+            "positions": "last",
+        },
+        ("org/tiny", 6),
+    ),
+    (
+        "conversation",
+        {"conv_id": "c1", "uid": "u"},
+        {"conv_id": "c1", "tokens": 12, "meta": {}, "pinned": True, "last_access": 2e9},
+        ("c1", 12),
+    ),
     ("identity", {}, {"identity": {"model": {"name": "org/tiny"}}}, ("org/tiny", 0)),
     ("file-hashes", {}, {"hashes": {"a": "b"}}, ("-", 0)),
     ("last-miss", {"model": MODEL}, {"reason": "r", "changes": []}, ("org/tiny", 0)),
@@ -61,17 +76,22 @@ def test_every_kind_writes_a_summary_with_its_model_and_items(tmp_path, kind, in
 
 
 def test_a_summary_in_fields_is_replaced_by_the_contracts(tmp_path):
-    path = _commit(tmp_path, "generations", {}, {"model": "org/b", "num_samples": 2,
-                                                "summary": {"model": "org/a", "items": 99}})
+    path = _commit(
+        tmp_path, "generations", {}, {"model": "org/b", "num_samples": 2, "summary": {"model": "org/a", "items": 99}}
+    )
     assert unseal(path.read_bytes())["summary"]["model"] == "org/b"  # a re-read doc's old summary never survives
 
 
 def _big_run(folder: Path, n: int = 3000, summary: bool = True, created: float | None = None) -> Path:
     """A prediction run whose manifest is far longer than the head: only its first bytes are read."""
     tag_folder(folder)
-    doc = entry.manifest_doc("predictions", make_key("predictions", {"model": MODEL, "n": n}), {},
-                             {"metadata": {"model_name": "org/big", "dataset_size": n},
-                              "predictions": [f"p{i}" for i in range(n)]}, created or time.time())
+    doc = entry.manifest_doc(
+        "predictions",
+        make_key("predictions", {"model": MODEL, "n": n}),
+        {},
+        {"metadata": {"model_name": "org/big", "dataset_size": n}, "predictions": [f"p{i}" for i in range(n)]},
+        created or time.time(),
+    )
     if not summary:
         del doc["summary"]  # as written before summaries existed
     path = folder / f"big-{n}-{summary}.json"
@@ -144,8 +164,13 @@ def test_a_pinned_conversation_is_never_pruned(root):
 
 
 def test_ls_shows_last_used_and_json_carries_both_times(root, capsys):
-    path = _commit(root / "predictions", "predictions", {"model": MODEL},
-                   {"metadata": {"model_name": "org/tiny", "dataset_size": 3}}, created=time.time() - 3 * DAY)
+    path = _commit(
+        root / "predictions",
+        "predictions",
+        {"model": MODEL},
+        {"metadata": {"model_name": "org/tiny", "dataset_size": 3}},
+        created=time.time() - 3 * DAY,
+    )
     assert cli.main(["ls"]) == 0
     out = capsys.readouterr().out
     assert "LAST USED" in out and "org/tiny" in out
@@ -170,4 +195,4 @@ def test_read_head_still_reads_kind_and_key_from_the_head(root, monkeypatch):
         raise AssertionError("parsed whole")
 
     monkeypatch.setattr(entry, "inspect", whole)
-    assert entry.read_head(path) == ("predictions", doc["key"])  # `explain` past the summary, never whole
+    assert heads.read_head(path) == ("predictions", doc["key"])  # `explain` past the summary, never whole

@@ -90,7 +90,9 @@ def test_multi_turn_round_trip_keeps_global_indices_and_each_tokens_own_arrays(f
     turns = [(0, 4), (4, 1), (5, 6)]
     for start, count in turns:
         assert cache.append_turn("chat-1", *make_turn(start, count, bf16=bf16), meta={"model": "tiny"}) == (
-            start, start + count)
+            start,
+            start + count,
+        )
     assert cache.length("chat-1") == 11
     for index in range(11):
         start, count = next(t for t in turns if t[0] <= index < t[0] + t[1])
@@ -99,7 +101,10 @@ def test_multi_turn_round_trip_keeps_global_indices_and_each_tokens_own_arrays(f
         assert record.hidden_dtype == ("bfloat16" if bf16 else "float16")
     manifest = read_entry(folder / "chat-1" / "conversation.json")
     assert [(t["start"], t["count"], t["file"]) for t in manifest["turns"]] == [
-        (0, 4, "turn-00000.safetensors"), (4, 1, "turn-00001.safetensors"), (5, 6, "turn-00002.safetensors")]
+        (0, 4, "turn-00000.safetensors"),
+        (4, 1, "turn-00001.safetensors"),
+        (5, 6, "turn-00002.safetensors"),
+    ]
     assert (manifest["layers"], manifest["hidden"], manifest["k"]) == (L, H, K)
     assert manifest["meta"] == {"model": "tiny", "hidden_dtype": "bfloat16" if bf16 else "float16"}
 
@@ -110,7 +115,11 @@ def test_turn_files_are_plain_safetensors(folder):
     cache_at(folder).append_turn("c", *make_turn(0, 3))
     loaded = load_file(folder / "c" / "turn-00000.safetensors") | load_file(folder / "c" / "lens-00000.safetensors")
     assert {k: v.shape for k, v in loaded.items()} == {
-        "token_ids": (3,), "hidden": (3, L, H), "topk_ids": (3, L, K), "topk_probs": (3, L, K)}
+        "token_ids": (3,),
+        "hidden": (3, L, H),
+        "topk_ids": (3, L, K),
+        "topk_probs": (3, L, K),
+    }
 
 
 def test_a_turn_stored_without_its_lens_gets_it_later_in_memory_and_on_disk(folder):
@@ -191,9 +200,14 @@ def test_a_turn_with_other_shapes_is_refused(folder):
 @pytest.mark.parametrize("bad", ["../x", "a/b", "", "x" * 65, "a\x00b", "..", "a\\b", "a b", None])
 def test_malformed_conversation_ids_raise_before_touching_the_disk(folder, bad):
     cache = cache_at(folder)
-    calls = [lambda: cache.append_turn(bad, *make_turn(0, 1)), lambda: cache.token(bad, 0),
-             lambda: cache.tokens(bad, 0, 2), lambda: cache.length(bad), lambda: cache.pin(bad),
-             lambda: cache.delete(bad)]
+    calls = [
+        lambda: cache.append_turn(bad, *make_turn(0, 1)),
+        lambda: cache.token(bad, 0),
+        lambda: cache.tokens(bad, 0, 2),
+        lambda: cache.length(bad),
+        lambda: cache.pin(bad),
+        lambda: cache.delete(bad),
+    ]
     for call in calls:
         with pytest.raises(ConfigError, match="Invalid conversation id"):
             call()
@@ -254,8 +268,11 @@ def test_a_context_window_across_turns_reads_each_turn_once(folder, monkeypatch)
     real = token_cache.read_turn
     monkeypatch.setattr(token_cache, "read_turn", lambda *a: reads.append(a[2:]) or real(*a))
     records = cache.tokens("c", 2, 11)
-    assert [r.index for r in records] == list(range(2, 11)) and reads == [(0, slice(2, 4)), (1, slice(0, 4)),
-                                                                           (2, slice(0, 3))]
+    assert [r.index for r in records] == list(range(2, 11)) and reads == [
+        (0, slice(2, 4)),
+        (1, slice(0, 4)),
+        (2, slice(0, 3)),
+    ]
     for record in records:
         check(record, record.index // 4 * 4, 4, record.index)
     assert cache.tokens("c", -5, 2)[0].index == 0 and cache.tokens("c", 11, 99)[-1].index == 11
@@ -432,19 +449,26 @@ def test_reads_never_unpickle(folder, monkeypatch):
 # Configuration and codecs ------------------------------------------------------------------------
 
 
-SEED_YAML = {"cache": {
-    "memory": {"max_size_mb": 1024, "eviction_policy": "lru"},
-    "disk": {"max_size_gb": 10, "directory": "./cache", "compression": "lz4"},
-    "prefetch": {"enabled": True, "range": 5},
-    "ttl": {"memory_minutes": 60, "disk_days": 7},
-}}
+SEED_YAML = {
+    "cache": {
+        "memory": {"max_size_mb": 1024, "eviction_policy": "lru"},
+        "disk": {"max_size_gb": 10, "directory": "./cache", "compression": "lz4"},
+        "prefetch": {"enabled": True, "range": 5},
+        "ttl": {"memory_minutes": 60, "disk_days": 7},
+    }
+}
 
 
 def test_from_yaml_dict_reads_the_seed_block():
     config = TokenCacheConfig.from_yaml_dict(SEED_YAML)
-    assert config == TokenCacheConfig(memory_max_bytes=2**30, disk_max_bytes=10 * 2**30, compression="lz4",
-                                      prefetch_range=5, memory_ttl=timedelta(hours=1),
-                                      cache=CacheConfig(folder="./cache", max_age=timedelta(days=7)))
+    assert config == TokenCacheConfig(
+        memory_max_bytes=2**30,
+        disk_max_bytes=10 * 2**30,
+        compression="lz4",
+        prefetch_range=5,
+        memory_ttl=timedelta(hours=1),
+        cache=CacheConfig(folder="./cache", max_age=timedelta(days=7)),
+    )
     off = TokenCacheConfig.from_yaml_dict({"prefetch": {"enabled": False}, "ttl": {"disk_days": None}})
     assert off.prefetch_range == 0 and off.resolved_cache.max_age is None and off.resolved_cache.folder is None
     assert config.resolved_cache.max_age == timedelta(days=7) and config.memory_ttl == timedelta(hours=1)
@@ -497,11 +521,17 @@ def test_the_manifest_is_an_entry_listing_every_turn_and_lens_file(folder):
     cache.add_lens("c", 3, *make_turn(3, 2)[2:])
     opened = entry.open_entry(folder / "c" / "conversation.json", kind="conversation", check="hash")
     assert opened is not None and opened.doc["format"] == 3 and opened.doc["conv_id"] == "c"
-    assert opened.key == {"kind": "conversation", "digest": opened.doc["uid"],
-                          "inputs": {"conv_id": "c", "uid": opened.doc["uid"]}}
+    assert opened.key == {
+        "kind": "conversation",
+        "digest": opened.doc["uid"],
+        "inputs": {"conv_id": "c", "uid": opened.doc["uid"]},
+    }
     on_disk = {p.name for p in (folder / "c").iterdir() if not p.name.startswith(".")} - {"conversation.json"}
-    assert set(opened.files) == on_disk == {"turn-00000.safetensors", "lens-00000.safetensors",
-                                            "turn-00001.safetensors", "lens-00001.safetensors"}
+    assert (
+        set(opened.files)
+        == on_disk
+        == {"turn-00000.safetensors", "lens-00000.safetensors", "turn-00001.safetensors", "lens-00001.safetensors"}
+    )
     for name, record in opened.files.items():
         data = (folder / "c" / name).read_bytes()
         assert (record["bytes"], record["xxh3"]) == (len(data), hash_bytes(data))
@@ -686,30 +716,34 @@ def test_a_manifest_rewritten_in_place_with_size_and_mtime_restored_is_read_agai
     assert cache.meta("c")["note"] == "bbbb"  # and so does the one that remembered the old one
 
 
-@pytest.mark.parametrize("change", [
-    lambda doc: doc.update(turns="x"),
-    lambda doc: doc.update(turns=[1]),
-    lambda doc: doc.update(turns=[None]),
-    lambda doc: doc.update(tokens="5"),
-    lambda doc: doc.update(layers=None),
-    lambda doc: doc.update(hidden_dtype="float64"),
-    lambda doc: doc.update(pinned="yes"),
-    lambda doc: doc.update(meta=[]),
-    lambda doc: doc.update(k="4"),
-    lambda doc: doc.update(files=[]),
-    lambda doc: doc.update(key=None),
-    lambda doc: doc.update(uid="another"),
-    lambda doc: doc.update(last_access="soon"),
-    lambda doc: doc["turns"][0].update(count=-1),
-    lambda doc: doc["turns"][0].update(start=1),
-    lambda doc: doc["turns"][0].update(file=["turn-00000.safetensors"]),
-    lambda doc: doc["turns"][0].update(file="turn-00009.safetensors"),
-    lambda doc: doc["turns"][0].update(bytes=10),
-    lambda doc: doc["turns"][0].update(k=5),
-    lambda doc: doc["turns"][0].update(compression="rar"),
-    lambda doc: doc["files"].update({"turn-00000.safetensors": "x"}),
-    lambda doc: doc.pop("hidden"),
-], ids=lambda _: "")
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda doc: doc.update(turns="x"),
+        lambda doc: doc.update(turns=[1]),
+        lambda doc: doc.update(turns=[None]),
+        lambda doc: doc.update(tokens="5"),
+        lambda doc: doc.update(layers=None),
+        lambda doc: doc.update(hidden_dtype="float64"),
+        lambda doc: doc.update(pinned="yes"),
+        lambda doc: doc.update(meta=[]),
+        lambda doc: doc.update(k="4"),
+        lambda doc: doc.update(files=[]),
+        lambda doc: doc.update(key=None),
+        lambda doc: doc.update(uid="another"),
+        lambda doc: doc.update(last_access="soon"),
+        lambda doc: doc["turns"][0].update(count=-1),
+        lambda doc: doc["turns"][0].update(start=1),
+        lambda doc: doc["turns"][0].update(file=["turn-00000.safetensors"]),
+        lambda doc: doc["turns"][0].update(file="turn-00009.safetensors"),
+        lambda doc: doc["turns"][0].update(bytes=10),
+        lambda doc: doc["turns"][0].update(k=5),
+        lambda doc: doc["turns"][0].update(compression="rar"),
+        lambda doc: doc["files"].update({"turn-00000.safetensors": "x"}),
+        lambda doc: doc.pop("hidden"),
+    ],
+    ids=lambda _: "",
+)
 def test_a_resealed_manifest_of_the_wrong_shape_is_a_miss_not_a_crash(folder, warnings_log, change):
     cache_at(folder).append_turn("c", *make_turn(0, 4))
     reseal(folder / "c" / "conversation.json", change)
@@ -721,8 +755,9 @@ def test_a_resealed_manifest_of_the_wrong_shape_is_a_miss_not_a_crash(folder, wa
     assert "is not served as conversation c" in warnings_log.text
 
 
-@pytest.mark.parametrize("name", ["../../victim.safetensors", "/abs/victim.safetensors", "sub/victim.safetensors",
-                                  ".hidden.safetensors"])
+@pytest.mark.parametrize(
+    "name", ["../../victim.safetensors", "/abs/victim.safetensors", "sub/victim.safetensors", ".hidden.safetensors"]
+)
 def test_a_traversal_name_in_a_resealed_manifest_is_neither_read_nor_deleted(folder, warnings_log, name):
     cache_at(folder).append_turn("c", *make_turn(0, 4))
     conv = folder / "c"
@@ -787,8 +822,9 @@ def test_a_full_disk_while_writing_keeps_the_turn_in_memory(folder, warnings_log
     assert cache.length("c") == 5 and "keeping it in memory only" in warnings_log.text
     assert "No space left on device" in warnings_log.text
     left = [p.name for p in folder.rglob("*") if p.is_file()]
-    assert not any(n.endswith(".safetensors") or n == "conversation.json" or "tmp" in n or n.endswith(".lock")
-                   for n in left), left
+    assert not any(
+        n.endswith(".safetensors") or n == "conversation.json" or "tmp" in n or n.endswith(".lock") for n in left
+    ), left
 
 
 def test_a_lens_the_disk_refuses_stays_in_memory(folder, warnings_log, monkeypatch):

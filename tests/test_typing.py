@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
-USER_FILE = '''\
+USER_FILE = """\
 import hf_cachehooks
 from hf_cachehooks import GenerationCache, SpeedupCallback, evaluate_model, speedups
 
@@ -22,7 +22,7 @@ reveal_type(hf_cachehooks.Sampling)
 reveal_type(speedups.plan)
 reveal_type(evaluate_model("model", "data.json").miss_reason)
 from hf_cachehooks import evaluate_modle  # a typo: an error, never a silent Any
-'''
+"""
 
 EXPECTED = [
     "hf_cachehooks.activations.store.ActivationStore",
@@ -58,8 +58,13 @@ def test_mypy_sees_the_real_types_of_lazy_names_and_a_misspelt_one_is_an_error(t
     (tmp_path / "mypy.ini").write_text(CONFIG)
     # The editable install is an import hook mypy cannot follow: point it at the source tree instead.
     env = {**os.environ, "MYPYPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-m", "mypy", "--config-file", "mypy.ini", "--cache-dir",
-                           str(tmp_path / "cache"), "user.py"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--config-file", "mypy.ini", "--cache-dir", str(tmp_path / "cache"), "user.py"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     revealed = re.findall(r'Revealed type is "(.*)"', done.stdout)
     errors = [line for line in done.stdout.splitlines() if ": error:" in line]
     assert done.returncode == 1 and len(errors) == 1, done.stdout + done.stderr

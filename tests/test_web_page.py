@@ -61,10 +61,12 @@ def shared(tmp_path_factory):
     """One server for the read-only tests: (base URL, its TokenCache, a chatted conversation id)."""
     app, cache = make_app(tmp_path_factory.mktemp("conv"))
     with serve(app) as url:
-        conv_id = httpx.post(f"{url}/api/chat/cached", json={"message": "what is the capital of france ?"},
-                             timeout=60).json()["conversation_id"]
-        httpx.post(f"{url}/api/chat/cached", json={"conversation_id": conv_id, "message": "is the sky blue ?"},
-                   timeout=60)
+        conv_id = httpx.post(
+            f"{url}/api/chat/cached", json={"message": "what is the capital of france ?"}, timeout=60
+        ).json()["conversation_id"]
+        httpx.post(
+            f"{url}/api/chat/cached", json={"conversation_id": conv_id, "message": "is the sky blue ?"}, timeout=60
+        )
         yield url, cache, conv_id
 
 
@@ -79,19 +81,25 @@ def drawn_lens(page) -> dict:
 
 def cell_colour(page, layer: int, rank: int) -> list[int]:
     """The RGBA the lens canvas has just left of a cell's text (its shade: no text, no outline there)."""
-    return page.evaluate("""([l, r]) => {
+    return page.evaluate(
+        """([l, r]) => {
         const canvas = document.querySelector('canvas.lens'), box = window.hfLens.cellBox(l, r);
         const scale = canvas.width / canvas.clientWidth;
         const px = canvas.getContext('2d').getImageData(Math.floor((box.x + 3) * scale),
                                                         Math.round((box.y + box.h / 2) * scale), 1, 1).data;
         return [...px];
-    }""", [layer, rank])
+    }""",
+        [layer, rank],
+    )
 
 
 def api_lens(url: str, conv_id: str, position: int) -> dict:
     data = httpx.get(f"{url}/api/cache/token/{conv_id}/{position}").raise_for_status().json()
-    return {"position": position, "token": data["activations"]["token"],
-            "rows": [[[c["token"], c["prob"]] for c in layer["top_k"]] for layer in data["activations"]["layers"]]}
+    return {
+        "position": position,
+        "token": data["activations"]["token"],
+        "rows": [[[c["token"], c["prob"]] for c in layer["top_k"]] for layer in data["activations"]["layers"]],
+    }
 
 
 def assert_same_lens(page, url: str, conv_id: str, position: int) -> None:
@@ -99,8 +107,9 @@ def assert_same_lens(page, url: str, conv_id: str, position: int) -> None:
     assert len(shown["rows"]) == LAYERS + 1 and all(len(row) == K for row in shown["rows"])
     assert (shown["position"], shown["token"]) == (served["position"], served["token"])
     assert [[t for t, _ in row] for row in shown["rows"]] == [[t for t, _ in row] for row in served["rows"]]
-    np.testing.assert_allclose([[p for _, p in row] for row in shown["rows"]],
-                               [[p for _, p in row] for row in served["rows"]], rtol=1e-6)
+    np.testing.assert_allclose(
+        [[p for _, p in row] for row in shown["rows"]], [[p for _, p in row] for row in served["rows"]], rtol=1e-6
+    )
     for layer, row in enumerate(served["rows"]):  # each cell painted blue with opacity = its probability
         for rank, (_, prob) in enumerate(row):
             red, green, blue, alpha = cell_colour(page, layer, rank)
@@ -120,8 +129,11 @@ def test_chat_click_an_earlier_turn_then_refresh_and_restart(page, tmp_path):
         first_turn = page.eval_on_selector_all('#conv .turn[data-turn="0"] span.tok', "els => els.length")
         page.fill("#msg", "is the sky blue ?")
         page.press("#msg", "Enter")  # Enter sends too
-        page.wait_for_function("() => document.querySelectorAll('#conv .turn[data-turn]').length === 2 "
-                               "&& !document.getElementById('send').disabled", timeout=60_000)
+        page.wait_for_function(
+            "() => document.querySelectorAll('#conv .turn[data-turn]').length === 2 "
+            "&& !document.getElementById('send').disabled",
+            timeout=60_000,
+        )
         conv_id = parse_qs(urlsplit(page.url).fragment)["c"][0]
         served = httpx.get(f"{url}/api/conversations/{conv_id}").json()
         assert [list(t) for t in served["turns"]] == [[0, first_turn], [first_turn, len(served["tokens"])]]
@@ -161,8 +173,10 @@ def test_chat_click_an_earlier_turn_then_refresh_and_restart(page, tmp_path):
 def test_click_prefetches_neighbours_so_the_next_click_is_from_memory(page, shared):
     url, _, conv_id = shared
     fetched: list[int] = []
-    page.on("request", lambda r: fetched.append(int(r.url.split("?")[0].rsplit("/", 1)[1]))
-            if "/api/cache/token/" in r.url else None)
+    page.on(
+        "request",
+        lambda r: fetched.append(int(r.url.split("?")[0].rsplit("/", 1)[1])) if "/api/cache/token/" in r.url else None,
+    )
     reach = httpx.get(f"{url}/api/cache/status").json()["prefetch_range"]
     length = len(httpx.get(f"{url}/api/conversations/{conv_id}").json()["tokens"])
     open_conversation(page, url, conv_id)
@@ -198,8 +212,13 @@ def test_a_2000_token_conversation_loads_and_clicks_fast(page, shared):
         t = 1000
         ids = rng.integers(4, vocab, size=(t, LAYERS + 1, K)).astype(np.int32)
         probs = np.sort(rng.random((t, LAYERS + 1, K)), axis=-1)[..., ::-1].astype(np.float16)
-        cache.append_turn("big", rng.integers(4, vocab, size=t).astype(np.int32),
-                          rng.standard_normal((t, LAYERS + 1, 16)).astype(np.float16), ids, probs)
+        cache.append_turn(
+            "big",
+            rng.integers(4, vocab, size=t).astype(np.int32),
+            rng.standard_normal((t, LAYERS + 1, 16)).astype(np.float16),
+            ids,
+            probs,
+        )
     open_conversation(page, url, "big")
     assert page.locator("#conv span.tok").count() == 2000
     assert page.locator("#conv .turn[data-turn]").count() == 2
@@ -210,12 +229,15 @@ def test_a_2000_token_conversation_loads_and_clicks_fast(page, shared):
 
 def map_pixel(page, position: int, layer: int) -> list[int]:
     """The RGBA the positions x layers canvas has at a cell's left edge (its shade: text starts further right)."""
-    return page.evaluate("""([p, l]) => {
+    return page.evaluate(
+        """([p, l]) => {
         const canvas = document.querySelector('canvas.map'), box = window.hfMap.cellBox(p, l);
         const scale = canvas.width / canvas.clientWidth;
         return [...canvas.getContext('2d').getImageData(Math.floor((box.x + 1) * scale),
                                                         Math.round((box.y + box.h / 2) * scale), 1, 1).data];
-    }""", [position, layer])
+    }""",
+        [position, layer],
+    )
 
 
 def test_positions_by_layers_view_draws_the_served_lens_and_a_cell_click_selects(page, shared):
@@ -250,7 +272,8 @@ def test_positions_by_layers_view_draws_the_served_lens_and_a_cell_click_selects
 
     csv = page.evaluate("() => window.hfMap.csv()").splitlines()
     assert csv[0].startswith("position,token,next_token,layer,top1_token") and len(csv) == 1 + (LAYERS + 1) * (
-        turns[0][1] - turns[0][0])
+        turns[0][1] - turns[0][0]
+    )
     with page.expect_download() as download:
         page.click("#png")
     assert download.value.suggested_filename.endswith(".png")
@@ -326,8 +349,11 @@ def test_the_status_tells_a_pending_lens_from_a_stored_one(page, tmp_path):
         assert "lens" in state.inner_text() and "✓" not in state.inner_text()  # never "cached" before it is
         assert "computing its lens" in page.inner_text("#status")
         gate.set()
-        page.wait_for_function("""() => document.querySelector('#conv .turn[data-turn="0"] .lens-state')
-                                  .textContent.includes('✓')""", timeout=30_000)
+        page.wait_for_function(
+            """() => document.querySelector('#conv .turn[data-turn="0"] .lens-state')
+                                  .textContent.includes('✓')""",
+            timeout=30_000,
+        )
         page.wait_for_function("() => document.getElementById('status').textContent.includes(\"every turn's lens\")")
 
 

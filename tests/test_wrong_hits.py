@@ -37,8 +37,9 @@ def _truth(seed: int, rows, config=CFG) -> list:
     """Predictions of the model with this seed, never through the cache."""
     from dataclasses import replace
 
-    return evaluate_model(make_llama(seed=seed), rows, replace(config, use_prediction_cache=False),
-                          tokenizer=make_tokenizer()).predictions
+    return evaluate_model(
+        make_llama(seed=seed), rows, replace(config, use_prediction_cache=False), tokenizer=make_tokenizer()
+    ).predictions
 
 
 def _seeds_differ(rows) -> None:
@@ -84,10 +85,11 @@ def test_weights_rewritten_in_place_with_mtime_restored_are_a_miss(tmp_path, qa_
 
 def test_nan_inf_and_none_in_data_are_different_data(tiny, qa_rows):
     model, tok = tiny
-    config = EvalConfig(max_new_tokens=2, batch_size=8, metrics=("exact_match",),
-                        prompt_template="{question} {score}")
-    results = [evaluate_model(model, [{**r, "score": value} for r in qa_rows], config, tokenizer=tok)
-               for value in (None, float("nan"), float("inf"), float("-inf"))]
+    config = EvalConfig(max_new_tokens=2, batch_size=8, metrics=("exact_match",), prompt_template="{question} {score}")
+    results = [
+        evaluate_model(model, [{**r, "score": value} for r in qa_rows], config, tokenizer=tok)
+        for value in (None, float("nan"), float("inf"), float("-inf"))
+    ]
     assert [r.cache_status for r in results] == ["miss"] * 4
     assert len({r.key for r in results}) == 4
 
@@ -157,8 +159,15 @@ def test_batches_never_mutate_and_match_the_tokenizers_own_padding():
     bare = _no_pad_tokenizer()
     _, batch = next(batches(texts, bare, 3))
     assert bare.pad_token is None
-    assert batch["input_ids"][1, -1].item() == bare.eos_token_id and batch["attention_mask"][1].tolist() == [1, 0, 0, 0,
-                                                                                                            0, 0, 0]
+    assert batch["input_ids"][1, -1].item() == bare.eos_token_id and batch["attention_mask"][1].tolist() == [
+        1,
+        0,
+        0,
+        0,
+        0,
+        0,
+        0,
+    ]
 
 
 def test_classify_without_any_pad_id_changes_neither_model_nor_tokenizer():
@@ -167,9 +176,18 @@ def test_classify_without_any_pad_id_changes_neither_model_nor_tokenizer():
     from hf_cachehooks._models.runners import classify
 
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, num_labels=3, pad_token_id=None)).eval()
+    model = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_labels=3,
+            pad_token_id=None,
+        )
+    ).eval()
     tok = _no_pad_tokenizer()
     texts = ["what is the capital of france ?", "yes", "is the sky green ?"]
     labels = classify(model, tok, texts, EvalConfig(task="classification"))
@@ -195,8 +213,14 @@ def _fill(folder: Path) -> None:
 def _tmpfs_full(folder: Path):
     """A 256 KiB tmpfs at `folder`, filled to the last byte; None when this machine cannot mount one."""
     folder.mkdir(parents=True, exist_ok=True)
-    mounted = os.geteuid() == 0 and shutil.which("mount") and subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    mounted = (
+        os.geteuid() == 0
+        and shutil.which("mount")
+        and subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True
+        ).returncode
+        == 0
+    )
     if not mounted:
         yield None
         return
@@ -248,8 +272,9 @@ def _patch_full(monkeypatch, folder: Path) -> None:
 
 
 @pytest.mark.parametrize("full", ["tmpfs", "patched"])
-def test_full_disk_finishes_uncached_with_a_warning_and_no_lock_left(tmp_path, root, qa_rows, monkeypatch, caplog,
-                                                                    full):
+def test_full_disk_finishes_uncached_with_a_warning_and_no_lock_left(
+    tmp_path, root, qa_rows, monkeypatch, caplog, full
+):
     """ENOSPC everywhere under the cache root: correct predictions, a warning, and the next run does not wait.
 
     "tmpfs" mounts a real full filesystem where the test may (root with mount rights), else simulates it.
@@ -275,11 +300,14 @@ def test_full_disk_finishes_uncached_with_a_warning_and_no_lock_left(tmp_path, r
     assert "Cannot write cache" in caplog.text and "Another process is computing" not in caplog.text
 
 
-@pytest.mark.parametrize("mutate, counted", [
-    (lambda w: w.data.__setitem__((0, 0), w.data[0, 0] + 1e-3), False),  # an ablation through .data
-    (lambda w: w.data.add_(1e-6), False),  # an adapter merged as peft merges it: weight.data += delta
-    (lambda w: torch.no_grad()(w.mul_)(1.0 + 1e-6), True),  # in place under no_grad
-])
+@pytest.mark.parametrize(
+    "mutate, counted",
+    [
+        (lambda w: w.data.__setitem__((0, 0), w.data[0, 0] + 1e-3), False),  # an ablation through .data
+        (lambda w: w.data.add_(1e-6), False),  # an adapter merged as peft merges it: weight.data += delta
+        (lambda w: torch.no_grad()(w.mul_)(1.0 + 1e-6), True),  # in place under no_grad
+    ],
+)
 def test_a_weight_changed_in_place_on_the_same_object_is_a_miss(qa_rows, mutate, counted):
     """Same object, same storage; through `.data` not even the version counter moves: only the bytes tell."""
     model, tok = make_llama(), make_tokenizer()
@@ -368,8 +396,20 @@ def _dropout_gpt2(head: str = "causal"):
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    config = GPT2Config(vocab_size=64, n_positions=64, n_embd=16, n_layer=2, n_head=2, resid_pdrop=0.5,
-                        embd_pdrop=0.5, attn_pdrop=0.5, bos_token_id=1, eos_token_id=2, pad_token_id=0, num_labels=3)
+    config = GPT2Config(
+        vocab_size=64,
+        n_positions=64,
+        n_embd=16,
+        n_layer=2,
+        n_head=2,
+        resid_pdrop=0.5,
+        embd_pdrop=0.5,
+        attn_pdrop=0.5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        num_labels=3,
+    )
     return (GPT2LMHeadModel if head == "causal" else GPT2ForSequenceClassification)(config).eval()
 
 
@@ -387,8 +427,11 @@ def _mode_as_left(model) -> bool:
 @pytest.mark.parametrize("task", ["generation", "classification"])
 def test_a_model_in_train_mode_is_run_in_eval_mode_and_given_back_as_it_came(qa_rows, task):
     """Finding 7: predictions made with dropout on were cached, then served to the same model in eval mode."""
-    config = CFG.with_(max_new_tokens=8) if task == "generation" else EvalConfig(
-        task="classification", input_field="question", reference_field="label", metrics=("accuracy",))
+    config = (
+        CFG.with_(max_new_tokens=8)
+        if task == "generation"
+        else EvalConfig(task="classification", input_field="question", reference_field="label", metrics=("accuracy",))
+    )
     rows = [{**r, "label": i % 3} for i, r in enumerate(qa_rows)]
     model, tok = _dropout_gpt2("causal" if task == "generation" else "classification"), make_tokenizer()
     truth = evaluate_model(model, rows, config.with_(use_prediction_cache=False), tokenizer=tok).predictions
@@ -443,9 +486,18 @@ def test_classification_truncation_settings_changed_in_place_are_a_miss(qa_rows)
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    model = LlamaForSequenceClassification(LlamaConfig(
-        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=2, num_labels=3, pad_token_id=0)).eval()
+    model = LlamaForSequenceClassification(
+        LlamaConfig(
+            vocab_size=64,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_labels=3,
+            pad_token_id=0,
+        )
+    ).eval()
     tok = make_tokenizer()
     rows = [{"text": r["question"], "label": i % 3} for i, r in enumerate(qa_rows)]
     config = EvalConfig(task="classification", input_field="text", reference_field="label", metrics=("accuracy",))
@@ -466,11 +518,16 @@ def test_max_time_is_refused_with_the_fix_and_runs_uncached(tiny, qa_rows):
 
     model, tok = tiny
     timed = CFG.with_(generation_kwargs={"max_time": 0.02})
-    with pytest.raises(ConfigError, match=r"max_time=0\.02 \(from your generation settings\) cannot be cached: "
-                                          r"it stops generation by the clock.*max_new_tokens.*use_prediction_cache"):
+    with pytest.raises(
+        ConfigError,
+        match=r"max_time=0\.02 \(from your generation settings\) cannot be cached: "
+        r"it stops generation by the clock.*max_new_tokens.*use_prediction_cache",
+    ):
         evaluate_model(model, qa_rows, timed, tokenizer=tok)
-    assert evaluate_model(model, qa_rows, timed.with_(use_prediction_cache=False), tokenizer=tok).cache_status \
+    assert (
+        evaluate_model(model, qa_rows, timed.with_(use_prediction_cache=False), tokenizer=tok).cache_status
         == "disabled"
+    )
     import copy
 
     own = copy.deepcopy(model)
@@ -489,7 +546,10 @@ def test_a_tokenizer_given_with_a_model_path_is_refused(tmp_path, qa_rows):
 
     folder = _save(tmp_path / "m", 0)
     for config in (CFG, CFG.with_(use_prediction_cache=False)):
-        with pytest.raises(ConfigError, match=r"model path '.*m' and tokenizer=\w+: a model "
-                                              r"given by path loads its own tokenizer\. Pass the loaded model object"):
+        with pytest.raises(
+            ConfigError,
+            match=r"model path '.*m' and tokenizer=\w+: a model "
+            r"given by path loads its own tokenizer\. Pass the loaded model object",
+        ):
             evaluate_model(str(folder), qa_rows, config, tokenizer=make_tokenizer())
     assert evaluate_model(str(folder), qa_rows, CFG).predictions == _truth(0, qa_rows)

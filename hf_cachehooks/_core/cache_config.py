@@ -89,8 +89,9 @@ def duration(value: timedelta | float) -> timedelta:
     if isinstance(value, timedelta):
         return value
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"Duration {value!r} is neither a timedelta nor a number of seconds; pass e.g. "
-                          "timedelta(seconds=60).")
+        raise ConfigError(
+            f"Duration {value!r} is neither a timedelta nor a number of seconds; pass e.g. timedelta(seconds=60)."
+        )
     return float(value) * _SECOND
 
 
@@ -143,14 +144,17 @@ class CacheConfig:
             _check_duration("max_age", self.max_age, "None (never expires)")
         _check_duration("lock_stale_after", self.lock_stale_after, "timedelta(seconds=60)")
         if self.lock_stale_after <= timedelta(0):
-            raise ConfigError(f"CacheConfig lock_stale_after={self.lock_stale_after!r} must be positive, "
-                              "e.g. timedelta(seconds=60).")
+            raise ConfigError(
+                f"CacheConfig lock_stale_after={self.lock_stale_after!r} must be positive, e.g. timedelta(seconds=60)."
+            )
         for name in ("force_recompute", "enabled"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"CacheConfig {name}={getattr(self, name)!r} must be True or False.")
         if not callable(self.clock):
-            raise ConfigError(f"CacheConfig clock={self.clock!r} is not callable; pass a function returning "
-                              "epoch seconds, e.g. time.time.")
+            raise ConfigError(
+                f"CacheConfig clock={self.clock!r} is not callable; pass a function returning "
+                "epoch seconds, e.g. time.time."
+            )
 
     @property
     def max_age_days(self) -> float | None:
@@ -160,9 +164,11 @@ class CacheConfig:
             ConfigError: `max_age` was left to the cache's own default, which only a cache resolves.
         """
         if self.max_age is OWN_DEFAULT:
-            raise ConfigError("This CacheConfig leaves max_age to each cache's own default; "
-                              "read it from the settings a cache resolved (EvalConfig(...).resolved_cache, "
-                              "GenerationCache(...).cache), or set max_age.")
+            raise ConfigError(
+                "This CacheConfig leaves max_age to each cache's own default; "
+                "read it from the settings a cache resolved (EvalConfig(...).resolved_cache, "
+                "GenerationCache(...).cache), or set max_age."
+            )
         return days(self.max_age)
 
     @property
@@ -206,8 +212,10 @@ class CacheConfig:
 
 def _check_duration(name: str, value: Any, example: str) -> None:
     if not isinstance(value, timedelta):
-        raise ConfigError(f"CacheConfig {name}={value!r} is not a duration; pass a datetime.timedelta, "
-                          f"e.g. timedelta(days=7), or {example}.")
+        raise ConfigError(
+            f"CacheConfig {name}={value!r} is not a duration; pass a datetime.timedelta, "
+            f"e.g. timedelta(days=7), or {example}."
+        )
     if value < timedelta(0):
         raise ConfigError(f"CacheConfig {name}={value!r} is negative; pass a positive timedelta, or {example}.")
 
@@ -221,6 +229,7 @@ def _age_in(unit: timedelta) -> Callable[[Any], timedelta | None]:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"Age {value!r} is not a number; pass a number or None (never expires).")
         return None if value < 0 else value * unit  # negative: never expires, as before
+
     return convert
 
 
@@ -266,8 +275,9 @@ _NEW_SPELLING: Mapping[str, str] = {
 # The keywords an owner keeps without a warning: `EvalConfig`'s familiar ones (its `lock_stale_after` is a
 # `timedelta`, as in CacheConfig; `EvalConfig` itself warns for a number of seconds).
 FAMILIAR: Mapping[str, frozenset[str]] = {
-    "EvalConfig": frozenset({"use_prediction_cache", "force_recompute", "cache_max_age_days",
-                             "predictions_cache_dir", "lock_stale_after"}),
+    "EvalConfig": frozenset(
+        {"use_prediction_cache", "force_recompute", "cache_max_age_days", "predictions_cache_dir", "lock_stale_after"}
+    ),
 }
 
 # (owner, old spelling) pairs already warned about in this process; tests clear it to see a warning again.
@@ -289,8 +299,9 @@ def warn_deprecated(owner: str, old: str, new: str) -> None:
     WARNED.add((owner, old))
     level = 1
     frame: FrameType | None = sys._getframe(0)
-    while frame is not None and (frame.f_code.co_filename.startswith(_PACKAGE)
-                                 or frame.f_code.co_filename == "<string>"):  # a dataclass's own __init__
+    while frame is not None and (
+        frame.f_code.co_filename.startswith(_PACKAGE) or frame.f_code.co_filename == "<string>"
+    ):  # a dataclass's own __init__
         level, frame = level + 1, frame.f_back
     warnings.warn(f"{owner}({old}) is deprecated; pass {new}.", FutureWarning, stacklevel=level)
 
@@ -305,8 +316,9 @@ def _translate(keywords: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def settle(cache: CacheConfig | None, keywords: Mapping[str, Any], defaults: Mapping[str, Any],
-           owner: str) -> CacheConfig:
+def settle(
+    cache: CacheConfig | None, keywords: Mapping[str, Any], defaults: Mapping[str, Any], owner: str
+) -> CacheConfig:
     """The `CacheConfig` in effect: `cache` when given, else the one the keyword spellings describe.
 
     `keywords` are the values the caller got for its keyword spellings and `defaults` their defaults; a keyword
@@ -323,8 +335,9 @@ def settle(cache: CacheConfig | None, keywords: Mapping[str, Any], defaults: Map
     Raises:
         ConfigError: `cache` is not a CacheConfig, or a keyword disagrees with it (names both and the fix).
     """
-    given = {name: value for name, value in keywords.items()
-             if not (name in defaults and _equal(value, defaults[name]))}
+    given = {
+        name: value for name, value in keywords.items() if not (name in defaults and _equal(value, defaults[name]))
+    }
     for name in sorted(given.keys() - FAMILIAR.get(owner, frozenset())):
         warn_deprecated(owner, f"{name}=...", f"cache=CacheConfig({_NEW_SPELLING.get(name, '...')})")
     if cache is None:
@@ -335,9 +348,11 @@ def settle(cache: CacheConfig | None, keywords: Mapping[str, Any], defaults: Map
     for name, value in given.items():
         target, convert = KEYWORDS[name]
         if not _equal(convert(value), getattr(cache, target)):
-            raise ConfigError(f"{owner} got cache=CacheConfig({target}={getattr(cache, target)!r}) and "
-                              f"{name}={value!r}; set it in one place: CacheConfig({target}={convert(value)!r}), "
-                              f"or drop {name}.")
+            raise ConfigError(
+                f"{owner} got cache=CacheConfig({target}={getattr(cache, target)!r}) and "
+                f"{name}={value!r}; set it in one place: CacheConfig({target}={convert(value)!r}), "
+                f"or drop {name}."
+            )
     return cache
 
 

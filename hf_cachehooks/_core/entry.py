@@ -40,8 +40,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from .._version import __version__
 from ..errors import CorruptEntryError
 from .freshness import describe_age, is_expired
@@ -121,8 +119,15 @@ def check_name(name: object) -> str:
         CorruptEntryError: for paths (`../x`, `a/b`, absolute), hidden names, `.`/`..`, NUL or non-strings,
             and the folder's CACHEDIR.TAG (no entry owns the mark of the folder it lies in).
     """
-    if (not isinstance(name, str) or not name or name.startswith(".") or "/" in name or "\\" in name
-            or "\0" in name or len(name) > 255):
+    if (
+        not isinstance(name, str)
+        or not name
+        or name.startswith(".")
+        or "/" in name
+        or "\\" in name
+        or "\0" in name
+        or len(name) > 255
+    ):
         raise CorruptEntryError(f"file name {name!r} is not a plain name inside the entry's folder")
     if name.casefold() == _TAG_NAME.casefold():
         raise CorruptEntryError(f"file name {name!r} is the cache folder's mark, never an entry's file")
@@ -134,8 +139,12 @@ def record_problem(name: str, rec: Any) -> str | None:
 
     `type(...) is int`: `true` is not a size, though Python counts it as 1.
     """
-    if not isinstance(rec, dict) or type(rec.get("bytes")) is not int or rec["bytes"] < 0 \
-            or not isinstance(rec.get("xxh3"), str):
+    if (
+        not isinstance(rec, dict)
+        or type(rec.get("bytes")) is not int
+        or rec["bytes"] < 0
+        or not isinstance(rec.get("xxh3"), str)
+    ):
         return f"{name}: malformed file record {rec!r:.80}"
     return None
 
@@ -191,22 +200,34 @@ def _settle(folder: Path, files: Mapping[str, dict]) -> dict[str, dict]:
     return settled
 
 
-def manifest_doc(kind: str, key: Key | Mapping[str, Any], files: Mapping[str, dict], fields: Mapping[str, Any],
-                 created_at: float) -> dict:
+def manifest_doc(
+    kind: str, key: Key | Mapping[str, Any], files: Mapping[str, dict], fields: Mapping[str, Any], created_at: float
+) -> dict:
     """The manifest as a dict: the reserved fields first (`summary` computed from the rest), then the cache's own."""
     if isinstance(key, Key):
         key = {"kind": key.kind, "digest": key.digest, "inputs": key.inputs}
-    reserved = {"hf_cachehooks_entry": ENTRY_FORMAT, "kind": kind, "summary": {}, "key": dict(key),
-                "created_at": created_at,
-                "writer": {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__},
-                "files": {check_name(n): dict(r) for n, r in files.items()}}
+    reserved = {
+        "hf_cachehooks_entry": ENTRY_FORMAT,
+        "kind": kind,
+        "summary": {},
+        "key": dict(key),
+        "created_at": created_at,
+        "writer": {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__},
+        "files": {check_name(n): dict(r) for n, r in files.items()},
+    }
     doc = {**reserved, **{k: v for k, v in fields.items() if k not in reserved}}  # a re-read doc's old summary goes
     doc["summary"] = summary_of(doc)  # keeps its place, after `kind`
     return doc
 
 
-def commit(path: Path, kind: str, key: Key | Mapping[str, Any], files: Mapping[str, dict] | None = None,
-           fields: Mapping[str, Any] | None = None, created_at: float | None = None) -> bool:
+def commit(
+    path: Path,
+    kind: str,
+    key: Key | Mapping[str, Any],
+    files: Mapping[str, dict] | None = None,
+    fields: Mapping[str, Any] | None = None,
+    created_at: float | None = None,
+) -> bool:
     """Write the manifest at `path` last, after the data files its `files` records describe.
 
     A cache whose folder may hold the user's files (a generation tree, an activation store's `--output`)
@@ -217,8 +238,9 @@ def commit(path: Path, kind: str, key: Key | Mapping[str, Any], files: Mapping[s
     """
     path = Path(path)
     records = _settle(path.parent, files or {})
-    written = write_entry(path, manifest_doc(kind, key, records, fields or {},
-                                             time.time() if created_at is None else created_at))
+    written = write_entry(
+        path, manifest_doc(kind, key, records, fields or {}, time.time() if created_at is None else created_at)
+    )
     if written:
         mirror.push(path)  # a root on object storage: files up, then the manifest last (no-op when local)
     return written
@@ -254,49 +276,17 @@ def replaceable(path: Path) -> bool:
     return True
 
 
-_HEAD_BYTES = 1 << 12
-_KEY_START = b'\n  "key": '
-_KEY_END = b'\n  },\n  "created_at": '  # the only object closed at the top level's indent right before created_at
-
-
-def read_head(path: Path) -> tuple[str, dict] | None:
-    """(kind, key) of the manifest at `path`, read from its first bytes, without checking the rest.
-
-    For explaining a miss only (which fields differ from the closest entry): never for serving data,
-    which `open_entry` checks whole. A manifest laid out otherwise is parsed whole; None when it is
-    not a readable entry.
-    """
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read(_HEAD_BYTES)
-            end = raw.find(_KEY_END)
-            if end < 0 and len(raw) == _HEAD_BYTES:  # a key larger than the head: read on
-                raw += handle.read()
-                end = raw.find(_KEY_END)
-    except OSError:
-        return None
-    if not raw.startswith(MARK):
-        return None
-    start = raw.find(_KEY_START, len(MARK))
-    try:
-        if 0 < start < end:
-            kind = orjson.loads(raw[:start].rstrip(b",") + b"}").get("kind")  # the fields before key (kind, summary)
-            key = orjson.loads(raw[start + len(_KEY_START) : end + 4])
-            if isinstance(kind, str) and isinstance(key, dict):
-                return kind, key
-        found, _ = inspect(path, check="manifest")
-    except (orjson.JSONDecodeError, ValueError):
-        found, _ = inspect(path, check="manifest")
-    return (found.kind, found.key) if found is not None else None
-
-
 def trusted(path: str, st: os.stat_result, rec: dict) -> bool:
     """True when a big file's stat (taken on the open file, say) matches its record: no need to hash it.
 
     The fast path of `check_file` for a caller that opens the file anyway (the activation store maps it).
     """
-    return (stat.S_ISREG(st.st_mode) and st.st_size == rec.get("bytes") and st.st_size >= HASH_ALWAYS_BELOW
-            and (rec.get("stamp") == _stamp(st) or _verified.get(path) == (_stamp(st), rec.get("xxh3"))))
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_size == rec.get("bytes")
+        and st.st_size >= HASH_ALWAYS_BELOW
+        and (rec.get("stamp") == _stamp(st) or _verified.get(path) == (_stamp(st), rec.get("xxh3")))
+    )
 
 
 def check_file(folder: Path, name: str, rec: Any, check: str = "stamp") -> str | None:
@@ -398,16 +388,30 @@ def shape_problem(doc: Any) -> str | None:
     if not isinstance(doc, dict) or doc.get("hf_cachehooks_entry") != ENTRY_FORMAT:
         return "not an entry of this cache format (written by another version, or not a cache file)"
     key = doc.get("key")
-    if not isinstance(doc.get("kind"), str) or not isinstance(key, dict) or not isinstance(key.get("digest"), str) \
-            or not isinstance(key.get("inputs"), dict) or not isinstance(doc.get("files"), dict) \
-            or not isinstance(doc.get("created_at"), (int, float)) or isinstance(doc.get("created_at"), bool):
+    if (
+        not isinstance(doc.get("kind"), str)
+        or not isinstance(key, dict)
+        or not isinstance(key.get("digest"), str)
+        or not isinstance(key.get("inputs"), dict)
+        or not isinstance(doc.get("files"), dict)
+        or not isinstance(doc.get("created_at"), (int, float))
+        or isinstance(doc.get("created_at"), bool)
+    ):
         return "manifest fields kind/key/files/created_at are missing or of the wrong type"
     return fields_problem(doc)  # the kind's own fields (`kinds`): one verdict for every reader
 
 
-def open_entry(path: Path, *, kind: str | None = None, digest: str | None = None, max_age_days: float | None = None,
-               now: float | None = None, check: str = "stamp", remove_corrupt: bool = True,
-               reuse: bool = False) -> Entry | None:
+def open_entry(
+    path: Path,
+    *,
+    kind: str | None = None,
+    digest: str | None = None,
+    max_age_days: float | None = None,
+    now: float | None = None,
+    check: str = "stamp",
+    remove_corrupt: bool = True,
+    reuse: bool = False,
+) -> Entry | None:
     """The entry at `path` when it exists, checks out, is of `kind` and `digest`, and is not expired; else None.
 
     A corrupt entry (seal, shape, a file missing, resized or altered, a name outside the folder) is
@@ -422,8 +426,12 @@ def open_entry(path: Path, *, kind: str | None = None, digest: str | None = None
         log.warning("%s is not a cache entry of hf_cachehooks (%s): a miss; the file is not removed.", path, problem)
         return None
     if problem:
-        log.warning("Corrupt cache entry %s (%s); %s and recomputing.", path, problem,
-                    "removing it" if remove_corrupt else "ignoring it")
+        log.warning(
+            "Corrupt cache entry %s (%s); %s and recomputing.",
+            path,
+            problem,
+            "removing it" if remove_corrupt else "ignoring it",
+        )
         if remove_corrupt:
             remove_entry(path, everywhere=False)
         return None
@@ -437,8 +445,12 @@ def open_entry(path: Path, *, kind: str | None = None, digest: str | None = None
         return None
     now = time.time() if now is None else now
     if is_expired(entry.created_at, now, max_age_days):
-        log.info("Cache entry %s is %s old (max %s days): expired.", path.name, describe_age(now - entry.created_at),
-                 max_age_days)
+        log.info(
+            "Cache entry %s is %s old (max %s days): expired.",
+            path.name,
+            describe_age(now - entry.created_at),
+            max_age_days,
+        )
         return None
     return entry
 

@@ -113,8 +113,9 @@ def example_hashes(texts: Iterable[str]) -> list[str]:
     return [xxhash.xxh3_128_hexdigest(text.encode()) for text in texts]
 
 
-def hash_files(paths: Sequence[str | os.PathLike], memo_path: Path | None = None,
-               base: str | os.PathLike | None = None) -> str:
+def hash_files(
+    paths: Sequence[str | os.PathLike], memo_path: Path | None = None, base: str | os.PathLike | None = None
+) -> str:
     """Hash the content of several files, each named by its path relative to `base` (default: its name).
 
     With `memo_path`, each file's digest is remembered by its stamp (size, mtime_ns, inode, ctime_ns),
@@ -206,5 +207,8 @@ def _read_memo(memo_path: Path) -> dict[str, list]:
         if found is not None:
             log.warning("File-hash memo %s has the wrong shape; rehashing.", memo_path)
         return {}
-    return {path: rec for path, rec in hashes.items()
-            if isinstance(rec, list) and len(rec) == 2 and isinstance(rec[1], str) and isinstance(rec[0], list)}
+    return {
+        path: rec
+        for path, rec in hashes.items()
+        if isinstance(rec, list) and len(rec) == 2 and isinstance(rec[1], str) and isinstance(rec[0], list)
+    }

@@ -48,8 +48,7 @@ def parse_duration(value: str | float, unit: timedelta | None = None) -> timedel
     if suffix:
         return timedelta(seconds=number * _UNIT_SECONDS[suffix])
     if unit is None:
-        raise ConfigError(f"Duration {value!r} has no unit. Add one, e.g. {match.group(1)}d (days); "
-                          "also s, m, h, w.")
+        raise ConfigError(f"Duration {value!r} has no unit. Add one, e.g. {match.group(1)}d (days); also s, m, h, w.")
     return number * unit
 
 

@@ -58,9 +58,14 @@ class Head:
 
 def _sound(summary: Any) -> TypeGuard[dict[str, Any]]:
     """True for a summary of the contract's shape (anything else is recomputed from the whole manifest)."""
-    return (isinstance(summary, dict) and isinstance(summary.get("model"), str)
-            and type(summary.get("items")) is int and type(summary.get("bytes")) is int
-            and type(summary.get("created")) in (int, float) and type(summary.get("last_used")) in (int, float))
+    return (
+        isinstance(summary, dict)
+        and isinstance(summary.get("model"), str)
+        and type(summary.get("items")) is int
+        and type(summary.get("bytes")) is int
+        and type(summary.get("created")) in (int, float)
+        and type(summary.get("last_used")) in (int, float)
+    )
 
 
 def last_used(path: Path, kind: str, summary: dict[str, Any]) -> float:
@@ -153,6 +158,47 @@ def read_summary(path: Path) -> Head | None:
         summary = doc.get("summary")
         if not _sound(summary):
             return _whole(path)
-        return Head(path, doc["kind"], doc["key"]["digest"], summary, summary["bytes"] + len(raw),
-                    last_used(path, doc["kind"], summary))
+        return Head(
+            path,
+            doc["kind"],
+            doc["key"]["digest"],
+            summary,
+            summary["bytes"] + len(raw),
+            last_used(path, doc["kind"], summary),
+        )
     return _from_head(path, raw, st.st_size) or _whole(path)
+
+
+_KEY_OPEN = b'\n  "key": '
+_KEY_END = b'\n  },\n  "created_at": '  # the only object closed at the top level's indent right before created_at
+
+
+def read_head(path: Path) -> tuple[str, dict] | None:
+    """(kind, key) of the manifest at `path`, read from its first bytes, without checking the rest.
+
+    For explaining a miss only (which fields differ from the closest entry): never for serving data,
+    which `open_entry` checks whole. A manifest laid out otherwise is parsed whole; None when it is
+    not a readable entry.
+    """
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(HEAD_BYTES)
+            end = raw.find(_KEY_END)
+            if end < 0 and len(raw) == HEAD_BYTES:  # a key larger than the head: read on
+                raw += handle.read()
+                end = raw.find(_KEY_END)
+    except OSError:
+        return None
+    if not raw.startswith(MARK):
+        return None
+    start = raw.find(_KEY_OPEN, len(MARK))
+    try:
+        if 0 < start < end:
+            kind = orjson.loads(raw[:start].rstrip(b",") + b"}").get("kind")  # the fields before key (kind, summary)
+            key = orjson.loads(raw[start + len(_KEY_OPEN) : end + 4])
+            if isinstance(kind, str) and isinstance(key, dict):
+                return kind, key
+        found, _ = inspect(path, check="manifest")
+    except (orjson.JSONDecodeError, ValueError):
+        found, _ = inspect(path, check="manifest")
+    return (found.kind, found.key) if found is not None else None

@@ -83,8 +83,10 @@ def _keyed_model(doc: dict) -> str | None:
 
 
 def _predictions(doc: dict) -> dict:
-    return {"model": _name(_of(doc, "metadata", "model_name")) or _keyed_model(doc),
-            "items": _of(doc, "metadata", "dataset_size")}
+    return {
+        "model": _name(_of(doc, "metadata", "model_name")) or _keyed_model(doc),
+        "items": _of(doc, "metadata", "dataset_size"),
+    }
 
 
 def _example_predictions(doc: dict) -> dict:
@@ -94,8 +96,12 @@ def _example_predictions(doc: dict) -> dict:
 
 def _conversation(doc: dict) -> dict:
     """A conversation is used by reading it: its `last_access` at the last append, and reads' `.last_access`."""
-    return {"model": _name(_of(doc, "meta", "model")) or _name(doc.get("conv_id")), "items": doc.get("tokens"),
-            "last_used": doc.get("last_access"), "pinned": doc.get("pinned") is True}
+    return {
+        "model": _name(_of(doc, "meta", "model")) or _name(doc.get("conv_id")),
+        "items": doc.get("tokens"),
+        "last_used": doc.get("last_access"),
+        "pinned": doc.get("pinned") is True,
+    }
 
 
 SUMMARIES: dict[str, Callable[[dict], dict[str, Any]]] = {  # kind -> its summary fields, from its whole manifest

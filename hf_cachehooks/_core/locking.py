@@ -48,8 +48,14 @@ T = TypeVar("T")
 def holder_gone(info: object) -> bool:
     """True when a lease's `info` ({"host", "pid", ...}) names a process of this host that no longer runs."""
     pid = info.get("pid") if isinstance(info, dict) else None
-    return isinstance(info, dict) and isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 \
-        and info.get("host") == socket.gethostname() and not _alive(pid)
+    return (
+        isinstance(info, dict)
+        and isinstance(pid, int)
+        and not isinstance(pid, bool)
+        and pid > 0
+        and info.get("host") == socket.gethostname()
+        and not _alive(pid)
+    )
 
 
 def _alive(pid: int) -> bool:

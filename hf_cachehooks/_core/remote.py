@@ -210,6 +210,7 @@ def fetch_entry(fs: Any, key: str, raw: bytes, path: Path) -> str | None:
 
 def _download(fs: Any, remote: str, target: Path, rec: dict) -> str | None:
     """Fetch one file to a temp beside `target`; rename it over `target` only when size and xxh3 match."""
+
     class _Mismatch(Exception):
         pass
 
@@ -340,7 +341,7 @@ def delete_remote(fs: Any, key: str, raw: bytes) -> int:
     with contextlib.suppress(FileNotFoundError):
         fs.rm_file(key)
         freed += len(raw)
-    for name, rec in (files.items() if isinstance(files, dict) else ()):
+    for name, rec in files.items() if isinstance(files, dict) else ():
         try:
             entry.check_name(name)
         except CorruptEntryError:

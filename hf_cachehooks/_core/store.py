@@ -113,7 +113,7 @@ def unseal(raw: bytes) -> dict:
     if cut < 0:
         raise CorruptEntryError("no checksum field (truncated or hand-edited)")
     view = memoryview(raw)  # hash the body where it lies: no copy of a large entry
-    head = view[:cut - 1] if raw[cut - 1 : cut] == b"," else view[:cut]
+    head = view[: cut - 1] if raw[cut - 1 : cut] == b"," else view[:cut]
     if raw[cut:] != _SEAL + hash_bytes(head).encode() + b'"\n}\n':
         raise CorruptEntryError("checksum mismatch")  # also catches anything written after the checksum
     try:

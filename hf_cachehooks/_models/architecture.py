@@ -14,15 +14,15 @@ from ..errors import ConfigError
 
 # Attribute paths tried in order: (base model, its block list, its final norm).
 _LAYOUTS = (
-    ("model", "layers", "norm"),                   # Llama, Mistral, Qwen2, Gemma, Phi-3, SmolLM
-    ("transformer", "h", "ln_f"),                  # GPT-2, GPT-J, Falcon, BLOOM (h)
-    ("gpt_neox", "layers", "final_layer_norm"),    # GPT-NeoX, Pythia
+    ("model", "layers", "norm"),  # Llama, Mistral, Qwen2, Gemma, Phi-3, SmolLM
+    ("transformer", "h", "ln_f"),  # GPT-2, GPT-J, Falcon, BLOOM (h)
+    ("gpt_neox", "layers", "final_layer_norm"),  # GPT-NeoX, Pythia
     ("model.decoder", "layers", "final_layer_norm"),  # OPT
-    ("bert", "encoder.layer", None),               # BERT (encoders have no final norm)
+    ("bert", "encoder.layer", None),  # BERT (encoders have no final norm)
     ("roberta", "encoder.layer", None),
-    ("", "encoder.layer", None),                   # a bare BertModel / MiniLM
-    ("", "layers", "norm"),                        # a bare LlamaModel
-    ("", "h", "ln_f"),                             # a bare GPT2Model
+    ("", "encoder.layer", None),  # a bare BertModel / MiniLM
+    ("", "layers", "norm"),  # a bare LlamaModel
+    ("", "h", "ln_f"),  # a bare GPT2Model
 )
 
 
@@ -46,9 +46,11 @@ def locate(model: Any) -> tuple[Any, Any, Any]:
         if blocks is not None and hasattr(blocks, "__len__") and len(blocks) > 0:
             norm = _get(base, norm_path) if norm_path else None
             return base, blocks, norm
-    raise ConfigError(f"Cannot find the decoder blocks of {type(model).__name__}. Supported layouts: "
-                      "Llama/Mistral/Qwen/Gemma (model.layers), GPT-2 (transformer.h), GPT-NeoX, OPT, BERT. "
-                      "Add yours to hf_cachehooks/_models/architecture.py::_LAYOUTS.")
+    raise ConfigError(
+        f"Cannot find the decoder blocks of {type(model).__name__}. Supported layouts: "
+        "Llama/Mistral/Qwen/Gemma (model.layers), GPT-2 (transformer.h), GPT-NeoX, OPT, BERT. "
+        "Add yours to hf_cachehooks/_models/architecture.py::_LAYOUTS."
+    )
 
 
 def num_layers(model: Any) -> int:

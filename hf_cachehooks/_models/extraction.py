@@ -30,8 +30,10 @@ def check_layers(model: Any, layers: Sequence[int]) -> list[int]:
     n = num_layers(model)
     bad = [layer for layer in layers if not 0 <= layer <= n]
     if bad or not layers:
-        raise ConfigError(f"Layers {bad or list(layers)} are not valid for {type(model).__name__}: use 0..{n} "
-                          f"(0 = embeddings, {n} = last block after the final norm).")
+        raise ConfigError(
+            f"Layers {bad or list(layers)} are not valid for {type(model).__name__}: use 0..{n} "
+            f"(0 = embeddings, {n} = last block after the final norm)."
+        )
     return sorted(set(int(layer) for layer in layers))
 
 
@@ -53,12 +55,16 @@ def capture(model: Any, batch: dict, layers: Sequence[int]) -> dict[int, Any]:
 
     for layer in layers:
         if layer < n:  # the input of block L is hidden_states[L]
+
             def pre_hook(module, args, kwargs, layer=layer):
                 keep(layer, args[0] if args else kwargs["hidden_states"])
+
             handles.append(blocks[layer].register_forward_pre_hook(pre_hook, with_kwargs=True))
         else:  # the last entry: after the final norm, or the last block's output for encoders
+
             def post_hook(module, args, output, layer=layer):
                 keep(layer, output[0] if isinstance(output, tuple) else output)
+
             handles.append((norm if norm is not None else blocks[n - 1]).register_forward_hook(post_hook))
     try:
         with eval_mode(model):  # dropout off, the caller's mode given back
@@ -101,8 +107,10 @@ def pool(hidden: dict[int, Any], mask: Any, input_ids: Any, positions: str) -> P
         return Pooled({L: h[rows] for L, h in hidden.items()}, example, real_pos, input_ids[rows])
     if positions == "mean":
         weights = mask.unsqueeze(-1).float()  # (batch, seq, 1)
-        return Pooled({L: ((h.float() * weights).sum(1) / weights.sum(1)).to(h.dtype) for L, h in hidden.items()},
-                      torch.arange(batch))
+        return Pooled(
+            {L: ((h.float() * weights).sum(1) / weights.sum(1)).to(h.dtype) for L, h in hidden.items()},
+            torch.arange(batch),
+        )
     if positions == "last":
         where = (mask * index).argmax(1)  # the last real token
     else:
@@ -111,12 +119,22 @@ def pool(hidden: dict[int, Any], mask: Any, input_ids: Any, positions: str) -> P
     return Pooled({L: h[rows, where] for L, h in hidden.items()}, rows)
 
 
-def batches(texts: Sequence[str], tokenizer: Any, batch_size: int, max_length: int | None = None,
-            add_special_tokens: bool = True) -> Iterator[tuple[int, dict]]:
+def batches(
+    texts: Sequence[str],
+    tokenizer: Any,
+    batch_size: int,
+    max_length: int | None = None,
+    add_special_tokens: bool = True,
+) -> Iterator[tuple[int, dict]]:
     """(start index, tokenized batch) over `texts`, padded on the tokenizer's side (never changing it)."""
     from .runners import encode_batch
 
     for start in range(0, len(texts), batch_size):
-        enc = encode_batch(tokenizer, texts[start : start + batch_size], truncation=max_length is not None,
-                           max_length=max_length, add_special_tokens=add_special_tokens)
+        enc = encode_batch(
+            tokenizer,
+            texts[start : start + batch_size],
+            truncation=max_length is not None,
+            max_length=max_length,
+            add_special_tokens=add_special_tokens,
+        )
         yield start, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

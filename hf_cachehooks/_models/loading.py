@@ -19,8 +19,7 @@ from ..errors import ConfigError
 log = logging.getLogger(__name__)
 
 ATTENTION_LADDER = ("flash_attention_2", "sdpa", "eager")
-HEADS = {"causal": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification",
-         "base": "AutoModel"}
+HEADS = {"causal": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification", "base": "AutoModel"}
 # from_pretrained options that say where the files are and may be trusted: the tokenizer gets them too.
 _SHARED_WITH_TOKENIZER = ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")
 
@@ -40,13 +39,17 @@ class LoadSettings(Protocol):
 
 def load_options(config: LoadSettings) -> dict:
     """How a path is turned into a model: part of the files-state memo key, not of the cache key."""
-    return {"task": config.task, "dtype": config.model_dtype, "gguf_file": config.gguf_file,
-            "load_kwargs": dict(config.load_kwargs)}
+    return {
+        "task": config.task,
+        "dtype": config.model_dtype,
+        "gguf_file": config.gguf_file,
+        "load_kwargs": dict(config.load_kwargs),
+    }
 
 
 def attention_ladder(first: str) -> tuple[str, ...]:
     """`first` and the rungs below it, e.g. "sdpa" -> ("sdpa", "eager"); an unknown name is tried alone."""
-    return ATTENTION_LADDER[ATTENTION_LADDER.index(first):] if first in ATTENTION_LADDER else (first,)
+    return ATTENTION_LADDER[ATTENTION_LADDER.index(first) :] if first in ATTENTION_LADDER else (first,)
 
 
 def _torch_dtype(dtype: Any) -> Any:
@@ -61,9 +64,16 @@ def _torch_dtype(dtype: Any) -> Any:
     return value
 
 
-def load_weights(name_or_path: str, *, head: str = "causal", dtype: Any = "float32", gguf_file: str | None = None,
-                 attn_implementation: str | Sequence[str] | None = None,
-                 on_fallback: Callable[[str, str], None] | None = None, **from_pretrained_kwargs: Any) -> Any:
+def load_weights(
+    name_or_path: str,
+    *,
+    head: str = "causal",
+    dtype: Any = "float32",
+    gguf_file: str | None = None,
+    attn_implementation: str | Sequence[str] | None = None,
+    on_fallback: Callable[[str, str], None] | None = None,
+    **from_pretrained_kwargs: Any,
+) -> Any:
     """The model alone (no tokenizer), in eval mode: `load_model` without the tokenizer.
 
     Args:
@@ -118,10 +128,16 @@ def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, **from_pr
     return AutoTokenizer.from_pretrained(name_or_path, **options)
 
 
-def load_model(name_or_path: str, *, head: str = "causal", dtype: Any = "float32", gguf_file: str | None = None,
-               attn_implementation: str | Sequence[str] | None = None,
-               on_fallback: Callable[[str, str], None] | None = None,
-               **from_pretrained_kwargs: Any) -> tuple[Any, Any]:
+def load_model(
+    name_or_path: str,
+    *,
+    head: str = "causal",
+    dtype: Any = "float32",
+    gguf_file: str | None = None,
+    attn_implementation: str | Sequence[str] | None = None,
+    on_fallback: Callable[[str, str], None] | None = None,
+    **from_pretrained_kwargs: Any,
+) -> tuple[Any, Any]:
     """Model (in eval mode) and tokenizer from a folder or Hub name.
 
     Args:
@@ -145,8 +161,15 @@ def load_model(name_or_path: str, *, head: str = "causal", dtype: Any = "float32
         >>> model, tokenizer = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", dtype="bfloat16",
         ...                               attn_implementation=ATTENTION_LADDER)  # doctest: +SKIP
     """
-    model = load_weights(name_or_path, head=head, dtype=dtype, gguf_file=gguf_file,
-                         attn_implementation=attn_implementation, on_fallback=on_fallback, **from_pretrained_kwargs)
+    model = load_weights(
+        name_or_path,
+        head=head,
+        dtype=dtype,
+        gguf_file=gguf_file,
+        attn_implementation=attn_implementation,
+        on_fallback=on_fallback,
+        **from_pretrained_kwargs,
+    )
     return model, load_tokenizer(name_or_path, gguf_file=gguf_file, **from_pretrained_kwargs)
 
 

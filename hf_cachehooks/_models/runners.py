@@ -82,9 +82,16 @@ def pad_id(tokenizer: Any) -> int:
     return 0  # masked out anyway
 
 
-def encode_batch(tokenizer: Any, texts: Sequence[str], *, side: str | None = None, pad: int | None = None,
-                 add_special_tokens: bool = True, truncation: bool = False,
-                 max_length: int | None = None) -> dict[str, Any]:
+def encode_batch(
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    side: str | None = None,
+    pad: int | None = None,
+    add_special_tokens: bool = True,
+    truncation: bool = False,
+    max_length: int | None = None,
+) -> dict[str, Any]:
     """Tokenize `texts` and pad them into tensors on `side` (default: the tokenizer's), without changing it.
 
     Gives what `tokenizer(texts, padding=True, return_tensors="pt")` gives when the tokenizer has a pad
@@ -92,26 +99,33 @@ def encode_batch(tokenizer: Any, texts: Sequence[str], *, side: str | None = Non
     """
     import torch
 
-    enc = tokenizer(list(texts), add_special_tokens=add_special_tokens, truncation=truncation,
-                    max_length=max_length)
+    enc = tokenizer(list(texts), add_special_tokens=add_special_tokens, truncation=truncation, max_length=max_length)
     ids = enc["input_ids"]
     width = max((len(row) for row in ids), default=0)
-    fill = {"input_ids": pad_id(tokenizer) if pad is None else pad, "attention_mask": 0,
-            "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0)}
+    fill = {
+        "input_ids": pad_id(tokenizer) if pad is None else pad,
+        "attention_mask": 0,
+        "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0),
+    }
     left = (side or tokenizer.padding_side) == "left"
     out = {}
     for name, value in fill.items():
         if name not in enc and name != "attention_mask":
             continue
         rows = enc[name] if name in enc else [[1] * len(row) for row in ids]
-        out[name] = torch.tensor([[value] * (width - len(row)) + list(row) if left
-                                  else list(row) + [value] * (width - len(row)) for row in rows],
-                                 dtype=torch.long).reshape(len(rows), width)
+        out[name] = torch.tensor(
+            [
+                [value] * (width - len(row)) + list(row) if left else list(row) + [value] * (width - len(row))
+                for row in rows
+            ],
+            dtype=torch.long,
+        ).reshape(len(rows), width)
     return out
 
 
-def generate_texts(model: Any, tokenizer: Any, texts: Sequence[str], options: dict[str, Any],
-                   add_special_tokens: bool = True) -> list[str]:
+def generate_texts(
+    model: Any, tokenizer: Any, texts: Sequence[str], options: dict[str, Any], add_special_tokens: bool = True
+) -> list[str]:
     """Completions of already-rendered texts as one left-padded batch, decoded without the prompt.
 
     Left padding, because right padding would put pad tokens between prompt and completion. Shared
@@ -120,8 +134,10 @@ def generate_texts(model: Any, tokenizer: Any, texts: Sequence[str], options: di
     import torch
 
     device = next(model.parameters()).device
-    batch = {name: t.to(device) for name, t in
-             encode_batch(tokenizer, texts, side="left", add_special_tokens=add_special_tokens).items()}
+    batch = {
+        name: t.to(device)
+        for name, t in encode_batch(tokenizer, texts, side="left", add_special_tokens=add_special_tokens).items()
+    }
     options = {**options, "pad_token_id": pad_id(tokenizer)}  # the tokenizer's pad (in the key), whatever is set
     with torch.no_grad(), eval_mode(model):
         out = model.generate(**batch, **options)
@@ -134,8 +150,9 @@ def generate(model: Any, tokenizer: Any, prompts: Sequence[str], config: RunSett
     """Greedy or sampled completions for one batch of prompts, stripped."""
     _device(model, config)
     texts = chat_texts(prompts, tokenizer, config.system_prompt) if config.use_chat_template else list(prompts)
-    completions = generate_texts(model, tokenizer, texts, config.generation_overrides(),
-                                 add_special_tokens=not config.use_chat_template)
+    completions = generate_texts(
+        model, tokenizer, texts, config.generation_overrides(), add_special_tokens=not config.use_chat_template
+    )
     return [text.strip() for text in completions]
 
 

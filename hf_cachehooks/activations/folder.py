@@ -133,11 +133,15 @@ def remove_store(folder: Path) -> int:
     shard is checked against its sidecar.
     """
     chunks = folder / CHUNKS
-    shards = {} if chunks.is_symlink() or not chunks.is_dir() else {
-        f"{p.stem}.arrow": {"bytes": side["bytes"], "xxh3": side["content_hash"], "stamp": side.get("stamp")}
-        for p in sorted(chunks.iterdir())
-        if re.fullmatch(r"data-\d{5}\.json", p.name) and (side := sidecar(folder, int(p.stem[5:]))) is not None
-    }
+    shards = (
+        {}
+        if chunks.is_symlink() or not chunks.is_dir()
+        else {
+            f"{p.stem}.arrow": {"bytes": side["bytes"], "xxh3": side["content_hash"], "stamp": side.get("stamp")}
+            for p in sorted(chunks.iterdir())
+            if re.fullmatch(r"data-\d{5}\.json", p.name) and (side := sidecar(folder, int(p.stem[5:]))) is not None
+        }
+    )
     if entry.is_entry_file(folder / MANIFEST):
         freed = entry.remove_entry(folder / MANIFEST, also=shards)
     else:  # a killed run: no manifest, only the shards its sidecars record

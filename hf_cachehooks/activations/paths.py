@@ -142,8 +142,9 @@ def extract_from_path(
     loaded, tokenizer, _ = load_planned(
         model.name, plan_load(dtype=model.dtype), head=model.head, gguf_file=model.gguf_file, **dict(model.load_kwargs)
     )
-    store = fill_store(loaded, tokenizer, rows, folder, spec, cache, force=force, progress=progress,
-                       wait_timeout=wait_timeout)
+    store = fill_store(
+        loaded, tokenizer, rows, folder, spec, cache, force=force, progress=progress, wait_timeout=wait_timeout
+    )
     inputs = store.key_inputs  # the identities the store was keyed by: remembered, not computed twice
     identity = {
         "model": inputs["model"],

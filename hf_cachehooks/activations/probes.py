@@ -70,9 +70,7 @@ def diff_of_means(x: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
     positive = _as_labels(positive, x.shape[0]).to(x.device)
     n_pos, n_neg = _class_counts(positive)
     if n_pos == 0 or n_neg == 0:
-        raise ConfigError(
-            f"diff_of_means needs both classes; got {n_pos} positive and {n_neg} negative examples."
-        )
+        raise ConfigError(f"diff_of_means needs both classes; got {n_pos} positive and {n_neg} negative examples.")
     # One matmul instead of two boolean-indexed copies of x: w = +1/n_pos on positives, -1/n_neg on the rest.
     weights = torch.where(positive, 1.0 / n_pos, -1.0 / n_neg).to(torch.float32)
     return weights @ x  # (hidden,)
@@ -372,7 +370,15 @@ def layer_report(
         else:
             scores = project(x, diff_of_means(x, labels))
         point, low, high = bootstrap_auroc(scores, labels, n_resamples=n_resamples, seed=seed)
-        rows.append({"layer": layer, "auroc": point, "auroc_low": low, "auroc_high": high,
-                     "n": int(labels.numel()), "n_positive": int(labels.sum())})
+        rows.append(
+            {
+                "layer": layer,
+                "auroc": point,
+                "auroc_low": low,
+                "auroc_high": high,
+                "n": int(labels.numel()),
+                "n_positive": int(labels.sum()),
+            }
+        )
         log.debug("Layer %d: AUROC %.3f [%.3f, %.3f].", layer, point, low, high)
     return rows

@@ -1,13 +1,13 @@
 """The probe workflow as functions: vectors from a cache, then validation with CSVs and plots.
 
-    RUN_<timestamp>/                        generate_vectors
-    ├── normalized_vectors/layer_{L}.safetensors
-    ├── raw_vectors/layer_{L}.safetensors
-    └── summary.json                        per layer: norm, examples, in-sample AUROC
-    VAL/                                    analyze_probe
-    ├── probe_stats_layer{L}.csv            one row per example: index, type (its label), mean_score, text
-    ├── summary.csv, summary.json           AUROC with a bootstrap interval per layer
-    └── auroc_by_layer.png, scores_layer{L}.png   with visualize=True
+RUN_<timestamp>/                        generate_vectors
+├── normalized_vectors/layer_{L}.safetensors
+├── raw_vectors/layer_{L}.safetensors
+└── summary.json                        per layer: norm, examples, in-sample AUROC
+VAL/                                    analyze_probe
+├── probe_stats_layer{L}.csv            one row per example: index, type (its label), mean_score, text
+├── summary.csv, summary.json           AUROC with a bootstrap interval per layer
+└── auroc_by_layer.png, scores_layer{L}.png   with visualize=True
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def label_field(store: ActivationStore) -> str:
         if name and name in fields:
             return name
     names = ", ".join(c for c in fields if not c.startswith("layer_"))
-    raise ConfigError(f"The cache has no label column (columns: {names}). Re-run cache_activations with "
-                      "label_field= naming it.")
+    raise ConfigError(
+        f"The cache has no label column (columns: {names}). Re-run cache_activations with label_field= naming it."
+    )
 
 
 def split_labels(labels: list, positive: str | None) -> tuple[Any, str, str]:
@@ -57,8 +58,13 @@ def split_labels(labels: list, positive: str | None) -> tuple[Any, str, str]:
     return torch.tensor([str(v) == positive for v in labels]), positive, negative
 
 
-def generate_vectors(store: ActivationStore, output: str | Path, layers: Sequence[int] | None = None,
-                     positive: str | None = None, stamp: str | None = None) -> Path:
+def generate_vectors(
+    store: ActivationStore,
+    output: str | Path,
+    layers: Sequence[int] | None = None,
+    positive: str | None = None,
+    stamp: str | None = None,
+) -> Path:
     """Difference-of-means steering vectors (raw and unit-normalized) per layer, from the cache only.
 
     Returns:
@@ -71,23 +77,48 @@ def generate_vectors(store: ActivationStore, output: str | Path, layers: Sequenc
     for layer in layers or store.layers:
         x = store.layer(layer)
         vector = diff_of_means(x, mask)
-        common: dict[str, Any] = dict(layer=layer, hidden_size=store.hidden_size, model=store.model, positive_label=pos,
-                      negative_label=neg, n_examples=len(labels))
+        common: dict[str, Any] = dict(
+            layer=layer,
+            hidden_size=store.hidden_size,
+            model=store.model,
+            positive_label=pos,
+            negative_label=neg,
+            n_examples=len(labels),
+        )
         raw[layer] = SteeringVector(vector=vector, normalized=False, **common)
         normalized[layer] = SteeringVector(vector=unit(vector), normalized=True, **common)
         point, low, high = bootstrap_auroc(project(x, vector), mask, n_resamples=200)
-        summary.append({"layer": layer, "norm": float(vector.norm()), "n": len(labels), "n_positive": int(mask.sum()),
-                        "in_sample_auroc": point, "auroc_low": low, "auroc_high": high})
+        summary.append(
+            {
+                "layer": layer,
+                "norm": float(vector.norm()),
+                "n": len(labels),
+                "n_positive": int(mask.sum()),
+                "in_sample_auroc": point,
+                "auroc_low": low,
+                "auroc_high": high,
+            }
+        )
     save_vectors(normalized, run / "normalized_vectors")
     save_vectors(raw, run / "raw_vectors")
-    (run / "summary.json").write_bytes(orjson.dumps({"cache": str(store.folder), "positive": pos, "negative": neg,
-                                                     "layers": summary}, option=orjson.OPT_INDENT_2))
+    (run / "summary.json").write_bytes(
+        orjson.dumps(
+            {"cache": str(store.folder), "positive": pos, "negative": neg, "layers": summary},
+            option=orjson.OPT_INDENT_2,
+        )
+    )
     log.info("Wrote %d vectors (%s − %s) to %s", len(normalized), pos, neg, run)
     return run
 
 
-def analyze_probe(store: ActivationStore, vectors_folder: str | Path, output: str | Path,
-                  layers: Sequence[int] | None = None, visualize: bool = False, n_resamples: int = 1000) -> list[dict]:
+def analyze_probe(
+    store: ActivationStore,
+    vectors_folder: str | Path,
+    output: str | Path,
+    layers: Sequence[int] | None = None,
+    visualize: bool = False,
+    n_resamples: int = 1000,
+) -> list[dict]:
     """Score every cached example with each layer's vector; write per-layer CSVs, a summary and plots.
 
     Raises:
@@ -104,8 +135,9 @@ def analyze_probe(store: ActivationStore, vectors_folder: str | Path, output: st
     rows, distributions = [], {}
     for layer in wanted:
         if layer not in vectors:
-            raise ConfigError(f"No vector for layer {layer} in {vectors_folder} (vectors: "
-                              f"{', '.join(map(str, sorted(vectors)))}).")
+            raise ConfigError(
+                f"No vector for layer {layer} in {vectors_folder} (vectors: {', '.join(map(str, sorted(vectors)))})."
+            )
         vector = vectors[layer]
         vector.check_compatible(store.model, hidden_size=store.hidden_size, layer=layer)
         scores = project(store.layer(layer), vector.vector).tolist()
@@ -115,10 +147,20 @@ def analyze_probe(store: ActivationStore, vectors_folder: str | Path, output: st
             out.writerows(zip(index, labels, scores, texts))
         mask, _, _ = split_labels(labels, vector.positive_label)
         point, low, high = bootstrap_auroc(scores, mask, n_resamples=n_resamples)
-        rows.append({"layer": layer, "auroc": point, "auroc_low": low, "auroc_high": high, "n": len(labels),
-                     "n_positive": int(mask.sum()), "positive": vector.positive_label})
-        distributions[layer] = {name: [s for s, lab in zip(scores, labels) if str(lab) == name]
-                                for name in sorted({str(v) for v in labels})}
+        rows.append(
+            {
+                "layer": layer,
+                "auroc": point,
+                "auroc_low": low,
+                "auroc_high": high,
+                "n": len(labels),
+                "n_positive": int(mask.sum()),
+                "positive": vector.positive_label,
+            }
+        )
+        distributions[layer] = {
+            name: [s for s, lab in zip(scores, labels) if str(lab) == name] for name in sorted({str(v) for v in labels})
+        }
     with open(output / "summary.csv", "w", newline="") as handle:
         table = csv.DictWriter(handle, fieldnames=list(rows[0]))
         table.writeheader()

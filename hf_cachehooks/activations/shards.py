@@ -369,11 +369,15 @@ def finish_store(
         )
         files.update(write_layer_info(folder, manifest, key_doc))
     except OSError as exc:
-        raise CacheError(f"Cannot write the activation store in {folder} ({exc.strerror or exc}); it stays "
-                         "unfinished. Free some space there, or choose another folder=.") from exc
+        raise CacheError(
+            f"Cannot write the activation store in {folder} ({exc.strerror or exc}); it stays "
+            "unfinished. Free some space there, or choose another folder=."
+        ) from exc
     if not entry.commit(folder / MANIFEST, KIND, key, files, manifest, created_at=now):  # last: the store exists
-        raise CacheError(f"Cannot write the activation store's manifest in {folder} (see the warning above); "
-                         "the store stays unfinished. Free some space there, or choose another folder=.")
+        raise CacheError(
+            f"Cannot write the activation store's manifest in {folder} (see the warning above); "
+            "the store stays unfinished. Free some space there, or choose another folder=."
+        )
     _at_once(_unlink, [folder / CHUNKS / f"{chunk_name(c)}.json" for c, _, _ in chunks])  # the sidecars, then
     shutil.rmtree(folder / CHUNKS, ignore_errors=True)  # whatever else is left in .chunks
     size = sum(s["bytes"] for s in sides)
@@ -395,8 +399,7 @@ def link_store(folder: Path, root: Path) -> Path | None:
     remote root (a local path means nothing on another machine); an unwritable root is a warning.
     """
     real, top = os.path.realpath(folder), os.path.realpath(root)
-    if (real == top or real.startswith(os.path.join(top, "")) or url_of(folder) is not None
-            or url_of(root) is not None):
+    if real == top or real.startswith(os.path.join(top, "")) or url_of(folder) is not None or url_of(root) is not None:
         return None
     digest = xxhash.xxh3_64_hexdigest(real.encode())
     path = Path(root) / KIND / f"link-{digest}.json"

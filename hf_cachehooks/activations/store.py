@@ -187,16 +187,13 @@ class ActivationStore:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError as exc:
             raise ConfigError(
-                f"{self.folder} is a corrupt activation cache ({name}: {exc.strerror}). "
-                f"{_redo(self.folder)}."
+                f"{self.folder} is a corrupt activation cache ({name}: {exc.strerror}). {_redo(self.folder)}."
             ) from None
         try:
             if not entry.trusted(path, os.fstat(fd), record):
                 problem = entry.check_file(self.folder, name, record)
                 if problem:
-                    raise ConfigError(
-                        f"{self.folder} is a corrupt activation cache ({problem}). {_redo(self.folder)}."
-                    )
+                    raise ConfigError(f"{self.folder} is a corrupt activation cache ({problem}). {_redo(self.folder)}.")
             mapped = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
         finally:
             os.close(fd)

@@ -55,6 +55,7 @@ from .store import MANIFEST, ActivationStore
 
 log = logging.getLogger(__name__)
 
+
 def cache_activations(
     model: Any,
     tokenizer: Any,
@@ -131,8 +132,9 @@ def cache_activations(
         shard_size=shard_size,
     )
     rows = spec.records(data)
-    return fill_store(model, tokenizer, rows, folder, spec, cache, force=force, progress=progress,
-                      wait_timeout=wait_timeout)
+    return fill_store(
+        model, tokenizer, rows, folder, spec, cache, force=force, progress=progress, wait_timeout=wait_timeout
+    )
 
 
 def store_settings(
@@ -224,8 +226,9 @@ class _Plan:
     columns: dict[str, Any]
 
 
-def _prepare(model: Any, tokenizer: Any, rows: list[dict], folder: Path, spec: ExtractionSpec,
-             cache: CacheConfig) -> _Run:
+def _prepare(
+    model: Any, tokenizer: Any, rows: list[dict], folder: Path, spec: ExtractionSpec, cache: CacheConfig
+) -> _Run:
     """Check the layers against the model, settle the label field, make the texts and the key."""
     spec = replace(
         spec, layers=tuple(check_layers(model, spec.layers)), label_field=default_label_field(rows, spec.label_field)
@@ -308,9 +311,7 @@ def _extract(run: _Run, plan: _Plan, model: Any, tokenizer: Any, progress: bool)
                 out.layers = {k: v.cpu() for k, v in out.layers.items()}
                 pooled.append((_to_cpu(out), offset))
                 bar.update(batch["input_ids"].shape[0])
-            table = arrow_table(
-                pooled, start, run.rows, plan.fields, run.layers, spec.dtype, plan.hidden, plan.columns
-            )
+            table = arrow_table(pooled, start, run.rows, plan.fields, run.layers, spec.dtype, plan.hidden, plan.columns)
             with _writing(run.folder, plan.need):
                 write_chunk(run.folder, chunk, start, end, table, run.key, plan.shard_size)
 
@@ -329,9 +330,21 @@ def _finish(run: _Run, plan: _Plan, wait_timeout: float) -> ActivationStore:
         )
     if world.is_main:
         with _writing(folder, plan.need):
-            finish_store(folder, plan.chunks, run.rows, plan.fields, run.label_field, key, run.layers,
-                         spec.positions, spec.dtype, plan.hidden, plan.shard_size, clock=run.cache.clock,
-                         columns=plan.columns)
+            finish_store(
+                folder,
+                plan.chunks,
+                run.rows,
+                plan.fields,
+                run.label_field,
+                key,
+                run.layers,
+                spec.positions,
+                spec.dtype,
+                plan.hidden,
+                plan.shard_size,
+                clock=run.cache.clock,
+                columns=plan.columns,
+            )
         link_store(folder, run.cache.resolve_root())  # a store outside the root: `ls` there lists it
     if not barrier(world) and not world.is_main:
         _wait_for(lambda: _finished(folder), wait_timeout, folder)

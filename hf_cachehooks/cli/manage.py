@@ -28,8 +28,15 @@ def human_bytes(n: float) -> str:
 def _print_plan(plan: management.Plan, dry_run: bool, verb: str) -> None:
     for path in plan.entries:
         kept = plan.kept.get(path)  # a link to a store outside the root: the store stays where it is
-        print(f"  {shown(path)}" + (f"  (a link: the activation store in {kept} stays; remove it with "
-                                     f"`hf-cachehooks --cache-dir {kept} clear`)" if kept else ""))
+        print(
+            f"  {shown(path)}"
+            + (
+                f"  (a link: the activation store in {kept} stays; remove it with "
+                f"`hf-cachehooks --cache-dir {kept} clear`)"
+                if kept
+                else ""
+            )
+        )
     for path in plan.leftovers:
         print(f"  {shown(path)}  (left by a dead writer)")
     for url in plan.leases:
@@ -47,8 +54,11 @@ def _confirmed(plan: management.Plan, args: argparse.Namespace) -> bool:
         return True
     question = f"Delete {len(plan.paths)} item(s) ({human_bytes(plan.size)}) under {shown(args.root)}? [y/N] "
     if not sys.stdin.isatty():
-        print(f"error: clear would delete {len(plan.paths)} item(s) ({human_bytes(plan.size)}) under "
-              f"{shown(args.root)}; pass --yes to confirm, or --dry-run to list them.", file=sys.stderr)
+        print(
+            f"error: clear would delete {len(plan.paths)} item(s) ({human_bytes(plan.size)}) under "
+            f"{shown(args.root)}; pass --yes to confirm, or --dry-run to list them.",
+            file=sys.stderr,
+        )
         return False
     return input(question).strip().lower() in ("y", "yes")
 
@@ -63,12 +73,16 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for e in infos:  # AGE: since it was made; LAST USED: since it was last read (what prune ages by)
         model = e.model if len(e.model) <= 36 else "…" + e.model[-35:]
         used = describe_age(now - e.last_used) + (" (pinned)" if e.pinned else "")
-        print(f"{e.kind:<22} {model:<36} {e.examples or '-':>8} {human_bytes(e.size):>9} "
-              f"{describe_age(now - e.created_at):>5} {used:>9}  {e.key}")
+        print(
+            f"{e.kind:<22} {model:<36} {e.examples or '-':>8} {human_bytes(e.size):>9} "
+            f"{describe_age(now - e.created_at):>5} {used:>9}  {e.key}"
+        )
     for e in infos:
         if e.kind == management.LINK:
-            print(f"Stale link {shown(e.link or e.path)}: no valid activation store in {e.path.parent}; "
-                  f"`hf-cachehooks --cache-dir {shown(args.root)} clear --kind {management.LINK}` removes the link.")
+            print(
+                f"Stale link {shown(e.link or e.path)}: no valid activation store in {e.path.parent}; "
+                f"`hf-cachehooks --cache-dir {shown(args.root)} clear --kind {management.LINK}` removes the link."
+            )
     print(f"{len(infos)} entries under {shown(args.root)}")
     return 0
 
@@ -99,9 +113,12 @@ def cmd_clear(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     folder = Path(args.path) if args.path and not is_url(args.path) else args.root
     if not folder.exists() and url_of(folder) is None and not is_url(args.path):
-        raise ConfigError(f"{folder} does not exist. Give an activation cache folder (cache-activations --output DIR)."
-                          if args.path else f"No cache at {folder} (the folder does not exist). Point --cache-dir "
-                          "or $HF_CACHEHOOKS_HOME at your cache root.")
+        raise ConfigError(
+            f"{folder} does not exist. Give an activation cache folder (cache-activations --output DIR)."
+            if args.path
+            else f"No cache at {folder} (the folder does not exist). Point --cache-dir "
+            "or $HF_CACHEHOOKS_HOME at your cache root."
+        )
     if args.path:
         from ..activations.store import verify_store
 
@@ -129,20 +146,26 @@ def _copy_report(done: remote_sync.Copied, verb: str, dry_run: bool) -> int:
     for rel, problem in done.skipped:
         print(f"  SKIPPED {rel}: {problem}")
     would = "Would copy" if dry_run else f"{verb.capitalize()}ed"
-    print(f"{would} {len(done.copied)} entries ({human_bytes(done.bytes)}); {done.present} already there; "
-          f"{len(done.skipped)} not usable.")
+    print(
+        f"{would} {len(done.copied)} entries ({human_bytes(done.bytes)}); {done.present} already there; "
+        f"{len(done.skipped)} not usable."
+    )
     return 1 if done.skipped else 0
 
 
 def cmd_push(args: argparse.Namespace) -> int:
     if url_of(args.root) is not None or not is_url(args.url):
-        raise ConfigError("push copies from a local cache root (--cache-dir) to a remote one (a URL such as "
-                          f"s3://bucket/prefix); got --cache-dir {shown(args.root)} and {args.url!r}.")
+        raise ConfigError(
+            "push copies from a local cache root (--cache-dir) to a remote one (a URL such as "
+            f"s3://bucket/prefix); got --cache-dir {shown(args.root)} and {args.url!r}."
+        )
     return _copy_report(remote_sync.push(args.root, args.url, args.dry_run), "push", args.dry_run)
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
     if url_of(args.root) is not None or not is_url(args.url):
-        raise ConfigError("pull copies from a remote root (a URL such as s3://bucket/prefix) into a local cache "
-                          f"root (--cache-dir); got {args.url!r} and --cache-dir {shown(args.root)}.")
+        raise ConfigError(
+            "pull copies from a remote root (a URL such as s3://bucket/prefix) into a local cache "
+            f"root (--cache-dir); got {args.url!r} and --cache-dir {shown(args.root)}."
+        )
     return _copy_report(remote_sync.pull(args.url, args.root, args.dry_run), "pull", args.dry_run)

@@ -17,6 +17,7 @@ from .words import says_flags
 STORAGE_DTYPES = ("float16", "bfloat16", "float32")  # activations.store.DTYPES, without importing numpy here
 MODEL_DTYPES = ("float32", "bfloat16", "float16", "auto")
 
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -24,11 +25,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ..generation.server import create_app
 
     model, tokenizer = _load(args)
-    backend = TransformersBackend(model, tokenizer, batch_size=args.batch_size, use_chat_template=args.chat_template,
-                                  system_prompt=args.system_prompt)
+    backend = TransformersBackend(
+        model,
+        tokenizer,
+        batch_size=args.batch_size,
+        use_chat_template=args.chat_template,
+        system_prompt=args.system_prompt,
+    )
     app = create_app(backend, args.name or args.model, max_model_len=args.max_model_len)
-    print(f"Serving {args.model} as {args.name or args.model!r} at http://{args.host}:{args.port}/v1 "
-          "(completions, chat/completions, models; Ctrl-C to stop)")
+    print(
+        f"Serving {args.model} as {args.name or args.model!r} at http://{args.host}:{args.port}/v1 "
+        "(completions, chat/completions, models; Ctrl-C to stop)"
+    )
     # SIGTERM / Ctrl-C: streams still running after 5 s are cut (each stops at its next token), then the process exits
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
@@ -53,8 +61,11 @@ def cmd_chat_server(args: argparse.Namespace) -> int:
     # --directory, else the YAML's disk.directory, else <--cache-dir root>/conversations (never the default root)
     directory = args.directory or config.resolved_cache.folder or args.root / "conversations"
     config = dataclasses.replace(config, cache=dataclasses.replace(config.resolved_cache, folder=directory))
-    limits = Limits(max_new_tokens=args.max_new_tokens, max_new_tokens_cap=args.max_new_tokens_cap,
-                    max_message_tokens=args.max_message_tokens)
+    limits = Limits(
+        max_new_tokens=args.max_new_tokens,
+        max_new_tokens_cap=args.max_new_tokens_cap,
+        max_message_tokens=args.max_message_tokens,
+    )
     began = time.perf_counter()
     print(f"Loading {args.model} (weights, then the tokenizer)...", flush=True)
     model, tokenizer = _load(args)
@@ -62,14 +73,24 @@ def cmd_chat_server(args: argparse.Namespace) -> int:
     cache = TokenCache(config, model=model, tokenizer=tokenizer)  # serves only what this model wrote
     pending, rows = len(cache.pending_lens()), cache.conversations()
     others = sum(cache.refusal(row["conv_id"]) is not None for row in rows)
-    print(f"Token cache {cache.root}: {len(rows)} conversations"
-          + (f", {pending} turns queued for their lens" if pending else "")
-          + (f"; {others} written by another model or an older version are not served (start new conversation "
-             "ids, or serve them with the model that wrote them)" if others else ""), flush=True)
+    print(
+        f"Token cache {cache.root}: {len(rows)} conversations"
+        + (f", {pending} turns queued for their lens" if pending else "")
+        + (
+            f"; {others} written by another model or an older version are not served (start new conversation "
+            "ids, or serve them with the model that wrote them)"
+            if others
+            else ""
+        ),
+        flush=True,
+    )
     hosts = list(args.allow_host) + ([args.host] if args.host not in ("0.0.0.0", "::", "") else [])
     app = create_app(model, tokenizer, cache, k=args.top_k, keep_kv=args.keep_kv, limits=limits, allow_hosts=hosts)
-    print(f"Chat page for {args.model} at http://{args.host}:{args.port}/ (API under /api; ready after "
-          f"{time.perf_counter() - began:.1f} s)", flush=True)
+    print(
+        f"Chat page for {args.model} at http://{args.host}:{args.port}/ (API under /api; ready after "
+        f"{time.perf_counter() - began:.1f} s)",
+        flush=True,
+    )
     # SIGTERM / Ctrl-C: a reply still running after 5 s stops at its next token (not stored), then the process exits
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
     return 0
@@ -79,8 +100,10 @@ def _check_model(args: argparse.Namespace) -> None:
     """A --model that is written as a path must be a folder (anything else is read as a Hub name)."""
     looks_like_path = args.model.startswith(("/", "./", "../", "~")) or Path(args.model).suffix in (".gguf",)
     if looks_like_path and not Path(args.model).expanduser().is_dir():
-        raise ConfigError(f"--model {args.model}: no such folder. Give a model folder (with --gguf-file FILE for a "
-                          "GGUF model) or a Hub name such as HuggingFaceTB/SmolLM2-135M-Instruct.")
+        raise ConfigError(
+            f"--model {args.model}: no such folder. Give a model folder (with --gguf-file FILE for a "
+            "GGUF model) or a Hub name such as HuggingFaceTB/SmolLM2-135M-Instruct."
+        )
 
 
 def _load(args: argparse.Namespace) -> tuple:
@@ -88,8 +111,12 @@ def _load(args: argparse.Namespace) -> tuple:
     from .._models.inference import load_planned, plan_load
 
     _check_model(args)  # the load plan: this rank's GPU when there is one, attention ladder there; CPU unchanged
-    model, tokenizer, _ = load_planned(args.model, plan_load(dtype=args.model_dtype),
-                                       head="base" if args.encoder else "causal", gguf_file=args.gguf_file)
+    model, tokenizer, _ = load_planned(
+        args.model,
+        plan_load(dtype=args.model_dtype),
+        head="base" if args.encoder else "causal",
+        gguf_file=args.gguf_file,
+    )
     return model, tokenizer
 
 
@@ -102,12 +129,15 @@ def _check_layers_fit(args: argparse.Namespace, layers: list[int]) -> None:
     n = configured_layers(load_config(args.model, gguf_file=args.gguf_file))
     bad = [layer for layer in layers if n is not None and not 0 <= layer <= n]
     if bad:
-        raise ConfigError(f"--layers {','.join(map(str, bad))} not in 0..{n} for {args.model} ({n} blocks: "
-                          f"0 = embeddings, {n} = last block). Pick layers in that range.")
+        raise ConfigError(
+            f"--layers {','.join(map(str, bad))} not in 0..{n} for {args.model} ({n} blocks: "
+            f"0 = embeddings, {n} = last block). Pick layers in that range."
+        )
 
 
-def _check_inputs(args: argparse.Namespace, layers: list[int] | None, need_labels: bool,
-                  fit: bool = True) -> list[dict]:
+def _check_inputs(
+    args: argparse.Namespace, layers: list[int] | None, need_labels: bool, fit: bool = True
+) -> list[dict]:
     """Check the data file, its fields and the layers before any model loads (a typo costs no model load).
 
     Returns the records, so the file is read once. With `fit=False` the layers are not checked against the
@@ -125,19 +155,26 @@ def _check_inputs(args: argparse.Namespace, layers: list[int] | None, need_label
     except HFCacheHooksError:
         raise
     except ValueError as exc:  # orjson.JSONDecodeError
-        raise ConfigError(f"--data {args.data} is not valid JSON/JSONL ({exc}). Give a JSON list of records, "
-                          "or one JSON record per line in a .jsonl file.") from None
+        raise ConfigError(
+            f"--data {args.data} is not valid JSON/JSONL ({exc}). Give a JSON list of records, "
+            "or one JSON record per line in a .jsonl file."
+        ) from None
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise ConfigError(f"--data {args.data} holds no records. Give a JSON list of objects with a "
-                          f"{args.text_field!r} field.")
+        raise ConfigError(
+            f"--data {args.data} holds no records. Give a JSON list of objects with a {args.text_field!r} field."
+        )
     missing = [i for i, r in enumerate(rows) if args.text_field not in r]
     if missing:
-        raise ConfigError(f"--data {args.data}: record {missing[0]} (and {len(missing) - 1} more) has no "
-                          f"{args.text_field!r} field. Fix the file, or set --text-field.")
+        raise ConfigError(
+            f"--data {args.data}: record {missing[0]} (and {len(missing) - 1} more) has no "
+            f"{args.text_field!r} field. Fix the file, or set --text-field."
+        )
     labels = [args.label_field] if args.label_field else ["type", "label"]
     if (args.label_field or need_labels) and not any(all(f in r for r in rows) for f in labels):
-        raise ConfigError(f"--data {args.data}: not every record has a {' or '.join(map(repr, labels))} field. "
-                          "Fix the file, or set --label-field.")
+        raise ConfigError(
+            f"--data {args.data}: not every record has a {' or '.join(map(repr, labels))} field. "
+            "Fix the file, or set --label-field."
+        )
     if fit:
         _check_layers_fit(args, layers)
     return rows
@@ -165,9 +202,19 @@ def _store(args: argparse.Namespace, layers: list[int] | None):
     rows = _check_inputs(args, layers, need_labels=True)
     model, tokenizer = _load(args)
     folder = args.root / "activations" / f"{Path(args.model).name}_{Path(args.data).stem}"
-    return cache_activations(model, tokenizer, rows, folder, layers, positions=args.positions,
-                             dtype=args.dtype, text_field=args.text_field, label_field=args.label_field,
-                             batch_size=args.batch_size, force=True)
+    return cache_activations(
+        model,
+        tokenizer,
+        rows,
+        folder,
+        layers,
+        positions=args.positions,
+        dtype=args.dtype,
+        text_field=args.text_field,
+        label_field=args.label_field,
+        batch_size=args.batch_size,
+        force=True,
+    )
 
 
 @says_flags
@@ -185,19 +232,30 @@ def cmd_cache_activations(args: argparse.Namespace) -> int:
     rows = _check_inputs(args, layers, need_labels=False, fit=False)
     _check_model(args)
     folder, cache = store_settings(args.output, CacheConfig(root=args.root, max_age=args.max_age))
-    model = ModelPath(args.model, head="base" if args.encoder else "causal", dtype=args.model_dtype,
-                      gguf_file=args.gguf_file)
-    spec = ExtractionSpec(tuple(layers), positions=args.positions, dtype=args.dtype, text_field=args.text_field,
-                          label_field=args.label_field, use_chat_template=args.chat_template,
-                          system_prompt=args.system_prompt, max_length=args.max_length, batch_size=args.batch_size,
-                          shard_size=args.shard_size)
+    model = ModelPath(
+        args.model, head="base" if args.encoder else "causal", dtype=args.model_dtype, gguf_file=args.gguf_file
+    )
+    spec = ExtractionSpec(
+        tuple(layers),
+        positions=args.positions,
+        dtype=args.dtype,
+        text_field=args.text_field,
+        label_field=args.label_field,
+        use_chat_template=args.chat_template,
+        system_prompt=args.system_prompt,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+    )
     store, state = find_remembered(model, rows, folder, spec, cache)
     if store is None:
         _check_layers_fit(args, layers)  # reads the model's config: only when the weights will load anyway
         store = extract_from_path(model, rows, folder, spec, cache, state, force=args.force)
     info = store.info()
-    print(f"Cached layers {info['layers']} for {info['num_examples']} examples ({info['dtype']}, "
-          f"{human_bytes(info['bytes'])}) in {args.output}")
+    print(
+        f"Cached layers {info['layers']} for {info['num_examples']} examples ({info['dtype']}, "
+        f"{human_bytes(info['bytes'])}) in {args.output}"
+    )
     return 0
 
 
@@ -223,10 +281,13 @@ def cmd_analyze_probe(args: argparse.Namespace) -> int:
     rows = analyze_probe(store, args.vectors, args.output, layers, visualize=args.visualize)
     print(f"{'layer':>5}  {'AUROC':>6}  95% interval      n  (positive: {rows[0]['positive']})")
     for row in rows:
-        print(f"{row['layer']:>5}  {row['auroc']:>6.3f}  [{row['auroc_low']:.3f}, {row['auroc_high']:.3f}]  "
-              f"{row['n']:>5}")
-    print(f"Per-example scores: {args.output}/probe_stats_layer{{L}}.csv" +
-          ("; plots: auroc_by_layer.png, scores_layer{L}.png" if args.visualize else ""))
+        print(
+            f"{row['layer']:>5}  {row['auroc']:>6.3f}  [{row['auroc_low']:.3f}, {row['auroc_high']:.3f}]  {row['n']:>5}"
+        )
+    print(
+        f"Per-example scores: {args.output}/probe_stats_layer{{L}}.csv"
+        + ("; plots: auroc_by_layer.png, scores_layer{L}.png" if args.visualize else "")
+    )
     return 0
 
 
@@ -236,8 +297,10 @@ def _check_data(store, args: argparse.Namespace) -> None:
 
     expected = store.key_inputs["data"]["fingerprint"]
     if fingerprint_data(load_records(args.data, args.text_field, args.label_field or "label")) != expected:
-        raise ConfigError(f"{args.cache} was not built from {args.data} (data fingerprints differ). "
-                                "Cache that file first, or drop --data.")
+        raise ConfigError(
+            f"{args.cache} was not built from {args.data} (data fingerprints differ). "
+            "Cache that file first, or drop --data."
+        )
 
 
 @says_flags

@@ -21,8 +21,14 @@ CACHE_WORDS = (
 )
 
 # Python argument -> flag, for the activation commands only ("folder=" is another thing elsewhere)
-ACTIVATION_FLAGS = {"force=True": "--force", "folder=": "--output", "text_field=": "--text-field",
-                    "label_field=": "--label-field", "layers=": "--layers", "positive=": "--positive"}
+ACTIVATION_FLAGS = {
+    "force=True": "--force",
+    "folder=": "--output",
+    "text_field=": "--text-field",
+    "label_field=": "--label-field",
+    "layers=": "--layers",
+    "positive=": "--positive",
+}
 _ARGUMENT = re.compile(r"\b(" + "|".join(map(re.escape, ACTIVATION_FLAGS)) + r")(\S?)")
 
 

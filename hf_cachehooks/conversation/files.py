@@ -117,12 +117,16 @@ class TokenCacheConfig:
             warn_deprecated("TokenCacheConfig", "memory_ttl_seconds=...", "memory_ttl=timedelta(seconds=...)")
             old = None if self.memory_ttl_seconds is None else duration(self.memory_ttl_seconds)
             if self.memory_ttl != _MEMORY_TTL and self.memory_ttl != old:
-                raise ConfigError(f"TokenCacheConfig got memory_ttl={self.memory_ttl!r} and memory_ttl_seconds="
-                                  f"{self.memory_ttl_seconds!r}; set it in one place: memory_ttl=timedelta(...).")
+                raise ConfigError(
+                    f"TokenCacheConfig got memory_ttl={self.memory_ttl!r} and memory_ttl_seconds="
+                    f"{self.memory_ttl_seconds!r}; set it in one place: memory_ttl=timedelta(...)."
+                )
             object.__setattr__(self, "memory_ttl", old)
         if self.memory_ttl is not None and (not isinstance(self.memory_ttl, timedelta) or self.memory_ttl < _NONE):
-            raise ConfigError(f"TokenCacheConfig memory_ttl={self.memory_ttl!r} is not a duration; pass a positive "
-                              "datetime.timedelta, e.g. timedelta(hours=1), or None (turns stay until evicted).")
+            raise ConfigError(
+                f"TokenCacheConfig memory_ttl={self.memory_ttl!r} is not a duration; pass a positive "
+                "datetime.timedelta, e.g. timedelta(hours=1), or None (turns stay until evicted)."
+            )
         keywords = {"directory": self.directory, "disk_ttl_seconds": self.disk_ttl_seconds}
         defaults = {f.name: f.default for f in fields(self) if f.name in keywords}
         cache = settle(self.cache, keywords, defaults, "TokenCacheConfig")
@@ -172,13 +176,16 @@ class TokenCacheConfig:
             compression=str(disk.get("compression", "none")),
             prefetch_range=int(prefetch.get("range", 5)) if prefetch.get("enabled", True) else 0,
             memory_ttl=_yaml_ttl(ttl, "memory", "memory_minutes", timedelta(minutes=1), _MEMORY_TTL),
-            cache=CacheConfig(folder=folder, max_age=_yaml_ttl(ttl, "disk", "disk_days", timedelta(days=1),
-                                                               DEFAULT_MAX_AGE["TokenCacheConfig"])),
+            cache=CacheConfig(
+                folder=folder,
+                max_age=_yaml_ttl(ttl, "disk", "disk_days", timedelta(days=1), DEFAULT_MAX_AGE["TokenCacheConfig"]),
+            ),
         )
 
 
-def _yaml_ttl(ttl: Mapping[str, Any], name: str, old: str, unit: timedelta,
-              default: timedelta | None) -> timedelta | None:
+def _yaml_ttl(
+    ttl: Mapping[str, Any], name: str, old: str, unit: timedelta, default: timedelta | None
+) -> timedelta | None:
     """`ttl.<name>` (a duration with a unit) or `ttl.<old>` (a number in `unit`); null: never."""
     if name in ttl and old in ttl:
         raise ConfigError(f"ttl.{name} and ttl.{old} set the same limit; keep ttl.{name} (e.g. {name}: 7d).")

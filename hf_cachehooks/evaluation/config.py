@@ -13,8 +13,15 @@ from ..errors import ConfigError
 
 TASKS = ("generation", "classification")
 # the keyword spellings of the cache settings, mapped onto `cache` by `settle`
-CACHE_KEYWORDS = ("use_prediction_cache", "force_recompute", "cache_max_age_days", "predictions_cache_dir",
-                  "cache_dir", "lock_stale_after", "clock")
+CACHE_KEYWORDS = (
+    "use_prediction_cache",
+    "force_recompute",
+    "cache_max_age_days",
+    "predictions_cache_dir",
+    "cache_dir",
+    "lock_stale_after",
+    "clock",
+)
 GENERATION_FIELDS = ("max_new_tokens", "do_sample", "temperature", "top_p")  # and generation_kwargs
 
 
@@ -120,16 +127,22 @@ class EvalConfig:
             warn_deprecated("EvalConfig", "lock_stale_after=<seconds>", "lock_stale_after=timedelta(seconds=...)")
         object.__setattr__(self, "lock_stale_after", duration(self.lock_stale_after))  # one unit: timedelta
         defaults = {f.name: f.default for f in fields(self) if f.name in CACHE_KEYWORDS}
-        object.__setattr__(self, "resolved_cache", settle(
-            self.cache, {name: getattr(self, name) for name in CACHE_KEYWORDS}, defaults, "EvalConfig"))
+        object.__setattr__(
+            self,
+            "resolved_cache",
+            settle(self.cache, {name: getattr(self, name) for name in CACHE_KEYWORDS}, defaults, "EvalConfig"),
+        )
         if self.generation_config is not None:
             object.__setattr__(self, "generation_config", generation_settings(self.generation_config))
-            changed = [f.name for f in fields(self)
-                       if f.name in GENERATION_FIELDS and getattr(self, f.name) != f.default]
+            changed = [
+                f.name for f in fields(self) if f.name in GENERATION_FIELDS and getattr(self, f.name) != f.default
+            ]
             changed += ["generation_kwargs"] if self.generation_kwargs else []
             if changed:
-                raise ConfigError(f"EvalConfig got generation_config and {', '.join(changed)}; put "
-                                  f"{', '.join(changed)} inside generation_config (or drop generation_config).")
+                raise ConfigError(
+                    f"EvalConfig got generation_config and {', '.join(changed)}; put "
+                    f"{', '.join(changed)} inside generation_config (or drop generation_config)."
+                )
 
     def generation_overrides(self) -> dict:
         """The generation settings the user set (None means: keep the model's default)."""
@@ -173,8 +186,11 @@ def generation_settings(value: Mapping[str, Any] | HasToDict) -> dict[str, Any]:
     else:
         to_dict = getattr(value, "to_diff_dict", None) or getattr(value, "to_dict", None)
         if not callable(to_dict):
-            raise ConfigError(f"generation_config={value!r:.80} is neither a mapping nor a transformers "
-                              "GenerationConfig; pass e.g. {'max_new_tokens': 32} or GenerationConfig(...).")
+            raise ConfigError(
+                f"generation_config={value!r:.80} is neither a mapping nor a transformers "
+                "GenerationConfig; pass e.g. {'max_new_tokens': 32} or GenerationConfig(...)."
+            )
         raw = dict(to_dict())
-    return {k: v for k, v in raw.items() if v is not None and not str(k).startswith("_")
-            and k != "transformers_version"}
+    return {
+        k: v for k, v in raw.items() if v is not None and not str(k).startswith("_") and k != "transformers_version"
+    }

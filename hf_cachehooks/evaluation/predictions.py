@@ -26,8 +26,9 @@ from typing import Any
 import orjson
 
 from .._core.cache_config import CacheConfig, settle
-from .._core.entry import commit, open_entry, read_head, remove_entry
+from .._core.entry import commit, open_entry, remove_entry
 from .._core.freshness import is_expired
+from .._core.heads import read_head
 from .._core.keys import Key, diff_inputs
 from .._core.remote import sync_folder
 from .._core.rows import short_name
@@ -97,14 +98,24 @@ class PredictionCache:
         its own copy of the lists and dicts, so a caller changing its result never changes the next hit.
         `references=False` leaves them out (a caller holding the rows takes them from there: cheaper).
         """
-        found = open_entry(self.run_path(key, model_name), kind="predictions", digest=key.digest,
-                           max_age_days=self.max_age_days, now=self.clock(), reuse=True)
+        found = open_entry(
+            self.run_path(key, model_name),
+            kind="predictions",
+            digest=key.digest,
+            max_age_days=self.max_age_days,
+            now=self.clock(),
+            reuse=True,
+        )
         if found is None:
             return None
         doc = found.doc
-        if not (isinstance(doc.get("predictions"), list) and isinstance(doc.get("references"), list)
-                and isinstance(doc.get("metrics"), dict) and isinstance(doc.get("metadata"), dict)
-                and len(doc["predictions"]) == len(doc["references"])):
+        if not (
+            isinstance(doc.get("predictions"), list)
+            and isinstance(doc.get("references"), list)
+            and isinstance(doc.get("metrics"), dict)
+            and isinstance(doc.get("metadata"), dict)
+            and len(doc["predictions"]) == len(doc["references"])
+        ):
             log.warning("Cache entry %s has fields of the wrong shape; removing it and recomputing.", found.path)
             remove_entry(found.path)
             return None
@@ -147,9 +158,18 @@ class PredictionCache:
             reason = f"{closest.name} has the same key but is expired or unreadable"
         else:
             reason = f"closest entry {closest.name} differs in " + "; ".join(changes[:6])
-        commit(self.folder / "last_miss.json", "last-miss", key, fields={
-            "reason": reason, "closest": closest.name if closest else None, "changes": changes,
-            "timestamp": self.clock()}, created_at=self.clock())
+        commit(
+            self.folder / "last_miss.json",
+            "last-miss",
+            key,
+            fields={
+                "reason": reason,
+                "closest": closest.name if closest else None,
+                "changes": changes,
+                "timestamp": self.clock(),
+            },
+            created_at=self.clock(),
+        )
         return reason
 
     # Per-example shards -------------------------------------------------------------------------
@@ -179,8 +199,13 @@ class PredictionCache:
     def save_examples(self, predictor: Key, rows: dict[str, Any], name: str) -> bool:
         """Write one shard of finished examples (atomically: a crash loses at most this batch)."""
         tag_folder(self.folder)
-        return commit(self.examples_dir(predictor) / f"{name}.json", "example-predictions", predictor,
-                      fields={"rows": rows}, created_at=self.clock())
+        return commit(
+            self.examples_dir(predictor) / f"{name}.json",
+            "example-predictions",
+            predictor,
+            fields={"rows": rows},
+            created_at=self.clock(),
+        )
 
     def compact(self, predictor: Key) -> None:
         """Merge a finished run's many small shards into one, so the next resume reads one file."""

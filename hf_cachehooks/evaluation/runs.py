@@ -76,8 +76,7 @@ def render_prompts(rows: list[dict], config: EvalConfig) -> list[str]:
         return [str(row[config.input_field]) for row in rows]
     except KeyError as exc:
         fields = ", ".join(sorted(rows[0])) if rows else "none"
-        raise ConfigError(f"Rows have no field {exc} (fields: {fields}). Fix input_field or prompt_template.") \
-            from None
+        raise ConfigError(f"Rows have no field {exc} (fields: {fields}). Fix input_field or prompt_template.") from None
 
 
 def _references(rows: list[dict], config: EvalConfig) -> list:
@@ -85,11 +84,13 @@ def _references(rows: list[dict], config: EvalConfig) -> list:
         refs = [row[config.reference_field] for row in rows]
     except KeyError:
         fields = ", ".join(sorted(rows[0])) if rows else "none"
-        raise ConfigError(f"Rows have no reference field {config.reference_field!r} (fields: {fields}). "
-                          "Set reference_field.") from None
+        raise ConfigError(
+            f"Rows have no reference field {config.reference_field!r} (fields: {fields}). Set reference_field."
+        ) from None
     if config.task == "classification" and not all(isinstance(r, int) for r in refs):
-        raise ConfigError("Classification references must be int label ids; map label names with "
-                          "model.config.label2id first.")
+        raise ConfigError(
+            "Classification references must be int label ids; map label names with model.config.label2id first."
+        )
     return refs
 
 
@@ -181,8 +182,11 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
 def run_key(predictor: Key, data: Any, n: int, config: EvalConfig) -> Key:
     """The key of one run: the predictor, the data, and the field the references come from (a new
     reference field recomputes only the metrics: the per-example predictions are keyed by the predictor)."""
-    return extend_key(predictor, "predictions", {"data": {"fingerprint": fingerprint_data(data), "n": n},
-                                                 "reference_field": config.reference_field})
+    return extend_key(
+        predictor,
+        "predictions",
+        {"data": {"fingerprint": fingerprint_data(data), "n": n}, "reference_field": config.reference_field},
+    )
 
 
 _predictors: dict[bytes, tuple[dict, Key]] = {}  # settings -> (the identity object it was made from, its key)
@@ -200,12 +204,17 @@ def predictor_key(identity: dict, config: EvalConfig) -> Key:
     known = _predictors.get(settings)
     if known is not None and known[0] is identity:
         return known[1]
-    key = make_key("predictor", {
-        "model": identity["model"], "tokenizer": identity["tokenizer"],
-        "generation": effective_generation(identity["generation_defaults"], overrides)
-        if overrides is not None else None,
-        "prompt": config.prompt_spec(),
-    })
+    key = make_key(
+        "predictor",
+        {
+            "model": identity["model"],
+            "tokenizer": identity["tokenizer"],
+            "generation": effective_generation(identity["generation_defaults"], overrides)
+            if overrides is not None
+            else None,
+            "prompt": config.prompt_spec(),
+        },
+    )
     remember(_predictors, settings, (identity, key), 16)
     return key
 
@@ -235,8 +244,7 @@ class _Evaluation:
     name: str
     versions: dict
 
-    def save(self, predictions: list, references: list, started: float, reused: int,
-             **extra_meta: Any) -> _Outcome:
+    def save(self, predictions: list, references: list, started: float, reused: int, **extra_meta: Any) -> _Outcome:
         """Metrics, metadata and the run entry for finished predictions; the outcome `evaluate_model` answers
         from."""
         caching = self.config.resolved_cache
@@ -245,8 +253,13 @@ class _Evaluation:
         meta.update(reused_examples=reused, **extra_meta)
         if self.run.took_effect is not None:
             meta["load"] = self.run.took_effect
-        doc: dict[str, Any] = {"metadata": meta, "predictions": predictions, "references": references,
-                               "metrics": metrics, "metric_versions": self.versions}
+        doc: dict[str, Any] = {
+            "metadata": meta,
+            "predictions": predictions,
+            "references": references,
+            "metrics": metrics,
+            "metric_versions": self.versions,
+        }
         path = self.cache.save_run(self.key, self.name, doc)
         self.cache.compact(self.predictor)
         status: CacheStatus = "recomputed" if caching.force_recompute else ("partial" if reused else "miss")
@@ -256,17 +269,29 @@ class _Evaluation:
     def result(self, outcome: _Outcome, reason: str | None) -> EvalResult:
         """The answer for predictions made by this evaluation (here, or by the ranks of one launch)."""
         doc = outcome.doc
-        return EvalResult(doc["predictions"], doc["references"], doc["metrics"], doc["metadata"], outcome.status,
-                          key=self.key.digest, path=outcome.path, miss_reason=reason,
-                          reused=doc["metadata"]["reused_examples"])
+        return EvalResult(
+            doc["predictions"],
+            doc["references"],
+            doc["metrics"],
+            doc["metadata"],
+            outcome.status,
+            key=self.key.digest,
+            path=outcome.path,
+            miss_reason=reason,
+            reused=doc["metadata"]["reused_examples"],
+        )
 
     def refresh_metrics(self, doc: dict) -> dict:
         """`doc`, with its metrics recomputed from its predictions and the run entry rewritten, when the
         metric scripts changed since it was saved; `doc` unchanged otherwise."""
         if doc.get("metric_versions") == self.versions:
             return doc
-        log.info("📏 Metrics changed (%s → %s): recomputing from %d cached predictions.",
-                 ",".join(doc.get("metric_versions", {})), ",".join(self.versions), len(doc["predictions"]))
+        log.info(
+            "📏 Metrics changed (%s → %s): recomputing from %d cached predictions.",
+            ",".join(doc.get("metric_versions", {})),
+            ",".join(self.versions),
+            len(doc["predictions"]),
+        )
         doc["metrics"] = compute_metrics(self.config.metrics, doc["predictions"], doc["references"])
         doc["metric_versions"] = self.versions
         self.cache.save_run(self.key, self.name, {k: v for k, v in doc.items() if k != "key"})
@@ -277,10 +302,16 @@ class _Evaluation:
         meta = doc["metadata"]
         age = describe_age(self.config.resolved_cache.clock() - meta.get("created_at", 0))
         path = self.cache.run_path(self.key, self.name)
-        log.info("✅ Loaded predictions from cache: %s (%d examples, %s old, saved ≈%.0fs).",
-                 path.name, len(doc["predictions"]), age, meta.get("evaluation_time_seconds", 0))
-        return EvalResult(doc["predictions"], doc["references"], doc["metrics"], meta, "hit",
-                          key=self.key.digest, path=str(path))
+        log.info(
+            "✅ Loaded predictions from cache: %s (%d examples, %s old, saved ≈%.0fs).",
+            path.name,
+            len(doc["predictions"]),
+            age,
+            meta.get("evaluation_time_seconds", 0),
+        )
+        return EvalResult(
+            doc["predictions"], doc["references"], doc["metrics"], meta, "hit", key=self.key.digest, path=str(path)
+        )
 
     def sharded(self, world: World, prompts: list[str], references: list) -> EvalResult:
         """`evaluate_model` on one rank of several: see `distributed.py` for who does what."""
@@ -291,22 +322,29 @@ class _Evaluation:
             return self.hit(self.refresh_metrics(found))
         reason = "force_recompute is set" if force else (self.cache.explain_miss(self.key) if world.is_main else None)
         if world.is_main:
-            log.info("🔄 No valid cache found for %s (%d examples, key %s): %s.", self.name, len(prompts),
-                     self.key.short, reason)
+            log.info(
+                "🔄 No valid cache found for %s (%d examples, key %s): %s.",
+                self.name,
+                len(prompts),
+                self.key.short,
+                reason,
+            )
         started = time.time()
         hashes = example_hashes(prompts)
         known = ({} if force else self.cache.load_examples(self.predictor)) if world.is_main else None
         self.run.progress = world.is_main
 
         def predict(positions: list[int]) -> dict[str, Any]:
-            return self.run.predict_cached(prompts, hashes, positions, self.cache, self.predictor,
-                                           suffix=f"-r{world.rank}")
+            return self.run.predict_cached(
+                prompts, hashes, positions, self.cache, self.predictor, suffix=f"-r{world.rank}"
+            )
 
         merged, reused, timing = predict_sharded(world, comm, prompts, hashes, known, predict)
         saved = None
         if merged is not None:
-            saved = self.save([merged[h] for h in hashes], references, started, reused,
-                              processes={"count": world.size, **timing})
+            saved = self.save(
+                [merged[h] for h in hashes], references, started, reused, processes={"count": world.size, **timing}
+            )
         outcome, reason = comm.broadcast((saved, reason))  # rank 0's, on every rank
         comm.barrier()  # every rank has the result before any process may exit
         return self.result(outcome, reason)
@@ -314,9 +352,14 @@ class _Evaluation:
 
 def _metadata(name: str, size: int, seconds: float, config: EvalConfig, now: float) -> dict:
     return {
-        "model_name": name, "dataset_size": size, "timestamp": iso(now), "created_at": now,
-        "evaluation_time_seconds": round(seconds, 3), "batch_size": config.batch_size,
-        "device": config.device, "hf_cachehooks_version": __version__,
+        "model_name": name,
+        "dataset_size": size,
+        "timestamp": iso(now),
+        "created_at": now,
+        "evaluation_time_seconds": round(seconds, 3),
+        "batch_size": config.batch_size,
+        "device": config.device,
+        "hf_cachehooks_version": __version__,
     }
 
 
@@ -347,24 +390,36 @@ class _Run:
         """How a path is loaded (device, dtype, attention, compile), decided once, before any load."""
         if self._plan is None:
             config = self.config
-            self._plan = plan_load(device=config.device, dtype=config.model_dtype, speedups=config.speedups,
-                                   compile_decode=config.compile_decode)
+            self._plan = plan_load(
+                device=config.device,
+                dtype=config.model_dtype,
+                speedups=config.speedups,
+                compile_decode=config.compile_decode,
+            )
         return self._plan
 
     def _ensure_loaded(self) -> None:
         if self.model is None:
             with requires_extras(f"Evaluating {self.name!r} on a cache miss"):
                 self.model, self.tokenizer, self.took_effect = load_planned(
-                    str(self.source), self.plan, head="causal" if self.config.task == "generation"
-                    else "classification", gguf_file=self.config.gguf_file, **self.config.load_kwargs)
+                    str(self.source),
+                    self.plan,
+                    head="causal" if self.config.task == "generation" else "classification",
+                    gguf_file=self.config.gguf_file,
+                    **self.config.load_kwargs,
+                )
         if self.tokenizer is None:
-            raise ConfigError("This model needs its tokenizer: call evaluate_model(model, data, config, "
-                              "tokenizer=tokenizer).")
+            raise ConfigError(
+                "This model needs its tokenizer: call evaluate_model(model, data, config, tokenizer=tokenizer)."
+            )
 
     def _identity_of_objects(self) -> dict:
         self._ensure_loaded()
-        return {"model": model_identity(self.model), "tokenizer": tokenizer_identity(self.tokenizer),
-                "generation_defaults": generation_defaults(self.model)}
+        return {
+            "model": model_identity(self.model),
+            "tokenizer": tokenizer_identity(self.tokenizer),
+            "generation_defaults": generation_defaults(self.model),
+        }
 
     def identity(self) -> dict:
         if not self.is_path:
@@ -379,11 +434,22 @@ class _Run:
             remember_identity(state, found, self.root)
         return found
 
-    def predict_cached(self, prompts: list[str], hashes: list[str], positions: list[int], cache: PredictionCache,
-                       predictor: Key, suffix: str = "") -> dict[str, Any]:
+    def predict_cached(
+        self,
+        prompts: list[str],
+        hashes: list[str],
+        positions: list[int],
+        cache: PredictionCache,
+        predictor: Key,
+        suffix: str = "",
+    ) -> dict[str, Any]:
         """Predict the examples at `positions`, saving each batch as a per-example shard as it finishes."""
-        fresh = self.predict([prompts[i] for i in positions], on_batch=lambda done: cache.save_examples(
-            predictor, {hashes[positions[j]]: p for j, p in done}, f"b{time.time_ns()}-{os.getpid()}{suffix}"))
+        fresh = self.predict(
+            [prompts[i] for i in positions],
+            on_batch=lambda done: cache.save_examples(
+                predictor, {hashes[positions[j]]: p for j, p in done}, f"b{time.time_ns()}-{os.getpid()}{suffix}"
+            ),
+        )
         return {hashes[i]: p for i, p in zip(positions, fresh)}
 
     def predict(self, prompts: list[str], on_batch=None) -> list:
@@ -397,8 +463,12 @@ class _Run:
         step = generate if self.config.task == "generation" else classify
         size = self.config.batch_size
         out: list = []
-        with tqdm(total=len(prompts), desc=f"Predicting ({self.config.task})", unit="ex",
-                  disable=not self.progress) as bar, requires_extras(f"Predicting with {self.name!r}"):
+        with (
+            tqdm(
+                total=len(prompts), desc=f"Predicting ({self.config.task})", unit="ex", disable=not self.progress
+            ) as bar,
+            requires_extras(f"Predicting with {self.name!r}"),
+        ):
             for start in range(0, len(prompts), size):
                 batch = step(self.model, self.tokenizer, prompts[start : start + size], self.config)
                 if on_batch is not None:

@@ -42,14 +42,22 @@ class TransformersBackend:
     name: str = "transformers"
 
     @classmethod
-    def from_pretrained(cls, name_or_path: str, *, dtype: str | None = None, compile_decode: bool = False,
-                        gguf_file: str | None = None, **options: Any) -> TransformersBackend:
+    def from_pretrained(
+        cls,
+        name_or_path: str,
+        *,
+        dtype: str | None = None,
+        compile_decode: bool = False,
+        gguf_file: str | None = None,
+        **options: Any,
+    ) -> TransformersBackend:
         """Load a model folder or Hub name with the inference load plan (`_models/inference.py`: this rank's
         GPU, bf16 where supported, flash_attention_2 -> sdpa -> eager; on CPU as before), then wrap it."""
         from .._models.inference import load_planned, plan_load
 
-        model, tokenizer, _ = load_planned(name_or_path, plan_load(dtype=dtype, compile_decode=compile_decode),
-                                           gguf_file=gguf_file)
+        model, tokenizer, _ = load_planned(
+            name_or_path, plan_load(dtype=dtype, compile_decode=compile_decode), gguf_file=gguf_file
+        )
         return cls(model, tokenizer, **options)
 
     def render(self, prompts: Sequence[str]) -> list[str]:
@@ -75,7 +83,12 @@ class TransformersBackend:
         texts = self.render(prompts)
         out: list[str | None] = []
         for start in range(0, len(texts), self.batch_size):
-            batch = generate_texts(self.model, self.tokenizer, texts[start : start + self.batch_size], options,
-                                   add_special_tokens=not self.use_chat_template)
+            batch = generate_texts(
+                self.model,
+                self.tokenizer,
+                texts[start : start + self.batch_size],
+                options,
+                add_special_tokens=not self.use_chat_template,
+            )
             out += batch
         return out

@@ -99,13 +99,25 @@ class GenerationCache:
         ...                       num_samples=200, temperature=1.0, max_tokens=512)
     """
 
-    def __init__(self, model: str, model_short_name: str | None = None, experiments_dir: str | Path | None = None,
-                 max_age_days: float | None = None, chunk_size: int = 64,
-                 clock: Callable[[], float] = SYSTEM_CLOCK, *, cache: CacheConfig | None = None) -> None:
+    def __init__(
+        self,
+        model: str,
+        model_short_name: str | None = None,
+        experiments_dir: str | Path | None = None,
+        max_age_days: float | None = None,
+        chunk_size: int = 64,
+        clock: Callable[[], float] = SYSTEM_CLOCK,
+        *,
+        cache: CacheConfig | None = None,
+    ) -> None:
         self.model = model
         self.short = model_short_name or short_name(model)
-        self.cache = settle(cache, {"experiments_dir": experiments_dir, "max_age_days": max_age_days, "clock": clock},
-                            {"experiments_dir": None, "max_age_days": None, "clock": SYSTEM_CLOCK}, "GenerationCache")
+        self.cache = settle(
+            cache,
+            {"experiments_dir": experiments_dir, "max_age_days": max_age_days, "clock": clock},
+            {"experiments_dir": None, "max_age_days": None, "clock": SYSTEM_CLOCK},
+            "GenerationCache",
+        )
         self.base = self.cache.folder_for("experiments")
         self.chunk_size = chunk_size
         self._warned: set[str] = set()  # paths in the way already named in a warning
@@ -130,8 +142,13 @@ class GenerationCache:
         return tail
 
     def key_inputs(self, prompt_name: str, subject_type: str, sampling: Sampling, samples_per_prompt: int) -> dict:
-        inputs: dict[str, Any] = {"model": self.short, "prompt_name": prompt_name, "subject_type": subject_type,
-                                  "temperature": sampling.temperature, "max_tokens": sampling.max_tokens}
+        inputs: dict[str, Any] = {
+            "model": self.short,
+            "prompt_name": prompt_name,
+            "subject_type": subject_type,
+            "temperature": sampling.temperature,
+            "max_tokens": sampling.max_tokens,
+        }
         for name, value in (("top_p", sampling.top_p), ("seed", sampling.seed)):
             if value is not None:
                 inputs[name] = value
@@ -147,8 +164,10 @@ class GenerationCache:
         if not getattr(backend, "use_chat_template", False):
             return None  # the prompts go to the model as they are (a system prompt is used only with a template)
         template = getattr(getattr(backend, "tokenizer", None), "chat_template", None)
-        return {"chat_template": template if isinstance(template, str) else True,
-                "system_prompt": getattr(backend, "system_prompt", None)}
+        return {
+            "chat_template": template if isinstance(template, str) else True,
+            "system_prompt": getattr(backend, "system_prompt", None),
+        }
 
     # Reading ------------------------------------------------------------------------------------
 
@@ -160,13 +179,22 @@ class GenerationCache:
 
     def _load(self, meta_path: Path, digest: str) -> tuple[dict, files.Rows] | None:
         """(metadata, rows) of the entry at `meta_path` when it is whole, of this key and fresh; else None."""
-        found = entry.open_entry(meta_path, kind=KIND, digest=digest, max_age_days=self.cache.max_age_days,
-                                 now=self.cache.clock(), check="stamp")
+        found = entry.open_entry(
+            meta_path,
+            kind=KIND,
+            digest=digest,
+            max_age_days=self.cache.max_age_days,
+            now=self.cache.clock(),
+            check="stamp",
+        )
         if found is None:
             return None
         if found.doc.get("backend") == "openai" and not found.doc.get("text_as_returned"):
-            log.warning("Cached generations %s were made by an older OpenAIBackend that stripped whitespace from "
-                        "completions; regenerating them as the server returns them.", meta_path.name)
+            log.warning(
+                "Cached generations %s were made by an older OpenAIBackend that stripped whitespace from "
+                "completions; regenerating them as the server returns them.",
+                meta_path.name,
+            )
             return None
         rows = files.decode(found.folder, meta_path.name.removesuffix("_metadata.json"), found.files)
         if rows is None:
@@ -196,10 +224,13 @@ class GenerationCache:
         if foreign:
             if foreign not in self._warned:
                 self._warned.add(foreign)
-                log.warning("Not caching these generations: %s is in the way and no cache entry of hf_cachehooks "
-                            "lists it (a file of yours, or one edited by hand); it is never overwritten. Move it "
-                            "out of %s, or give GenerationCache another cache=CacheConfig(folder=...), to cache here.",
-                            foreign, folder)
+                log.warning(
+                    "Not caching these generations: %s is in the way and no cache entry of hf_cachehooks "
+                    "lists it (a file of yours, or one edited by hand); it is never overwritten. Move it "
+                    "out of %s, or give GenerationCache another cache=CacheConfig(folder=...), to cache here.",
+                    foreign,
+                    folder,
+                )
             return None
         try:
             tag_folder(self.base)
@@ -221,10 +252,22 @@ class GenerationCache:
 
     # The one call users make ------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[str], backend: Backend, *, prompt_name: str, subject_type: str = "all",
-                 num_samples: int | None = None, temperature: float = 1.0, max_tokens: int = 512,
-                 top_p: float | None = None, seed: int | None = None, samples_per_prompt: int = 1,
-                 strict: bool = False, force_recompute: bool = False) -> Generations:
+    def generate(
+        self,
+        prompts: Sequence[str],
+        backend: Backend,
+        *,
+        prompt_name: str,
+        subject_type: str = "all",
+        num_samples: int | None = None,
+        temperature: float = 1.0,
+        max_tokens: int = 512,
+        top_p: float | None = None,
+        seed: int | None = None,
+        samples_per_prompt: int = 1,
+        strict: bool = False,
+        force_recompute: bool = False,
+    ) -> Generations:
         """Completions for the first `num_samples` prompts, served from the cache where it can.
 
         `force_recompute` (or the cache's own) generates every sample again and replaces the entry.
@@ -251,8 +294,17 @@ class GenerationCache:
             tail += "_chat" + make_key("prompt-format", prompt_format).short[:8]
         key = make_key("generations", inputs)
         shown = folder / f"n{n}{tail}"
-        log.info("\n%s\nChecking for cached generations...\n  Model: %s\n  Prompt: %s\n  Subject: %s\n"
-                 "  Samples: %d\n  Cache path: %s\n%s", _RULE, self.short, prompt_name, subject_type, n, shown, _RULE)
+        log.info(
+            "\n%s\nChecking for cached generations...\n  Model: %s\n  Prompt: %s\n  Subject: %s\n"
+            "  Samples: %d\n  Cache path: %s\n%s",
+            _RULE,
+            self.short,
+            prompt_name,
+            subject_type,
+            n,
+            shown,
+            _RULE,
+        )
 
         hashes = example_hashes(prompts[:n])
         wanted = [(i, s) for i in range(n) for s in range(samples_per_prompt)]
@@ -264,8 +316,11 @@ class GenerationCache:
             differ = {i for (i, _), row in rows.items() if i < n and row["prompt_hash"] != hashes[i]}
             # a miss: generate once across processes
             if enabled and (any(ik not in rows for ik in wanted) or (strict and differ)):
-                held = stack.enter_context(locking.lease(self.base / ".locks" / f"{key.digest}.lock",
-                                                         stale_after=self.cache.stale_after_seconds))
+                held = stack.enter_context(
+                    locking.lease(
+                        self.base / ".locks" / f"{key.digest}.lock", stale_after=self.cache.stale_after_seconds
+                    )
+                )
                 if held and reads:  # the holder we waited for may have produced it
                     meta, rows, loaded_path = self._lookup(folder, tail, key.digest)
                     differ = {i for (i, _), row in rows.items() if i < n and row["prompt_hash"] != hashes[i]}
@@ -280,37 +335,89 @@ class GenerationCache:
             elif force_recompute:
                 log.info("  Force recompute enabled - will generate and save")
             elif not missing:
-                log.info("\n✓ Found cached generations!\n  Loaded %d cached generations\n  Cached on: %s\n  Model: %s\n"
-                         "  Subject: %s\n%s", reused, meta.get("timestamp", "?"), meta.get("model", "?"),
-                         meta.get("subject_type", subject_type), _RULE)
+                log.info(
+                    "\n✓ Found cached generations!\n  Loaded %d cached generations\n  Cached on: %s\n  Model: %s\n"
+                    "  Subject: %s\n%s",
+                    reused,
+                    meta.get("timestamp", "?"),
+                    meta.get("model", "?"),
+                    meta.get("subject_type", subject_type),
+                    _RULE,
+                )
             elif reused:
-                log.info("\n✓ Found %d cached generations (cached on %s); generating the other %d\n%s", reused,
-                         meta.get("timestamp", "?"), len(missing), _RULE)
+                log.info(
+                    "\n✓ Found %d cached generations (cached on %s); generating the other %d\n%s",
+                    reused,
+                    meta.get("timestamp", "?"),
+                    len(missing),
+                    _RULE,
+                )
             else:
                 log.info("  No cache found - will generate and save\n")
             if differ:
-                log.warning("%d of the %d cached generations served were made from different prompts (the key "
-                            "names the experiment, not the prompts); pass strict=True to regenerate them.",
-                            len(differ), n)
+                log.warning(
+                    "%d of the %d cached generations served were made from different prompts (the key "
+                    "names the experiment, not the prompts); pass strict=True to regenerate them.",
+                    len(differ),
+                    n,
+                )
 
-            info = {"model": self.model, "model_short_name": self.short, "prompt_name": prompt_name,
-                    "subject_type": subject_type, "temperature": temperature, "max_tokens": max_tokens, "top_p": top_p,
-                    "seed": seed, "samples_per_prompt": samples_per_prompt, "backend": getattr(backend, "name", "?"),
-                    "created_at": meta.get("created_at"), **_EXACT}
+            info = {
+                "model": self.model,
+                "model_short_name": self.short,
+                "prompt_name": prompt_name,
+                "subject_type": subject_type,
+                "temperature": temperature,
+                "max_tokens": max_tokens,
+                "top_p": top_p,
+                "seed": seed,
+                "samples_per_prompt": samples_per_prompt,
+                "backend": getattr(backend, "name", "?"),
+                "created_at": meta.get("created_at"),
+                **_EXACT,
+            }
             errors: dict[int, str] = {}
-            path = self._generate_missing(missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info,
-                                          save=enabled, errors=errors) or loaded_path
-        completions = [[rows[(i, s)]["completion"] if (i, s) in rows else None for s in range(samples_per_prompt)]
-                       for i in range(n)]
-        full_texts = [[rows[(i, s)]["full_text"] if (i, s) in rows else None for s in range(samples_per_prompt)]
-                      for i in range(n)]
+            path = (
+                self._generate_missing(
+                    missing,
+                    prompts,
+                    hashes,
+                    backend,
+                    sampling,
+                    folder,
+                    tail,
+                    key,
+                    rows,
+                    info,
+                    save=enabled,
+                    errors=errors,
+                )
+                or loaded_path
+            )
+        completions = [
+            [rows[(i, s)]["completion"] if (i, s) in rows else None for s in range(samples_per_prompt)]
+            for i in range(n)
+        ]
+        full_texts = [
+            [rows[(i, s)]["full_text"] if (i, s) in rows else None for s in range(samples_per_prompt)] for i in range(n)
+        ]
         served = [rows[(i, 0)]["prompt"] if (i, 0) in rows else prompts[i] for i in range(n)]
         status = "disabled" if not enabled else "hit" if not missing else ("partial" if reused else "miss")
-        return Generations(served, completions, full_texts, status, str(path or shown) if enabled else "", reused,
-                           len(missing), len(differ), errors)
+        return Generations(
+            served,
+            completions,
+            full_texts,
+            status,
+            str(path or shown) if enabled else "",
+            reused,
+            len(missing),
+            len(differ),
+            errors,
+        )
 
-    def _generate_missing(self, missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info, save,
-                          errors):
+    def _generate_missing(
+        self, missing, prompts, hashes, backend, sampling, folder, tail, key, rows, info, save, errors
+    ):
         path = None
         failed = 0
         for samples, chunk, this in self._requests(missing, sampling, backend):
@@ -327,16 +434,24 @@ class GenerationCache:
                     if text is None:  # failed: never cached (an empty string is a real completion)
                         failed += 1
                         continue
-                    rows[(i, s)] = {"i": i, "s": s, "prompt": prompts[i], "prompt_hash": hashes[i],
-                                    "completion": text, "full_text": shown + text}
+                    rows[(i, s)] = {
+                        "i": i,
+                        "s": s,
+                        "prompt": prompts[i],
+                        "prompt_hash": hashes[i],
+                        "completion": text,
+                        "full_text": shown + text,
+                    }
             if save:
                 path = self._save(folder, tail, key, rows, info) or path
             if error is not None:
                 raise error
         if failed:
-            log.warning("  %s generations failed; they were not cached (re-run to retry).%s",
-                        f"All {failed}" if failed == len(missing) else failed,
-                        "".join(f"\n    prompt {i}: {why}" for i, why in sorted(errors.items())[:5]))
+            log.warning(
+                "  %s generations failed; they were not cached (re-run to retry).%s",
+                f"All {failed}" if failed == len(missing) else failed,
+                "".join(f"\n    prompt {i}: {why}" for i, why in sorted(errors.items())[:5]),
+            )
         if missing and path is not None:
             log.info("  💾 Saving generations to cache: %s\n  ✓ Cached %d generations", path, len(rows))
         return path

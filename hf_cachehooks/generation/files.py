@@ -17,8 +17,10 @@ from ..errors import CorruptEntryError
 log = logging.getLogger(__name__)
 
 # the fields each JSONL line holds, and their types
-LINES = {"_completions.jsonl": {"i": int, "s": int, "prompt": str, "prompt_hash": str, "completion": str},
-         "_full_texts.jsonl": {"i": int, "s": int, "full_text": str}}
+LINES = {
+    "_completions.jsonl": {"i": int, "s": int, "prompt": str, "prompt_hash": str, "completion": str},
+    "_full_texts.jsonl": {"i": int, "s": int, "full_text": str},
+}
 _ROW = {name for fields in LINES.values() for name in fields}  # a row once both files are read
 Rows = dict[tuple[int, int], dict]  # (prompt index, sample index) -> the row
 
@@ -31,8 +33,10 @@ def names(stem: str) -> list[str]:
 def encode(stem: str, rows: Rows) -> dict[str, bytes]:
     """The two files' bytes: one JSON line per row, in (prompt, sample) order."""
     ordered = [rows[ik] for ik in sorted(rows)]
-    return {stem + suffix: b"".join(orjson.dumps({x: r[x] for x in fields}) + b"\n" for r in ordered)
-            for suffix, fields in LINES.items()}
+    return {
+        stem + suffix: b"".join(orjson.dumps({x: r[x] for x in fields}) + b"\n" for r in ordered)
+        for suffix, fields in LINES.items()
+    }
 
 
 def decode(folder: Path, stem: str, listed: Mapping[str, object]) -> Rows | None:
@@ -40,16 +44,22 @@ def decode(folder: Path, stem: str, listed: Mapping[str, object]) -> Rows | None
     are not exactly the two JSONL files, a line is malformed, or the two files hold different rows."""
     shown = f"{stem}_metadata.json"
     if sorted(listed) != sorted(names(stem)):
-        log.warning("Cached generations %s list files %s, not this entry's two JSONL files; regenerating.",
-                    shown, sorted(listed))
+        log.warning(
+            "Cached generations %s list files %s, not this entry's two JSONL files; regenerating.",
+            shown,
+            sorted(listed),
+        )
         return None
     rows: Rows = {}
     try:
         for suffix, fields in LINES.items():
             for line in (folder / f"{stem}{suffix}").read_bytes().splitlines():
                 row = orjson.loads(line)
-                if not isinstance(row, dict) or row.keys() != fields.keys() or \
-                        any(type(row[name]) is not kind for name, kind in fields.items()):
+                if (
+                    not isinstance(row, dict)
+                    or row.keys() != fields.keys()
+                    or any(type(row[name]) is not kind for name, kind in fields.items())
+                ):
                     raise ValueError(f"a line of {stem}{suffix} is not {sorted(fields)}")
                 rows.setdefault((row["i"], row["s"]), {}).update(row)
     except (OSError, ValueError) as exc:  # orjson.JSONDecodeError is a ValueError

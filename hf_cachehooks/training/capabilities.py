@@ -18,6 +18,7 @@ from .devices import TORCH_FIX, Device, version_tuple
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class Availability:
     """What actually runs here, found by execution rather than version strings.
@@ -47,8 +48,9 @@ def _probe_flash_attn(device: Device, smoke_test: bool, *, torch_device: str = "
     try:
         import flash_attn
     except Exception as exc:  # ImportError, but also OSError / "undefined symbol" from a wheel built for another torch
-        problem = (f"flash_attn does not import ({type(exc).__name__}: {exc}); "
-                   "pip install flash-attn --no-build-isolation")
+        problem = (
+            f"flash_attn does not import ({type(exc).__name__}: {exc}); pip install flash-attn --no-build-isolation"
+        )
         if device.kind != "cuda":
             return False, f"flash-attention needs a CUDA GPU (this is {_describe(device)}); {problem}"
         return False, problem
@@ -93,8 +95,10 @@ def _probe_compile(device: Device) -> tuple[bool, str]:
     compilers = [c for c in (os.environ.get("CXX"), "g++", "c++") if c]
     found = next((path for path in map(shutil.which, compilers) if path), None)
     if found is None:
-        return False, ("inductor on CPU needs a C++ compiler and none is on PATH (g++, c++ or $CXX); "
-                       "install one (apt-get install g++) or use torch_compile_backend='aot_eager'")
+        return False, (
+            "inductor on CPU needs a C++ compiler and none is on PATH (g++, c++ or $CXX); "
+            "install one (apt-get install g++) or use torch_compile_backend='aot_eager'"
+        )
     return True, f"inductor with C++ compiler {found}"
 
 
@@ -136,8 +140,15 @@ def probe_availability(device: Device, smoke_test: bool = True) -> Availability:
     flash_ok, flash_reason = _probe_flash_attn(device, smoke_test)
     compile_ok, compile_reason = _probe_compile(device)
     fused_ok, fused_reason = _probe_fused_adamw(device)
-    available = Availability(flash_ok, flash_reason, hasattr(F, "scaled_dot_product_attention"),
-                             compile_ok, compile_reason, fused_ok, fused_reason)
+    available = Availability(
+        flash_ok,
+        flash_reason,
+        hasattr(F, "scaled_dot_product_attention"),
+        compile_ok,
+        compile_reason,
+        fused_ok,
+        fused_reason,
+    )
     logger.debug("Probed %s: %s", _describe(device), available)
     return available
 
@@ -164,8 +175,10 @@ class Decision:
 def _arch_problem(device: Device) -> str | None:
     if device.torch_supports_arch:
         return None
-    return (f"torch {device.torch_version} has no {device.sm} kernels (built for {' '.join(device.arch_list)}), "
-            f"so CUDA ops fail with 'no kernel image'; {TORCH_FIX}")
+    return (
+        f"torch {device.torch_version} has no {device.sm} kernels (built for {' '.join(device.arch_list)}), "
+        f"so CUDA ops fail with 'no kernel image'; {TORCH_FIX}"
+    )
 
 
 def _precision(config: SpeedupConfig, device: Device) -> Decision:
@@ -174,16 +187,20 @@ def _precision(config: SpeedupConfig, device: Device) -> Decision:
     asked = config.precision
     if asked == "auto":
         chosen, active = best, best != "fp32"
-        reason = {"bf16": f"{where} supports bf16",
-                  "fp16": f"{where} has no bf16 (needs compute capability 8.0+); fp16 with loss scaling",
-                  "fp32": f"{where}: no fast bf16/fp16 training here; fp32"}[best]
+        reason = {
+            "bf16": f"{where} supports bf16",
+            "fp16": f"{where} has no bf16 (needs compute capability 8.0+); fp16 with loss scaling",
+            "fp32": f"{where}: no fast bf16/fp16 training here; fp32",
+        }[best]
     elif asked == "fp32" or (asked == "bf16" and device.bf16_ok) or (asked == "fp16" and device.fp16_ok):
         chosen, active, reason = asked, True, "as requested"
     else:
         chosen, active = ("fp16" if asked == "bf16" and device.fp16_ok else "fp32"), False
         if device.kind == "cpu" and asked == "bf16":
-            reason = ("CPU: TrainingArguments(bf16=True) raises without use_cpu=True and CPU bf16 matmuls are slow "
-                      "on AVX2; training in fp32")
+            reason = (
+                "CPU: TrainingArguments(bf16=True) raises without use_cpu=True and CPU bf16 matmuls are slow "
+                "on AVX2; training in fp32"
+            )
         elif device.kind == "cuda":
             need = "8.0 (Ampere)" if asked == "bf16" else "7.0 (Volta)"
             reason = f"{where} has no {asked} (needs compute capability {need}); training in {chosen}"
@@ -228,8 +245,13 @@ def _compile(config: SpeedupConfig, device: Device, available: Availability) -> 
         why = _triton_problem(device, device.triton_version) or ""
     else:
         mode = config.torch_compile_mode or "default"
-        return Decision("torch_compile", True, True, True, f"backend={config.torch_compile_backend}, mode={mode}; "
-                        "the first steps include compile time")
+        return Decision(
+            "torch_compile",
+            True,
+            True,
+            True,
+            f"backend={config.torch_compile_backend}, mode={mode}; the first steps include compile time",
+        )
     return Decision("torch_compile", True, False, False, why)
 
 
@@ -267,14 +289,22 @@ def decide(config: SpeedupConfig, device: Device, available: Availability) -> li
     elif available.fused_adamw:
         optimizer = Decision("optimizer", config.optimizer, config.optimizer, True, f"fused AdamW kernel on {where}")
     else:
-        optimizer = Decision("optimizer", config.optimizer, "adamw_torch", False,
-                             f"fused AdamW does not run here ({available.fused_reason}); using adamw_torch")
+        optimizer = Decision(
+            "optimizer",
+            config.optimizer,
+            "adamw_torch",
+            False,
+            f"fused AdamW does not run here ({available.fused_reason}); using adamw_torch",
+        )
     if config.num_workers is not None:
         workers, why = config.num_workers, "as requested"
     else:
         workers = min(4, max(0, device.cpu_count - 1))
-        why = (f"min(4, CPUs - 1) with {device.cpu_count} CPUs, one left for the training loop" if workers
-               else f"{device.cpu_count} CPU: batches load in the main process")
+        why = (
+            f"min(4, CPUs - 1) with {device.cpu_count} CPUs, one left for the training loop"
+            if workers
+            else f"{device.cpu_count} CPU: batches load in the main process"
+        )
     if config.pad_to_multiple_of is not None:
         pad, pad_why = config.pad_to_multiple_of, "as requested"
     elif compiled.active:
@@ -292,8 +322,13 @@ def decide(config: SpeedupConfig, device: Device, available: Availability) -> li
         optimizer,
         Decision("dataloader_num_workers", config.num_workers, workers, workers > 0, why),
         Decision("pad_to_multiple_of", config.pad_to_multiple_of, pad, pad is not None, pad_why),
-        Decision("gradient_checkpointing", checkpointing, checkpointing, checkpointing,
-                 "trades ~20% speed for activation memory" if checkpointing else "off"),
+        Decision(
+            "gradient_checkpointing",
+            checkpointing,
+            checkpointing,
+            checkpointing,
+            "trades ~20% speed for activation memory" if checkpointing else "off",
+        ),
     ]
 
 
@@ -309,11 +344,17 @@ def decisions_table(decisions: list[Decision]) -> str:
         tf32    | True      | False  | ✗      | TF32 needs an Ampere or newer GPU
     """
     header = ("setting", "requested", "chosen", "active", "reason")
-    rows = [header] + [(d.setting, "auto" if d.requested is None else str(d.requested),
-                        "off" if d.chosen is None else str(d.chosen), "✓" if d.active else "✗", d.reason)
-                       for d in decisions]
+    rows = [header] + [
+        (
+            d.setting,
+            "auto" if d.requested is None else str(d.requested),
+            "off" if d.chosen is None else str(d.chosen),
+            "✓" if d.active else "✗",
+            d.reason,
+        )
+        for d in decisions
+    ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = [" | ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "-+-".join("-" * width for width in widths))
     return "\n".join(lines)
-

@@ -51,8 +51,9 @@ class SpeedupConfig:
 
     def __post_init__(self) -> None:
         if self.attn_implementation not in ATTENTION:
-            raise ConfigError(f"attn_implementation={self.attn_implementation!r} is not one of: "
-                              f"{', '.join(ATTENTION)}.")
+            raise ConfigError(
+                f"attn_implementation={self.attn_implementation!r} is not one of: {', '.join(ATTENTION)}."
+            )
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r} is not one of: {', '.join(PRECISIONS)}.")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):

@@ -88,8 +88,13 @@ _NEW_ARCHS = ("sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120")  # a torch
 _OLD_ARCHS = ("sm_50", "sm_60", "sm_70", "sm_75", "sm_80", "sm_86", "sm_90")  # a torch 2.5 cu124 wheel
 
 
-def _gpu(name: str, capability: tuple[int, int], arch_list: tuple[str, ...] = _NEW_ARCHS,
-         torch_version: str = "2.8.0+cu128", triton_version: str = "3.4.0") -> Device:
+def _gpu(
+    name: str,
+    capability: tuple[int, int],
+    arch_list: tuple[str, ...] = _NEW_ARCHS,
+    torch_version: str = "2.8.0+cu128",
+    triton_version: str = "3.4.0",
+) -> Device:
     return Device("cuda", name, capability, arch_list, 16, torch_version, triton_version)
 
 
@@ -153,8 +158,15 @@ def detect_device() -> Device:
     if torch.cuda.is_available():
         index = torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
-        device = Device("cuda", torch.cuda.get_device_name(index), (major, minor),
-                        tuple(torch.cuda.get_arch_list()), cpus, torch.__version__, triton)
+        device = Device(
+            "cuda",
+            torch.cuda.get_device_name(index),
+            (major, minor),
+            tuple(torch.cuda.get_arch_list()),
+            cpus,
+            torch.__version__,
+            triton,
+        )
     elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         device = Device("mps", "Apple MPS", None, (), cpus, torch.__version__, triton)
     else:
