@@ -29,13 +29,13 @@ from pathlib import Path
 
 import orjson
 
-from ._core import remote, remote_sync
-from ._core.entry import Entry, inspect, is_entry_file, remove_entry
-from ._core.heads import Head, head_of, read_head, read_summary
+from ._core import remote
+from ._core.entry import Entry, inspect, remove_entry
+from ._core.heads import Head, head_of, read_head
 from ._core.keys import diff_inputs
 from ._core.kinds import BOOKKEEPING, LINKED_KIND, LINKED_MANIFEST, MISS_KIND
 from ._core.kinds import LINK_KIND as LINK
-from ._core.store import TEMP_SUFFIX, cache_folders
+from ._core.roots import root_at
 from .errors import ConfigError
 
 _LEFTOVER_GRACE = 3600.0  # a temp, lock or trash file this old belongs to a dead writer (live locks beat every 5 s)
@@ -103,16 +103,8 @@ class Plan:
 
 
 def is_cache(root: Path) -> bool:
-    """True when `root` is, or holds, a folder marked as this library's cache."""
-    return any(True for _ in cache_folders(root))
-
-
-def _manifests(root: Path) -> Iterator[Path]:
-    for folder, files in cache_folders(root):
-        for name in files:
-            path = folder / name
-            if name.endswith(".json") and not path.is_symlink() and is_entry_file(path):
-                yield path
+    """True when `root` is, or holds, a folder marked as this library's cache (on a remote root: in the bucket)."""
+    return root_at(root).is_cache()
 
 
 def _folder_kind(root: Path, path: Path) -> str:
@@ -122,26 +114,6 @@ def _folder_kind(root: Path, path: Path) -> str:
 def shown(path: Path) -> str:
     """A path as users know it: the URL for an entry of a remote root (s3://...), else the path."""
     return remote.url_of(path) or str(path)
-
-
-def _heads(root: Path, spare: list[Path] | None = None) -> Iterator[Head]:
-    """The head of every readable entry: one read of each manifest's first bytes (`verify` hashes the rest).
-
-    `spare` (a local root) collects, in the same walk, the files that may be dead writers' leftovers.
-    """
-    if remote.url_of(root) is not None:  # a remote root: its manifests and object sizes, nothing downloaded
-        yield from remote_sync.heads(root)
-        return
-    for folder, files in cache_folders(root):
-        for name in files:
-            if name.endswith(".json"):
-                head = read_summary(folder / name)
-                if head is not None:
-                    yield head
-            elif spare is not None and _spare(name):
-                spare.append(folder / name)
-        if spare is not None:
-            spare += _locks(folder)
 
 
 def _store_manifest(link: Entry) -> Path | None:
@@ -164,7 +136,7 @@ def _linked(link: Entry, check: str) -> tuple[Entry | None, str | None]:
 def _readable(root: Path, spare: list[Path] | None = None) -> Iterator[tuple[Head, Path, Path | None]]:
     """(head, path, link) of every readable entry. A link (a few per root) is read whole with the store it
     names, whose files' sizes are checked: the store's head, its manifest and the link; a stale link's own head."""
-    for head in _heads(root, spare):
+    for head in root_at(root).heads(spare):
         if head.kind != LINK:
             yield head, head.path, None
             continue
@@ -235,7 +207,7 @@ def disk_usage(root: Path) -> dict[str, int]:
 
 
 def _require_cache(root: Path) -> None:
-    if not (remote_sync.is_cache(root) if remote.url_of(root) is not None else is_cache(root)):
+    if not is_cache(root):
         raise ConfigError(
             f"{root} is not an hf_cachehooks cache (no CACHEDIR.TAG of ours in it or its folders); "
             "nothing was deleted. Check the root argument or HF_CACHEHOOKS_HOME."
@@ -269,32 +241,14 @@ class _Draft:
         return Plan(tuple(self.entries), tuple(self.leftovers), self.size, tuple(self.leases), self.root, self.kept)
 
 
-def _spare(name: str) -> bool:
-    """True for a writer's temp file or a removal's trash file (a leftover once its writer is dead)."""
-    return name.startswith(".") and (name.endswith(TEMP_SUFFIX) or ".trash-" in name)
-
-
-def _locks(folder: Path) -> list[Path]:
-    """The lock files in `folder`'s `.locks` (plain files only); one cheap failed scan where there is none."""
-    try:
-        with os.scandir(os.path.join(folder, ".locks")) as found:
-            return [Path(e.path) for e in found if ".lock" in e.name and e.is_file(follow_symlinks=False)]
-    except OSError:
-        return []
-
-
 def _leftovers(root: Path, now: float, plan: _Draft, spare: list[Path]) -> None:
     """Temp files of dead writers, and lock and trash files their holders left, older than an hour.
 
-    `spare`: the candidates `_heads` met in its walk of a local root; a remote root's local copy is walked here.
+    `spare`: the candidates the root's `heads` met in its walk (of a remote root: of its local copy).
     """
-    if remote.url_of(root) is not None:  # the bucket's dead leases; the local copy's own leftovers below
-        for url, size in remote_sync.dead_leases(root, now, _LEFTOVER_GRACE):
-            plan.leases.append(url)
-            plan.size += size
-        spare = []
-        for folder, files in cache_folders(root):  # the local copy's own leftovers
-            spare += [folder / n for n in files if _spare(n)] + _locks(folder)
+    for url, size in root_at(root).dead_leases(now, _LEFTOVER_GRACE):  # a bucket's dead leases (none when local)
+        plan.leases.append(url)
+        plan.size += size
     top = os.path.join(os.path.realpath(root), "")
     for path in spare:
         if not os.path.realpath(path).startswith(top):  # a linked `.locks` leads outside: not ours
@@ -346,10 +300,7 @@ def verify(root: Path, kind: str | None = None) -> tuple[int, list[tuple[Path, s
     """
     _check_kind(root, kind)
     checked, problems = 0, []
-    if remote.url_of(root) is not None:  # every object streamed through xxh3, nothing kept
-        scanned = ((s.path, s.entry, s.problem) for s in remote_sync.scan(root, check="hash"))
-    else:
-        scanned = ((path, *inspect(path, check="hash")) for path in _manifests(root))
+    scanned = root_at(root).scan("hash")  # on a remote root every object streamed through xxh3, nothing kept
     for path, found, problem in scanned:
         if found is not None and kind not in (None, found.kind, _folder_kind(root, path)):
             continue
@@ -367,7 +318,7 @@ def _key_inputs(ref: str, root: Path) -> tuple[str, dict]:
     """Key inputs of an entry given as a manifest path or a key prefix."""
     path = Path(ref)
     if not path.is_file():
-        heads = ((m, read_head(m)) for m in _manifests(root))  # keys from the heads: no entry parsed whole
+        heads = ((m, read_head(m)) for m in root_at(root).manifests())  # keys from the heads: no entry parsed whole
         matches = [m for m, head in heads if head and str(head[1].get("digest")).startswith(ref[:12])]
         if len(matches) != 1:
             raise ConfigError(f"{ref!r} names {len(matches)} entries under {root}; give a file path or a longer key.")
@@ -385,7 +336,7 @@ def explain(root: Path, a: str | None = None, b: str | None = None) -> list[str]
         changes = diff_inputs(inputs_a, inputs_b)
         return [f"{name_a} → {name_b}:"] + ([f"  {c}" for c in changes] or ["  same key inputs"])
     lines = []
-    for path in _manifests(root):  # only the heads are read to find the last-miss records
+    for path in root_at(root).manifests():  # only the heads are read to find the last-miss records
         head = read_head(path)
         found = inspect(path, check="size")[0] if head is not None and head[0] == MISS_KIND else None
         if found is None:

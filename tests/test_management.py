@@ -417,3 +417,15 @@ def test_a_store_under_the_root_needs_no_link(root, tmp_path, tiny):
     cache_activations(model, tok, ROWS, tmp_path / "via" / "run2", [1], progress=False, cache=CacheConfig(root=root))
     assert not list(root.rglob("link-*.json"))
     assert len(management.list_entries(root, "activations")) == 2
+
+
+def test_management_asks_once_whether_a_root_is_remote():
+    """Local and remote roots differ behind `_core/roots.root_at` only: management never branches on it."""
+    import inspect as source_of
+
+    from hf_cachehooks import management
+    from hf_cachehooks._core import roots
+
+    text = source_of.getsource(management)
+    assert "remote_sync" not in text and "url_of(root" not in text
+    assert source_of.getsource(roots).count("url_of(") == 1
