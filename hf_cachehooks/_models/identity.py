@@ -104,7 +104,8 @@ def params_fingerprint(model: Any) -> str:
     return digest.hexdigest()
 
 
-def _config_hash(config: Any) -> str:
+def config_hash(config: Any) -> str:
+    """A hash of the architecture config, less where it was loaded from and its dtype (both keyed apart)."""
     data = config.to_dict()
     for name in ("_name_or_path", "transformers_version", "torch_dtype", "dtype", "_commit_hash"):
         data.pop(name, None)
@@ -129,7 +130,7 @@ def model_identity(model: Any) -> dict:
         "name": name,
         "revision": revision,
         "class": type(model).__name__,
-        "config": _config_hash(config),
+        "config": config_hash(config),
         "weights": params_fingerprint(model),
         "dtype": str(getattr(model, "dtype", "")).replace("torch.", ""),
         "quantization": orjson.loads(orjson.dumps(quant, default=str)) if quant else None,

@@ -14,6 +14,7 @@ from .._core.freshness import parse_duration
 from .._core.store import cache_root
 from .._models.extraction import POSITIONS
 from ..errors import HFCacheHooksError
+from .checkpoints import add_eval_checkpoints_args, cmd_eval_checkpoints
 from .manage import cmd_clear, cmd_du, cmd_explain, cmd_ls, cmd_prune, cmd_pull, cmd_push, cmd_verify
 from .models import (
     MODEL_DTYPES,
@@ -306,6 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _model_args(sweep, required=True, encoder=False)
     add_k_sweep_args(sweep)
+
+    checkpoints = command(
+        "eval-checkpoints",
+        "evaluate every checkpoint-* of a Trainer run by path (ones seen before load no weights): table, JSON, PNG",
+        cmd_eval_checkpoints,
+    )
+    add_eval_checkpoints_args(checkpoints)
 
     info = command("info", "layers, examples, dtype, size and key inputs of an activation cache", cmd_info)
     info.add_argument("folder", help="an activation cache folder")
