@@ -35,6 +35,7 @@ from .evaluation.runs import EvalResult, evaluate_model
 # name -> module, imported on first use
 _LAZY = {
     "ActivationStore": "activations.store",
+    "CachedEvalCallback": "evaluation.trainer_callback",
     "GenerationCache": "generation.cache",
     "Generations": "generation.cache",
     "KSweepResult": "sweeps.k_sweep",
@@ -50,6 +51,7 @@ _LAZY = {
     "TransformersBackend": "generation.backends",
     "cache_activations": "activations.writer",
     "cache_activations_from_path": "activations.paths",
+    "cache_evaluation": "evaluation.trainer_loop",
     "k_sweep": "sweeps.k_sweep",
     "load_model": "_models.loading",
     "load_tokenizer": "_models.loading",
@@ -64,6 +66,8 @@ if _TYPE_CHECKING:  # type checkers see the real classes; at run time __getattr_
     from .activations.writer import cache_activations
     from .conversation.cache import TokenCache
     from .conversation.files import TokenCacheConfig, TokenRecord
+    from .evaluation.trainer_callback import CachedEvalCallback
+    from .evaluation.trainer_loop import cache_evaluation
     from .generation.backends import Sampling, TransformersBackend
     from .generation.cache import GenerationCache, Generations
     from .generation.remote import OpenAIBackend
@@ -76,6 +80,7 @@ __all__ = [
     "ActivationStore",
     "CacheConfig",
     "CacheError",
+    "CachedEvalCallback",
     "ConfigError",
     "CorruptEntryError",
     "EvalConfig",
@@ -103,6 +108,7 @@ __all__ = [
     "WaitTimeoutError",
     "cache_activations",
     "cache_activations_from_path",
+    "cache_evaluation",
     "cache_root",
     "evaluate_model",
     "k_sweep",

@@ -16,7 +16,7 @@ from hf_cachehooks._models.identity import (
     remembered_identity,
     tokenizer_identity,
 )
-from hf_cachehooks._models.saved import named_as_saved, path_load_options, remember_saved_model
+from hf_cachehooks._models.saved import path_load_options, remember_saved_model
 from hf_cachehooks.cli import main
 from tests.conftest import make_llama, make_tokenizer
 
@@ -78,8 +78,7 @@ def test_a_saved_checkpoint_is_evaluated_by_path_without_loading(tmp_path, root,
     remembered = remember_saved_model(model, tok, folder, root, path_load_options(CFG))
     assert remembered is not None and remembered["model"]["name"] == "checkpoint-10"
     assert model.training and model.config._name_or_path == ""  # the live model is left as it was
-    with named_as_saved(model, folder):
-        live = evaluate_model(model, qa_rows, CFG, tokenizer=tok)
+    live = evaluate_model(model, qa_rows, CFG, tokenizer=tok)  # named as its base: the name is shown, not keyed
     assert live.cache_status == "miss" and model.config._name_or_path == ""
     loads.refuse = True
     by_path = evaluate_model(str(folder), qa_rows, CFG)
@@ -139,6 +138,17 @@ def test_a_float32_model_loaded_in_another_dtype_is_not_remembered(tmp_path, roo
     assert _assert_never_lies(model, folder, root) is not None  # in float32 it is
 
 
+def test_bin_weights_are_not_remembered_but_a_trainers_optimizer_files_are_no_obstacle(tmp_path, root):
+    model = make_llama(seed=4)
+    folder = _save(model, tmp_path / "checkpoint-3")
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):  # what a Trainer adds
+        (folder / name).write_bytes(b"not weights")
+    assert _assert_never_lies(model, folder, root) is not None
+    old = _save(model, tmp_path / "checkpoint-4")
+    (old / "pytorch_model.bin").write_bytes(b"weights in a format the bridge does not compare: never remembered")
+    assert remember_saved_model(model, make_tokenizer(), old, root, path_load_options(CFG)) is None
+
+
 def test_a_peft_adapter_is_not_remembered(tmp_path, root):
     peft = pytest.importorskip("peft")
     model = peft.get_peft_model(make_llama(seed=6), peft.LoraConfig(r=2, target_modules=["q_proj"], lora_alpha=8))
@@ -191,7 +201,8 @@ def test_second_call_is_all_hits_without_loading(run_dir, data, tmp_path, loads,
         (20, "checkpoint-20"),
         (20, "final"),
     ]
-    assert [c["cache_status"] for c in doc["checkpoints"]] == ["miss", "miss", "miss"]
+    # the final model holds checkpoint-20's weights: loaded once to know them, then that entry is its hit
+    assert [c["cache_status"] for c in doc["checkpoints"]] == ["miss", "miss", "hit"]
     assert set(doc["checkpoints"][0]) == {"step", "label", "path", "metrics", "cache_status"}
     assert doc["metrics"] == ["exact_match", "contains_answer"] and doc["higher_is_better"] is True
     png = (tmp_path / "out" / "checkpoints.png").read_bytes()
@@ -216,8 +227,7 @@ def test_checkpoints_saved_in_training_are_hits_without_loading(tmp_path, data, 
         model = make_llama(seed=step).train()
         folder = _save(model, run / f"checkpoint-{step}", tok)
         assert remember_saved_model(model, tok, folder, root, path_load_options(EvalConfig())) is not None
-        with named_as_saved(model, folder):
-            evaluate_model(model, qa_rows, EvalConfig(max_new_tokens=3), tokenizer=tok)
+        evaluate_model(model, qa_rows, EvalConfig(max_new_tokens=3), tokenizer=tok)
     loads.refuse = True
     assert _eval(run, data, tmp_path / "out") == 0
     doc = json.loads((tmp_path / "out" / "checkpoints.json").read_text())

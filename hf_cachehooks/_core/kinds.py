@@ -83,10 +83,12 @@ def _keyed_model(doc: dict) -> str | None:
 
 
 def _predictions(doc: dict) -> dict:
-    return {
-        "model": _name(_of(doc, "metadata", "model_name")) or _keyed_model(doc),
-        "items": _of(doc, "metadata", "dataset_size"),
-    }
+    """A run made during training (`CachedEvalCallback` records its `step`) shows as `model@step-N`."""
+    model = _name(_of(doc, "metadata", "model_name")) or _keyed_model(doc)
+    step = _of(doc, "metadata", "step")
+    if model and type(step) is int:
+        model = f"{model}@step-{step}"
+    return {"model": model, "items": _of(doc, "metadata", "dataset_size")}
 
 
 def _example_predictions(doc: dict) -> dict:
@@ -112,6 +114,7 @@ SUMMARIES: dict[str, Callable[[dict], dict[str, Any]]] = {  # kind -> its summar
     "conversation": _conversation,
     "identity": lambda d: {"model": _name(_of(d, "identity", "model"))},
     "last-miss": lambda d: {"model": _keyed_model(d)},
+    "trainer-eval": lambda d: {"model": _name(d.get("model")) or _keyed_model(d), "items": d.get("num_samples")},
 }
 
 

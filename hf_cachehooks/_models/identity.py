@@ -85,6 +85,21 @@ _states: dict[tuple, str] = {}  # (source, files hash, settings JSON) -> files s
 _state_inputs: dict[str, dict] = {}  # files state -> what it was computed from (the memo's key inputs)
 
 
+WHERE_FROM = ("name", "revision")  # where a model came from, not what it computes: shown, never keyed
+
+
+def computed(model: Mapping[str, Any]) -> dict:
+    """A model identity less where the model came from (`WHERE_FROM`): what decides its outputs (weights,
+    config, class, dtype, quantisation, adapters, mode). The same weights evaluated as an object, by the
+    path they were saved to, or from another revision with the same files share one key.
+
+    Example:
+        >>> computed({"name": "org/tiny", "revision": None, "weights": "ab"})
+        {'weights': 'ab'}
+    """
+    return {k: v for k, v in model.items() if k not in WHERE_FROM}
+
+
 def params_fingerprint(model: Any) -> str:
     """Hash every parameter and buffer (name, dtype, shape, bytes): exact, and ~1 GB/s on CPU."""
     import torch

@@ -20,8 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -106,28 +105,6 @@ def remember_saved_model(
     return identity
 
 
-@contextmanager
-def named_as_saved(model: Any, folder: str | os.PathLike) -> Iterator[Any]:
-    """Within the block, the live model is named as `from_pretrained(folder)` names it (its config's
-    `_name_or_path`), so evaluating it there keys it as evaluating `folder` by path does: the run entry of one
-    is the other's hit. Only the name changes: the weights in the key are still the live ones. Use it after the
-    save (the name of an existing folder is its last part); the name is restored on exit.
-
-    Example:
-        >>> trainer.save_model(folder)
-        >>> remember_saved_model(model, tokenizer, folder, root, path_load_options(config))
-        >>> with named_as_saved(model, folder):
-        ...     evaluate_model(model, rows, config, tokenizer=tokenizer)
-    """
-    config = model.config
-    before = getattr(config, "_name_or_path", "")
-    config._name_or_path = os.fspath(folder)
-    try:
-        yield model
-    finally:
-        config._name_or_path = before
-
-
 def _default_options() -> dict:
     return {"task": "generation", "dtype": resolve_dtype(None, None), "gguf_file": None, "load_kwargs": {}}
 
@@ -204,8 +181,9 @@ def _files_mismatch(model: Any, folder: Path) -> str | None:
     import torch
     from safetensors import safe_open
 
-    if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
-        return "it holds .bin/.pt weights"
+    # a Trainer checkpoint also holds optimizer.pt, scheduler.pt, rng_state.pth and training_args.bin: not weights
+    if any(folder.glob("pytorch_model*.bin")):
+        return "it holds pytorch_model*.bin weights"
     files = sorted(folder.glob("model*.safetensors"))
     if not files:
         return "it holds no model*.safetensors"

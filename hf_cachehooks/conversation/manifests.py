@@ -22,7 +22,6 @@ from ..errors import CorruptEntryError
 from .files import FORMAT_VERSION, KIND, MANIFEST, TOUCH, TOUCH_EVERY, manifest_problem
 
 log = logging.getLogger(__name__)
-_NOT_COMPUTE = ("name", "revision")  # where a model came from, not what it computes: a copied folder is the same model
 
 
 def model_record(model: Any, tokenizer: Any) -> dict:
@@ -32,9 +31,9 @@ def model_record(model: Any, tokenizer: Any) -> dict:
     quantisation, adapters, mode), less its name and revision, plus the tokenizer's identity (vocabulary,
     special tokens, chat template, ...). Plain JSON data.
     """
-    from .._models.identity import model_identity, tokenizer_identity
+    from .._models.identity import computed, model_identity, tokenizer_identity
 
-    weights = {k: v for k, v in model_identity(model).items() if k not in _NOT_COMPUTE}
+    weights = computed(model_identity(model))
     return {"model": weights, "tokenizer": tokenizer_identity(tokenizer)}
 
 

@@ -91,6 +91,20 @@ class PredictionCache:
     def run_path(self, key: Key, model_name: str) -> Path:
         return self.folder / f"{short_name(model_name)}_{key.short}.json"
 
+    def _run_of(self, key: Key, model_name: str) -> Path:
+        """The run file of `key`: under this model's name, else under another name the same weights had (the
+        name is shown, not keyed: a model evaluated as an object, then by the folder it was saved to)."""
+        path = self.run_path(key, model_name)
+        if path.exists():
+            return path
+        tail = f"_{key.short}.json"
+        try:
+            with os.scandir(self.folder) as found:
+                other = sorted(e.name for e in found if e.name.endswith(tail) and e.is_file(follow_symlinks=False))
+        except OSError:
+            other = []
+        return self.folder / other[0] if other else path
+
     def load_run(self, key: Key, model_name: str, references: bool = True) -> dict | None:
         """The run entry for `key`, or None when absent, corrupt, for another key, or expired.
 
@@ -99,7 +113,7 @@ class PredictionCache:
         `references=False` leaves them out (a caller holding the rows takes them from there: cheaper).
         """
         found = open_entry(
-            self.run_path(key, model_name),
+            self._run_of(key, model_name),
             kind="predictions",
             digest=key.digest,
             max_age_days=self.max_age_days,

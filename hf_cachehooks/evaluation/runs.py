@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,7 @@ from .._core.launch import World, world_from_env
 from .._core.locking import single_flight
 from .._core.rows import load_rows
 from .._models.identity import (
+    computed,
     effective_generation,
     files_state,
     generation_defaults,
@@ -94,7 +96,14 @@ def _references(rows: list[dict], config: EvalConfig) -> list:
     return refs
 
 
-def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, tokenizer: Any = None) -> EvalResult:
+def evaluate_model(
+    model: Any,
+    data: Any,
+    config: EvalConfig | None = None,
+    *,
+    tokenizer: Any = None,
+    metadata: Mapping[str, Any] | None = None,
+) -> EvalResult:
     """Evaluate `model` on `data`, serving repeated work from the prediction cache.
 
     Args:
@@ -103,6 +112,8 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
         config: an `EvalConfig`; defaults to generation on the `question`/`answer` fields.
         tokenizer: the model's tokenizer, when `model` is an object (a model given by path or name loads its
             own, so passing one then is an error).
+        metadata: extra fields for the run entry's metadata when this call makes it, never in the key (e.g.
+            `{"step": 40}`: `CachedEvalCallback` records the training step, which `hf-cachehooks ls` shows).
 
     Returns:
         An `EvalResult` with predictions, references, metrics, metadata and `cache_status`.
@@ -128,7 +139,7 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
         started = time.time()
         predictions = run.predict(prompts)
         metrics = compute_metrics(config.metrics, predictions, references)
-        meta = _metadata(run.name, len(rows), time.time() - started, config, caching.clock())
+        meta = {**(metadata or {}), **_metadata(run.name, len(rows), time.time() - started, config, caching.clock())}
         return EvalResult(predictions, references, metrics, meta, "disabled")
 
     identity = run.identity()
@@ -136,7 +147,7 @@ def evaluate_model(model: Any, data: Any, config: EvalConfig | None = None, *, t
     key = run_key(predictor, data if hasattr(data, "_fingerprint") else rows, len(rows), config)
     cache = PredictionCache(caching)
     name = identity["model"]["name"]
-    evaluation = _Evaluation(config, cache, key, predictor, run, name, versions)
+    evaluation = _Evaluation(config, cache, key, predictor, run, name, versions, dict(metadata or {}))
 
     reason = "force_recompute is set"
     if caching.force_recompute:
@@ -207,7 +218,7 @@ def predictor_key(identity: dict, config: EvalConfig) -> Key:
     key = make_key(
         "predictor",
         {
-            "model": identity["model"],
+            "model": computed(identity["model"]),  # where it came from is shown, never keyed
             "tokenizer": identity["tokenizer"],
             "generation": effective_generation(identity["generation_defaults"], overrides)
             if overrides is not None
@@ -234,7 +245,8 @@ class _Outcome:
 @dataclass(frozen=True)
 class _Evaluation:
     """One evaluation's state after its key is known: the cache it reads and writes, the run and predictor
-    keys, the model side (`_Run`), the model's name and the metric versions the answer must carry."""
+    keys, the model side (`_Run`), the model's name, the metric versions the answer must carry and the caller's
+    extra metadata for a run entry it makes (`evaluate_model(metadata=...)`)."""
 
     config: EvalConfig
     cache: PredictionCache
@@ -243,13 +255,17 @@ class _Evaluation:
     run: _Run
     name: str
     versions: dict
+    extra: dict = field(default_factory=dict)
 
     def save(self, predictions: list, references: list, started: float, reused: int, **extra_meta: Any) -> _Outcome:
         """Metrics, metadata and the run entry for finished predictions; the outcome `evaluate_model` answers
         from."""
         caching = self.config.resolved_cache
         metrics = compute_metrics(self.config.metrics, predictions, references)
-        meta = _metadata(self.name, len(predictions), time.time() - started, self.config, caching.clock())
+        meta = {
+            **self.extra,
+            **_metadata(self.name, len(predictions), time.time() - started, self.config, caching.clock()),
+        }
         meta.update(reused_examples=reused, **extra_meta)
         if self.run.took_effect is not None:
             meta["load"] = self.run.took_effect
