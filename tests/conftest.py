@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
+
+# No network at run time, as in CI (`.ci/run` sets these too): a Hub lookup never waits on a connection.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
+    os.environ.setdefault(_name, "1")
 
 WORDS = [
     "what",
