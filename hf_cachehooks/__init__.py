@@ -13,6 +13,8 @@ from typing import Any as _Any
 
 from ._core.cache_config import CacheConfig
 from ._core.extras import requires_extras as _requires_extras
+from ._core.fingerprint import hash_files
+from ._core.folders import cached_folder
 from ._core.keys import Key, make_key
 from ._core.rows import load_rows
 from ._core.store import cache_root
@@ -110,7 +112,9 @@ __all__ = [
     "cache_activations_from_path",
     "cache_evaluation",
     "cache_root",
+    "cached_folder",
     "evaluate_model",
+    "hash_files",
     "k_sweep",
     "load_model",
     "load_rows",

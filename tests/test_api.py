@@ -157,10 +157,6 @@ def test_the_readme_import_check_catches_a_deep_import():
 
 # An example may reach past the root only for what the root does not export; each such module, and why.
 EXAMPLES_BEYOND_THE_ROOT = {
-    "finetune.py": {
-        "hf_cachehooks._core.fingerprint": "fingerprint_data and hash_files key the fine-tune (not exported)",
-        "hf_cachehooks._models.sources": "resolve_files lists the files from_pretrained reads (not exported)",
-    },
     "main.py": {"hf_cachehooks.management": "is_cache and plan_clear: the public management module's API"},
     "probe_eval_awareness.py": {
         "hf_cachehooks.activations.probing": "analyze_probe and generate_vectors (not exported)",

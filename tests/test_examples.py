@@ -1,4 +1,4 @@
-"""The README's main job, for real: examples/main.py twice on SmolLM2-135M-Instruct (slow)."""
+"""The README's main job, for real: examples/main.py on SmolLM2-135M-Instruct (slow), and the fine-tune's key (fast)."""
 
 import importlib.util
 import os
@@ -44,11 +44,63 @@ def test_main_baseline_twice_on_smollm2(tmp_path):
 def test_full_experiment_fine_tunes_once_and_keys_the_cache_on_the_weights(tmp_path):
     first, _ = _run("--experiment", "full", "--train-steps", "6", cwd=tmp_path)
     assert "Speed-ups in effect" in first and "adamw_torch_fused  adamw_torch_fused  ✓" in first
-    assert "Steady-state" in first and "cache=miss" in first
+    assert "Steady-state" in first and "Step 6, qa: " in first  # CachedEvalCallback at steps 2, 4, 6
+    assert "Remembered the identity of" in first  # the saved checkpoint's weights, for the by-path evaluation
+    table = first.split("logged during training")[1]
+    assert [line.split()[0] for line in table.splitlines()[2:5]] == ["2", "4", "6"]
+    assert "cache=hit" in first  # the final checkpoint by path: the callback's entry at step 6, no load
+    assert "Loaded predictions from cache: checkpoint-6" in first
     again, seconds = _run("--experiment", "full", "--train-steps", "6", cwd=tmp_path)
-    assert "Reusing the fine-tuned checkpoint" in again and "cache=hit" in again and seconds < 30
+    assert "built before with the same key" in again and "cache=hit" in again and seconds < 30
+    assert "Loading" not in again and "Step 2, qa" not in again and "logged during training" in again
     other, _ = _run("--experiment", "full", "--train-steps", "7", cwd=tmp_path)  # a new fine-tune: new weights
-    assert "cache=miss" in other and "model.weights" in other
+    assert "built before" not in other and "Step 7, qa: " in other
+    assert "(miss)" in other and "model.weights" in other  # the callback's evaluations of the new weights
+
+
+def _finetune_module():
+    spec = importlib.util.spec_from_file_location("finetune", MAIN.parent / "finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_fine_tune_is_reused_only_for_the_same_base_data_and_settings(tmp_path, monkeypatch):
+    """The checkpoint's key holds the base model's file, both row sets and every setting: any change retrains."""
+    from hf_cachehooks import SpeedupConfig
+
+    finetune = _finetune_module()
+    trained = []
+
+    def fake_train(folder, gguf_file, train_rows, eval_rows, steps, learning_rate, config, cache, seed, into):
+        trained.append((steps, learning_rate, seed))
+        (into / "model.safetensors").write_bytes(b"weights")
+        (into / "trainer_state.json").write_text('{"log_history": []}')
+
+    monkeypatch.setattr(finetune, "_train", fake_train)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "m.gguf").write_bytes(b"base weights")
+    rows = [{"question": f"q{i}", "answer": [f"a{i}"]} for i in range(8)]
+    config = SpeedupConfig(per_device_train_batch_size=4)
+
+    def run(train=rows[:6], held_out=rows[6:], steps=6, lr=1e-4, cfg=config, seed=0):
+        return finetune.finetune(str(base), "m.gguf", train, held_out, steps, lr, cfg, None, tmp_path / "out", seed)
+
+    first = run()
+    assert run() == first and len(trained) == 1  # the same everything: reused
+    changes = [
+        run(steps=7),
+        run(lr=2e-4),
+        run(seed=1),
+        run(cfg=SpeedupConfig(per_device_train_batch_size=2)),
+        run(train=rows[:5]),
+        run(train=[{**rows[0], "answer": ["other"]}, *rows[1:6]]),
+        run(held_out=rows[5:]),
+    ]
+    (base / "m.gguf").write_bytes(b"another base model")
+    changes.append(run())
+    assert len(trained) == 1 + len(changes) and len({first, *changes}) == 1 + len(changes)
 
 
 @pytest.mark.slow
