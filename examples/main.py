@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from hf_cachehooks import CacheConfig, EvalConfig, cache_root, evaluate_model
-from hf_cachehooks.management import is_cache, plan_clear
+from hf_cachehooks.management import disk_usage, is_cache, plan_clear
 
 HERE = Path(__file__).parent
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--clear-cache",
         action="store_true",
-        help="first delete every cache entry under the cache root (predictions, generations, "
-        "activations, conversations, identity memos), then exit unless --experiment is given",
+        help="first delete every cache entry under the cache root, of every kind (predictions, generations, "
+        "activations, conversations, identity memos; it prints what, by kind), then exit unless --experiment "
+        "is given; `hf-cachehooks clear --kind predictions` deletes one kind",
     )
     parser.add_argument("--cache-dir", help="cache root (default: $HF_CACHEHOOKS_HOME, else outputs/cache)")
     parser.add_argument("--data", default=str(HERE / "data" / "qa.json"))
@@ -65,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         root = cache_root(args.cache_dir)
         plan = plan_clear(root) if is_cache(root) else None  # only a folder marked as our cache, only our entries
         if plan:
+            kinds = ", ".join(f"{kind} {size / 1e6:.1f} MB" for kind, size in disk_usage(root).items())
+            print(f"Deleting every cache entry under {root}: {kinds} ({len(plan.paths)} files and entries).")
             plan.execute()
         print(f"Cleared the cache at {root} ({len(plan.paths) if plan else 0} entries).")
         if args.experiment is None:

@@ -38,6 +38,7 @@ def test_main_baseline_twice_on_smollm2(tmp_path):
     assert "Force recompute enabled" in forced and "cache=recomputed" in forced
     cleared, _ = _run("--clear-cache", cwd=tmp_path)
     assert "Cleared" in cleared and not any((tmp_path / "outputs" / "cache").glob("predictions/*.json"))
+    assert "Deleting every cache entry under" in cleared and "predictions" in cleared  # says what, by kind
 
 
 @pytest.mark.slow
