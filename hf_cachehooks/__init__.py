@@ -38,6 +38,7 @@ from .evaluation.runs import EvalResult, evaluate_model
 _LAZY = {
     "ActivationStore": "activations.store",
     "CachedEvalCallback": "evaluation.trainer_callback",
+    "CachedHFLM": "harness.model",
     "GenerationCache": "generation.cache",
     "Generations": "generation.cache",
     "KSweepResult": "sweeps.k_sweep",
@@ -73,6 +74,7 @@ if _TYPE_CHECKING:  # type checkers see the real classes; at run time __getattr_
     from .generation.backends import Sampling, TransformersBackend
     from .generation.cache import GenerationCache, Generations
     from .generation.remote import OpenAIBackend
+    from .harness.model import CachedHFLM
     from .sweeps.k_sweep import KSweepResult, ModelBackend, k_sweep
     from .training import speedups
     from .training.callbacks import SpeedupCallback
@@ -83,6 +85,7 @@ __all__ = [
     "CacheConfig",
     "CacheError",
     "CachedEvalCallback",
+    "CachedHFLM",
     "ConfigError",
     "CorruptEntryError",
     "EvalConfig",

@@ -32,7 +32,7 @@ import orjson
 from ._core import remote
 from ._core.entry import Entry, inspect, remove_entry
 from ._core.heads import Head, head_of, read_head
-from ._core.keys import diff_inputs
+from ._core.keys import diff_inputs, flatten
 from ._core.kinds import BOOKKEEPING, LINKED_KIND, LINKED_MANIFEST, MISS_KIND
 from ._core.kinds import LINK_KIND as LINK
 from ._core.roots import root_at
@@ -314,38 +314,91 @@ def verify(root: Path, kind: str | None = None) -> tuple[int, list[tuple[Path, s
     return checked, problems
 
 
-def _key_inputs(ref: str, root: Path) -> tuple[str, dict]:
-    """Key inputs of an entry given as a manifest path or a key prefix."""
+def find_entry(ref: str, root: Path) -> Path:
+    """The manifest `ref` names: an entry file, or a key prefix as `ls` prints it (KEY column).
+
+    A prefix is matched among the entries `ls` lists by default (an activation store outside the root as the
+    store itself); the memos `ls --all` adds (identity, file-hashes, last-miss: a last-miss record has the key
+    of the entry it missed) only when no other entry matches.
+
+    Raises:
+        ConfigError: `ref` names no entry, or several.
+    """
     path = Path(ref)
-    if not path.is_file():
-        heads = ((m, read_head(m)) for m in root_at(root).manifests())  # keys from the heads: no entry parsed whole
-        matches = [m for m, head in heads if head and str(head[1].get("digest")).startswith(ref[:12])]
-        if len(matches) != 1:
-            raise ConfigError(f"{ref!r} names {len(matches)} entries under {root}; give a file path or a longer key.")
-        path = matches[0]
+    if path.is_file():
+        return path
+    entries: dict[Path, str] = {}
+    memos: dict[Path, str] = {}
+    for head, found, _ in _readable(root) if ref else ():
+        if head.digest.startswith(ref.lower()):
+            (memos if head.kind in BOOKKEEPING else entries)[found] = head.kind
+    matches = entries or memos
+    if len(matches) == 1:
+        return next(iter(matches))
+    if not matches:
+        raise ConfigError(
+            f"{ref!r} is neither an entry file nor the key of an entry under {root}. Give a key as "
+            "`hf-cachehooks ls` prints it (KEY column; `ls --all` adds the memos) or a manifest's path."
+        )
+    names = ", ".join(f"{shown(m)} ({kind})" for m, kind in sorted(matches.items())[:5])
+    raise ConfigError(f"{ref!r} names {len(matches)} entries under {root}: {names}. Give a longer key or a file path.")
+
+
+def _opened(ref: str, root: Path) -> Entry:
+    path = find_entry(ref, root)
     found, problem = inspect(path, check="size")
-    if found is None:
-        raise ConfigError(f"{path} is not a readable cache entry ({problem or 'missing'}); run `hf-cachehooks verify`.")
-    return path.name, found.key["inputs"]
+    if found is None or not isinstance(found.key.get("inputs"), dict):
+        raise ConfigError(
+            f"{path} is not a readable cache entry ({problem or 'no key inputs'}); run `hf-cachehooks verify`."
+        )
+    return found
 
 
-def explain(root: Path, a: str | None = None, b: str | None = None) -> list[str]:
-    """Lines saying which key fields differ between entries `a` and `b`, or why the last lookups missed."""
-    if a and b:
-        (name_a, inputs_a), (name_b, inputs_b) = _key_inputs(a, root), _key_inputs(b, root)
-        changes = diff_inputs(inputs_a, inputs_b)
-        return [f"{name_a} → {name_b}:"] + ([f"  {c}" for c in changes] or ["  same key inputs"])
+def _misses(root: Path, digest: str | None = None) -> list[str]:
+    """Lines for each recorded last miss (of the key `digest` only, when given)."""
     lines = []
     for path in root_at(root).manifests():  # only the heads are read to find the last-miss records
         head = read_head(path)
-        found = inspect(path, check="size")[0] if head is not None and head[0] == MISS_KIND else None
+        if head is None or head[0] != MISS_KIND or (digest is not None and head[1].get("digest") != digest):
+            continue
+        found = inspect(path, check="size")[0]
         if found is None:
             continue
-        doc = found.doc
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.created_at))
-        lines.append(f"Last {found.key['kind']} miss ({when}, key {found.key['digest'][:12]}): {doc.get('reason')}")
-        lines += [f"  {c}" for c in doc.get("changes", [])]
-    return lines or [f"No recorded miss under {root}."]
+        lines.append(
+            f"Last {found.key['kind']} miss ({when}, key {found.key['digest'][:12]}): {found.doc.get('reason')}"
+        )
+        lines += [f"  {c}" for c in found.doc.get("changes", [])]
+    return lines
+
+
+def explain(root: Path, a: str | None = None, b: str | None = None) -> list[str]:
+    """Lines saying which key fields differ between entries `a` and `b`, what entry `a` was made from (with the
+    last miss recorded for its key), or, with neither, why the last lookups missed.
+
+    `a` and `b` are entry files or key prefixes as `ls` prints them (`find_entry`).
+
+    Raises:
+        ConfigError: a reference that names no entry or several, or `b` without `a`.
+    """
+    if b and not a:
+        raise ConfigError("explain takes entry A, or entries A and B; got B alone.")
+    if a and b:
+        first, second = _opened(a, root), _opened(b, root)
+        changes = diff_inputs(first.key["inputs"], second.key["inputs"])
+        return [f"{first.path.name} → {second.path.name}:"] + ([f"  {c}" for c in changes] or ["  same key inputs"])
+    if a:
+        found = _opened(a, root)
+        digest = str(found.key.get("digest", ""))
+        lines = [f"{shown(found.path)} ({found.kind}, key {digest[:12]}) was made from:"]
+        lines += [f"  {name} = {_value(value)}" for name, value in sorted(flatten(found.key["inputs"]).items())]
+        return lines + (_misses(root, digest) if found.kind != MISS_KIND else [])
+    return _misses(root) or [f"No recorded miss under {root}."]
+
+
+def _value(value: object) -> str:
+    text = value if isinstance(value, str) else orjson.dumps(value).decode()
+    return text if len(text) <= 100 else text[:70] + "…" + text[-20:]
 
 
 def to_json(infos: list[EntryInfo]) -> bytes:

@@ -121,6 +121,7 @@ def test_ls_kind_filter_and_cache_dir(capsys, tmp_path, populated):
     assert code == 0
     assert "org/old-model" not in out and "1 entries" in out
     other = tmp_path / "elsewhere"
+    tag_folder(other / "predictions")  # a real cache root with no entries
     code, out, _ = run(capsys, "--cache-dir", str(other), "ls")
     assert code == 0
     assert out.rstrip().endswith(f"0 entries under {other}")
@@ -145,6 +146,7 @@ def test_du(capsys, root, populated):
 
 
 def test_du_empty_cache(capsys, root):
+    tag_folder(root / "predictions")  # a real cache root with no entries (a missing one: test_newcomer.py)
     code, out, _ = run(capsys, "du")
     assert code == 0
     assert out.split() == ["0", "B", "total", f"({root})"]
@@ -301,7 +303,8 @@ def test_explain_bad_reference(capsys, cache):
     assert "'deadbeef0000'" in err
 
 
-def test_explain_last_miss(capsys, cache):
+def test_explain_last_miss(capsys, cache, root):
+    tag_folder(root / "predictions")  # a real cache root with no entries yet
     code, out, _ = run(capsys, "explain")
     assert code == 0
     assert "No recorded miss" in out
@@ -344,6 +347,7 @@ def test_python_dash_m(root, populated, tmp_path):
 
 def test_cache_dir_after_the_command_and_it_wins_over_one_before(capsys, tmp_path, populated):
     other = tmp_path / "elsewhere"
+    tag_folder(other / "predictions")  # a real cache root with no entries
     code, out, _ = run(capsys, "ls", "--cache-dir", str(other))
     assert code == 0 and out.rstrip().endswith(f"0 entries under {other}")
     code, out, _ = run(capsys, "--cache-dir", str(tmp_path / "first"), "du", "--cache-dir", str(other))

@@ -368,7 +368,7 @@ def test_every_prompt_refused_returns_the_servers_reason_and_caches_nothing(capl
         backend = OpenAIBackend([f"http://127.0.0.1:{server.server_port}"], model="m", retries=1, backoff=0.0)
         caplog.set_level(logging.WARNING, logger="hf_cachehooks")
         gens = GenerationCache("org/Tiny").generate(
-            ["Q0", "Q1"], backend, samples_per_prompt=2, **{**SETTINGS, "temperature": 0.0}
+            ["Q0", "Q1"], backend, samples_per_prompt=2, **{**SETTINGS, "temperature": 1.0}
         )
     finally:
         server.shutdown()

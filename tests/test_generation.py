@@ -81,6 +81,7 @@ def test_seed_layout_and_banners(cache, backend, caplog):
         {"max_tokens": 4},
         {"top_p": 0.9},
         {"seed": 3},
+        {"stop": ["four"]},
     ],
 )
 def test_each_key_field_misses(cache, backend, change):

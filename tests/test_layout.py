@@ -3,7 +3,7 @@
     errors, _version           0
     _core/                     1  keys, the entry contract, bytes on disk, locking, time, fingerprints, rows
     _models/                   2  identity, architecture, loading and batches, hooks
-    evaluation/ generation/ activations/ training/ conversation/ management   3  one folder per feature
+    evaluation/ generation/ activations/ training/ conversation/ harness/ management   3  one folder per feature
     sweeps/, cli, __main__, the package root                                4  sweeps compose features
 
 No imports form a circle (imports inside functions count), and private names stay in their module.
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parent.parent / "hf_cachehooks"
-FEATURES = {"evaluation", "generation", "activations", "training", "conversation", "management"}
+FEATURES = {"evaluation", "generation", "activations", "training", "conversation", "management", "harness"}
 
 
 def _module(path: Path) -> str:

@@ -260,7 +260,7 @@ def test_explain_same_inputs(root, cache):
 
 def test_explain_unknown_reference(root, cache):
     _save(cache)
-    with pytest.raises(ConfigError, match="names 0 entries"):
+    with pytest.raises(ConfigError, match="is neither an entry file nor the key of an entry"):
         management.explain(root, "0123456789ab", "ba9876543210")
 
 

@@ -77,7 +77,7 @@ def workflow(tmp_path, capsys):
 def test_three_commands_and_the_seeds_auroc_snippet(workflow, tmp_path, capsys):
     model, data = workflow
     assert cli.main(["generate-vectors", "--cache", "cache_train", "--output", "run_exp1", "--layers", "1,3"]) == 0
-    run = next(tmp_path.glob("run_exp1_*"))
+    run = tmp_path / "run_exp1"
     assert sorted(p.name for p in (run / "normalized_vectors").iterdir()) == [
         "layer_1.safetensors",
         "layer_3.safetensors",
@@ -120,7 +120,7 @@ def test_three_commands_and_the_seeds_auroc_snippet(workflow, tmp_path, capsys):
 def test_probe_from_another_model_is_refused(workflow, tmp_path, capsys):
     _, data = workflow
     assert cli.main(["generate-vectors", "--cache", "cache_train", "--output", "run_a"]) == 0
-    run = next(tmp_path.glob("run_a_*"))
+    run = tmp_path / "run_a"
     other = _model_dir(tmp_path / "other", seed=1)
     assert (
         cli.main(
@@ -137,7 +137,7 @@ def test_probe_from_another_model_is_refused(workflow, tmp_path, capsys):
 def test_wrong_data_and_missing_layer_are_named(workflow, tmp_path, capsys):
     _, data = workflow
     cli.main(["generate-vectors", "--cache", "cache_train", "--output", "run_b"])
-    vectors = str(next(tmp_path.glob("run_b_*")) / "normalized_vectors")
+    vectors = str(tmp_path / "run_b" / "normalized_vectors")
     other = _data(tmp_path / "other.json", n=10)
     assert (
         cli.main(["analyze-probe", "--cache", "cache_train", "--vectors", vectors, "--data", other, "--output", "v"])
@@ -168,7 +168,7 @@ def test_traditional_path_fills_the_cache_on_the_way(workflow, tmp_path, caplog)
         )
         == 0
     )
-    vectors = str(next(tmp_path.glob("run_t_*")) / "normalized_vectors")
+    vectors = str(tmp_path / "run_t" / "normalized_vectors")
     caplog.set_level("INFO", logger="hf_cachehooks")
     assert (
         cli.main(

@@ -214,7 +214,15 @@ def test_sigterm_stops_serve_within_seconds_after_a_dropped_stream(tmp_path):
     """The real `hf-cachehooks serve` in its own process: a stream dropped by its client with a request waiting
     behind it (answered), then SIGTERM while another stream is being read: the process exits within seconds."""
     proc, address = _launch("serve", "--model", str(_long_model(tmp_path / "model")), "--name", "tiny")
-    long = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4000, "n": 8, "temperature": 0, "stream": True}
+    long = {
+        "model": "tiny",
+        "prompt": PROMPT,
+        "max_tokens": 4000,
+        "n": 8,
+        "temperature": 1.0,
+        "top_k": 1,
+        "stream": True,
+    }
     try:
         with _send(address, long) as dropped:
             _read_until(dropped, b'"finish_reason": null')

@@ -115,3 +115,110 @@ def test_greedy_completions_match_our_server(vllm, ours):
     chat_theirs = OpenAIBackend([vllm], model=NAME, use_chat_template=True).complete(CHAT, greedy)
     chat_mine = OpenAIBackend([ours.url], model=NAME, use_chat_template=True).complete(CHAT, greedy)
     assert sum(a == b for a, b in zip(chat_theirs, chat_mine)) >= 3, list(zip(chat_theirs, chat_mine))
+
+
+def test_token_id_prompts_and_vllm_fields_answer_alike(vllm, ours, folder):
+    """What lm-eval's `local-completions` sends (token ids, echo + logprobs) and vLLM's own fields, on both."""
+    import json
+    import urllib.request
+
+    from transformers import AutoTokenizer
+
+    ids = [AutoTokenizer.from_pretrained(folder)(q)["input_ids"] for q in QUESTIONS[:3]]
+
+    def ask(url, **fields):
+        body = {"model": NAME, "prompt": ids, "max_tokens": 8, "temperature": 0, "seed": 1, **fields}
+        request = urllib.request.Request(
+            url + "/v1/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return json.loads(reply.read())
+
+    extra = {"top_k": 5, "presence_penalty": 0.5, "stop_token_ids": [ids[0][-1]], "unknown_field": 1}
+    theirs, mine = ask(vllm, **extra), ask(ours.url, **extra)
+    assert [c["text"][:8] for c in theirs["choices"]] == [c["text"][:8] for c in mine["choices"]]
+    assert [c["stop_reason"] for c in theirs["choices"]] == [c["stop_reason"] for c in mine["choices"]]
+    scored_theirs = ask(vllm, max_tokens=1, echo=True, logprobs=1)["choices"]
+    scored_mine = ask(ours.url, max_tokens=1, echo=True, logprobs=1)["choices"]
+    for a, b in zip(scored_theirs, scored_mine):  # lm-eval's loglikelihood: the prompt's token logprobs
+        assert a["logprobs"]["token_logprobs"][1:-1] == pytest.approx(b["logprobs"]["token_logprobs"][1:-1], abs=1e-3)
+
+
+def _post(url, path, body):
+    """(status, JSON reply) of a POST, errors included."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url + path, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, json.loads(error.read())
+
+
+def test_errors_end_tokens_and_chat_top_logprobs_as_vllm_gives_them(vllm, ours):
+    bad = [
+        {"prompt": "2 + 2 =", "n": 2, "temperature": 0},  # greedy with n > 1
+        {"prompt": [[5] * 3000], "max_tokens": 4},  # over the 2048-token context
+        {"prompt": "2 + 2 =", "max_tokens": 5000},
+    ]
+    for body in bad:
+        (code_a, a), (code_b, b) = (
+            _post(vllm, "/v1/completions", {"model": NAME, **body}),
+            _post(ours.url, "/v1/completions", {"model": NAME, **body}),
+        )
+        assert (code_a, a["error"]["type"], a["error"]["param"], a["error"]["code"]) == (
+            code_b,
+            b["error"]["type"],
+            b["error"]["param"],
+            b["error"]["code"],
+        ), (a, b)
+    body = {"model": NAME, "prompt": QUESTIONS, "max_tokens": 24, "temperature": 0, "logprobs": 2}
+    theirs, mine = _post(vllm, "/v1/completions", body)[1], _post(ours.url, "/v1/completions", body)[1]
+    for a, b in zip(theirs["choices"], mine["choices"]):
+        if a["text"] == b["text"]:
+            assert len(a["logprobs"]["tokens"]) == len(b["logprobs"]["tokens"]) == len(a["logprobs"]["top_logprobs"])
+    counts = ("prompt_tokens", "completion_tokens", "total_tokens")  # vLLM adds `*_details: null`
+    assert [theirs["usage"][k] for k in counts] == [mine["usage"][k] for k in counts]
+    ended = 0
+    for question in CHAT:  # the chat template's replies end with an end-of-sequence token
+        chat = {"model": NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 64, "temperature": 0}
+        for k in (0, 2):
+            a, b = (
+                _post(url, "/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": k})[1]["choices"][0]
+                for url in (vllm, ours.url)
+            )
+            content_a, content_b = a["logprobs"]["content"], b["logprobs"]["content"]
+            assert {len(e["top_logprobs"]) for e in content_a} == {len(e["top_logprobs"]) for e in content_b} == {k}
+            if a["message"]["content"] == b["message"]["content"] and a["finish_reason"] == "stop":
+                ended += 1
+                assert [e["token"] for e in content_a][-1] == [e["token"] for e in content_b][-1]  # the end token
+                assert len(content_a) == len(content_b)
+                assert content_a[-1]["logprob"] == pytest.approx(content_b[-1]["logprob"], abs=1e-3)
+    assert ended >= 4
+
+
+def test_lm_evals_default_local_completions_gives_the_same_numbers_on_both(vllm, ours, folder, tmp_path, monkeypatch):
+    """lm-eval's `local-completions` as configured by default (token-id prompts), on vLLM and on `serve`."""
+    pytest.importorskip("lm_eval")
+    from tests.test_lm_eval_serve import answers, close, evaluate, local_completions_args, metrics, write_tasks
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets"))
+    tasks = write_tasks(tmp_path / "tasks", gen=LM_EVAL_GEN, max_gen_toks=24)
+    theirs = evaluate("local-completions", local_completions_args(vllm, NAME, folder), tasks)
+    mine = evaluate("local-completions", local_completions_args(ours.url, NAME, folder), tasks)
+    assert close(answers(mine)["serve_mc"], answers(theirs)["serve_mc"], 5e-5)
+    assert answers(mine)["serve_gen"] == answers(theirs)["serve_gen"]
+    assert sum(bool(g[0][0]) for g in answers(mine)["serve_gen"]) >= 2
+    assert close(metrics(mine), metrics(theirs), 1e-9)
+
+
+LM_EVAL_GEN = [
+    {"question": "Q: What is the capital of France?\nA:", "answer": " Paris"},
+    {"question": "Q: How many legs does a spider have?\nA:", "answer": " Eight"},
+    {"question": "Q: What color is the sky?\nA:", "answer": " Blue"},
+    {"question": "Q: What is 2 + 2?\nA:", "answer": " 4"},
+]

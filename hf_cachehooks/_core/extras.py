@@ -30,6 +30,7 @@ EXTRAS: dict[str, str] = {
     "httpx": "server",
     "lz4": "compression",
     "zstandard": "compression",
+    "lm_eval": "lm-eval",
 }
 
 

@@ -115,6 +115,7 @@ SUMMARIES: dict[str, Callable[[dict], dict[str, Any]]] = {  # kind -> its summar
     "identity": lambda d: {"model": _name(_of(d, "identity", "model"))},
     "last-miss": lambda d: {"model": _keyed_model(d)},
     "trainer-eval": lambda d: {"model": _name(d.get("model")) or _keyed_model(d), "items": d.get("num_samples")},
+    "lm-eval-results": lambda d: {"model": _name(d.get("model")), "items": d.get("requests")},  # `harness/results.py`
 }
 
 

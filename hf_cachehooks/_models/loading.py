@@ -15,6 +15,7 @@ from typing import Any, Protocol
 
 from .._core.extras import requires_extras
 from ..errors import ConfigError
+from .sources import check_gguf_given
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ def load_weights(
     """
     if head not in HEADS:
         raise ConfigError(f"head={head!r} is not one of {', '.join(HEADS)}.")
+    check_gguf_given(name_or_path, gguf_file, from_pretrained_kwargs.get("subfolder"))
     with requires_extras(f"Loading {name_or_path}"):
         import transformers
 
@@ -119,6 +121,7 @@ def load_weights(
 
 def load_tokenizer(name_or_path: str, *, gguf_file: str | None = None, **from_pretrained_kwargs: Any) -> Any:
     """The tokenizer stored with a model (in its GGUF file when `gguf_file` is given)."""
+    check_gguf_given(name_or_path, gguf_file, from_pretrained_kwargs.get("subfolder"))
     with requires_extras(f"Loading the tokenizer of {name_or_path}"):
         from transformers import AutoTokenizer
 
@@ -155,7 +158,7 @@ def load_model(
         (model, tokenizer). The model's `config._attn_implementation` says which implementation loaded.
 
     Raises:
-        ConfigError: an unknown head or dtype, or an empty ladder.
+        ConfigError: an unknown head or dtype, an empty ladder, or a folder of GGUF weights without `gguf_file`.
 
     Example:
         >>> model, tokenizer = load_model("HuggingFaceTB/SmolLM2-135M-Instruct", dtype="bfloat16",
@@ -175,6 +178,7 @@ def load_model(
 
 def load_config(name_or_path: str, *, gguf_file: str | None = None, **from_pretrained_kwargs: Any) -> Any:
     """The model's config alone (no weights): enough to check layer numbers before a load."""
+    check_gguf_given(name_or_path, gguf_file, from_pretrained_kwargs.get("subfolder"))
     with requires_extras(f"Reading the config of {name_or_path}"):
         from transformers import AutoConfig
 

@@ -9,11 +9,15 @@ every run is in eval mode (`eval_mode`), the caller's mode given back afterwards
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 log = logging.getLogger(__name__)
+
+# called with the number of tokens each decode step of `generate_texts` has made so far (see `on_each_token`)
+_ON_TOKEN: contextvars.ContextVar[Callable[[int], None] | None] = contextvars.ContextVar("on_token", default=None)
 
 
 class RunSettings(Protocol):
@@ -123,6 +127,35 @@ def encode_batch(
     return out
 
 
+@contextlib.contextmanager
+def on_each_token(callback: Callable[[int], None]) -> Iterator[None]:
+    """Within the block, each decode step of `generate_texts` calls `callback(new tokens so far in this batch)`.
+
+    A progress bar sees generation move token by token instead of once per batch. The step is counted by a
+    logits processor that returns the scores unchanged, so the completions are the same with or without it.
+    """
+    token = _ON_TOKEN.set(callback)
+    try:
+        yield
+    finally:
+        _ON_TOKEN.reset(token)
+
+
+def _token_counter(callback: Callable[[int], None], given: Any) -> Any:
+    """The logits processors `generate` gets: the caller's own (if any), then one that counts the steps."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class _Count(LogitsProcessor):
+        steps = 0
+
+        def __call__(self, input_ids: Any, scores: Any) -> Any:
+            self.steps += 1
+            callback(self.steps)
+            return scores  # unchanged: counting never changes a completion
+
+    return LogitsProcessorList([*(given or []), _Count()])
+
+
 def generate_texts(
     model: Any, tokenizer: Any, texts: Sequence[str], options: dict[str, Any], add_special_tokens: bool = True
 ) -> list[str]:
@@ -139,6 +172,9 @@ def generate_texts(
         for name, t in encode_batch(tokenizer, texts, side="left", add_special_tokens=add_special_tokens).items()
     }
     options = {**options, "pad_token_id": pad_id(tokenizer)}  # the tokenizer's pad (in the key), whatever is set
+    callback = _ON_TOKEN.get()
+    if callback is not None:
+        options["logits_processor"] = _token_counter(callback, options.get("logits_processor"))
     with torch.no_grad(), eval_mode(model):
         out = model.generate(**batch, **options)
     sequences = getattr(out, "sequences", out)  # return_dict_in_generate=True gives an output object

@@ -121,7 +121,8 @@ def resolve_files(name_or_path: str, load_options: Mapping[str, Any]) -> dict[st
     at the same revision and subfolder.
 
     Raises:
-        ConfigError: `gguf_file` is not there in a local model folder.
+        ConfigError: `gguf_file` is not there in a local model folder, or is missing for a folder that holds
+            only GGUF weights (`check_gguf_given`).
     """
     load_kwargs = load_options.get("load_kwargs") or {}
     if not isinstance(load_kwargs, Mapping):
@@ -129,10 +130,11 @@ def resolve_files(name_or_path: str, load_options: Mapping[str, Any]) -> dict[st
     revision, cache_dir, subfolder = (
         str(load_kwargs[name]) if load_kwargs.get(name) else None for name in ("revision", "cache_dir", "subfolder")
     )
+    gguf_file = load_options.get("gguf_file")
+    check_gguf_given(name_or_path, gguf_file, subfolder)
     folder = resolve_local_folder(name_or_path, revision, cache_dir)
     if folder is None:
         return None
-    gguf_file = load_options.get("gguf_file")
     groups: dict[str, tuple[str | None, list[str]]] = {
         "model": (os.fspath(folder), model_files(folder, subfolder, gguf=not gguf_file))
     }
@@ -159,6 +161,28 @@ def resolve_files(name_or_path: str, load_options: Mapping[str, Any]) -> dict[st
             return None
         groups["base"] = (os.fspath(base_folder), model_files(base_folder, subfolder))
     return groups
+
+
+def check_gguf_given(name_or_path: str, gguf_file: Any, subfolder: str | None = None) -> None:
+    """Refuse a local folder that holds GGUF weights but no config.json when no `gguf_file` names one.
+
+    transformers would fail with a bare ValueError ("Unrecognized model ... config.json"); this says which
+    GGUF files are there and how to pass one.
+
+    Raises:
+        ConfigError: the folder holds only GGUF weights and `gguf_file` is not given.
+    """
+    if gguf_file or not os.path.isdir(name_or_path):
+        return
+    folders = [name_or_path, os.path.join(name_or_path, subfolder)] if subfolder else [name_or_path]
+    if any(os.path.isfile(os.path.join(where, name)) for where in folders for name in ("config.json", _ADAPTER_CONFIG)):
+        return
+    ggufs = sorted(os.path.basename(path) for path in model_files(name_or_path, subfolder) if path.endswith(".gguf"))
+    if ggufs:
+        raise ConfigError(
+            f"The model folder {name_or_path!r} holds no config.json, only GGUF weights: {', '.join(ggufs)}. "
+            f'Name the one to load with gguf_file="{ggufs[0]}".'
+        )
 
 
 def _gguf_files(name_or_path: str, folder: Path, gguf_file: str, subfolder: str) -> list[str] | None:

@@ -1,6 +1,6 @@
 """The probe workflow as functions: vectors from a cache, then validation with CSVs and plots.
 
-RUN_<timestamp>/                        generate_vectors
+RUN/                                    generate_vectors (the same folder on every run: its vectors are replaced)
 ├── normalized_vectors/layer_{L}.safetensors
 ├── raw_vectors/layer_{L}.safetensors
 └── summary.json                        per layer: norm, examples, in-sample AUROC
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import logging
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -67,12 +66,22 @@ def generate_vectors(
 ) -> Path:
     """Difference-of-means steering vectors (raw and unit-normalized) per layer, from the cache only.
 
+    A second run into the same folder replaces the vectors of the first (and removes those of layers it
+    no longer writes), so one command gives the same paths every time.
+
+    Args:
+        output: the run folder; `stamp` (e.g. a timestamp) makes it `{output}_{stamp}` instead.
+
     Returns:
-        The run folder `{output}_{timestamp}` holding `normalized_vectors/` and `raw_vectors/`.
+        The run folder holding `normalized_vectors/`, `raw_vectors/` and `summary.json`.
+
+    Raises:
+        ConfigError: the folder exists and holds something other than an earlier run's vectors.
     """
     labels = store.column(label_field(store))
     mask, pos, neg = split_labels(labels, positive)
-    run = Path(f"{output}_{stamp or time.strftime('%Y%m%d_%H%M%S')}")
+    run = Path(f"{output}_{stamp}") if stamp else Path(output)
+    _forget_earlier_run(run, keep=layers or store.layers)
     raw, normalized, summary = {}, {}, []
     for layer in layers or store.layers:
         x = store.layer(layer)
@@ -111,6 +120,31 @@ def generate_vectors(
     return run
 
 
+def _forget_earlier_run(run: Path, keep: Sequence[int]) -> None:
+    """Remove the vectors an earlier run wrote into `run` for layers not in `keep` (it recorded them)."""
+    if not run.exists():
+        return
+    try:
+        recorded = orjson.loads((run / "summary.json").read_bytes())["layers"]
+        layers = [int(row["layer"]) for row in recorded]
+    except (OSError, ValueError, TypeError, KeyError):
+        if run.is_dir() and not any(run.iterdir()):
+            return
+        raise ConfigError(
+            f"{run} exists and is not a generate-vectors run (no readable summary.json). Choose another output "
+            "folder, or remove that one."
+        ) from None
+    for layer in set(layers) - set(keep):
+        for kind in ("normalized_vectors", "raw_vectors"):
+            (run / kind / f"layer_{layer}.safetensors").unlink(missing_ok=True)
+
+
+def find_vectors(path: str | Path) -> Path:
+    """The vectors folder a user names: `RUN/normalized_vectors` as it is, or the run folder `RUN` itself."""
+    path = Path(path)
+    return path / "normalized_vectors" if (path / "normalized_vectors").is_dir() else path
+
+
 def analyze_probe(
     store: ActivationStore,
     vectors_folder: str | Path,
@@ -121,11 +155,14 @@ def analyze_probe(
 ) -> list[dict]:
     """Score every cached example with each layer's vector; write per-layer CSVs, a summary and plots.
 
+    Args:
+        vectors_folder: a run's `normalized_vectors` (or `raw_vectors`) folder, or the run folder itself.
+
     Raises:
         ProbeMismatchError: the vectors come from another model, hidden size or layer ("cache/probe mismatch").
         ConfigError: a requested layer has no vector or is not in the cache.
     """
-    vectors = load_vectors(vectors_folder)
+    vectors = load_vectors(find_vectors(vectors_folder))
     wanted = sorted(layers or vectors)
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)

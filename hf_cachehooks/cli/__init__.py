@@ -15,6 +15,7 @@ from .._core.store import cache_root
 from .._models.extraction import POSITIONS
 from ..errors import HFCacheHooksError
 from .checkpoints import add_eval_checkpoints_args, cmd_eval_checkpoints
+from .harness import LM_EVAL, run_lm_eval, split_lm_eval
 from .manage import cmd_clear, cmd_du, cmd_explain, cmd_ls, cmd_prune, cmd_pull, cmd_push, cmd_verify
 from .models import (
     MODEL_DTYPES,
@@ -127,7 +128,11 @@ def _activation_args(p: argparse.ArgumentParser, model_required: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="hf-cachehooks", description="Inspect and manage hf_cachehooks caches.", formatter_class=_HelpFormatter
+        prog="hf-cachehooks",
+        description="Inspect and manage hf_cachehooks caches.",
+        formatter_class=_HelpFormatter,
+        epilog=f"{LM_EVAL} ARGS...: lm-evaluation-harness's own CLI with --model hf-cachehooks registered; ARGS "
+        "go to lm-eval unchanged (docs/harness.md).",
     )
     _global_args(parser, after_command=False)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -246,14 +251,14 @@ def build_parser() -> argparse.ArgumentParser:
     _activation_args(vec, model_required=False)
     vec.add_argument("--cache", help="activation cache folder (or --model/--data/--layers to fill one)")
     vec.add_argument("--data", help="records to cache first, with --model")
-    vec.add_argument("--output", required=True, help="run name; writes RUN_<timestamp>/normalized_vectors/")
+    vec.add_argument("--output", required=True, help="run folder RUN for RUN/normalized_vectors (rerun: replaced)")
     vec.add_argument("--layers", help="comma-separated (default: every cached layer)")
     vec.add_argument("--positive", help="label of the positive class (default: deployment, if present)")
 
     ana = command("analyze-probe", "score a cache with vectors: per-layer AUROC, CSVs, plots", cmd_analyze_probe)
     _activation_args(ana, model_required=False)
     ana.add_argument("--cache", help="activation cache folder (or --model/--data to fill one)")
-    ana.add_argument("--vectors", required=True, help="RUN_<timestamp>/normalized_vectors")
+    ana.add_argument("--vectors", required=True, help="RUN/normalized_vectors (or the run folder RUN)")
     ana.add_argument("--data", help="the records the cache was made from (checked)")
     ana.add_argument("--output", required=True, help="folder for the CSVs, summary and plots")
     ana.add_argument("--layers", help="comma-separated (default: every layer with a vector)")
@@ -321,6 +326,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    lm_eval = split_lm_eval(argv)
+    if lm_eval is not None:  # lm-eval parses its own arguments, unchanged (see `harness.py`)
+        try:
+            return run_lm_eval(lm_eval[1], lm_eval[0])
+        except HFCacheHooksError as exc:
+            print(f"error: {in_cli_words(str(exc))}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     args.root = Path(cache_root(args.cache_dir))
     logging.basicConfig(level=logging.INFO, format="%(message)s")

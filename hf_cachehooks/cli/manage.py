@@ -13,7 +13,7 @@ from .._core import remote_sync
 from .._core.freshness import describe_age, parse_duration
 from .._core.store import is_url, url_of
 from ..errors import ConfigError
-from ..management import shown
+from ..management import is_cache, shown
 
 
 def human_bytes(n: float) -> str:
@@ -23,6 +23,27 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return ""
+
+
+def require_cache_root(root: Path) -> None:
+    """Refuse a root that does not exist or holds no cache of ours: every management command says it this way.
+
+    A real cache root with no entries in it (after `clear`, say) is not refused.
+
+    Raises:
+        ConfigError: naming the root and how to point at the right one.
+    """
+    remote_root = url_of(root) is not None
+    if not remote_root and not root.is_dir():
+        why = "the folder does not exist" if not root.exists() else "it is not a folder"
+    elif not is_cache(root):
+        where = "in that bucket prefix" if remote_root else "in it or its folders"
+        why = f"it is not an hf_cachehooks cache: no CACHEDIR.TAG of ours {where}"
+    else:
+        return
+    raise ConfigError(
+        f"No cache at {shown(root)} ({why}). Point --cache-dir or $HF_CACHEHOOKS_HOME at your cache root."
+    )
 
 
 def _print_plan(plan: management.Plan, dry_run: bool, verb: str) -> None:
@@ -64,6 +85,7 @@ def _confirmed(plan: management.Plan, args: argparse.Namespace) -> bool:
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
+    require_cache_root(args.root)
     infos = management.list_entries(args.root, args.kind, bookkeeping=args.all or args.kind is not None)
     if args.format == "json":
         print(management.to_json(infos).decode())
@@ -88,6 +110,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
 
 
 def cmd_du(args: argparse.Namespace) -> int:
+    require_cache_root(args.root)
     usage = management.disk_usage(args.root)
     for kind, size in usage.items():
         print(f"{human_bytes(size):>10}  {kind}")  # entries of each kind: manifests plus the files they list
@@ -96,12 +119,14 @@ def cmd_du(args: argparse.Namespace) -> int:
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
+    require_cache_root(args.root)
     plan = management.plan_prune(args.root, parse_duration(args.older_than).total_seconds(), kind=args.kind)
     _print_plan(plan, args.dry_run, "remove")
     return 0
 
 
 def cmd_clear(args: argparse.Namespace) -> int:
+    require_cache_root(args.root)
     plan = management.plan_clear(args.root, args.kind)
     if not _confirmed(plan, args):
         print("Nothing deleted.")
@@ -111,13 +136,11 @@ def cmd_clear(args: argparse.Namespace) -> int:
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    folder = Path(args.path) if args.path and not is_url(args.path) else args.root
-    if not folder.exists() and url_of(folder) is None and not is_url(args.path):
+    if not args.path:
+        require_cache_root(args.root)
+    elif not is_url(args.path) and not Path(args.path).exists():
         raise ConfigError(
-            f"{folder} does not exist. Give an activation cache folder (cache-activations --output DIR)."
-            if args.path
-            else f"No cache at {folder} (the folder does not exist). Point --cache-dir "
-            "or $HF_CACHEHOOKS_HOME at your cache root."
+            f"{args.path} does not exist. Give an activation cache folder (cache-activations --output DIR)."
         )
     if args.path:
         from ..activations.store import verify_store
@@ -135,6 +158,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    require_cache_root(args.root)
     for line in management.explain(args.root, args.a, args.b):
         print(line)
     return 0
@@ -159,6 +183,7 @@ def cmd_push(args: argparse.Namespace) -> int:
             "push copies from a local cache root (--cache-dir) to a remote one (a URL such as "
             f"s3://bucket/prefix); got --cache-dir {shown(args.root)} and {args.url!r}."
         )
+    require_cache_root(args.root)
     return _copy_report(remote_sync.push(args.root, args.url, args.dry_run), "push", args.dry_run)
 
 

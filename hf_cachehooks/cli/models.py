@@ -271,11 +271,11 @@ def cmd_generate_vectors(args: argparse.Namespace) -> int:
 
 @says_flags
 def cmd_analyze_probe(args: argparse.Namespace) -> int:
-    from ..activations.probing import analyze_probe
+    from ..activations.probing import analyze_probe, find_vectors
     from ..activations.vectors import load_vectors
 
     layers = _layers(args.layers)
-    store = _store(args, layers or sorted(load_vectors(args.vectors)))
+    store = _store(args, layers or sorted(load_vectors(find_vectors(args.vectors))))
     if args.cache and args.data:
         _check_data(store, args)
     rows = analyze_probe(store, args.vectors, args.output, layers, visualize=args.visualize)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import functools
 import re
+import shlex
 from collections.abc import Callable
 
 from ..errors import HFCacheHooksError
@@ -19,6 +20,8 @@ CACHE_WORDS = (
     ("the root argument", "--cache-dir"),
     ("cache=CacheConfig(max_age=...)", "--max-age"),
 )
+# a model-loading argument with its value, e.g. gguf_file="m.gguf" -> --gguf-file m.gguf (every command)
+_GGUF_FILE = re.compile(r'\bgguf_file="([^"]*)"')
 
 # Python argument -> flag, for the activation commands only ("folder=" is another thing elsewhere)
 ACTIVATION_FLAGS = {
@@ -33,10 +36,10 @@ _ARGUMENT = re.compile(r"\b(" + "|".join(map(re.escape, ACTIVATION_FLAGS)) + r")
 
 
 def in_cli_words(message: str) -> str:
-    """A library message with the cache arguments it names replaced by this command line's flags."""
+    """A library message with the cache and model arguments it names replaced by this command line's flags."""
     for argument, flag in CACHE_WORDS:
         message = message.replace(argument, flag)
-    return message
+    return _GGUF_FILE.sub(lambda match: "--gguf-file " + shlex.quote(match[1]), message)
 
 
 def as_flags(message: str) -> str:

@@ -474,21 +474,40 @@ class _Run:
         self._ensure_loaded()
         from tqdm.auto import tqdm
 
-        from .._models.runners import classify, generate
+        from .._models.runners import classify, generate, on_each_token
 
         step = generate if self.config.task == "generation" else classify
         size = self.config.batch_size
+        batches = -(-len(prompts) // size)
+        log.info("Predicting %d examples in %d batch(es) of up to %d.", len(prompts), batches, size)
         out: list = []
         with (
             tqdm(
                 total=len(prompts), desc=f"Predicting ({self.config.task})", unit="ex", disable=not self.progress
             ) as bar,
             requires_extras(f"Predicting with {self.name!r}"),
+            on_each_token(_token_postfix(bar, size, batches, self.config.max_new_tokens)),  # seen within seconds
         ):
             for start in range(0, len(prompts), size):
+                bar.set_postfix_str(f"batch {start // size + 1}/{batches}", refresh=False)
                 batch = step(self.model, self.tokenizer, prompts[start : start + size], self.config)
                 if on_batch is not None:
                     on_batch(list(enumerate(batch, start)))
                 out.extend(batch)
                 bar.update(len(batch))
         return out
+
+
+def _token_postfix(bar: Any, size: int, batches: int, max_new_tokens: int | None) -> Any:
+    """An `on_each_token` callback: the bar's postfix counts the running batch's new tokens (at most 5 times a
+    second), so a first batch that takes minutes on a CPU is seen to move from its first token."""
+    shown = [0.0]
+
+    def show(tokens: int) -> None:
+        now = time.monotonic()
+        if now - shown[0] >= 0.2:
+            shown[0] = now
+            total = f"/{max_new_tokens}" if max_new_tokens else ""
+            bar.set_postfix_str(f"batch {bar.n // size + 1}/{batches}, token {tokens}{total}")
+
+    return show

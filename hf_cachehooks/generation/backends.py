@@ -14,12 +14,22 @@ from typing import Any, Protocol
 
 @dataclass(frozen=True)
 class Sampling:
-    """Generation settings shared by all backends (`temperature == 0` means greedy)."""
+    """Generation settings shared by all backends (`temperature == 0` means greedy).
+
+    `stop`: strings that end a completion; the first one found is cut off with all after it (as vLLM does).
+    """
 
     temperature: float = 1.0
     max_tokens: int = 512
     top_p: float | None = None
     seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """`text` up to the earliest of the `stop` strings (without it); all of `text` when none occurs."""
+    cuts = [at for s in stop if s and (at := text.find(s)) != -1]
+    return text[: min(cuts)] if cuts else text
 
 
 class Backend(Protocol):
@@ -90,5 +100,5 @@ class TransformersBackend:
                 options,
                 add_special_tokens=not self.use_chat_template,
             )
-            out += batch
+            out += [cut_at_stop(text, sampling.stop) for text in batch]  # greedy or seeded: as if stopped there
         return out

@@ -27,6 +27,7 @@ is never removed or overwritten; a save that would replace one is skipped with a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -139,6 +140,8 @@ class GenerationCache:
             tail += f"_topp{float(sampling.top_p)}"
         if sampling.seed is not None:
             tail += f"_seed{sampling.seed}"
+        if sampling.stop:
+            tail += "_stop" + make_key("stop", {"stop": list(sampling.stop)}).short[:8]
         return tail
 
     def key_inputs(self, prompt_name: str, subject_type: str, sampling: Sampling, samples_per_prompt: int) -> dict:
@@ -152,6 +155,8 @@ class GenerationCache:
         for name, value in (("top_p", sampling.top_p), ("seed", sampling.seed)):
             if value is not None:
                 inputs[name] = value
+        if sampling.stop:
+            inputs["stop"] = list(sampling.stop)
         return inputs  # samples_per_prompt changes no sample: sample s always has the same seed
 
     @staticmethod
@@ -264,19 +269,22 @@ class GenerationCache:
         max_tokens: int = 512,
         top_p: float | None = None,
         seed: int | None = None,
+        stop: str | Sequence[str] = (),
         samples_per_prompt: int = 1,
         strict: bool = False,
         force_recompute: bool = False,
     ) -> Generations:
         """Completions for the first `num_samples` prompts, served from the cache where it can.
 
-        `force_recompute` (or the cache's own) generates every sample again and replaces the entry.
+        `force_recompute` (or the cache's own) generates every sample again and replaces the entry. `stop`:
+        strings that end each completion (cut off, as vLLM does); they are in the key.
 
         A prompt the backend refused is `None` in the result, with the reason in `errors` (and a warning),
         even when every prompt was refused; nothing of it is cached.
 
         Raises:
-            ConfigError: fewer prompts than `num_samples`, or a bad folder name.
+            ConfigError: fewer prompts than `num_samples`, a bad folder name, or greedy decoding
+                (`temperature=0`) with `samples_per_prompt` > 1 (every sample would be the same; vLLM refuses it).
             ServerError: every completion server failed (its message names each one); the completions that
                 succeeded before it are cached.
         """
@@ -285,7 +293,14 @@ class GenerationCache:
             raise ConfigError(f"num_samples={n} but only {len(prompts)} prompts were given.")
         if samples_per_prompt < 1:
             raise ConfigError(f"samples_per_prompt={samples_per_prompt} must be at least 1.")
-        sampling = Sampling(temperature=temperature, max_tokens=max_tokens, top_p=top_p, seed=seed)
+        if samples_per_prompt > 1 and temperature == 0:
+            raise ConfigError(
+                f"samples_per_prompt={samples_per_prompt} with temperature=0: greedy samples are all the same, and "
+                "vLLM refuses it ('n must be 1 when using greedy sampling'). Pass samples_per_prompt=1, or a "
+                "temperature > 0 to draw different samples."
+            )
+        stops = (stop,) if isinstance(stop, str) else tuple(stop)
+        sampling = Sampling(temperature=temperature, max_tokens=max_tokens, top_p=top_p, seed=seed, stop=stops)
         folder = self.folder(prompt_name, subject_type)
         tail = self.stem_tail(sampling, samples_per_prompt)
         inputs = self.key_inputs(prompt_name, subject_type, sampling, samples_per_prompt)
@@ -371,6 +386,7 @@ class GenerationCache:
                 "max_tokens": max_tokens,
                 "top_p": top_p,
                 "seed": seed,
+                **({"stop": list(stops)} if stops else {}),
                 "samples_per_prompt": samples_per_prompt,
                 "backend": getattr(backend, "name", "?"),
                 "created_at": meta.get("created_at"),
@@ -476,7 +492,7 @@ class GenerationCache:
             for start in range(0, len(indices), self.chunk_size):
                 chunk = indices[start : start + self.chunk_size]
                 seed = None if sampling.seed is None else sampling.seed + 1_000_003 * samples[0] + chunk[0]
-                yield list(samples), chunk, Sampling(sampling.temperature, sampling.max_tokens, sampling.top_p, seed)
+                yield list(samples), chunk, dataclasses.replace(sampling, seed=seed)
 
     @staticmethod
     def _complete(backend, prompts, sampling, samples) -> list[list[str | None]]:

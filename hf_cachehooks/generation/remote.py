@@ -206,6 +206,8 @@ class OpenAIBackend:
             body["n"] = n
         if sampling.top_p is not None:
             body["top_p"] = sampling.top_p
+        if sampling.stop:
+            body["stop"] = list(sampling.stop)
         if sampling.seed is not None:  # without n, sample s of a prompt needs a seed of its own
             body["seed"] = sampling.seed + (0 if n != 1 else 1_000_003 * sample)
         return body

@@ -3,9 +3,12 @@
     hf-cachehooks serve --model PATH [--gguf-file F] --port 8000
 
 `POST /v1/completions` and `POST /v1/chat/completions` with `n`, `stop`, `max_tokens`, `temperature`,
-`top_p`, `seed`, `logprobs` (top-k per token), `echo`, prompt lists (one choice per prompt x n, with
-`index`), `finish_reason`, `usage` and streaming (server-sent events, a chunk per token); `GET /v1/models`.
-Every malformed request gets a 4xx JSON error in OpenAI's shape, a body over 4 MiB a 413 however it is sent.
+`top_p`, `seed`, vLLM's `top_k`, penalties, `stop_token_ids` and `ignore_eos`, `logprobs` (top-k per token and
+the token itself), `echo`, prompts as text or token ids and lists of either (one choice per prompt x n, with
+`index`), `finish_reason`, `stop_reason`, `usage` and streaming (server-sent events, a chunk per token);
+`GET /v1/models`. Requests are taken as vLLM 0.32 takes them (`intake.py`: unknown fields ignored, a
+completion trimmed to the context). Every malformed request gets a 4xx JSON error in OpenAI's shape with the
+status as its integer `code`, as vLLM gives it; a body over 4 MiB a 413 however it is sent.
 One request runs on the model at a time, on one worker thread; a client that disconnects stops its request at
 the next token, and the worker never keeps the server from stopping.
 """
@@ -21,8 +24,10 @@ from collections.abc import AsyncIterator, Callable, Generator, Iterator
 from typing import Any
 
 from .._core.asgi import BodyCap
+from . import intake
 from .backends import TransformersBackend
 from .decoding import Row, Settings, TokenInfo, decode
+from .intake import Refused
 from .model_worker import END, ClientGone, Job, ModelWorker, Produce
 from .openai_schema import ChatRequest, CompletionRequest
 
@@ -34,21 +39,16 @@ except ImportError:  # pragma: no cover
 MAX_BODY_BYTES = 4 * 1024 * 1024
 
 
-def _error(status: int, message: str, param: str | None = None, code: str | None = None) -> Any:
+def _error(status: int, message: str, param: str | None = None) -> Any:
     from starlette.responses import Response
 
-    kind = {404: "NotFoundError", 413: "invalid_request_error"}.get(status, "invalid_request_error")
+    # vLLM's error types (`BadRequestError`, `NotFoundError`, `InternalServerError`) and its integer code
+    kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "invalid_request_error")
     if status >= 500:
-        kind = "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+        kind = "InternalServerError"
+    body = {"error": {"message": message, "type": kind, "param": param, "code": status}}
     # ASCII JSON: a message quoting the client's text can never fail to encode (a lone surrogate is escaped)
     return Response(json.dumps(body), status_code=status, media_type="application/json")
-
-
-class _Refused(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.param, self.code = status, param, code
 
 
 def _completion_logprobs(rows: list[TokenInfo], start: int) -> dict[str, Any]:
@@ -64,13 +64,17 @@ def _completion_logprobs(rows: list[TokenInfo], start: int) -> dict[str, Any]:
     }
 
 
-def _chat_logprobs(rows: list[TokenInfo]) -> dict[str, Any]:
+def _chat_logprobs(rows: list[TokenInfo], k: int) -> dict[str, Any]:
+    """Chat's logprobs as vLLM gives them: `top_logprobs` is the first k of (the token itself, then the likeliest
+    others), so exactly k where the completions API gives up to k + 1."""
+
     def one(text: str, logprob: float | None) -> dict[str, Any]:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
     return {
         "content": [
-            {**one(t.text, t.logprob), "top_logprobs": [one(k, v) for k, v in (t.top or {}).items()]} for t in rows
+            {**one(t.text, t.logprob), "top_logprobs": [one(a, v) for a, v in list((t.top or {}).items())[:k]]}
+            for t in rows
         ]
     }
 
@@ -88,40 +92,18 @@ class _Engine:
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
-            raise _Refused(
-                404,
-                f"The model `{name}` does not exist; this server serves `{self.model_name}`.",
-                "model",
-                "model_not_found",
-            )
-
-    def budget(self, texts: list[str], wanted: int | None, special: bool) -> int:
-        """max_tokens for these texts (the room left when `wanted` is None); 400 when a prompt does not fit."""
-        longest = max(len(self.backend.tokenizer(t, add_special_tokens=special)["input_ids"]) for t in texts)
-        room = self.max_model_len - longest
-        if wanted is None:
-            wanted = room
-        if longest + wanted > self.max_model_len or room < 0:
-            raise _Refused(
-                400,
-                f"This model's maximum context length is {self.max_model_len} tokens. However, "
-                f"you requested {longest + wanted} tokens ({longest} in the prompt, {wanted} in the "
-                "completion). Please reduce the length of the prompt or completion.",
-                "prompt",
-                "context_length_exceeded",
-            )
-        return wanted
+            raise Refused(404, f"The model `{name}` does not exist; this server serves `{self.model_name}`.", "model")
 
     def run(
-        self, texts: list[str], n: int, settings: Settings, special: bool, stopped: Callable[[], bool] = bool
+        self, prompts: list[list[int]], n: int, settings: Settings, stopped: Callable[[], bool] = bool
     ) -> Iterator[tuple[int, list[Row]]]:
         """(index of the batch's first row, its rows) after every decoding step; rows are prompts x n.
 
         Runs on the worker (inside a job). Raises `ClientGone` at the first step after `stopped()` turns true.
         """
-        expanded = [text for text in texts for _ in range(n)]
+        expanded = [ids for ids in prompts for _ in range(n)]
         size = max(1, self.backend.batch_size)
-        self.served += len(texts)
+        self.served += len(prompts)
         for start in range(0, len(expanded), size):
             batch_settings = settings
             if settings.seed is not None:  # each batch its own reproducible stream
@@ -131,7 +113,7 @@ class _Engine:
                 self.backend.tokenizer,
                 expanded[start : start + size],
                 batch_settings,
-                add_special_tokens=special,
+                max_model_len=self.max_model_len,
             )
             try:
                 for rows in steps:
@@ -149,7 +131,7 @@ def _sse(payload: dict[str, Any] | str) -> bytes:
 def _usage(rows: list[Row], n: int) -> dict[str, int]:
     """Token counts; a prompt's tokens count once, not once per sample (each prompt has n rows)."""
     prompt = sum(row.prompt_tokens for row in rows) // n
-    completion = sum(len(row.ids) for row in rows)
+    completion = sum(row.completion_tokens for row in rows)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
@@ -213,9 +195,14 @@ def create_app(backend: TransformersBackend, model_name: str, max_model_len: int
             detail = first["msg"] if "char" in first.get("ctx", {}) else "not valid Unicode; send UTF-8 text"
             message = f"{where or 'body'}: {detail}"
         elif where.split(".")[0] == "prompt":
-            message = "prompt: must be a non-empty string or a non-empty list of non-empty strings"
+            message = (
+                "prompt: must be a non-empty string, a non-empty list of non-empty strings, a non-empty list of "
+                "token ids (integers >= 0) or a non-empty list of such lists"
+            )
         elif not loc and first.get("type") in ("model_attributes_type", "dict_type"):
             message = "The body must be a JSON object."
+        elif not loc and first.get("type") == "value_error":  # a rule over several fields: its words alone, as vLLM
+            message = str(first.get("ctx", {}).get("error", first.get("msg", "invalid request")))
         if first.get("type") == "json_invalid":
             message = "The body is not valid JSON."
         return _error(400, message, where or None)
@@ -226,9 +213,9 @@ def create_app(backend: TransformersBackend, model_name: str, max_model_len: int
             return _error(400, "The body is not JSON text in UTF-8; send a JSON object encoded as UTF-8.")
         return _error(exc.status_code, str(exc.detail))
 
-    @app.exception_handler(_Refused)
-    async def refused(_: Request, exc: _Refused) -> Any:
-        return _error(exc.status, str(exc), exc.param, exc.code)
+    @app.exception_handler(Refused)
+    async def refused(_: Request, exc: Refused) -> Any:
+        return _error(exc.status, str(exc), exc.param)
 
     @app.exception_handler(Exception)
     async def crashed(_: Request, exc: Exception) -> Any:
@@ -267,26 +254,19 @@ def create_app(backend: TransformersBackend, model_name: str, max_model_len: int
         }
 
         def produce(stopped: Callable[[], bool]) -> Generator[Any, None, None]:  # on the model's worker
-            prompts = body.prompts
-            texts = backend.render(prompts)
-            special = not backend.use_chat_template
-            settings = Settings(
-                max_tokens=engine.budget(texts, body.max_tokens, special),
-                temperature=body.temperature,
-                top_p=body.top_p,
-                seed=body.seed,
-                stop=body.stops,
-                logprobs=body.logprobs,
-                prompt_logprobs=body.echo and body.logprobs is not None,
-            )
-            steps = engine.run(texts, body.n, settings, special, stopped)
+            prompts = intake.completion_prompts(backend, body)
+            max_tokens = intake.budget(prompts, body.max_tokens, engine.max_model_len)
+            echo = body.echo and body.logprobs is not None
+            settings = intake.settings(body, max_tokens, body.logprobs, echo)
+            steps = engine.run(prompts, body.n, settings, stopped)
             if body.stream:
                 yield from _stream_completions(steps, head, body, settings)
                 return
             rows = _last(steps, len(prompts) * body.n)
+            echoed = intake.echo_texts(backend, body, prompts) if body.echo else []
             choices = []
             for index, row in enumerate(rows):
-                prefix = prompts[index // body.n] if body.echo else ""
+                prefix = echoed[index // body.n] if body.echo else ""
                 logprobs = None
                 if body.logprobs is not None:
                     logprobs = _completion_logprobs((row.prompt if body.echo else []) + row.tokens, 0)
@@ -296,6 +276,7 @@ def create_app(backend: TransformersBackend, model_name: str, max_model_len: int
                         "text": prefix + row.text,
                         "logprobs": logprobs,
                         "finish_reason": row.finish_reason,
+                        "stop_reason": row.stop_reason,
                     }
                 )
             yield {**head, "choices": choices, "usage": _usage(rows, body.n)}
@@ -308,23 +289,12 @@ def create_app(backend: TransformersBackend, model_name: str, max_model_len: int
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model_name}
 
         def produce(stopped: Callable[[], bool]) -> Generator[Any, None, None]:  # on the model's worker
-            tokenizer = backend.tokenizer
-            if not getattr(tokenizer, "chat_template", None):
-                raise _Refused(400, f"The model `{model_name}` has no chat template; use /v1/completions.", "messages")
-            messages = [
-                {"role": "system" if m.role == "developer" else m.role, "content": m.text} for m in body.messages
-            ]
-            text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            prompt = intake.chat_prompt(backend, body, model_name)
             top = (body.top_logprobs or 0) if body.logprobs else None
-            settings = Settings(
-                max_tokens=engine.budget([text], body.token_limit, False),
-                temperature=body.temperature,
-                top_p=body.top_p,
-                seed=body.seed,
-                stop=body.stops,
-                logprobs=top,
+            settings = intake.settings(
+                body, intake.budget([prompt], body.token_limit, engine.max_model_len), top, False
             )
-            steps = engine.run([text], body.n, settings, False, stopped)
+            steps = engine.run([prompt], body.n, settings, stopped)
             if body.stream:
                 yield from _stream_chat(steps, head, body, settings)
                 return
@@ -333,8 +303,9 @@ def create_app(backend: TransformersBackend, model_name: str, max_model_len: int
                 {
                     "index": index,
                     "message": {"role": "assistant", "content": row.text},
-                    "logprobs": _chat_logprobs(row.tokens) if body.logprobs else None,
+                    "logprobs": _chat_logprobs(row.tokens, body.top_logprobs or 0) if body.logprobs else None,
                     "finish_reason": row.finish_reason,
+                    "stop_reason": row.stop_reason,
                 }
                 for index, row in enumerate(rows)
             ]
@@ -390,7 +361,13 @@ def _stream_completions(
 ) -> Iterator[bytes]:
     def choice(index: int, piece: str, tokens: list[TokenInfo], row: Row) -> dict[str, Any]:
         logprobs = _completion_logprobs(tokens, row.sent - len(piece)) if body.logprobs is not None else None
-        return {"index": index, "text": piece, "logprobs": logprobs, "finish_reason": row.finish_reason}
+        return {
+            "index": index,
+            "text": piece,
+            "logprobs": logprobs,
+            "finish_reason": row.finish_reason,
+            "stop_reason": row.stop_reason,
+        }
 
     usage = body.stream_options is not None and body.stream_options.include_usage
     yield from _stream(steps, head, body.n, settings, usage, choice)
@@ -405,7 +382,7 @@ def _stream_chat(
         yield _sse({**head, "choices": [role]})
 
     def choice(index: int, piece: str, tokens: list[TokenInfo], row: Row) -> dict[str, Any]:
-        logprobs = _chat_logprobs(tokens) if body.logprobs else None
+        logprobs = _chat_logprobs(tokens, body.top_logprobs or 0) if body.logprobs else None
         delta = {"content": piece} if piece else {}
         return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": row.finish_reason}
 

@@ -3,15 +3,17 @@
 Dropped into an existing Trainer (`callbacks=[SpeedupCallback()]`), it switches the live model and
 optimizer to the fastest attention, fused AdamW, TF32 and (when asked) `torch.compile`, checks after the
 first step that each really ran, and undoes any that did not, with a warning. What is fixed once
-`Trainer.__init__` has run (precision, batch size, workers) is reported with the fix. It logs one table
-(main process only); throughput excludes warm-up steps (compilation happens there), unlike the Trainer's
-own `train_samples_per_second`, and goes into the Trainer's log history and a JSON file at the end.
+`Trainer.__init__` has run (precision, batch size, workers) is reported with the fix. On the main process
+it logs a table at INFO and a short summary of what it switched, which reaches stderr even where the script
+configured no logging (`announce`); throughput excludes warm-up steps (compilation happens there), unlike
+the Trainer's own `train_samples_per_second`, and goes into the Trainer's log history and a JSON file at the end.
 """
 
 from __future__ import annotations
 
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -100,6 +102,49 @@ _FIXES = {
 }
 
 
+def _direct_fix(setting: str, planned: Any) -> str:
+    """The fix for a user who planned nothing: the TrainingArguments (or loading) setting itself."""
+    if setting == "attn_implementation":
+        return f"load the model with from_pretrained(..., attn_implementation={planned!r})"
+    if setting == "precision":
+        return f"set TrainingArguments({planned}=True)" if planned in ("bf16", "fp16") else _FIXES[setting]
+    name = {"optimizer": "optim"}.get(setting, setting)
+    return f"set TrainingArguments({name}={planned!r})"
+
+
+def _reaches_a_handler(logger: logging.Logger) -> bool:
+    """True when a record of `logger` meets a handler on its way up (what `logging` checks before lastResort)."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.handlers:
+            return True
+        current = current.parent if current.propagate else None
+    return False
+
+
+def announce(message: str) -> None:
+    """Log `message` at INFO; where no handler is configured at all (a plain script), write it to stderr anyway.
+
+    `logging` alone would drop it there (INFO is below its lastResort's WARNING). A configured logging setup
+    decides as usual, so a script that asks for WARNING only does not get it. transformers' Trainer does the
+    same through a handler of its own on its library logger.
+    """
+    if _reaches_a_handler(log):
+        log.info(message)
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[hf_cachehooks] %(message)s"))
+        handler.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, message, (), None))
+
+
+def summary(switches: list[Switch], advice: list[str], report: Path) -> str:
+    """One short paragraph: what the callback switched, what would be faster but it cannot change, the report."""
+    done = [f"{s.setting} {s.before} → {s.after}" for s in switches if s.status == "switched"]
+    lines = [f"SpeedupCallback switched {', '.join(done) if done else 'nothing (all it can change was in effect)'}."]
+    lines += [f"  Not switchable now: {a}" for a in advice]
+    return "\n".join(lines + [f"  Table at log level INFO; report at the end of training: {report}"])
+
+
 class SpeedupCallback(TrainerCallback):  # type: ignore[misc,valid-type]
     """Turn on the speed-ups a built Trainer can still take, verify them, report warm-up-free throughput.
 
@@ -180,10 +225,15 @@ class SpeedupCallback(TrainerCallback):  # type: ignore[misc,valid-type]
                 how = "switched by the callback"
             elif not ok:
                 fix = _FIXES.get(decision.setting, "see the plan table")
+                if not self._built_from_plan:  # the user planned nothing: name the setting itself, not a plan
+                    fix = _direct_fix(decision.setting, planned)
                 if switched is not None and switched.reason:
                     fix = f"{switched.reason}; {fix}" if switched.status != "left alone" else switched.reason
                 self.mismatches.append(
                     f"{decision.setting}: planned {planned!r} but {actual!r} is in effect; fix: {fix}"
+                    if self._built_from_plan
+                    else f"{decision.setting}: {actual!r} stays ({planned!r} would be faster here; a built "
+                    f"Trainer keeps it); fix: {fix}"
                 )
             rows.append((decision.setting, str(planned), str(actual), "✓" if ok else "✗", how))
         size = self.config.per_device_train_batch_size
@@ -207,8 +257,13 @@ class SpeedupCallback(TrainerCallback):  # type: ignore[misc,valid-type]
             lines = [f"{'setting':<{width}}  {'planned':<18} {'in effect':<18}    how"]
             lines += [f"{s:<{width}}  {p:<18} {a:<18} {m}  {why}" for s, p, a, m, why in rows]
             log.info("Speed-ups in effect:\n%s", "\n".join(lines))
+            report = Path(self.report_path or Path(args.output_dir) / "speedups_report.json")
+            # a user who planned nothing gets what it cannot switch as advice in the summary, not as warnings
+            advice = [] if self._built_from_plan else [m for m in self.mismatches if not m.startswith("PEFT")]
+            announce(summary(self.switches, advice, report))
             for message in self.mismatches:
-                log.warning(message)
+                if message not in advice:
+                    log.warning(message)
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         if self._watch is not None:
