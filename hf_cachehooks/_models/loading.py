@@ -38,11 +38,13 @@ class LoadSettings(Protocol):
     def load_kwargs(self) -> Mapping[str, Any]: ...
 
 
-def load_options(config: LoadSettings) -> dict:
-    """How a path is turned into a model: part of the files-state memo key, not of the cache key."""
+def load_options(config: LoadSettings, dtype: str) -> dict:
+    """How a path is turned into a model, with `dtype` the one resolved for this load (never None): part of the
+    files-state memo key, not of the cache key. The one spelling for `evaluate_model` and the saved-checkpoint
+    bridge (`saved.path_load_options`), so the two files states meet."""
     return {
         "task": config.task,
-        "dtype": config.model_dtype,
+        "dtype": dtype,
         "gguf_file": config.gguf_file,
         "load_kwargs": dict(config.load_kwargs),
     }

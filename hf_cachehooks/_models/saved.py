@@ -57,7 +57,7 @@ def path_load_options(settings: PathSettings) -> dict:
         >>> path_load_options(EvalConfig(model_dtype="bfloat16"))["dtype"]  # doctest: +SKIP
         'bfloat16'
     """
-    return {**load_options(settings), "dtype": resolve_dtype(settings.model_dtype, settings.device)}
+    return load_options(settings, resolve_dtype(settings.model_dtype, settings.device))
 
 
 def remember_saved_model(

@@ -442,7 +442,7 @@ class _Run:
             return self._identity_of_objects()
         from .._models.loading import load_options
 
-        options = {**load_options(self.config), "dtype": self.plan.dtype}  # the dtype is part of the key
+        options = load_options(self.config, self.plan.dtype)  # the dtype is part of the key
         state = files_state(str(self.source), options, self.root)
         found = remembered_identity(state, self.root)
         if found is None:
