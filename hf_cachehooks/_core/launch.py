@@ -6,8 +6,15 @@ only inside the functions that need a process group, never when this module load
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+log = logging.getLogger(__name__)
+_GLOO: dict[int, Any] = {}  # process count -> the gloo group small objects travel over, made once per process
 
 
 @dataclass(frozen=True)
@@ -57,3 +64,34 @@ def barrier(world: World) -> bool:
         dist.barrier()
         return True
     return False
+
+
+def start_group(world: World, backend: str | None = "gloo", timeout: timedelta | None = None) -> None:
+    """Start the process group the launcher describes when the script has not started one, and destroy it at
+    exit (a group left to the interpreter's teardown can abort the process with "terminate called without an
+    active exception"). `backend` None is torch's default for the device (NCCL for CUDA, else gloo)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    log.info("Starting a process group for rank %d of %d (from the launcher's environment).", world.rank, world.size)
+    dist.init_process_group(backend, timeout=timeout)  # None: torch's default timeout
+    atexit.register(_destroy_group)
+
+
+def gloo_group() -> Any:
+    """The gloo group over the running process group's processes that Python objects travel over, made once per
+    process: None (the default group) when that is gloo already, else a gloo group beside it (e.g. beside NCCL)."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size()
+    if size not in _GLOO:
+        _GLOO[size] = None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _GLOO[size]
+
+
+def _destroy_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -16,13 +16,12 @@ beside it, since only small Python objects travel (example hashes and prediction
 
 from __future__ import annotations
 
-import atexit
 import heapq
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .._core.launch import World
+from .._core.launch import World, gloo_group, start_group
 
 log = logging.getLogger(__name__)
 
@@ -50,21 +49,12 @@ def shard(lengths: Sequence[int], size: int) -> list[list[int]]:
 class Collective:
     """The three collectives a sharded evaluation needs, over a gloo group of the launch's processes."""
 
-    _groups: dict[int, Any] = {}  # world size -> gloo group, made once per process
-
     def __init__(self, world: World) -> None:
         import torch.distributed as dist
 
         self.world = world
         self.dist = dist
-        if not dist.is_initialized():
-            log.info(
-                "Starting a gloo process group for rank %d of %d (from the launcher's environment).",
-                world.rank,
-                world.size,
-            )
-            dist.init_process_group("gloo")
-            atexit.register(_destroy_group)  # torn down in order at exit: the group is ours
+        start_group(world, "gloo")
         if dist.get_world_size() != world.size:
             from ..errors import ConfigError
 
@@ -72,10 +62,7 @@ class Collective:
                 f"WORLD_SIZE is {world.size} but the process group has {dist.get_world_size()} "
                 "processes; launch with torchrun or accelerate launch, or unset WORLD_SIZE."
             )
-        if world.size not in self._groups:
-            default_is_gloo = dist.get_backend() == "gloo"
-            self._groups[world.size] = None if default_is_gloo else dist.new_group(backend="gloo")
-        self.group = self._groups[world.size]
+        self.group = gloo_group()
 
     def all_true(self, flag: bool) -> bool:
         """True when `flag` is true on every rank (e.g. every rank found the run entry)."""
@@ -97,15 +84,6 @@ class Collective:
         out: list[Any] | None = [None] * self.world.size if self.world.is_main else None
         self.dist.gather_object(value, out, dst=0, group=self.group)
         return out
-
-
-def _destroy_group() -> None:
-    """Destroy the process group this library started (a gloo group left to the interpreter's teardown can
-    abort the process with "terminate called without an active exception")."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def predict_sharded(

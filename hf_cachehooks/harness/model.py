@@ -18,7 +18,6 @@ Registered with lm-eval as `hf-cachehooks` when this module is imported (`hf-cac
 
 from __future__ import annotations
 
-import atexit
 import inspect
 import logging
 import os
@@ -33,7 +32,7 @@ from lm_eval.models.huggingface import HFLM
 from lm_eval.models.utils import normalize_gen_kwargs
 
 from .._core.keys import Key, make_key
-from .._core.launch import World, current_world, world_from_env
+from .._core.launch import World, current_world, gloo_group, start_group, world_from_env
 from .._core.store import cache_root
 from .._models.identity import (
     computed,
@@ -67,7 +66,6 @@ NOT_KEYED = {
 _OUTSIDE_FILES = ("peft", "delta", "autogptq", "gptqmodel")
 _HFLM_SIGNATURE = inspect.signature(HFLM.__init__)  # read once, at import: what `--model hf` takes
 _HFLM_PARAMS = _HFLM_SIGNATURE.parameters
-_GLOO: dict[int, Any] = {}  # world size -> the gloo group the ranks gather over, made once per process
 
 
 def keyed_settings(hf_args: dict[str, Any]) -> dict[str, Any]:
@@ -158,15 +156,9 @@ class CachedHFLM(LM):
                 f"tp_plan={self.hf_args['tp_plan']!r} under a launcher: tensor parallelism needs every rank to run "
                 "the same forward passes, which cache hits on one rank break. Use --model hf for tensor parallelism."
             )
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group(timeout=timedelta(weeks=52))  # HFLM's timeout: a rank may load for long
-            atexit.register(_destroy_group)  # a gloo group left to the interpreter's teardown can abort it
+        start_group(world_from_env(), None, timedelta(weeks=52))  # HFLM's timeout: a rank may load for long
         world = current_world()
-        if world.size not in _GLOO:
-            _GLOO[world.size] = dist.new_group(backend="gloo")
-        self._group = _GLOO[world.size]
+        self._group = gloo_group()
         log.info("lm-eval hf-cachehooks: rank %d of %d answers its share of the requests.", world.rank, world.size)
         return world
 
@@ -356,14 +348,6 @@ class CachedHFLM(LM):
         if self.world.size == 1:
             self.store.compact(self.key)  # under a launcher rank 0 merges in `barrier`, once every rank has saved
         return answers
-
-
-def _destroy_group() -> None:
-    """Destroy the process group this model started, at exit."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _sampled(method: str, args: Any) -> bool:
