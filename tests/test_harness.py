@@ -3,13 +3,12 @@ and a retrained checkpoint that misses where lm-eval's own `--use_cache` serves 
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 pytest.importorskip("lm_eval")
 
 from tests.conftest import make_llama, make_tokenizer  # noqa: E402
+from tests.lm_eval_tasks import MULTIPLE_CHOICE, generate_until, write_task  # noqa: E402
 
 MC = [
     {"question": "q : what is the color of the sky ?", "choices": ["blue", "red", "green"], "answer": 0},
@@ -33,25 +32,16 @@ TASKS = ["hch_mc", "hch_ppl", "hch_gen"]
 def _write_tasks(folder):
     """Three lm-eval tasks over local JSONL: multiple choice, rolling loglikelihood, generation with stops."""
     folder.mkdir()
-    for name, rows in (("mc", MC), ("ppl", TEXTS), ("gen", GEN)):
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
-    (folder / "mc.yaml").write_text(
-        "task: hch_mc\n" + data.format(folder / "mc.jsonl") + "output_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    write_task(folder, "mc", "hch_mc", MC, MULTIPLE_CHOICE)
+    write_task(
+        folder,
+        "ppl",
+        "hch_ppl",
+        TEXTS,
+        'output_type: loglikelihood_rolling\ndoc_to_text: ""\ndoc_to_target: "{{text}}"\n'
+        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n",
     )
-    (folder / "ppl.yaml").write_text(
-        "task: hch_ppl\n" + data.format(folder / "ppl.jsonl") + "output_type: loglikelihood_rolling\n"
-        'doc_to_text: ""\ndoc_to_target: "{{text}}"\n'
-        "metric_list:\n  - metric: word_perplexity\n  - metric: byte_perplexity\n  - metric: bits_per_byte\n"
-    )
-    (folder / "gen.yaml").write_text(
-        "task: hch_gen\n" + data.format(folder / "gen.jsonl") + "output_type: generate_until\n"
-        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
-        'generation_kwargs:\n  until: ["?", "paris"]\n  max_gen_toks: 6\n  do_sample: false\n'
-        "metric_list:\n  - metric: exact_match\n"
-    )
+    write_task(folder, "gen", "hch_gen", GEN, generate_until(["?", "paris"], 6))
     return folder
 
 

@@ -3,13 +3,12 @@ serve`: no HTTP 400, and the numbers of lm-eval's own `hf` model on the same wei
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 pytest.importorskip("lm_eval")
 
 from tests.conftest import make_llama, make_tokenizer  # noqa: E402
+from tests.lm_eval_tasks import MULTIPLE_CHOICE, generate_until, write_task  # noqa: E402
 
 MC = [
     {"question": "q : what is the color of the sky ?", "choices": ["blue", "red", "green"], "answer": 0},
@@ -31,20 +30,8 @@ def write_tasks(folder, mc=MC, gen=GEN, max_gen_toks=8):
     from lm_eval.tasks import TaskManager
 
     folder.mkdir()
-    for name, rows in (("mc", mc), ("gen", gen)):
-        (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    data = "dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {}\ntest_split: test\n"
-    (folder / "mc.yaml").write_text(
-        "task: serve_mc\n" + data.format(folder / "mc.jsonl") + "output_type: multiple_choice\n"
-        'doc_to_text: "{{question}}"\ndoc_to_choice: "{{choices}}"\ndoc_to_target: "{{answer}}"\n'
-        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
-    )
-    (folder / "gen.yaml").write_text(
-        "task: serve_gen\n" + data.format(folder / "gen.jsonl") + "output_type: generate_until\n"
-        'doc_to_text: "{{question}}"\ndoc_to_target: "{{answer}}"\n'
-        f'generation_kwargs:\n  until: ["?", "sky"]\n  max_gen_toks: {max_gen_toks}\n  do_sample: false\n'
-        "metric_list:\n  - metric: exact_match\n"
-    )
+    write_task(folder, "mc", "serve_mc", mc, MULTIPLE_CHOICE)
+    write_task(folder, "gen", "serve_gen", gen, generate_until(["?", "sky"], max_gen_toks))
     return TaskManager(include_path=str(folder), include_defaults=False)
 
 
